@@ -1,0 +1,109 @@
+"""Checkpoints that survive a killed run and never execute code when loaded.
+
+A checkpoint is a dict of tensors and plain Python containers/scalars only, so it loads
+with `torch.load(weights_only=True)`: a pickle that tries to build anything else is refused
+before any of its code runs. RNG states are stored as tensors / lists for the same reason
+(NumPy's state object is refused by weights_only).
+
+Writes are atomic: the dict goes to a temporary file in the same folder, is flushed and
+fsync'ed, then `os.replace`d over the target. A crash mid-save leaves the old file intact.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: unreadable, unsafe, or from another model."""
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Atomically write `state` to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint with weights_only=True; refuse anything that is not plain data."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path} is not a plain-tensor checkpoint (weights_only load refused it; it may "
+            f"contain code). Not loading it. Details: {str(err).splitlines()[0]}") from err
+    except (RuntimeError, EOFError, ValueError) as err:
+        raise CheckpointError(f"{path} is unreadable or truncated: {err}") from err
+
+
+def check_compatible(saved_meta: dict[str, Any], meta: dict[str, Any], path: str | Path) -> None:
+    """Raise if a checkpoint was written for another model (architecture, classes, ...)."""
+    diffs = [f"{k}: checkpoint has {saved_meta.get(k)!r}, this run has {v!r}"
+             for k, v in meta.items() if saved_meta.get(k) != v]
+    if diffs:
+        raise CheckpointError(f"{path} belongs to a different model: " + "; ".join(diffs)
+                              + ". Use another --out, or --fresh to start over.")
+
+
+def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
+                     path: str | Path) -> None:
+    """load_state_dict(strict) with an error that names the mismatching tensors."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+              for k in own.keys() & state_dict.keys() if own[k].shape != state_dict[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for name, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+            if items:
+                parts.append(f"{len(items)} {name} (e.g. {', '.join(items[:3])})")
+        raise CheckpointError(f"{path} does not fit this model: " + "; ".join(parts))
+    model.load_state_dict(state_dict)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the training loop touches, as tensors and lists (weights_only-safe)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": _to_lists(random.getstate()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(x):
+    return [_to_lists(v) for v in x] if isinstance(x, tuple) else x

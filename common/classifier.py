@@ -1,0 +1,76 @@
+"""Train a Tiny ImageNet classifier, pick its best epoch on the holdout, test it once.
+
+Shared by T1, T2 and T3 (one call per placement). The test split is touched exactly once,
+after training, with the weights of the best holdout epoch (best.pt).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common import cli, engine
+from common.checkpoint import load_checkpoint, load_model_state
+from common.data import Loaders
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    return {f"{prefix}_{k}": v for k, v in metrics.items()}
+
+
+def train_and_test(model: torch.nn.Module, loaders: Loaders, args: argparse.Namespace,
+                   rt: engine.Runtime, meta: dict[str, Any], out: str | Path) -> dict[str, Any]:
+    """fit -> load best.pt -> evaluate on test -> write results.json (rank 0); returns it."""
+    out = Path(out)
+    params = count_parameters(model)
+    if rt.is_main:
+        print(f"{meta['model']}: {params / 1e6:.2f}M parameters, {len(loaders.train.files)} train / "
+              f"{len(loaders.holdout.files)} holdout / {len(loaders.test.files)} test images, "
+              f"device {rt.device}, loader {loaders.train.backend}")
+    fitted = engine.fit(
+        model, loaders.train, engine.classification_step(args.label_smoothing),
+        lambda m: prefixed(engine.evaluate_classifier(m, loaders.holdout, rt), "holdout"),
+        cli.fit_config(args, rt.cuda), out, rt, meta)
+    if not fitted["finished"]:
+        return {"finished": False}
+    best = load_checkpoint(out / "best.pt")
+    load_model_state(model, best["model"], out / "best.pt")
+    test = engine.evaluate_classifier(model, loaders.test, rt)
+    best_record = fitted["history"][fitted["best_epoch"] - 1]
+    results = {
+        **meta, "params": params,
+        "test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"],
+        "test_images": test["n"],
+        "holdout_acc": best_record["holdout_acc"], "holdout_top5": best_record["holdout_top5"],
+        "best_epoch": fitted["best_epoch"], "epochs_run": fitted["epochs_run"],
+        "stopped_early": fitted["stopped_early"], "train_time_s": fitted["train_time_s"],
+        "images_per_s": fitted["images_per_s"], "device": describe_device(rt),
+        "loader": loaders.train.backend, "finished": True,
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+    }
+    if rt.is_main:
+        write_json(results, out / "results.json")
+        print(f"test accuracy {test['acc']:.4f} (top-5 {test['top5']:.4f}) with best.pt from epoch "
+              f"{fitted['best_epoch']} (holdout {best_record['holdout_acc']:.4f}); "
+              f"wrote {out / 'results.json'}")
+    return results
+
+
+def describe_device(rt: engine.Runtime) -> str:
+    name = torch.cuda.get_device_name(rt.device) if rt.cuda else "cpu"
+    return f"{name} x{rt.world_size}" if rt.world_size > 1 else name
+
+
+def write_json(data: Any, path: str | Path) -> None:
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(tmp, path)

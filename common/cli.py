@@ -1,0 +1,82 @@
+"""Command-line flags shared by the task scripts, and the --smoke overrides.
+
+Each script builds its parser with `training_parser(...)`, passing the defaults of its own
+recipe, then adds the few flags only it has.
+"""
+from __future__ import annotations
+
+import argparse
+
+from common.engine import FitConfig
+
+
+def training_parser(description: str, *, out: str, epochs: int, batch_size: int, lr: float,
+                    weight_decay: float, label_smoothing: float = 0.1, patience: int = 15,
+                    holdout_per_class: int = 10, image_size: int = 64,
+                    warmup_epochs: float = 2.0) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--data-dir", default="./data", help="folder holding (or receiving) the dataset")
+    a("--out", default=out, help="output folder; rerunning with the same --out resumes")
+    a("--epochs", type=int, default=epochs)
+    a("--batch-size", type=int, default=batch_size, help="per process (per GPU under torchrun)")
+    a("--lr", type=float, default=lr, help="peak learning rate after warmup")
+    a("--weight-decay", type=float, default=weight_decay)
+    a("--optimizer", choices=["sgd", "adamw"], default="sgd", help="sgd = SGD, Nesterov 0.9")
+    a("--warmup-epochs", type=float, default=warmup_epochs, help="linear warmup, then cosine")
+    a("--label-smoothing", type=float, default=label_smoothing)
+    a("--patience", type=int, default=patience, help="early stopping: epochs without improvement")
+    a("--min-delta", type=float, default=0.0, help="early stopping: smallest improvement counted")
+    a("--grad-clip", type=float, default=0.0, help="max gradient norm; 0 = off")
+    a("--holdout-per-class", type=int, default=holdout_per_class,
+      help="training images per class held out for early stopping and model selection")
+    a("--image-size", type=int, default=image_size)
+    a("--color-jitter", type=float, default=0.0, help="brightness/contrast/saturation range")
+    a("--width", type=int, default=64, help="channel width multiplier of the model")
+    a("--workers", type=int, default=4, help="decoding threads (DALI) / DataLoader workers")
+    a("--backend", choices=["auto", "dali", "torch"], default="auto",
+      help="auto = DALI if importable, else the torch DataLoader fallback")
+    a("--device", default="auto", help="auto, cuda, cuda:N or cpu")
+    a("--compile", action=argparse.BooleanOptionalAction, default=None,
+      help="torch.compile the model (default: on with CUDA)")
+    a("--seed", type=int, default=0)
+    a("--fresh", action="store_true", help="ignore checkpoints in --out and start over")
+    a("--no-download", action="store_true", help="never download the dataset")
+    a("--smoke", action="store_true",
+      help="generate a tiny learnable dataset in --out and run the whole script on it (CPU, ~1 min)")
+    a("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def apply_smoke(args: argparse.Namespace, **overrides) -> None:
+    """--smoke: a small model and a few short epochs, unless a flag was set explicitly."""
+    defaults = {"epochs": 8, "batch_size": 32, "lr": 0.05, "warmup_epochs": 1.0, "patience": 4,
+                "holdout_per_class": 5, "image_size": 32, "width": 16, "workers": 0,
+                "device": "cpu"}
+    defaults.update(overrides)
+    explicit = getattr(args, "_explicit", set())
+    for k, v in defaults.items():
+        if k not in explicit:
+            setattr(args, k, v)
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """parse_args, also remembering which flags the user typed (so --smoke doesn't override them)."""
+    args = parser.parse_args(argv)
+    typed = parser.parse_args(argv, argparse.Namespace(**{k: _Unset for k in vars(args)}))
+    args._explicit = {k for k, v in vars(typed).items() if v is not _Unset}
+    return args
+
+
+class _Unset:
+    pass
+
+
+def fit_config(args: argparse.Namespace, cuda: bool) -> FitConfig:
+    return FitConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
+                     optimizer=args.optimizer, warmup_epochs=args.warmup_epochs,
+                     patience=args.patience, min_delta=args.min_delta,
+                     compile=cuda if args.compile is None else args.compile,
+                     grad_clip=args.grad_clip, fresh=args.fresh,
+                     stop_after_epoch=args.stop_after_epoch)

@@ -1,0 +1,391 @@
+"""The training loop shared by every task: schedule, precision, checkpoints, resume, DDP.
+
+`fit(model, loader, step_fn, evaluate, cfg, out, rt, meta)` trains until `cfg.epochs` or
+early stopping and leaves in `out/`:
+    last.pt        full state after every epoch (and on SIGINT/SIGTERM, mid-epoch)
+    best.pt        the same state at the best holdout score
+    metrics.jsonl  one record per epoch (train/holdout loss and accuracy, lr, time, images/s)
+    curves.png     loss and accuracy per epoch
+Rerunning the same command continues from last.pt (a Colab disconnect loses at most the
+current epoch); a finished run is not retrained.
+
+Choices: SGD with Nesterov momentum (AdamW selectable); the LR is set per step, linear warmup
+then cosine decay to zero — warmup keeps the large-batch early steps stable, cosine needs no
+tuning of decay points and ends at a small LR where the holdout score peaks. On CUDA: bf16
+autocast (same range as fp32, so no loss scaler), channels_last, torch.compile, cudnn
+benchmark. On CPU: fp32, eager.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from common.checkpoint import (check_compatible, load_checkpoint, load_model_state, rng_state,
+                               save_checkpoint, set_rng_state)
+from common.plots import plot_curves
+
+
+# ---------------------------------------------------------------- runtime / DDP
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def setup_runtime(device: str = "auto", seed: int = 0) -> Runtime:
+    """Pick the device, join the torchrun process group if there is one, seed every RNG."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but torch sees no GPU; use --device cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    dev = torch.device(device)
+    if world_size > 1:
+        if dev.type == "cuda":
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    seed_everything(seed + rank)
+    return Runtime(dev, rank, world_size)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def all_reduce_sums(values: list[float], rt: Runtime) -> list[float]:
+    """Sum per-rank totals (counts, summed losses): shards differ in size, so never average means."""
+    if rt.world_size == 1:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64,
+                     device=rt.device if rt.cuda else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def autocast(rt: Runtime):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=rt.cuda)
+
+
+# ---------------------------------------------------------------- optimisation
+def make_optimizer(model: torch.nn.Module, name: str, lr: float, weight_decay: float,
+                   momentum: float = 0.9) -> torch.optim.Optimizer:
+    """SGD (Nesterov) or AdamW; no weight decay on biases, norms and gates (1-d tensors)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    raise ValueError(f"--optimizer must be sgd or adamw, got {name!r}")
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
+    """LR multiplier: linear from 1/warmup to 1 over `warmup_steps`, then cosine to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class EarlyStopping:
+    """Stop when the holdout score has not improved by `min_delta` for `patience` epochs."""
+
+    def __init__(self, patience: int, min_delta: float = 0.0) -> None:
+        self.patience, self.min_delta = patience, min_delta
+        self.best_score, self.best_epoch, self.bad_epochs = -math.inf, -1, 0
+
+    def update(self, score: float, epoch: int) -> bool:
+        """Record `score` of `epoch`; True if it is a new best."""
+        if score > self.best_score + self.min_delta:
+            self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
+        self.bad_epochs = state["bad_epochs"]
+
+
+# ---------------------------------------------------------------- steps and evaluation
+StepFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def classification_step(label_smoothing: float = 0.0) -> StepFn:
+    """(model, images, labels) -> (mean label-smoothed CE, number of correct top-1)."""
+    def step(model, images, labels):
+        logits = model(images)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        return loss, (logits.argmax(1) == labels).sum()
+    return step
+
+
+@torch.no_grad()
+def evaluate_classifier(model: torch.nn.Module, loader, rt: Runtime) -> dict[str, float]:
+    """Plain CE loss, top-1 and top-5 accuracy over every image of every shard exactly once."""
+    model.eval()
+    loss = top1 = top5 = n = 0.0
+    for images, labels in loader.epoch():
+        images = _to_device(images, rt)
+        with autocast(rt):
+            logits = model(images).float()
+        loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        top1 += (top[:, 0] == labels).sum().item()
+        top5 += (top == labels[:, None]).any(1).sum().item()
+        n += len(labels)
+    loss, top1, top5, n = all_reduce_sums([loss, top1, top5, n], rt)
+    return {"loss": loss / n, "acc": top1 / n, "top5": top5 / n, "n": int(n)}
+
+
+def _to_device(images: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    images = images.to(rt.device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if rt.cuda else images
+
+
+# ---------------------------------------------------------------- the loop
+@dataclass
+class FitConfig:
+    epochs: int = 30
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    optimizer: str = "sgd"
+    warmup_epochs: float = 2.0
+    patience: int = 10
+    min_delta: float = 0.0
+    compile: bool = False
+    grad_clip: float = 0.0
+    fresh: bool = False
+    stop_after_epoch: int | None = None  # end this process after that many epochs (tests, time-boxed sessions)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def fit(model: torch.nn.Module, loader, step_fn: StepFn,
+        evaluate: Callable[[torch.nn.Module], dict[str, float]], cfg: FitConfig,
+        out: str | Path, rt: Runtime, meta: dict[str, Any],
+        score_key: str = "holdout_acc") -> dict[str, Any]:
+    """Train `model` (see module docstring); returns {best_epoch, best_score, epochs_run,
+    train_time_s, images_per_s, history, stopped_early, finished}."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(rt.device)
+    if rt.cuda:
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay)
+    steps_per_epoch = len(loader)
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = max(1, round(cfg.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, total_steps, warmup_steps))
+    stopper = EarlyStopping(cfg.patience, cfg.min_delta)
+    state = {"epoch": 0, "step": 0, "partial": None, "history": [], "finished": False,
+             "train_time_s": 0.0}
+
+    last = out / "last.pt"
+    if last.exists() and not cfg.fresh:
+        ck = load_checkpoint(last)
+        check_compatible(ck["meta"], meta, last)
+        load_model_state(model, ck["model"], last)
+        optimizer.load_state_dict(ck["optimizer"])
+        scheduler.load_state_dict(ck["scheduler"])
+        stopper.load_state_dict(ck["early_stopping"])
+        set_rng_state(ck["rng"])
+        state = {k: ck[k] for k in state}
+        if rt.is_main:
+            where = "finished run" if state["finished"] else \
+                f"epoch {state['epoch'] + 1}, batch {state['step']}"
+            print(f"resuming from {last} ({where}); --fresh starts over")
+
+    def checkpoint(path: Path) -> None:
+        if rt.is_main:
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(),
+                             "early_stopping": stopper.state_dict(), "rng": rng_state(),
+                             "meta": meta, "config": asdict(cfg), **state}, path)
+
+    train_model = model
+    if rt.world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.cuda else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+
+    stop_signal = []
+    handlers = {s: signal.signal(s, lambda signum, _: stop_signal.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    epochs_this_process = 0
+    try:
+        while not state["finished"]:
+            epoch = state["epoch"]
+            if epoch >= cfg.epochs or stopper.should_stop:
+                state["finished"] = True
+                checkpoint(last)
+                break
+            if cfg.stop_after_epoch is not None and epochs_this_process >= cfg.stop_after_epoch:
+                break
+            _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, cfg, rt,
+                         state, stop_signal, checkpoint, last)
+            epochs_this_process += 1
+            metrics = evaluate(model)
+            improved = stopper.update(metrics[score_key], epoch)
+            record = {"epoch": epoch + 1, **state.pop("epoch_stats"), **metrics}
+            state["history"].append(record)
+            state.update(epoch=epoch + 1, step=0, partial=None)
+            checkpoint(last)
+            if improved:
+                checkpoint(out / "best.pt")
+            if rt.is_main:
+                _write_metrics(state["history"], out, meta.get("task", ""))
+                print(_epoch_line(record, cfg.epochs, improved), flush=True)
+                if stopper.should_stop:
+                    print(f"early stopping: {score_key} has not improved for {cfg.patience} "
+                          f"epochs (best {stopper.best_score:.4f} at epoch {stopper.best_epoch + 1})")
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+    history = state["history"]
+    images = sum(h["train_images"] for h in history)
+    return {"best_epoch": stopper.best_epoch + 1, "best_score": stopper.best_score,
+            "epochs_run": len(history), "train_time_s": state["train_time_s"],
+            "images_per_s": images / max(1e-9, sum(h["epoch_time_s"] for h in history)),
+            "stopped_early": stopper.should_stop and len(history) < cfg.epochs,
+            "history": history, "finished": state["finished"]}
+
+
+def _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, cfg, rt, state,
+                 stop_signal, checkpoint, last_path) -> None:
+    """One epoch from batch state['step'] on; leaves its statistics in state['epoch_stats']."""
+    epoch, start = state["epoch"], state["step"]
+    p = state["partial"] or {"loss": 0.0, "correct": 0.0, "n": 0.0, "time": 0.0, "wait": 0.0}
+    loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
+    correct_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
+    n = wait = 0.0
+    model.train()
+    bar = tqdm(total=len(loader), initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               disable=not rt.is_main, leave=False, mininterval=2, dynamic_ncols=True)
+    t0 = time.perf_counter()
+    batches = loader.epoch(epoch, start)
+    step = start
+    while True:
+        t_wait = time.perf_counter()
+        try:
+            images, labels = next(batches)
+        except StopIteration:
+            break
+        wait += time.perf_counter() - t_wait
+        images = _to_device(images, rt)
+        labels = labels.to(rt.device, non_blocking=True)
+        with autocast(rt):
+            loss, correct = step_fn(train_model, images, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach() * len(labels)
+        if correct is not None:
+            correct_sum += correct
+        n += len(labels)
+        step += 1
+        bar.update(1)
+        if step % 25 == 0 or stop_signal:
+            seen_loss = (p["loss"] + loss_sum.item()) / max(1, p["n"] + n)
+            _check_finite(seen_loss, epoch, step, last_path)
+            elapsed = p["time"] + time.perf_counter() - t0
+            bar.set_postfix(loss=f"{seen_loss:.3f}", acc=f"{(p['correct'] + correct_sum.item()) / max(1, p['n'] + n):.3f}",
+                            img_s=f"{(p['n'] + n) / max(1e-9, elapsed):.0f}")
+        if stop_signal:
+            bar.close()
+            state["step"] = step
+            state["partial"] = {"loss": p["loss"] + loss_sum.item(), "n": p["n"] + n,
+                                "correct": p["correct"] + correct_sum.item(),
+                                "time": p["time"] + time.perf_counter() - t0,
+                                "wait": p["wait"] + wait}
+            state["train_time_s"] += time.perf_counter() - t0
+            checkpoint(last_path)
+            name = signal.Signals(stop_signal[0]).name
+            if rt.is_main:
+                print(f"\n{name}: saved {last_path} at epoch {epoch + 1}, batch {step}; "
+                      f"rerun the same command to resume", flush=True)
+            sys.exit(128 + stop_signal[0])
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    state["train_time_s"] += elapsed
+    loss_total, correct_total, n_total = all_reduce_sums(
+        [p["loss"] + loss_sum.item(), p["correct"] + correct_sum.item(), p["n"] + n], rt)
+    _check_finite(loss_total, epoch, step, last_path)
+    epoch_time = p["time"] + elapsed
+    state["epoch_stats"] = {
+        "train_loss": loss_total / n_total, "train_acc": correct_total / n_total,
+        "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": epoch_time,
+        "train_images": n_total, "images_per_s": n_total / max(1e-9, epoch_time),
+        "data_wait_share": (p["wait"] + wait) / max(1e-9, epoch_time)}
+
+
+def _check_finite(loss: float, epoch: int, step: int, last: Path) -> None:
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"training loss became {loss} in epoch {epoch + 1} by batch {step}; "
+                            f"stopped without saving. The last good checkpoint is {last} "
+                            f"(if any). Try a lower --lr or --grad-clip 1.0.")
+
+
+def _write_metrics(history: list[dict], out: Path, title: str) -> None:
+    tmp = out / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
+    os.replace(tmp, out / "metrics.jsonl")
+    plot_curves(history, out / "curves.png", title)
+
+
+def _epoch_line(r: dict, epochs: int, improved: bool) -> str:
+    held = " ".join(f"{k.removeprefix('holdout_')} {v:.4f}" for k, v in r.items()
+                    if k.startswith("holdout_") and isinstance(v, float))
+    return (f"epoch {r['epoch']}/{epochs}  train loss {r['train_loss']:.4f} acc {r['train_acc']:.4f}"
+            f"  | holdout {held}  | lr {r['lr']:.4g}  {r['epoch_time_s']:.1f}s "
+            f"{r['images_per_s']:.0f} img/s{'  *best' if improved else ''}")

@@ -1,0 +1,304 @@
+"""Batch-by-batch image loading: a DALI pipeline (GPU decode + augment) with a torch fallback.
+
+`ImageLoader(files, labels, ...)` yields `(images, labels)` per batch:
+    images: B x 3 x S x S float32, normalised with the ImageNet mean/std, on `device`
+    labels: B int64, on `device`
+Which images form each batch comes from `common.sampling` (a pure function of seed, epoch
+and shard), so both backends see the same batches, and a resumed run can restart inside an
+epoch with `loader.epoch(e, start=k)`.
+
+DALI graph (one definition for both devices; with CUDA the decoder is `mixed` = nvJPEG and
+every later op runs on the GPU; without CUDA `device_id=None` and it all runs on the CPU):
+    encoded bytes (external_source, read from the file list)
+    train: decoders.image_random_crop (ROI decode of a random area) -> resize S x S
+           -> [colour twist] -> flip + normalise
+    eval:  decoders.image -> resize S x S, or resize shorter side to `eval_resize` + centre crop S
+The fallback (`backend="torch"`, chosen automatically when `nvidia.dali` cannot be imported)
+does the same with PIL + torchvision.transforms.v2 in a DataLoader; its random numbers come
+from (seed, epoch, image index), so its output does not depend on the worker count.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common import sampling
+
+log = logging.getLogger(__name__)
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+RANDOM_ASPECT = (3 / 4, 4 / 3)
+
+try:
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+    HAVE_DALI = True
+except ImportError:  # e.g. a fresh Colab runtime
+    HAVE_DALI = False
+
+_fallback_logged = False
+
+
+def _pick_backend(backend: str) -> str:
+    global _fallback_logged
+    if backend not in ("auto", "dali", "torch"):
+        raise ValueError(f"backend must be auto, dali or torch, got {backend!r}")
+    if backend == "dali" and not HAVE_DALI:
+        raise ImportError("backend='dali' but nvidia.dali cannot be imported; "
+                          "pip install nvidia-dali-cuda120, or use the torch backend")
+    if backend == "auto":
+        backend = "dali" if HAVE_DALI else "torch"
+        if backend == "torch" and not _fallback_logged:
+            log.warning("nvidia.dali not importable: using the torch DataLoader fallback "
+                        "(pip install nvidia-dali-cuda120 for GPU decoding)")
+            _fallback_logged = True
+    return backend
+
+
+def _first_bad_image(files: Sequence[str]) -> str | None:
+    for f in files:
+        try:
+            with Image.open(f) as im:
+                im.convert("RGB").load()
+        except Exception:  # noqa: BLE001 - any decode failure is what we are looking for
+            return f
+    return None
+
+
+class ImageLoader:
+    """Loads `files` (with integer `labels`) batch by batch, decoded and augmented.
+
+    train=True: reshuffled every epoch (or P x K class-balanced batches when
+    `classes_per_batch` is set), full batches only. train=False: every image of this shard
+    exactly once, in order, the last batch possibly short.
+    """
+
+    def __init__(self, files: Sequence[str], labels: Sequence[int], *, batch_size: int,
+                 train: bool, image_size: int, device: torch.device | str = "cpu",
+                 eval_resize: int | None = None, random_area: tuple[float, float] = (0.25, 1.0),
+                 color_jitter: float = 0.0, seed: int = 0, shard_id: int = 0,
+                 num_shards: int = 1, workers: int = 2, backend: str = "auto",
+                 classes_per_batch: int | None = None) -> None:
+        if len(files) != len(labels):
+            raise ValueError(f"{len(files)} files but {len(labels)} labels")
+        if len(files) == 0:
+            raise ValueError("no images to load")
+        self.files, self.labels = list(files), np.asarray(labels, dtype=np.int64)
+        self.batch_size, self.train, self.image_size = batch_size, train, image_size
+        self.device = torch.device(device)
+        self.eval_resize, self.random_area, self.color_jitter = eval_resize, random_area, color_jitter
+        self.seed, self.shard_id, self.num_shards = seed, shard_id, num_shards
+        self.workers = workers
+        self.classes_per_batch = classes_per_batch
+        if classes_per_batch is not None and batch_size % classes_per_batch:
+            raise ValueError(f"batch size {batch_size} is not a multiple of P={classes_per_batch}")
+        self._plan = _BatchPlan(self.labels, batch_size, train, classes_per_batch, seed,
+                                shard_id, num_shards)
+        self.backend = _pick_backend(backend)
+        self._dali_iter = None
+        self._dali_next = None  # (epoch, start) the built DALI pipeline will produce next
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        """Index arrays of this shard's batches in `epoch`."""
+        return self._plan(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batches(0))
+
+    @property
+    def num_samples(self) -> int:
+        return sum(len(b) for b in self.batches(0))
+
+    def epoch(self, epoch: int = 0, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yields the batches of `epoch` from batch index `start` on."""
+        if self.backend == "dali":
+            yield from self._dali_epoch(epoch, start)
+        else:
+            yield from self._torch_epoch(epoch, start)
+
+    # ---- DALI ----
+    def _dali_epoch(self, epoch: int, start: int):
+        key = (epoch, start) if self.train else (0, 0)
+        if self._dali_iter is None or self._dali_next != key:
+            self._dali_iter = self._build_dali(*key)
+        self._dali_next = None  # an epoch left early leaves the pipeline mid-way: rebuild next time
+        position = start
+        it = iter(self._dali_iter)
+        while True:
+            try:
+                out = next(it)
+            except StopIteration:
+                break
+            except RuntimeError as err:
+                self._dali_iter = None
+                upcoming = [self.files[i] for b in self.batches(epoch)[position:position + 4] for i in b]
+                bad = _first_bad_image(upcoming)
+                if bad:
+                    raise ValueError(f"cannot decode image {bad}: corrupt or not a JPEG/PNG") from err
+                raise
+            position += 1
+            yield out[0]["images"], out[0]["labels"]
+        self._dali_next = (epoch + 1, 0) if self.train else (0, 0)
+
+    def _build_dali(self, epoch: int, start: int):
+        cuda = self.device.type == "cuda"
+        source = _EncodedBatches(self.files, self.labels, self._plan, epoch, start)
+        readers = min(4, self.workers) if cuda else 0  # CPU tests stay in-process
+        pipe = _dali_pipeline(
+            source=source, train=self.train, size=self.image_size, eval_resize=self.eval_resize,
+            random_area=list(self.random_area), color_jitter=self.color_jitter,
+            decode_device="mixed" if cuda else "cpu", parallel=readers > 0,
+            batch_size=self.batch_size, num_threads=max(1, self.workers),
+            device_id=(self.device.index or 0) if cuda else None,
+            seed=(self.seed * 7919 + epoch * 104729 + self.shard_id) % 2**31,
+            py_num_workers=max(1, readers), py_start_method="spawn")
+        pipe.build()
+        return DALIGenericIterator(pipe, ["images", "labels"], auto_reset=True,
+                                   last_batch_policy=LastBatchPolicy.PARTIAL,
+                                   prepare_first_batch=False)
+
+    # ---- torch fallback ----
+    def _torch_epoch(self, epoch: int, start: int):
+        dataset = _AugmentedFiles(self, epoch)
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=[b.tolist() for b in self.batches(epoch)[start:]],
+            num_workers=self.workers, pin_memory=self.device.type == "cuda")
+        for images, labels in loader:
+            yield (images.to(self.device, non_blocking=True),
+                   labels.to(self.device, non_blocking=True))
+
+
+class _BatchPlan:
+    """epoch -> this shard's index batches (picklable, so DALI reader processes can use it)."""
+
+    def __init__(self, labels, batch_size, train, classes_per_batch, seed, shard_id, num_shards):
+        self.labels, self.batch_size, self.train = labels, batch_size, train
+        self.classes_per_batch, self.seed = classes_per_batch, seed
+        self.shard_id, self.num_shards = shard_id, num_shards
+
+    def __call__(self, epoch: int) -> list[np.ndarray]:
+        n = len(self.labels)
+        if not self.train:
+            return sampling.sequential_batches(n, self.batch_size, self.shard_id, self.num_shards)
+        if self.classes_per_batch:
+            return sampling.class_balanced_batches(
+                self.labels, self.classes_per_batch, self.batch_size // self.classes_per_batch,
+                epoch, self.seed, self.shard_id, self.num_shards)
+        return sampling.shuffled_batches(n, self.batch_size, epoch, self.seed, self.shard_id,
+                                         self.num_shards)
+
+
+class _EncodedBatches:
+    """DALI external_source callback: batch_info -> (encoded JPEG bytes, labels).
+
+    Picklable, so DALI can run it in reader processes. Epoch numbering starts at
+    `first_epoch`; the first epoch starts at batch `first_start` (mid-epoch resume).
+    """
+
+    def __init__(self, files, labels, batches_fn, first_epoch: int, first_start: int):
+        self.files, self.labels, self.batches_fn = files, labels, batches_fn
+        self.first_epoch, self.first_start = first_epoch, first_start
+        self._cache = (None, None)
+
+    def __call__(self, info):
+        epoch = self.first_epoch + info.epoch_idx
+        if self._cache[0] != epoch:
+            self._cache = (epoch, self.batches_fn(epoch))
+        batches = self._cache[1]
+        i = info.iteration + (self.first_start if info.epoch_idx == 0 else 0)
+        if i >= len(batches):
+            raise StopIteration
+        idx = batches[i]
+        return [np.fromfile(self.files[j], dtype=np.uint8) for j in idx], self.labels[idx]
+
+
+if HAVE_DALI:
+    @pipeline_def
+    def _dali_pipeline(source, train, size, eval_resize, random_area, color_jitter,
+                       decode_device, parallel):
+        jpegs, labels = fn.external_source(source=source, num_outputs=2, batch=True,
+                                           batch_info=True, parallel=parallel,
+                                           dtype=[types.UINT8, types.INT64])
+        mean, std = [255 * m for m in MEAN], [255 * s for s in STD]
+        if train:
+            images = fn.decoders.image_random_crop(
+                jpegs, device=decode_device, output_type=types.RGB, random_area=random_area,
+                random_aspect_ratio=list(RANDOM_ASPECT), num_attempts=10)
+            images = fn.resize(images, resize_x=size, resize_y=size)
+            if color_jitter > 0:
+                jitter = [1 - color_jitter, 1 + color_jitter]
+                images = fn.color_twist(images, brightness=fn.random.uniform(range=jitter),
+                                        contrast=fn.random.uniform(range=jitter),
+                                        saturation=fn.random.uniform(range=jitter))
+            images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                              mean=mean, std=std, mirror=fn.random.coin_flip())
+        else:
+            images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+            if eval_resize:
+                images = fn.resize(images, resize_shorter=eval_resize)
+                images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                                  crop=[size, size], mean=mean, std=std)
+            else:
+                images = fn.resize(images, resize_x=size, resize_y=size)
+                images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
+                                                  mean=mean, std=std)
+        if decode_device == "mixed":
+            labels = labels.gpu()
+        return images, labels
+
+
+def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
+                            area: tuple[float, float]) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of a random crop covering `area` of the image, aspect in 3/4..4/3."""
+    for _ in range(10):
+        target = rng.uniform(*area) * height * width
+        aspect = math.exp(rng.uniform(math.log(RANDOM_ASPECT[0]), math.log(RANDOM_ASPECT[1])))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    return 0, 0, height, width  # like DALI and torchvision: fall back to the whole image
+
+
+class _AugmentedFiles(torch.utils.data.Dataset):
+    """Fallback dataset: index -> (3 x S x S float32 normalised, int64 label)."""
+
+    def __init__(self, spec: ImageLoader, epoch: int):
+        self.spec, self.epoch = spec, epoch
+
+    def __len__(self) -> int:
+        return len(self.spec.files)
+
+    def __getitem__(self, index: int):
+        from torchvision.transforms.v2 import functional as F
+        s = self.spec
+        path = s.files[index]
+        try:
+            with Image.open(path) as im:
+                image = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+        except Exception as err:
+            raise ValueError(f"cannot decode image {path}: corrupt or not a JPEG/PNG") from err
+        size = [s.image_size, s.image_size]
+        if s.train:
+            rng = np.random.default_rng([s.seed, self.epoch, index, s.shard_id])
+            top, left, h, w = random_resized_crop_box(rng, image.shape[1], image.shape[2], s.random_area)
+            image = F.resized_crop(image, top, left, h, w, size, antialias=True)
+            if s.color_jitter > 0:
+                lo, hi = 1 - s.color_jitter, 1 + s.color_jitter
+                image = F.adjust_brightness(image, rng.uniform(lo, hi))
+                image = F.adjust_contrast(image, rng.uniform(lo, hi))
+                image = F.adjust_saturation(image, rng.uniform(lo, hi))
+            if rng.random() < 0.5:
+                image = F.horizontal_flip(image)
+        elif s.eval_resize:
+            image = F.center_crop(F.resize(image, s.eval_resize, antialias=True), size)
+        else:
+            image = F.resize(image, size, antialias=True)
+        image = F.normalize(image.float() / 255, MEAN, STD)
+        return image, torch.tensor(s.labels[index], dtype=torch.int64)
