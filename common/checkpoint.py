@@ -71,11 +71,12 @@ def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
-    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
-              for k in own.keys() & state_dict.keys() if own[k].shape != state_dict[k].shape]
+    shapes = sorted(f"{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}"
+                    for k in own.keys() & state_dict.keys() if own[k].shape != state_dict[k].shape)
     if missing or unexpected or shapes:
         parts = []
-        for name, items in (("missing", missing), ("unexpected", unexpected), ("shape", shapes)):
+        for name, items in (("missing", missing), ("unexpected", unexpected),
+                            ("of another shape, checkpoint vs model", shapes)):
             if items:
                 parts.append(f"{len(items)} {name} (e.g. {', '.join(items[:3])})")
         raise CheckpointError(f"{path} does not fit this model: " + "; ".join(parts))

@@ -1,0 +1,411 @@
+"""Dataset readers for Tiny ImageNet and Cars196: file lists and labels, no pixel loading.
+
+Each reader checks the on-disk layout up front and fails with a message that says what
+was expected and where, so a wrong ``--data-dir`` shows up before any training starts.
+The labelled Tiny ImageNet val set serves as our test split (official test labels are not
+public); Cars196 is split by class id for retrieval on unseen classes. Both carve a
+stratified holdout out of the train split for early stopping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Sequence
+
+import numpy as np
+import scipy.io
+from tqdm import tqdm
+
+TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
+
+TINY_IMAGENET_LAYOUT = """\
+expected Tiny ImageNet layout (the unzipped tiny-imagenet-200 folder):
+  tiny-imagenet-200/wnids.txt                  one wnid per line; line order = class index
+  tiny-imagenet-200/words.txt                  wnid<TAB>readable name (optional)
+  tiny-imagenet-200/train/<wnid>/images/*.JPEG
+  tiny-imagenet-200/val/images/*.JPEG
+  tiny-imagenet-200/val/val_annotations.txt    file<TAB>wnid<TAB>x0<TAB>y0<TAB>x1<TAB>y1"""
+
+CARS196_LAYOUTS = """\
+expected one of two Cars196 layouts:
+  (a) cars_annos: <root>/cars_annos.mat and <root>/car_ims/*.jpg
+  (b) torchvision StanfordCars: <root>/devkit/cars_meta.mat, <root>/devkit/cars_train_annos.mat,
+      <root>/cars_test_annos_withlabels.mat, <root>/cars_train/*.jpg, <root>/cars_test/*.jpg
+      (also accepted one level down, in <root>/stanford_cars/)"""
+
+_TINY_IMAGE_SUFFIXES = (".jpeg", ".jpg")
+
+
+def holdout_split(labels: Sequence[int], per_class: int, seed: int) -> tuple[list[int], list[int]]:
+    """Split indices into (train_idx, holdout_idx) with exactly ``per_class`` holdout per class.
+
+    Deterministic given the seed; both index lists are sorted. Every class keeps at least
+    one training image, so ``per_class`` must be smaller than the smallest class.
+    """
+    if per_class < 0:
+        raise ValueError(f"per_class must be >= 0, got {per_class}")
+    labels_array = np.asarray(labels, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    holdout: list[int] = []
+    for label in np.unique(labels_array):
+        members = np.flatnonzero(labels_array == label)
+        if len(members) <= per_class:
+            raise ValueError(f"class {int(label)} has {len(members)} images; a holdout of {per_class} "
+                             f"per class needs more than {per_class} (at least one must stay in train)")
+        holdout.extend(rng.choice(members, size=per_class, replace=False).tolist())
+    holdout_set = set(holdout)
+    train = [i for i in range(len(labels_array)) if i not in holdout_set]
+    return train, sorted(holdout)
+
+
+def load_tiny_imagenet(root: str | Path, holdout_per_class: int = 10, seed: int = 0) -> DatasetSplits:
+    """Read the tiny-imagenet-200 folder ``root``; its labelled val set becomes the test split."""
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"Tiny ImageNet folder not found: {root}\n{TINY_IMAGENET_LAYOUT}")
+    wnids_path = root / "wnids.txt"
+    if not wnids_path.is_file():
+        raise FileNotFoundError(f"missing {wnids_path}\n{TINY_IMAGENET_LAYOUT}")
+    wnids = [line.strip() for line in wnids_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not wnids:
+        raise ValueError(f"{wnids_path} lists no wnids\n{TINY_IMAGENET_LAYOUT}")
+    duplicates = sorted(w for w, n in Counter(wnids).items() if n > 1)
+    if duplicates:
+        raise ValueError(f"{wnids_path} lists wnids more than once: {duplicates[:5]}")
+    label_of = {wnid: label for label, wnid in enumerate(wnids)}
+    classes = _tiny_imagenet_names(root / "words.txt", wnids)
+
+    train_files: list[str] = []
+    train_labels: list[int] = []
+    for label, wnid in enumerate(wnids):
+        images_dir = root / "train" / wnid / "images"
+        if not images_dir.is_dir():
+            raise FileNotFoundError(f"missing train folder {images_dir} for wnid {wnid} listed in "
+                                    f"{wnids_path}\n{TINY_IMAGENET_LAYOUT}")
+        names = sorted(n for n in os.listdir(images_dir) if n.lower().endswith(_TINY_IMAGE_SUFFIXES))
+        if not names:
+            raise ValueError(f"no .JPEG images in {images_dir}\n{TINY_IMAGENET_LAYOUT}")
+        train_files.extend(str(images_dir / n) for n in names)
+        train_labels.extend([label] * len(names))
+
+    test_files, test_labels = _read_val_annotations(root, label_of)
+    train, holdout = _carve_holdout(ImageList(train_files, train_labels, classes), holdout_per_class, seed, root)
+    return DatasetSplits(train=train, holdout=holdout, test=ImageList(test_files, test_labels, classes),
+                         root=root, layout="tiny-imagenet-200")
+
+
+def load_cars196(root: str | Path, holdout_per_class: int = 5, seed: int = 0) -> DatasetSplits:
+    """Read Cars196 in either known layout; split by class id: first half train, second half test.
+
+    With n classes, ids 1..n//2 become train labels 0..n//2-1 and ids n//2+1..n become test
+    labels 0..n-n//2-1 (1-98 / 99-196 for the real data); the official train/test flag is
+    ignored. Images are identified by their path, since torchvision's cars_train/ and
+    cars_test/ reuse the same file names.
+    """
+    root = Path(root).expanduser().resolve()
+    layout, base = _detect_cars_layout(root)
+    if layout == "cars_annos":
+        paths, class_ids, class_names = _read_cars_annos(base)
+    else:
+        paths, class_ids, class_names = _read_cars_torchvision(base)
+
+    n = len(class_names)
+    if n < 2:
+        raise ValueError(f"Cars196 at {base} lists {n} class name(s); the class-id split needs at least 2")
+    out_of_range = [c for c in class_ids if not 1 <= c <= n]
+    if out_of_range:
+        raise ValueError(f"Cars196 at {base}: class id {out_of_range[0]} is outside 1..{n} "
+                         f"(there are {n} class names)")
+    empty = sorted(set(range(1, n + 1)) - set(class_ids))
+    if empty:
+        raise ValueError(f"Cars196 at {base}: class ids {empty[:10]} have no images")
+    duplicates = [p for p, count in Counter(paths).items() if count > 1]
+    if duplicates:
+        raise ValueError(f"Cars196 at {base}: {duplicates[0]} is annotated more than once")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"Cars196 at {base} ({layout} layout): {len(missing)} of {len(paths)} "
+                                f"annotated images are missing, first: {missing[0]}\n{CARS196_LAYOUTS}")
+
+    n_train = n // 2
+    order = sorted(range(len(paths)), key=lambda i: paths[i])
+    train_all = ImageList([paths[i] for i in order if class_ids[i] <= n_train],
+                          [class_ids[i] - 1 for i in order if class_ids[i] <= n_train], class_names[:n_train])
+    test = ImageList([paths[i] for i in order if class_ids[i] > n_train],
+                     [class_ids[i] - 1 - n_train for i in order if class_ids[i] > n_train], class_names[n_train:])
+    train, holdout = _carve_holdout(train_all, holdout_per_class, seed, base)
+    return DatasetSplits(train=train, holdout=holdout, test=test, root=base, layout=layout)
+
+
+def find_tiny_imagenet(data_dir: str | Path, download: bool = True, url: str = TINY_IMAGENET_URL,
+                       md5: str = TINY_IMAGENET_MD5) -> Path:
+    """Return the tiny-imagenet-200 folder in (or at) ``data_dir``, downloading it if allowed.
+
+    The zip is extracted into a temporary folder inside ``data_dir`` and only moved into
+    place once complete, so an interrupted run never leaves a dataset that looks whole.
+    """
+    data_dir = Path(data_dir).expanduser().resolve()
+    if (data_dir / "wnids.txt").is_file():
+        return data_dir
+    target = data_dir / "tiny-imagenet-200"
+    if (target / "wnids.txt").is_file():
+        return target
+    how_to_get_it = (f"Download {url} (MD5 {md5}) and unzip it so that {target / 'wnids.txt'} exists "
+                     f"(expected path: {target}), or run with --smoke, which needs no dataset.")
+    if target.exists():
+        raise FileNotFoundError(f"{target} exists but has no wnids.txt; remove it or complete it.\n"
+                                f"{how_to_get_it}\n{TINY_IMAGENET_LAYOUT}")
+    if not download:
+        raise FileNotFoundError(f"Tiny ImageNet not found in {data_dir}.\n{how_to_get_it}")
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    zip_path = data_dir / "tiny-imagenet-200.zip"
+    try:
+        download_file(url, zip_path, md5)
+    except (urllib.error.URLError, OSError, ValueError) as error:  # URLError is an OSError too
+        raise RuntimeError(f"Could not download Tiny ImageNet: {error}\n{how_to_get_it}") from error
+
+    temporary = Path(tempfile.mkdtemp(prefix=".tiny-imagenet-extract-", dir=data_dir))
+    try:
+        safe_extract_zip(zip_path, temporary)
+        extracted = temporary / "tiny-imagenet-200"
+        if not (extracted / "wnids.txt").is_file():
+            raise RuntimeError(f"{zip_path} (from {url}) has no tiny-imagenet-200/wnids.txt; "
+                               f"it is not the Tiny ImageNet zip.\n{how_to_get_it}")
+        os.replace(extracted, target)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+    zip_path.unlink()  # kept on failure above, so a retry can reuse the verified download
+    return target
+
+
+def download_file(url: str, dest: Path, md5: str) -> Path:
+    """Download ``url`` to ``dest`` with a progress bar and check its MD5.
+
+    An existing ``dest`` with the right MD5 is kept as is. The data go to ``dest.part``
+    first; on an MD5 mismatch that file is deleted and ValueError is raised.
+    """
+    dest = Path(dest)
+    if dest.is_file() and _md5_of_file(dest) == md5.lower():
+        return dest
+    partial = dest.with_name(dest.name + ".part")
+    digest = hashlib.md5(usedforsecurity=False)
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+            length = response.headers.get("Content-Length")
+            with tqdm(total=int(length) if length else None, unit="B", unit_scale=True,
+                      desc=f"downloading {dest.name}") as progress:
+                while chunk := response.read(1 << 20):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    progress.update(len(chunk))
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    if digest.hexdigest() != md5.lower():
+        partial.unlink()
+        raise ValueError(f"MD5 mismatch for {url}: expected {md5.lower()}, got {digest.hexdigest()}; "
+                         f"the downloaded file was deleted")
+    os.replace(partial, dest)
+    return dest
+
+
+def safe_extract_zip(zip_path: Path, dest: Path) -> None:
+    """Extract ``zip_path`` into ``dest``, refusing the whole archive if any member is unsafe.
+
+    Unsafe: an absolute path, a '..' component, or a symlink, i.e. anything that could
+    land outside ``dest``. All members are checked before anything is written.
+    """
+    dest = Path(dest).resolve()
+    with zipfile.ZipFile(zip_path) as archive:
+        for member in archive.infolist():
+            _check_zip_member(member, dest, zip_path)
+        dest.mkdir(parents=True, exist_ok=True)
+        archive.extractall(dest)
+
+
+def _tiny_imagenet_names(words_path: Path, wnids: list[str]) -> list[str]:
+    """Readable name per wnid from words.txt; the wnid itself where words.txt has none."""
+    names: dict[str, str] = {}
+    if words_path.is_file():
+        for line in words_path.read_text(encoding="utf-8", errors="replace").splitlines():
+            wnid, _, name = line.partition("\t")
+            if name.strip():
+                names[wnid.strip()] = name.strip()
+    return [names.get(wnid, wnid) for wnid in wnids]
+
+
+def _read_val_annotations(root: Path, label_of: dict[str, int]) -> tuple[list[str], list[int]]:
+    """Files and labels of the labelled val set, sorted by file name."""
+    annotations_path = root / "val" / "val_annotations.txt"
+    images_dir = root / "val" / "images"
+    if not annotations_path.is_file():
+        raise FileNotFoundError(f"missing {annotations_path}\n{TINY_IMAGENET_LAYOUT}")
+    if not images_dir.is_dir():
+        raise FileNotFoundError(f"missing {images_dir}\n{TINY_IMAGENET_LAYOUT}")
+    present = set(os.listdir(images_dir))
+    label_of_file: dict[str, int] = {}
+    for line_number, line in enumerate(annotations_path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        where = f"{annotations_path}, line {line_number}"
+        if len(fields) < 2:
+            raise ValueError(f"{where}: expected file<TAB>wnid<TAB>x0<TAB>y0<TAB>x1<TAB>y1, got {line!r}")
+        name, wnid = fields[0].strip(), fields[1].strip()
+        if wnid not in label_of:
+            raise ValueError(f"{where}: wnid {wnid!r} is not listed in {root / 'wnids.txt'}")
+        if name not in present:
+            raise FileNotFoundError(f"{where}: image {images_dir / name} does not exist")
+        if name in label_of_file:
+            raise ValueError(f"{where}: {name} is annotated more than once")
+        label_of_file[name] = label_of[wnid]
+    if not label_of_file:
+        raise ValueError(f"{annotations_path} has no annotations\n{TINY_IMAGENET_LAYOUT}")
+    names = sorted(label_of_file)
+    return [str(images_dir / n) for n in names], [label_of_file[n] for n in names]
+
+
+def _carve_holdout(full: ImageList, per_class: int, seed: int, root: Path) -> tuple[ImageList, ImageList]:
+    """Split a train list into (train, holdout) lists with the same classes."""
+    try:
+        train_idx, holdout_idx = holdout_split(full.labels, per_class, seed)
+    except ValueError as error:
+        raise ValueError(f"holdout_per_class={per_class} is too large for the train split in {root}: "
+                         f"{error}") from error
+
+    def subset(indices: list[int]) -> ImageList:
+        return ImageList([full.files[i] for i in indices], [full.labels[i] for i in indices], full.classes)
+
+    return subset(train_idx), subset(holdout_idx)
+
+
+def _detect_cars_layout(root: Path) -> tuple[str, Path]:
+    """Return (layout, folder holding the layout's files) or raise listing both layouts."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"Cars196 folder not found: {root}\n{CARS196_LAYOUTS}")
+    if (root / "cars_annos.mat").is_file():
+        return "cars_annos", root
+    for base in (root, root / "stanford_cars"):
+        if (base / "devkit" / "cars_meta.mat").is_file():
+            return "torchvision", base
+    raise FileNotFoundError(f"no known Cars196 layout in {root}: found neither cars_annos.mat nor "
+                            f"devkit/cars_meta.mat\n{CARS196_LAYOUTS}")
+
+
+def _read_cars_annos(base: Path) -> tuple[list[str], list[int], list[str]]:
+    """Layout (a): paths, 1-based class ids and class names from cars_annos.mat."""
+    mat_path = base / "cars_annos.mat"
+    mat = _load_mat(mat_path, ("annotations", "class_names"))
+    paths, class_ids = [], []
+    for record in _records(mat["annotations"]):
+        relative = str(record.relative_im_path)
+        if PurePosixPath(relative).is_absolute() or ".." in PurePosixPath(relative).parts:
+            raise ValueError(f"{mat_path}: relative_im_path {relative!r} must stay inside {base}")
+        paths.append(str(base / relative))
+        class_ids.append(int(getattr(record, "class")))  # int() first: the .mat stores uint8
+    return paths, class_ids, _strings(mat["class_names"])
+
+
+def _read_cars_torchvision(base: Path) -> tuple[list[str], list[int], list[str]]:
+    """Layout (b): merged train and test annotations; paths keep their cars_train/cars_test folder."""
+    class_names = _strings(_load_mat(base / "devkit" / "cars_meta.mat", ("class_names",))["class_names"])
+    paths, class_ids = [], []
+    for mat_path, images_dir in ((base / "devkit" / "cars_train_annos.mat", base / "cars_train"),
+                                 (base / "cars_test_annos_withlabels.mat", base / "cars_test")):
+        for record in _records(_load_mat(mat_path, ("annotations",))["annotations"]):
+            name = str(record.fname)
+            if PurePosixPath(name).name != name:
+                raise ValueError(f"{mat_path}: fname {name!r} must be a plain file name")
+            paths.append(str(images_dir / name))
+            class_ids.append(int(getattr(record, "class")))
+    return paths, class_ids, class_names
+
+
+def _load_mat(path: Path, keys: tuple[str, ...]) -> dict:
+    """loadmat with squeezed arrays and attribute-style structs; check the expected keys."""
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {path}\n{CARS196_LAYOUTS}")
+    mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
+    missing = [k for k in keys if k not in mat]
+    if missing:
+        raise ValueError(f"{path} lacks the variable(s) {missing}\n{CARS196_LAYOUTS}")
+    return mat
+
+
+def _records(annotations: object) -> list:
+    """Struct array as a list; squeeze_me turns a 1-element struct array into one struct."""
+    return list(np.atleast_1d(annotations))
+
+
+def _strings(cells: object) -> list[str]:
+    """Cell array of strings as a list; squeeze_me turns a 1-element cell array into a str."""
+    return [str(s).strip() for s in np.atleast_1d(cells)]
+
+
+def _md5_of_file(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_zip_member(member: zipfile.ZipInfo, dest: Path, zip_path: Path) -> None:
+    """Raise ValueError if a zip member could be written outside ``dest``."""
+    name = member.filename
+    parts = name.replace("\\", "/").split("/")
+    mode = member.external_attr >> 16
+    if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        reason = "is an absolute path"
+    elif ".." in parts:
+        reason = "contains a '..' component"
+    elif stat.S_ISLNK(mode):
+        reason = "is a symbolic link"
+    elif not (dest / name).resolve().is_relative_to(dest):
+        reason = "would land outside the destination"
+    else:
+        return
+    raise ValueError(f"refusing to extract {zip_path}: member {name!r} {reason} "
+                     f"(destination {dest}); nothing was extracted")
+
+
+@dataclass(frozen=True)
+class ImageList:
+    """Image files with 0-based labels; ``classes[label]`` is the readable class name."""
+
+    files: list[str]
+    labels: list[int]
+    classes: list[str]
+
+    def __post_init__(self) -> None:
+        if len(self.files) != len(self.labels):
+            raise ValueError(f"{len(self.files)} files but {len(self.labels)} labels")
+        if self.labels and not 0 <= min(self.labels) <= max(self.labels) < len(self.classes):
+            raise ValueError(f"labels must lie in 0..{len(self.classes) - 1}, "
+                             f"got {min(self.labels)}..{max(self.labels)}")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+@dataclass(frozen=True)
+class DatasetSplits:
+    """Train / holdout (carved from train, for early stopping) / test lists of one dataset."""
+
+    train: ImageList
+    holdout: ImageList
+    test: ImageList
+    root: Path
+    layout: str  # "tiny-imagenet-200", "cars_annos" or "torchvision"

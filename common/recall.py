@@ -1,0 +1,109 @@
+"""Leave-one-out retrieval Recall@K by cosine similarity, computed in query chunks.
+
+Shapes
+------
+embeddings : (N, D) float, any scale (L2-normalised here)
+labels     : (N,)   integer class ids
+per chunk  : (C, N) similarities of C queries against the whole gallery, C = chunk_size
+neighbours : (N, k) long gallery indices, self excluded, most similar first
+
+Every sample is a query; its gallery is the N - 1 other samples. A query scores 1 at K
+when one of its K nearest neighbours shares its label; R@K is the mean over queries
+(the usual protocol of the metric-learning literature, e.g. Cars196 / CUB).
+
+Ties are broken by the lower gallery index, both when choosing which samples enter the
+top k and when ordering them, so the result does not depend on ``chunk_size`` or on
+topk's unspecified tie order.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _check_embeddings(embeddings: Tensor) -> None:
+    if embeddings.dim() != 2:
+        raise ValueError(f"embeddings must be (N, D), got shape {tuple(embeddings.shape)}")
+    if not embeddings.is_floating_point():
+        raise ValueError(f"embeddings must be floating point, got {embeddings.dtype}")
+
+
+def _check_k(k: int, n: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ValueError(f"k must be an int, got {k!r}")
+    if not 0 < k < n:
+        # k <= N - 1 keeps self (set to -inf) out of every top k.
+        raise ValueError(f"k must satisfy 0 < k < N = {n} (self is excluded), got {k}")
+
+
+def _topk_lowest_index_ties(sim: Tensor, k: int) -> Tensor:
+    """(C, k) indices of the k largest entries per row (k < row length); ties -> lower
+    index; best first."""
+    # One extra place reveals ties straddling the k-th place (where topk may have picked
+    # any of the equal entries) far cheaper than counting over the whole row.
+    vals, idx = sim.topk(k + 1, dim=1)
+    kth = vals[:, k - 1 : k]
+    ambiguous = vals[:, k] == vals[:, k - 1]
+    idx = idx[:, :k]
+    if ambiguous.any():
+        rows = ambiguous.nonzero().squeeze(1)
+        s, t = sim[rows], kth[rows]
+        above = s > t
+        equal = s == t
+        need = k - above.sum(dim=1, keepdim=True)
+        take = above | (equal & (equal.cumsum(dim=1) <= need))
+        # Exactly k per row; nonzero is row-major, so columns come out grouped by row.
+        idx[rows] = take.nonzero()[:, 1].view(-1, k)
+    # Canonical order: ascending index, then a stable sort by descending similarity.
+    idx, _ = idx.sort(dim=1)
+    order = sim.gather(1, idx).sort(dim=1, descending=True, stable=True).indices
+    return idx.gather(1, order)
+
+
+def nearest_neighbours(embeddings: Tensor, k: int, chunk_size: int = 1024) -> Tensor:
+    """(N, k) indices of each sample's k most cosine-similar other samples, best first."""
+    _check_embeddings(embeddings)
+    n = embeddings.shape[0]
+    _check_k(k, n)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+    x = F.normalize(embeddings, p=2, dim=1)
+    out = torch.empty(n, k, dtype=torch.long, device=embeddings.device)
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        sim = x[start:stop] @ x.T
+        rows = torch.arange(stop - start, device=embeddings.device)
+        sim[rows, rows + start] = float("-inf")
+        out[start:stop] = _topk_lowest_index_ties(sim, k)
+    return out
+
+
+def recall_at_k(
+    embeddings: Tensor,
+    labels: Tensor,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    chunk_size: int = 1024,
+) -> dict[int, float]:
+    """{K: R@K} over all N leave-one-out queries, K in ``ks``."""
+    _check_embeddings(embeddings)
+    n = embeddings.shape[0]
+    if labels.dim() != 1 or labels.shape[0] != n:
+        raise ValueError(f"labels must be (N,) with N = {n}, got shape {tuple(labels.shape)}")
+    ks = list(ks)
+    if not ks:
+        raise ValueError("ks must not be empty")
+    for k in ks:
+        _check_k(k, n)
+
+    nn = nearest_neighbours(embeddings, max(ks), chunk_size)
+    labels = labels.to(embeddings.device)
+    hits = labels[nn] == labels.unsqueeze(1)
+    # hit_by[:, j] = a match among the first j + 1 neighbours.
+    hit_by = hits.cumsum(dim=1) > 0
+    # Integer count / N avoids float32 rounding in the reported figure.
+    return {k: hit_by[:, k - 1].sum().item() / n for k in ks}

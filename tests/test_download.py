@@ -1,0 +1,129 @@
+"""find_tiny_imagenet / download_file / safe_extract_zip against local file:// zips (no network)."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import stat
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from common.datasets import download_file, find_tiny_imagenet, load_tiny_imagenet, safe_extract_zip
+from common.synthetic import make_tiny_imagenet
+
+
+@pytest.fixture(scope="module")
+def tiny_zip(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A zip shaped like the official one (top folder tiny-imagenet-200) and its MD5."""
+    source = tmp_path_factory.mktemp("source")
+    make_tiny_imagenet(source, num_classes=3, train_per_class=4, val_per_class=2, image_size=16)
+    archive = shutil.make_archive(str(tmp_path_factory.mktemp("zip") / "tiny-imagenet-200"), "zip",
+                                  root_dir=source, base_dir="tiny-imagenet-200")
+    return Path(archive), hashlib.md5(Path(archive).read_bytes()).hexdigest()
+
+
+def zip_with(path: Path, members: dict[str, bytes], symlink: str | None = None) -> Path:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(zipfile.ZipInfo(name), data)
+        if symlink is not None:
+            link = zipfile.ZipInfo(symlink)
+            link.external_attr = (stat.S_IFLNK | 0o777) << 16
+            archive.writestr(link, "/etc/passwd")
+    return path
+
+
+def test_download_extracts_verifies_and_cleans_up(tiny_zip: tuple[Path, str], tmp_path: Path) -> None:
+    archive, md5 = tiny_zip
+    data_dir = tmp_path / "data"
+    found = find_tiny_imagenet(data_dir, url=archive.as_uri(), md5=md5)
+    assert found == data_dir.resolve() / "tiny-imagenet-200"
+    assert [p.name for p in data_dir.iterdir()] == ["tiny-imagenet-200"]  # no zip, no temp folder
+    splits = load_tiny_imagenet(found, holdout_per_class=1)
+    assert (len(splits.train), len(splits.holdout), len(splits.test)) == (9, 3, 6)
+    # Found again without downloading (the URL would fail), from data_dir or the folder itself.
+    assert find_tiny_imagenet(data_dir, url=(tmp_path / "gone.zip").as_uri()) == found
+    assert find_tiny_imagenet(found, download=False) == found
+
+
+def test_wrong_md5_is_rejected_and_leaves_nothing(tiny_zip: tuple[Path, str], tmp_path: Path) -> None:
+    archive, _ = tiny_zip
+    data_dir = tmp_path / "data"
+    with pytest.raises(RuntimeError, match="MD5 mismatch") as error:
+        find_tiny_imagenet(data_dir, url=archive.as_uri(), md5="0" * 32)
+    assert "--smoke" in str(error.value)
+    assert list(data_dir.iterdir()) == []
+
+
+def test_download_file_deletes_a_bad_file(tiny_zip: tuple[Path, str], tmp_path: Path) -> None:
+    archive, md5 = tiny_zip
+    dest = tmp_path / "copy.zip"
+    with pytest.raises(ValueError, match=f"expected {'f' * 32}, got {md5}"):
+        download_file(archive.as_uri(), dest, "f" * 32)
+    assert list(tmp_path.iterdir()) == []
+    assert download_file(archive.as_uri(), dest, md5) == dest
+    assert dest.read_bytes() == archive.read_bytes()
+
+
+def test_download_failure_says_what_where_and_smoke(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    url = (tmp_path / "does-not-exist.zip").as_uri()
+    with pytest.raises(RuntimeError) as error:
+        find_tiny_imagenet(data_dir, url=url)
+    message = str(error.value)
+    assert url in message and str(data_dir / "tiny-imagenet-200") in message and "--smoke" in message
+    assert list(data_dir.iterdir()) == []
+
+
+def test_missing_dataset_without_download(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError) as error:
+        find_tiny_imagenet(tmp_path, download=False)
+    message = str(error.value)
+    assert "http://cs231n.stanford.edu/tiny-imagenet-200.zip" in message
+    assert str(tmp_path / "tiny-imagenet-200") in message and "--smoke" in message
+
+
+def test_zip_without_the_dataset_leaves_nothing_that_looks_like_one(tmp_path: Path) -> None:
+    archive = zip_with(tmp_path / "other.zip", {"tiny-imagenet-200/train/readme.txt": b"half"})
+    data_dir = tmp_path / "data"
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    with pytest.raises(RuntimeError, match="no tiny-imagenet-200/wnids.txt"):
+        find_tiny_imagenet(data_dir, url=archive.as_uri(), md5=md5)
+    # Only the verified zip stays, for a retry; no dataset folder, no temporary folder.
+    assert [p.name for p in data_dir.iterdir()] == ["tiny-imagenet-200.zip"]
+
+
+@pytest.mark.parametrize("bad_member", ["../evil.txt", "inner/../../evil.txt", "ABSOLUTE", "..\\evil.txt"])
+def test_safe_extract_refuses_escaping_members(tmp_path: Path, bad_member: str) -> None:
+    if bad_member == "ABSOLUTE":
+        bad_member = str(tmp_path / "evil.txt")
+    archive = zip_with(tmp_path / "bad.zip", {"good/ok.txt": b"fine", bad_member: b"evil"})
+    dest = tmp_path / "dest"
+    with pytest.raises(ValueError, match="refusing to extract"):
+        safe_extract_zip(archive, dest)
+    assert not (tmp_path / "evil.txt").exists()
+    assert not dest.exists()  # checked before anything is written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.zip"]
+
+
+def test_safe_extract_refuses_symlinks(tmp_path: Path) -> None:
+    archive = zip_with(tmp_path / "link.zip", {"a.txt": b"a"}, symlink="link")
+    with pytest.raises(ValueError, match="symbolic link"):
+        safe_extract_zip(archive, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+
+
+def test_safe_extract_writes_nested_members(tmp_path: Path) -> None:
+    archive = zip_with(tmp_path / "ok.zip", {"top/": b"", "top/sub/a.txt": b"a", "b.txt": b"b"})
+    safe_extract_zip(archive, tmp_path / "dest")
+    assert (tmp_path / "dest" / "top" / "sub" / "a.txt").read_bytes() == b"a"
+    assert (tmp_path / "dest" / "b.txt").read_bytes() == b"b"
+
+
+def test_incomplete_dataset_folder_is_reported_not_overwritten(tmp_path: Path) -> None:
+    (tmp_path / "tiny-imagenet-200" / "train").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="exists but has no wnids.txt"):
+        find_tiny_imagenet(tmp_path, url=(tmp_path / "never-fetched.zip").as_uri())
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-imagenet-200"]

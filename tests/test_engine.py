@@ -1,0 +1,195 @@
+"""Engine and checkpoint behaviour: schedule, early stopping, atomic saves, safe loads, resume."""
+import math
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from common import engine
+from common.checkpoint import (CheckpointError, check_compatible, load_checkpoint,
+                               load_model_state, rng_state, save_checkpoint, set_rng_state)
+from common.datasets import load_tiny_imagenet
+from common.loader import ImageLoader
+from common.synthetic import make_tiny_imagenet
+
+
+def test_warmup_cosine_values_at_known_steps():
+    f = engine.warmup_cosine
+    assert f(0, 100, 10) == pytest.approx(0.1)
+    assert f(4, 100, 10) == pytest.approx(0.5)
+    assert f(9, 100, 10) == pytest.approx(1.0)
+    assert f(10, 100, 10) == pytest.approx(1.0)          # cosine starts at the peak
+    assert f(55, 100, 10) == pytest.approx(0.5)          # halfway through the decay
+    assert f(100, 100, 10) == pytest.approx(0.0, abs=1e-12)
+    assert f(77, 100, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 67 / 90)))
+
+
+def test_early_stopping_fires_after_patience_epochs_without_improvement():
+    stopper = engine.EarlyStopping(patience=3, min_delta=0.01)
+    scores = [0.10, 0.20, 0.205, 0.21, 0.15, 0.22]  # 0.205 and 0.21 are within min_delta of 0.20
+    fired = None
+    for epoch, s in enumerate(scores):
+        stopper.update(s, epoch)
+        if stopper.should_stop:
+            fired = epoch
+            break
+    assert fired == 4 and stopper.best_epoch == 1 and stopper.best_score == 0.20
+    restored = engine.EarlyStopping(3, 0.01)
+    restored.load_state_dict(stopper.state_dict())
+    assert restored.state_dict() == stopper.state_dict()
+
+
+def test_atomic_save_survives_a_crash_mid_write(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+
+    def crash(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed mid-save")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    state = load_checkpoint(path)
+    assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(3))
+    assert sorted(os.listdir(tmp_path)) == ["last.pt"]  # no temporary file left behind
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED_BY_CHECKPOINT",))
+
+
+def test_crafted_pickle_is_refused_without_running_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        torch.save({"model": _Payload()}, f, pickle_module=pickle)
+    with pytest.raises(CheckpointError, match="not a plain-tensor checkpoint"):
+        load_checkpoint(path)
+    assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
+
+
+def test_truncated_checkpoint_gives_a_clear_error(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"w": torch.ones(1000)}, path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+        load_checkpoint(path)
+
+
+def test_incompatible_checkpoint_names_the_mismatch(tmp_path):
+    with pytest.raises(CheckpointError, match="num_classes: checkpoint has 200, this run has 10"):
+        check_compatible({"model": "resnet18", "num_classes": 200},
+                         {"model": "resnet18", "num_classes": 10}, tmp_path / "last.pt")
+    small, big = nn.Linear(4, 2), nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(CheckpointError, match="missing"):
+        load_model_state(big, small.state_dict(), "x.pt")
+    with pytest.raises(CheckpointError, match=r"another shape.*weight \(2, 4\) vs \(3, 4\)"):
+        load_model_state(nn.Linear(4, 3), small.state_dict(), "x.pt")
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+    save_checkpoint({"rng": rng_state()}, tmp_path / "r.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]
+
+
+# ---------------------------------------------------------------- fit on a tiny dataset
+@pytest.fixture(scope="module")
+def tiny_splits(tmp_path_factory):
+    root = make_tiny_imagenet(tmp_path_factory.mktemp("tiny"), num_classes=4,
+                              train_per_class=12, val_per_class=4, image_size=16, seed=3)
+    return load_tiny_imagenet(root, holdout_per_class=2)
+
+
+class _SmallNet(nn.Module):
+    def __init__(self, classes=4):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.3))
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+
+
+def _run_fit(splits, out, backend, epochs=4, stop_after=None, step_log=None, **cfg):
+    torch.manual_seed(0)
+    rt = engine.Runtime(torch.device("cpu"))
+    train = ImageLoader(splits.train.files, splits.train.labels, batch_size=8, train=True,
+                        image_size=16, backend=backend, workers=0, seed=5)
+    holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, batch_size=8,
+                          train=False, image_size=16, backend=backend, workers=0)
+    model = _SmallNet()
+    base_step = engine.classification_step(0.1)
+
+    def step(m, x, y):
+        if step_log is not None:
+            step_log.append(y.tolist())
+        return base_step(m, x, y)
+    config = engine.FitConfig(epochs=epochs, lr=0.05, warmup_epochs=1, patience=100,
+                              stop_after_epoch=stop_after, **cfg)
+    evaluate = lambda m: {f"holdout_{k}": v for k, v in engine.evaluate_classifier(m, holdout, rt).items()}
+    result = engine.fit(model, train, step, evaluate, config, out, rt,
+                        meta={"task": "test", "model": "small"})
+    return model, result
+
+
+def test_resume_gives_identical_weights_with_the_torch_loader(tiny_splits, tmp_path):
+    straight, r1 = _run_fit(tiny_splits, tmp_path / "a", "torch")
+    _, half = _run_fit(tiny_splits, tmp_path / "b", "torch", stop_after=2)
+    assert half["epochs_run"] == 2 and not half["finished"]
+    resumed, r2 = _run_fit(tiny_splits, tmp_path / "b", "torch")
+    assert r2["finished"] and r2["epochs_run"] == 4
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert [h["lr"] for h in r1["history"]] == [h["lr"] for h in r2["history"]]
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4 and (tmp_path / "b" / "curves.png").stat().st_size > 0
+
+
+def test_resume_with_dali_restores_state_and_continues_schedule_and_order(tiny_splits, tmp_path):
+    log_a, log_b = [], []
+    _, r1 = _run_fit(tiny_splits, tmp_path / "a", "dali", step_log=log_a)
+    _run_fit(tiny_splits, tmp_path / "b", "dali", stop_after=2, step_log=log_b)
+    saved = load_checkpoint(tmp_path / "b" / "last.pt")
+    _, r2 = _run_fit(tiny_splits, tmp_path / "b", "dali", step_log=log_b)
+    assert log_a == log_b  # the same images in the same batches, epoch after epoch
+    assert [h["lr"] for h in r1["history"]] == [h["lr"] for h in r2["history"]]
+    assert saved["epoch"] == 2 and saved["scheduler"]["last_epoch"] == 2 * 5
+    assert r2["history"][:2] == saved["history"]  # history restored, not recomputed
+
+
+def test_finished_run_is_not_retrained(tiny_splits, tmp_path):
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=1)
+    stamp = (tmp_path / "last.pt").stat().st_mtime_ns
+    _, again = _run_fit(tiny_splits, tmp_path, "torch", epochs=1)
+    assert again["finished"] and again["epochs_run"] == 1
+    assert (tmp_path / "last.pt").stat().st_mtime_ns == stamp
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_splits, tmp_path, monkeypatch):
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=3, stop_after=1)
+    before = load_checkpoint(tmp_path / "last.pt")
+    real = engine.classification_step
+
+    def exploding(smoothing):
+        step = real(smoothing)
+        return lambda m, x, y: (step(m, x, y)[0] * float("nan"), None)
+    monkeypatch.setattr(engine, "classification_step", exploding)
+    with pytest.raises(engine.NonFiniteLoss, match="loss became nan"):
+        _run_fit(tiny_splits, tmp_path, "torch", epochs=3)
+    after = load_checkpoint(tmp_path / "last.pt")
+    assert after["epoch"] == before["epoch"] == 1
+    for k in before["model"]:
+        assert torch.equal(before["model"][k], after["model"][k])

@@ -1,0 +1,269 @@
+"""Tests of common.loss.multi_similarity_loss.
+
+`none` and `ms` are checked against pytorch-metric-learning (PML, test-only reference);
+`hard` and `semihard` against a plain per-anchor Python loop written from the docstring.
+
+Reduction: PML's MultiSimilarityLoss returns one loss per anchor ("element" reduction, all
+B rows, rows without pairs being exactly 0 through its masked logsumexp) and its default
+MeanReducer takes torch.mean over those B rows, so PML also divides by B, not by the number
+of anchors having pairs: the two values are directly comparable. The one difference is a
+PML shortcut: when every index tensor of the pair tuple has <= 1 element it returns 0
+outright; the batches below always have many pairs, so it never triggers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from pytorch_metric_learning.losses import MultiSimilarityLoss
+from pytorch_metric_learning.miners import MultiSimilarityMiner
+
+from common.loss import MINING_CHOICES, multi_similarity_loss
+
+TOL = 1e-5
+
+
+def make_batch(seed: int, p: int, k: int, singletons: int = 0, dim: int = 8,
+               dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """P classes x K samples plus `singletons` samples of unique classes (no positives)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.arange(p).repeat_interleave(k), torch.arange(p, p + singletons)])
+    labels = labels[torch.randperm(labels.numel(), generator=g)]
+    # Class centres plus noise give a spread of similarities, so mining really selects.
+    centres = torch.randn(p + singletons, dim, generator=g, dtype=dtype)
+    emb = centres[labels] + 0.8 * torch.randn(labels.numel(), dim, generator=g, dtype=dtype)
+    return emb, labels
+
+
+BATCHES = [
+    (0, 4, 4, 0),
+    (1, 8, 4, 3),
+    (2, 3, 6, 5),
+    (3, 16, 2, 1),
+    (4, 5, 3, 0),
+]
+PARAMS = [(2.0, 50.0, 0.5), (1.0, 10.0, 0.3), (3.0, 40.0, 0.7)]
+
+
+def loss_and_grad(fn, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    emb = emb.clone().requires_grad_(True)
+    loss = fn(emb)
+    loss.backward()
+    return loss.detach(), emb.grad
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("params", PARAMS)
+def test_no_mining_matches_pml(batch, params):
+    emb, labels = make_batch(*batch)
+    alpha, beta, lam = params
+    ref = MultiSimilarityLoss(alpha=alpha, beta=beta, base=lam)
+    ours_l, ours_g = loss_and_grad(
+        lambda e: multi_similarity_loss(e, labels, alpha, beta, lam, mining="none"), emb)
+    ref_l, ref_g = loss_and_grad(lambda e: ref(e, labels), emb)
+    assert ours_l.item() == pytest.approx(ref_l.item(), abs=TOL, rel=TOL)
+    torch.testing.assert_close(ours_g, ref_g, atol=TOL, rtol=TOL)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("epsilon", [0.0, 0.1, 0.3])
+def test_ms_mining_matches_pml_miner(batch, epsilon):
+    emb, labels = make_batch(*batch)
+    miner = MultiSimilarityMiner(epsilon=epsilon)
+    ref = MultiSimilarityLoss(alpha=2.0, beta=50.0, base=0.5)
+    with torch.no_grad():
+        tup = miner(emb, labels)
+    n_all = (labels[:, None] == labels[None, :]).sum() - labels.numel() + (
+        labels[:, None] != labels[None, :]).sum()
+    # The comparison is only meaningful if the miner really dropped pairs.
+    assert 2 < len(tup[0]) + len(tup[2]) < n_all
+    ours_l, ours_g = loss_and_grad(
+        lambda e: multi_similarity_loss(e, labels, mining="ms", epsilon=epsilon), emb)
+    ref_l, ref_g = loss_and_grad(lambda e: ref(e, labels, tup), emb)
+    assert ours_l.item() == pytest.approx(ref_l.item(), abs=TOL, rel=TOL)
+    torch.testing.assert_close(ours_g, ref_g, atol=TOL, rtol=TOL)
+
+
+# --- loop reference for hard / semihard -------------------------------------------------
+
+def loop_reference(emb, labels, mining, alpha=2.0, beta=50.0, lam=0.5, eps=0.1) -> float:
+    x = F.normalize(emb.double(), dim=1)
+    s = (x @ x.T).tolist()
+    lab = labels.tolist()
+    b = len(lab)
+    total = 0.0
+    for i in range(b):
+        pos = [j for j in range(b) if j != i and lab[j] == lab[i]]
+        neg = [j for j in range(b) if lab[j] != lab[i]]
+        if not pos or not neg:
+            continue
+        if mining == "hard":
+            keep_p = [min(pos, key=lambda j: (s[i][j], j))]
+            keep_n = [min(neg, key=lambda j: (-s[i][j], j))]
+        elif mining == "semihard":
+            s_p = min(s[i][j] for j in pos)
+            s_n = max(s[i][j] for j in neg)
+            keep_p = [j for j in pos if s[i][j] - eps < s_n]
+            ms_n = [j for j in neg if s[i][j] + eps > s_p]
+            keep_n = [j for j in ms_n if s[i][j] - eps < s_p]
+            if ms_n and not keep_n:
+                keep_n = [min(ms_n, key=lambda j: (s[i][j], j))]
+        else:
+            raise AssertionError(mining)
+        pos_sum = sum(math.exp(-alpha * (s[i][j] - lam)) for j in keep_p)
+        neg_sum = sum(math.exp(beta * (s[i][j] - lam)) for j in keep_n)
+        total += math.log1p(pos_sum) / alpha + math.log1p(neg_sum) / beta
+    return total / b
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_hard_mining_matches_loop(batch):
+    emb, labels = make_batch(*batch)
+    ours = multi_similarity_loss(emb, labels, mining="hard").item()
+    assert ours == pytest.approx(loop_reference(emb, labels, "hard"), abs=TOL, rel=TOL)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("epsilon", [0.02, 0.1, 0.3])
+def test_semihard_mining_matches_loop(batch, epsilon):
+    emb, labels = make_batch(*batch)
+    ours = multi_similarity_loss(emb, labels, mining="semihard", epsilon=epsilon).item()
+    ref = loop_reference(emb, labels, "semihard", eps=epsilon)
+    assert ours == pytest.approx(ref, abs=TOL, rel=TOL)
+
+
+def test_semihard_fallback_keeps_gentlest_too_hard_negative():
+    # Unit circle at 0, 90, 10, 20 degrees; labels 0, 0, 1, 2. For both anchors of class 0
+    # the positive has S = 0 and both negatives lie above the band (-eps, eps), so the band
+    # is empty and only the least similar negative is kept: 20 deg for anchor 0 (S = cos 20),
+    # 10 deg for anchor 1 (S = cos 80). Anchors 2 and 3 have no positive and give 0.
+    ang = torch.tensor([0.0, 90.0, 10.0, 20.0], dtype=torch.float64).deg2rad()
+    emb = torch.stack([ang.cos(), ang.sin()], dim=1)
+    labels = torch.tensor([0, 0, 1, 2])
+    alpha, beta, lam = 2.0, 50.0, 0.5
+
+    def term(s_pos: float, s_negs: list[float]) -> float:
+        return (math.log1p(math.exp(-alpha * (s_pos - lam))) / alpha
+                + math.log1p(sum(math.exp(beta * (s - lam)) for s in s_negs)) / beta)
+
+    cos = lambda deg: math.cos(math.radians(deg))  # noqa: E731
+    expected = (term(0.0, [cos(20)]) + term(0.0, [cos(80)])) / 4
+    got = multi_similarity_loss(emb, labels, alpha, beta, lam, "semihard", 0.1).item()
+    assert got == pytest.approx(expected, abs=1e-12)
+    # ms keeps both negatives of each anchor.
+    ms_expected = (term(0.0, [cos(10), cos(20)]) + term(0.0, [cos(80), cos(70)])) / 4
+    ms = multi_similarity_loss(emb, labels, alpha, beta, lam, "ms", 0.1).item()
+    assert ms == pytest.approx(ms_expected, abs=1e-12)
+
+
+def test_semihard_differs_from_ms_on_random_batches():
+    # Guards the loop comparison above against a band that never bites.
+    diffs = [
+        abs(multi_similarity_loss(*make_batch(*b), mining="semihard", epsilon=0.1).item()
+            - multi_similarity_loss(*make_batch(*b), mining="ms", epsilon=0.1).item())
+        for b in BATCHES
+    ]
+    assert max(diffs) > 1e-3
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_semihard_with_wide_band_equals_ms(batch):
+    emb, labels = make_batch(*batch)
+    wide = multi_similarity_loss(emb, labels, mining="semihard", epsilon=3.0)
+    ms = multi_similarity_loss(emb, labels, mining="ms", epsilon=3.0)
+    assert wide.item() == pytest.approx(ms.item(), abs=1e-12)
+
+
+def test_mining_choices():
+    assert MINING_CHOICES == ("none", "ms", "hard", "semihard")
+
+
+# --- numerics at the extremes -----------------------------------------------------------
+
+def pk_labels(p: int, k: int) -> torch.Tensor:
+    return torch.arange(p).repeat_interleave(k)
+
+
+@pytest.mark.parametrize("mining", MINING_CHOICES)
+@pytest.mark.parametrize("beta", [50.0, 200.0])
+def test_identical_embeddings_finite_and_exact(mining, beta):
+    # All S = 1: negatives violate by 1 - lam, exp(beta * 0.5) overflows fp32 at beta=200.
+    p, k, alpha, lam = 4, 4, 2.0, 0.5
+    b = p * k
+    emb = torch.ones(b, 16, dtype=torch.float32, requires_grad=True)
+    loss = multi_similarity_loss(emb, pk_labels(p, k), alpha, beta, lam, mining, 0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(emb.grad).all()
+    n_pos, n_neg = (1, 1) if mining == "hard" else (k - 1, b - k)
+    # All ties: ms / semihard keep every pair (S + eps > S, S - eps < S).
+    expected = (math.log1p(n_pos * math.exp(-alpha * (1 - lam))) / alpha
+                + (beta * (1 - lam) + math.log(n_neg + math.exp(-beta * (1 - lam)))) / beta)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("mining", MINING_CHOICES)
+@pytest.mark.parametrize("beta", [50.0, 200.0])
+def test_antipodal_worst_case_finite(mining, beta):
+    # Positives antipodal (S = -1) and negatives identical (S = 1): every pair maximally wrong.
+    v = torch.randn(1, 32)
+    emb = torch.cat([v.repeat(4, 1), -v.repeat(4, 1)]).requires_grad_(True)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    loss = multi_similarity_loss(emb, labels, 2.0, beta, 0.5, mining, 0.1)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() > 0
+    assert torch.isfinite(emb.grad).all()
+
+
+@pytest.mark.parametrize("mining", ["ms", "hard", "semihard"])
+def test_no_positives_gives_zero_loss_with_valid_grad(mining):
+    emb = torch.randn(12, 8, requires_grad=True)
+    loss = multi_similarity_loss(emb, torch.arange(12), mining=mining)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert emb.grad is not None and torch.equal(emb.grad, torch.zeros_like(emb))
+
+
+def test_no_positives_without_mining_keeps_negative_term():
+    emb, _ = make_batch(7, 6, 1)
+    labels = torch.arange(6)
+    ref = MultiSimilarityLoss(alpha=2.0, beta=50.0, base=0.5)(emb, labels)
+    ours = multi_similarity_loss(emb, labels, mining="none")
+    assert ours.item() == pytest.approx(ref.item(), abs=TOL) and ours.item() > 0
+
+
+def test_single_sample_batch_is_zero():
+    emb = torch.randn(1, 4, requires_grad=True)
+    loss = multi_similarity_loss(emb, torch.tensor([3]), mining="none")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.isfinite(emb.grad).all()
+
+
+def test_scale_invariance():
+    emb, labels = make_batch(5, 4, 4)
+    a = multi_similarity_loss(emb, labels)
+    b = multi_similarity_loss(emb * 37.0, labels)
+    assert a.item() == pytest.approx(b.item(), abs=1e-10)
+
+
+# --- validation -------------------------------------------------------------------------
+
+def test_bad_mining_name_lists_choices():
+    with pytest.raises(ValueError) as err:
+        multi_similarity_loss(torch.randn(4, 3), torch.tensor([0, 0, 1, 1]), mining="easy")
+    for name in MINING_CHOICES:
+        assert name in str(err.value)
+
+
+@pytest.mark.parametrize("emb_shape,labels_shape", [
+    ((4, 3), (5,)),
+    ((4, 3), (4, 1)),
+    ((4,), (4,)),
+    ((2, 4, 3), (2,)),
+])
+def test_shape_mismatch_raises(emb_shape, labels_shape):
+    labels = torch.zeros(labels_shape, dtype=torch.long)
+    with pytest.raises(ValueError):
+        multi_similarity_loss(torch.randn(emb_shape), labels)

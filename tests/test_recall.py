@@ -1,0 +1,176 @@
+"""Tests of common.recall: hand-computed cases, a NumPy brute-force reference, ties, self."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from common.recall import nearest_neighbours, recall_at_k
+
+CHUNKS = [1, 2, 7, 64, 10_000]
+
+
+def circle(degrees: list[float], radii: list[float] | None = None) -> torch.Tensor:
+    ang = torch.tensor(degrees, dtype=torch.float64).deg2rad()
+    r = torch.ones_like(ang) if radii is None else torch.tensor(radii, dtype=torch.float64)
+    return torch.stack([r * ang.cos(), r * ang.sin()], dim=1)
+
+
+def brute_force(emb: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, dict]:
+    """Full N x N matrix, stable argsort (ties -> lower index), self at -inf."""
+    x = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    sim = x @ x.T
+    np.fill_diagonal(sim, -np.inf)
+    order = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    hits = labels[order] == labels[:, None]
+    recall = {kk: float(hits[:, :kk].any(axis=1).mean()) for kk in range(1, k + 1)}
+    return order, recall
+
+
+# --- hand-made cases --------------------------------------------------------------------
+
+def test_unit_circle_by_hand():
+    # Angles with labels; angular gaps give the neighbour order (cosine is monotone in it):
+    #   A   0 (0): B10 C30        -> miss, hit@2
+    #   B  10 (1): A10 C20 D90    -> miss, miss, hit@3
+    #   C  30 (0): B20 A30        -> miss, hit@2
+    #   D 100 (1): E15            -> hit@1
+    #   E 115 (1): D15            -> hit@1
+    #   F 205 (0): E90 D105 A155  -> miss, miss, hit@3
+    # Radii differ to check the internal normalisation.
+    emb = circle([0, 10, 30, 100, 115, 205], radii=[1, 2, 3, 0.5, 5, 7])
+    labels = torch.tensor([0, 1, 0, 1, 1, 0])
+    for chunk in CHUNKS:
+        r = recall_at_k(emb, labels, ks=(1, 2, 3, 4), chunk_size=chunk)
+        assert r == {1: 2 / 6, 2: 4 / 6, 3: 6 / 6, 4: 1.0}
+    nn = nearest_neighbours(emb, 2)
+    assert nn.tolist() == [[1, 2], [0, 2], [1, 0], [4, 2], [3, 2], [4, 3]]
+
+
+def test_exact_ties_go_to_lower_index():
+    # Three copies of e1 and two of e2: all similarities are exactly 1, 0 or -inf.
+    emb = torch.tensor([[1.0, 0], [1, 0], [1, 0], [0, 1], [0, 1]])
+    labels = torch.tensor([0, 1, 0, 1, 0])
+    expected_nn4 = [[1, 2, 3, 4], [0, 2, 3, 4], [0, 1, 3, 4], [4, 0, 1, 2], [3, 0, 1, 2]]
+    # k=2 makes query 3 choose among a three-way tie (0, 1, 2) for its second place.
+    expected_nn2 = [row[:2] for row in expected_nn4]
+    for chunk in CHUNKS:
+        assert nearest_neighbours(emb, 4, chunk).tolist() == expected_nn4
+        assert nearest_neighbours(emb, 2, chunk).tolist() == expected_nn2
+        # Query 0: 1 (miss) then 2 (hit); 1: 0, 2 miss, 3 hit; 2: hit; 3: 4, 0 miss, 1 hit;
+        # 4: 3 miss, 0 hit.
+        assert recall_at_k(emb, labels, (1, 2, 3, 4), chunk) == {
+            1: 1 / 5, 2: 3 / 5, 3: 1.0, 4: 1.0}
+
+
+def test_tie_rule_is_positional_not_label_based():
+    # Same geometry, labels of the tied copies swapped: now query 0 hits at rank 1.
+    emb = torch.tensor([[1.0, 0], [1, 0], [1, 0], [0, 1]])
+    assert recall_at_k(emb, torch.tensor([0, 1, 0, 1]), (1, 2))[1] == pytest.approx(1 / 4)
+    assert recall_at_k(emb, torch.tensor([0, 0, 1, 1]), (1, 2))[1] == pytest.approx(2 / 4)
+
+
+def test_self_never_counted():
+    # All embeddings identical and every class a singleton: counting self would give 1.
+    emb = torch.ones(10, 3)
+    r = recall_at_k(emb, torch.arange(10), ks=(1, 5, 9))
+    assert r == {1: 0.0, 5: 0.0, 9: 0.0}
+    nn = nearest_neighbours(emb, 9, chunk_size=3)
+    assert not (nn == torch.arange(10)[:, None]).any()
+    assert nn.tolist() == [[j for j in range(10) if j != i] for i in range(10)]
+
+
+def test_two_samples():
+    emb = circle([0, 170])
+    assert recall_at_k(emb, torch.tensor([4, 4]), ks=(1,)) == {1: 1.0}
+    assert recall_at_k(emb, torch.tensor([4, 5]), ks=(1,)) == {1: 0.0}
+
+
+# --- brute-force reference --------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_brute_force_random(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, d, classes, kmax = 257, 16, 12, 10
+    emb = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.rand(n, 1, generator=g)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    order, ref = brute_force(emb.numpy(), labels.numpy(), kmax)
+    ks = tuple(range(1, kmax + 1))
+    for chunk in CHUNKS:
+        assert nearest_neighbours(emb, kmax, chunk).numpy().tolist() == order.tolist()
+        got = recall_at_k(emb, labels, ks, chunk)
+        assert got == pytest.approx(ref, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_brute_force_with_many_ties(seed):
+    # Signed basis vectors: only 8 distinct points, similarities exactly -1, 0, 1, so almost
+    # every rank is a tie and the lower-index rule decides everything.
+    g = torch.Generator().manual_seed(seed)
+    n = 60
+    basis = torch.cat([torch.eye(4), -torch.eye(4)]).double()
+    emb = basis[torch.randint(0, 8, (n,), generator=g)]
+    labels = torch.randint(0, 5, (n,), generator=g)
+    order, ref = brute_force(emb.numpy(), labels.numpy(), 20)
+    for chunk in CHUNKS:
+        for k in (1, 3, 8, 20):
+            assert nearest_neighbours(emb, k, chunk).tolist() == order[:, :k].tolist()
+        assert recall_at_k(emb, labels, (1, 2, 4, 8, 16), chunk) == pytest.approx(
+            {k: ref[k] for k in (1, 2, 4, 8, 16)}, abs=1e-12)
+
+
+def test_float32_agrees_with_float64():
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(500, 32, generator=g)
+    labels = torch.randint(0, 20, (500,), generator=g)
+    r32 = recall_at_k(emb, labels, chunk_size=128)
+    r64 = recall_at_k(emb.double(), labels, chunk_size=500)
+    # Near-ties may flip in float32; at most a query or two.
+    for k in r32:
+        assert abs(r32[k] - r64[k]) <= 2 / 500
+
+
+def test_neighbours_sorted_by_similarity():
+    g = torch.Generator().manual_seed(4)
+    emb = torch.randn(100, 8, generator=g, dtype=torch.float64)
+    nn = nearest_neighbours(emb, 7, chunk_size=33)
+    assert nn.shape == (100, 7) and nn.dtype == torch.long
+    x = torch.nn.functional.normalize(emb, dim=1)
+    s = (x.unsqueeze(1) * x[nn]).sum(-1)
+    assert (s[:, :-1] >= s[:, 1:]).all()
+
+
+def test_returns_python_floats_for_requested_ks():
+    emb = circle([0, 10, 30, 100])
+    r = recall_at_k(emb, torch.tensor([0, 0, 1, 1]), ks=[3, 1])
+    assert set(r) == {1, 3} and all(isinstance(v, float) for v in r.values())
+    assert all(0.0 <= v <= 1.0 and not math.isnan(v) for v in r.values())
+
+
+# --- validation -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ks", [(0,), (-1,), (5,), (6,), (1.0,), (True,), ()])
+def test_bad_ks_raise(ks):
+    emb = torch.randn(5, 3)
+    with pytest.raises(ValueError):
+        recall_at_k(emb, torch.arange(5), ks=ks)
+
+
+@pytest.mark.parametrize("emb,labels", [
+    (torch.randn(5, 3), torch.arange(4)),
+    (torch.randn(5, 3), torch.zeros(5, 1, dtype=torch.long)),
+    (torch.randn(5), torch.arange(5)),
+    (torch.ones(5, 3, dtype=torch.long), torch.arange(5)),
+])
+def test_bad_shapes_raise(emb, labels):
+    with pytest.raises(ValueError):
+        recall_at_k(emb, labels, ks=(1,))
+
+
+@pytest.mark.parametrize("chunk", [0, -3, 2.5])
+def test_bad_chunk_size_raises(chunk):
+    with pytest.raises(ValueError):
+        nearest_neighbours(torch.randn(5, 3), 2, chunk_size=chunk)
