@@ -108,3 +108,24 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _to_lists(x):
     return [_to_lists(v) for v in x] if isinstance(x, tuple) else x
+
+
+def load_matching_tensors(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]
+                          ) -> tuple[list[str], list[str]]:
+    """Copy every tensor whose name and shape match; returns (loaded names, skipped reasons).
+
+    For initialising from another task's weights (T3 -> T4, ImageNet -> T4), where the stem,
+    the classifier or the attention modules legitimately differ.
+    """
+    own = model.state_dict()
+    loaded, skipped = [], []
+    for name, tensor in state_dict.items():
+        if name not in own:
+            skipped.append(f"{name}: not in this model")
+        elif own[name].shape != tensor.shape:
+            skipped.append(f"{name}: shape {tuple(tensor.shape)} vs {tuple(own[name].shape)}")
+        else:
+            own[name].copy_(tensor)
+            loaded.append(name)
+    skipped += [f"{name}: not in the checkpoint (fresh init)" for name in own if name not in state_dict]
+    return loaded, skipped

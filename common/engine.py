@@ -308,10 +308,11 @@ def _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, cfg,
     n = wait = 0.0
     model.train()
     bar = tqdm(total=len(loader), initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-               disable=not rt.is_main, leave=False, mininterval=2, dynamic_ncols=True)
+               disable=not (rt.is_main and _interactive()), leave=False, mininterval=2,
+               dynamic_ncols=True)
     t0 = time.perf_counter()
     batches = loader.epoch(epoch, start)
-    step = start
+    step, correct = start, None
     while True:
         t_wait = time.perf_counter()
         try:
@@ -339,7 +340,8 @@ def _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, cfg,
             seen_loss = (p["loss"] + loss_sum.item()) / max(1, p["n"] + n)
             _check_finite(seen_loss, epoch, step, last_path)
             elapsed = p["time"] + time.perf_counter() - t0
-            bar.set_postfix(loss=f"{seen_loss:.3f}", acc=f"{(p['correct'] + correct_sum.item()) / max(1, p['n'] + n):.3f}",
+            bar.set_postfix(loss=f"{seen_loss:.3f}",
+                            acc=f"{(p['correct'] + correct_sum.item()) / max(1, p['n'] + n):.3f}",
                             img_s=f"{(p['n'] + n) / max(1e-9, elapsed):.0f}")
         if stop_signal:
             bar.close()
@@ -363,10 +365,16 @@ def _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, cfg,
     _check_finite(loss_total, epoch, step, last_path)
     epoch_time = p["time"] + elapsed
     state["epoch_stats"] = {
-        "train_loss": loss_total / n_total, "train_acc": correct_total / n_total,
+        "train_loss": loss_total / n_total,
+        **({"train_acc": correct_total / n_total} if correct is not None or p["correct"] else {}),
         "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": epoch_time,
         "train_images": n_total, "images_per_s": n_total / max(1e-9, epoch_time),
         "data_wait_share": (p["wait"] + wait) / max(1e-9, epoch_time)}
+
+
+def _interactive() -> bool:
+    """Progress bars only where someone watches them (a terminal or a notebook), not in logs."""
+    return sys.stderr.isatty() or "COLAB_RELEASE_TAG" in os.environ or "JPY_PARENT_PID" in os.environ
 
 
 def _check_finite(loss: float, epoch: int, step: int, last: Path) -> None:
@@ -386,6 +394,22 @@ def _write_metrics(history: list[dict], out: Path, title: str) -> None:
 def _epoch_line(r: dict, epochs: int, improved: bool) -> str:
     held = " ".join(f"{k.removeprefix('holdout_')} {v:.4f}" for k, v in r.items()
                     if k.startswith("holdout_") and isinstance(v, float))
-    return (f"epoch {r['epoch']}/{epochs}  train loss {r['train_loss']:.4f} acc {r['train_acc']:.4f}"
+    acc = f" acc {r['train_acc']:.4f}" if "train_acc" in r else ""
+    return (f"epoch {r['epoch']}/{epochs}  train loss {r['train_loss']:.4f}{acc}"
             f"  | holdout {held}  | lr {r['lr']:.4g}  {r['epoch_time_s']:.1f}s "
             f"{r['images_per_s']:.0f} img/s{'  *best' if improved else ''}")
+
+
+@torch.no_grad()
+def embed(fn: Callable[[torch.Tensor], torch.Tensor], loader, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run `fn` (e.g. model.features) over every image of `loader` in order.
+
+    Returns (N x D float32 embeddings, N int64 labels) on rt.device. Give it an unsharded
+    loader: every rank embeds the whole set, which keeps gallery order simple.
+    """
+    outputs, labels = [], []
+    for images, y in loader.epoch():
+        with autocast(rt):
+            outputs.append(fn(_to_device(images, rt)).float())
+        labels.append(y.to(rt.device))
+    return torch.cat(outputs), torch.cat(labels)

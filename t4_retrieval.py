@@ -1,0 +1,228 @@
+"""T4: Cars196 zero-shot retrieval with the CUBS network: Recall@K before and after
+metric learning with the Multi-Similarity loss.
+
+    python t4_retrieval.py --data-dir data/cars196          # either Cars196 layout
+    python t4_retrieval.py --compare-mining                 # + none / hard / semihard runs
+    python t4_retrieval.py --smoke                          # generated Cars layout, CPU
+
+Split by class id: classes 1-98 train (a stratified holdout of their images drives early
+stopping), 99-196 test (never seen in training). Network: CUBS-ResNet-18 with the ImageNet
+stem at 224 px and the placement/variant T3 selected (runs/t3/placements.json), else
+--placement. Phase A trains it as a 98-way classifier (cross-entropy), then embeds the test
+images (pooled features, L2-normalised) and reports Recall@1,2,4,8. Phase B replaces the
+classifier by a 512-d L2-normalised linear embedding, trains the whole network from the
+Phase A weights with the Multi-Similarity loss on P x K class-balanced batches, and reports
+Recall@K again. Outputs in --out: phase_a/, phase_b_<mining>/ (checkpoints, metrics.jsonl,
+curves.png), results.json, retrieval.png.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from common import cli, data, engine
+from common.checkpoint import load_checkpoint, load_matching_tensors, load_model_state
+from common.classifier import count_parameters, describe_device, prefixed, write_json
+from common.cubs import PLACEMENTS, VARIANTS, cubs_resnet18
+from common.loader import ImageLoader
+from common.loss import MINING_CHOICES, multi_similarity_loss
+from common.models import EmbeddingNet
+from common.plots import plot_retrieval
+from common.recall import nearest_neighbours, recall_at_k
+
+KS = (1, 2, 4, 8)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    # -- settings (the shared flags drive Phase A; --embed-* drive Phase B)
+    p = cli.training_parser(__doc__, out="runs/t4", epochs=30, batch_size=128, lr=0.1,
+                            weight_decay=5e-4, holdout_per_class=5, image_size=224,
+                            patience=8, warmup_epochs=1.0)
+    a = p.add_argument
+    a("--t3-results", default="runs/t3/placements.json", help="where T3 wrote its selection")
+    a("--placement", choices=PLACEMENTS, default=None, help="default: T3's selection, else serial")
+    a("--variant", choices=VARIANTS, default=None, help="default: T3's selection, else plain")
+    a("--init", choices=["auto", "scratch", "t3", "imagenet"], default="auto",
+      help="auto = t3 if its best.pt exists, else scratch")
+    a("--init-weights", default=None, help="local torchvision ResNet-18 state dict for --init imagenet")
+    a("--embed-epochs", type=int, default=30)
+    a("--embed-lr", type=float, default=1e-4)
+    a("--embed-optimizer", choices=["sgd", "adamw"], default="adamw")
+    a("--embed-weight-decay", type=float, default=1e-4)
+    a("--embedding-dim", type=int, default=512)
+    a("--classes-per-batch", type=int, default=32, help="P of the P x K batches")
+    a("--images-per-class", type=int, default=4, help="K of the P x K batches")
+    a("--mining", choices=MINING_CHOICES, default="ms")
+    a("--compare-mining", action="store_true", help="also train Phase B with every other mining")
+    a("--alpha", type=float, default=2.0)
+    a("--beta", type=float, default=50.0)
+    a("--lam", type=float, default=0.5)
+    a("--epsilon", type=float, default=0.1)
+    args = cli.parse(p, argv)
+    if args.smoke:
+        cli.apply_smoke(args, image_size=64, epochs=6, embed_epochs=6, embed_lr=1e-3,
+                        classes_per_batch=4, images_per_class=4, compare_mining=True,
+                        holdout_per_class=4, batch_size=32)
+    rt = engine.setup_runtime(args.device, args.seed)
+    out = Path(args.out)
+    placement, variant, t3_best = t3_selection(args)
+
+    # -- data: 1..98 train, 99..196 test; eval = resize 256 + centre crop 224
+    splits = data.cars196(args, rt)
+    eval_resize = round(args.image_size * 256 / 224)
+    loaders = data.make_loaders(splits, args, rt, eval_resize=eval_resize)
+    whole = lambda s: ImageLoader(s.files, s.labels, batch_size=args.batch_size, train=False,  # noqa: E731
+                                  image_size=args.image_size, eval_resize=eval_resize,
+                                  device=rt.device, workers=args.workers, backend=args.backend)
+    holdout_all, test_all = whole(splits.holdout), whole(splits.test)
+    num_classes = len(splits.train.classes)
+
+    # -- model: CUBS-ResNet-18, ImageNet stem for 224 px, initialised as asked
+    model = cubs_resnet18(num_classes, stem="imagenet", placement=placement, variant=variant,
+                          width=args.width)
+    init = initialise(model, args, t3_best, rt)
+    meta = {"task": "t4", "model": f"cubs_resnet18_{placement}_{variant}", "placement": placement,
+            "variant": variant, "num_classes": num_classes, "width": args.width,
+            "image_size": args.image_size, "init": init["init"]}
+    if rt.is_main:
+        print(f"CUBS-ResNet-18 ({placement}, {variant}), {count_parameters(model) / 1e6:.2f}M params, "
+              f"init {init['init']}; {len(splits.train.files)} train images of {num_classes} classes, "
+              f"{len(splits.test.files)} test images of {len(splits.test.classes)} unseen classes")
+
+    # -- Phase A: classifier, then Recall@K of its pooled features on the unseen classes
+    fitted_a = engine.fit(
+        model, loaders.train, engine.classification_step(args.label_smoothing),
+        lambda m: prefixed(engine.evaluate_classifier(m, loaders.holdout, rt), "holdout"),
+        cli.fit_config(args, rt.cuda), out / "phase_a", rt, meta)
+    if not fitted_a["finished"]:
+        return {"finished": False}
+    load_model_state(model, load_checkpoint(out / "phase_a" / "best.pt")["model"], "phase_a/best.pt")
+    recall_a = recall_at_k(*engine.embed(model.features, test_all, rt), ks=KS)
+    if rt.is_main:
+        print("Phase A (classifier features) test " + fmt(recall_a))
+
+    # -- Phase B: 512-d embedding trained with the Multi-Similarity loss on P x K batches
+    pk_train = ImageLoader(splits.train.files, splits.train.labels,
+                           batch_size=args.classes_per_batch * args.images_per_class, train=True,
+                           image_size=args.image_size, device=rt.device, workers=args.workers,
+                           backend=args.backend, seed=args.seed, color_jitter=args.color_jitter,
+                           classes_per_batch=args.classes_per_batch, shard_id=rt.rank,
+                           num_shards=rt.world_size)
+    cfg_b = cli.fit_config(args, rt.cuda)
+    cfg_b.epochs, cfg_b.lr, cfg_b.optimizer = args.embed_epochs, args.embed_lr, args.embed_optimizer
+    cfg_b.weight_decay, cfg_b.warmup_epochs = args.embed_weight_decay, 1.0
+    phase_a_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    minings = [args.mining] + ([m for m in MINING_CHOICES if m != args.mining]
+                               if args.compare_mining else [])
+    phase_b = {}
+    for mining in minings:
+        model.load_state_dict(phase_a_weights)
+        engine.seed_everything(args.seed + rt.rank)
+        embedder = EmbeddingNet(model, dim=args.embedding_dim)
+        step = lambda m, x, y, mining=mining: (multi_similarity_loss(  # noqa: E731
+            m(x).float(), y, args.alpha, args.beta, args.lam, mining, args.epsilon), None)
+        holdout_r1 = lambda m: {"holdout_r1": recall_at_k(*engine.embed(m, holdout_all, rt), ks=(1,))[1]}  # noqa: E731
+        run_dir = out / f"phase_b_{mining}"
+        fitted = engine.fit(embedder, pk_train, step, holdout_r1, cfg_b, run_dir, rt,
+                            {**meta, "phase": "b", "mining": mining,
+                             "embedding_dim": args.embedding_dim}, score_key="holdout_r1")
+        if not fitted["finished"]:
+            return {"finished": False}
+        load_model_state(embedder, load_checkpoint(run_dir / "best.pt")["model"], run_dir / "best.pt")
+        embeddings, labels = engine.embed(embedder, test_all, rt)
+        phase_b[mining] = {"mining": mining, "test_recall": recall_at_k(embeddings, labels, ks=KS),
+                           "holdout_r1": fitted["best_score"], "best_epoch": fitted["best_epoch"],
+                           "epochs_run": fitted["epochs_run"], "train_time_s": fitted["train_time_s"]}
+        if mining == args.mining:
+            main_embeddings = (embeddings, labels)
+        if rt.is_main:
+            print(f"Phase B ({mining} mining) test " + fmt(phase_b[mining]["test_recall"]))
+
+    # -- results
+    if not rt.is_main:
+        return {}
+    counts = np.bincount(splits.test.labels)
+    chance = float((counts * (counts - 1)).sum() / (len(splits.test.labels) * (len(splits.test.labels) - 1)))
+    results = {
+        "task": "t4", "placement": placement, "variant": variant, **init,
+        "test_images": len(splits.test.files), "test_classes": len(splits.test.classes),
+        "train_images": len(splits.train.files), "train_classes": num_classes,
+        "recall_at_1_chance": chance,
+        "phase_a": {"test_recall": recall_a, "holdout_acc": fitted_a["best_score"],
+                    "best_epoch": fitted_a["best_epoch"], "epochs_run": fitted_a["epochs_run"],
+                    "train_time_s": fitted_a["train_time_s"]},
+        "phase_b": phase_b[args.mining], "mining_comparison": list(phase_b.values()),
+        "device": describe_device(rt), "loader": loaders.train.backend, "finished": True,
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
+    }
+    write_json(results, out / "results.json")
+    draw_retrieval(*main_embeddings, splits.test.files, out / "retrieval.png", seed=args.seed)
+    print(f"Recall@K on {len(splits.test.files)} test images of unseen classes "
+          f"(R@1 chance {chance:.3f}):\n  before (Phase A) {fmt(recall_a)}\n"
+          f"  after  (Phase B, {args.mining}) {fmt(phase_b[args.mining]['test_recall'])}\n"
+          f"wrote {out / 'results.json'} and {out / 'retrieval.png'}")
+    return results
+
+
+def t3_selection(args) -> tuple[str, str, Path | None]:
+    """(placement, variant, T3 best.pt or None): flags win, then T3's choice, then serial/plain."""
+    chosen, best = {}, None
+    path = Path(args.t3_results)
+    if path.is_file():
+        chosen = json.loads(path.read_text())["best_overall"]
+        best = path.parent / f"{chosen['placement']}_{chosen['variant']}" / "best.pt"
+    placement = args.placement or chosen.get("placement", "serial")
+    variant = args.variant or chosen.get("variant", "plain")
+    if best is not None and (placement, variant) != (chosen["placement"], chosen["variant"]):
+        best = path.parent / f"{placement}_{variant}" / "best.pt"
+    return placement, variant, best if best is not None and best.is_file() else None
+
+
+def initialise(model, args, t3_best: Path | None, rt) -> dict:
+    """Load the weights --init asks for; report what was loaded and what was skipped, and why."""
+    init = args.init
+    if init == "auto":
+        init = "t3" if t3_best and not args.smoke else "scratch"
+    if init == "scratch":
+        return {"init": "scratch"}
+    if init == "t3":
+        if t3_best is None:
+            raise FileNotFoundError(f"--init t3 needs a T3 best.pt next to {args.t3_results}; "
+                                    f"run t3_cubs.py first or use --init scratch")
+        state, source = load_checkpoint(t3_best)["model"], str(t3_best)
+    elif args.init_weights:
+        state, source = torch.load(args.init_weights, map_location="cpu", weights_only=True), args.init_weights
+    else:  # needs internet (cached afterwards in ~/.cache/torch)
+        from torchvision.models import ResNet18_Weights, resnet18
+        state, source = resnet18(weights=ResNet18_Weights.IMAGENET1K_V1).state_dict(), "torchvision IMAGENET1K_V1"
+    loaded, skipped = load_matching_tensors(model, state)
+    if rt.is_main:
+        print(f"--init {init}: loaded {len(loaded)} tensors from {source}; skipped {len(skipped)}:")
+        for reason in skipped[:12]:
+            print(f"  {reason}")
+        if len(skipped) > 12:
+            print(f"  ... and {len(skipped) - 12} more (listed in results.json)")
+    return {"init": init, "init_source": source, "init_loaded": len(loaded), "init_skipped": skipped}
+
+
+def fmt(recall: dict) -> str:
+    return "  ".join(f"R@{k} {v:.4f}" for k, v in recall.items())
+
+
+def draw_retrieval(embeddings, labels, files, path: Path, seed: int, queries: int = 6) -> None:
+    """A few random test queries and their top-8 neighbours (green = same class)."""
+    k = min(8, len(files) - 1)
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(files), size=min(queries, len(files)), replace=False)
+    nn_idx = nearest_neighbours(embeddings, k)[torch.as_tensor(picks, device=embeddings.device)].cpu()
+    labels = labels.cpu()
+    thumb = lambda i: np.asarray(Image.open(files[i]).convert("RGB").resize((96, 72)))  # noqa: E731
+    plot_retrieval(np.stack([thumb(i) for i in picks]),
+                   np.stack([[thumb(j) for j in row.tolist()] for row in nn_idx]),
+                   (labels[nn_idx] == labels[torch.as_tensor(picks)][:, None]).numpy(), path)
+
+
+if __name__ == "__main__":
+    main()
