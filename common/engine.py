@@ -369,7 +369,8 @@ def _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, cfg,
         **({"train_acc": correct_total / n_total} if correct is not None or p["correct"] else {}),
         "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": epoch_time,
         "train_images": n_total, "images_per_s": n_total / max(1e-9, epoch_time),
-        "data_wait_share": (p["wait"] + wait) / max(1e-9, epoch_time)}
+        "data_wait_share": (p["wait"] + wait) / max(1e-9, epoch_time),
+        **({"peak_mem_gib": torch.cuda.max_memory_allocated(rt.device) / 2**30} if rt.cuda else {})}
 
 
 def _interactive() -> bool:

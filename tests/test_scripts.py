@@ -1,0 +1,191 @@
+"""The four task scripts end to end, as a user runs them: --smoke from the command line.
+
+One session-scoped fixture runs every script's smoke mode once into a shared runs/ folder
+(T2 first, so T3 can compare with it, and T3 before T4, so T4 reads T3's selection); the
+tests then check what those runs wrote. Each smoke dataset has 10 (Tiny) or 8 unseen (Cars)
+balanced classes, so chance is 0.10 top-1 and about 0.12 Recall@1.
+"""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHANCE_TOP1 = 0.10
+
+
+def run(script: str, *args: str, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, timeout=timeout,
+                          capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory) -> Path:
+    runs = tmp_path_factory.mktemp("runs")
+    run("t2_resnet18.py", "--smoke", "--out", str(runs / "t2"))
+    run("t1_custom_cnn.py", "--smoke", "--out", str(runs / "t1"))
+    run("t3_cubs.py", "--smoke", "--placement", "all", "--epochs", "5", "--out", str(runs / "t3"),
+        "--vanilla-results", str(runs / "t2" / "results.json"))
+    run("t4_retrieval.py", "--smoke", "--out", str(runs / "t4"),
+        "--t3-results", str(runs / "t3" / "placements.json"))
+    return runs
+
+
+def _check_classifier_run(out: Path, task: str, model: str) -> dict:
+    r = json.loads((out / "results.json").read_text())
+    assert r["task"] == task and r["model"] == model and r["finished"]
+    assert r["test_images"] == 100 and r["params"] > 0 and r["device"] == "cpu"
+    assert r["test_acc"] >= 3 * CHANCE_TOP1, f"no learning: test acc {r['test_acc']}"
+    assert r["holdout_acc"] >= 3 * CHANCE_TOP1
+    assert 0 <= r["test_acc"] <= r["test_top5"] <= 1
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == list(range(1, r["epochs_run"] + 1))
+    assert 1 <= r["best_epoch"] <= r["epochs_run"] <= r["args"]["epochs"]
+    best = max(history, key=lambda h: h["holdout_acc"])
+    assert r["holdout_acc"] == best["holdout_acc"]  # best.pt is the best holdout epoch
+    for name in ("last.pt", "best.pt", "curves.png"):
+        assert (out / name).stat().st_size > 0
+    return r
+
+
+def test_t1_smoke_learns_and_writes_everything(runs):
+    _check_classifier_run(runs / "t1", "t1", "custom_cnn")
+
+
+def test_t2_smoke_learns_and_writes_everything(runs):
+    _check_classifier_run(runs / "t2", "t2", "resnet18")
+
+
+def test_t3_all_placements_selects_by_holdout_and_compares_with_vanilla(runs):
+    c = json.loads((runs / "t3" / "placements.json").read_text())
+    assert sorted(r["placement"] for r in c["runs"]) == ["parallel", "reverse", "serial"]
+    for r in c["runs"]:
+        _check_classifier_run(runs / "t3" / f"{r['placement']}_plain", "t3",
+                              f"cubs_resnet18_{r['placement']}_plain")
+    assert c["selected_by"] == "holdout_acc"
+    assert c["selected"]["holdout_acc"] == max(r["holdout_acc"] for r in c["runs"])
+    vanilla = json.loads((runs / "t2" / "results.json").read_text())
+    assert c["vanilla"]["test_acc"] == vanilla["test_acc"]
+    gap = 100 * (vanilla["test_acc"] - c["selected"]["test_acc"])
+    assert c["at_par"]["points_below_vanilla"] == pytest.approx(gap)
+    assert c["at_par"]["holds"] == (gap <= 2.0)
+    table = (runs / "t3" / "placements.md").read_text()
+    assert f"Selected by holdout accuracy: **{c['selected']['placement']}**" in table
+    assert ("does NOT hold" in table) != c["at_par"]["holds"]
+    assert (runs / "t3" / "placements.png").stat().st_size > 0
+
+
+def test_t3_checkpoint_of_one_placement_is_refused_by_another(runs, tmp_path):
+    (tmp_path / "reverse_plain").mkdir()
+    shutil.copy(runs / "t3" / "serial_plain" / "last.pt", tmp_path / "reverse_plain" / "last.pt")
+    shutil.copytree(runs / "t3" / "smoke_data", tmp_path / "smoke_data")
+    proc = run("t3_cubs.py", "--smoke", "--placement", "reverse", "--out", str(tmp_path), check=False)
+    assert proc.returncode != 0
+    assert "belongs to a different model" in proc.stderr
+    assert "placement: checkpoint has 'serial', this run has 'reverse'" in proc.stderr
+
+
+def test_t4_smoke_recall_before_and_after_metric_learning(runs):
+    r = json.loads((runs / "t4" / "results.json").read_text())
+    t3 = json.loads((runs / "t3" / "placements.json").read_text())["best_overall"]
+    assert (r["placement"], r["variant"]) == (t3["placement"], t3["variant"])
+    assert r["test_classes"] == 8 and r["train_classes"] == 8
+    chance = r["recall_at_1_chance"]
+    assert chance == pytest.approx(23 / 191)  # 8 classes x 24 images: 23 of 191 others match
+    for recall in (r["phase_a"]["test_recall"], r["phase_b"]["test_recall"]):
+        values = [recall[k] for k in ("1", "2", "4", "8")]
+        assert values == sorted(values) and 0 <= values[0] and values[-1] <= 1
+    assert r["phase_b"]["test_recall"]["1"] >= 3 * chance, r["phase_b"]
+    assert r["phase_a"]["test_recall"]["1"] >= 2 * chance, r["phase_a"]
+    assert sorted(m["mining"] for m in r["mining_comparison"]) == ["hard", "ms", "none", "semihard"]
+    assert r["phase_b"]["mining"] == "ms"
+    assert (runs / "t4" / "retrieval.png").stat().st_size > 0
+    assert (runs / "t4" / "phase_b_ms" / "curves.png").stat().st_size > 0
+
+
+def test_rerunning_a_finished_command_does_not_retrain(runs):
+    before = (runs / "t2" / "results.json").read_text()
+    proc = run("t2_resnet18.py", "--smoke", "--out", str(runs / "t2"))
+    assert "resuming from" in proc.stdout and "finished run" in proc.stdout
+    assert "epoch 1/" not in proc.stdout
+    after = json.loads((runs / "t2" / "results.json").read_text())
+    assert after["test_acc"] == json.loads(before)["test_acc"]
+
+
+def _start(out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "t2_resnet18.py"), "--smoke", "--out",
+                             str(out), "--epochs", "4", *extra], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+def test_sigkill_mid_run_then_rerun_completes(tmp_path):
+    proc = _start(tmp_path)
+    _wait_for(tmp_path / "last.pt", proc)
+    time.sleep(0.5)  # into the next epoch
+    proc.kill()
+    proc.wait()
+    run("t2_resnet18.py", "--smoke", "--out", str(tmp_path), "--epochs", "4")
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert json.loads((tmp_path / "results.json").read_text())["epochs_run"] == 4
+
+
+def test_sigterm_saves_mid_epoch_and_resumes_from_that_batch(tmp_path):
+    proc = _start(tmp_path)
+    _wait_for(tmp_path / "last.pt", proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "SIGTERM: saved" in output
+    rerun = run("t2_resnet18.py", "--smoke", "--out", str(tmp_path), "--epochs", "4")
+    assert "resuming from" in rerun.stdout and ", batch " in rerun.stdout
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert all(h["train_images"] == history[0]["train_images"] for h in history)
+
+
+def test_torchrun_two_processes_gloo_writes_one_set_of_outputs(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_port=29517", str(ROOT / "t2_resnet18.py"), "--smoke",
+                           "--epochs", "2", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["device"] == "cpu x2" and r["epochs_run"] == 2
+    assert r["test_images"] == 100  # both shards' test images counted exactly once in total
+    assert proc.stdout.count("test accuracy") == 1  # only rank 0 reports
+    history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # 400 train images, 2 ranks x 200, batch 32 -> 6 full batches each -> 384 per epoch
+    assert [h["train_images"] for h in history] == [384, 384]
+
+
+def test_missing_dataset_gives_a_clear_message(tmp_path):
+    proc = run("t2_resnet18.py", "--data-dir", str(tmp_path / "nowhere"), "--no-download",
+               "--device", "cpu", "--out", str(tmp_path / "out"), check=False)
+    assert proc.returncode != 0
+    assert "Tiny ImageNet not found" in proc.stderr and "--smoke" in proc.stderr
+
+
+def test_bad_flag_value_is_rejected_with_the_choices(tmp_path):
+    proc = run("t3_cubs.py", "--placement", "diagonal", check=False)
+    assert proc.returncode == 2 and "invalid choice: 'diagonal'" in proc.stderr
+    assert "serial" in proc.stderr and "all" in proc.stderr
