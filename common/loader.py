@@ -124,7 +124,7 @@ class ImageLoader:
 
     # ---- DALI ----
     def _dali_epoch(self, epoch: int, start: int):
-        key = (epoch, start) if self.train else (0, 0)
+        key = (epoch, start) if self.train else (0, start)  # eval batches do not depend on epoch
         if self._dali_iter is None or self._dali_next != key:
             self._dali_iter = self._build_dali(*key)
         self._dali_next = None  # an epoch left early leaves the pipeline mid-way: rebuild next time
@@ -297,7 +297,18 @@ class _AugmentedFiles(torch.utils.data.Dataset):
             if rng.random() < 0.5:
                 image = F.horizontal_flip(image)
         elif s.eval_resize:
-            image = F.center_crop(F.resize(image, s.eval_resize, antialias=True), size)
+            # DALI's geometry: resize_shorter rounds the longer side (torchvision truncates it),
+            # and the centre crop rounds a half-pixel offset up (torchvision rounds half to even).
+            h, w = image.shape[1:]
+            scale = s.eval_resize / min(h, w)
+            image = F.resize(image, [max(1, math.floor(h * scale + 0.5)),
+                                     max(1, math.floor(w * scale + 0.5))], antialias=True)
+            h, w = image.shape[1:]
+            if h >= s.image_size and w >= s.image_size:
+                image = F.crop(image, (h - s.image_size + 1) // 2, (w - s.image_size + 1) // 2,
+                               s.image_size, s.image_size)
+            else:
+                image = F.center_crop(image, size)
         else:
             image = F.resize(image, size, antialias=True)
         image = F.normalize(image.float() / 255, MEAN, STD)

@@ -1,0 +1,393 @@
+"""common.loader.ImageLoader on CPU, both backends ("dali" and the torch fallback).
+
+Fixtures are generated once per module: a 5-class Tiny-ImageNet-like set of 64 x 64 JPEGs
+and a small Cars-like set of 160 x 120 JPEGs (plus a few odd sizes) for the eval_resize
+path. Both contain grayscale JPEGs. Where a test needs to know which file an output came
+from, it passes `labels = arange(n)` so the labels are the file indices.
+"""
+
+import logging
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from common import loader as loader_module
+from common.datasets import load_cars196, load_tiny_imagenet
+from common.loader import MEAN, STD, ImageLoader
+from common.synthetic import make_cars196, make_tiny_imagenet, render_class_image
+
+BACKENDS = ["dali", "torch"]
+_MEAN = np.array(MEAN)[:, None, None]
+_STD = np.array(STD)[:, None, None]
+
+# DALI vs PIL / torchvision on the eval_resize=256 + centre crop 224 path: same geometry,
+# slightly different bilinear kernels. Measured on these fixtures: mean |diff| 0.0047,
+# max 0.17 (normalised units; 1 grey level is about 0.017).
+CARS_MEAN_TOL = 0.01
+CARS_MAX_TOL = 0.35
+# 64 x 64 -> 64 x 64 is an identity resize: both decoders are libjpeg-turbo, so the
+# outputs agree to float rounding (measured max 4e-7).
+EXACT_TOL = 1e-5
+
+
+needs_dali = pytest.mark.skipif(not loader_module.HAVE_DALI, reason="nvidia.dali not importable")
+
+
+def _backend_params():
+    return [pytest.param("dali", marks=needs_dali), "torch"]
+
+
+def make(files, labels, backend, **kw):
+    kw.setdefault("workers", 2 if backend == "dali" else 0)  # DALI: threads; torch: in-process
+    return ImageLoader(files, labels, backend=backend, **kw)
+
+
+def collect(loader, epoch=0, start=0):
+    images, labels = [], []
+    for x, y in loader.epoch(epoch, start):
+        images.append(x.clone())
+        labels.append(y.clone())
+    return images, labels
+
+
+def pil_reference(path, image_size, eval_resize=None):
+    """PIL open -> RGB -> resize (DALI's geometry) -> normalise, as float64 C x H x W."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+    if eval_resize:
+        w, h = im.size
+        scale = eval_resize / min(w, h)
+        nw, nh = math.floor(w * scale + 0.5), math.floor(h * scale + 0.5)
+        im = im.resize((nw, nh), Image.BILINEAR)
+        left, top = (nw - image_size + 1) // 2, (nh - image_size + 1) // 2
+        im = im.crop((left, top, left + image_size, top + image_size))
+    elif im.size != (image_size, image_size):
+        im = im.resize((image_size, image_size), Image.BILINEAR)
+    a = np.asarray(im, dtype=np.float64).transpose(2, 0, 1) / 255
+    return (a - _MEAN) / _STD
+
+
+def is_grayscale(path):
+    with Image.open(path) as im:
+        return im.mode == "L"
+
+
+def to_pixels(x):
+    """Undo the normalisation: C x H x W tensor -> 0..255 float64."""
+    return (x.double().numpy() * _STD + _MEAN) * 255
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = make_tiny_imagenet(tmp_path_factory.mktemp("tiny"), num_classes=5, train_per_class=12,
+                              val_per_class=4, image_size=64, seed=0)
+    return load_tiny_imagenet(root, holdout_per_class=2, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tiny_ref(tiny):
+    return np.stack([pil_reference(f, 64) for f in tiny.test.files])
+
+
+@pytest.fixture(scope="module")
+def cars_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cars")
+    splits = load_cars196(make_cars196(root / "data", num_classes=4, per_class=4,
+                                       image_size=(160, 120), seed=0), holdout_per_class=1)
+    files = list(splits.test.files)
+    # odd sizes, where rounding of the longer side / the crop offset matters; one portrait
+    for i, size in enumerate([(203, 120), (301, 200), (100, 151)]):
+        path = root / f"odd_{i}.jpg"
+        Image.fromarray(render_class_image(i, np.random.default_rng(i), size)).save(path, quality=90)
+        files.append(str(path))
+    Image.open(files[0]).convert("L").save(root / "gray.jpg", quality=90)
+    files.append(str(root / "gray.jpg"))
+    return files
+
+
+@pytest.fixture(scope="module")
+def cars_outputs(cars_files):
+    n = len(cars_files)
+    out = {}
+    for backend in BACKENDS:
+        if backend == "dali" and not loader_module.HAVE_DALI:
+            continue
+        loader = make(cars_files, np.arange(n), backend, batch_size=4, train=False,
+                      image_size=224, eval_resize=256)
+        images, labels = collect(loader)
+        assert torch.cat(labels).tolist() == list(range(n))
+        out[backend] = torch.cat(images).double().numpy()
+    return out
+
+
+@pytest.fixture(scope="module")
+def solid_png(tmp_path_factory):
+    """A solid-colour 80 x 60 PNG (lossless), R, G and B all different."""
+    path = tmp_path_factory.mktemp("solid") / "solid.png"
+    Image.new("RGB", (80, 60), (200, 30, 90)).save(path)
+    return str(path)
+
+
+# ---- eval: shapes, dtypes, labels, values ----
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_eval_shapes_dtypes_labels_in_file_order(tiny, backend):
+    test = tiny.test
+    loader = make(test.files, test.labels, backend, batch_size=8, train=False, image_size=64)
+    assert len(loader) == 3 and loader.num_samples == 20
+    images, labels = collect(loader)
+    assert [x.shape for x in images] == [(8, 3, 64, 64), (8, 3, 64, 64), (4, 3, 64, 64)]
+    assert all(x.dtype == torch.float32 and x.device.type == "cpu" for x in images)
+    assert all(y.dtype == torch.int64 for y in labels)
+    assert torch.cat(labels).tolist() == list(test.labels)
+    # a second pass (the loader is reused every validation) gives the same tensors
+    again, again_labels = collect(loader)
+    assert torch.equal(torch.cat(images), torch.cat(again))
+    assert torch.equal(torch.cat(labels), torch.cat(again_labels))
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_eval_matches_pil_reference_64(tiny, tiny_ref, backend):
+    test = tiny.test
+    loader = make(test.files, test.labels, backend, batch_size=8, train=False, image_size=64)
+    out = torch.cat(collect(loader)[0]).double().numpy()
+    assert np.abs(out - tiny_ref).max() < EXACT_TOL
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_eval_matches_pil_reference_cars_eval_resize(cars_files, cars_outputs, backend):
+    ref = np.stack([pil_reference(f, 224, eval_resize=256) for f in cars_files])
+    out = cars_outputs[backend]
+    assert out.shape == (len(cars_files), 3, 224, 224)
+    diff = np.abs(out - ref)
+    assert diff.mean() < CARS_MEAN_TOL and diff.max() < CARS_MAX_TOL
+    # every image on its own, so a one-pixel shift in one image cannot hide in the mean
+    assert diff.mean(axis=(1, 2, 3)).max() < CARS_MEAN_TOL
+
+
+@needs_dali
+def test_fallback_equals_dali_eval_64(tiny):
+    test = tiny.test
+    out = {b: torch.cat(collect(make(test.files, test.labels, b, batch_size=8, train=False,
+                                     image_size=64))[0]) for b in BACKENDS}
+    assert (out["dali"] - out["torch"]).abs().max().item() < EXACT_TOL
+
+
+@needs_dali
+def test_fallback_close_to_dali_cars_eval_resize(cars_outputs):
+    diff = np.abs(cars_outputs["dali"] - cars_outputs["torch"])
+    assert diff.mean() < CARS_MEAN_TOL and diff.max() < CARS_MAX_TOL
+    assert diff.mean(axis=(1, 2, 3)).max() < CARS_MEAN_TOL
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+@pytest.mark.parametrize("mode", ["eval", "eval_resize", "train"])
+def test_normalisation_solid_colour_rgb_order(solid_png, backend, mode):
+    kw = dict(train=mode == "train", eval_resize=72 if mode == "eval_resize" else None)
+    loader = make([solid_png] * 4, [7, 7, 7, 7], backend, batch_size=4, image_size=32, **kw)
+    (x,), (y,) = collect(loader)
+    assert x.shape == (4, 3, 32, 32) and y.tolist() == [7, 7, 7, 7]
+    expected = (np.array([200, 30, 90]) / 255 - np.array(MEAN)) / np.array(STD)
+    assert np.abs(x.double().numpy() - expected[None, :, None, None]).max() < 1e-5
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_grayscale_jpegs_give_three_identical_channels(tiny, cars_files, backend):
+    test = tiny.test
+    gray = [i for i, f in enumerate(test.files) if is_grayscale(f)]
+    assert gray, "fixture should contain a grayscale JPEG in the eval set"
+    images = torch.cat(collect(make(test.files, test.labels, backend, batch_size=8, train=False,
+                                    image_size=64))[0])
+    for i in gray:
+        px = to_pixels(images[i])
+        assert np.abs(px[0] - px[1]).max() < 1e-3 and np.abs(px[0] - px[2]).max() < 1e-3
+        assert px.std() > 1  # not a blank image
+    # train mode (random crop decode) and the eval_resize path too
+    train = tiny.train
+    train_gray = [i for i, f in enumerate(train.files) if is_grayscale(f)]
+    assert train_gray
+    loader = make(train.files, np.arange(len(train.files)), backend, batch_size=10, train=True,
+                  image_size=48)
+    for x, y in loader.epoch(0):
+        for row, idx in enumerate(y.tolist()):
+            if idx in train_gray:
+                px = to_pixels(x[row])
+                assert np.abs(px[0] - px[1]).max() < 1e-3 and np.abs(px[0] - px[2]).max() < 1e-3
+    gray_car = cars_files[-1]
+    assert is_grayscale(gray_car)
+    (x,), _ = collect(make([gray_car], [0], backend, batch_size=1, train=False, image_size=224,
+                           eval_resize=256))
+    px = to_pixels(x[0])
+    assert np.abs(px[0] - px[1]).max() < 1e-3 and np.abs(px[0] - px[2]).max() < 1e-3
+
+
+# ---- sharding ----
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_two_shards_cover_eval_set_exactly_once(tiny, tiny_ref, backend):
+    # 29 images (20 test + 9 holdout): shards of 15 and 14, last batches short
+    files = tiny.test.files + tiny.holdout.files[:9]
+    ref = np.concatenate([tiny_ref, np.stack([pil_reference(f, 64) for f in tiny.holdout.files[:9]])])
+    seen = []
+    for shard in range(2):
+        loader = make(files, np.arange(len(files)), backend, batch_size=4, train=False,
+                      image_size=64, shard_id=shard, num_shards=2)
+        images, labels = collect(loader)
+        idx = torch.cat(labels).numpy()
+        assert loader.num_samples == len(idx) == (15 if shard == 0 else 14)
+        # the content is that of the files the labels name
+        assert np.abs(torch.cat(images).double().numpy() - ref[idx]).max() < EXACT_TOL
+        seen.extend(idx.tolist())
+    assert sorted(seen) == list(range(len(files)))
+
+
+# ---- train mode ----
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_train_batches_follow_plan_and_reshuffle(tiny, backend):
+    train = tiny.train
+    n = len(train.files)  # 50
+    loader = make(train.files, np.arange(n), backend, batch_size=8, train=True, image_size=48, seed=3)
+    orders = {}
+    for epoch in (0, 1, 0, 2):  # epoch 0 twice: going back rebuilds the same order
+        images, labels = collect(loader, epoch)
+        assert len(images) == 6 == len(loader)
+        assert all(x.shape == (8, 3, 48, 48) and x.dtype == torch.float32 for x in images)
+        got = [y.tolist() for y in labels]
+        assert got == [b.tolist() for b in loader.batches(epoch)]
+        orders.setdefault(epoch, got)
+        assert orders[epoch] == got
+        flat = sum(got, [])
+        assert len(set(flat)) == 48  # full batches only, no repeats
+    assert orders[0] != orders[1] != orders[2]
+
+
+@needs_dali
+def test_train_same_batch_composition_dali_and_torch(tiny):
+    train = tiny.train
+    labels = {}
+    for backend in BACKENDS:
+        loader = make(train.files, train.labels, backend, batch_size=8, train=True, image_size=32,
+                      seed=5)
+        labels[backend] = [[y.tolist() for y in collect(loader, e)[1]] for e in (0, 1)]
+    assert labels["dali"] == labels["torch"]
+    assert labels["dali"][0] != labels["dali"][1]
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_epoch_start_yields_batches_from_k_on(tiny, backend):
+    train = tiny.train
+    n = len(train.files)
+    loader = make(train.files, np.arange(n), backend, batch_size=8, train=True, image_size=32, seed=1)
+    full_images, full = collect(loader, 2)
+    part_images, part = collect(loader, 2, start=4)
+    assert [y.tolist() for y in part] == [y.tolist() for y in full[4:]]
+    assert [y.tolist() for y in part] == [b.tolist() for b in loader.batches(2)[4:]]
+    if backend == "torch":  # fallback augmentation is a function of (seed, epoch, index)
+        assert all(torch.equal(a, b) for a, b in zip(part_images, full_images[4:]))
+    # eval: start skips batches too, same tensors as the full pass from there on
+    test = tiny.test
+    ev = make(test.files, np.arange(len(test.files)), backend, batch_size=8, train=False, image_size=64)
+    full_images, full = collect(ev)
+    part_images, part = collect(ev, 0, start=1)
+    assert [y.tolist() for y in part] == [y.tolist() for y in full[1:]]
+    assert all(torch.equal(a, b) for a, b in zip(part_images, full_images[1:]))
+    assert torch.cat(collect(ev)[1]).tolist() == list(range(len(test.files)))  # then a full pass again
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_class_balanced_p_by_k(tiny, backend):
+    train = tiny.train
+    P, K = 3, 4
+    loader = make(train.files, train.labels, backend, batch_size=P * K, train=True, image_size=32,
+                  classes_per_batch=P, seed=2)
+    labels = np.asarray(train.labels)
+    n_batches = 0
+    for epoch in (0, 1):
+        plan = loader.batches(epoch)
+        for (x, y), idx in zip(loader.epoch(epoch), plan, strict=True):
+            assert x.shape == (P * K, 3, 32, 32)
+            rows = y.numpy().reshape(P, K)
+            assert (rows == rows[:, :1]).all() and len(np.unique(rows[:, 0])) == P
+            assert y.tolist() == labels[idx].tolist()
+            n_batches += 1
+    assert n_batches == 2 * (len(labels) // (P * K))
+
+
+def test_torch_fallback_independent_of_worker_count(tiny):
+    train = tiny.train
+    out = [collect(ImageLoader(train.files[:16], train.labels[:16], batch_size=8, train=True,
+                               image_size=32, seed=4, workers=w, backend="torch"), 1)
+           for w in (0, 2)]
+    assert all(torch.equal(a, b) for a, b in zip(out[0][0], out[1][0]))
+    assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1]))
+
+
+# ---- errors ----
+
+@pytest.fixture(scope="module")
+def corrupt_files(tiny, tmp_path_factory):
+    bad = tmp_path_factory.mktemp("corrupt") / "broken_image.JPEG"
+    bad.write_bytes(np.random.default_rng(0).integers(0, 256, 700, dtype=np.uint8).tobytes())
+    files = list(tiny.train.files[:11])
+    files.insert(9, str(bad))  # third batch of 4
+    return files, str(bad)
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+@pytest.mark.parametrize("train", [False, True])
+def test_corrupt_jpeg_raises_value_error_naming_file(corrupt_files, backend, train):
+    files, bad = corrupt_files
+    loader = make(files, np.arange(len(files)), backend, batch_size=4, train=train, image_size=32)
+    with pytest.raises(ValueError, match=re.escape(bad)):
+        for _ in loader.epoch(0):
+            pass
+
+
+def test_corrupt_jpeg_torch_workers_still_value_error(corrupt_files):
+    files, bad = corrupt_files
+    loader = ImageLoader(files, np.arange(len(files)), batch_size=4, train=False, image_size=32,
+                         backend="torch", workers=1)
+    with pytest.raises(ValueError, match=re.escape(os.path.basename(bad))):
+        for _ in loader.epoch(0):
+            pass
+
+
+# ---- backend choice ----
+
+@needs_dali
+def test_auto_picks_dali_when_importable(tiny):
+    loader = ImageLoader(tiny.test.files, tiny.test.labels, batch_size=4, train=False,
+                         image_size=64, backend="auto")
+    assert loader.backend == "dali"
+
+
+def test_auto_falls_back_to_torch_and_logs_once(tiny, monkeypatch, caplog):
+    monkeypatch.setattr(loader_module, "HAVE_DALI", False)
+    monkeypatch.setattr(loader_module, "_fallback_logged", False)
+    test = tiny.test
+    with caplog.at_level(logging.WARNING, logger="common.loader"):
+        loaders = [ImageLoader(test.files, test.labels, batch_size=8, train=False, image_size=64,
+                               backend="auto", workers=0) for _ in range(3)]
+    assert all(ld.backend == "torch" for ld in loaders)
+    warnings = [r for r in caplog.records if r.name == "common.loader" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "nvidia.dali" in warnings[0].getMessage()
+    assert torch.cat(collect(loaders[0])[1]).tolist() == list(test.labels)
+    with pytest.raises(ImportError, match="nvidia.dali"):
+        ImageLoader(test.files, test.labels, batch_size=8, train=False, image_size=64, backend="dali")
+
+
+def test_bad_arguments_raise_value_error(tiny):
+    test = tiny.test
+    with pytest.raises(ValueError, match="backend"):
+        ImageLoader(test.files, test.labels, batch_size=8, train=False, image_size=64, backend="gpu")
+    with pytest.raises(ValueError, match="labels"):
+        ImageLoader(test.files, test.labels[:-1], batch_size=8, train=False, image_size=64)
+    with pytest.raises(ValueError, match="multiple of P"):
+        ImageLoader(test.files, test.labels, batch_size=10, train=True, image_size=64,
+                    classes_per_batch=3)
