@@ -1,4 +1,4 @@
-"""T1: our own CNN (MixNet-style concatenation blocks, no ResNet/VGG) on Tiny ImageNet.
+"""T1: our own CNN (chained-conv concatenation blocks, no ResNet/VGG) on Tiny ImageNet.
 
     python t1_custom_cnn.py                   # full run; downloads Tiny ImageNet to ./data
     python t1_custom_cnn.py --smoke           # whole pipeline on a generated dataset, CPU, ~1 min

@@ -184,7 +184,7 @@ def initialise(model, args, t3_best: Path | None, rt) -> dict:
     """Load the weights --init asks for; report what was loaded and what was skipped, and why."""
     init = args.init
     if init == "auto":
-        init = "t3" if t3_best and not args.smoke else "scratch"
+        init = "t3" if t3_best else "scratch"
     if init == "scratch":
         return {"init": "scratch"}
     if init == "t3":

@@ -14,8 +14,7 @@ def training_parser(description: str, *, out: str, epochs: int, batch_size: int,
                     weight_decay: float, label_smoothing: float = 0.1, patience: int = 15,
                     holdout_per_class: int = 10, image_size: int = 64,
                     warmup_epochs: float = 2.0) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     a = p.add_argument
     a("--data-dir", default="./data", help="folder holding (or receiving) the dataset")
     a("--out", default=out, help="output folder; rerunning with the same --out resumes")
@@ -67,6 +66,10 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> arg
     typed = parser.parse_args(argv, argparse.Namespace(**{k: _Unset for k in vars(args)}))
     args._explicit = {k for k, v in vars(typed).items() if v is not _Unset}
     return args
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show defaults, and keep the script docstring's line breaks."""
 
 
 class _Unset:
