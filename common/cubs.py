@@ -1,0 +1,292 @@
+"""CUBS attention blocks for ResNet-18 (spec: docs/cubs.md).
+
+Input and output of every block: x, y of shape B x C x H x W; N = H * W.
+
+Shared kernel
+  fused_attention(q, k, v, scale): q, k, v B x h x L x e -> B x h x L x e,
+      softmax(q k^T * scale) v per (sample, head), through
+      torch.nn.functional.scaled_dot_product_attention. The L x L matrix is never stored
+      (CPU: the flash kernel, which accepts e = 1; CUDA: q, k, v are zero-padded to e = 8
+      for the flash / memory-efficient kernels, which leaves every dot product unchanged,
+      and the output is sliced back). SDPA subtracts the row maximum before exp, so large
+      logits (ReLU outputs multiplied together) do not overflow.
+  similarity_attention(q, k, v): B x L scalars -> B x L, the head-dim-1 case with scale 1:
+      a_i = sum_j softmax_j(q_i k_j) v_j.
+
+CUBS Block 1, channel attention (CUBSBlock1, d = 512 by default):
+  g = avgpool(x)                                  B x C
+  q, k, v = ReLU(Linear_{C->d}(g)), 3 layers      B x d each
+  a = similarity_attention(q, k, v)               B x d      (d x d logits, never stored)
+  gate = sigmoid(Linear_{d->C}(a) + g)            B x C
+  y = x * gate[:, :, None, None]                  B x C x H x W
+CUBS Block 2, spatial attention (CUBSBlock2):
+  q, k, v = ReLU(Conv1x1_{C->1}(x)), flattened    B x N each (one conv with 3 outputs)
+  a = similarity_attention(q, k, v)               B x N      (N x N logits, never stored)
+  gate = sigmoid(a).view(B, 1, H, W)
+  y = x * gate
+
+Variant "plus" (CUBSBlock1Plus, CUBSBlock2Plus), h heads of e = 8 dims:
+  gating y = x * (1 + gamma * (2 sigmoid(z) - 1)) with a learnable scalar gamma = 0 at init,
+  so every block, and a CUBS ResNet, starts exactly as the vanilla network. Logits are
+  8-dim dot products with SDPA's default scale 1/sqrt(8); q, k, v are linear (no ReLU), so
+  similarities may be negative.
+  Block 1 plus: q, k, v = Linear_{C->d}(g) (B x d) read as L = d / (8h) tokens of h*8 dims,
+    i.e. B x h x L x 8; a = fused_attention -> B x d; z = Linear_{d->C}(a) + g.
+    Same parameter count as plain (plus gamma); the L tokens are learned summaries of the
+    channel descriptor and every head compares all of them in its own 8-dim subspace.
+  Block 2 plus: q = Conv1x1_{C->8h}(x)                        B x h x N x 8
+    k, v = Conv1x1_{C->8h}(avgpool_to(x, kv_grid))            B x h x M x 8, M <= kv_grid^2
+    a = fused_attention(q, k, v)                              B x h x N x 8 -> B x 8h x H x W
+    z = Conv1x1_{8h->1}(a)                                    B x 1 x H x W: one logit per
+    position, as in plain Block 2 (channel selectivity is Block 1's job).
+    Every position still attends over the whole image, but keys/values summarise it on at
+    most kv_grid x kv_grid (8 x 8 = 64) cells, as in asymmetric / pooled non-local blocks:
+    full N x N attention with 4 heads of 8 dims costs ~2 GFLOP per 64x64 image and block,
+    so the two stage-1 blocks alone would match ResNet-18's whole forward pass (2.2 GMACs).
+    kv_grid=None gives attention over all N positions.
+
+Placements (CUBSAttention): serial y = B2(B1(x)); reverse y = B1(B2(x));
+  parallel y = B1(x) + B2(x) (plain) or B1(x) + B2(x) - x (plus: the sum of the two
+  modulations, x * (1 + m1 + m2), so that it is still the identity at init).
+The submodule names encode the placement (first/second in that order, or channel/spatial
+for parallel), so state dicts of different placements or variants never load strictly
+into each other.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from common.models import ResNet18
+
+__all__ = [
+    "PLACEMENTS",
+    "VARIANTS",
+    "fused_attention",
+    "naive_attention",
+    "similarity_attention",
+    "naive_similarity_attention",
+    "CUBSBlock1",
+    "CUBSBlock2",
+    "CUBSBlock1Plus",
+    "CUBSBlock2Plus",
+    "CUBSAttention",
+    "cubs_resnet18",
+]
+
+PLACEMENTS = ("serial", "reverse", "parallel")
+VARIANTS = ("plain", "plus")
+HEAD_DIM = 8  # plus variant; also the head-dim multiple the CUDA fused kernels want
+# SDPA backends that never store the L x L matrix (on CPU only FLASH_ATTENTION exists).
+_FUSED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+
+
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    """softmax(q k^T * scale) v without storing the Lq x Lk matrix.
+
+    q: B x h x Lq x e, k and v: B x h x Lk x e -> B x h x Lq x e. scale defaults to 1/sqrt(e)
+    of the unpadded e. Raises RuntimeError rather than falling back to SDPA's math backend,
+    which would materialise the matrix (B x h x 4096 x 4096 at 64x64).
+    """
+    head_dim = q.shape[-1]
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+    # Every fused kernel needs stride 1 on the last dim; contiguous() is free when it is.
+    q, k, v = (t.contiguous() for t in (q, k, v))
+    # CUDA flash / memory-efficient kernels need e % 8 == 0. Zero dims add 0 to every q.k
+    # and produce zero output columns, sliced off below.
+    pad = (-head_dim) % HEAD_DIM if q.is_cuda else 0
+    if pad:
+        q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
+    with sdpa_kernel(_FUSED_BACKENDS):
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return out[..., :head_dim] if pad else out
+
+
+def naive_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+    """Reference for fused_attention that materialises the L x L matrix (tests/bench only)."""
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    return torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1) @ v
+
+
+def similarity_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """a_i = sum_j softmax_j(q_i k_j) v_j for B x L scalars q, k, v -> B x L (fused)."""
+    return fused_attention(q[:, None, :, None], k[:, None, :, None], v[:, None, :, None], 1.0)[:, 0, :, 0]
+
+
+def naive_similarity_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Same as similarity_attention, materialising S = q k^T (B x L x L); tests/bench only."""
+    similarity = q[:, :, None] * k[:, None, :]
+    return (torch.softmax(similarity, dim=-1) @ v[:, :, None])[:, :, 0]
+
+
+def _identity_preserving_gate(x: Tensor, logit: Tensor, gamma: Tensor) -> Tensor:
+    # x * (1 + gamma * (2 sigmoid(logit) - 1)); 2 sigmoid(z) - 1 == tanh(z / 2), one op.
+    # With gamma == 0 this returns x bit for bit.
+    return x * (1 + gamma * torch.tanh(logit / 2))
+
+
+class CUBSBlock1(nn.Module):
+    """Channel attention from the self-similarity of the pooled descriptor. B x C x H x W -> same."""
+
+    def __init__(self, channels: int, d: int = 512) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(channels, d)
+        self.k_proj = nn.Linear(channels, d)
+        self.v_proj = nn.Linear(channels, d)
+        self.out_proj = nn.Linear(d, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = x.mean(dim=(2, 3))
+        q, k, v = (F.relu(proj(g)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        a = similarity_attention(q, k, v)
+        gate = torch.sigmoid(self.out_proj(a) + g)
+        return x * gate[:, :, None, None]
+
+
+class CUBSBlock2(nn.Module):
+    """Spatial attention from the self-similarity of positions. B x C x H x W -> same."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        # Output channels 0, 1, 2 are q, k, v: the same maps as three C->1 convs, but x (the
+        # largest tensor here) is read once instead of three times.
+        self.qkv = nn.Conv2d(channels, 3, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        q, k, v = F.relu(self.qkv(x)).flatten(2).unbind(1)
+        a = similarity_attention(q, k, v)
+        return x * torch.sigmoid(a).view(b, 1, h, w)
+
+
+class CUBSBlock1Plus(nn.Module):
+    """Block 1, plus variant: multi-head 8-dim similarity, identity at init. B x C x H x W -> same."""
+
+    def __init__(self, channels: int, d: int = 512, heads: int = 4) -> None:
+        super().__init__()
+        if d % (HEAD_DIM * heads):
+            raise ValueError(f"d={d} must be a multiple of {HEAD_DIM} * heads = {HEAD_DIM * heads}")
+        self.heads = heads
+        self.q_proj = nn.Linear(channels, d)
+        self.k_proj = nn.Linear(channels, d)
+        self.v_proj = nn.Linear(channels, d)
+        self.out_proj = nn.Linear(d, channels)
+        self.gamma = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = x.mean(dim=(2, 3))
+        b, d = g.shape[0], self.out_proj.in_features
+
+        def heads(t: Tensor) -> Tensor:  # B x d -> B x h x L x 8, L = d / (8h) tokens
+            return t.view(b, -1, self.heads, HEAD_DIM).transpose(1, 2)
+
+        q, k, v = (heads(proj(g)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        a = fused_attention(q, k, v).transpose(1, 2).reshape(b, d)
+        logit = self.out_proj(a) + g
+        return _identity_preserving_gate(x, logit[:, :, None, None], self.gamma)
+
+
+class CUBSBlock2Plus(nn.Module):
+    """Block 2, plus variant: h heads of 8 dims over positions, identity at init. B x C x H x W -> same.
+
+    Keys and values come from x average-pooled to at most kv_grid x kv_grid cells
+    (kv_grid=None: all N positions); queries and the gate stay at full resolution.
+    """
+
+    def __init__(self, channels: int, heads: int = 4, kv_grid: int | None = 8) -> None:
+        super().__init__()
+        self.heads = heads
+        self.kv_grid = kv_grid
+        inner = heads * HEAD_DIM
+        self.q_proj = nn.Conv2d(channels, inner, 1)
+        self.kv_proj = nn.Conv2d(channels, 2 * inner, 1)
+        self.out_proj = nn.Conv2d(inner, 1, 1)
+        self.gamma = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, h, w = x.shape
+        context = x
+        if self.kv_grid is not None and (h > self.kv_grid or w > self.kv_grid):
+            context = F.adaptive_avg_pool2d(x, (min(h, self.kv_grid), min(w, self.kv_grid)))
+
+        def heads(t: Tensor) -> Tensor:  # B x 8h x H' x W' -> B x h x H'W' x 8
+            return t.flatten(2).view(b, self.heads, HEAD_DIM, -1).transpose(2, 3)
+
+        q = heads(self.q_proj(x))
+        k, v = (heads(t) for t in self.kv_proj(context).chunk(2, dim=1))
+        a = fused_attention(q, k, v).transpose(2, 3).reshape(b, -1, h, w)
+        return _identity_preserving_gate(x, self.out_proj(a), self.gamma)
+
+
+class CUBSAttention(nn.Module):
+    """Block 1 and Block 2 combined by placement; the attention module of one BasicBlock.
+
+    B x C x H x W -> same. placement in PLACEMENTS, variant in VARIANTS; d is Block 1's
+    inner size; heads only matters for variant="plus".
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        placement: str = "serial",
+        variant: str = "plain",
+        d: int = 512,
+        heads: int = 4,
+    ) -> None:
+        super().__init__()
+        _check_choice("placement", placement, PLACEMENTS)
+        _check_choice("variant", variant, VARIANTS)
+        self.placement = placement
+        self.variant = variant
+        if variant == "plain":
+            channel_block: nn.Module = CUBSBlock1(channels, d)
+            spatial_block: nn.Module = CUBSBlock2(channels)
+        else:
+            channel_block = CUBSBlock1Plus(channels, d, heads)
+            spatial_block = CUBSBlock2Plus(channels, heads)
+        # Attribute names are the state-dict keys: they record the order, so a checkpoint
+        # of one placement cannot be strictly loaded into another.
+        if placement == "serial":
+            self.first, self.second = channel_block, spatial_block
+        elif placement == "reverse":
+            self.first, self.second = spatial_block, channel_block
+        else:
+            self.channel, self.spatial = channel_block, spatial_block
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.placement != "parallel":
+            return self.second(self.first(x))
+        y = self.channel(x) + self.spatial(x)
+        # plus blocks return x * (1 + m); summing two of them counts x twice.
+        return y - x if self.variant == "plus" else y
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def cubs_resnet18(
+    num_classes: int = 200,
+    stem: str = "cifar",
+    placement: str = "serial",
+    variant: str = "plain",
+    width: int = 64,
+    d: int = 512,
+) -> ResNet18:
+    """ResNet18 with a CUBSAttention on the residual branch of each of its 8 BasicBlocks."""
+    _check_choice("placement", placement, PLACEMENTS)
+    _check_choice("variant", variant, VARIANTS)
+    return ResNet18(
+        num_classes=num_classes,
+        stem=stem,
+        width=width,
+        attention=lambda channels: CUBSAttention(channels, placement, variant, d),
+    )

@@ -1,0 +1,332 @@
+"""CUBS blocks against hand-written materialised versions of the spec (docs/cubs.md)."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from common.cubs import (
+    PLACEMENTS,
+    VARIANTS,
+    CUBSAttention,
+    CUBSBlock1,
+    CUBSBlock1Plus,
+    CUBSBlock2,
+    CUBSBlock2Plus,
+    cubs_resnet18,
+    fused_attention,
+    naive_attention,
+    naive_similarity_attention,
+    similarity_attention,
+)
+from common.models import ResNet18
+
+f64 = torch.float64
+
+
+# ---------------------------------------------------------------- fused kernel
+
+
+@pytest.mark.parametrize("logit_scale", [1.0, 30.0], ids=["small_logits", "large_logits"])
+def test_similarity_attention_matches_naive_values_and_gradients(logit_scale):
+    # logit_scale 30: q_i k_j up to 900, exp would overflow without max-subtraction.
+    generator = torch.Generator().manual_seed(0)
+    q, k = (torch.rand(3, 37, dtype=f64, generator=generator) * logit_scale for _ in range(2))
+    v = torch.randn(3, 37, dtype=f64, generator=generator)
+    upstream = torch.randn(3, 37, dtype=f64, generator=generator)
+    results = []
+    for attention in (similarity_attention, naive_similarity_attention):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attention(*inputs)
+        results.append((out, torch.autograd.grad(out, inputs, upstream)))
+    (fused, fused_grads), (naive, naive_grads) = results
+    assert torch.isfinite(fused).all()
+    torch.testing.assert_close(fused, naive, rtol=1e-10, atol=1e-10)
+    for fused_grad, naive_grad in zip(fused_grads, naive_grads):
+        torch.testing.assert_close(fused_grad, naive_grad, rtol=1e-9, atol=1e-9)
+
+
+def test_similarity_attention_passes_gradcheck():
+    generator = torch.Generator().manual_seed(1)
+    inputs = [torch.rand(2, 9, dtype=f64, generator=generator).requires_grad_() for _ in range(3)]
+    assert torch.autograd.gradcheck(similarity_attention, inputs)
+
+
+def test_multi_head_fused_attention_matches_naive_with_different_query_and_key_lengths():
+    generator = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 3, 20, 8, dtype=f64, generator=generator).requires_grad_()
+    k = torch.randn(2, 3, 7, 8, dtype=f64, generator=generator).requires_grad_()
+    v = torch.randn(2, 3, 7, 8, dtype=f64, generator=generator).requires_grad_()
+    for scale in (None, 1.0):
+        fused = fused_attention(q, k, v, scale)
+        naive = naive_attention(q, k, v, scale)
+        torch.testing.assert_close(fused, naive, rtol=1e-10, atol=1e-10)
+        grads = [torch.autograd.grad(out.sum(), (q, k, v)) for out in (fused, naive)]
+        for fused_grad, naive_grad in zip(*grads):
+            torch.testing.assert_close(fused_grad, naive_grad, rtol=1e-9, atol=1e-9)
+    default = naive_attention(q, k, v, 1 / math.sqrt(8))
+    torch.testing.assert_close(fused_attention(q, k, v), default, rtol=1e-10, atol=1e-10)
+
+
+def test_fused_attention_accepts_non_contiguous_inputs():
+    x = torch.randn(2, 3, 8, 10, dtype=f64)
+    q = k = v = x.transpose(2, 3)  # last-dim stride 10: SDPA's fused kernels refuse it as is
+    torch.testing.assert_close(fused_attention(q, k, v), naive_attention(q, k, v))
+
+
+def test_zero_padding_the_head_dim_leaves_attention_unchanged():
+    # The CUDA path pads head dim 1 to 8; check the arithmetic claim on CPU.
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.rand(2, 1, 30, 1, dtype=f64, generator=generator) * 5 for _ in range(3))
+    padded = [F.pad(t, (0, 7)) for t in (q, k, v)]
+    out = F.scaled_dot_product_attention(*padded, scale=1.0)
+    torch.testing.assert_close(out[..., :1], naive_attention(q, k, v, 1.0))
+    assert torch.all(out[..., 1:] == 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_attention_on_cuda_matches_naive():
+    generator = torch.Generator().manual_seed(4)
+    q, k, v = (torch.rand(2, 1, 300, 1, generator=generator).cuda() * 4 for _ in range(3))
+    expected = naive_attention(q.double(), k.double(), v.double(), 1.0)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = fused_attention(q, k, v, 1.0)
+    torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("block", [CUBSBlock1(8, d=16), CUBSBlock2(8), CUBSBlock1Plus(8, d=32), CUBSBlock2Plus(8)])
+def test_blocks_run_the_flash_kernel_not_the_materialising_math_path(block):
+    x = torch.randn(2, 8, 12, 12, requires_grad=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        block(x).sum().backward()
+    ops = {event.key for event in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in ops
+    assert "aten::_scaled_dot_product_attention_math" not in ops
+
+
+# ---------------------------------------------------------------- blocks vs spec
+
+
+def _naive_block1(block: CUBSBlock1, x: torch.Tensor) -> torch.Tensor:
+    g = x.mean(dim=(2, 3))
+    q = torch.relu(g @ block.q_proj.weight.T + block.q_proj.bias)
+    k = torch.relu(g @ block.k_proj.weight.T + block.k_proj.bias)
+    v = torch.relu(g @ block.v_proj.weight.T + block.v_proj.bias)
+    similarity = torch.einsum("bi,bj->bij", q, k)  # B x d x d, materialised
+    a = torch.einsum("bij,bj->bi", torch.softmax(similarity, dim=2), v)
+    gate = torch.sigmoid(a @ block.out_proj.weight.T + block.out_proj.bias + g)
+    return x * gate[:, :, None, None]
+
+
+def _naive_block2(block: CUBSBlock2, x: torch.Tensor) -> torch.Tensor:
+    b, _, h, w = x.shape
+    weight, bias = block.qkv.weight[:, :, 0, 0], block.qkv.bias
+    q, k, v = (torch.relu(torch.einsum("bcn,c->bn", x.flatten(2), weight[i]) + bias[i]) for i in range(3))
+    similarity = torch.einsum("bi,bj->bij", q, k)  # B x N x N, materialised
+    a = torch.einsum("bij,bj->bi", torch.softmax(similarity, dim=2), v)
+    return x * torch.sigmoid(a).view(b, 1, h, w)
+
+
+def _naive_block1_plus(block: CUBSBlock1Plus, x: torch.Tensor) -> torch.Tensor:
+    g = x.mean(dim=(2, 3))
+    b, heads = g.shape[0], block.heads
+    q, k, v = (
+        (g @ proj.weight.T + proj.bias).view(b, -1, heads, 8)  # B x tokens x heads x 8
+        for proj in (block.q_proj, block.k_proj, block.v_proj)
+    )
+    weights = torch.softmax(torch.einsum("bihe,bjhe->bhij", q, k) / math.sqrt(8), dim=3)
+    a = torch.einsum("bhij,bjhe->bihe", weights, v).reshape(b, -1)
+    logit = a @ block.out_proj.weight.T + block.out_proj.bias + g
+    return x * (1 + block.gamma * (2 * torch.sigmoid(logit) - 1))[:, :, None, None]
+
+
+def _naive_block2_plus(block: CUBSBlock2Plus, x: torch.Tensor) -> torch.Tensor:
+    b, _, h, w = x.shape
+    context = x if block.kv_grid is None else F.adaptive_avg_pool2d(x, (min(h, block.kv_grid), min(w, block.kv_grid)))
+    inner = 8 * block.heads
+    q = F.conv2d(x, block.q_proj.weight, block.q_proj.bias).flatten(2)  # B x 8h x N
+    kv = F.conv2d(context, block.kv_proj.weight, block.kv_proj.bias).flatten(2)
+    k, v = kv[:, :inner], kv[:, inner:]  # B x 8h x M
+    q, k, v = (t.reshape(b, block.heads, 8, -1) for t in (q, k, v))
+    weights = torch.softmax(torch.einsum("bhen,bhem->bhnm", q, k) / math.sqrt(8), dim=3)  # N x M per head
+    a = torch.einsum("bhnm,bhem->bhen", weights, v).reshape(b, inner, h, w)
+    logit = F.conv2d(a, block.out_proj.weight, block.out_proj.bias)
+    return x * (1 + block.gamma * (2 * torch.sigmoid(logit) - 1))
+
+
+def _double_with_random_weights(block: nn.Module, seed: int = 0) -> nn.Module:
+    generator = torch.Generator().manual_seed(seed)
+    block = block.double()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, dtype=f64, generator=generator) * 0.5)
+    return block
+
+
+@pytest.mark.parametrize(
+    "block, naive",
+    [
+        (CUBSBlock1(6, d=24), _naive_block1),
+        (CUBSBlock2(6), _naive_block2),
+        (CUBSBlock1Plus(6, d=32, heads=2), _naive_block1_plus),
+        (CUBSBlock2Plus(6, heads=2, kv_grid=None), _naive_block2_plus),
+        (CUBSBlock2Plus(6, heads=2, kv_grid=4), _naive_block2_plus),
+    ],
+    ids=["block1", "block2", "block1_plus", "block2_plus_all_positions", "block2_plus_pooled_keys"],
+)
+def test_block_equals_materialised_spec(block, naive):
+    block = _double_with_random_weights(block)
+    x = torch.randn(3, 6, 9, 11, dtype=f64, generator=torch.Generator().manual_seed(5)) * 2
+    expected = naive(block, x)
+    torch.testing.assert_close(block(x), expected, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(expected, x)  # the gate does something
+
+
+def test_plain_block2_at_64x64_matches_naive():
+    # N = 4096: the size of stage 1; the naive version stores 4096 x 4096.
+    block = _double_with_random_weights(CUBSBlock2(4))
+    x = torch.randn(1, 4, 64, 64, dtype=f64, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(block(x), _naive_block2(block, x), rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------- placements
+
+
+def _channel_and_spatial(attention: CUBSAttention) -> tuple[nn.Module, nn.Module]:
+    channel = [m for m in attention.children() if isinstance(m, (CUBSBlock1, CUBSBlock1Plus))]
+    spatial = [m for m in attention.children() if isinstance(m, (CUBSBlock2, CUBSBlock2Plus))]
+    assert len(channel) == len(spatial) == 1
+    return channel[0], spatial[0]
+
+
+def _attention_sharing_weights(placement: str, variant: str, source: CUBSAttention) -> CUBSAttention:
+    attention = CUBSAttention(8, placement, variant, d=32).double()
+    for target, origin in zip(_channel_and_spatial(attention), _channel_and_spatial(source)):
+        target.load_state_dict(origin.state_dict())
+    return attention
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_placements_compute_their_formula_and_differ(variant):
+    source = _double_with_random_weights(CUBSAttention(8, "serial", variant, d=32), seed=7)
+    channel, spatial = _channel_and_spatial(source)
+    x = torch.randn(2, 8, 16, 16, dtype=f64, generator=torch.Generator().manual_seed(8))
+    both = channel(x) + spatial(x)
+    expected = {
+        "serial": spatial(channel(x)),
+        "reverse": channel(spatial(x)),
+        "parallel": both - x if variant == "plus" else both,
+    }
+    outputs = {p: _attention_sharing_weights(p, variant, source)(x) for p in PLACEMENTS}
+    for placement in PLACEMENTS:
+        torch.testing.assert_close(outputs[placement], expected[placement], rtol=1e-12, atol=1e-12)
+    for a, b in itertools.combinations(PLACEMENTS, 2):
+        assert not torch.allclose(outputs[a], outputs[b], rtol=1e-6, atol=1e-6), (a, b)
+
+
+@pytest.mark.parametrize("placement, variant", list(itertools.product(PLACEMENTS, VARIANTS)))
+def test_every_cubs_parameter_gets_a_nonzero_gradient(placement, variant):
+    torch.manual_seed(9)
+    attention = CUBSAttention(8, placement, variant, d=32)
+    with torch.no_grad():
+        for name, p in attention.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(0.7)  # at gamma = 0 only gamma itself can receive a gradient
+    x = torch.randn(2, 8, 16, 16)  # 16x16 > kv_grid: exercises pooled keys in plus
+    (attention(x) * torch.randn_like(x)).sum().backward()
+    for name, p in attention.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_every_cubs_parameter_gets_a_gradient_inside_resnet():
+    torch.manual_seed(10)
+    # zero_init_residual=False: with gamma_bn2 = 0 the attention input is 0 at step one.
+    model = ResNet18(width=8, attention=lambda c: CUBSAttention(c, d=32), zero_init_residual=False)
+    model(torch.randn(2, 3, 32, 32)).logsumexp(dim=1).sum().backward()
+    names = [name for name, _ in model.named_parameters() if ".attention." in name]
+    assert len(names) == 8 * 10  # 8 blocks x (4 linears + 1 conv) x (weight, bias)
+    for name, p in model.named_parameters():
+        if ".attention." in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_plus_attention_is_the_identity_at_init_and_only_gamma_gets_a_gradient():
+    torch.manual_seed(11)
+    attention = CUBSAttention(8, "serial", "plus", d=32)
+    x = torch.randn(2, 8, 16, 16)
+    y = attention(x)
+    assert torch.equal(y, x)
+    (y * torch.randn_like(x)).sum().backward()
+    for name, p in attention.named_parameters():
+        assert (p.grad.abs().sum() > 0) == name.endswith("gamma"), name
+
+
+# ---------------------------------------------------------------- in ResNet-18
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_cubs_resnet_plus_is_exactly_vanilla_resnet_at_init(placement):
+    torch.manual_seed(12)
+    vanilla = ResNet18(width=8, zero_init_residual=False)  # non-zero residual branches
+    with torch.no_grad():
+        for m in vanilla.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_var.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    plus = cubs_resnet18(placement=placement, variant="plus", width=8, d=32)
+    missing, unexpected = plus.load_state_dict(vanilla.state_dict(), strict=False)
+    assert unexpected == [] and missing and all(".attention." in key for key in missing)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for mode in (False, True):
+            assert torch.equal(plus.train(mode)(x), vanilla.train(mode)(x)), f"train={mode}"
+
+
+def test_state_dicts_of_different_placements_or_variants_do_not_load_strictly():
+    configurations = list(itertools.product(PLACEMENTS, VARIANTS))
+    models = {c: CUBSAttention(8, *c, d=32) for c in configurations}
+    for source, target in itertools.permutations(configurations, 2):
+        with pytest.raises(RuntimeError):
+            models[target].load_state_dict(models[source].state_dict(), strict=True)
+    for c in configurations:  # each loads into a fresh model of its own kind
+        CUBSAttention(8, *c, d=32).load_state_dict(models[c].state_dict(), strict=True)
+
+
+def test_plain_resnet_state_dict_does_not_load_strictly_into_plus():
+    plain = cubs_resnet18(variant="plain", width=8, d=32)
+    plus = cubs_resnet18(variant="plus", width=8, d=32)
+    with pytest.raises(RuntimeError, match="gamma"):
+        plus.load_state_dict(plain.state_dict(), strict=True)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(
+    "stem, size, expected",
+    [
+        ("cifar", 64, [(1, 8, 64, 64), (1, 16, 32, 32), (1, 32, 16, 16), (1, 64, 8, 8)]),
+        ("imagenet", 224, [(1, 8, 56, 56), (1, 16, 28, 28), (1, 32, 14, 14), (1, 64, 7, 7)]),
+    ],
+)
+def test_cubs_resnet_stage_shapes(variant, stem, size, expected):
+    model = cubs_resnet18(num_classes=10, stem=stem, variant=variant, width=8, d=32).eval()
+    shapes = []
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        getattr(model, name).register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, size, size))
+    assert shapes == expected
+    assert logits.shape == (1, 10) and torch.isfinite(logits).all()
+
+
+def test_bad_choices_are_rejected_with_the_valid_ones_named():
+    with pytest.raises(ValueError, match="serial, reverse, parallel"):
+        CUBSAttention(8, placement="sideways")
+    with pytest.raises(ValueError, match="plain, plus"):
+        cubs_resnet18(variant="deluxe", width=8)
+    with pytest.raises(ValueError, match="multiple"):
+        CUBSAttention(8, variant="plus", d=20)

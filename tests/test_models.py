@@ -1,0 +1,164 @@
+"""Shapes, torchvision compatibility and interfaces of common/models.py."""
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from common.models import BasicBlock, CustomCNN, EmbeddingNet, ResNet18
+
+
+def _stage_shapes(model: nn.Module, stage_names: list[str], x: torch.Tensor) -> list[tuple[int, ...]]:
+    shapes = []
+    hooks = [
+        getattr(model, name).register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
+        for name in stage_names
+    ]
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return shapes
+
+
+RESNET_STAGES = ["layer1", "layer2", "layer3", "layer4"]
+
+
+def _randomise_batchnorm(model: nn.Module, seed: int = 0) -> None:
+    # Default BN (mean 0, var 1, gamma 1, beta 0) would hide mismatched BN parameters.
+    generator = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
+
+
+def test_resnet18_stage_shapes_cifar_stem_64():
+    model = ResNet18(num_classes=200)
+    x = torch.randn(1, 3, 64, 64)
+    assert _stage_shapes(model, RESNET_STAGES, x) == [
+        (1, 64, 64, 64),
+        (1, 128, 32, 32),
+        (1, 256, 16, 16),
+        (1, 512, 8, 8),
+    ]
+    with torch.no_grad():
+        assert model.features(x).shape == (1, 512)
+        assert model(x).shape == (1, 200)
+    assert model.feature_dim == 512 and model.fc.in_features == 512
+
+
+def test_resnet18_stage_shapes_imagenet_stem_224():
+    model = ResNet18(num_classes=1000, stem="imagenet", width=16)
+    x = torch.randn(1, 3, 224, 224)
+    assert _stage_shapes(model, RESNET_STAGES, x) == [
+        (1, 16, 56, 56),
+        (1, 32, 28, 28),
+        (1, 64, 14, 14),
+        (1, 128, 7, 7),
+    ]
+    with torch.no_grad():
+        assert model(x).shape == (1, 1000)
+    assert model.feature_dim == 128
+
+
+def test_state_dict_names_and_shapes_match_torchvision():
+    ours = {k: tuple(v.shape) for k, v in ResNet18(num_classes=1000, stem="imagenet").state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in torchvision.models.resnet18(weights=None).state_dict().items()}
+    assert ours == theirs
+
+
+def test_torchvision_weights_load_strictly_and_give_identical_logits():
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(weights=None)
+    _randomise_batchnorm(reference)
+    model = ResNet18(num_classes=1000, stem="imagenet")
+    model.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        expected = reference.eval()(x)
+        actual = model.eval()(x)
+    assert torch.equal(actual, expected)
+
+
+def test_zero_init_residual_flag_sets_last_bn_gamma_of_each_branch():
+    for flag, value in ((True, 0.0), (False, 1.0)):
+        blocks = [m for m in ResNet18(width=8, zero_init_residual=flag).modules() if isinstance(m, BasicBlock)]
+        assert len(blocks) == 8
+        for block in blocks:
+            assert torch.all(block.bn2.weight == value)
+            assert torch.all(block.bn1.weight == 1.0)
+
+
+def test_attention_factory_is_called_per_block_and_acts_before_the_addition():
+    calls = []
+
+    def zero_attention(channels: int) -> nn.Module:
+        calls.append(channels)
+        return _Scale(0.0)
+
+    model = ResNet18(width=8, attention=zero_attention, zero_init_residual=False).eval()
+    assert calls == [8, 8, 16, 16, 32, 32, 64, 64]
+    # A zeroed residual branch leaves relu(shortcut): the identity for a post-ReLU input.
+    block = model.layer1[1]
+    x = torch.rand(2, 8, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(block(x), x)
+    assert any(k.endswith("attention.scale") for k in model.state_dict())
+    assert not any("attention" in k for k in ResNet18(width=8).state_dict())
+
+
+class _Scale(nn.Module):
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+def test_unknown_stem_is_rejected():
+    with pytest.raises(ValueError, match="cifar"):
+        ResNet18(stem="vgg")
+
+
+def test_custom_cnn_stage_shapes_and_outputs():
+    model = CustomCNN(num_classes=200, width=16)
+    x = torch.randn(1, 3, 64, 64)
+    assert _stage_shapes(model, ["stem", "stage1", "stage2", "stage3", "stage4"], x) == [
+        (1, 16, 64, 64),
+        (1, 16, 64, 64),
+        (1, 32, 32, 32),
+        (1, 64, 16, 16),
+        (1, 128, 8, 8),
+    ]
+    with torch.no_grad():
+        assert model.features(x).shape == (1, model.feature_dim) == (1, 128)
+        assert model(x).shape == (1, 200)
+
+
+def test_custom_cnn_parameter_count_in_intended_range():
+    count = sum(p.numel() for p in CustomCNN(num_classes=200).parameters())
+    assert 5_000_000 <= count <= 20_000_000, count
+
+
+def test_custom_cnn_is_not_a_resnet():
+    model = CustomCNN(width=16)
+    resnet_blocks = (BasicBlock, torchvision.models.resnet.BasicBlock, torchvision.models.resnet.Bottleneck)
+    assert not any(isinstance(m, resnet_blocks) for m in model.modules())
+
+
+@pytest.mark.parametrize("backbone", [ResNet18(width=8), CustomCNN(width=16)], ids=["resnet18", "custom"])
+def test_embedding_net_rows_have_unit_norm(backbone):
+    torch.manual_seed(0)
+    net = EmbeddingNet(backbone, dim=32)
+    x = torch.randn(3, 3, 32, 32)
+    embedding = net(x)
+    assert embedding.shape == (3, 32)
+    torch.testing.assert_close(embedding.norm(dim=1), torch.ones(3), rtol=0, atol=1e-6)
+    embedding.sum().backward()
+    assert backbone.fc.weight.grad is None  # the classifier is not part of the embedding
