@@ -125,8 +125,10 @@ def write_comparison(c: dict, out: Path) -> None:
         lines.append(f"Selected by holdout accuracy: **{c['selected']['placement']}**.")
     if c["at_par"]:
         verdict = "holds" if c["at_par"]["holds"] else "does NOT hold"
+        gap = c["at_par"]["points_below_vanilla"]
+        side = f"{gap:.2f} points below" if gap >= 0 else f"{-gap:.2f} points above"
         lines.append(f"At-par requirement ({c['at_par']['rule']}): {verdict}; the selected design "
-                     f"is {c['at_par']['points_below_vanilla']:+.2f} points below vanilla.")
+                     f"is {side} vanilla on test accuracy.")
     elif "vanilla_note" in c:
         lines.append(f"At-par check not made: {c['vanilla_note']}.")
     for p in c["plus_vs_plain"]:

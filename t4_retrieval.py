@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     a("--epsilon", type=float, default=0.1)
     args = cli.parse(p, argv)
     if args.smoke:
-        cli.apply_smoke(args, image_size=64, epochs=6, embed_epochs=6, embed_lr=1e-3,
+        cli.apply_smoke(args, image_size=64, epochs=6, embed_epochs=4, embed_lr=1e-3,
                         classes_per_batch=4, images_per_class=4, compare_mining=True,
                         holdout_per_class=4, batch_size=32)
     rt = engine.setup_runtime(args.device, args.seed)

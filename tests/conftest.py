@@ -1,4 +1,5 @@
-"""Make the repository root importable, so plain `pytest` finds `common` like `python -m pytest` does."""
+"""Shared test setup: the repository root on sys.path (so plain `pytest` finds `common`), and
+the session fixture `runs` holding the four scripts' smoke runs."""
 
 import sys
 from pathlib import Path
@@ -6,3 +7,34 @@ from pathlib import Path
 _REPO_ROOT = str(Path(__file__).resolve().parents[1])
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
+
+import subprocess  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(_REPO_ROOT)
+
+
+def run_script(script: str, *args: str, timeout: int = 900,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """Run a task script as a user would (a subprocess in the repository root)."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, timeout=timeout,
+                          capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory) -> Path:
+    """The four smoke runs, once per session: T2 first (T3 compares with it), T3 before T4
+    (T4 reads T3's selection)."""
+    runs = tmp_path_factory.mktemp("runs")
+    run_script("t2_resnet18.py", "--smoke", "--out", str(runs / "t2"))
+    run_script("t1_custom_cnn.py", "--smoke", "--out", str(runs / "t1"))
+    run_script("t3_cubs.py", "--smoke", "--placement", "all", "--epochs", "3",
+               "--out", str(runs / "t3"), "--vanilla-results", str(runs / "t2" / "results.json"))
+    run_script("t4_retrieval.py", "--smoke", "--out", str(runs / "t4"),
+               "--t3-results", str(runs / "t3" / "placements.json"))
+    return runs

@@ -1,8 +1,7 @@
 """The four task scripts end to end, as a user runs them: --smoke from the command line.
 
-One session-scoped fixture runs every script's smoke mode once into a shared runs/ folder
-(T2 first, so T3 can compare with it, and T3 before T4, so T4 reads T3's selection); the
-tests then check what those runs wrote. Each smoke dataset has 10 (Tiny) or 8 unseen (Cars)
+The session-scoped fixture `runs` (tests/conftest.py) runs every script's smoke mode once
+into a shared runs/ folder; the tests then check what those runs wrote. Each smoke dataset has 10 (Tiny) or 8 unseen (Cars)
 balanced classes, so chance is 0.10 top-1 and about 0.12 Recall@1.
 """
 import json
@@ -16,29 +15,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT
+from tests.conftest import run_script as run
+
 CHANCE_TOP1 = 0.10
-
-
-def run(script: str, *args: str, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, timeout=timeout,
-                          capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} {' '.join(args)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
-
-
-@pytest.fixture(scope="session")
-def runs(tmp_path_factory) -> Path:
-    runs = tmp_path_factory.mktemp("runs")
-    run("t2_resnet18.py", "--smoke", "--out", str(runs / "t2"))
-    run("t1_custom_cnn.py", "--smoke", "--out", str(runs / "t1"))
-    run("t3_cubs.py", "--smoke", "--placement", "all", "--epochs", "5", "--out", str(runs / "t3"),
-        "--vanilla-results", str(runs / "t2" / "results.json"))
-    run("t4_retrieval.py", "--smoke", "--out", str(runs / "t4"),
-        "--t3-results", str(runs / "t3" / "placements.json"))
-    return runs
 
 
 def _check_classifier_run(out: Path, task: str, model: str) -> dict:

@@ -1,0 +1,803 @@
+"""Build REPORT.md from everything the task scripts wrote under a runs folder.
+
+    python -m common.report runs                    # -> runs/REPORT.md, runs/report_figures/
+    python -m common.report runs --out REPORT.md    # -> ./REPORT.md, ./report_figures/
+
+Inputs, found anywhere under the runs folder (generated `smoke_data/` folders are skipped):
+    results.json     T1/T2/T3 classifier runs ("task": t1/t2/t3) and T4 ("task": t4)
+    metrics.jsonl    one record per epoch (a folder with it but no results.json is unfinished)
+    placements.json  T3's comparison of placements (selection by holdout, 2-point check)
+    curves.png, placements.png, retrieval.png   copied into report_figures/
+Output: REPORT.md with relative links to report_figures/ (copied figures plus combined
+curves drawn here), and REPORT.pdf when `pandoc` is on PATH and succeeds (optional).
+
+What is shown: each model's architecture (counts of conv / linear / BatchNorm layers,
+CUBS attention blocks and squeeze-excitation gates, parameters, forward GFLOPs for one image
+at the run's input size), the T1/T2/T3 results table, T3's placement comparison quoted from
+placements.json, T4's Recall@K before/after metric learning with the chance level and the
+mining comparison, training curves, and the training recipe taken from each run's args.
+Tasks without results say "not run yet"; runs made with --smoke are labelled as such.
+
+Number formats. Every result is copied from the JSON files and only rounded:
+    accuracies, recalls, chance level   4 decimals              0.8800        (fmt_acc)
+    differences in percentage points    2 decimals with a sign  +1.25         (fmt_points)
+    times in seconds, images per second 1 decimal               260.2         (fmt_1)
+    parameter counts                    exact, comma-grouped    11,173,962    (fmt_count)
+    settings (lr, weight decay, ...)    Python's %g             0.0005        (fmt_setting)
+Computed here, not read from JSON (and labelled so): layer counts, rebuilt-model parameter
+counts and GFLOPs (4 decimals; FlopCounterMode counts a multiply-add as 2 FLOPs and only
+convolutions, matrix products and attention; BatchNorm, activations, pooling and softmax are
+not counted), and the random-resized-crop area range (the loader's default).
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import os
+import shutil
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+SMOKE_BANNER = "smoke run on generated data, not a real result"
+NOT_RUN = "not run yet"
+SKIP_DIRS = {"smoke_data", "report_figures", "__pycache__"}
+FIGURES = "report_figures"
+TASKS = {"t1": "T1 custom CNN (Tiny ImageNet)", "t2": "T2 ResNet-18 (Tiny ImageNet)",
+         "t3": "T3 CUBS-ResNet-18 placements (Tiny ImageNet)",
+         "t4": "T4 Cars196 retrieval (Multi-Similarity loss)"}
+
+
+# ---------------------------------------------------------------- number formats
+def fmt_acc(v: Any) -> str:
+    """Accuracy / recall / chance: 4 decimals; 'n/a' if the JSON lacks it."""
+    return "n/a" if v is None else f"{float(v):.4f}"
+
+
+def fmt_points(v: Any) -> str:
+    return "n/a" if v is None else f"{float(v):+.2f}"
+
+
+def fmt_1(v: Any) -> str:
+    return "n/a" if v is None else f"{float(v):.1f}"
+
+
+def fmt_count(v: Any) -> str:
+    return "n/a" if v is None else f"{int(v):,}"
+
+
+def fmt_gflops(flops: float) -> str:
+    return f"{flops / 1e9:.4f}"
+
+
+def fmt_setting(v: Any) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return str(v)
+
+
+def fmt_epochs(r: dict) -> str:
+    """'best/run' epochs, e.g. 5/8."""
+    return f"{r.get('best_epoch', 'n/a')}/{r.get('epochs_run', 'n/a')}"
+
+
+# ---------------------------------------------------------------- reading the runs folder
+@dataclass
+class Run:
+    """One folder holding a results.json (T1/T2/T3 classifier run or a whole T4 run)."""
+    path: Path
+    name: str  # path relative to the runs folder, with '/'
+    results: dict
+    history: list[dict] = field(default_factory=list)  # metrics.jsonl of this folder
+    phases: dict[str, list[dict]] = field(default_factory=dict)  # T4: phase_a, phase_b_<m>
+
+    @property
+    def task(self) -> str:
+        return str(self.results.get("task", "?"))
+
+    @property
+    def args(self) -> dict:
+        return self.results.get("args") or {}
+
+    @property
+    def smoke(self) -> bool:
+        return bool(self.args.get("smoke"))
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} (SMOKE)" if self.smoke else self.name
+
+
+@dataclass
+class RunsFolder:
+    root: Path
+    classifiers: list[Run] = field(default_factory=list)
+    retrievals: list[Run] = field(default_factory=list)
+    placements: list[tuple[str, dict]] = field(default_factory=list)  # (folder name, json)
+    unfinished: list[tuple[str, list[dict]]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def of_task(self, task: str) -> list[Run]:
+        return [r for r in self.classifiers + self.retrievals if r.task == task]
+
+
+def read_json(path: Path, problems: list[str]) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        problems.append(f"could not read {path}: {err}")
+        return None
+
+
+def read_jsonl(path: Path, problems: list[str]) -> list[dict]:
+    records = []
+    try:
+        for line in path.read_text().splitlines():
+            if line.strip():
+                records.append(json.loads(line))
+    except (OSError, json.JSONDecodeError) as err:
+        problems.append(f"could not read {path}: {err}")
+    return records
+
+
+def rel_name(path: Path, root: Path) -> str:
+    name = path.relative_to(root).as_posix()
+    return "." if name in ("", ".") else name
+
+
+def walk(root: Path) -> Iterable[tuple[Path, set[str]]]:
+    """(folder, file names) for every folder under root, skipping generated data."""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
+        yield Path(folder), set(files)
+
+
+def collect(root: str | Path) -> RunsFolder:
+    """Read every results.json / metrics.jsonl / placements.json under `root`."""
+    root = Path(root)
+    found = RunsFolder(root)
+    if not root.is_dir():
+        return found
+    folders = list(walk(root))
+    t4_dirs = set()
+    for folder, files in folders:
+        name = rel_name(folder, root)
+        if "placements.json" in files:
+            data = read_json(folder / "placements.json", found.problems)
+            if isinstance(data, dict):
+                found.placements.append((name, data))
+        if "results.json" not in files:
+            continue
+        results = read_json(folder / "results.json", found.problems)
+        if not isinstance(results, dict):
+            continue
+        run = Run(folder, name, results)
+        if "metrics.jsonl" in files:
+            run.history = read_jsonl(folder / "metrics.jsonl", found.problems)
+        if run.task == "t4":
+            t4_dirs.add(folder)
+            for sub in sorted(folder.glob("phase_*/metrics.jsonl")):
+                run.phases[sub.parent.name] = read_jsonl(sub, found.problems)
+            found.retrievals.append(run)
+        else:
+            found.classifiers.append(run)
+    for folder, files in folders:
+        if "metrics.jsonl" in files and "results.json" not in files and folder.parent not in t4_dirs:
+            found.unfinished.append((rel_name(folder, root),
+                                     read_jsonl(folder / "metrics.jsonl", found.problems)))
+    found.classifiers.sort(key=lambda r: (r.task, r.name))
+    found.retrievals.sort(key=lambda r: r.name)
+    return found
+
+
+# ---------------------------------------------------------------- architectures
+@dataclass
+class Architecture:
+    label: str
+    input_size: int
+    conv: int
+    linear: int
+    batchnorm: int
+    attention: int  # CUBS Block 1 / Block 2 modules
+    se_gates: int
+    params: int
+    flops: float
+
+
+def build_model(results: dict, phase: str = "") -> nn.Module | None:
+    """Rebuild the network a run trained, from its results.json (None if unknown).
+
+    T1/T2/T3 use the CIFAR-style stem as their scripts do; T4 the ImageNet stem, Phase B
+    (phase="b") wraps it in the L2-normalised embedding head.
+    """
+    from common.cubs import cubs_resnet18
+    from common.models import CustomCNN, EmbeddingNet, ResNet18
+
+    args = results.get("args") or {}
+    width = results.get("width", args.get("width"))
+    task, model = results.get("task"), str(results.get("model", ""))
+    if task == "t4":
+        net = cubs_resnet18(results["train_classes"], stem="imagenet",
+                            placement=results["placement"], variant=results["variant"],
+                            width=args["width"])
+        return EmbeddingNet(net, dim=args["embedding_dim"]) if phase == "b" else net
+    if model == "custom_cnn":
+        return CustomCNN(results["num_classes"], width=width, dropout=args.get("dropout", 0.2))
+    if model == "resnet18":
+        return ResNet18(results["num_classes"], stem="cifar", width=width)
+    if model.startswith("cubs_resnet18"):
+        return cubs_resnet18(results["num_classes"], stem="cifar", placement=results["placement"],
+                             variant=results["variant"], width=width, d=results.get("d", 512))
+    return None
+
+
+def model_name(results: dict) -> str:
+    if results.get("task") == "t4" and "model" not in results:
+        return f"cubs_resnet18_{results.get('placement')}_{results.get('variant')}"
+    return str(results.get("model", "?"))
+
+
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def count_flops(model: nn.Module, image_size: int) -> float:
+    """Forward FLOPs of one 3 x S x S image (FlopCounterMode; multiply-add = 2 FLOPs).
+
+    PyTorch's table has no entry for the CPU flash-attention kernel the CUBS blocks use
+    on CPU; it is given the same formula as the CUDA attention kernels.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    custom = {}
+    cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if cpu_flash is not None:
+        custom[cpu_flash] = _sdpa_cpu_flops
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
+        model(torch.zeros(1, 3, image_size, image_size))
+    return float(counter.get_total_flops())
+
+
+def summarise(model: nn.Module, label: str, image_size: int) -> Architecture:
+    from common.cubs import CUBSBlock1, CUBSBlock1Plus, CUBSBlock2, CUBSBlock2Plus
+    from common.models import SqueezeExcitation
+    mods = list(model.modules())
+    n = lambda *types: sum(isinstance(m, types) for m in mods)  # noqa: E731
+    return Architecture(
+        label=label, input_size=image_size, conv=n(nn.Conv2d), linear=n(nn.Linear),
+        batchnorm=n(nn.BatchNorm2d),
+        attention=n(CUBSBlock1, CUBSBlock2, CUBSBlock1Plus, CUBSBlock2Plus),
+        se_gates=n(SqueezeExcitation), params=sum(p.numel() for p in model.parameters()),
+        flops=count_flops(model, image_size))
+
+
+def architectures(runs: RunsFolder) -> list[tuple[Run, str, Architecture | None]]:
+    """(run, phase, summary) for every run; T4 gives Phase A and Phase B."""
+    out, cache = [], {}
+    for run in runs.classifiers + runs.retrievals:
+        phases = ["a", "b"] if run.task == "t4" else [""]
+        for phase in phases:
+            size = run.results.get("image_size", run.args.get("image_size"))
+            try:
+                torch.manual_seed(0)
+                key = json.dumps([run.results.get(k) for k in (
+                    "task", "model", "num_classes", "train_classes", "width", "placement",
+                    "variant", "d")] + [run.args.get("embedding_dim"), phase, size])
+                if key not in cache:
+                    model = build_model(run.results, phase)
+                    label = model_name(run.results) + (
+                        {"a": " (Phase A classifier)", "b": " (Phase B embedding)"}.get(phase, ""))
+                    cache[key] = None if model is None or size is None else \
+                        summarise(model, label, int(size))
+                out.append((run, phase, cache[key]))
+            except (KeyError, TypeError, ValueError, RuntimeError) as err:
+                runs.problems.append(f"could not rebuild the model of {run.name}: {err!r}")
+                out.append((run, phase, None))
+    return out
+
+
+# ---------------------------------------------------------------- markdown helpers
+def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def smoke_note(runs: Sequence[Run]) -> list[str]:
+    smoke = [r.name for r in runs if r.smoke]
+    if not smoke:
+        return []
+    return [f"> **SMOKE: {SMOKE_BANNER}** ({', '.join(f'`{s}`' for s in smoke)}).", ""]
+
+
+class Figures:
+    """Copies / writes figures into report_figures/ and returns Markdown image links."""
+
+    def __init__(self, report: Path) -> None:
+        self.base = report.parent
+        self.folder = self.base / FIGURES
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        return self.folder / name
+
+    def link(self, path: Path, alt: str) -> list[str]:
+        rel = Path(os.path.relpath(path, self.base)).as_posix()
+        return [f"![{alt}]({rel})", ""]
+
+    def copy(self, src: Path, name: str, alt: str) -> list[str]:
+        if not src.is_file():
+            return [f"*{src.name} not found in `{src.parent}`.*", ""]
+        dst = self.path(name)
+        shutil.copyfile(src, dst)
+        return self.link(dst, alt)
+
+
+def figure_name(run_name: str, file: str) -> str:
+    stem = "root" if run_name == "." else run_name.replace("/", "__")
+    return f"{stem}__{file}"
+
+
+# ---------------------------------------------------------------- sections
+def section_status(runs: RunsFolder) -> list[str]:
+    rows = []
+    for task, title in TASKS.items():
+        found = runs.of_task(task)
+        if not found:
+            status, where = NOT_RUN, "-"
+        else:
+            kinds = sorted({"SMOKE" if r.smoke else "real" for r in found})
+            status = f"finished ({len(found)} run{'s' * (len(found) > 1)}: {', '.join(kinds)})"
+            where = ", ".join(f"`{r.name}`" for r in found)
+        rows.append([task.upper(), title, status, where])
+    lines = ["## Status", ""] + table(["task", "what", "status", "results in"], rows)
+    if runs.unfinished:
+        lines += ["Unfinished runs (metrics.jsonl but no results.json yet; rerun the same "
+                  "command to resume from last.pt):", ""]
+        lines += table(["folder", "epochs logged", "last holdout score"],
+                       [[f"`{n}`", len(h), _last_score(h)] for n, h in runs.unfinished])
+    return lines
+
+
+def _last_score(history: list[dict]) -> str:
+    if not history:
+        return "n/a"
+    last = history[-1]
+    for key in ("holdout_acc", "holdout_r1"):
+        if key in last:
+            return f"{key} {fmt_acc(last[key])} (epoch {last.get('epoch', '?')})"
+    return "n/a"
+
+
+def section_architectures(runs: RunsFolder) -> list[str]:
+    lines = ["## Architectures", ""]
+    summaries = architectures(runs)
+    if not summaries:
+        return lines + [f"No finished run: {NOT_RUN}.", ""]
+    rows = []
+    for run, _, a in summaries:
+        if a is None:
+            rows.append([run.label, model_name(run.results)] + ["n/a"] * 9)
+            continue
+        rows.append([run.label, a.label, f"3 x {a.input_size} x {a.input_size}", a.conv,
+                     a.linear, a.batchnorm, a.attention, a.se_gates,
+                     fmt_count(run.results.get("params")), fmt_count(a.params),
+                     fmt_gflops(a.flops)])
+    lines += table(["run", "model", "input", "conv", "linear", "BatchNorm", "CUBS attention blocks",
+                    "SE gates", "params (results.json)", "params (rebuilt)", "GFLOPs / image"], rows)
+    lines += ["Layer counts, rebuilt parameter counts and GFLOPs are computed by this report from "
+              "the model rebuilt with the run's settings (GFLOPs: one forward pass of one image, "
+              "torch.utils.flop_counter, multiply-add = 2 FLOPs; conv, matmul and attention only). "
+              "CUBS attention blocks counts Block 1 and Block 2 modules (two per residual block).",
+              ""]
+    return lines
+
+
+def section_classifiers(runs: RunsFolder) -> list[str]:
+    lines = ["## T1 / T2 / T3: Tiny ImageNet classification", ""]
+    for task in ("t1", "t2", "t3"):
+        if not runs.of_task(task):
+            lines.append(f"- {TASKS[task]}: **{NOT_RUN}**")
+    if lines[-1].startswith("- "):
+        lines.append("")
+    if not runs.classifiers:
+        return lines
+    lines += smoke_note(runs.classifiers)
+    rows = [[r.label, r.task.upper(), r.results.get("model", "?"),
+             "SMOKE" if r.smoke else "real",
+             fmt_acc(r.results.get("test_acc")), fmt_acc(r.results.get("test_top5")),
+             fmt_acc(r.results.get("holdout_acc")), fmt_acc(r.results.get("holdout_top5")),
+             fmt_count(r.results.get("params")), fmt_epochs(r.results),
+             fmt_setting(r.results.get("stopped_early")), fmt_1(r.results.get("train_time_s")),
+             fmt_1(r.results.get("images_per_s")), r.results.get("device", "n/a")]
+            for r in runs.classifiers]
+    lines += table(["run", "task", "model", "kind", "test top-1", "test top-5", "holdout top-1",
+                    "holdout top-5", "params", "best epoch / epochs run", "stopped early",
+                    "train time (s)", "train images/s", "device"], rows)
+    lines += ["Test accuracy is measured once, with the weights of the best holdout epoch; the "
+              "holdout columns are that epoch's holdout scores.", ""]
+    return lines
+
+
+def section_placements(runs: RunsFolder, figs: Figures) -> list[str]:
+    lines = ["## T3: placement comparison", ""]
+    if not runs.placements:
+        t3 = runs.of_task("t3")
+        note = ("T3 runs exist but no placements.json was written yet (t3_cubs.py writes it "
+                "after its last run)" if t3 else NOT_RUN)
+        return lines + [f"**{note}**.", ""]
+    for name, c in runs.placements:
+        lines += placement_block(runs, name, c, figs)
+    return lines
+
+
+def placement_block(runs: RunsFolder, name: str, c: dict, figs: Figures) -> list[str]:
+    folder = runs.root / name
+    members = [r for r in runs.classifiers if r.path.parent == folder]
+    lines = [f"### `{name}/placements.json`", ""] + smoke_note(members)
+    selected, by = c.get("selected") or {}, c.get("selected_by", "holdout_acc")
+    rows = []
+    for r in c.get("runs", []):
+        mark = "**selected**" if selected and (r.get("placement"), r.get("variant")) == (
+            selected.get("placement"), selected.get("variant")) else ""
+        rows.append([r.get("placement"), r.get("variant"), fmt_acc(r.get("holdout_acc")),
+                     fmt_acc(r.get("test_acc")), fmt_acc(r.get("test_top5")),
+                     fmt_count(r.get("params")), fmt_epochs(r), mark])
+    vanilla = c.get("vanilla")
+    if vanilla:
+        rows.append(["vanilla ResNet-18 (T2)", "-", fmt_acc(vanilla.get("holdout_acc")),
+                     fmt_acc(vanilla.get("test_acc")), "", "", "", "reference"])
+    lines += table(["placement", "variant", "holdout top-1", "test top-1", "test top-5", "params",
+                    "best epoch / epochs run", "selection"], rows)
+    if selected:
+        lines.append(f"**Winner** (selected by `{by}`, never by test): **{selected.get('placement')}** "
+                     f"({selected.get('variant')}), holdout top-1 {fmt_acc(selected.get('holdout_acc'))}, "
+                     f"test top-1 {fmt_acc(selected.get('test_acc'))}.")
+    else:
+        lines.append("No plain-variant run: no placement selected.")
+    lines.append("")
+    best = c.get("best_overall") or {}
+    if best and (best.get("placement"), best.get("variant")) != (
+            selected.get("placement"), selected.get("variant")):
+        lines += [f"Best run over all variants by holdout: {best.get('placement')} "
+                     f"({best.get('variant')}), holdout top-1 {fmt_acc(best.get('holdout_acc'))}, "
+                     f"test top-1 {fmt_acc(best.get('test_acc'))}.", ""]
+    lines += at_par_lines(c) + plus_vs_plain_lines(c)
+    lines += figs.copy(folder / "placements.png", figure_name(name, "placements.png"),
+                       "test accuracy per placement")
+    return lines
+
+
+def at_par_lines(c: dict) -> list[str]:
+    at_par, vanilla = c.get("at_par"), c.get("vanilla") or {}
+    if not at_par:
+        note = c.get("vanilla_note", "no vanilla ResNet-18 result or no selected placement")
+        return [f"**2-point check: not made** ({note}).", ""]
+    verdict = "HOLDS" if at_par.get("holds") else "DOES NOT HOLD"
+    return [f"**2-point check: {verdict}.** Rule: {at_par.get('rule')}. The selected design is "
+            f"{fmt_points(at_par.get('points_below_vanilla'))} points below vanilla ResNet-18 "
+            f"(vanilla test top-1 {fmt_acc(vanilla.get('test_acc'))} from "
+            f"`{vanilla.get('source', '?')}`; a negative value means above).", ""]
+
+
+def plus_vs_plain_lines(c: dict) -> list[str]:
+    pairs = c.get("plus_vs_plain") or []
+    if not pairs:
+        return ["Plus vs plain: not run (train with `--variant both`).", ""]
+    lines = ["Plus vs plain (same placement, same seed and recipe):", ""]
+    return lines + table(["placement", "plain test top-1", "plus test top-1", "gain (points)"],
+                         [[p.get("placement"), fmt_acc(p.get("plain_test_acc")),
+                           fmt_acc(p.get("plus_test_acc")), fmt_points(p.get("gain_points"))]
+                          for p in pairs])
+
+
+def section_retrieval(runs: RunsFolder, figs: Figures) -> list[str]:
+    lines = ["## T4: Cars196 retrieval, Recall@K before and after metric learning", ""]
+    if not runs.retrievals:
+        t4_unfinished = [n for n, _ in runs.unfinished if n.split("/")[0] == "t4"]
+        extra = f" (unfinished: {', '.join(t4_unfinished)})" if t4_unfinished else ""
+        return lines + [f"**{NOT_RUN}**{extra}.", ""]
+    for run in runs.retrievals:
+        lines += retrieval_block(run, figs)
+    return lines
+
+
+def retrieval_block(run: Run, figs: Figures) -> list[str]:
+    r = run.results
+    a, b = r.get("phase_a") or {}, r.get("phase_b") or {}
+    lines = [f"### `{run.name}`", ""] + smoke_note([run])
+    lines += [f"Network: CUBS-ResNet-18, placement {r.get('placement')}, variant {r.get('variant')}; "
+              f"init {r.get('init')}" + (f" from `{r['init_source']}` ({r.get('init_loaded')} tensors "
+                                         f"loaded, {len(r.get('init_skipped') or [])} skipped)"
+                                         if r.get("init_source") else "") + ". "
+              f"Train: {r.get('train_images')} images of {r.get('train_classes')} classes; "
+              f"test: {r.get('test_images')} images of {r.get('test_classes')} unseen classes. "
+              f"Device: {r.get('device')}.", ""]
+    before, after = a.get("test_recall") or {}, b.get("test_recall") or {}
+    ks = sorted(set(before) | set(after), key=int)
+    rows = [[k, fmt_acc(before.get(k)), fmt_acc(after.get(k)),
+             fmt_points(100 * (after[k] - before[k])) if k in before and k in after else "n/a"]
+            for k in ks]
+    lines += table(["K", "Recall@K before (Phase A)", f"Recall@K after (Phase B, {b.get('mining')})",
+                    "change (points)"], rows)
+    lines += [f"Recall@1 chance level: **{fmt_acc(r.get('recall_at_1_chance'))}** (probability that "
+              f"a random other test image has the query's class).", "",
+              f"Phase A (classifier, cross-entropy): holdout top-1 {fmt_acc(a.get('holdout_acc'))}, "
+              f"best epoch / epochs run {fmt_epochs(a)}, train time {fmt_1(a.get('train_time_s'))} s. "
+              f"Phase B (Multi-Similarity, {b.get('mining')} mining): holdout Recall@1 "
+              f"{fmt_acc(b.get('holdout_r1'))}, best epoch / epochs run {fmt_epochs(b)}, train time "
+              f"{fmt_1(b.get('train_time_s'))} s.", ""]
+    lines += mining_lines(r)
+    lines += figs.copy(run.path / "retrieval.png", figure_name(run.name, "retrieval.png"),
+                       "test queries and their nearest neighbours (green: same class)")
+    return lines
+
+
+def mining_lines(r: dict) -> list[str]:
+    entries = r.get("mining_comparison") or []
+    main = (r.get("phase_b") or {}).get("mining")
+    if len(entries) < 2:
+        return ["Mining comparison: not run (use `--compare-mining`).", ""]
+    ks = sorted({k for e in entries for k in (e.get("test_recall") or {})}, key=int)
+    rows = [[e.get("mining") + (" (main)" if e.get("mining") == main else "")]
+            + [fmt_acc((e.get("test_recall") or {}).get(k)) for k in ks]
+            + [fmt_acc(e.get("holdout_r1")), fmt_epochs(e), fmt_1(e.get("train_time_s"))]
+            for e in entries]
+    return ["Mining comparison (Phase B from the same Phase A weights):", ""] + table(
+        ["mining"] + [f"R@{k}" for k in ks] + ["holdout R@1", "best epoch / epochs run",
+                                               "train time (s)"], rows)
+
+
+# ---------------------------------------------------------------- curves
+def plot_classifier_curves(runs: Sequence[Run], path: Path) -> bool:
+    """Holdout top-1 and train loss per epoch of every T1/T2/T3 run on one figure."""
+    runs = [r for r in runs if r.history]
+    if not runs:
+        return False
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in runs:
+        epochs = [h.get("epoch") for h in r.history]
+        ax_acc.plot(epochs, [h.get("holdout_acc", math.nan) for h in r.history], marker=".", label=r.label)
+        ax_loss.plot(epochs, [h.get("train_loss", math.nan) for h in r.history], marker=".", label=r.label)
+    ax_acc.set(xlabel="epoch", ylabel="holdout top-1", title="holdout accuracy")
+    ax_loss.set(xlabel="epoch", ylabel="train loss", title="training loss (label-smoothed CE)")
+    _finish(fig, (ax_acc, ax_loss), path)
+    return True
+
+
+def plot_retrieval_curves(run: Run, path: Path) -> bool:
+    """Phase A holdout top-1 and Phase B holdout Recall@1 per epoch (one line per mining)."""
+    if not run.phases:
+        return False
+    fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, history in run.phases.items():
+        epochs = [h.get("epoch") for h in history]
+        if name == "phase_a":
+            ax_a.plot(epochs, [h.get("holdout_acc", math.nan) for h in history], marker=".", label=name)
+        else:
+            ax_b.plot(epochs, [h.get("holdout_r1", math.nan) for h in history], marker=".", label=name)
+    ax_a.set(xlabel="epoch", ylabel="holdout top-1", title="Phase A (classifier)")
+    ax_b.set(xlabel="epoch", ylabel="holdout Recall@1", title="Phase B (Multi-Similarity)")
+    _finish(fig, (ax_a, ax_b), path)
+    return True
+
+
+def _finish(fig, axes, path: Path) -> None:
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def section_curves(runs: RunsFolder, figs: Figures) -> list[str]:
+    lines = ["## Training curves", ""]
+    if not runs.classifiers and not runs.retrievals:
+        return lines + [f"No finished run: {NOT_RUN}.", ""]
+    if plot_classifier_curves(runs.classifiers, figs.path("classifiers_holdout.png")):
+        lines += ["T1 / T2 / T3 together (holdout top-1 per epoch, left):", ""]
+        lines += figs.link(figs.path("classifiers_holdout.png"), "holdout accuracy per epoch")
+    for run in runs.retrievals:
+        name = figure_name(run.name, "phases.png")
+        if plot_retrieval_curves(run, figs.path(name)):
+            lines += [f"T4 `{run.name}`, Phase A and Phase B:", ""]
+            lines += figs.link(figs.path(name), "T4 holdout scores per epoch")
+    lines += ["Per-run curves (loss and accuracy / recall per epoch, as written by each run):", ""]
+    for run in runs.classifiers:
+        lines += [f"**{run.label}**", ""]
+        lines += figs.copy(run.path / "curves.png", figure_name(run.name, "curves.png"),
+                           f"{run.name} curves")
+    for run in runs.retrievals:
+        for phase in run.phases:
+            lines += [f"**{run.label} / {phase}**", ""]
+            lines += figs.copy(run.path / phase / "curves.png",
+                               figure_name(f"{run.name}/{phase}", "curves.png"),
+                               f"{run.name}/{phase} curves")
+    return lines
+
+
+# ---------------------------------------------------------------- training strategies
+def random_area() -> str:
+    """The loader's random-resized-crop area range (a code default, not in results.json)."""
+    try:
+        from common.loader import ImageLoader
+        lo, hi = inspect.signature(ImageLoader.__init__).parameters["random_area"].default
+        return f"{lo:g}-{hi:g}"
+    except Exception:  # noqa: BLE001 - the report must still be written
+        return "n/a"
+
+
+def optimiser(name: Any) -> str:
+    return {"sgd": "SGD, Nesterov momentum", "adamw": "AdamW"}.get(name, fmt_setting(name))
+
+
+def classifier_recipe(args: dict, area: str) -> dict[str, str]:
+    jitter = args.get("color_jitter") or 0.0
+    return {
+        "augmentation": (f"random-resized-crop to {fmt_setting(args.get('image_size'))} px "
+                         f"(area {area} of the image), random horizontal flip, "
+                         + (f"colour jitter ±{fmt_setting(jitter)} (brightness, contrast, saturation)"
+                            if jitter else "no colour jitter")),
+        "optimiser": optimiser(args.get("optimizer")),
+        "peak LR": fmt_setting(args.get("lr")),
+        "schedule": f"linear warmup {fmt_setting(args.get('warmup_epochs'))} epochs, then cosine decay",
+        "weight decay": f"{fmt_setting(args.get('weight_decay'))} (not on biases / norms)",
+        "label smoothing": fmt_setting(args.get("label_smoothing")),
+        "batch size": f"{fmt_setting(args.get('batch_size'))} per process",
+        "epochs (max)": fmt_setting(args.get("epochs")),
+        "early stopping": (f"patience {fmt_setting(args.get('patience'))} epochs "
+                           f"(min delta {fmt_setting(args.get('min_delta'))})"),
+        "holdout": f"{fmt_setting(args.get('holdout_per_class'))} train images per class",
+        "gradient clipping": fmt_setting(args.get("grad_clip")) if args.get("grad_clip") else "off",
+        "width": fmt_setting(args.get("width")),
+        "dropout": fmt_setting(args.get("dropout")) if "dropout" in args else "-",
+        "seed": fmt_setting(args.get("seed")),
+        "smoke run": fmt_setting(bool(args.get("smoke"))),
+    }
+
+
+def embedding_recipe(r: dict) -> dict[str, str]:
+    args = r.get("args") or {}
+    return {
+        "init": fmt_setting(r.get("init")) + (f" ({r['init_source']})" if r.get("init_source") else ""),
+        "loss": (f"Multi-Similarity: alpha {fmt_setting(args.get('alpha'))}, beta "
+                 f"{fmt_setting(args.get('beta'))}, lambda {fmt_setting(args.get('lam'))}, "
+                 f"epsilon {fmt_setting(args.get('epsilon'))}"),
+        "mining": fmt_setting(args.get("mining")) + (" (+ all others compared)"
+                                                     if args.get("compare_mining") else ""),
+        "batches (P x K)": (f"{fmt_setting(args.get('classes_per_batch'))} classes x "
+                            f"{fmt_setting(args.get('images_per_class'))} images"),
+        "embedding": f"{fmt_setting(args.get('embedding_dim'))}-d linear, L2-normalised",
+        "optimiser": optimiser(args.get("embed_optimizer")),
+        "LR": fmt_setting(args.get("embed_lr")),
+        "weight decay": fmt_setting(args.get("embed_weight_decay")),
+        "epochs (max)": fmt_setting(args.get("embed_epochs")),
+        "early stopping": (f"patience {fmt_setting(args.get('patience'))} epochs on holdout Recall@1"),
+    }
+
+
+def recipe_table(named: Sequence[tuple[str, dict[str, str]]]) -> list[str]:
+    """Rows = settings, one column per group of runs sharing the same recipe."""
+    groups: list[tuple[list[str], dict[str, str]]] = []
+    for name, recipe in named:
+        for names, other in groups:
+            if other == recipe:
+                names.append(name)
+                break
+        else:
+            groups.append(([name], recipe))
+    keys = list(dict.fromkeys(k for _, rec in groups for k in rec))
+    return table(["setting"] + [", ".join(names) for names, _ in groups],
+                 [[k] + [rec.get(k, "-") for _, rec in groups] for k in keys])
+
+
+def section_strategies(runs: RunsFolder) -> list[str]:
+    lines = ["## Training strategies (from each run's args)", ""]
+    if not runs.classifiers and not runs.retrievals:
+        return lines + [f"No finished run: {NOT_RUN}.", ""]
+    area = random_area()
+    if runs.classifiers:
+        lines += ["Classifiers (T1 / T2 / T3): label-smoothed cross-entropy; the best holdout "
+                  "epoch's weights are tested once.", ""]
+        lines += recipe_table([(r.label, classifier_recipe(r.args, area)) for r in runs.classifiers])
+    for run in runs.retrievals:
+        lines += [f"T4 `{run.label}`, Phase A (classifier on the train classes):", ""]
+        lines += recipe_table([(run.label, classifier_recipe(run.args, area))])
+        lines += [f"T4 `{run.label}`, Phase B (metric learning):", ""]
+        lines += recipe_table([(run.label, embedding_recipe(run.results))])
+    lines += [f"The crop area range ({area}) is the loader's default (common/loader.py), "
+              "not stored in results.json.", ""]
+    return lines
+
+
+# ---------------------------------------------------------------- the report
+def render(runs: RunsFolder, figs: Figures) -> str:
+    all_runs = runs.classifiers + runs.retrievals
+    lines = ["# Report", "",
+             f"Built by `python -m common.report` from `{runs.root}`. Numbers are copied from the "
+             "runs' JSON files and rounded: accuracies, recalls and chance levels to 4 decimals, "
+             "differences to 2 decimals in percentage points, times to 1 decimal (seconds); "
+             "parameter counts are exact.", ""]
+    if any(r.smoke for r in all_runs):
+        lines += [f"> **WARNING: this report contains SMOKE runs ({SMOKE_BANNER}).** They are "
+                  "marked SMOKE below.", ""]
+    lines += section_status(runs)
+    lines += section_architectures(runs)
+    lines += section_classifiers(runs)
+    lines += section_placements(runs, figs)
+    lines += section_retrieval(runs, figs)
+    lines += section_curves(runs, figs)
+    lines += section_strategies(runs)
+    if runs.problems:
+        lines += ["## Problems while reading", ""] + [f"- {p}" for p in runs.problems] + [""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def build_report(runs_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Write the report (and its figures); returns the REPORT.md path."""
+    runs_dir = Path(runs_dir)
+    out = Path(out) if out else runs_dir / "REPORT.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs = collect(runs_dir)
+    figs = Figures(out)
+    out.write_text(render(runs, figs))
+    write_pdf(out)
+    return out
+
+
+def write_pdf(markdown: Path) -> Path | None:
+    """REPORT.pdf via pandoc if it is installed (needs a LaTeX engine too); optional."""
+    if shutil.which("pandoc") is None:
+        return None
+    pdf = markdown.with_suffix(".pdf")
+    try:
+        proc = subprocess.run(["pandoc", markdown.name, "-o", pdf.name], cwd=markdown.parent,
+                              capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        print(f"pandoc could not write {pdf} (optional): {proc.stderr.strip()[:300]}")
+        return None
+    return pdf
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Write REPORT.md from the runs folder.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("runs", nargs="?", default="runs", help="the runs folder to read")
+    p.add_argument("--out", default=None, help="report path (default: <runs>/REPORT.md); "
+                                               "figures go to report_figures/ next to it")
+    return p
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
+    if not Path(args.runs).is_dir():
+        build_parser().error(f"runs folder not found: {args.runs}")
+    out = build_report(args.runs, args.out)
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

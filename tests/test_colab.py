@@ -1,0 +1,122 @@
+"""colab.ipynb: valid nbformat-4 JSON without outputs, and every `!python ...` command in it
+is accepted by the parser of the script (or module) it runs.
+
+The scripts build their parser inside main(); the test captures it by replacing
+`common.cli.parse` for one call, then parses the notebook's arguments with it, so unknown
+flags, bad choices and bad types all fail here instead of on Colab.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import io
+import json
+import shlex
+from pathlib import Path
+
+import pytest
+
+from common import cli, report
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "colab.ipynb"
+
+
+def load_notebook() -> dict:
+    return json.loads(NOTEBOOK.read_text())
+
+
+def source(cell: dict) -> str:
+    src = cell["source"]
+    return src if isinstance(src, str) else "".join(src)
+
+
+def python_commands() -> list[list[str]]:
+    """Each `!python ...` line of the code cells, split like a shell would (without 'python')."""
+    commands = []
+    for cell in load_notebook()["cells"]:
+        if cell["cell_type"] != "code":
+            continue
+        for line in source(cell).splitlines():
+            line = line.strip()
+            if line.startswith("!python "):
+                commands.append(shlex.split(line[len("!python "):]))
+    return commands
+
+
+class _Captured(Exception):
+    pass
+
+
+def script_parser(script: str, monkeypatch: pytest.MonkeyPatch) -> argparse.ArgumentParser:
+    """The argparse parser `script`'s main() builds, without running anything else."""
+    module = importlib.import_module(Path(script).stem)
+    captured = {}
+
+    def capture(parser: argparse.ArgumentParser, argv=None):
+        captured["parser"] = parser
+        raise _Captured
+
+    with monkeypatch.context() as m:
+        m.setattr(cli, "parse", capture)
+        with pytest.raises(_Captured):
+            module.main([])
+    return captured["parser"]
+
+
+def parser_for(command: list[str], monkeypatch: pytest.MonkeyPatch) -> tuple[argparse.ArgumentParser, list[str]]:
+    if command[0] == "-m":
+        assert command[1] == "common.report", f"unexpected module in the notebook: {command}"
+        return report.build_parser(), command[2:]
+    assert (ROOT / command[0]).is_file(), f"no script {command[0]}"
+    return script_parser(command[0], monkeypatch), command[1:]
+
+
+def test_notebook_is_nbformat4_json_without_outputs():
+    nb = load_notebook()
+    assert nb["nbformat"] == 4 and isinstance(nb["nbformat_minor"], int)
+    assert nb["metadata"]["kernelspec"]["language"] == "python"
+    ids = [c.get("id") for c in nb["cells"]]
+    if nb["nbformat_minor"] >= 5:
+        assert all(ids) and len(set(ids)) == len(ids)
+    for cell in nb["cells"]:
+        assert cell["cell_type"] in ("markdown", "code")
+        assert isinstance(cell["metadata"], dict)
+        assert isinstance(cell["source"], (str, list))
+        if cell["cell_type"] == "code":
+            assert cell["outputs"] == [] and cell["execution_count"] is None
+        else:
+            assert "outputs" not in cell and "execution_count" not in cell
+
+
+def test_notebook_runs_every_task_and_the_report():
+    commands = [" ".join(c) for c in python_commands()]
+    for expected in ("t1_custom_cnn.py", "t2_resnet18.py", "t3_cubs.py --placement all",
+                     "t4_retrieval.py --data-dir data/cars196", "-m common.report runs"):
+        assert expected in commands, f"missing cell: !python {expected}"
+    text = "\n".join(source(c) for c in load_notebook()["cells"])
+    assert "REPO_URL" in text and "pip install -q -r requirements.txt" in text
+    assert "drive.mount" in text and "os.symlink(DRIVE_RUNS, \"runs\")" in text
+    assert "runs/<task>/last.pt" in text  # the resume note
+    assert "cars_annos.mat" in text and "devkit/cars_meta.mat" in text  # both Cars196 layouts
+
+
+@pytest.mark.parametrize("command", python_commands(), ids=" ".join)
+def test_every_command_line_is_accepted_by_its_parser(command, monkeypatch):
+    if command[0] == "-c":  # inline Python: at least it must compile
+        compile(command[1], "<notebook -c>", "exec")
+        return
+    parser, args = parser_for(command, monkeypatch)
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            parser.parse_args(args)
+    except SystemExit:
+        pytest.fail(f"`python {' '.join(command)}` is rejected: {err.getvalue()}")
+
+
+def test_a_wrong_flag_would_be_caught(monkeypatch):
+    parser, _ = parser_for(["t3_cubs.py"], monkeypatch)
+    with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
+        parser.parse_args(["--placements", "all"])

@@ -1,0 +1,404 @@
+"""common.report: REPORT.md from a runs folder.
+
+Most checks run on a hand-made runs folder (JSON written here, tiny models), so they need no
+training. One test builds the report from the four scripts' real smoke runs: the session
+fixture `runs` of tests/conftest.py, or, to reuse smoke runs made earlier with the same
+commands, the folder named by the environment variable REPORT_SMOKE_RUNS.
+
+Every number checked is compared as text with the JSON value formatted at the report's
+documented precision (common/report.py docstring): 4 decimals for accuracies, recalls and
+chance, +2 decimals for point differences, comma-grouped exact parameter counts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from common import report
+from common.cubs import cubs_resnet18
+from common.models import ResNet18
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- reading the Markdown back
+def md_tables(text: str) -> list[list[dict[str, str]]]:
+    """Every Markdown table as a list of {header: cell} rows."""
+    lines, tables, i = text.splitlines(), [], 0
+    split = lambda line: [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]  # noqa: E731
+    while i < len(lines) - 1:
+        if lines[i].startswith("|") and re.fullmatch(r"\|(---\|)+", lines[i + 1]):
+            header, i = split(lines[i]), i + 2
+            rows = []
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append(dict(zip(header, split(lines[i]))))
+                i += 1
+            tables.append(rows)
+        else:
+            i += 1
+    return tables
+
+
+def find_tables(text: str, *headers: str) -> list[list[dict[str, str]]]:
+    found = [t for t in md_tables(text) if t and all(h in t[0] for h in headers)]
+    assert found, f"no table with columns {headers}"
+    return found
+
+
+def acc(v: float) -> str:
+    return f"{v:.4f}"
+
+
+def run_name(cell: str) -> str:
+    return cell.removesuffix(" (SMOKE)")
+
+
+# ---------------------------------------------------------------- checks shared by both folders
+def check_classifier_rows(text: str, root: Path) -> int:
+    """Each T1/T2/T3 row of the results table equals its results.json; returns rows checked."""
+    rows = {run_name(r["run"]): r for r in find_tables(text, "test top-1", "holdout top-5", "device")[0]}
+    checked = 0
+    for path in sorted(root.rglob("results.json")):
+        r = json.loads(path.read_text())
+        if r["task"] not in ("t1", "t2", "t3"):
+            continue
+        row = rows[path.parent.relative_to(root).as_posix()]
+        assert row["test top-1"] == acc(r["test_acc"])
+        assert row["test top-5"] == acc(r["test_top5"])
+        assert row["holdout top-1"] == acc(r["holdout_acc"])
+        assert row["holdout top-5"] == acc(r["holdout_top5"])
+        assert row["params"] == f"{r['params']:,}"
+        assert row["best epoch / epochs run"] == f"{r['best_epoch']}/{r['epochs_run']}"
+        assert row["train time (s)"] == f"{r['train_time_s']:.1f}"
+        assert row["device"] == r["device"]
+        assert row["kind"] == ("SMOKE" if r["args"]["smoke"] else "real")
+        assert row["run"].endswith("(SMOKE)") == bool(r["args"]["smoke"])
+        checked += 1
+    assert checked == len(rows)
+    return checked
+
+
+def check_placements(text: str, c: dict) -> None:
+    """Placement table, winner, 2-point verdict and plus-vs-plain quoted from placements.json."""
+    table = find_tables(text, "placement", "variant", "selection")[0]
+    rows = {(r["placement"], r["variant"]): r for r in table}
+    for run in c["runs"]:
+        row = rows[run["placement"], run["variant"]]
+        assert row["holdout top-1"] == acc(run["holdout_acc"])
+        assert row["test top-1"] == acc(run["test_acc"])
+        assert row["test top-5"] == acc(run["test_top5"])
+        assert row["params"] == f"{run['params']:,}"
+        assert row["best epoch / epochs run"] == f"{run['best_epoch']}/{run['epochs_run']}"
+        selected = (run["placement"], run["variant"]) == (c["selected"]["placement"],
+                                                           c["selected"]["variant"])
+        assert (row["selection"] == "**selected**") == selected
+    if c["vanilla"]:
+        row = rows["vanilla ResNet-18 (T2)", "-"]
+        assert row["test top-1"] == acc(c["vanilla"]["test_acc"])
+        assert row["holdout top-1"] == acc(c["vanilla"]["holdout_acc"])
+    s = c["selected"]
+    assert (f"**Winner** (selected by `{c['selected_by']}`, never by test): **{s['placement']}** "
+            f"({s['variant']}), holdout top-1 {acc(s['holdout_acc'])}, "
+            f"test top-1 {acc(s['test_acc'])}.") in text
+    if c["at_par"]:
+        verdict = "HOLDS" if c["at_par"]["holds"] else "DOES NOT HOLD"
+        assert f"**2-point check: {verdict}.**" in text
+        assert ("DOES NOT HOLD" in text) != c["at_par"]["holds"]
+        assert f"{c['at_par']['points_below_vanilla']:+.2f} points below vanilla" in text
+        assert c["at_par"]["rule"] in text
+    else:
+        assert "**2-point check: not made**" in text
+    if c["plus_vs_plain"]:
+        pairs = {r["placement"]: r for r in find_tables(text, "plain test top-1", "gain (points)")[0]}
+        for p in c["plus_vs_plain"]:
+            row = pairs[p["placement"]]
+            assert row["plain test top-1"] == acc(p["plain_test_acc"])
+            assert row["plus test top-1"] == acc(p["plus_test_acc"])
+            assert row["gain (points)"] == f"{p['gain_points']:+.2f}"
+    else:
+        assert "Plus vs plain: not run" in text
+
+
+def check_retrieval(text: str, r: dict) -> None:
+    """Recall@K before/after per K, chance level and the mining comparison."""
+    table = find_tables(text, "K", "Recall@K before (Phase A)")[0]
+    after_col = f"Recall@K after (Phase B, {r['phase_b']['mining']})"
+    rows = {row["K"]: row for row in table}
+    assert sorted(rows, key=int) == sorted(r["phase_a"]["test_recall"], key=int) == ["1", "2", "4", "8"]
+    for k, before in r["phase_a"]["test_recall"].items():
+        after = r["phase_b"]["test_recall"][k]
+        assert rows[k]["Recall@K before (Phase A)"] == acc(before)
+        assert rows[k][after_col] == acc(after)
+        assert rows[k]["change (points)"] == f"{100 * (after - before):+.2f}"
+    assert f"Recall@1 chance level: **{acc(r['recall_at_1_chance'])}**" in text
+    mining = {row["mining"].removesuffix(" (main)"): row
+              for row in find_tables(text, "mining", "R@1", "holdout R@1")[0]}
+    assert sorted(mining) == sorted(m["mining"] for m in r["mining_comparison"])
+    for m in r["mining_comparison"]:
+        row = mining[m["mining"]]
+        for k, v in m["test_recall"].items():
+            assert row[f"R@{k}"] == acc(v)
+        assert row["holdout R@1"] == acc(m["holdout_r1"])
+        assert row["best epoch / epochs run"] == f"{m['best_epoch']}/{m['epochs_run']}"
+    assert f"holdout Recall@1 {acc(r['phase_b']['holdout_r1'])}" in text
+    assert f"holdout top-1 {acc(r['phase_a']['holdout_acc'])}" in text
+
+
+def check_figures(text: str, report_path: Path) -> list[str]:
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert links
+    for link in links:
+        assert not Path(link).is_absolute() and link.startswith("report_figures/")
+        assert (report_path.parent / link).is_file(), link
+    return links
+
+
+# ---------------------------------------------------------------- a hand-made runs folder
+ARGS = {"data_dir": "./data", "epochs": 3, "batch_size": 16, "lr": 0.05, "weight_decay": 0.0005,
+        "optimizer": "sgd", "warmup_epochs": 1.0, "label_smoothing": 0.1, "patience": 4,
+        "min_delta": 0.0, "grad_clip": 0.0, "holdout_per_class": 5, "image_size": 32,
+        "color_jitter": 0.4, "width": 8, "workers": 0, "backend": "torch", "device": "cpu",
+        "compile": None, "seed": 0, "fresh": False, "no_download": False, "smoke": False,
+        "stop_after_epoch": None}
+
+
+def write(path: Path, data) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    else:
+        path.write_text(data if isinstance(data, str) else json.dumps(data))
+
+
+def history(n: int, key: str = "holdout_acc") -> str:
+    return "".join(json.dumps({"epoch": e, "train_loss": 2.0 / e, "lr": 0.05, key: 0.1 * e}) + "\n"
+                   for e in range(1, n + 1))
+
+
+def classifier(task: str, model: str, test: float, holdout: float, **extra) -> dict:
+    return {"task": task, "model": model, "num_classes": 5, "width": 8, "image_size": 32,
+            "params": 123456, "test_acc": test, "test_top5": 0.912345, "test_loss": 1.0,
+            "test_images": 50, "holdout_acc": holdout, "holdout_top5": 0.987654, "best_epoch": 2,
+            "epochs_run": 3, "stopped_early": False, "train_time_s": 12.345, "images_per_s": 99.94,
+            "device": "cpu", "loader": "torch", "finished": True, "args": dict(ARGS), **extra}
+
+
+def make_runs(root: Path) -> dict:
+    """T1 unfinished (metrics only), T2 real, T3 with placements.json, T4 a smoke run."""
+    write(root / "t1" / "metrics.jsonl", history(2))
+    t2 = classifier("t2", "resnet18", 0.456789, 0.51234)
+    write(root / "t2" / "results.json", t2)
+    write(root / "t2" / "metrics.jsonl", history(3))
+    write(root / "t2" / "curves.png", b"png")
+    t3_runs = []
+    for placement, variant, test, holdout in (("serial", "plain", 0.40004, 0.55555),
+                                              ("reverse", "plain", 0.43216, 0.61115),
+                                              ("serial", "plus", 0.44449, 0.66665)):
+        r = classifier("t3", f"cubs_resnet18_{placement}_{variant}", test, holdout,
+                       placement=placement, variant=variant, d=32)
+        write(root / "t3" / f"{placement}_{variant}" / "results.json", r)
+        write(root / "t3" / f"{placement}_{variant}" / "metrics.jsonl", history(3))
+        write(root / "t3" / f"{placement}_{variant}" / "curves.png", b"png")
+        t3_runs.append({k: r[k] for k in ("placement", "variant", "holdout_acc", "test_acc",
+                                          "test_top5", "params", "best_epoch", "epochs_run")})
+    placements = {
+        "selected_by": "holdout_acc", "runs": t3_runs, "selected": t3_runs[1],
+        "best_overall": t3_runs[2], "vanilla": {"test_acc": t2["test_acc"],
+                                                "holdout_acc": t2["holdout_acc"],
+                                                "source": "runs/t2/results.json"},
+        "at_par": {"holds": False, "points_below_vanilla": 2.4629,
+                   "rule": "selected CUBS test accuracy >= vanilla - 2.0 points"},
+        "plus_vs_plain": [{"placement": "serial", "plain_test_acc": 0.40004,
+                           "plus_test_acc": 0.44449, "gain_points": 4.445}]}
+    write(root / "t3" / "placements.json", placements)
+    write(root / "t3" / "placements.png", b"png")
+    recall = lambda base: {k: min(1.0, base + 0.1 * i) for i, k in enumerate(["1", "2", "4", "8"])}  # noqa: E731
+    mining = [{"mining": m, "test_recall": recall(b), "holdout_r1": b + 0.01, "best_epoch": 2,
+               "epochs_run": 3, "train_time_s": 4.5} for m, b in (("ms", 0.41234), ("none", 0.35678))]
+    t4 = {"task": "t4", "placement": "reverse", "variant": "plain", "init": "scratch",
+          "test_images": 192, "test_classes": 8, "train_images": 150, "train_classes": 4,
+          "recall_at_1_chance": 23 / 191,
+          "phase_a": {"test_recall": recall(0.25555), "holdout_acc": 0.4321, "best_epoch": 3,
+                      "epochs_run": 4, "train_time_s": 9.87},
+          "phase_b": mining[0], "mining_comparison": mining, "device": "cpu", "loader": "torch",
+          "finished": True,
+          "args": {**ARGS, "smoke": True, "image_size": 32, "embedding_dim": 16, "mining": "ms",
+                   "compare_mining": True, "alpha": 2.0, "beta": 50.0, "lam": 0.5, "epsilon": 0.1,
+                   "classes_per_batch": 4, "images_per_class": 4, "embed_optimizer": "adamw",
+                   "embed_lr": 0.001, "embed_weight_decay": 0.0001, "embed_epochs": 3}}
+    write(root / "t4" / "results.json", t4)
+    write(root / "t4" / "retrieval.png", b"png")
+    for phase, key in (("phase_a", "holdout_acc"), ("phase_b_ms", "holdout_r1"),
+                       ("phase_b_none", "holdout_r1")):
+        write(root / "t4" / phase / "metrics.jsonl", history(3, key))
+        write(root / "t4" / phase / "curves.png", b"png")
+    return {"t2": t2, "placements": placements, "t4": t4}
+
+
+@pytest.fixture(scope="module")
+def handmade(tmp_path_factory) -> tuple[Path, dict, Path, str]:
+    root = tmp_path_factory.mktemp("handmade_runs")
+    data = make_runs(root)
+    out = report.build_report(root)
+    return root, data, out, out.read_text()
+
+
+def test_default_output_is_report_md_with_figures_next_to_it(handmade):
+    root, _, out, text = handmade
+    assert out == root / "REPORT.md"
+    links = check_figures(text, out)
+    names = {Path(link).name for link in links}
+    assert {"classifiers_holdout.png", "t4__phases.png", "t3__placements.png", "t4__retrieval.png",
+            "t2__curves.png", "t4__phase_b_none__curves.png"} <= names
+
+
+def test_classifier_table_numbers_equal_the_json(handmade):
+    root, _, _, text = handmade
+    assert check_classifier_rows(text, root) == 4  # t2 + three t3 runs
+
+
+def test_missing_and_unfinished_runs_are_not_invented(handmade):
+    _, _, _, text = handmade
+    status = {r["task"]: r for r in find_tables(text, "task", "status")[0]}
+    assert status["T1"]["status"] == "not run yet"
+    assert status["T2"]["status"] == "finished (1 run: real)"
+    assert status["T4"]["status"] == "finished (1 run: SMOKE)"
+    assert "- T1 custom CNN (Tiny ImageNet): **not run yet**" in text
+    unfinished = find_tables(text, "folder", "epochs logged")[0]
+    assert unfinished == [{"folder": "`t1`", "epochs logged": "2",
+                           "last holdout score": "holdout_acc 0.2000 (epoch 2)"}]
+    assert "custom_cnn" not in text  # no T1 model summarised, no T1 row
+    assert "## Problems while reading" not in text
+
+
+def test_smoke_runs_are_labelled_and_real_ones_are_not(handmade):
+    _, _, _, text = handmade
+    assert report.SMOKE_BANNER == "smoke run on generated data, not a real result"
+    assert f"> **WARNING: this report contains SMOKE runs ({report.SMOKE_BANNER}).**" in text
+    t4 = text[text.index("## T4"):text.index("## Training curves")]
+    assert f"**SMOKE: {report.SMOKE_BANNER}** (`t4`)" in t4
+    classifiers = text[text.index("## T1 / T2 / T3"):text.index("## T3: placement")]
+    assert "SMOKE: " not in classifiers  # T2 and T3 are real here
+
+
+def test_placement_comparison_winner_and_two_point_check(handmade):
+    _, data, _, text = handmade
+    check_placements(text, data["placements"])
+    best = data["placements"]["best_overall"]
+    assert (f"Best run over all variants by holdout: serial (plus), holdout top-1 "
+            f"{acc(best['holdout_acc'])}, test top-1 {acc(best['test_acc'])}.") in text
+
+
+def test_recall_before_after_chance_and_mining(handmade):
+    _, data, _, text = handmade
+    check_retrieval(text, data["t4"])
+    assert "| ms (main) |" in text
+
+
+def test_architecture_rows_rebuild_the_models(handmade):
+    _, _, _, text = handmade
+    rows = {r["model"]: r for r in find_tables(text, "conv", "GFLOPs / image")[0]}
+    resnet = rows["resnet18"]
+    assert (resnet["conv"], resnet["linear"], resnet["CUBS attention blocks"]) == ("20", "1", "0")
+    assert resnet["params (results.json)"] == "123,456"  # the JSON's value, as written
+    assert resnet["params (rebuilt)"] == f"{sum(p.numel() for p in ResNet18(5, width=8).parameters()):,}"
+    assert resnet["input"] == "3 x 32 x 32"
+    cubs = rows["cubs_resnet18_reverse_plain"]
+    assert (cubs["conv"], cubs["linear"], cubs["CUBS attention blocks"]) == ("28", "33", "16")
+    built = cubs_resnet18(5, placement="reverse", width=8, d=32)
+    assert cubs["params (rebuilt)"] == f"{sum(p.numel() for p in built.parameters()):,}"
+    assert float(cubs["GFLOPs / image"]) > float(resnet["GFLOPs / image"]) > 0
+    phase_a = rows["cubs_resnet18_reverse_plain (Phase A classifier)"]
+    phase_b = rows["cubs_resnet18_reverse_plain (Phase B embedding)"]
+    assert phase_a["params (results.json)"] == "n/a"  # T4 stores none: not invented
+    assert int(phase_b["params (rebuilt)"].replace(",", "")) > int(phase_a["params (rebuilt)"].replace(",", ""))
+
+
+def test_training_strategies_come_from_the_args(handmade):
+    _, _, _, text = handmade
+    table = find_tables(text, "setting")[0]  # runs with equal recipes share one column
+    column = next(h for h in table[0] if h.split(", ")[0] == "t2")
+    assert column == "t2, t3/reverse_plain, t3/serial_plain, t3/serial_plus"
+    rows = {r["setting"]: {"t2": r[column]} for r in table}
+    assert rows["peak LR"]["t2"] == "0.05"
+    assert rows["weight decay"]["t2"].startswith("0.0005")
+    assert rows["label smoothing"]["t2"] == "0.1"
+    assert rows["batch size"]["t2"] == "16 per process"
+    assert rows["early stopping"]["t2"] == "patience 4 epochs (min delta 0)"
+    assert "colour jitter ±0.4" in rows["augmentation"]["t2"]
+    assert rows["schedule"]["t2"] == "linear warmup 1 epochs, then cosine decay"
+    phase_a, phase_b = find_tables(text, "setting", "t4 (SMOKE)")  # T4 Phase A, then Phase B
+    assert {r["setting"]: r["t4 (SMOKE)"] for r in phase_a}["peak LR"] == "0.05"
+    rows_b = {r["setting"]: r["t4 (SMOKE)"] for r in phase_b}
+    assert rows_b["loss"] == "Multi-Similarity: alpha 2, beta 50, lambda 0.5, epsilon 0.1"
+    assert rows_b["batches (P x K)"] == "4 classes x 4 images"
+    assert rows_b["LR"] == "0.001" and rows_b["optimiser"] == "AdamW"
+
+
+def test_empty_folder_says_not_run_yet_everywhere(tmp_path):
+    out = report.build_report(tmp_path, tmp_path / "elsewhere" / "R.md")
+    text = out.read_text()
+    status = find_tables(text, "task", "status")[0]
+    assert [r["status"] for r in status] == ["not run yet"] * 4
+    assert "SMOKE" not in text and "![" not in text
+    assert (tmp_path / "elsewhere" / "report_figures").is_dir()
+
+
+def test_cli_imports_without_dali_and_honours_out(tmp_path):
+    make_runs(tmp_path / "runs")
+    (tmp_path / "runs" / "t4" / "results.json").unlink()  # keep the subprocess quick
+    code = ("import sys; sys.modules['nvidia'] = None\n"
+            "from common.report import main\n"
+            f"main([{str(tmp_path / 'runs')!r}, '--out', {str(tmp_path / 'doc' / 'REPORT.md')!r}])\n"
+            "assert not any(m.startswith('nvidia') and sys.modules[m] for m in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (tmp_path / "doc" / "REPORT.md").read_text()
+    check_figures(text, tmp_path / "doc" / "REPORT.md")
+    assert "## T4" in text and "**not run yet**" in text
+    assert not (tmp_path / "runs" / "REPORT.md").exists()
+
+
+# ---------------------------------------------------------------- the real smoke runs
+@pytest.fixture(scope="session")
+def smoke_runs(request) -> Path:
+    """$REPORT_SMOKE_RUNS if set (smoke runs made earlier), else test_scripts.py's `runs`."""
+    reuse = os.environ.get("REPORT_SMOKE_RUNS")
+    if reuse:
+        assert (Path(reuse) / "t4" / "results.json").is_file(), f"incomplete smoke runs in {reuse}"
+        return Path(reuse)
+    return request.getfixturevalue("runs")
+
+
+def test_report_of_the_four_smoke_runs_quotes_every_number(smoke_runs, tmp_path):
+    out = report.build_report(smoke_runs, tmp_path / "REPORT.md")  # the runs folder is left as is
+    text = out.read_text()
+    assert check_classifier_rows(text, smoke_runs) == 5  # t1, t2 and three placements
+    check_placements(text, json.loads((smoke_runs / "t3" / "placements.json").read_text()))
+    check_retrieval(text, json.loads((smoke_runs / "t4" / "results.json").read_text()))
+    links = check_figures(text, out)
+    assert len(links) >= 1 + 1 + 1 + 5 + 5  # combined, T4 phases, retrieval, 5 + 5 curves
+    status = {r["task"]: r["status"] for r in find_tables(text, "task", "status")[0]}
+    assert status == {"T1": "finished (1 run: SMOKE)", "T2": "finished (1 run: SMOKE)",
+                      "T3": "finished (3 runs: SMOKE)", "T4": "finished (1 run: SMOKE)"}
+    assert not (smoke_runs / "REPORT.md").exists()
+    assert "not run yet" not in text
+    assert f"**WARNING: this report contains SMOKE runs ({report.SMOKE_BANNER}).**" in text
+    for row in find_tables(text, "conv", "GFLOPs / image")[0]:  # rebuilt = trained model
+        if row["params (results.json)"] != "n/a":
+            assert row["params (rebuilt)"] == row["params (results.json)"], row
+    assert "## Problems while reading" not in text
+
+
+def test_flop_count_includes_the_fused_attention():
+    from common.cubs import CUBSBlock2
+    # 1 x 3 x 8 x 8 input, N = 64 positions: 1x1 conv 3 -> 3 (2*3*64*3 = 1152 FLOPs, bias not
+    # counted) + attention with head dim 1 (q k^T and a v: 2 * 2*64*64*1 = 16384 FLOPs).
+    assert report.count_flops(CUBSBlock2(3), 8) == 1152 + 16384
