@@ -20,9 +20,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = cli.training_parser(__doc__, out="runs/t1", epochs=60, batch_size=256, lr=0.2,
                                  weight_decay=5e-4)
     parser.add_argument("--dropout", type=float, default=0.2, help="before the classifier")
-    args = cli.parse(parser, argv)
-    if args.smoke:
-        cli.apply_smoke(args)
+    args = cli.parse(parser, argv)  # --smoke: small model, generated data, CPU
     rt = engine.setup_runtime(args.device, args.seed)
 
     # -- data

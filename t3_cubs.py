@@ -36,9 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--d", type=int, default=512, help="Block 1 similarity size")
     parser.add_argument("--vanilla-results", default="runs/t2/results.json",
                         help="T2 results to compare with (skipped if missing or mismatched)")
-    args = cli.parse(parser, argv)
-    if args.smoke:
-        cli.apply_smoke(args)
+    args = cli.parse(parser, argv)  # --smoke: small model, generated data, CPU
     rt = engine.setup_runtime(args.device, args.seed)
 
     # -- data (shared by every run)

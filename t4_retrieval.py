@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 
 from common import cli, data, engine
-from common.checkpoint import load_checkpoint, load_matching_tensors, load_model_state
-from common.classifier import count_parameters, describe_device, prefixed, write_json
+from common.checkpoint import load_checkpoint, load_matching_tensors
+from common.classifier import count_parameters, describe_device, fit_classifier, load_best, write_json
 from common.cubs import PLACEMENTS, VARIANTS, cubs_resnet18
 from common.loader import ImageLoader
 from common.loss import MINING_CHOICES, multi_similarity_loss
@@ -60,11 +60,10 @@ def main(argv: list[str] | None = None) -> dict:
     a("--beta", type=float, default=50.0)
     a("--lam", type=float, default=0.5)
     a("--epsilon", type=float, default=0.1)
-    args = cli.parse(p, argv)
-    if args.smoke:
-        cli.apply_smoke(args, image_size=64, epochs=6, embed_epochs=4, embed_lr=1e-3,
-                        classes_per_batch=4, images_per_class=4, compare_mining=True,
-                        holdout_per_class=4, batch_size=32)
+    args = cli.parse(p, argv, smoke=dict(image_size=64, epochs=6, embed_epochs=4, embed_lr=1e-3,
+                                         classes_per_batch=4, images_per_class=4,
+                                         compare_mining=True, holdout_per_class=4,
+                                         batch_size=32))
     rt = engine.setup_runtime(args.device, args.seed)
     out = Path(args.out)
     placement, variant, t3_best = t3_selection(args)
@@ -92,13 +91,10 @@ def main(argv: list[str] | None = None) -> dict:
               f"{len(splits.test.files)} test images of {len(splits.test.classes)} unseen classes")
 
     # -- Phase A: classifier, then Recall@K of its pooled features on the unseen classes
-    fitted_a = engine.fit(
-        model, loaders.train, engine.classification_step(args.label_smoothing),
-        lambda m: prefixed(engine.evaluate_classifier(m, loaders.holdout, rt), "holdout"),
-        cli.fit_config(args, rt.cuda), out / "phase_a", rt, meta)
+    fitted_a = fit_classifier(model, loaders, args, rt, meta, out / "phase_a")
     if not fitted_a["finished"]:
         return {"finished": False}
-    load_model_state(model, load_checkpoint(out / "phase_a" / "best.pt")["model"], "phase_a/best.pt")
+    load_best(model, out / "phase_a")
     recall_a = recall_at_k(*engine.embed(model.features, test_all, rt), ks=KS)
     if rt.is_main:
         print("Phase A (classifier features) test " + fmt(recall_a))
@@ -130,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "embedding_dim": args.embedding_dim}, score_key="holdout_r1")
         if not fitted["finished"]:
             return {"finished": False}
-        load_model_state(embedder, load_checkpoint(run_dir / "best.pt")["model"], run_dir / "best.pt")
+        load_best(embedder, run_dir)
         embeddings, labels = engine.embed(embedder, test_all, rt)
         phase_b[mining] = {"mining": mining, "test_recall": recall_at_k(embeddings, labels, ks=KS),
                            "holdout_r1": fitted["best_score"], "best_epoch": fitted["best_epoch"],

@@ -57,13 +57,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # allow `python bench/bench_train.py`
 
 from common.cubs import cubs_resnet18  # noqa: E402
 from common.engine import make_optimizer  # noqa: E402
+from common.flops import FLOP_FORMULAS  # noqa: E402
 from common.models import CustomCNN, ResNet18  # noqa: E402
 
 NUM_CLASSES = 200
@@ -179,25 +180,6 @@ def time_steps(step: Callable[[], object], device: torch.device, warmup: int, st
 
 
 # ---------------------------------------------------------------- FLOPs and MFU
-def _cpu_flash_forward_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    """FlopCounterMode formula for aten._scaled_dot_product_flash_attention_for_cpu."""
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _cpu_flash_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args,
-                             out_shape=None, **kwargs) -> int:
-    """FlopCounterMode formula for aten._scaled_dot_product_flash_attention_for_cpu_backward."""
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-# FlopCounterMode knows the CUDA SDPA kernels but not the CPU flash kernel that SDPA
-# dispatches to on CPU; count it with the same formulas.
-_EXTRA_FLOP_FORMULAS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_forward_flop,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_flash_backward_flop,
-}
-
-
 @dataclass(frozen=True)
 class FlopCount:
     """FLOPs of one training step, split at loss.backward()."""
@@ -220,9 +202,9 @@ def count_step_flops(model: nn.Module, images: Tensor, labels: Tensor,
     so e.g. nn.Linear at batch B counts 2*B*in*out forward and 2*B*in*out backward, or twice
     that backward when `images` requires grad. The model's gradients are cleared afterwards.
     """
-    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as forward:
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as forward:
         loss = F.cross_entropy(model(images).float(), labels, label_smoothing=label_smoothing)
-    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as backward:
+    with FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS) as backward:
         loss.backward()
     model.zero_grad(set_to_none=True)
     return FlopCount(forward.get_total_flops(), backward.get_total_flops())

@@ -26,6 +26,21 @@ def prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     return {f"{prefix}_{k}": v for k, v in metrics.items()}
 
 
+def fit_classifier(model: torch.nn.Module, loaders: Loaders, args: argparse.Namespace,
+                   rt: engine.Runtime, meta: dict[str, Any], out: str | Path) -> dict[str, Any]:
+    """engine.fit with label-smoothed cross-entropy, scored by holdout top-1 accuracy."""
+    return engine.fit(
+        model, loaders.train, engine.classification_step(args.label_smoothing),
+        lambda m: prefixed(engine.evaluate_classifier(m, loaders.holdout, rt), "holdout"),
+        cli.fit_config(args, rt.cuda), out, rt, meta)
+
+
+def load_best(model: torch.nn.Module, out: str | Path) -> None:
+    """Load out/best.pt's weights into `model` (the best holdout epoch)."""
+    path = Path(out) / "best.pt"
+    load_model_state(model, load_checkpoint(path)["model"], path)
+
+
 def train_and_test(model: torch.nn.Module, loaders: Loaders, args: argparse.Namespace,
                    rt: engine.Runtime, meta: dict[str, Any], out: str | Path) -> dict[str, Any]:
     """fit -> load best.pt -> evaluate on test -> write results.json (rank 0); returns it."""
@@ -35,14 +50,10 @@ def train_and_test(model: torch.nn.Module, loaders: Loaders, args: argparse.Name
         print(f"{meta['model']}: {params / 1e6:.2f}M parameters, {len(loaders.train.files)} train / "
               f"{len(loaders.holdout.files)} holdout / {len(loaders.test.files)} test images, "
               f"device {rt.device}, loader {loaders.train.backend}")
-    fitted = engine.fit(
-        model, loaders.train, engine.classification_step(args.label_smoothing),
-        lambda m: prefixed(engine.evaluate_classifier(m, loaders.holdout, rt), "holdout"),
-        cli.fit_config(args, rt.cuda), out, rt, meta)
+    fitted = fit_classifier(model, loaders, args, rt, meta, out)
     if not fitted["finished"]:
         return {"finished": False}
-    best = load_checkpoint(out / "best.pt")
-    load_model_state(model, best["model"], out / "best.pt")
+    load_best(model, out)
     test = engine.evaluate_classifier(model, loaders.test, rt)
     best_record = fitted["history"][fitted["best_epoch"] - 1]
     results = {

@@ -60,11 +60,15 @@ def apply_smoke(args: argparse.Namespace, **overrides) -> None:
             setattr(args, k, v)
 
 
-def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
-    """parse_args, also remembering which flags the user typed (so --smoke doesn't override them)."""
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None,
+          smoke: dict | None = None) -> argparse.Namespace:
+    """parse_args, then with --smoke apply the smoke settings (`apply_smoke` plus `smoke`)
+    to every flag the user did not type."""
     args = parser.parse_args(argv)
     typed = parser.parse_args(argv, argparse.Namespace(**{k: _Unset for k in vars(args)}))
     args._explicit = {k for k, v in vars(typed).items() if v is not _Unset}
+    if args.smoke:
+        apply_smoke(args, **(smoke or {}))
     return args
 
 

@@ -50,6 +50,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from common.flops import forward_flops  # noqa: E402
+
 SMOKE_BANNER = "smoke run on generated data, not a real result"
 NOT_RUN = "not run yet"
 SKIP_DIRS = {"smoke_data", "report_figures", "__pycache__"}
@@ -252,28 +254,6 @@ def model_name(results: dict) -> str:
     return str(results.get("model", "?"))
 
 
-def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    from torch.utils.flop_counter import sdpa_flop_count
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def count_flops(model: nn.Module, image_size: int) -> float:
-    """Forward FLOPs of one 3 x S x S image (FlopCounterMode; multiply-add = 2 FLOPs).
-
-    PyTorch's table has no entry for the CPU flash-attention kernel the CUBS blocks use
-    on CPU; it is given the same formula as the CUDA attention kernels.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-    custom = {}
-    cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if cpu_flash is not None:
-        custom[cpu_flash] = _sdpa_cpu_flops
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
-        model(torch.zeros(1, 3, image_size, image_size))
-    return float(counter.get_total_flops())
-
-
 def summarise(model: nn.Module, label: str, image_size: int) -> Architecture:
     from common.cubs import CUBSBlock1, CUBSBlock1Plus, CUBSBlock2, CUBSBlock2Plus
     from common.models import SqueezeExcitation
@@ -284,7 +264,7 @@ def summarise(model: nn.Module, label: str, image_size: int) -> Architecture:
         batchnorm=n(nn.BatchNorm2d),
         attention=n(CUBSBlock1, CUBSBlock2, CUBSBlock1Plus, CUBSBlock2Plus),
         se_gates=n(SqueezeExcitation), params=sum(p.numel() for p in model.parameters()),
-        flops=count_flops(model, image_size))
+        flops=forward_flops(model, image_size))
 
 
 def architectures(runs: RunsFolder) -> list[tuple[Run, str, Architecture | None]]:

@@ -54,7 +54,7 @@ def script_parser(script: str, monkeypatch: pytest.MonkeyPatch) -> argparse.Argu
     module = importlib.import_module(Path(script).stem)
     captured = {}
 
-    def capture(parser: argparse.ArgumentParser, argv=None):
+    def capture(parser: argparse.ArgumentParser, argv=None, smoke=None):
         captured["parser"] = parser
         raise _Captured
 

@@ -401,4 +401,4 @@ def test_flop_count_includes_the_fused_attention():
     from common.cubs import CUBSBlock2
     # 1 x 3 x 8 x 8 input, N = 64 positions: 1x1 conv 3 -> 3 (2*3*64*3 = 1152 FLOPs, bias not
     # counted) + attention with head dim 1 (q k^T and a v: 2 * 2*64*64*1 = 16384 FLOPs).
-    assert report.count_flops(CUBSBlock2(3), 8) == 1152 + 16384
+    assert report.forward_flops(CUBSBlock2(3), 8) == 1152 + 16384
