@@ -64,8 +64,30 @@ def _topk_lowest_index_ties(sim: Tensor, k: int) -> Tensor:
     return idx.gather(1, order)
 
 
+def _merge(best_vals: Tensor, best_idx: Tensor, vals: Tensor, idx: Tensor, k: int
+           ) -> tuple[Tensor, Tensor]:
+    """Keep the k best of two candidate lists per row: higher similarity, then lower index."""
+    v, i = torch.cat([best_vals, vals], dim=1), torch.cat([best_idx, idx], dim=1)
+    i, by_index = i.sort(dim=1)
+    v = v.gather(1, by_index)
+    order = v.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    return v.gather(1, order), i.gather(1, order)
+
+
+def _block_candidates(sim: Tensor, k: int, offset: int) -> tuple[Tensor, Tensor]:
+    """(C, min(k, W)) best entries of each row of a C x W block, as (values, global indices)."""
+    local = _topk_lowest_index_ties(sim, k) if k < sim.shape[1] else \
+        torch.arange(sim.shape[1], device=sim.device).expand(sim.shape[0], -1)
+    return sim.gather(1, local), local + offset
+
+
 def nearest_neighbours(embeddings: Tensor, k: int, chunk_size: int = 1024) -> Tensor:
-    """(N, k) indices of each sample's k most cosine-similar other samples, best first."""
+    """(N, k) indices of each sample's k most cosine-similar other samples, best first.
+
+    The similarity matrix is symmetric, so only its upper block triangle is computed: the
+    block of query chunk i against columns i.. serves chunk i's rows directly and, transposed,
+    the rows of every later chunk (half the matrix products of the plain loop).
+    """
     _check_embeddings(embeddings)
     n = embeddings.shape[0]
     _check_k(k, n)
@@ -73,14 +95,20 @@ def nearest_neighbours(embeddings: Tensor, k: int, chunk_size: int = 1024) -> Te
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
     x = F.normalize(embeddings, p=2, dim=1)
-    out = torch.empty(n, k, dtype=torch.long, device=embeddings.device)
+    found_vals = torch.full((n, k), float("-inf"), dtype=x.dtype, device=x.device)
+    found_idx = torch.full((n, k), n, dtype=torch.long, device=x.device)  # n sorts after any real index
     for start in range(0, n, chunk_size):
         stop = min(start + chunk_size, n)
-        sim = x[start:stop] @ x.T
-        rows = torch.arange(stop - start, device=embeddings.device)
-        sim[rows, rows + start] = float("-inf")
-        out[start:stop] = _topk_lowest_index_ties(sim, k)
-    return out
+        sim = x[start:stop] @ x[start:].T  # C x (n - start)
+        rows = torch.arange(stop - start, device=x.device)
+        sim[rows, rows] = float("-inf")  # self
+        v, i = _block_candidates(sim, k, start)
+        found_vals[start:stop], found_idx[start:stop] = _merge(
+            found_vals[start:stop], found_idx[start:stop], v, i, k)
+        if stop < n:  # the same block, transposed, for the rows of later chunks
+            v, i = _block_candidates(sim[:, stop - start:].T.contiguous(), k, start)
+            found_vals[stop:], found_idx[stop:] = _merge(found_vals[stop:], found_idx[stop:], v, i, k)
+    return found_idx
 
 
 def recall_at_k(
