@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not fitted_a["finished"]:
         return {"finished": False}
     load_best(model, out / "phase_a")
-    recall_a = recall_at_k(*engine.embed(model.features, test_all, rt), ks=KS)
+    recall_a = recall_at_k(*engine.embed(model, test_all, rt, features=True), ks=KS)
     if rt.is_main:
         print("Phase A (classifier features) test " + fmt(recall_a))
 
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     chance = float((counts * (counts - 1)).sum() / (len(splits.test.labels) * (len(splits.test.labels) - 1)))
     results = {
         "task": "t4", "placement": placement, "variant": variant, **init,
+        "params": count_parameters(model), "embedding_params": count_parameters(embedder),
         "test_images": len(splits.test.files), "test_classes": len(splits.test.classes),
         "train_images": len(splits.train.files), "train_classes": num_classes,
         "recall_at_1_chance": chance,

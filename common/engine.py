@@ -280,7 +280,8 @@ def fit(model: torch.nn.Module, loader, step_fn: StepFn,
             if improved:
                 checkpoint(out / "best.pt")
             if rt.is_main:
-                _write_metrics(state["history"], out, meta.get("task", ""))
+                _write_metrics(state["history"], out, " ".join(
+                    str(meta[k]) for k in ("task", "model", "phase", "mining") if k in meta))
                 print(_epoch_line(record, cfg.epochs, improved), flush=True)
                 if stopper.should_stop:
                     print(f"early stopping: {score_key} has not improved for {cfg.patience} "
@@ -402,12 +403,16 @@ def _epoch_line(r: dict, epochs: int, improved: bool) -> str:
 
 
 @torch.no_grad()
-def embed(fn: Callable[[torch.Tensor], torch.Tensor], loader, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run `fn` (e.g. model.features) over every image of `loader` in order.
+def embed(model: torch.nn.Module, loader, rt: Runtime,
+          features: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embed every image of `loader` in order with `model` in eval mode (its `.features`
+    with features=True, e.g. a classifier's pooled features).
 
     Returns (N x D float32 embeddings, N int64 labels) on rt.device. Give it an unsharded
     loader: every rank embeds the whole set, which keeps gallery order simple.
     """
+    model.eval()
+    fn = model.features if features else model
     outputs, labels = [], []
     for images, y in loader.epoch():
         with autocast(rt):

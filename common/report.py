@@ -373,13 +373,14 @@ def section_architectures(runs: RunsFolder) -> list[str]:
     if not summaries:
         return lines + [f"No finished run: {NOT_RUN}.", ""]
     rows = []
-    for run, _, a in summaries:
+    for run, phase, a in summaries:
+        params_key = "embedding_params" if phase == "b" else "params"
         if a is None:
             rows.append([run.label, model_name(run.results)] + ["n/a"] * 9)
             continue
         rows.append([run.label, a.label, f"3 x {a.input_size} x {a.input_size}", a.conv,
                      a.linear, a.batchnorm, a.attention, a.se_gates,
-                     fmt_count(run.results.get("params")), fmt_count(a.params),
+                     fmt_count(run.results.get(params_key)), fmt_count(a.params),
                      fmt_gflops(a.flops)])
     lines += table(["run", "model", "input", "conv", "linear", "BatchNorm", "CUBS attention blocks",
                     "SE gates", "params (results.json)", "params (rebuilt)", "GFLOPs / image"], rows)

@@ -193,3 +193,21 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_splits, tmp_p
     assert after["epoch"] == before["epoch"] == 1
     for k in before["model"]:
         assert torch.equal(before["model"][k], after["model"][k])
+
+
+def test_embed_runs_in_eval_mode_in_order_and_leaves_batchnorm_alone(tiny_splits):
+    rt = engine.Runtime(torch.device("cpu"))
+    loader = ImageLoader(tiny_splits.test.files, tiny_splits.test.labels, batch_size=5,
+                         train=False, image_size=16, backend="torch", workers=0)
+    model = _SmallNet()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    emb, labels = engine.embed(model, loader, rt)
+    assert not model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k  # no running-stat update from the embedding pass
+    assert labels.tolist() == list(tiny_splits.test.labels)
+    images = torch.cat([x for x, _ in loader.epoch()])
+    assert torch.allclose(emb, model(images), atol=1e-6)
+    feats, _ = engine.embed(model.body, loader, rt)
+    assert feats.shape == (len(labels), 8)
