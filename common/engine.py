@@ -17,6 +17,7 @@ benchmark. On CPU: fp32, eager.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -68,7 +69,9 @@ def setup_runtime(device: str = "auto", seed: int = 0) -> Runtime:
         if dev.type == "cuda":
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        # Long timeout: rank 0 may spend minutes downloading the dataset while the others wait.
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=60))
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -247,6 +250,8 @@ def fit(model: torch.nn.Module, loader, step_fn: StepFn,
                              "scheduler": scheduler.state_dict(),
                              "early_stopping": stopper.state_dict(), "rng": rng_state(),
                              "meta": meta, "config": asdict(cfg), **state}, path)
+        if rt.world_size > 1:
+            dist.barrier()  # nobody reads best.pt / last.pt before rank 0 has written it
 
     train_model = model
     if rt.world_size > 1:
@@ -272,6 +277,10 @@ def fit(model: torch.nn.Module, loader, step_fn: StepFn,
                          state, stop_signal, checkpoint, last)
             epochs_this_process += 1
             metrics = evaluate(model)
+            if rt.world_size > 1:  # one decision for all ranks, or early stopping can deadlock
+                shared = [metrics]
+                dist.broadcast_object_list(shared, src=0)
+                metrics = shared[0]
             improved = stopper.update(metrics[score_key], epoch)
             record = {"epoch": epoch + 1, **state.pop("epoch_stats"), **metrics}
             state["history"].append(record)
@@ -308,6 +317,8 @@ def _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, cfg,
     correct_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
     n = wait = 0.0
     model.train()
+    if rt.cuda:
+        torch.cuda.reset_peak_memory_stats(rt.device)
     bar = tqdm(total=len(loader), initial=start, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                disable=not (rt.is_main and _interactive()), leave=False, mininterval=2,
                dynamic_ncols=True)
@@ -337,14 +348,21 @@ def _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, cfg,
         n += len(labels)
         step += 1
         bar.update(1)
-        if step % 25 == 0 or stop_signal:
+        # Every 25 steps (every step on one process once a signal came) the ranks agree on
+        # whether to stop: acting on a local signal or NaN alone would leave the other ranks
+        # waiting in their next all-reduce.
+        stop = False
+        if step % 25 == 0 or (rt.world_size == 1 and stop_signal):
             seen_loss = (p["loss"] + loss_sum.item()) / max(1, p["n"] + n)
-            _check_finite(seen_loss, epoch, step, last_path)
+            stop, finite = _agree(bool(stop_signal), math.isfinite(seen_loss), rt)
+            if not finite:  # here, or (nan) on another rank
+                _check_finite(seen_loss if not math.isfinite(seen_loss) else math.nan, epoch, step,
+                              last_path)
             elapsed = p["time"] + time.perf_counter() - t0
             bar.set_postfix(loss=f"{seen_loss:.3f}",
                             acc=f"{(p['correct'] + correct_sum.item()) / max(1, p['n'] + n):.3f}",
                             img_s=f"{(p['n'] + n) / max(1e-9, elapsed):.0f}")
-        if stop_signal:
+        if stop:
             bar.close()
             state["step"] = step
             state["partial"] = {"loss": p["loss"] + loss_sum.item(), "n": p["n"] + n,
@@ -353,11 +371,11 @@ def _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, cfg,
                                 "wait": p["wait"] + wait}
             state["train_time_s"] += time.perf_counter() - t0
             checkpoint(last_path)
-            name = signal.Signals(stop_signal[0]).name
+            signum = stop_signal[0] if stop_signal else signal.SIGTERM  # another rank's signal
             if rt.is_main:
-                print(f"\n{name}: saved {last_path} at epoch {epoch + 1}, batch {step}; "
-                      f"rerun the same command to resume", flush=True)
-            sys.exit(128 + stop_signal[0])
+                print(f"\n{signal.Signals(signum).name}: saved {last_path} at epoch {epoch + 1}, "
+                      f"batch {step}; rerun the same command to resume", flush=True)
+            sys.exit(128 + signum)
     bar.close()
     elapsed = time.perf_counter() - t0
     state["train_time_s"] += elapsed
@@ -372,6 +390,15 @@ def _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, cfg,
         "train_images": n_total, "images_per_s": n_total / max(1e-9, epoch_time),
         "data_wait_share": (p["wait"] + wait) / max(1e-9, epoch_time),
         **({"peak_mem_gib": torch.cuda.max_memory_allocated(rt.device) / 2**30} if rt.cuda else {})}
+
+
+def _agree(stop: bool, finite: bool, rt: Runtime) -> tuple[bool, bool]:
+    """(any rank wants to stop, every rank's loss is finite)."""
+    if rt.world_size == 1:
+        return stop, finite
+    flags = torch.tensor([float(stop), float(not finite)], device=rt.device if rt.cuda else "cpu")
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0]), not bool(flags[1])
 
 
 def _interactive() -> bool:

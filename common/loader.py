@@ -84,7 +84,8 @@ class ImageLoader:
                  eval_resize: int | None = None, random_area: tuple[float, float] = (0.25, 1.0),
                  color_jitter: float = 0.0, seed: int = 0, shard_id: int = 0,
                  num_shards: int = 1, workers: int = 2, backend: str = "auto",
-                 classes_per_batch: int | None = None) -> None:
+                 classes_per_batch: int | None = None,
+                 reader_processes: int | None = None) -> None:
         if len(files) != len(labels):
             raise ValueError(f"{len(files)} files but {len(labels)} labels")
         if len(files) == 0:
@@ -96,6 +97,9 @@ class ImageLoader:
         self.seed, self.shard_id, self.num_shards = seed, shard_id, num_shards
         self.workers = workers
         self.classes_per_batch = classes_per_batch
+        # Processes reading encoded bytes for DALI; default: up to 4 on CUDA (where Python
+        # file reading would otherwise stall the GPU), none on CPU.
+        self.reader_processes = reader_processes
         if classes_per_batch is not None and batch_size % classes_per_batch:
             raise ValueError(f"batch size {batch_size} is not a multiple of P={classes_per_batch}")
         self._plan = _BatchPlan(self.labels, batch_size, train, classes_per_batch, seed,
@@ -149,11 +153,13 @@ class ImageLoader:
     def _build_dali(self, epoch: int, start: int):
         cuda = self.device.type == "cuda"
         source = _EncodedBatches(self.files, self.labels, self._plan, epoch, start)
-        readers = min(4, self.workers) if cuda else 0  # CPU tests stay in-process
+        readers = self.reader_processes
+        if readers is None:
+            readers = min(4, self.workers) if cuda else 0
         pipe = _dali_pipeline(
             source=source, train=self.train, size=self.image_size, eval_resize=self.eval_resize,
             random_area=list(self.random_area), color_jitter=self.color_jitter,
-            decode_device="mixed" if cuda else "cpu", parallel=readers > 0,
+            decode_device="mixed" if cuda else "cpu", parallel=readers > 0, readers=readers,
             batch_size=self.batch_size, num_threads=max(1, self.workers),
             device_id=(self.device.index or 0) if cuda else None,
             seed=(self.seed * 7919 + epoch * 104729 + self.shard_id) % 2**31,
@@ -221,10 +227,12 @@ class _EncodedBatches:
 if HAVE_DALI:
     @pipeline_def
     def _dali_pipeline(source, train, size, eval_resize, random_area, color_jitter,
-                       decode_device, parallel):
+                       decode_device, parallel, readers):
+        # In parallel mode each prefetched batch goes to one reader process: prefetch as many.
+        prefetch = {"prefetch_queue_depth": max(2, readers)} if parallel else {}
         jpegs, labels = fn.external_source(source=source, num_outputs=2, batch=True,
                                            batch_info=True, parallel=parallel,
-                                           dtype=[types.UINT8, types.INT64])
+                                           dtype=[types.UINT8, types.INT64], **prefetch)
         mean, std = [255 * m for m in MEAN], [255 * s for s in STD]
         if train:
             images = fn.decoders.image_random_crop(

@@ -294,6 +294,8 @@ class EmbeddingNet(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.projection = nn.Linear(backbone.feature_dim, dim)
+        # The classifier is unused here; frozen, so DDP does not wait for its gradients.
+        backbone.fc.requires_grad_(False)
 
     def forward(self, x: Tensor) -> Tensor:
         """B x 3 x H x W -> B x dim, unit L2 norm per row."""

@@ -268,6 +268,26 @@ def test_train_batches_follow_plan_and_reshuffle(tiny, backend):
 
 
 @needs_dali
+def test_dali_reader_processes_give_the_planned_batches_and_eval_set(tiny, tiny_ref):
+    """The GPU default reads bytes in spawned reader processes; the same path, forced on CPU."""
+    train = tiny.train
+    n = len(train.files)
+    loader = make(train.files, np.arange(n), "dali", batch_size=8, train=True, image_size=48,
+                  seed=3, reader_processes=2)
+    for epoch in (0, 1):
+        _, labels = collect(loader, epoch)
+        assert [y.tolist() for y in labels] == [b.tolist() for b in loader.batches(epoch)]
+    test = tiny.test
+    evaluated = make(test.files, test.labels, "dali", batch_size=7, train=False, image_size=64,
+                     reader_processes=2)
+    images, labels = collect(evaluated)
+    assert torch.cat(labels).tolist() == list(test.labels)
+    in_process, _ = collect(make(test.files, test.labels, "dali", batch_size=7, train=False,
+                                 image_size=64))
+    assert torch.allclose(torch.cat(images), torch.cat(in_process))
+
+
+@needs_dali
 def test_train_same_batch_composition_dali_and_torch(tiny):
     train = tiny.train
     labels = {}
