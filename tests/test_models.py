@@ -37,33 +37,18 @@ def _randomise_batchnorm(model: nn.Module, seed: int = 0) -> None:
             m.bias.data.copy_(torch.randn(m.num_features, generator=generator) * 0.1)
 
 
-def test_resnet18_stage_shapes_cifar_stem_64():
-    model = ResNet18(num_classes=200)
-    x = torch.randn(1, 3, 64, 64)
-    assert _stage_shapes(model, RESNET_STAGES, x) == [
-        (1, 64, 64, 64),
-        (1, 128, 32, 32),
-        (1, 256, 16, 16),
-        (1, 512, 8, 8),
-    ]
+@pytest.mark.parametrize("stem, width, classes, size, stages", [
+    ("cifar", 64, 200, 64, [(64, 64), (128, 32), (256, 16), (512, 8)]),       # Tiny ImageNet
+    ("imagenet", 16, 1000, 224, [(16, 56), (32, 28), (64, 14), (128, 7)]),    # T4, 224 px
+])
+def test_resnet18_stage_shapes(stem, width, classes, size, stages):
+    model = ResNet18(num_classes=classes, stem=stem, width=width)
+    x = torch.randn(1, 3, size, size)
+    assert _stage_shapes(model, RESNET_STAGES, x) == [(1, c, hw, hw) for c, hw in stages]
     with torch.no_grad():
-        assert model.features(x).shape == (1, 512)
-        assert model(x).shape == (1, 200)
-    assert model.feature_dim == 512 and model.fc.in_features == 512
-
-
-def test_resnet18_stage_shapes_imagenet_stem_224():
-    model = ResNet18(num_classes=1000, stem="imagenet", width=16)
-    x = torch.randn(1, 3, 224, 224)
-    assert _stage_shapes(model, RESNET_STAGES, x) == [
-        (1, 16, 56, 56),
-        (1, 32, 28, 28),
-        (1, 64, 14, 14),
-        (1, 128, 7, 7),
-    ]
-    with torch.no_grad():
-        assert model(x).shape == (1, 1000)
-    assert model.feature_dim == 128
+        assert model.features(x).shape == (1, 8 * width)
+        assert model(x).shape == (1, classes)
+    assert model.feature_dim == 8 * width == model.fc.in_features
 
 
 def test_state_dict_names_and_shapes_match_torchvision():
