@@ -115,12 +115,13 @@ def make_train_step(model: nn.Module, device: torch.device, batch: int) -> Calla
     return step
 
 
-def round_robin_step_costs(
+def round_robin_step_times(
     steps: dict[str, Callable[[], None]], device: torch.device, runs: int
-) -> dict[str, tuple[float, int | None]]:
-    """Median seconds per step (and CUDA peak rise during a step) for each model.
+) -> tuple[dict[str, list[float]], dict[str, int | None]]:
+    """Seconds of each step, per model (runs entries each), and CUDA peak rise during a step.
 
-    Models take turns step by step, so a load change on a shared machine hits all of them.
+    Models take turns step by step, so a load change on a shared machine hits all of them
+    and the per-round ratios stay comparable.
     """
     for step in steps.values():
         step()  # warm-up
@@ -138,7 +139,7 @@ def round_robin_step_costs(
             times[name].append(time.perf_counter() - start)
             if device.type == "cuda":
                 peaks[name] = max(peaks[name], torch.cuda.max_memory_allocated(device) - before)
-    return {name: (statistics.median(times[name]), peaks[name] if device.type == "cuda" else None) for name in steps}
+    return times, {name: peaks[name] if device.type == "cuda" else None for name in steps}
 
 
 def main() -> None:
@@ -163,7 +164,7 @@ def main() -> None:
     cuda = device.type == "cuda"
     block_batch, block_runs = (2, 2) if args.quick else (8, 3)
     step_batch = 256 if cuda else (4 if args.quick else 8)
-    step_runs = 3 if args.quick else 5
+    step_runs = 3 if args.quick else 9
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
           + (f", {torch.cuda.get_device_name(device)}" if cuda else ""))
 
@@ -192,14 +193,17 @@ def main() -> None:
     for name, build in models.items():
         torch.manual_seed(0)
         steps[name] = make_train_step(build(), device, step_batch)
-    costs = round_robin_step_costs(steps, device, step_runs)
-    vanilla_seconds = costs["resnet18"][0]
-    for name, (seconds, peak) in costs.items():
-        line = f"  {name:29s} {seconds * 1000:9.1f} ms  {seconds / vanilla_seconds:5.2f}x"
+    times, peaks = round_robin_step_times(steps, device, step_runs)
+    vanilla = times["resnet18"]
+    for name, seconds in times.items():
+        median = statistics.median(seconds)
+        line = f"  {name:29s} {median * 1000:9.1f} ms"
         if name != "resnet18":
-            line += f" (goal <= {goal}x)"
-        if peak is not None:
-            line += f"   peak rise during a step {peak / MIB:8.1f} MiB"
+            ratios = [s / v for s, v in zip(seconds, vanilla)]  # same round, same machine load
+            line += (f"  {median / statistics.median(vanilla):5.2f}x (per-round ratios "
+                     f"{min(ratios):.2f}-{max(ratios):.2f}; goal <= {goal}x)")
+        if peaks[name] is not None:
+            line += f"   peak rise during a step {peaks[name] / MIB:8.1f} MiB"
         print(line)
 
 

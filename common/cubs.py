@@ -24,6 +24,7 @@ CUBS Block 2, spatial attention (CUBSBlock2):
   a = similarity_attention(q, k, v)               B x N      (N x N logits, never stored)
   gate = sigmoid(a).view(B, 1, H, W)
   y = x * gate
+The q, k, v biases of both plain blocks start at 1 (RELU_BIAS_INIT, reason there).
 
 Variant "plus" (CUBSBlock1Plus, CUBSBlock2Plus), h heads of e = 8 dims:
   gating y = x * (1 + gamma * (2 sigmoid(z) - 1)) with a learnable scalar gamma = 0 at init,
@@ -81,6 +82,13 @@ __all__ = [
 
 PLACEMENTS = ("serial", "reverse", "parallel")
 VARIANTS = ("plain", "plus")
+# q, k, v biases of the plain blocks. Inside a ResNet with zero-init residual BNs the block
+# input is ~0 for the first steps, so q, k, v = ReLU(bias). PyTorch's default bias init is
+# signed: half the units would start at ReLU(negative) = 0 with no gradient, and a Block 2
+# map is a single unit, so a dead q, k or v freezes that block's spatial attention to a
+# constant gate (seen in 6-7 of 8 blocks after a --smoke run). Starting at 1 keeps every unit
+# in its linear range while |w . x| < 1; the network can still learn to switch units off.
+RELU_BIAS_INIT = 1.0
 HEAD_DIM = 8  # plus variant; also the head-dim multiple the CUDA fused kernels want
 # SDPA backends that never store the L x L matrix (on CPU only FLASH_ATTENTION exists).
 # cuDNN attention is left out: it has had wrong-result bugs on Hopper (pytorch #138522).
@@ -142,6 +150,8 @@ class CUBSBlock1(nn.Module):
         self.k_proj = nn.Linear(channels, d)
         self.v_proj = nn.Linear(channels, d)
         self.out_proj = nn.Linear(d, channels)
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.constant_(proj.bias, RELU_BIAS_INIT)
 
     def forward(self, x: Tensor) -> Tensor:
         g = x.mean(dim=(2, 3))
@@ -159,6 +169,7 @@ class CUBSBlock2(nn.Module):
         # Output channels 0, 1, 2 are q, k, v: the same maps as three C->1 convs, but x (the
         # largest tensor here) is read once instead of three times.
         self.qkv = nn.Conv2d(channels, 3, 1)
+        nn.init.constant_(self.qkv.bias, RELU_BIAS_INIT)
 
     def forward(self, x: Tensor) -> Tensor:
         b, _, h, w = x.shape

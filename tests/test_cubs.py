@@ -255,6 +255,34 @@ def test_every_cubs_parameter_gets_a_gradient_inside_resnet():
             assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_plain_relu_units_are_alive_from_the_first_steps_of_real_training(seed):
+    # With zero-init residual BNs the attention input is ~0 in the first steps, so
+    # q, k, v = ReLU(bias): with PyTorch's default signed bias init, about half of the
+    # Block 2 maps (each a single unit) and Block 1 units start dead and get no gradient.
+    # The plain blocks start their q/k/v biases at 1 so every unit is in its linear range.
+    torch.manual_seed(seed)
+    model = cubs_resnet18(10, width=8, d=32)
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "bn2"):
+                m.bn2.weight.fill_(0.05)  # what the first SGD steps make of gamma = 0
+    pre_activations = []
+    for m in model.modules():
+        if isinstance(m, CUBSBlock2):
+            m.qkv.register_forward_hook(lambda mod, inp, out: pre_activations.append(out))
+        if isinstance(m, CUBSBlock1):
+            for proj in (m.q_proj, m.k_proj, m.v_proj):
+                proj.register_forward_hook(lambda mod, inp, out: pre_activations.append(out))
+    model(torch.randn(4, 3, 32, 32)).logsumexp(dim=1).sum().backward()
+    assert len(pre_activations) == 8 * 4
+    for z in pre_activations:
+        assert (z > 0).all()
+    for name, p in model.named_parameters():
+        if ".attention." in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
 def test_plus_attention_is_the_identity_at_init_and_only_gamma_gets_a_gradient():
     torch.manual_seed(11)
     attention = CUBSAttention(8, "serial", "plus", d=32)
