@@ -91,7 +91,7 @@ def rng_state() -> dict[str, Any]:
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "python": _to_lists(random.getstate()),
     }
-    if torch.cuda.is_available():  # this process's GPU only: resuming on fewer GPUs works
+    if torch.cuda.is_available():  # the current GPU only: resuming on fewer GPUs works
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 

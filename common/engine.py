@@ -11,9 +11,11 @@ current epoch); a finished run is not retrained.
 
 Choices: SGD with Nesterov momentum (AdamW selectable); the LR is set per step, linear warmup
 then cosine decay to zero — warmup keeps the large-batch early steps stable, cosine needs no
-tuning of decay points and ends at a small LR where the holdout score peaks. On CUDA: bf16
-autocast (same range as fp32, so no loss scaler), channels_last, torch.compile, cudnn
-benchmark. On CPU: fp32, eager.
+tuning of decay points and ends at a small LR where the holdout score peaks. On CUDA:
+autocast in bf16 (same range as fp32, so no loss scaler) on GPUs that have bf16 tensor cores
+(compute capability 8.0+: A100, L4, H100, ...), else fp16 with a GradScaler (T4, V100: their
+fused attention kernels refuse bf16); channels_last, torch.compile, cudnn benchmark.
+On CPU: fp32, eager.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    amp_dtype: torch.dtype | None = None  # autocast dtype; None = fp32 throughout
 
     @property
     def is_main(self) -> bool:
@@ -68,16 +71,21 @@ def setup_runtime(device: str = "auto", seed: int = 0) -> Runtime:
     if world_size > 1:
         if dev.type == "cuda":
             dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(dev)
         # Long timeout: rank 0 may spend minutes downloading the dataset while the others wait.
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=60))
+    amp_dtype = None
     if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # so cuda RNG / memory calls without a device act on it
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        amp_dtype = torch.bfloat16 if torch.cuda.get_device_capability(dev) >= (8, 0) else torch.float16
+        if rank == 0:
+            print(f"{torch.cuda.get_device_name(dev)}: autocast "
+                  f"{'bf16' if amp_dtype == torch.bfloat16 else 'fp16 with loss scaling'}")
     seed_everything(seed + rank)
-    return Runtime(dev, rank, world_size)
+    return Runtime(dev, rank, world_size, amp_dtype)
 
 
 def seed_everything(seed: int) -> None:
@@ -98,7 +106,8 @@ def all_reduce_sums(values: list[float], rt: Runtime) -> list[float]:
 
 
 def autocast(rt: Runtime):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=rt.cuda)
+    return torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.float32,
+                          enabled=rt.amp_dtype is not None)
 
 
 # ---------------------------------------------------------------- optimisation
@@ -226,6 +235,8 @@ def fit(model: torch.nn.Module, loader, step_fn: StepFn,
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, total_steps, warmup_steps))
     stopper = EarlyStopping(cfg.patience, cfg.min_delta)
+    # fp16 gradients underflow without loss scaling; disabled (a no-op) for bf16 and fp32.
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
     state = {"epoch": 0, "step": 0, "partial": None, "history": [], "finished": False,
              "train_time_s": 0.0}
 
@@ -237,7 +248,11 @@ def fit(model: torch.nn.Module, loader, step_fn: StepFn,
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         stopper.load_state_dict(ck["early_stopping"])
-        set_rng_state(ck["rng"])
+        if ck.get("scaler") and scaler.is_enabled():  # empty when saved without fp16
+            scaler.load_state_dict(ck["scaler"])
+        # One RNG state per rank (each rank draws its own dropout / augmentation stream);
+        # resuming on another number of processes reuses them round-robin.
+        set_rng_state(ck["rng"][rt.rank % len(ck["rng"])])
         state = {k: ck[k] for k in state}
         if rt.is_main:
             where = "finished run" if state["finished"] else \
@@ -245,10 +260,14 @@ def fit(model: torch.nn.Module, loader, step_fn: StepFn,
             print(f"resuming from {last} ({where}); --fresh starts over")
 
     def checkpoint(path: Path) -> None:
+        rng = [rng_state()]
+        if rt.world_size > 1:
+            rng = [None] * rt.world_size
+            dist.all_gather_object(rng, rng_state())
         if rt.is_main:
             save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(),
-                             "early_stopping": stopper.state_dict(), "rng": rng_state(),
+                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                             "early_stopping": stopper.state_dict(), "rng": rng,
                              "meta": meta, "config": asdict(cfg), **state}, path)
         if rt.world_size > 1:
             dist.barrier()  # nobody reads best.pt / last.pt before rank 0 has written it
@@ -273,8 +292,8 @@ def fit(model: torch.nn.Module, loader, step_fn: StepFn,
                 break
             if cfg.stop_after_epoch is not None and epochs_this_process >= cfg.stop_after_epoch:
                 break
-            _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, cfg, rt,
-                         state, stop_signal, checkpoint, last)
+            _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, scaler, cfg,
+                         rt, state, stop_signal, checkpoint, last)
             epochs_this_process += 1
             metrics = evaluate(model)
             if rt.world_size > 1:  # one decision for all ranks, or early stopping can deadlock
@@ -300,16 +319,18 @@ def fit(model: torch.nn.Module, loader, step_fn: StepFn,
             signal.signal(s, h)
 
     history = state["history"]
-    images = sum(h["train_images"] for h in history)
+    # With compile, epoch 1 includes the compilation: leave it out of the throughput.
+    timed = history[1:] if cfg.compile and len(history) > 1 else history
     return {"best_epoch": stopper.best_epoch + 1, "best_score": stopper.best_score,
             "epochs_run": len(history), "train_time_s": state["train_time_s"],
-            "images_per_s": images / max(1e-9, sum(h["epoch_time_s"] for h in history)),
+            "images_per_s": sum(h["train_images"] for h in timed)
+                            / max(1e-9, sum(h["epoch_time_s"] for h in timed)),
             "stopped_early": stopper.should_stop and len(history) < cfg.epochs,
             "history": history, "finished": state["finished"]}
 
 
-def _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, cfg, rt, state,
-                 stop_signal, checkpoint, last_path) -> None:
+def _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, scaler, cfg, rt,
+                 state, stop_signal, checkpoint, last_path) -> None:
     """One epoch from batch state['step'] on; leaves its statistics in state['epoch_stats']."""
     epoch, start = state["epoch"], state["step"]
     p = state["partial"] or {"loss": 0.0, "correct": 0.0, "n": 0.0, "time": 0.0, "wait": 0.0}
@@ -337,10 +358,12 @@ def _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, cfg,
         with autocast(rt):
             loss, correct = step_fn(train_model, images, labels)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
         if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)  # clip the true gradients
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped (and the scale lowered) if fp16 gradients overflowed
+        scaler.update()
         scheduler.step()
         loss_sum += loss.detach() * len(labels)
         if correct is not None:
@@ -377,6 +400,8 @@ def _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, cfg,
                       f"batch {step}; rerun the same command to resume", flush=True)
             sys.exit(128 + signum)
     bar.close()
+    if rt.cuda:
+        torch.cuda.synchronize(rt.device)  # queued GPU work belongs to this epoch's time
     elapsed = time.perf_counter() - t0
     state["train_time_s"] += elapsed
     loss_total, correct_total, n_total = all_reduce_sums(

@@ -123,9 +123,9 @@ class _SmallNet(nn.Module):
         return self.fc(self.body(x))
 
 
-def _run_fit(splits, out, backend, epochs=4, stop_after=None, step_log=None, **cfg):
+def _run_fit(splits, out, backend, epochs=4, stop_after=None, step_log=None, amp_dtype=None, **cfg):
     torch.manual_seed(0)
-    rt = engine.Runtime(torch.device("cpu"))
+    rt = engine.Runtime(torch.device("cpu"), amp_dtype=amp_dtype)
     train = ImageLoader(splits.train.files, splits.train.labels, batch_size=8, train=True,
                         image_size=16, backend=backend, workers=0, seed=5)
     holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, batch_size=8,
@@ -156,6 +156,22 @@ def test_resume_gives_identical_weights_with_the_torch_loader(tiny_splits, tmp_p
     assert [h["lr"] for h in r1["history"]] == [h["lr"] for h in r2["history"]]
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4 and (tmp_path / "b" / "curves.png").stat().st_size > 0
+
+
+def test_fp16_trains_with_a_grad_scaler_whose_state_survives_resume(tiny_splits, tmp_path):
+    # The GPUs without bf16 (T4, V100) train in fp16 with loss scaling; CPU autocast runs
+    # the same code path. 5 batches per epoch: the scaler counts good steps since its last
+    # change, so after resume it must continue from 10, not restart from 0.
+    _, half = _run_fit(tiny_splits, tmp_path, "torch", stop_after=2, amp_dtype=torch.float16)
+    saved = load_checkpoint(tmp_path / "last.pt")["scaler"]
+    assert saved["scale"] == 2.0**16 and saved["_growth_tracker"] == 10
+    resumed, result = _run_fit(tiny_splits, tmp_path, "torch", amp_dtype=torch.float16)
+    assert result["finished"] and result["history"][-1]["train_loss"] < result["history"][0]["train_loss"]
+    assert load_checkpoint(tmp_path / "last.pt")["scaler"]["_growth_tracker"] == 20
+    assert all(torch.isfinite(p).all() for p in resumed.parameters())
+    # bf16 / fp32 runs need no scaler: their checkpoints hold an empty scaler state.
+    _run_fit(tiny_splits, tmp_path / "fp32", "torch", epochs=1)
+    assert load_checkpoint(tmp_path / "fp32" / "last.pt")["scaler"] == {}
 
 
 def test_resume_with_dali_restores_state_and_continues_schedule_and_order(tiny_splits, tmp_path):

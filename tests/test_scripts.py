@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+from common.checkpoint import load_checkpoint
 from tests.conftest import ROOT
 from tests.conftest import run_script as run
 
@@ -156,6 +158,8 @@ def test_torchrun_two_processes_gloo_writes_one_set_of_outputs(tmp_path):
     history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     # 400 train images, 2 ranks x 200, batch 32 -> 6 full batches each -> 384 per epoch
     assert [h["train_images"] for h in history] == [384, 384]
+    rng = load_checkpoint(tmp_path / "last.pt")["rng"]  # one stream per rank, seeded seed + rank
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
 
 
 def test_missing_dataset_gives_a_clear_message(tmp_path):

@@ -1,0 +1,71 @@
+"""Images/s of ImageLoader alone (no model), as bench/gpu_check.sh reports it.
+
+    python bench/loader_alone.py DATA [--device cuda] [--workers 8] [--min-batches 60]
+
+DATA holds tiny-imagenet-200/ and cars196/ (bench/make_full_synthetic.py writes both).
+Three streams: Tiny ImageNet 64 px train augmentation, Cars 224 px train augmentation and
+Cars 224 px eval (resize 256 + centre crop). Each stream runs one warm-up epoch (pipeline
+build, nvJPEG state), then at least `--min-batches` batches over as many epochs as that
+takes. The clock starts when the first timed batch has arrived: the loader pre-reads a few
+batches (and DALI queues the next epoch on reset), so batches ready before the clock would
+otherwise be counted for free.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common.datasets import load_cars196, load_tiny_imagenet  # noqa: E402
+from common.loader import ImageLoader  # noqa: E402
+
+
+def images_per_second(loader: ImageLoader, min_batches: int, device: torch.device) -> tuple[float, int]:
+    """(images/s, images timed) over whole epochs after a warm-up epoch."""
+    for _ in loader.epoch(0):
+        pass
+    epochs = max(1, -(-(min_batches + 1) // len(loader)))  # ceil: one extra batch starts the clock
+    n, start, last = 0, None, None
+    for epoch in range(1, 1 + epochs):
+        for images, labels in loader.epoch(epoch):
+            if start is None:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                continue
+            n += len(labels)
+            last = images
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    del last
+    return n / (time.perf_counter() - start), n
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("data", type=Path)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--min-batches", type=int, default=60)
+    p.add_argument("--tiny-batch", type=int, default=256)
+    p.add_argument("--cars-batch", type=int, default=128)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    tiny = load_tiny_imagenet(args.data / "tiny-imagenet-200")
+    cars = load_cars196(args.data / "cars196", holdout_per_class=0)  # all of classes 1-98 in train
+    streams = (("tiny 64px train", tiny.train, 64, None, args.tiny_batch),
+               ("cars 224px train", cars.train, 224, None, args.cars_batch),
+               ("cars 224px eval", cars.test, 224, 256, args.cars_batch))
+    for name, split, size, resize, batch in streams:
+        loader = ImageLoader(split.files, split.labels, batch_size=batch, train=resize is None,
+                             image_size=size, eval_resize=resize, device=device,
+                             workers=args.workers)
+        rate, n = images_per_second(loader, args.min_batches, device)
+        print(f"loader {name:18s} {loader.backend:5s} {rate:10.0f} images/s ({n} images timed, "
+              f"{len(split.files)} files, batch {batch})", flush=True)
+
+
+if __name__ == "__main__":  # DALI reader processes are spawned: they re-import this file
+    main()

@@ -1,0 +1,38 @@
+"""bench/loader_alone.py on CPU: it times whole epochs after a warm-up and skips the first batch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+from bench import loader_alone
+from common.datasets import load_tiny_imagenet
+from common.loader import ImageLoader
+from common.synthetic import make_cars196, make_tiny_imagenet
+from tests.conftest import ROOT
+
+
+def test_images_per_second_counts_every_timed_image_but_the_clock_starting_batch(tmp_path):
+    root = make_tiny_imagenet(tmp_path, num_classes=3, train_per_class=12, val_per_class=1, image_size=16)
+    split = load_tiny_imagenet(root, holdout_per_class=0).train  # 36 images
+    loader = ImageLoader(split.files, split.labels, batch_size=8, train=True, image_size=16,
+                         backend="torch", workers=0)
+    assert len(loader) == 4  # the short last training batch is dropped
+    rate, n = loader_alone.images_per_second(loader, min_batches=6, device=torch.device("cpu"))
+    # 7 batches needed (6 + the one that starts the clock) -> 2 epochs of 4 -> 7 timed batches
+    assert n == 7 * 8 and rate > 0
+
+
+def test_command_line_prints_one_line_per_stream(tmp_path):
+    make_tiny_imagenet(tmp_path, num_classes=3, train_per_class=14, val_per_class=1, image_size=16)
+    make_cars196(tmp_path / "cars196", num_classes=4, per_class=3, image_size=(40, 30))
+    done = subprocess.run([sys.executable, "bench/loader_alone.py", str(tmp_path), "--device", "cpu",
+                           "--workers", "0", "--min-batches", "2", "--tiny-batch", "4",
+                           "--cars-batch", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith("loader ")]
+    assert [line.split()[1:3] for line in lines] == [["tiny", "64px"], ["cars", "224px"], ["cars", "224px"]]
+    for line in lines:
+        assert float(line.split("images/s")[0].split()[-1]) > 0
