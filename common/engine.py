@@ -252,7 +252,8 @@ def fit(model: torch.nn.Module, loader, step_fn: StepFn,
             scaler.load_state_dict(ck["scaler"])
         # One RNG state per rank (each rank draws its own dropout / augmentation stream);
         # resuming on another number of processes reuses them round-robin.
-        set_rng_state(ck["rng"][rt.rank % len(ck["rng"])])
+        saved_rng = ck["rng"] if isinstance(ck["rng"], list) else [ck["rng"]]  # pre-DDP-fix files
+        set_rng_state(saved_rng[rt.rank % len(saved_rng)])
         state = {k: ck[k] for k in state}
         if rt.is_main:
             where = "finished run" if state["finished"] else \
