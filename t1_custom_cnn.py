@@ -21,6 +21,8 @@ def main(argv: list[str] | None = None) -> dict:
                                  weight_decay=5e-4)
     parser.add_argument("--dropout", type=float, default=0.2, help="before the classifier")
     args = cli.parse(parser, argv)  # --smoke: small model, generated data, CPU
+    if not 0 <= args.dropout < 1:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     rt = engine.setup_runtime(args.device, args.seed)
 
     # -- data
@@ -30,11 +32,11 @@ def main(argv: list[str] | None = None) -> dict:
     # -- model
     model = CustomCNN(num_classes=len(splits.train.classes), width=args.width, dropout=args.dropout)
     meta = {"task": "t1", "model": "custom_cnn", "num_classes": len(splits.train.classes),
-            "width": args.width, "image_size": args.image_size}
+            "width": args.width, "image_size": args.image_size, "dropout": args.dropout}
 
     # -- train, select on holdout, test once, write results.json
     return train_and_test(model, loaders, args, rt, meta, args.out)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

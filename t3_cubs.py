@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--variant", choices=[*VARIANTS, "both"], default="plain",
                         help="plain = the specified blocks; plus = our identity-preserving "
                              "multi-head variant; both = train and compare the two")
-    parser.add_argument("--d", type=int, default=512, help="Block 1 similarity size")
+    parser.add_argument("--d", type=cli.positive_int, default=512, help="Block 1 similarity size")
     parser.add_argument("--vanilla-results", default="runs/t2/results.json",
                         help="T2 results to compare with (skipped if missing or mismatched)")
     args = cli.parse(parser, argv)  # --smoke: small model, generated data, CPU
@@ -71,14 +71,18 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def compare_runs(out: Path, vanilla_path: Path) -> dict:
-    runs = [json.loads(p.read_text()) for p in sorted(out.glob("*_*/results.json"))]
+    runs = [json.loads(p.read_text()) for p in out.glob("*_*/results.json")]
     rows = [{k: r[k] for k in ("placement", "variant", "holdout_acc", "test_acc", "test_top5",
                                "params", "best_epoch", "epochs_run", "num_classes", "width",
                                "image_size")} for r in runs]
+    # max() keeps the first of equal scores: list in the spec's order, so ties go to serial,
+    # then reverse, then parallel (and plain before plus).
+    rows.sort(key=lambda r: (PLACEMENTS.index(r["placement"]), VARIANTS.index(r["variant"])))
     plain = [r for r in rows if r["variant"] == "plain"]
     selected = max(plain, key=lambda r: r["holdout_acc"]) if plain else None
     best_overall = max(rows, key=lambda r: r["holdout_acc"])
-    comparison = {"selected_by": "holdout_acc", "runs": rows, "selected": selected,
+    comparison = {"selected_by": "holdout_acc", "tie_break": " > ".join(PLACEMENTS),
+                  "runs": rows, "selected": selected,
                   "best_overall": best_overall, "vanilla": None, "at_par": None,
                   "plus_vs_plain": []}
     by_key = {(r["placement"], r["variant"]): r for r in rows}
@@ -120,7 +124,11 @@ def write_comparison(c: dict, out: Path) -> None:
                      f"{c['vanilla']['test_acc']:.4f} | | | |")
     lines.append("")
     if c["selected"]:
-        lines.append(f"Selected by holdout accuracy: **{c['selected']['placement']}**.")
+        tied = [r["placement"] for r in c["runs"] if r["variant"] == "plain"
+                and r["holdout_acc"] == c["selected"]["holdout_acc"]]
+        tie = (f" ({', '.join(tied)} tie on holdout; ties go in the order {c['tie_break']})"
+               if len(tied) > 1 else "")
+        lines.append(f"Selected by holdout accuracy: **{c['selected']['placement']}**{tie}.")
     if c["at_par"]:
         verdict = "holds" if c["at_par"]["holds"] else "does NOT hold"
         gap = c["at_par"]["points_below_vanilla"]
@@ -147,4 +155,4 @@ def write_comparison(c: dict, out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -26,6 +26,7 @@ from common import cli, data, engine
 from common.checkpoint import load_checkpoint, load_matching_tensors
 from common.classifier import count_parameters, describe_device, fit_classifier, load_best, write_json
 from common.cubs import PLACEMENTS, VARIANTS, cubs_resnet18
+from common.errors import ConfigError
 from common.loader import ImageLoader
 from common.loss import MINING_CHOICES, multi_similarity_loss
 from common.models import EmbeddingNet
@@ -47,23 +48,26 @@ def main(argv: list[str] | None = None) -> dict:
     a("--init", choices=["auto", "scratch", "t3", "imagenet"], default="auto",
       help="auto = t3 if its best.pt exists, else scratch")
     a("--init-weights", default=None, help="local torchvision ResNet-18 state dict for --init imagenet")
-    a("--embed-epochs", type=int, default=30)
-    a("--embed-lr", type=float, default=1e-4)
+    a("--embed-epochs", type=cli.positive_int, default=30)
+    a("--embed-lr", type=cli.positive_float, default=1e-4)
     a("--embed-optimizer", choices=["sgd", "adamw"], default="adamw")
-    a("--embed-weight-decay", type=float, default=1e-4)
-    a("--embedding-dim", type=int, default=512)
-    a("--classes-per-batch", type=int, default=32, help="P of the P x K batches")
-    a("--images-per-class", type=int, default=4, help="K of the P x K batches")
+    a("--embed-weight-decay", type=cli.nonnegative_float, default=1e-4)
+    a("--embedding-dim", type=cli.positive_int, default=512)
+    a("--classes-per-batch", type=cli.positive_int, default=32, help="P of the P x K batches")
+    a("--images-per-class", type=cli.positive_int, default=4,
+      help="K of the P x K batches (>= 2: each image needs a positive)")
     a("--mining", choices=MINING_CHOICES, default="ms")
     a("--compare-mining", action="store_true", help="also train Phase B with every other mining")
-    a("--alpha", type=float, default=2.0)
-    a("--beta", type=float, default=50.0)
+    a("--alpha", type=cli.positive_float, default=2.0)
+    a("--beta", type=cli.positive_float, default=50.0)
     a("--lam", type=float, default=0.5)
-    a("--epsilon", type=float, default=0.1)
+    a("--epsilon", type=cli.nonnegative_float, default=0.1)
     args = cli.parse(p, argv, smoke=dict(image_size=64, epochs=6, embed_epochs=4, embed_lr=1e-3,
                                          classes_per_batch=4, images_per_class=4,
                                          compare_mining=True, holdout_per_class=4,
                                          batch_size=32))
+    if args.images_per_class < 2:
+        p.error(f"--images-per-class must be >= 2 (each image needs a positive), got {args.images_per_class}")
     rt = engine.setup_runtime(args.device, args.seed)
     out = Path(args.out)
     placement, variant, t3_best = t3_selection(args)
@@ -77,6 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
                                   device=rt.device, workers=args.workers, backend=args.backend)
     holdout_all, test_all = whole(splits.holdout), whole(splits.test)
     num_classes = len(splits.train.classes)
+    if args.classes_per_batch > num_classes:  # found now, not after Phase A has trained
+        raise ConfigError(f"--classes-per-batch {args.classes_per_batch} exceeds the "
+                          f"{num_classes} training classes of {splits.root}")
 
     # -- model: CUBS-ResNet-18, ImageNet stem for 224 px, initialised as asked
     model = cubs_resnet18(num_classes, stem="imagenet", placement=placement, variant=variant,
@@ -122,8 +129,11 @@ def main(argv: list[str] | None = None) -> dict:
         holdout_r1 = lambda m: {"holdout_r1": recall_at_k(*engine.embed(m, holdout_all, rt), ks=(1,))[1]}  # noqa: E731
         run_dir = out / f"phase_b_{mining}"
         fitted = engine.fit(embedder, pk_train, step, holdout_r1, cfg_b, run_dir, rt,
-                            {**meta, "phase": "b", "mining": mining,
-                             "embedding_dim": args.embedding_dim}, score_key="holdout_r1")
+                            {**meta, **cli.data_recipe(args), "phase": "b", "mining": mining,
+                             **{k: getattr(args, k) for k in ("embedding_dim", "classes_per_batch",
+                                                              "images_per_class", "alpha", "beta",
+                                                              "lam", "epsilon")}},
+                            score_key="holdout_r1")
         if not fitted["finished"]:
             return {"finished": False}
         load_best(embedder, run_dir)
@@ -182,12 +192,15 @@ def initialise(model, args, t3_best: Path | None, rt) -> dict:
     init = args.init
     if init == "auto":
         init = "t3" if t3_best else "scratch"
+        if rt.is_main:
+            print(f"--init auto: {'a T3 run at ' + str(t3_best) if t3_best else 'no T3 best.pt next to ' + args.t3_results}"
+                  f" -> --init {init}")
     if init == "scratch":
         return {"init": "scratch"}
     if init == "t3":
         if t3_best is None:
-            raise FileNotFoundError(f"--init t3 needs a T3 best.pt next to {args.t3_results}; "
-                                    f"run t3_cubs.py first or use --init scratch")
+            raise ConfigError(f"--init t3 needs a T3 best.pt next to {args.t3_results}; "
+                              f"run t3_cubs.py first or use --init scratch")
         state, source = load_checkpoint(t3_best)["model"], str(t3_best)
     elif args.init_weights:
         state, source = torch.load(args.init_weights, map_location="cpu", weights_only=True), args.init_weights
@@ -222,4 +235,4 @@ def draw_retrieval(embeddings, labels, files, path: Path, seed: int, queries: in
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

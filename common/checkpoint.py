@@ -20,8 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from common.errors import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used: unreadable, unsafe, or from another model."""
 
 

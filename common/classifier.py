@@ -32,7 +32,7 @@ def fit_classifier(model: torch.nn.Module, loaders: Loaders, args: argparse.Name
     return engine.fit(
         model, loaders.train, engine.classification_step(args.label_smoothing),
         lambda m: prefixed(engine.evaluate_classifier(m, loaders.holdout, rt), "holdout"),
-        cli.fit_config(args, rt.cuda), out, rt, meta)
+        cli.fit_config(args, rt.cuda), out, rt, {**meta, **cli.data_recipe(args)})
 
 
 def load_best(model: torch.nn.Module, out: str | Path) -> None:

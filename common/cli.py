@@ -6,8 +6,39 @@ recipe, then adds the few flags only it has.
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 
 from common.engine import FitConfig
+from common.errors import UserError
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def training_parser(description: str, *, out: str, epochs: int, batch_size: int, lr: float,
@@ -18,22 +49,22 @@ def training_parser(description: str, *, out: str, epochs: int, batch_size: int,
     a = p.add_argument
     a("--data-dir", default="./data", help="folder holding (or receiving) the dataset")
     a("--out", default=out, help="output folder; rerunning with the same --out resumes")
-    a("--epochs", type=int, default=epochs)
-    a("--batch-size", type=int, default=batch_size, help="per process (per GPU under torchrun)")
-    a("--lr", type=float, default=lr, help="peak learning rate after warmup")
-    a("--weight-decay", type=float, default=weight_decay)
+    a("--epochs", type=positive_int, default=epochs)
+    a("--batch-size", type=positive_int, default=batch_size, help="per process (per GPU under torchrun)")
+    a("--lr", type=positive_float, default=lr, help="peak learning rate after warmup")
+    a("--weight-decay", type=nonnegative_float, default=weight_decay)
     a("--optimizer", choices=["sgd", "adamw"], default="sgd", help="sgd = SGD, Nesterov 0.9")
-    a("--warmup-epochs", type=float, default=warmup_epochs, help="linear warmup, then cosine")
-    a("--label-smoothing", type=float, default=label_smoothing)
-    a("--patience", type=int, default=patience, help="early stopping: epochs without improvement")
-    a("--min-delta", type=float, default=0.0, help="early stopping: smallest improvement counted")
-    a("--grad-clip", type=float, default=0.0, help="max gradient norm; 0 = off")
-    a("--holdout-per-class", type=int, default=holdout_per_class,
+    a("--warmup-epochs", type=nonnegative_float, default=warmup_epochs, help="linear warmup, then cosine")
+    a("--label-smoothing", type=nonnegative_float, default=label_smoothing)
+    a("--patience", type=positive_int, default=patience, help="early stopping: epochs without improvement")
+    a("--min-delta", type=nonnegative_float, default=0.0, help="early stopping: smallest improvement counted")
+    a("--grad-clip", type=nonnegative_float, default=0.0, help="max gradient norm; 0 = off")
+    a("--holdout-per-class", type=positive_int, default=holdout_per_class,
       help="training images per class held out for early stopping and model selection")
-    a("--image-size", type=int, default=image_size)
-    a("--color-jitter", type=float, default=0.0, help="brightness/contrast/saturation range")
-    a("--width", type=int, default=64, help="channel width multiplier of the model")
-    a("--workers", type=int, default=4, help="decoding threads (DALI) / DataLoader workers")
+    a("--image-size", type=positive_int, default=image_size)
+    a("--color-jitter", type=nonnegative_float, default=0.0, help="brightness/contrast/saturation range")
+    a("--width", type=positive_int, default=64, help="channel width multiplier of the model")
+    a("--workers", type=nonnegative_int, default=4, help="decoding threads (DALI) / DataLoader workers")
     a("--backend", choices=["auto", "dali", "torch"], default="auto",
       help="auto = DALI if importable, else the torch DataLoader fallback")
     a("--device", default="auto", help="auto, cuda, cuda:N or cpu")
@@ -43,18 +74,27 @@ def training_parser(description: str, *, out: str, epochs: int, batch_size: int,
     a("--fresh", action="store_true", help="ignore checkpoints in --out and start over")
     a("--no-download", action="store_true", help="never download the dataset")
     a("--smoke", action="store_true",
-      help="generate a tiny learnable dataset in --out and run the whole script on it (CPU, ~1 min)")
+      help="generate a tiny learnable dataset in --out and run the whole script on it (CPU, a few "
+           "minutes); default paths under runs/ become runs/smoke/...")
     a("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
 def apply_smoke(args: argparse.Namespace, **overrides) -> None:
-    """--smoke: a small model and a few short epochs, unless a flag was set explicitly."""
+    """--smoke: a small model and a few short epochs, unless a flag was set explicitly.
+
+    Default paths under runs/ (--out, T3's --vanilla-results, T4's --t3-results) move to
+    runs/smoke/, so a smoke run never leaves a checkpoint or result that a real run would
+    resume from, compare with or initialise from.
+    """
+    explicit = getattr(args, "_explicit", set())
+    for k, v in vars(args).items():
+        if k not in explicit and isinstance(v, str) and v.startswith("runs/"):
+            setattr(args, k, "runs/smoke/" + v.removeprefix("runs/"))
     defaults = {"epochs": 8, "batch_size": 32, "lr": 0.05, "warmup_epochs": 1.0, "patience": 4,
                 "holdout_per_class": 5, "image_size": 32, "width": 16, "workers": 0,
                 "device": "cpu"}
     defaults.update(overrides)
-    explicit = getattr(args, "_explicit", set())
     for k, v in defaults.items():
         if k not in explicit:
             setattr(args, k, v)
@@ -72,12 +112,28 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None,
     return args
 
 
+def run(main: Callable[[], object]) -> None:
+    """Run a script's main(). A UserError (missing dataset, corrupt image, incompatible
+    checkpoint, ...) ends it with its message and exit status 1, without a traceback."""
+    try:
+        main()
+    except UserError as err:
+        sys.exit(f"error: {err}")
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Show defaults, and keep the script docstring's line breaks."""
 
 
 class _Unset:
     pass
+
+
+def data_recipe(args: argparse.Namespace) -> dict:
+    """The flags outside FitConfig that change what a run computes; stored in checkpoint meta
+    so that a resume with other values is refused."""
+    return {k: getattr(args, k) for k in ("batch_size", "label_smoothing", "holdout_per_class",
+                                          "color_jitter", "seed")}
 
 
 def fit_config(args: argparse.Namespace, cuda: bool) -> FitConfig:

@@ -26,6 +26,8 @@ import numpy as np
 import scipy.io
 from tqdm import tqdm
 
+from common.errors import DatasetError, DatasetNotFoundError, DownloadError
+
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 
@@ -54,14 +56,14 @@ def holdout_split(labels: Sequence[int], per_class: int, seed: int) -> tuple[lis
     one training image, so ``per_class`` must be smaller than the smallest class.
     """
     if per_class < 0:
-        raise ValueError(f"per_class must be >= 0, got {per_class}")
+        raise DatasetError(f"per_class must be >= 0, got {per_class}")
     labels_array = np.asarray(labels, dtype=np.int64)
     rng = np.random.default_rng(seed)
     holdout: list[int] = []
     for label in np.unique(labels_array):
         members = np.flatnonzero(labels_array == label)
         if len(members) <= per_class:
-            raise ValueError(f"class {int(label)} has {len(members)} images; a holdout of {per_class} "
+            raise DatasetError(f"class {int(label)} has {len(members)} images; a holdout of {per_class} "
                              f"per class needs more than {per_class} (at least one must stay in train)")
         holdout.extend(rng.choice(members, size=per_class, replace=False).tolist())
     holdout_set = set(holdout)
@@ -73,16 +75,16 @@ def load_tiny_imagenet(root: str | Path, holdout_per_class: int = 10, seed: int 
     """Read the tiny-imagenet-200 folder ``root``; its labelled val set becomes the test split."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
-        raise FileNotFoundError(f"Tiny ImageNet folder not found: {root}\n{TINY_IMAGENET_LAYOUT}")
+        raise DatasetNotFoundError(f"Tiny ImageNet folder not found: {root}\n{TINY_IMAGENET_LAYOUT}")
     wnids_path = root / "wnids.txt"
     if not wnids_path.is_file():
-        raise FileNotFoundError(f"missing {wnids_path}\n{TINY_IMAGENET_LAYOUT}")
+        raise DatasetNotFoundError(f"missing {wnids_path}\n{TINY_IMAGENET_LAYOUT}")
     wnids = [line.strip() for line in wnids_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not wnids:
-        raise ValueError(f"{wnids_path} lists no wnids\n{TINY_IMAGENET_LAYOUT}")
+        raise DatasetError(f"{wnids_path} lists no wnids\n{TINY_IMAGENET_LAYOUT}")
     duplicates = sorted(w for w, n in Counter(wnids).items() if n > 1)
     if duplicates:
-        raise ValueError(f"{wnids_path} lists wnids more than once: {duplicates[:5]}")
+        raise DatasetError(f"{wnids_path} lists wnids more than once: {duplicates[:5]}")
     label_of = {wnid: label for label, wnid in enumerate(wnids)}
     classes = _tiny_imagenet_names(root / "words.txt", wnids)
 
@@ -91,11 +93,11 @@ def load_tiny_imagenet(root: str | Path, holdout_per_class: int = 10, seed: int 
     for label, wnid in enumerate(wnids):
         images_dir = root / "train" / wnid / "images"
         if not images_dir.is_dir():
-            raise FileNotFoundError(f"missing train folder {images_dir} for wnid {wnid} listed in "
+            raise DatasetNotFoundError(f"missing train folder {images_dir} for wnid {wnid} listed in "
                                     f"{wnids_path}\n{TINY_IMAGENET_LAYOUT}")
         names = sorted(n for n in os.listdir(images_dir) if n.lower().endswith(_TINY_IMAGE_SUFFIXES))
         if not names:
-            raise ValueError(f"no .JPEG images in {images_dir}\n{TINY_IMAGENET_LAYOUT}")
+            raise DatasetError(f"no .JPEG images in {images_dir}\n{TINY_IMAGENET_LAYOUT}")
         train_files.extend(str(images_dir / n) for n in names)
         train_labels.extend([label] * len(names))
 
@@ -122,20 +124,20 @@ def load_cars196(root: str | Path, holdout_per_class: int = 5, seed: int = 0) ->
 
     n = len(class_names)
     if n < 2:
-        raise ValueError(f"Cars196 at {base} lists {n} class name(s); the class-id split needs at least 2")
+        raise DatasetError(f"Cars196 at {base} lists {n} class name(s); the class-id split needs at least 2")
     out_of_range = [c for c in class_ids if not 1 <= c <= n]
     if out_of_range:
-        raise ValueError(f"Cars196 at {base}: class id {out_of_range[0]} is outside 1..{n} "
+        raise DatasetError(f"Cars196 at {base}: class id {out_of_range[0]} is outside 1..{n} "
                          f"(there are {n} class names)")
     empty = sorted(set(range(1, n + 1)) - set(class_ids))
     if empty:
-        raise ValueError(f"Cars196 at {base}: class ids {empty[:10]} have no images")
+        raise DatasetError(f"Cars196 at {base}: class ids {empty[:10]} have no images")
     duplicates = [p for p, count in Counter(paths).items() if count > 1]
     if duplicates:
-        raise ValueError(f"Cars196 at {base}: {duplicates[0]} is annotated more than once")
+        raise DatasetError(f"Cars196 at {base}: {duplicates[0]} is annotated more than once")
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f"Cars196 at {base} ({layout} layout): {len(missing)} of {len(paths)} "
+        raise DatasetNotFoundError(f"Cars196 at {base} ({layout} layout): {len(missing)} of {len(paths)} "
                                 f"annotated images are missing, first: {missing[0]}\n{CARS196_LAYOUTS}")
 
     n_train = n // 2
@@ -164,24 +166,24 @@ def find_tiny_imagenet(data_dir: str | Path, download: bool = True, url: str = T
     how_to_get_it = (f"Download {url} (MD5 {md5}) and unzip it so that {target / 'wnids.txt'} exists "
                      f"(expected path: {target}), or run with --smoke, which needs no dataset.")
     if target.exists():
-        raise FileNotFoundError(f"{target} exists but has no wnids.txt; remove it or complete it.\n"
+        raise DatasetNotFoundError(f"{target} exists but has no wnids.txt; remove it or complete it.\n"
                                 f"{how_to_get_it}\n{TINY_IMAGENET_LAYOUT}")
     if not download:
-        raise FileNotFoundError(f"Tiny ImageNet not found in {data_dir}.\n{how_to_get_it}")
+        raise DatasetNotFoundError(f"Tiny ImageNet not found in {data_dir}.\n{how_to_get_it}")
 
     data_dir.mkdir(parents=True, exist_ok=True)
     zip_path = data_dir / "tiny-imagenet-200.zip"
     try:
         download_file(url, zip_path, md5)
     except (urllib.error.URLError, OSError, ValueError) as error:  # URLError is an OSError too
-        raise RuntimeError(f"Could not download Tiny ImageNet: {error}\n{how_to_get_it}") from error
+        raise DownloadError(f"Could not download Tiny ImageNet: {error}\n{how_to_get_it}") from error
 
     temporary = Path(tempfile.mkdtemp(prefix=".tiny-imagenet-extract-", dir=data_dir))
     try:
         safe_extract_zip(zip_path, temporary)
         extracted = temporary / "tiny-imagenet-200"
         if not (extracted / "wnids.txt").is_file():
-            raise RuntimeError(f"{zip_path} (from {url}) has no tiny-imagenet-200/wnids.txt; "
+            raise DownloadError(f"{zip_path} (from {url}) has no tiny-imagenet-200/wnids.txt; "
                                f"it is not the Tiny ImageNet zip.\n{how_to_get_it}")
         os.replace(extracted, target)
     finally:
@@ -215,7 +217,7 @@ def download_file(url: str, dest: Path, md5: str) -> Path:
         raise
     if digest.hexdigest() != md5.lower():
         partial.unlink()
-        raise ValueError(f"MD5 mismatch for {url}: expected {md5.lower()}, got {digest.hexdigest()}; "
+        raise DatasetError(f"MD5 mismatch for {url}: expected {md5.lower()}, got {digest.hexdigest()}; "
                          f"the downloaded file was deleted")
     os.replace(partial, dest)
     return dest
@@ -251,9 +253,9 @@ def _read_val_annotations(root: Path, label_of: dict[str, int]) -> tuple[list[st
     annotations_path = root / "val" / "val_annotations.txt"
     images_dir = root / "val" / "images"
     if not annotations_path.is_file():
-        raise FileNotFoundError(f"missing {annotations_path}\n{TINY_IMAGENET_LAYOUT}")
+        raise DatasetNotFoundError(f"missing {annotations_path}\n{TINY_IMAGENET_LAYOUT}")
     if not images_dir.is_dir():
-        raise FileNotFoundError(f"missing {images_dir}\n{TINY_IMAGENET_LAYOUT}")
+        raise DatasetNotFoundError(f"missing {images_dir}\n{TINY_IMAGENET_LAYOUT}")
     present = set(os.listdir(images_dir))
     label_of_file: dict[str, int] = {}
     for line_number, line in enumerate(annotations_path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -262,17 +264,17 @@ def _read_val_annotations(root: Path, label_of: dict[str, int]) -> tuple[list[st
         fields = line.split("\t")
         where = f"{annotations_path}, line {line_number}"
         if len(fields) < 2:
-            raise ValueError(f"{where}: expected file<TAB>wnid<TAB>x0<TAB>y0<TAB>x1<TAB>y1, got {line!r}")
+            raise DatasetError(f"{where}: expected file<TAB>wnid<TAB>x0<TAB>y0<TAB>x1<TAB>y1, got {line!r}")
         name, wnid = fields[0].strip(), fields[1].strip()
         if wnid not in label_of:
-            raise ValueError(f"{where}: wnid {wnid!r} is not listed in {root / 'wnids.txt'}")
+            raise DatasetError(f"{where}: wnid {wnid!r} is not listed in {root / 'wnids.txt'}")
         if name not in present:
-            raise FileNotFoundError(f"{where}: image {images_dir / name} does not exist")
+            raise DatasetNotFoundError(f"{where}: image {images_dir / name} does not exist")
         if name in label_of_file:
-            raise ValueError(f"{where}: {name} is annotated more than once")
+            raise DatasetError(f"{where}: {name} is annotated more than once")
         label_of_file[name] = label_of[wnid]
     if not label_of_file:
-        raise ValueError(f"{annotations_path} has no annotations\n{TINY_IMAGENET_LAYOUT}")
+        raise DatasetError(f"{annotations_path} has no annotations\n{TINY_IMAGENET_LAYOUT}")
     names = sorted(label_of_file)
     return [str(images_dir / n) for n in names], [label_of_file[n] for n in names]
 
@@ -282,7 +284,7 @@ def _carve_holdout(full: ImageList, per_class: int, seed: int, root: Path) -> tu
     try:
         train_idx, holdout_idx = holdout_split(full.labels, per_class, seed)
     except ValueError as error:
-        raise ValueError(f"holdout_per_class={per_class} is too large for the train split in {root}: "
+        raise DatasetError(f"holdout_per_class={per_class} is too large for the train split in {root}: "
                          f"{error}") from error
 
     def subset(indices: list[int]) -> ImageList:
@@ -294,13 +296,13 @@ def _carve_holdout(full: ImageList, per_class: int, seed: int, root: Path) -> tu
 def _detect_cars_layout(root: Path) -> tuple[str, Path]:
     """Return (layout, folder holding the layout's files) or raise listing both layouts."""
     if not root.is_dir():
-        raise FileNotFoundError(f"Cars196 folder not found: {root}\n{CARS196_LAYOUTS}")
+        raise DatasetNotFoundError(f"Cars196 folder not found: {root}\n{CARS196_LAYOUTS}")
     if (root / "cars_annos.mat").is_file():
         return "cars_annos", root
     for base in (root, root / "stanford_cars"):
         if (base / "devkit" / "cars_meta.mat").is_file():
             return "torchvision", base
-    raise FileNotFoundError(f"no known Cars196 layout in {root}: found neither cars_annos.mat nor "
+    raise DatasetNotFoundError(f"no known Cars196 layout in {root}: found neither cars_annos.mat nor "
                             f"devkit/cars_meta.mat\n{CARS196_LAYOUTS}")
 
 
@@ -312,7 +314,7 @@ def _read_cars_annos(base: Path) -> tuple[list[str], list[int], list[str]]:
     for record in _records(mat["annotations"]):
         relative = str(record.relative_im_path)
         if PurePosixPath(relative).is_absolute() or ".." in PurePosixPath(relative).parts:
-            raise ValueError(f"{mat_path}: relative_im_path {relative!r} must stay inside {base}")
+            raise DatasetError(f"{mat_path}: relative_im_path {relative!r} must stay inside {base}")
         paths.append(str(base / relative))
         class_ids.append(int(getattr(record, "class")))  # int() first: the .mat stores uint8
     return paths, class_ids, _strings(mat["class_names"])
@@ -327,7 +329,7 @@ def _read_cars_torchvision(base: Path) -> tuple[list[str], list[int], list[str]]
         for record in _records(_load_mat(mat_path, ("annotations",))["annotations"]):
             name = str(record.fname)
             if PurePosixPath(name).name != name:
-                raise ValueError(f"{mat_path}: fname {name!r} must be a plain file name")
+                raise DatasetError(f"{mat_path}: fname {name!r} must be a plain file name")
             paths.append(str(images_dir / name))
             class_ids.append(int(getattr(record, "class")))
     return paths, class_ids, class_names
@@ -336,11 +338,11 @@ def _read_cars_torchvision(base: Path) -> tuple[list[str], list[int], list[str]]
 def _load_mat(path: Path, keys: tuple[str, ...]) -> dict:
     """loadmat with squeezed arrays and attribute-style structs; check the expected keys."""
     if not path.is_file():
-        raise FileNotFoundError(f"missing {path}\n{CARS196_LAYOUTS}")
+        raise DatasetNotFoundError(f"missing {path}\n{CARS196_LAYOUTS}")
     mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
     missing = [k for k in keys if k not in mat]
     if missing:
-        raise ValueError(f"{path} lacks the variable(s) {missing}\n{CARS196_LAYOUTS}")
+        raise DatasetError(f"{path} lacks the variable(s) {missing}\n{CARS196_LAYOUTS}")
     return mat
 
 
@@ -377,7 +379,7 @@ def _check_zip_member(member: zipfile.ZipInfo, dest: Path, zip_path: Path) -> No
         reason = "would land outside the destination"
     else:
         return
-    raise ValueError(f"refusing to extract {zip_path}: member {name!r} {reason} "
+    raise DatasetError(f"refusing to extract {zip_path}: member {name!r} {reason} "
                      f"(destination {dest}); nothing was extracted")
 
 
@@ -391,9 +393,9 @@ class ImageList:
 
     def __post_init__(self) -> None:
         if len(self.files) != len(self.labels):
-            raise ValueError(f"{len(self.files)} files but {len(self.labels)} labels")
+            raise DatasetError(f"{len(self.files)} files but {len(self.labels)} labels")
         if self.labels and not 0 <= min(self.labels) <= max(self.labels) < len(self.classes):
-            raise ValueError(f"labels must lie in 0..{len(self.classes) - 1}, "
+            raise DatasetError(f"labels must lie in 0..{len(self.classes) - 1}, "
                              f"got {min(self.labels)}..{max(self.labels)}")
 
     def __len__(self) -> int:

@@ -37,8 +37,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.checkpoint import (check_compatible, load_checkpoint, load_model_state, rng_state,
+from common.checkpoint import (CheckpointError, check_compatible, load_checkpoint, load_model_state, rng_state,
                                save_checkpoint, set_rng_state)
+from common.errors import ConfigError, UserError
 from common.plots import plot_curves
 
 
@@ -64,7 +65,7 @@ def setup_runtime(device: str = "auto", seed: int = 0) -> Runtime:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda but torch sees no GPU; use --device cpu")
+        raise ConfigError(f"--device {device} but torch sees no GPU; use --device cpu")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     dev = torch.device(device)
@@ -213,7 +214,7 @@ class FitConfig:
     stop_after_epoch: int | None = None  # end this process after that many epochs (tests, time-boxed sessions)
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(UserError, RuntimeError):
     pass
 
 
@@ -244,6 +245,7 @@ def fit(model: torch.nn.Module, loader, step_fn: StepFn,
     if last.exists() and not cfg.fresh:
         ck = load_checkpoint(last)
         check_compatible(ck["meta"], meta, last)
+        _check_same_recipe(ck["config"], asdict(cfg), last)
         load_model_state(model, ck["model"], last)
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
@@ -328,6 +330,19 @@ def fit(model: torch.nn.Module, loader, step_fn: StepFn,
                             / max(1e-9, sum(h["epoch_time_s"] for h in timed)),
             "stopped_early": stopper.should_stop and len(history) < cfg.epochs,
             "history": history, "finished": state["finished"]}
+
+
+# FitConfig fields that only steer this process, not what the run computes.
+_PROCESS_ONLY = {"compile", "fresh", "stop_after_epoch"}
+
+
+def _check_same_recipe(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Resuming with another LR, epoch count, ... would silently splice two recipes."""
+    diffs = [f"--{k.replace('_', '-')} {saved.get(k)} (now {v})" for k, v in current.items()
+             if k not in _PROCESS_ONLY and saved.get(k) != v]
+    if diffs:
+        raise CheckpointError(f"{path} was trained with " + ", ".join(diffs) + ". Rerun with "
+                              "those flags to resume, --fresh to start over, or use another --out.")
 
 
 def _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, scaler, cfg, rt,

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from common import sampling
+from common.errors import ImageDecodeError
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ class ImageLoader:
                 upcoming = [self.files[i] for b in self.batches(epoch)[position:position + 4] for i in b]
                 bad = _first_bad_image(upcoming)
                 if bad:
-                    raise ValueError(f"cannot decode image {bad}: corrupt or not a JPEG/PNG") from err
+                    raise ImageDecodeError(f"cannot decode image {bad}: corrupt or not a JPEG/PNG") from err
                 raise
             position += 1
             yield out[0]["images"], out[0]["labels"]
@@ -291,7 +292,7 @@ class _AugmentedFiles(torch.utils.data.Dataset):
             with Image.open(path) as im:
                 image = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
         except Exception as err:
-            raise ValueError(f"cannot decode image {path}: corrupt or not a JPEG/PNG") from err
+            raise ImageDecodeError(f"cannot decode image {path}: corrupt or not a JPEG/PNG") from err
         size = [s.image_size, s.image_size]
         if s.train:
             rng = np.random.default_rng([s.seed, self.epoch, index, s.shard_id])

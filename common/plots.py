@@ -26,7 +26,9 @@ def plot_curves(history: Sequence[dict], path: str | Path, title: str = "") -> N
             ax_loss.plot(epochs, values, marker=".", label=k)
         elif k.endswith(("_acc", "_top5", "_r1")):
             ax_acc.plot(epochs, values, marker=".", label=k)
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    # Log scale: an early holdout loss far above the rest (BatchNorm statistics not yet
+    # settled after a few steps) would otherwise flatten every other curve.
+    ax_loss.set(xlabel="epoch", ylabel="loss (log scale)", title="loss", yscale="log")
     ax_acc.set(xlabel="epoch", ylabel="accuracy / recall", title="accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)

@@ -473,10 +473,11 @@ def at_par_lines(c: dict) -> list[str]:
         note = c.get("vanilla_note", "no vanilla ResNet-18 result or no selected placement")
         return [f"**2-point check: not made** ({note}).", ""]
     verdict = "HOLDS" if at_par.get("holds") else "DOES NOT HOLD"
+    gap = float(at_par.get("points_below_vanilla", 0.0))
     return [f"**2-point check: {verdict}.** Rule: {at_par.get('rule')}. The selected design is "
-            f"{fmt_points(at_par.get('points_below_vanilla'))} points below vanilla ResNet-18 "
+            f"{abs(gap):.2f} points {'below' if gap >= 0 else 'above'} vanilla ResNet-18 "
             f"(vanilla test top-1 {fmt_acc(vanilla.get('test_acc'))} from "
-            f"`{vanilla.get('source', '?')}`; a negative value means above).", ""]
+            f"`{vanilla.get('source', '?')}`).", ""]
 
 
 def plus_vs_plain_lines(c: dict) -> list[str]:
@@ -569,12 +570,19 @@ def plot_retrieval_curves(run: Run, path: Path) -> bool:
     if not run.phases:
         return False
     fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=(11, 4))
+    # Mining runs can score identically (small holdouts): distinct markers and dashes, and a
+    # slight shrink per line, keep every one of them visible.
+    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-")]
+    b_index = 0
     for name, history in run.phases.items():
         epochs = [h.get("epoch") for h in history]
         if name == "phase_a":
             ax_a.plot(epochs, [h.get("holdout_acc", math.nan) for h in history], marker=".", label=name)
         else:
-            ax_b.plot(epochs, [h.get("holdout_r1", math.nan) for h in history], marker=".", label=name)
+            marker, dashes = styles[b_index % len(styles)]
+            ax_b.plot(epochs, [h.get("holdout_r1", math.nan) for h in history], marker=marker,
+                      linestyle=dashes, markersize=8 - 1.5 * b_index, fillstyle="none", label=name)
+            b_index += 1
     ax_a.set(xlabel="epoch", ylabel="holdout top-1", title="Phase A (classifier)")
     ax_b.set(xlabel="epoch", ylabel="holdout Recall@1", title="Phase B (Multi-Similarity)")
     _finish(fig, (ax_a, ax_b), path)

@@ -137,8 +137,8 @@ def _run_fit(splits, out, backend, epochs=4, stop_after=None, step_log=None, amp
         if step_log is not None:
             step_log.append(y.tolist())
         return base_step(m, x, y)
-    config = engine.FitConfig(epochs=epochs, lr=0.05, warmup_epochs=1, patience=100,
-                              stop_after_epoch=stop_after, **cfg)
+    config = engine.FitConfig(epochs=epochs, lr=cfg.pop("lr_override", 0.05), warmup_epochs=1,
+                              patience=100, stop_after_epoch=stop_after, **cfg)
     evaluate = lambda m: {f"holdout_{k}": v for k, v in engine.evaluate_classifier(m, holdout, rt).items()}
     result = engine.fit(model, train, step, evaluate, config, out, rt,
                         meta={"task": "test", "model": "small"})
@@ -192,6 +192,16 @@ def test_finished_run_is_not_retrained(tiny_splits, tmp_path):
     _, again = _run_fit(tiny_splits, tmp_path, "torch", epochs=1)
     assert again["finished"] and again["epochs_run"] == 1
     assert (tmp_path / "last.pt").stat().st_mtime_ns == stamp
+
+
+def test_resume_with_another_recipe_is_refused_with_the_differences_named(tiny_splits, tmp_path):
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=3, stop_after=1)
+    with pytest.raises(CheckpointError, match=r"--lr 0.05 \(now 0.01\), --epochs 3 \(now 4\)|"
+                                               r"--epochs 3 \(now 4\), --lr 0.05 \(now 0.01\)"):
+        _run_fit(tiny_splits, tmp_path, "torch", epochs=4, lr_override=0.01)
+    # flags that only steer the process (compile, --fresh, --stop-after-epoch) may change
+    _, result = _run_fit(tiny_splits, tmp_path, "torch", epochs=3, stop_after=5)
+    assert result["finished"] and result["epochs_run"] == 3
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_splits, tmp_path, monkeypatch):

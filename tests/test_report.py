@@ -110,7 +110,8 @@ def check_placements(text: str, c: dict) -> None:
         verdict = "HOLDS" if c["at_par"]["holds"] else "DOES NOT HOLD"
         assert f"**2-point check: {verdict}.**" in text
         assert ("DOES NOT HOLD" in text) != c["at_par"]["holds"]
-        assert f"{c['at_par']['points_below_vanilla']:+.2f} points below vanilla" in text
+        gap = c["at_par"]["points_below_vanilla"]
+        assert f"{abs(gap):.2f} points {'below' if gap >= 0 else 'above'} vanilla" in text
         assert c["at_par"]["rule"] in text
     else:
         assert "**2-point check: not made**" in text

@@ -67,6 +67,22 @@ def test_t3_all_placements_selects_by_holdout_and_compares_with_vanilla(runs):
     assert (runs / "t3" / "placements.png").stat().st_size > 0
 
 
+def test_t3_holdout_ties_go_to_the_spec_order_and_are_reported(tmp_path):
+    import t3_cubs
+    base = {"variant": "plain", "test_top5": 0.9, "params": 1, "best_epoch": 1, "epochs_run": 1,
+            "num_classes": 10, "width": 16, "image_size": 32}
+    for placement, holdout, test in (("parallel", 0.88, 0.90), ("reverse", 0.88, 0.80), ("serial", 0.86, 0.95)):
+        (tmp_path / f"{placement}_plain").mkdir()
+        (tmp_path / f"{placement}_plain" / "results.json").write_text(json.dumps(
+            {**base, "placement": placement, "holdout_acc": holdout, "test_acc": test}))
+    c = t3_cubs.compare_runs(tmp_path, tmp_path / "no_t2.json")
+    assert [r["placement"] for r in c["runs"]] == ["serial", "reverse", "parallel"]
+    assert c["selected"]["placement"] == "reverse"  # tied with parallel, earlier in the spec; never by test
+    t3_cubs.write_comparison(c, tmp_path)
+    assert ("**reverse** (reverse, parallel tie on holdout; ties go in the order "
+            "serial > reverse > parallel)") in (tmp_path / "placements.md").read_text()
+
+
 def test_t3_checkpoint_of_one_placement_is_refused_by_another(runs, tmp_path):
     (tmp_path / "reverse_plain").mkdir()
     shutil.copy(runs / "t3" / "serial_plain" / "last.pt", tmp_path / "reverse_plain" / "last.pt")
@@ -165,8 +181,20 @@ def test_torchrun_two_processes_gloo_writes_one_set_of_outputs(tmp_path):
 def test_missing_dataset_gives_a_clear_message(tmp_path):
     proc = run("t2_resnet18.py", "--data-dir", str(tmp_path / "nowhere"), "--no-download",
                "--device", "cpu", "--out", str(tmp_path / "out"), check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 1
     assert "Tiny ImageNet not found" in proc.stderr and "--smoke" in proc.stderr
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--batch-size", "0", "must be a positive integer, got 0"),
+    ("--lr", "-1", "must be > 0, got -1.0"),
+    ("--workers", "-1", "must be >= 0, got -1"),
+    ("--epochs", "zero", "invalid positive_int value: 'zero'"),
+])
+def test_bad_numeric_flag_values_are_rejected_before_anything_runs(flag, value, expected):
+    proc = run("t2_resnet18.py", "--smoke", flag, value, check=False)
+    assert proc.returncode == 2 and f"argument {flag}: {expected}" in proc.stderr
 
 
 def test_bad_flag_value_is_rejected_with_the_choices(tmp_path):
