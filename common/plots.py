@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: Colab, CI, servers
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -31,6 +32,7 @@ def plot_curves(history: Sequence[dict], path: str | Path, title: str = "") -> N
     ax_loss.set(xlabel="epoch", ylabel="loss (log scale)", title="loss", yscale="log")
     ax_acc.set(xlabel="epoch", ylabel="accuracy / recall", title="accuracy")
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
