@@ -59,11 +59,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def check_compatible(saved_meta: dict[str, Any], meta: dict[str, Any], path: str | Path) -> None:
-    """Raise if a checkpoint was written for another model (architecture, classes, ...)."""
-    diffs = [f"{k}: checkpoint has {saved_meta.get(k)!r}, this run has {v!r}"
-             for k, v in meta.items() if saved_meta.get(k) != v]
+    """Raise if a checkpoint was written for another model (architecture, classes, ...) or
+    data setup. Keys the checkpoint lacks (written before they were recorded) are not compared."""
+    diffs = [f"{k}: checkpoint has {saved_meta[k]!r}, this run has {v!r}"
+             for k, v in meta.items() if k in saved_meta and saved_meta[k] != v]
     if diffs:
-        raise CheckpointError(f"{path} belongs to a different model: " + "; ".join(diffs)
+        raise CheckpointError(f"{path} belongs to a different model or setup: " + "; ".join(diffs)
                               + ". Use another --out, or --fresh to start over.")
 
 

@@ -77,6 +77,8 @@ def setup_runtime(device: str = "auto", seed: int = 0) -> Runtime:
                                 timeout=datetime.timedelta(minutes=60))
     amp_dtype = None
     if dev.type == "cuda":
+        if dev.index is None:  # "cuda": the current GPU, named, so every later call agrees
+            dev = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(dev)  # so cuda RNG / memory calls without a device act on it
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -304,7 +306,8 @@ def fit(model: torch.nn.Module, loader, step_fn: StepFn,
                 dist.broadcast_object_list(shared, src=0)
                 metrics = shared[0]
             improved = stopper.update(metrics[score_key], epoch)
-            record = {"epoch": epoch + 1, **state.pop("epoch_stats"), **metrics}
+            record = {"epoch": epoch + 1, **state.pop("epoch_stats"), **metrics,
+                      "includes_compile": cfg.compile and epochs_this_process == 1}
             state["history"].append(record)
             state.update(epoch=epoch + 1, step=0, partial=None)
             checkpoint(last)
@@ -322,8 +325,8 @@ def fit(model: torch.nn.Module, loader, step_fn: StepFn,
             signal.signal(s, h)
 
     history = state["history"]
-    # With compile, epoch 1 includes the compilation: leave it out of the throughput.
-    timed = history[1:] if cfg.compile and len(history) > 1 else history
+    # Leave the epochs that include torch.compile's compilation out of the throughput.
+    timed = [h for h in history if not h.get("includes_compile")] or history
     return {"best_epoch": stopper.best_epoch + 1, "best_score": stopper.best_score,
             "epochs_run": len(history), "train_time_s": state["train_time_s"],
             "images_per_s": sum(h["train_images"] for h in timed)
@@ -338,11 +341,12 @@ _PROCESS_ONLY = {"compile", "fresh", "stop_after_epoch"}
 
 def _check_same_recipe(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Resuming with another LR, epoch count, ... would silently splice two recipes."""
-    diffs = [f"--{k.replace('_', '-')} {saved.get(k)} (now {v})" for k, v in current.items()
+    diffs = [f"{k} {saved.get(k)} (now {v})" for k, v in current.items()
              if k not in _PROCESS_ONLY and saved.get(k) != v]
     if diffs:
         raise CheckpointError(f"{path} was trained with " + ", ".join(diffs) + ". Rerun with "
-                              "those flags to resume, --fresh to start over, or use another --out.")
+                              "the flags that set those to resume, --fresh to start over, or "
+                              "use another --out.")
 
 
 def _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, scaler, cfg, rt,

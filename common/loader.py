@@ -176,9 +176,14 @@ class ImageLoader:
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=[b.tolist() for b in self.batches(epoch)[start:]],
             num_workers=self.workers, pin_memory=self.device.type == "cuda")
-        for images, labels in loader:
-            yield (images.to(self.device, non_blocking=True),
-                   labels.to(self.device, non_blocking=True))
+        try:
+            for images, labels in loader:
+                yield (images.to(self.device, non_blocking=True),
+                       labels.to(self.device, non_blocking=True))
+        except ImageDecodeError as err:
+            # From a worker process the message carries the worker's whole traceback; its
+            # last line is ours: "...ImageDecodeError: cannot decode image PATH: ...".
+            raise ImageDecodeError(str(err).strip().splitlines()[-1].split("ImageDecodeError: ", 1)[-1]) from None
 
 
 class _BatchPlan:
