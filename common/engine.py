@@ -69,17 +69,14 @@ def setup_runtime(device: str = "auto", seed: int = 0) -> Runtime:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     dev = torch.device(device)
-    if world_size > 1:
-        if dev.type == "cuda":
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        # Long timeout: rank 0 may spend minutes downloading the dataset while the others wait.
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=60))
     amp_dtype = None
     if dev.type == "cuda":
-        if dev.index is None:  # "cuda": the current GPU, named, so every later call agrees
+        if world_size > 1:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        elif dev.index is None:  # "cuda": the current GPU, named, so every later call agrees
             dev = torch.device("cuda", torch.cuda.current_device())
-        torch.cuda.set_device(dev)  # so cuda RNG / memory calls without a device act on it
+        # Before the process group: NCCL and every cuda call without a device use this GPU.
+        torch.cuda.set_device(dev)
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -87,6 +84,10 @@ def setup_runtime(device: str = "auto", seed: int = 0) -> Runtime:
         if rank == 0:
             print(f"{torch.cuda.get_device_name(dev)}: autocast "
                   f"{'bf16' if amp_dtype == torch.bfloat16 else 'fp16 with loss scaling'}")
+    if world_size > 1:
+        # Long timeout: rank 0 may spend minutes downloading the dataset while the others wait.
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=60))
     seed_everything(seed + rank)
     return Runtime(dev, rank, world_size, amp_dtype)
 

@@ -114,6 +114,14 @@ def test_cuda_runtime_names_its_gpu_and_picks_the_autocast_dtype(monkeypatch, ca
         rt = engine.setup_runtime(flags, seed=0)
         assert rt.device == torch.device("cuda", 0) and rt.amp_dtype == dtype
     assert calls == [torch.device("cuda", 0)] * 2
+    # torchrun: LOCAL_RANK picks the GPU, set before NCCL's process group is created
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(engine.dist, "init_process_group", lambda backend, **kw: calls.append(backend))
+    rt = engine.setup_runtime("cuda", seed=0)
+    assert (rt.device, rt.rank, rt.world_size) == (torch.device("cuda", 1), 1, 2)
+    assert calls[2:] == [torch.device("cuda", 1), "nccl"]
 
 
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
