@@ -1,7 +1,7 @@
 """T1: our own CNN (chained-conv concatenation blocks, no ResNet/VGG) on Tiny ImageNet.
 
     python t1_custom_cnn.py                   # full run; downloads Tiny ImageNet to ./data
-    python t1_custom_cnn.py --smoke           # whole pipeline on a generated dataset, CPU, ~1 min
+    python t1_custom_cnn.py --smoke           # whole pipeline on a generated dataset, CPU, ~1 min (2-core VM)
 
 The network (common/models.py, CustomCNN) chains 3x3 conv units whose outputs are all
 concatenated and fused by a 1x1 conv with a squeeze-excitation gate; resolution goes

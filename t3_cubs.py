@@ -5,7 +5,7 @@
     python t3_cubs.py --placement serial --variant both   # plain vs our `plus` variant
     python t3_cubs.py --smoke --placement all # everything on a generated dataset, CPU
 
-The blocks (common/cubs.py, specification in README): Block 1 gates channels through a
+The blocks (common/cubs.py, specification in docs/cubs.md, summary in README): Block 1 gates channels through a
 self-similarity of the pooled channel descriptor, Block 2 gates positions through a
 self-similarity of the positions; both attention maps go through a fused kernel and are
 never materialised. Each (placement, variant) trains with the same seed and recipe as T2

@@ -7,8 +7,8 @@ metric learning with the Multi-Similarity loss.
 
 Split by class id: classes 1-98 train (a stratified holdout of their images drives early
 stopping), 99-196 test (never seen in training). Network: CUBS-ResNet-18 with the ImageNet
-stem at 224 px and the placement/variant T3 selected (runs/t3/placements.json), else
---placement. Phase A trains it as a 98-way classifier (cross-entropy), then embeds the test
+stem at 224 px and the placement/variant of T3's best run by holdout over all variants
+(`best_overall` in runs/t3/placements.json), else --placement. Phase A trains it as a 98-way classifier (cross-entropy), then embeds the test
 images (pooled features, L2-normalised) and reports Recall@1,2,4,8. Phase B replaces the
 classifier by a 512-d L2-normalised linear embedding, trains the whole network from the
 Phase A weights with the Multi-Similarity loss on P x K class-balanced batches, and reports

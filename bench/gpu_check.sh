@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# One-shot GPU check, about 8 minutes on one H200. Run from anywhere:
+# One-shot GPU check; its time caps keep it near 8 minutes (not yet run anywhere). Run from anywhere:
 #     bash bench/gpu_check.sh            # writes its figures to $OUT (default /tmp/gpu_check)
 # 1. generates a full-size synthetic Tiny ImageNet (100,000 train + 10,000 val JPEGs, 64x64)
 #    and a Cars-like set (1,176 JPEGs of 500x375) on this machine;
-# 2. measures the loader alone (bench/loader_alone.py: DALI mixed decode if importable);
+# 2. measures the loader alone (bench/loader_alone.py: DALI mixed decode if importable,
+#    else the torch fallback);
 # 3. runs two epochs each of T2 and T3 --placement serial (autocast, channels_last, compile)
 #    and reports the second epoch (the first includes torch.compile's compilation).
-# The summary table at the end is what README's performance table quotes. Model-only
+# README's Performance section will quote the summary table at the end. Model-only
 # images/s and MFU are a separate, longer command: python3 bench/bench_train.py --quick.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -1,6 +1,7 @@
-"""Train a Tiny ImageNet classifier, pick its best epoch on the holdout, test it once.
+"""Train a classifier, pick its best epoch on the holdout, test it once.
 
-Shared by T1, T2 and T3 (one call per placement). The test split is touched exactly once,
+Shared by T1, T2 and T3 (one call per placement); T4's Phase A uses fit_classifier and
+load_best. The test split is touched exactly once,
 after training, with the weights of the best holdout epoch (best.pt).
 """
 from __future__ import annotations

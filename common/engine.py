@@ -68,7 +68,10 @@ def setup_runtime(device: str = "auto", seed: int = 0) -> Runtime:
         raise ConfigError(f"--device {device} but torch sees no GPU; use --device cpu")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got {device!r}") from None
     amp_dtype = None
     if dev.type == "cuda":
         if world_size > 1:

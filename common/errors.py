@@ -27,5 +27,9 @@ class ImageDecodeError(UserError, ValueError):
     """An image file is corrupt, truncated or not a JPEG/PNG."""
 
 
+class MissingPackageError(UserError, ImportError):
+    """An optional package the chosen option needs is not installed (e.g. --backend dali)."""
+
+
 class ConfigError(UserError, ValueError):
     """Flags that cannot work together, or that this machine cannot honour."""

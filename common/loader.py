@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from common import sampling
-from common.errors import ImageDecodeError
+from common.errors import ImageDecodeError, MissingPackageError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def _pick_backend(backend: str) -> str:
     if backend not in ("auto", "dali", "torch"):
         raise ValueError(f"backend must be auto, dali or torch, got {backend!r}")
     if backend == "dali" and not HAVE_DALI:
-        raise ImportError("backend='dali' but nvidia.dali cannot be imported; "
+        raise MissingPackageError("backend='dali' but nvidia.dali cannot be imported; "
                           "pip install nvidia-dali-cuda120, or use the torch backend")
     if backend == "auto":
         backend = "dali" if HAVE_DALI else "torch"

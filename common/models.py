@@ -267,7 +267,8 @@ class CustomCNN(nn.Module):
                 # Kaiming weights the gate logits start at several units and switch random
                 # channels off before training has seen an image; gates at 0.5 halve every
                 # block. Both learned visibly slower in the smoke runs (test 0.36 and 0.52
-                # vs 0.66 for open gates, same seed, tests/test_scripts.py's setting).
+                # vs 0.66 for open gates, same seed, tests/test_scripts.py's setting; 2-core
+                # development VM, 2026-11-28).
                 nn.init.zeros_(m.expand.weight)
                 nn.init.constant_(m.expand.bias, 3.0)
 

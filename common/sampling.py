@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from common.errors import ConfigError
+
 
 def _rng(seed: int, epoch: int, stream: int = 0) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, stream])
@@ -28,7 +30,7 @@ def shuffled_batches(num_items: int, batch_size: int, epoch: int, seed: int,
     mine = perm[shard_id * per_shard:(shard_id + 1) * per_shard]
     n_batches = per_shard // batch_size
     if n_batches == 0:
-        raise ValueError(f"{num_items} training images over {num_shards} shard(s) do not fill "
+        raise ConfigError(f"{num_items} training images over {num_shards} shard(s) do not fill "
                          f"one batch of {batch_size}; lower --batch-size")
     return [mine[i * batch_size:(i + 1) * batch_size] for i in range(n_batches)]
 
@@ -51,14 +53,14 @@ def class_balanced_batches(labels: np.ndarray, classes_per_batch: int, per_class
     labels = np.asarray(labels)
     classes = np.unique(labels)
     if len(classes) < classes_per_batch:
-        raise ValueError(f"P={classes_per_batch} classes per batch but only {len(classes)} "
+        raise ConfigError(f"P={classes_per_batch} classes per batch but only {len(classes)} "
                          f"classes in the training set; lower --classes-per-batch")
     by_class = {c: np.flatnonzero(labels == c) for c in classes}
     rng = _rng(seed, epoch, stream=1)
     batch = classes_per_batch * per_class
     n_batches = len(labels) // (batch * num_shards)
     if n_batches == 0:
-        raise ValueError(f"{len(labels)} images do not fill one P x K batch of {batch} per shard")
+        raise ConfigError(f"{len(labels)} images do not fill one P x K batch of {batch} per shard")
     out = []
     for _ in range(n_batches * num_shards):
         chosen = rng.choice(classes, size=classes_per_batch, replace=False)
