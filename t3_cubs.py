@@ -19,7 +19,7 @@ from pathlib import Path
 
 from common import cli, data, engine
 from common.classifier import train_and_test, write_json
-from common.cubs import PLACEMENTS, VARIANTS, cubs_resnet18
+from common.cubs import PLACEMENTS, VARIANTS, check_plus_d, cubs_resnet18
 from common.plots import plot_bars
 
 AT_PAR_POINTS = 2.0  # the assignment: at most 2 points below vanilla ResNet-18
@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--vanilla-results", default="runs/t2/results.json",
                         help="T2 results to compare with (skipped if missing or mismatched)")
     args = cli.parse(parser, argv)  # --smoke: small model, generated data, CPU
+    if args.variant != "plain":
+        try:
+            check_plus_d(args.d)
+        except ValueError as err:
+            parser.error(str(err))
     rt = engine.setup_runtime(args.device, args.seed)
 
     # -- data (shared by every run)

@@ -77,6 +77,7 @@ __all__ = [
     "CUBSBlock1Plus",
     "CUBSBlock2Plus",
     "CUBSAttention",
+    "check_plus_d",
     "cubs_resnet18",
 ]
 
@@ -135,6 +136,17 @@ def naive_similarity_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return (torch.softmax(similarity, dim=-1) @ v[:, :, None])[:, :, 0]
 
 
+def check_plus_d(d: int, heads: int = 4) -> None:
+    """Block 1 plus reads d as L = d / (8 heads) tokens per head. With L = 1 the softmax over
+    one key is the constant 1 and q, k learn nothing, so at least two tokens are required."""
+    tokens, remainder = divmod(d, HEAD_DIM * heads)
+    if remainder or tokens < 2:
+        raise ValueError(f"--d {d} does not fit the plus variant: Block 1 plus needs d to be a "
+                         f"multiple of {HEAD_DIM} x {heads} heads = {HEAD_DIM * heads} giving at "
+                         f"least 2 tokens per head, so d = {2 * HEAD_DIM * heads}, "
+                         f"{3 * HEAD_DIM * heads}, ... (default 512)")
+
+
 def _identity_preserving_gate(x: Tensor, logit: Tensor, gamma: Tensor) -> Tensor:
     # x * (1 + gamma * (2 sigmoid(logit) - 1)); 2 sigmoid(z) - 1 == tanh(z / 2), one op.
     # With gamma == 0 this returns x bit for bit.
@@ -183,8 +195,7 @@ class CUBSBlock1Plus(nn.Module):
 
     def __init__(self, channels: int, d: int = 512, heads: int = 4) -> None:
         super().__init__()
-        if d % (HEAD_DIM * heads):
-            raise ValueError(f"d={d} must be a multiple of {HEAD_DIM} * heads = {HEAD_DIM * heads}")
+        check_plus_d(d, heads)
         self.heads = heads
         self.q_proj = nn.Linear(channels, d)
         self.k_proj = nn.Linear(channels, d)

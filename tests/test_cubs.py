@@ -98,7 +98,7 @@ def test_fused_attention_on_cuda_matches_naive():
     torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("block", [CUBSBlock1(8, d=16), CUBSBlock2(8), CUBSBlock1Plus(8, d=32), CUBSBlock2Plus(8)])
+@pytest.mark.parametrize("block", [CUBSBlock1(8, d=16), CUBSBlock2(8), CUBSBlock1Plus(8, d=64), CUBSBlock2Plus(8)])
 def test_blocks_run_the_flash_kernel_not_the_materialising_math_path(block):
     x = torch.randn(2, 8, 12, 12, requires_grad=True)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -205,7 +205,7 @@ def _channel_and_spatial(attention: CUBSAttention) -> tuple[nn.Module, nn.Module
 
 
 def _attention_sharing_weights(placement: str, variant: str, source: CUBSAttention) -> CUBSAttention:
-    attention = CUBSAttention(8, placement, variant, d=32).double()
+    attention = CUBSAttention(8, placement, variant, d=64).double()
     for target, origin in zip(_channel_and_spatial(attention), _channel_and_spatial(source)):
         target.load_state_dict(origin.state_dict())
     return attention
@@ -213,7 +213,7 @@ def _attention_sharing_weights(placement: str, variant: str, source: CUBSAttenti
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_placements_compute_their_formula_and_differ(variant):
-    source = _double_with_random_weights(CUBSAttention(8, "serial", variant, d=32), seed=7)
+    source = _double_with_random_weights(CUBSAttention(8, "serial", variant, d=64), seed=7)
     channel, spatial = _channel_and_spatial(source)
     x = torch.randn(2, 8, 16, 16, dtype=f64, generator=torch.Generator().manual_seed(8))
     both = channel(x) + spatial(x)
@@ -229,18 +229,49 @@ def test_placements_compute_their_formula_and_differ(variant):
         assert not torch.allclose(outputs[a], outputs[b], rtol=1e-6, atol=1e-6), (a, b)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("placement, variant", list(itertools.product(PLACEMENTS, VARIANTS)))
-def test_every_cubs_parameter_gets_a_nonzero_gradient(placement, variant):
-    torch.manual_seed(9)
-    attention = CUBSAttention(8, placement, variant, d=32)
-    with torch.no_grad():
+def test_every_cubs_parameter_gets_a_nonzero_gradient(placement, variant, threads):
+    # Deterministic kernels and two thread counts: a gradient that exists only through
+    # rounding noise (e.g. q, k of a one-token softmax) would differ between CPUs.
+    old_threads, old_deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(9)
+        attention = CUBSAttention(8, placement, variant, d=64).double()
+        with torch.no_grad():
+            for name, p in attention.named_parameters():
+                if name.endswith("gamma"):
+                    p.fill_(0.7)  # at gamma = 0 only gamma itself can receive a gradient
+        x = torch.randn(2, 8, 16, 16, dtype=f64)  # 16x16 > kv_grid: pooled keys in plus
+        (attention(x) * torch.randn_like(x)).sum().backward()
         for name, p in attention.named_parameters():
-            if name.endswith("gamma"):
-                p.fill_(0.7)  # at gamma = 0 only gamma itself can receive a gradient
-    x = torch.randn(2, 8, 16, 16)  # 16x16 > kv_grid: exercises pooled keys in plus
-    (attention(x) * torch.randn_like(x)).sum().backward()
-    for name, p in attention.named_parameters():
-        assert p.grad is not None and p.grad.abs().sum() > 0, name
+            # float64: rounding noise is ~1e-16, so 1e-10 is a real gradient. (Plain Block 1's
+            # q, k gradients are small, ~1e-5 here: q, k, v all start near ReLU(1) = 1.)
+            assert p.grad is not None and p.grad.abs().max() > 1e-10, (name, p.grad.abs().max())
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_deterministic)
+
+
+@pytest.mark.parametrize("d, heads", [(32, 4), (48, 4), (8, 1), (12, 1)])
+def test_block1_plus_refuses_d_that_leaves_fewer_than_two_tokens(d, heads):
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        CUBSBlock1Plus(8, d=d, heads=heads)
+
+
+def test_block1_plus_q_and_k_matter_with_two_tokens():
+    # The smallest accepted d: 2 tokens per head, so the softmax depends on q and k.
+    torch.manual_seed(0)
+    block = CUBSBlock1Plus(8, d=16, heads=1).double()
+    with torch.no_grad():
+        block.gamma.fill_(1.0)
+    x = torch.randn(3, 8, 4, 4, dtype=f64)
+    before = block(x)
+    with torch.no_grad():
+        block.q_proj.weight.mul_(3.0)
+    assert (block(x) - before).abs().max() > 1e-6
 
 
 def test_every_cubs_parameter_gets_a_gradient_inside_resnet():
@@ -285,7 +316,7 @@ def test_plain_relu_units_are_alive_from_the_first_steps_of_real_training(seed):
 
 def test_plus_attention_is_the_identity_at_init_and_only_gamma_gets_a_gradient():
     torch.manual_seed(11)
-    attention = CUBSAttention(8, "serial", "plus", d=32)
+    attention = CUBSAttention(8, "serial", "plus", d=64)
     x = torch.randn(2, 8, 16, 16)
     y = attention(x)
     assert torch.equal(y, x)
@@ -306,7 +337,7 @@ def test_cubs_resnet_plus_is_exactly_vanilla_resnet_at_init(placement):
             if isinstance(m, nn.BatchNorm2d):
                 m.running_var.uniform_(0.5, 1.5)
                 m.bias.normal_(0, 0.1)
-    plus = cubs_resnet18(placement=placement, variant="plus", width=8, d=32)
+    plus = cubs_resnet18(placement=placement, variant="plus", width=8, d=64)
     missing, unexpected = plus.load_state_dict(vanilla.state_dict(), strict=False)
     assert unexpected == [] and missing and all(".attention." in key for key in missing)
     x = torch.randn(2, 3, 32, 32)
@@ -317,17 +348,17 @@ def test_cubs_resnet_plus_is_exactly_vanilla_resnet_at_init(placement):
 
 def test_state_dicts_of_different_placements_or_variants_do_not_load_strictly():
     configurations = list(itertools.product(PLACEMENTS, VARIANTS))
-    models = {c: CUBSAttention(8, *c, d=32) for c in configurations}
+    models = {c: CUBSAttention(8, *c, d=64) for c in configurations}
     for source, target in itertools.permutations(configurations, 2):
         with pytest.raises(RuntimeError):
             models[target].load_state_dict(models[source].state_dict(), strict=True)
     for c in configurations:  # each loads into a fresh model of its own kind
-        CUBSAttention(8, *c, d=32).load_state_dict(models[c].state_dict(), strict=True)
+        CUBSAttention(8, *c, d=64).load_state_dict(models[c].state_dict(), strict=True)
 
 
 def test_plain_resnet_state_dict_does_not_load_strictly_into_plus():
-    plain = cubs_resnet18(variant="plain", width=8, d=32)
-    plus = cubs_resnet18(variant="plus", width=8, d=32)
+    plain = cubs_resnet18(variant="plain", width=8, d=64)
+    plus = cubs_resnet18(variant="plus", width=8, d=64)
     with pytest.raises(RuntimeError, match="gamma"):
         plus.load_state_dict(plain.state_dict(), strict=True)
 
@@ -341,7 +372,7 @@ def test_plain_resnet_state_dict_does_not_load_strictly_into_plus():
     ],
 )
 def test_cubs_resnet_stage_shapes(variant, stem, size, expected):
-    model = cubs_resnet18(num_classes=10, stem=stem, variant=variant, width=8, d=32).eval()
+    model = cubs_resnet18(num_classes=10, stem=stem, variant=variant, width=8, d=64).eval()
     shapes = []
     for name in ("layer1", "layer2", "layer3", "layer4"):
         getattr(model, name).register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))

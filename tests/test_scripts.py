@@ -201,3 +201,9 @@ def test_bad_flag_value_is_rejected_with_the_choices(tmp_path):
     proc = run("t3_cubs.py", "--placement", "diagonal", check=False)
     assert proc.returncode == 2 and "invalid choice: 'diagonal'" in proc.stderr
     assert "serial" in proc.stderr and "all" in proc.stderr
+
+
+def test_t3_refuses_a_d_that_leaves_block1_plus_one_token():
+    proc = run("t3_cubs.py", "--smoke", "--variant", "plus", "--d", "32", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "--d 32 does not fit the plus variant" in proc.stderr and "d = 64" in proc.stderr
