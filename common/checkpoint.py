@@ -27,8 +27,20 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used: unreadable, unsafe, or from another model."""
 
 
-def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Atomically write `state` to `path`."""
+def previous_path(path: str | Path) -> Path:
+    """Where save_checkpoint(keep_previous=True) keeps the file it replaces: last.prev.pt."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path, keep_previous: bool = False) -> None:
+    """Atomically write `state` to `path`.
+
+    keep_previous: first rename the current file to previous_path(path), so a checkpoint
+    later damaged on disk (a cloud-drive sync, a full disk) has a good predecessor. A kill
+    between the two renames leaves no `path` but an intact previous one; resume_candidates
+    looks there too.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
@@ -37,6 +49,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, previous_path(path))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -54,8 +68,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{path} is not a plain-tensor checkpoint (weights_only load refused it; it may "
             f"contain code). Not loading it. Details: {str(err).splitlines()[0]}") from err
-    except (RuntimeError, EOFError, ValueError) as err:
-        raise CheckpointError(f"{path} is unreadable or truncated: {err}") from err
+    except (RuntimeError, EOFError, ValueError, OSError) as err:
+        size = path.stat().st_size
+        # A 0-byte file raises an EOFError with no text.
+        detail = "the file is empty" if size == 0 else (str(err).strip() or type(err).__name__)
+        raise CheckpointError(f"{path} is unreadable or truncated ({size} bytes): {detail}") from err
 
 
 def check_compatible(saved_meta: dict[str, Any], meta: dict[str, Any], path: str | Path) -> None:

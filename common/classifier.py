@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from common import cli, engine
-from common.checkpoint import load_checkpoint, load_model_state
+from common.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from common.data import Loaders
 
 
@@ -36,10 +36,18 @@ def fit_classifier(model: torch.nn.Module, loaders: Loaders, args: argparse.Name
         cli.fit_config(args, rt.cuda), out, rt, {**meta, **cli.data_recipe(args)})
 
 
-def load_best(model: torch.nn.Module, out: str | Path) -> None:
-    """Load out/best.pt's weights into `model` (the best holdout epoch)."""
+def load_best(model: torch.nn.Module, out: str | Path, best_epoch: int | None = None) -> dict[str, Any]:
+    """Load out/best.pt's weights into `model` and return that epoch's metrics record.
+
+    best_epoch (1-based) is the epoch fit() selected; best.pt must hold it, or the scores
+    reported would belong to other weights."""
     path = Path(out) / "best.pt"
-    load_model_state(model, load_checkpoint(path)["model"], path)
+    ck = load_checkpoint(path)
+    if best_epoch is not None and ck["epoch"] != best_epoch:
+        raise CheckpointError(f"{path} holds epoch {ck['epoch']}, but the best holdout epoch is "
+                              f"{best_epoch}. --fresh starts over.")
+    load_model_state(model, ck["model"], path)
+    return ck["history"][-1]
 
 
 def train_and_test(model: torch.nn.Module, loaders: Loaders, args: argparse.Namespace,
@@ -54,9 +62,8 @@ def train_and_test(model: torch.nn.Module, loaders: Loaders, args: argparse.Name
     fitted = fit_classifier(model, loaders, args, rt, meta, out)
     if not fitted["finished"]:
         return {"finished": False}
-    load_best(model, out)
+    best_record = load_best(model, out, fitted["best_epoch"])
     test = engine.evaluate_classifier(model, loaders.test, rt)
-    best_record = fitted["history"][fitted["best_epoch"] - 1]
     results = {
         **meta, "params": params,
         "test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"],

@@ -37,10 +37,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from common.checkpoint import (CheckpointError, check_compatible, load_checkpoint, load_model_state, rng_state,
-                               save_checkpoint, set_rng_state)
+from common.checkpoint import (CheckpointError, check_compatible, load_checkpoint, load_model_state,
+                               previous_path, rng_state, save_checkpoint, set_rng_state)
 from common.errors import ConfigError, UserError
-from common.plots import plot_curves
+from common.plots import plot_curves, run_title
 
 
 # ---------------------------------------------------------------- runtime / DDP
@@ -247,12 +247,13 @@ def fit(model: torch.nn.Module, loader, step_fn: StepFn,
     state = {"epoch": 0, "step": 0, "partial": None, "history": [], "finished": False,
              "train_time_s": 0.0}
 
-    last = out / "last.pt"
-    if last.exists() and not cfg.fresh:
-        ck = load_checkpoint(last)
-        check_compatible(ck["meta"], meta, last)
-        _check_same_recipe(ck["config"], asdict(cfg), last)
-        load_model_state(model, ck["model"], last)
+    last, best = out / "last.pt", out / "best.pt"
+    resume = None if cfg.fresh else _resume_point(out, rt.is_main)
+    if resume is not None:
+        source, ck = resume
+        check_compatible(ck["meta"], meta, source)
+        _check_same_recipe(ck["config"], asdict(cfg), source)
+        load_model_state(model, ck["model"], source)
         optimizer.load_state_dict(ck["optimizer"])
         scheduler.load_state_dict(ck["scheduler"])
         stopper.load_state_dict(ck["early_stopping"])
@@ -264,20 +265,24 @@ def fit(model: torch.nn.Module, loader, step_fn: StepFn,
         set_rng_state(saved_rng[rt.rank % len(saved_rng)])
         state = {k: ck[k] for k in state}
         if rt.is_main:
+            _check_best_checkpoint(best, ck, source)
             where = "finished run" if state["finished"] else \
                 f"epoch {state['epoch'] + 1}, batch {state['step']}"
-            print(f"resuming from {last} ({where}); --fresh starts over")
+            print(f"resuming from {source} ({where}); --fresh starts over")
 
-    def checkpoint(path: Path) -> None:
+    def checkpoint(*paths: Path) -> None:
+        """Write the full state to each path in turn (last.pt keeps its predecessor)."""
         rng = [rng_state()]
         if rt.world_size > 1:
             rng = [None] * rt.world_size
             dist.all_gather_object(rng, rng_state())
         if rt.is_main:
-            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                             "early_stopping": stopper.state_dict(), "rng": rng,
-                             "meta": meta, "config": asdict(cfg), **state}, path)
+            full = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "early_stopping": stopper.state_dict(), "rng": rng,
+                    "meta": meta, "config": asdict(cfg), **state}
+            for path in paths:
+                save_checkpoint(full, path, keep_previous=path == last)
         if rt.world_size > 1:
             dist.barrier()  # nobody reads best.pt / last.pt before rank 0 has written it
 
@@ -298,6 +303,8 @@ def fit(model: torch.nn.Module, loader, step_fn: StepFn,
             if epoch >= cfg.epochs or stopper.should_stop:
                 state["finished"] = True
                 checkpoint(last)
+                if rt.is_main:  # a kill after the last epoch's last.pt may have missed it
+                    _write_metrics(state["history"], out, meta)
                 break
             if cfg.stop_after_epoch is not None and epochs_this_process >= cfg.stop_after_epoch:
                 break
@@ -314,12 +321,11 @@ def fit(model: torch.nn.Module, loader, step_fn: StepFn,
                       "includes_compile": cfg.compile and epochs_this_process == 1}
             state["history"].append(record)
             state.update(epoch=epoch + 1, step=0, partial=None)
-            checkpoint(last)
-            if improved:
-                checkpoint(out / "best.pt")
+            # best.pt before last.pt: last.pt is the commit point, and the best epoch it
+            # records must already be on disk in best.pt when a kill comes between the two.
+            checkpoint(*([best] if improved else []), last)
             if rt.is_main:
-                _write_metrics(state["history"], out, " ".join(
-                    str(meta[k]) for k in ("task", "model", "phase", "mining") if k in meta))
+                _write_metrics(state["history"], out, meta)
                 print(_epoch_line(record, cfg.epochs, improved), flush=True)
                 if stopper.should_stop:
                     print(f"early stopping: {score_key} has not improved for {cfg.patience} "
@@ -462,11 +468,59 @@ def _check_finite(loss: float, epoch: int, step: int, last: Path) -> None:
                             f"(if any). Try a lower --lr or --grad-clip 1.0.")
 
 
-def _write_metrics(history: list[dict], out: Path, title: str) -> None:
+def _resume_point(out: Path, verbose: bool) -> tuple[Path, dict[str, Any]] | None:
+    """The newest readable full state among last.pt, last.prev.pt and best.pt, or None for
+    a new run. A damaged last.pt falls back to the others, saying so; best.pt holds the
+    same full state as last.pt had at the best epoch."""
+    last = out / "last.pt"
+    paths = [p for p in (last, previous_path(last), out / "best.pt") if p.exists()]
+    if not paths:
+        return None
+    readable, problems = [], []
+    for path in paths:
+        try:
+            readable.append((path, load_checkpoint(path)))
+        except CheckpointError as err:  # printed below: nothing is skipped silently
+            problems.append(str(err))
+    if not readable:
+        raise CheckpointError("no usable checkpoint to resume from: " + "; ".join(problems)
+                              + ". --fresh starts over (or use another --out).")
+    # max() keeps the first of equal keys: last.pt, then last.prev.pt, then best.pt.
+    source, ck = max(readable, key=lambda r: (r[1]["finished"], r[1]["epoch"], r[1]["step"]))
+    if verbose and (problems or source != last):
+        print("; ".join(problems + [f"resuming from {source} (epoch {ck['epoch']} done)"]))
+    return source, ck
+
+
+def _check_best_checkpoint(best: Path, ck: dict[str, Any], source: Path) -> None:
+    """best.pt must hold the best holdout epoch that the resumed state records. Runs written
+    before best.pt came first could miss it (killed between the two writes): when the
+    resumed state is that very epoch's end, it is copied to best.pt; otherwise the test
+    score would silently come from other weights, so the run is refused."""
+    best_epoch = ck["early_stopping"]["best_epoch"] + 1  # 1-based; 0 = none yet
+    if best_epoch == 0:
+        return
+    on_disk = load_checkpoint(best)["epoch"] if best.exists() else None
+    if on_disk == best_epoch:
+        return
+    if ck["epoch"] == best_epoch and ck["partial"] is None:
+        save_checkpoint(ck, best)
+        print(f"repaired {best}: it held epoch {on_disk}, the best holdout epoch is "
+              f"{best_epoch}, whose state {source} holds")
+        return
+    raise CheckpointError(f"{best} holds epoch {on_disk} but the run's best holdout epoch is "
+                          f"{best_epoch}, whose weights are no longer on disk. --fresh starts over.")
+
+
+def _curves_title(meta: dict[str, Any]) -> str:
+    return " ".join(str(meta[k]) for k in ("task", "model", "phase", "mining") if k in meta)
+
+
+def _write_metrics(history: list[dict], out: Path, meta: dict[str, Any]) -> None:
     tmp = out / "metrics.jsonl.tmp"
     tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
     os.replace(tmp, out / "metrics.jsonl")
-    plot_curves(history, out / "curves.png", title)
+    plot_curves(history, out / "curves.png", run_title(meta))
 
 
 def _epoch_line(r: dict, epochs: int, improved: bool) -> str:

@@ -1,4 +1,5 @@
 """Engine and checkpoint behaviour: schedule, early stopping, atomic saves, safe loads, resume."""
+import json
 import math
 import os
 import pickle
@@ -268,3 +269,110 @@ def test_embed_runs_in_eval_mode_in_order_and_leaves_batchnorm_alone(tiny_splits
     assert torch.allclose(emb, model(images), atol=1e-6)
     feats, _ = engine.embed(model.body, loader, rt)
     assert feats.shape == (len(labels), 8)
+
+
+# ---------------------------------------------------------------- crash consistency
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs, no handler catches it."""
+
+
+def _train_and_test(splits, out):
+    """classifier.train_and_test on the tiny set: fit, best.pt, test once, results.json."""
+    from argparse import Namespace
+
+    from common.classifier import train_and_test
+    from common.data import Loaders
+    torch.manual_seed(0)
+    rt = engine.Runtime(torch.device("cpu"))
+    loaders = Loaders(*(ImageLoader(s.files, s.labels, batch_size=8, train=train, image_size=16,
+                                    backend="torch", workers=0, seed=5)
+                        for s, train in ((splits.train, True), (splits.holdout, False),
+                                         (splits.test, False))))
+    args = Namespace(epochs=3, lr=0.05, weight_decay=5e-4, optimizer="sgd", warmup_epochs=1.0,
+                     patience=100, min_delta=0.0, compile=False, grad_clip=0.0, fresh=False,
+                     stop_after_epoch=None, batch_size=8, label_smoothing=0.1,
+                     holdout_per_class=2, color_jitter=0.0, seed=0)
+    return train_and_test(_SmallNet(), loaders, args, rt, {"task": "test", "model": "small"}, out)
+
+
+_TIMING = ("train_time_s", "images_per_s", "epoch_time_s", "data_wait_share")
+
+
+def _without_timing(results: dict) -> dict:
+    clean = {k: v for k, v in results.items() if k not in _TIMING}
+    return clean
+
+
+def test_a_kill_after_any_write_then_a_rerun_gives_the_uninterrupted_results(tiny_splits, tmp_path,
+                                                                              monkeypatch):
+    # Every file the run writes goes through os.replace: last.pt (and its rotation to
+    # last.prev.pt), best.pt, metrics.jsonl, results.json. Kill after each of them in turn.
+    reference = _train_and_test(tiny_splits, tmp_path / "straight")
+    history = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").open()]
+    writes = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda src, dst: (real_replace(src, dst),
+                                                         writes.append(Path(dst).name)))
+    _train_and_test(tiny_splits, tmp_path / "count")
+    kill_points = list(enumerate(writes))  # every write of every kind, each epoch
+    assert {"last.pt", "last.prev.pt", "best.pt", "metrics.jsonl", "results.json"} <= set(writes)
+
+    best_weights = load_checkpoint(tmp_path / "straight" / "best.pt")["model"]
+    for index, name in kill_points:
+        out = tmp_path / f"kill_{index}"
+        done = []
+
+        def replace_then_maybe_die(src, dst):
+            real_replace(src, dst)
+            done.append(dst)
+            if len(done) == index + 1:
+                raise _Killed(f"killed after write {index} ({name})")
+        monkeypatch.setattr(os, "replace", replace_then_maybe_die)
+        with pytest.raises(_Killed):
+            _train_and_test(tiny_splits, out)
+        monkeypatch.setattr(os, "replace", real_replace)
+        resumed = _train_and_test(tiny_splits, out)
+        assert _without_timing(resumed) == _without_timing(reference), (index, name)
+        on_disk = json.loads((out / "results.json").read_text())
+        assert on_disk["best_epoch"] == reference["best_epoch"] == load_checkpoint(out / "best.pt")["epoch"]
+        assert on_disk["test_acc"] == reference["test_acc"], (index, name)
+        for k, v in load_checkpoint(out / "best.pt")["model"].items():
+            assert torch.equal(v, best_weights[k]), (index, name, k)
+        lines = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+        assert [h["holdout_acc"] for h in lines] == [h["holdout_acc"] for h in history], (index, name)
+
+
+def test_a_damaged_last_checkpoint_resumes_from_its_predecessor(tiny_splits, tmp_path, capsys):
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=3)
+    assert load_checkpoint(tmp_path / "last.prev.pt")["epoch"] == 2
+    (tmp_path / "last.pt").write_bytes(b"")  # e.g. a cloud-drive sync gone wrong
+    straight, _ = _run_fit(tiny_splits, tmp_path / "straight", "torch", epochs=4)
+    resumed, result = _run_fit(tiny_splits, tmp_path, "torch", epochs=4)
+    printed = capsys.readouterr().out
+    assert "last.pt is unreadable or truncated (0 bytes): the file is empty" in printed
+    assert "resuming from" in printed and "last.prev.pt" in printed
+    assert result["finished"] and result["epochs_run"] == 4
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_no_readable_checkpoint_names_every_file_and_the_way_on(tiny_splits, tmp_path):
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=1)
+    for name in ("last.pt", "last.prev.pt", "best.pt"):
+        if (tmp_path / name).exists():
+            (tmp_path / name).write_bytes((tmp_path / name).read_bytes()[:300])
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint.*last\.pt.*best\.pt.*--fresh"):
+        _run_fit(tiny_splits, tmp_path, "torch", epochs=4)
+
+
+def test_a_run_killed_between_last_and_best_by_older_code_is_repaired(tiny_splits, tmp_path, capsys):
+    # Before best.pt was written first, a kill between the two writes left last.pt naming
+    # an epoch as best while best.pt held an earlier one.
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=2)
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last["early_stopping"]["best_epoch"] + 1 == 2, "epoch 2 should be the best so far"
+    stale = load_checkpoint(tmp_path / "last.prev.pt")  # epoch 1's full state
+    save_checkpoint(stale, tmp_path / "best.pt")
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=0)
+    assert "repaired" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 2
