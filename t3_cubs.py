@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> dict:
     # -- settings
     parser = cli.training_parser(__doc__, out="runs/t3", epochs=60, batch_size=256, lr=0.2,
                                  weight_decay=5e-4)
-    parser.add_argument("--placement", choices=[*PLACEMENTS, "all"], default="serial")
+    parser.add_argument("--placement", choices=[*PLACEMENTS, "all"], default="serial",
+                        help="where the two CUBS blocks sit in each BasicBlock; all = train the "
+                             "three and select by holdout")
     parser.add_argument("--variant", choices=[*VARIANTS, "both"], default="plain",
                         help="plain = the specified blocks; plus = our identity-preserving "
                              "multi-head variant; both = train and compare the two")

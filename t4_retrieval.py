@@ -26,7 +26,7 @@ from common import cli, data, engine
 from common.checkpoint import load_checkpoint, load_matching_tensors
 from common.classifier import count_parameters, describe_device, fit_classifier, load_best, write_json
 from common.cubs import PLACEMENTS, VARIANTS, cubs_resnet18
-from common.errors import ConfigError
+from common.errors import ConfigError, DownloadError
 from common.loader import ImageLoader
 from common.loss import MINING_CHOICES, multi_similarity_loss
 from common.models import EmbeddingNet
@@ -43,25 +43,30 @@ def main(argv: list[str] | None = None) -> dict:
                             patience=8, warmup_epochs=1.0)
     a = p.add_argument
     a("--t3-results", default="runs/t3/placements.json", help="where T3 wrote its selection")
-    a("--placement", choices=PLACEMENTS, default=None, help="default: T3's selection, else serial")
-    a("--variant", choices=VARIANTS, default=None, help="default: T3's selection, else plain")
+    a("--placement", choices=PLACEMENTS, default=None, help="CUBS placement (default: T3's selection, else serial)")
+    a("--variant", choices=VARIANTS, default=None, help="CUBS variant (default: T3's selection, else plain)")
     a("--init", choices=["auto", "scratch", "t3", "imagenet"], default="auto",
       help="auto = t3 if its best.pt exists, else scratch")
     a("--init-weights", default=None, help="local torchvision ResNet-18 state dict for --init imagenet")
-    a("--embed-epochs", type=cli.positive_int, default=30)
-    a("--embed-lr", type=cli.positive_float, default=1e-4)
-    a("--embed-optimizer", choices=["sgd", "adamw"], default="adamw")
-    a("--embed-weight-decay", type=cli.nonnegative_float, default=1e-4)
-    a("--embedding-dim", type=cli.positive_int, default=512)
+    a("--embed-epochs", type=cli.positive_int, default=30, help="Phase B: maximum epochs")
+    a("--embed-lr", type=cli.positive_float, default=1e-4, help="Phase B: peak learning rate")
+    a("--embed-optimizer", choices=["sgd", "adamw"], default="adamw", help="Phase B: optimiser")
+    a("--embed-weight-decay", type=cli.nonnegative_float, default=1e-4, help="Phase B: weight decay")
+    a("--embedding-dim", type=cli.positive_int, default=512,
+      help="Phase B: size of the L2-normalised embedding")
     a("--classes-per-batch", type=cli.positive_int, default=32, help="P of the P x K batches")
     a("--images-per-class", type=cli.positive_int, default=4,
       help="K of the P x K batches (>= 2: each image needs a positive)")
-    a("--mining", choices=MINING_CHOICES, default="ms")
+    a("--mining", choices=MINING_CHOICES, default="ms",
+      help="pair mining of the MS loss: none = all pairs, ms = the paper's, hard = hardest positive "
+           "and negative per anchor, semihard = ms positives and the negatives within +-epsilon of "
+           "the hardest positive")
     a("--compare-mining", action="store_true", help="also train Phase B with every other mining")
-    a("--alpha", type=cli.positive_float, default=2.0)
-    a("--beta", type=cli.positive_float, default=50.0)
-    a("--lam", type=float, default=0.5)
-    a("--epsilon", type=cli.nonnegative_float, default=0.1)
+    a("--alpha", type=cli.positive_float, default=2.0, help="MS loss: weight scale of positive pairs")
+    a("--beta", type=cli.positive_float, default=50.0, help="MS loss: weight scale of negative pairs")
+    a("--lam", type=float, default=0.5, help="MS loss: similarity margin lambda")
+    a("--epsilon", type=cli.nonnegative_float, default=0.1,
+      help="mining margin of the ms and semihard mining")
     args = cli.parse(p, argv, smoke=dict(image_size=64, epochs=6, embed_epochs=4, embed_lr=1e-3,
                                          classes_per_batch=4, images_per_class=4,
                                          compare_mining=True, holdout_per_class=4,
@@ -165,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict:
         "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
     }
     write_json(results, out / "results.json")
-    draw_retrieval(*main_embeddings, splits.test.files, out / "retrieval.png", seed=args.seed)
+    draw_retrieval(*main_embeddings, splits.test.files, out / "retrieval.png", seed=args.seed,
+                   embedding=f"the Phase B embedding (Multi-Similarity loss, {args.mining} mining)")
     print(f"Recall@K on {len(splits.test.files)} test images of unseen classes "
           f"(R@1 chance {chance:.3f}):\n  before (Phase A) {fmt(recall_a)}\n"
           f"  after  (Phase B, {args.mining}) {fmt(phase_b[args.mining]['test_recall'])}\n"
@@ -203,10 +209,21 @@ def initialise(model, args, t3_best: Path | None, rt) -> dict:
                               f"run t3_cubs.py first or use --init scratch")
         state, source = load_checkpoint(t3_best)["model"], str(t3_best)
     elif args.init_weights:
-        state, source = torch.load(args.init_weights, map_location="cpu", weights_only=True), args.init_weights
+        try:
+            state = torch.load(args.init_weights, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - missing file, not a state dict, pickled code, ...
+            first_line = (str(err).splitlines() or [""])[0]  # weights_only refusals run to many lines
+            raise ConfigError(f"--init-weights {args.init_weights}: cannot load a ResNet-18 state dict "
+                              f"({type(err).__name__}: {first_line})") from None
+        source = args.init_weights
     else:  # needs internet (cached afterwards in ~/.cache/torch)
         from torchvision.models import ResNet18_Weights, resnet18
-        state, source = resnet18(weights=ResNet18_Weights.IMAGENET1K_V1).state_dict(), "torchvision IMAGENET1K_V1"
+        try:
+            state = resnet18(weights=ResNet18_Weights.IMAGENET1K_V1).state_dict()
+        except OSError as err:  # URLError: no internet
+            raise DownloadError(f"--init imagenet could not download torchvision's ResNet-18 weights "
+                                f"({err}); download them elsewhere and pass --init-weights PATH") from None
+        source = "torchvision IMAGENET1K_V1"
     loaded, skipped = load_matching_tensors(model, state)
     if rt.is_main:
         print(f"--init {init}: loaded {len(loaded)} tensors from {source}; skipped {len(skipped)}:")
@@ -221,8 +238,10 @@ def fmt(recall: dict) -> str:
     return "  ".join(f"R@{k} {v:.4f}" for k, v in recall.items())
 
 
-def draw_retrieval(embeddings, labels, files, path: Path, seed: int, queries: int = 6) -> None:
-    """A few random test queries and their top-8 neighbours (green = same class)."""
+def draw_retrieval(embeddings, labels, files, path: Path, seed: int, embedding: str,
+                   queries: int = 6) -> None:
+    """A few random test queries and their top-8 neighbours (green = same class); the title
+    names the `embedding` the neighbours come from."""
     k = min(8, len(files) - 1)
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(files), size=min(queries, len(files)), replace=False)
@@ -231,7 +250,9 @@ def draw_retrieval(embeddings, labels, files, path: Path, seed: int, queries: in
     thumb = lambda i: np.asarray(Image.open(files[i]).convert("RGB").resize((96, 72)))  # noqa: E731
     plot_retrieval(np.stack([thumb(i) for i in picks]),
                    np.stack([[thumb(j) for j in row.tolist()] for row in nn_idx]),
-                   (labels[nn_idx] == labels[torch.as_tensor(picks)][:, None]).numpy(), path)
+                   (labels[nn_idx] == labels[torch.as_tensor(picks)][:, None]).numpy(), path,
+                   title=f"T4 retrieval with {embedding}: {len(picks)} random test queries (classes "
+                         f"unseen in training) and their {k} nearest test images by cosine similarity")
 
 
 if __name__ == "__main__":

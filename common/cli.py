@@ -6,11 +6,15 @@ recipe, then adds the few flags only it has.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 from common.engine import FitConfig
-from common.errors import UserError
+from common.errors import ConfigError, UserError
+from common.image_check import CHECK_MODES
 
 
 def positive_int(text: str) -> int:
@@ -49,28 +53,35 @@ def training_parser(description: str, *, out: str, epochs: int, batch_size: int,
     a = p.add_argument
     a("--data-dir", default="./data", help="folder holding (or receiving) the dataset")
     a("--out", default=out, help="output folder; rerunning with the same --out resumes")
-    a("--epochs", type=positive_int, default=epochs)
+    a("--epochs", type=positive_int, default=epochs, help="maximum epochs (early stopping may end sooner)")
     a("--batch-size", type=positive_int, default=batch_size, help="per process (per GPU under torchrun)")
     a("--lr", type=positive_float, default=lr, help="peak learning rate after warmup")
-    a("--weight-decay", type=nonnegative_float, default=weight_decay)
+    a("--weight-decay", type=nonnegative_float, default=weight_decay,
+      help="not applied to biases, norm layers and gates")
     a("--optimizer", choices=["sgd", "adamw"], default="sgd", help="sgd = SGD, Nesterov 0.9")
     a("--warmup-epochs", type=nonnegative_float, default=warmup_epochs, help="linear warmup, then cosine")
-    a("--label-smoothing", type=nonnegative_float, default=label_smoothing)
+    a("--label-smoothing", type=nonnegative_float, default=label_smoothing,
+      help="cross-entropy label smoothing")
     a("--patience", type=positive_int, default=patience, help="early stopping: epochs without improvement")
     a("--min-delta", type=nonnegative_float, default=0.0, help="early stopping: smallest improvement counted")
     a("--grad-clip", type=nonnegative_float, default=0.0, help="max gradient norm; 0 = off")
     a("--holdout-per-class", type=positive_int, default=holdout_per_class,
       help="training images per class held out for early stopping and model selection")
-    a("--image-size", type=positive_int, default=image_size)
-    a("--color-jitter", type=nonnegative_float, default=0.0, help="brightness/contrast/saturation range")
-    a("--width", type=positive_int, default=64, help="channel width multiplier of the model")
+    a("--image-size", type=positive_int, default=image_size, help="training and eval crop, pixels")
+    a("--color-jitter", type=nonnegative_float, default=0.0,
+      help="brightness/contrast/saturation range, e.g. 0.2; 0 = off")
+    a("--width", type=positive_int, default=64,
+      help="channels of the model's first stage (each later stage doubles them)")
     a("--workers", type=nonnegative_int, default=4, help="decoding threads (DALI) / DataLoader workers")
     a("--backend", choices=["auto", "dali", "torch"], default="auto",
       help="auto = DALI if importable, else the torch DataLoader fallback")
     a("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
-      help="torch.compile the model (default: on with CUDA)")
-    a("--seed", type=int, default=0)
+      help="torch.compile the model (default: on with CUDA, off on CPU)")
+    a("--seed", type=int, default=0, help="seeds the init, batch order, holdout and augmentation")
+    a("--check-images", choices=CHECK_MODES, default="quick",
+      help="before training, check every image file: quick = both ends of each (signature, end "
+           "marker, size), full = decode each with PIL, off = skip")
     a("--fresh", action="store_true", help="ignore checkpoints in --out and start over")
     a("--no-download", action="store_true", help="never download the dataset")
     a("--smoke", action="store_true",
@@ -109,7 +120,30 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None,
     args._explicit = {k for k, v in vars(typed).items() if v is not _Unset}
     if args.smoke:
         apply_smoke(args, **(smoke or {}))
+    check_out_dir(args.out)
     return args
+
+
+def check_out_dir(out: str | Path) -> None:
+    """Raise ConfigError now, before any data or training, if `out` cannot become a folder
+    this process writes to: a file in its place, or a read-only or virtual file system.
+
+    Creates nothing that stays: a missing --out is made later, by the code that writes it.
+    The probe really writes (a temporary folder, removed at once) because permission bits
+    say nothing for root, who is refused only by read-only and virtual file systems.
+    """
+    path = Path(out).expanduser()
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"lies inside {existing}, which is a file"
+        raise ConfigError(f"--out {out} {where}; --out must be a folder (created if missing)")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".write-test-", dir=existing))
+    except OSError as err:
+        raise ConfigError(f"--out {out}: cannot create folders or files in {existing} "
+                          f"({err.strerror}); choose a folder you can write to") from None
 
 
 def run(main: Callable[[], object]) -> None:
@@ -121,8 +155,23 @@ def run(main: Callable[[], object]) -> None:
         sys.exit(f"error: {err}")
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults, and keep the script docstring's line breaks."""
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Show each flag's default once, and keep the script docstring's line breaks.
+
+    A help text that already says "default: ..." (a default that depends on the machine or
+    on another run) keeps its own wording; on/off flags read "off", not "False".
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or action.default is argparse.SUPPRESS
+                or "default:" in text.lower()):
+            return text
+        if action.default is None or isinstance(action.default, bool):  # not 0 or 1: they equal False, True
+            shown = {False: "off", True: "on", None: "none"}[action.default]
+        else:
+            shown = "%(default)s"
+        return f"{text} (default: {shown})"
 
 
 class _Unset:

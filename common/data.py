@@ -8,6 +8,7 @@ from pathlib import Path
 
 from common.datasets import DatasetSplits, find_tiny_imagenet, load_cars196, load_tiny_imagenet
 from common.engine import Runtime
+from common.image_check import CACHE_NAME, check_images
 from common.loader import ImageLoader
 from common.synthetic import make_cars196, make_tiny_imagenet
 
@@ -33,7 +34,9 @@ def tiny_imagenet(args: argparse.Namespace, rt: Runtime) -> DatasetSplits:
             root = find_tiny_imagenet(args.data_dir, download=not args.no_download)
         _barrier(rt)
         root = find_tiny_imagenet(args.data_dir, download=False)
-    return load_tiny_imagenet(root, holdout_per_class=args.holdout_per_class, seed=args.seed)
+    splits = load_tiny_imagenet(root, holdout_per_class=args.holdout_per_class, seed=args.seed)
+    check_split_images(splits, args, rt)
+    return splits
 
 
 def cars196(args: argparse.Namespace, rt: Runtime) -> DatasetSplits:
@@ -47,7 +50,31 @@ def cars196(args: argparse.Namespace, rt: Runtime) -> DatasetSplits:
         _barrier(rt)
     elif (root / "cars196").is_dir():
         root = root / "cars196"
-    return load_cars196(root, holdout_per_class=args.holdout_per_class, seed=args.seed)
+    splits = load_cars196(root, holdout_per_class=args.holdout_per_class, seed=args.seed)
+    check_split_images(splits, args, rt)
+    return splits
+
+
+def check_split_images(splits: DatasetSplits, args: argparse.Namespace, rt: Runtime) -> None:
+    """Check every image of every split (--check-images) before the first epoch, so a bad
+    test image cannot end a run after all its training. Rank 0 checks, the others wait; if
+    it fails, torchrun stops them. The pass is cached in the dataset folder, or in --out
+    where that folder is read-only."""
+    if rt.is_main:
+        files = [f for s in (splits.train, splits.holdout, splits.test) for f in s.files]
+        read = check_images(files, args.check_images,
+                            cache=[splits.root / CACHE_NAME, Path(args.out) / CACHE_NAME],
+                            advice=_CHECK_ADVICE.get(args.check_images, ""))
+        if read:
+            print(f"checked {read:,} image files ({args.check_images}): all readable")
+    _barrier(rt)
+
+
+_CHECK_ADVICE = {
+    "quick": ("If these files open in an image viewer, --check-images full decodes every file "
+              "instead of checking its ends; --check-images off skips the check."),
+    "full": "--check-images off skips the check; training then stops at the first bad file it reads.",
+}
 
 
 def make_loaders(splits: DatasetSplits, args: argparse.Namespace, rt: Runtime,

@@ -14,7 +14,6 @@ import os
 import shutil
 import stat
 import tempfile
-import urllib.error
 import urllib.request
 import zipfile
 from collections import Counter
@@ -171,12 +170,18 @@ def find_tiny_imagenet(data_dir: str | Path, download: bool = True, url: str = T
     if not download:
         raise DatasetNotFoundError(f"Tiny ImageNet not found in {data_dir}.\n{how_to_get_it}")
 
-    data_dir.mkdir(parents=True, exist_ok=True)
+    created = _first_missing_folder(data_dir)
     zip_path = data_dir / "tiny-imagenet-200.zip"
     try:
+        data_dir.mkdir(parents=True, exist_ok=True)
         download_file(url, zip_path, md5)
-    except (urllib.error.URLError, OSError, ValueError) as error:  # URLError is an OSError too
-        raise DownloadError(f"Could not download Tiny ImageNet: {error}\n{how_to_get_it}") from error
+    except BaseException as error:
+        if created is not None:  # leave no empty --data-dir behind; it held only the failed download
+            shutil.rmtree(created, ignore_errors=True)
+        if isinstance(error, (OSError, ValueError)):  # URLError is an OSError too
+            raise DownloadError(f"Could not download Tiny ImageNet into {data_dir}: {error}\n"
+                                f"{how_to_get_it}") from error
+        raise
 
     temporary = Path(tempfile.mkdtemp(prefix=".tiny-imagenet-extract-", dir=data_dir))
     try:
@@ -190,6 +195,14 @@ def find_tiny_imagenet(data_dir: str | Path, download: bool = True, url: str = T
         shutil.rmtree(temporary, ignore_errors=True)
     zip_path.unlink()  # kept on failure above, so a retry can reuse the verified download
     return target
+
+
+def _first_missing_folder(path: Path) -> Path | None:
+    """The outermost folder that `path.mkdir(parents=True)` would create, or None if `path` exists."""
+    missing = None
+    while not path.exists() and path != path.parent:
+        missing, path = path, path.parent
+    return missing
 
 
 def download_file(url: str, dest: Path, md5: str) -> Path:
@@ -311,12 +324,11 @@ def _read_cars_annos(base: Path) -> tuple[list[str], list[int], list[str]]:
     mat_path = base / "cars_annos.mat"
     mat = _load_mat(mat_path, ("annotations", "class_names"))
     paths, class_ids = [], []
-    for record in _records(mat["annotations"]):
-        relative = str(record.relative_im_path)
+    for relative, class_id in _annotation_fields(mat["annotations"], "relative_im_path", mat_path):
         if PurePosixPath(relative).is_absolute() or ".." in PurePosixPath(relative).parts:
             raise DatasetError(f"{mat_path}: relative_im_path {relative!r} must stay inside {base}")
         paths.append(str(base / relative))
-        class_ids.append(int(getattr(record, "class")))  # int() first: the .mat stores uint8
+        class_ids.append(class_id)
     return paths, class_ids, _strings(mat["class_names"])
 
 
@@ -326,20 +338,37 @@ def _read_cars_torchvision(base: Path) -> tuple[list[str], list[int], list[str]]
     paths, class_ids = [], []
     for mat_path, images_dir in ((base / "devkit" / "cars_train_annos.mat", base / "cars_train"),
                                  (base / "cars_test_annos_withlabels.mat", base / "cars_test")):
-        for record in _records(_load_mat(mat_path, ("annotations",))["annotations"]):
-            name = str(record.fname)
+        annotations = _load_mat(mat_path, ("annotations",))["annotations"]
+        for name, class_id in _annotation_fields(annotations, "fname", mat_path):
             if PurePosixPath(name).name != name:
                 raise DatasetError(f"{mat_path}: fname {name!r} must be a plain file name")
             paths.append(str(images_dir / name))
-            class_ids.append(int(getattr(record, "class")))
+            class_ids.append(class_id)
     return paths, class_ids, class_names
+
+
+def _annotation_fields(annotations: object, path_field: str, mat_path: Path) -> list[tuple[str, int]]:
+    """(path_field as str, 1-based class id) of each annotation struct, or a DatasetError
+    naming the file when the variable is not a struct array with those fields."""
+    try:
+        # int() first: the .mat stores the class as uint8
+        return [(str(getattr(r, path_field)), int(getattr(r, "class"))) for r in _records(annotations)]
+    except (AttributeError, TypeError, ValueError) as error:
+        raise DatasetError(f"{mat_path}: 'annotations' is not a struct array with fields "
+                           f"{path_field!r} and 'class' ({error})\n{CARS196_LAYOUTS}") from None
 
 
 def _load_mat(path: Path, keys: tuple[str, ...]) -> dict:
     """loadmat with squeezed arrays and attribute-style structs; check the expected keys."""
     if not path.is_file():
         raise DatasetNotFoundError(f"missing {path}\n{CARS196_LAYOUTS}")
-    mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
+    try:
+        mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
+    except Exception as error:  # noqa: BLE001 - scipy raises a different type per damaged byte range
+        size = path.stat().st_size
+        raise DatasetError(f"{path} ({size:,} bytes) is not a readable MATLAB .mat file, perhaps "
+                           f"truncated or damaged ({type(error).__name__}: {error}); replace it "
+                           f"with the original\n{CARS196_LAYOUTS}") from None
     missing = [k for k in keys if k not in mat]
     if missing:
         raise DatasetError(f"{path} lacks the variable(s) {missing}\n{CARS196_LAYOUTS}")

@@ -29,6 +29,7 @@ from PIL import Image
 
 from common import sampling
 from common.errors import ImageDecodeError, MissingPackageError
+from common.image_check import decode_problem
 
 log = logging.getLogger(__name__)
 
@@ -63,13 +64,7 @@ def _pick_backend(backend: str) -> str:
 
 
 def _first_bad_image(files: Sequence[str]) -> str | None:
-    for f in files:
-        try:
-            with Image.open(f) as im:
-                im.convert("RGB").load()
-        except Exception:  # noqa: BLE001 - any decode failure is what we are looking for
-            return f
-    return None
+    return next((f for f in files if decode_problem(f) is not None), None)
 
 
 class ImageLoader:

@@ -1,11 +1,13 @@
 """common/cli.py: --smoke overrides, numeric flag checks, user errors without a traceback."""
 
 import argparse
+import re
 
 import pytest
+from test_colab import script_parser
 
 from common import cli
-from common.errors import DatasetNotFoundError
+from common.errors import ConfigError, DatasetNotFoundError
 
 
 def _parser():
@@ -48,3 +50,39 @@ def test_run_prints_a_user_error_alone_and_lets_bugs_keep_their_traceback():
         raise KeyError("a bug")
     with pytest.raises(KeyError):
         cli.run(bug)
+
+
+def test_out_is_checked_when_parsing_without_creating_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = cli.parse(_parser(), ["--out", "new/run"])
+    assert args.out == "new/run" and list(tmp_path.iterdir()) == []  # checked, nothing left behind
+    (tmp_path / "file").write_text("x")
+    for out, expected in (("file", "--out file is a file"),
+                          ("file/run", "--out file/run lies inside file, which is a file"),
+                          ("/proc/no-such-run", "--out /proc/no-such-run: cannot create folders or "
+                                                "files in /proc (No such file or directory)")):
+        with pytest.raises(ConfigError) as error:
+            cli.parse(_parser(), ["--out", out])
+        assert str(error.value).startswith(expected)
+
+
+SCRIPTS = ("t1_custom_cnn.py", "t2_resnet18.py", "t3_cubs.py", "t4_retrieval.py")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_flag_has_help_and_shows_its_default_once(script, monkeypatch):
+    parser = script_parser(script, monkeypatch)
+    help_text = parser.format_help()
+    entries = re.split(r"\n(?=  -)", help_text.split("\noptions:\n", 1)[1])
+    by_flag = {entry.split()[0].rstrip(","): " ".join(entry.split()) for entry in entries}
+    flags = [a for a in parser._actions if a.help is not argparse.SUPPRESS and a.dest != "help"]
+    assert len(flags) >= 25 and len(by_flag) == len(flags) + 1  # + -h
+    for action in flags:
+        entry = by_flag[action.option_strings[0]]
+        assert action.help and action.help.strip(), f"{action.option_strings[0]} has no help text"
+        assert entry.lower().count("default:") == 1, entry
+        if "default:" not in action.help.lower():  # the formatter adds the value itself
+            shown = {False: "off", True: "on", None: "none"}.get(action.default, action.default) \
+                if isinstance(action.default, (bool, type(None))) else action.default
+            assert entry.endswith(f"(default: {shown})"), entry
+    assert "(default: None)" not in help_text and "(default: False)" not in help_text

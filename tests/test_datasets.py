@@ -14,6 +14,7 @@ import scipy.io
 from PIL import Image
 
 from common.datasets import CARS196_LAYOUTS, holdout_split, load_cars196, load_tiny_imagenet
+from common.errors import DatasetError
 from common.synthetic import SHAPE_KINDS, class_style, make_cars196, make_tiny_imagenet, render_class_image
 
 TINY_CLASSES, TINY_TRAIN, TINY_VAL = 5, 12, 4
@@ -319,3 +320,35 @@ def test_classes_are_separable_by_hue_but_not_by_one_pixel() -> None:
     assert nearest_centroid_accuracy(histograms) >= 0.8
     assert nearest_centroid_accuracy(images.reshape(len(images), -1, 3).mean(1)) <= 0.5
     assert nearest_centroid_accuracy(images[:, size // 2, size // 2].astype(float)) <= 0.65
+
+
+@pytest.mark.parametrize("layout, mat_name", [
+    ("cars_annos", "cars_annos.mat"),
+    ("torchvision", "stanford_cars/devkit/cars_meta.mat"),
+    ("torchvision", "stanford_cars/devkit/cars_train_annos.mat"),
+    ("torchvision", "stanford_cars/cars_test_annos_withlabels.mat"),
+])
+def test_truncated_mat_files_give_a_dataset_error_naming_the_file(cars_annos: Path, cars_torchvision: Path,
+                                                                   tmp_path: Path, layout: str,
+                                                                   mat_name: str) -> None:
+    root = copy_of(cars_annos if layout == "cars_annos" else cars_torchvision, tmp_path)
+    mat = root / mat_name
+    whole = mat.read_bytes()
+    # Each length broke scipy differently: MatReadError, IndexError, TypeError, OSError.
+    # (The last few bytes are alignment padding: without them a file still reads whole.)
+    lengths = {0, 1, 10, 50, 100, 127, 128, 129, 200, 1000, len(whole) // 2, len(whole) - 10}
+    for length in sorted(n for n in lengths if n <= len(whole) - 10):
+        mat.write_bytes(whole[:length])
+        with pytest.raises(DatasetError) as error:
+            load_cars196(root)
+        assert str(mat.resolve()) in str(error.value) and CARS196_LAYOUTS in str(error.value), length
+    mat.write_bytes(whole)
+    assert len(load_cars196(root).test) == CARS_CLASSES // 2 * CARS_PER_CLASS
+
+
+def test_annotations_that_are_not_structs_give_a_dataset_error(cars_annos: Path, tmp_path: Path) -> None:
+    root = copy_of(cars_annos, tmp_path)
+    scipy.io.savemat(root / "cars_annos.mat", {"annotations": np.arange(3), "class_names": ["a", "b"]})
+    with pytest.raises(DatasetError, match=re.escape(f"{root.resolve() / 'cars_annos.mat'}: 'annotations' is "
+                                                     f"not a struct array with fields 'relative_im_path'")):
+        load_cars196(root)

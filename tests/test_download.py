@@ -54,7 +54,7 @@ def test_wrong_md5_is_rejected_and_leaves_nothing(tiny_zip: tuple[Path, str], tm
     with pytest.raises(RuntimeError, match="MD5 mismatch") as error:
         find_tiny_imagenet(data_dir, url=archive.as_uri(), md5="0" * 32)
     assert "--smoke" in str(error.value)
-    assert list(data_dir.iterdir()) == []
+    assert not data_dir.exists()  # the download created it, so the failure removes it
 
 
 def test_download_file_deletes_a_bad_file(tiny_zip: tuple[Path, str], tmp_path: Path) -> None:
@@ -74,7 +74,30 @@ def test_download_failure_says_what_where_and_smoke(tmp_path: Path) -> None:
         find_tiny_imagenet(data_dir, url=url)
     message = str(error.value)
     assert url in message and str(data_dir / "tiny-imagenet-200") in message and "--smoke" in message
-    assert list(data_dir.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_download_removes_only_the_folders_it_created(tmp_path: Path) -> None:
+    url = (tmp_path / "does-not-exist.zip").as_uri()
+    with pytest.raises(RuntimeError, match="Could not download"):
+        find_tiny_imagenet(tmp_path / "new" / "deeper" / "data", url=url)
+    assert list(tmp_path.iterdir()) == []  # all three levels were created by the download
+    kept = tmp_path / "mine"
+    (kept / "notes.txt").parent.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(RuntimeError, match="Could not download"):
+        find_tiny_imagenet(kept / "data", url=url)
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"]
+    with pytest.raises(RuntimeError, match="Could not download"):
+        find_tiny_imagenet(kept, url=url)  # an existing --data-dir stays, with what it held
+    assert [p.name for p in kept.iterdir()] == ["notes.txt"]
+
+
+def test_data_dir_that_cannot_be_created_is_a_download_error(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="Could not download Tiny ImageNet into /proc/no-such-dir"):
+        find_tiny_imagenet("/proc/no-such-dir", url=(tmp_path / "x.zip").as_uri())
+    assert not Path("/proc/no-such-dir").exists()
 
 
 def test_missing_dataset_without_download(tmp_path: Path) -> None:

@@ -1,0 +1,109 @@
+"""common/image_check.py: the pre-training check of every image file, its report and its cache."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.errors import ImageDecodeError
+from common.image_check import CACHE_NAME, check_images, decode_problem, quick_problem
+
+
+def encoded(fmt: str, size: int = 24, seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def write(folder: Path, name: str, data: bytes) -> str:
+    (folder / name).write_bytes(data)
+    return str(folder / name)
+
+
+@pytest.fixture
+def good(tmp_path: Path) -> list[str]:
+    return [write(tmp_path, f"{i}.JPEG", encoded("JPEG", seed=i)) for i in range(6)] + \
+        [write(tmp_path, "p.png", encoded("PNG"))]
+
+
+def test_whole_jpegs_and_pngs_pass_also_with_trailing_padding(good: list[str], tmp_path: Path) -> None:
+    padded = write(tmp_path, "padded.jpg", encoded("JPEG") + b"\0" * 300)  # some tools pad files
+    gray = tmp_path / "gray.jpg"
+    Image.new("L", (9, 7), 128).save(gray)
+    files = good + [padded, str(gray)]
+    assert [quick_problem(f) for f in files] == [None] * len(files)
+    assert check_images(files, "quick") == len(files)
+    assert check_images(files, "full") == len(files)
+
+
+def test_each_kind_of_bad_file_is_named_with_its_reason(tmp_path: Path) -> None:
+    jpeg, png = encoded("JPEG"), encoded("PNG")
+    cases = {
+        "empty.JPEG": (b"", "empty file (0 bytes)"),
+        "cut.JPEG": (jpeg[: len(jpeg) // 2], "truncated JPEG: no end-of-image marker (FF D9) at its end"),
+        "cut_by_2.JPEG": (jpeg[:-2], "truncated JPEG: no end-of-image marker (FF D9) at its end"),
+        "cut.png": (png[:-5], "truncated PNG: no IEND chunk at its end"),
+        "notes.JPEG": (b"hello\n", "not a JPEG or PNG: starts with 68 65 6c 6c, 6 bytes"),
+    }
+    for name, (data, reason) in cases.items():
+        assert quick_problem(write(tmp_path, name, data)) == reason, name
+    assert quick_problem(str(tmp_path / "missing.jpg")) == "cannot be read (No such file or directory)"
+
+
+def test_report_counts_all_bad_files_and_names_the_first_five(good: list[str], tmp_path: Path) -> None:
+    bad = [write(tmp_path, f"bad{i}.JPEG", b"not an image") for i in range(7)]
+    files = good[:3] + bad + good[3:]
+    with pytest.raises(ImageDecodeError) as error:
+        check_images(files, "quick", advice="ADVICE LINE")
+    lines = str(error.value).splitlines()
+    assert lines[0].startswith(f"7 of {len(files)} image files are not whole JPEG/PNG images")
+    assert [line.split(": ")[0].strip() for line in lines[1:6]] == bad[:5]
+    assert lines[6:] == ["  ... and 2 more", "ADVICE LINE"]
+    assert isinstance(error.value, ValueError)  # callers catching ValueError still do
+
+
+def test_full_mode_finds_damage_that_leaves_both_ends_intact(tmp_path: Path) -> None:
+    data = bytearray(encoded("JPEG", size=64))
+    start_of_scan = data.index(b"\xff\xda")
+    data[start_of_scan + 2: start_of_scan + 4] = b"\x00\x01"  # scan header length 1: invalid
+    path = write(tmp_path, "middle.jpg", bytes(data))
+    assert quick_problem(path) is None  # the ends look whole
+    assert decode_problem(path) is not None
+    with pytest.raises(ImageDecodeError, match=re.escape(path)):
+        check_images([path], "full")
+    gif = tmp_path / "anim.gif"
+    Image.new("RGB", (4, 4)).save(gif)
+    assert decode_problem(str(gif)) == "a GIF image, not a JPEG or PNG"
+
+
+def test_a_pass_is_cached_by_path_size_and_mtime(good: list[str], tmp_path: Path) -> None:
+    cache = [tmp_path / "cache" / CACHE_NAME]
+    assert check_images(good, "quick", cache) == len(good)
+    assert check_images(list(reversed(good)), "quick", cache) == 0  # same files, any order
+    assert check_images(good, "full", cache) == len(good)  # quick does not vouch for full
+    assert check_images(good, "quick", cache) == 0  # full vouches for quick
+    assert set(json.loads(cache[0].read_text())["passed"]) == {"quick", "full"}
+    os.utime(good[0], ns=(1, 1))  # touched: read again
+    assert check_images(good, "quick", cache) == len(good)
+    Path(good[1]).write_bytes(b"")  # emptied after a pass: found, not hidden by the cache
+    with pytest.raises(ImageDecodeError, match="empty file"):
+        check_images(good, "quick", cache)
+    assert check_images(good, "off", cache) == 0
+
+
+def test_cache_falls_back_when_the_first_place_is_read_only(good: list[str], tmp_path: Path) -> None:
+    # /proc refuses new files even to root, like a dataset on a read-only mount
+    cache = [Path("/proc/no-such-dataset") / CACHE_NAME, tmp_path / "out" / CACHE_NAME]
+    assert check_images(good, "quick", cache) == len(good)
+    assert cache[1].is_file()
+    assert check_images(good, "quick", cache) == 0
+    cache[1].write_text("{not json")  # a damaged cache only costs a re-check
+    assert check_images(good, "quick", cache) == len(good)

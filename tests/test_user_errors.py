@@ -1,0 +1,100 @@
+"""A user's mistake ends a script with one `error:` line, exit status 1 and no traceback, and
+before any training: bad image files, a damaged Cars196 .mat, an unusable --out, a failed
+download. Each runs the script as a user would (a subprocess) and fails in seconds."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from types import SimpleNamespace
+from pathlib import Path
+
+import pytest
+
+from common.synthetic import make_cars196, make_tiny_imagenet
+from tests.conftest import ROOT, run_script
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess, *expected: str) -> None:
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.startswith("error: ")
+    assert [line for line in proc.stderr.splitlines() if "error:" in line] == [proc.stderr.splitlines()[0]]
+    for text in expected:
+        assert text in proc.stderr, f"{text!r} not in:\n{proc.stderr}"
+    assert "epoch 1/" not in proc.stdout  # nothing was trained
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_imagenet(tmp_path_factory.mktemp("tiny"), num_classes=3, train_per_class=6,
+                              val_per_class=2, image_size=16, seed=0)
+
+
+def test_bad_images_in_any_split_stop_the_run_before_epoch_1(tiny: Path, tmp_path: Path) -> None:
+    val = sorted((tiny / "val" / "images").iterdir())[1]
+    train = sorted((tiny / "train").glob("*/images/*.JPEG"))[4]
+    val_bytes, train_bytes = val.read_bytes(), train.read_bytes()
+    try:
+        val.write_bytes(val_bytes[: len(val_bytes) // 2])  # truncated: found only after training before
+        train.write_text("not an image\n")  # a text file named .JPEG
+        proc = run_script("t2_resnet18.py", "--data-dir", str(tiny), "--device", "cpu", "--workers", "0",
+                          "--out", str(tmp_path / "out"), "--holdout-per-class", "1", check=False)
+    finally:
+        val.write_bytes(val_bytes)
+        train.write_bytes(train_bytes)
+    assert_one_error_line(proc, "2 of 24 image files are not whole JPEG/PNG images",
+                          f"{val}: truncated JPEG", f"{train}: not a JPEG or PNG",
+                          "--check-images full")
+
+
+def test_truncated_cars_annos_mat_names_the_file_and_the_layouts(tmp_path: Path) -> None:
+    root = make_cars196(tmp_path / "cars", "cars_annos", num_classes=4, per_class=3, image_size=(24, 16))
+    mat = root / "cars_annos.mat"
+    mat.write_bytes(mat.read_bytes()[:200])
+    proc = run_script("t4_retrieval.py", "--data-dir", str(root), "--device", "cpu",
+                      "--out", str(tmp_path / "out"), check=False)
+    assert_one_error_line(proc, f"{mat} (200 bytes) is not a readable MATLAB .mat file",
+                          "expected one of two Cars196 layouts")
+
+
+def test_out_that_is_a_file_is_refused_by_name(tmp_path: Path) -> None:
+    taken = tmp_path / "results.txt"
+    taken.write_text("mine")
+    proc = run_script("t2_resnet18.py", "--smoke", "--out", str(taken), check=False)
+    assert_one_error_line(proc, f"--out {taken} is a file")
+    assert taken.read_text() == "mine"
+
+
+def test_out_where_nothing_can_be_written_is_refused_by_name() -> None:
+    # Tests run as root, whom permission bits do not stop; /proc refuses new entries to anyone.
+    proc = run_script("t3_cubs.py", "--smoke", "--out", "/proc/no-such-run/t3", check=False)
+    assert_one_error_line(proc, "--out /proc/no-such-run/t3: cannot create folders or files in /proc")
+
+
+def test_failed_download_leaves_no_data_dir_behind(tmp_path: Path) -> None:
+    data_dir = tmp_path / "new" / "data"
+    offline = ("import runpy, sys, urllib.error, urllib.request\n"
+               "def urlopen(*args, **kwargs):\n"
+               "    raise urllib.error.URLError('no network (test)')\n"
+               "urllib.request.urlopen = urlopen\n"
+               f"sys.argv = ['t2_resnet18.py', '--data-dir', {str(data_dir)!r}, '--device', 'cpu',\n"
+               f"            '--out', {str(tmp_path / 'out')!r}]\n"
+               "runpy.run_path('t2_resnet18.py', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", offline], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert_one_error_line(proc, f"Could not download Tiny ImageNet into {data_dir}", "no network (test)")
+    assert list(tmp_path.iterdir()) == []  # neither data/ nor its parent new/, nor --out
+
+
+def test_unloadable_init_weights_are_a_config_error(tmp_path: Path) -> None:
+    import t4_retrieval
+    from common.errors import ConfigError
+    text = tmp_path / "weights.pt"
+    text.write_text("not a checkpoint")
+    for path, reason in ((tmp_path / "missing.pt", "FileNotFoundError"), (text, "UnpicklingError")):
+        args = SimpleNamespace(init="imagenet", init_weights=str(path), t3_results="unused")
+        with pytest.raises(ConfigError) as error:
+            t4_retrieval.initialise(None, args, None, SimpleNamespace(is_main=True))
+        assert str(error.value).startswith(f"--init-weights {path}: cannot load a ResNet-18 state dict "
+                                           f"({reason}")
