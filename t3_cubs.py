@@ -19,7 +19,7 @@ from pathlib import Path
 
 from common import cli, data, engine
 from common.classifier import train_and_test, write_json
-from common.cubs import PLACEMENTS, VARIANTS, check_plus_d, cubs_resnet18
+from common.cubs import GATE_LOGIT_INIT, PLACEMENTS, VARIANTS, check_plus_d, cubs_resnet18
 from common.plots import plot_bars
 
 AT_PAR_POINTS = 2.0  # the assignment: at most 2 points below vanilla ResNet-18
@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="plain = the specified blocks; plus = our identity-preserving "
                              "multi-head variant; both = train and compare the two")
     parser.add_argument("--d", type=cli.positive_int, default=512, help="Block 1 similarity size")
+    parser.add_argument("--gate-init", type=_gate_logit, default=GATE_LOGIT_INIT,
+                        help="initial logit of the plain blocks' sigmoid gates: 3 starts them at "
+                             "0.95, nearly open, so serial/reverse train as fast as vanilla "
+                             "(docs/cubs.md, ablation); 'pytorch' = PyTorch's default init")
     parser.add_argument("--vanilla-results", default="runs/t2/results.json",
                         help="T2 results to compare with (skipped if missing or mismatched)")
     args = cli.parse(parser, argv)  # --smoke: small model, generated data, CPU
@@ -57,11 +61,12 @@ def main(argv: list[str] | None = None) -> dict:
     for placement in placements:
         for variant in variants:
             engine.seed_everything(args.seed + rt.rank)  # identical init draws for every run
-            model = cubs_resnet18(num_classes, stem="cifar", placement=placement,
-                                  variant=variant, width=args.width, d=args.d)
+            model = cubs_resnet18(num_classes, stem="cifar", placement=placement, variant=variant,
+                                  width=args.width, d=args.d, gate_logit=args.gate_init)
             meta = {"task": "t3", "model": f"cubs_resnet18_{placement}_{variant}",
                     "placement": placement, "variant": variant, "num_classes": num_classes,
-                    "width": args.width, "image_size": args.image_size, "d": args.d}
+                    "width": args.width, "image_size": args.image_size, "d": args.d,
+                    **({"gate_init": args.gate_init} if variant == "plain" else {})}
             if rt.is_main:
                 print(f"== placement {placement}, variant {variant}")
             result = train_and_test(model, loaders, args, rt, meta,
@@ -159,6 +164,10 @@ def write_comparison(c: dict, out: Path) -> None:
               title="CUBS placements (selected by holdout accuracy)",
               highlight=f"{sel['placement']}\n{sel['variant']}" if sel else None)
     print(table, end="")
+
+
+def _gate_logit(text: str) -> float | None:
+    return None if text == "pytorch" else float(text)
 
 
 if __name__ == "__main__":

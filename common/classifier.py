@@ -17,6 +17,7 @@ import torch
 from common import cli, engine
 from common.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from common.data import Loaders
+from common.diagnostics import diagnostics, has_residual_blocks
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -29,11 +30,26 @@ def prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
 
 def fit_classifier(model: torch.nn.Module, loaders: Loaders, args: argparse.Namespace,
                    rt: engine.Runtime, meta: dict[str, Any], out: str | Path) -> dict[str, Any]:
-    """engine.fit with label-smoothed cross-entropy, scored by holdout top-1 accuracy."""
-    return engine.fit(
-        model, loaders.train, engine.classification_step(args.label_smoothing),
-        lambda m: prefixed(engine.evaluate_classifier(m, loaders.holdout, rt), "holdout"),
-        cli.fit_config(args, rt.cuda), out, rt, {**meta, **cli.data_recipe(args)})
+    """engine.fit with label-smoothed cross-entropy, scored by holdout top-1 accuracy.
+
+    ResNets (T2, T3) also log common.diagnostics for the first holdout batch each epoch."""
+    batch: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def evaluate(m: torch.nn.Module) -> dict[str, Any]:
+        metrics: dict[str, Any] = prefixed(engine.evaluate_classifier(m, loaders.holdout, rt), "holdout")
+        if has_residual_blocks(m):
+            if not batch:  # a whole pass (a loader's epoch is never left half-read), which
+                # must not move the RNG that training draws from
+                with torch.random.fork_rng(devices=[rt.device] if rt.cuda else []):
+                    for images, labels in loaders.holdout.epoch():
+                        if not batch:
+                            batch.append((engine.to_device(images, rt), labels.to(rt.device)))
+            metrics["diagnostics"] = diagnostics(m, *batch[0])
+        return metrics
+
+    return engine.fit(model, loaders.train, engine.classification_step(args.label_smoothing),
+                      evaluate, cli.fit_config(args, rt.cuda), out, rt,
+                      {**meta, **cli.data_recipe(args)})
 
 
 def load_best(model: torch.nn.Module, out: str | Path, best_epoch: int | None = None) -> dict[str, Any]:

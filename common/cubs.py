@@ -68,6 +68,7 @@ from common.models import ResNet18
 __all__ = [
     "PLACEMENTS",
     "VARIANTS",
+    "GATE_LOGIT_INIT",
     "fused_attention",
     "naive_attention",
     "similarity_attention",
@@ -90,6 +91,14 @@ VARIANTS = ("plain", "plus")
 # constant gate (seen in 6-7 of 8 blocks after a --smoke run). Starting at 1 keeps every unit
 # in its linear range while |w . x| < 1; the network can still learn to switch units off.
 RELU_BIAS_INIT = 1.0
+# Initial logit of the plain blocks' sigmoid gates (Block 1: out_proj's bias, with its weight
+# at 0; Block 2: v's bias, so a = sum softmax * v starts at about this value). The gates sit
+# on the residual branch, before the addition: a gate of 0.5 halves the branch and its
+# gradient, and serial / reverse multiply two of them (measured in docs/cubs.md: the
+# residual branches then learn far slower than vanilla ResNet-18's). sigmoid(3) = 0.95
+# starts them nearly open; the network closes what it does not need. None: PyTorch's
+# default init for out_proj and RELU_BIAS_INIT for v, the init before this was measured.
+GATE_LOGIT_INIT = 3.0
 HEAD_DIM = 8  # plus variant; also the head-dim multiple the CUDA fused kernels want
 # SDPA backends that never store the L x L matrix (on CPU only FLASH_ATTENTION exists).
 # cuDNN attention is left out: it has had wrong-result bugs on Hopper (pytorch #138522).
@@ -147,16 +156,19 @@ def check_plus_d(d: int, heads: int = 4) -> None:
                          f"{3 * HEAD_DIM * heads}, ... (default 512)")
 
 
-def _identity_preserving_gate(x: Tensor, logit: Tensor, gamma: Tensor) -> Tensor:
-    # x * (1 + gamma * (2 sigmoid(logit) - 1)); 2 sigmoid(z) - 1 == tanh(z / 2), one op.
-    # With gamma == 0 this returns x bit for bit.
-    return x * (1 + gamma * torch.tanh(logit / 2))
+def _identity_preserving_gate(logit: Tensor, gamma: Tensor) -> Tensor:
+    # 1 + gamma * (2 sigmoid(logit) - 1); 2 sigmoid(z) - 1 == tanh(z / 2), one op.
+    # With gamma == 0 this is exactly 1, so x * gate is x bit for bit.
+    return 1 + gamma * torch.tanh(logit / 2)
 
 
 class CUBSBlock1(nn.Module):
-    """Channel attention from the self-similarity of the pooled descriptor. B x C x H x W -> same."""
+    """Channel attention from the self-similarity of the pooled descriptor. B x C x H x W -> same.
 
-    def __init__(self, channels: int, d: int = 512) -> None:
+    gate_logit: the gates' initial logit (GATE_LOGIT_INIT; None = PyTorch's default init).
+    """
+
+    def __init__(self, channels: int, d: int = 512, gate_logit: float | None = GATE_LOGIT_INIT) -> None:
         super().__init__()
         self.q_proj = nn.Linear(channels, d)
         self.k_proj = nn.Linear(channels, d)
@@ -164,30 +176,48 @@ class CUBSBlock1(nn.Module):
         self.out_proj = nn.Linear(d, channels)
         for proj in (self.q_proj, self.k_proj, self.v_proj):
             nn.init.constant_(proj.bias, RELU_BIAS_INIT)
+        if gate_logit is not None:
+            # Zero weights: every channel's gate starts at sigmoid(gate_logit) (+ g, ~0 behind
+            # a zero-init BN) instead of a random spread; they get gradients from step one.
+            nn.init.zeros_(self.out_proj.weight)
+            nn.init.constant_(self.out_proj.bias, gate_logit)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def gate(self, x: Tensor) -> Tensor:
+        """B x C x H x W -> the channel gate, B x C x 1 x 1, in (0, 1)."""
         g = x.mean(dim=(2, 3))
         q, k, v = (F.relu(proj(g)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         a = similarity_attention(q, k, v)
-        gate = torch.sigmoid(self.out_proj(a) + g)
-        return x * gate[:, :, None, None]
+        return torch.sigmoid(self.out_proj(a) + g)[:, :, None, None]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gate(x)
 
 
 class CUBSBlock2(nn.Module):
-    """Spatial attention from the self-similarity of positions. B x C x H x W -> same."""
+    """Spatial attention from the self-similarity of positions. B x C x H x W -> same.
 
-    def __init__(self, channels: int) -> None:
+    gate_logit: v's initial bias, so the gate starts near sigmoid(gate_logit) (None: 1).
+    """
+
+    def __init__(self, channels: int, gate_logit: float | None = GATE_LOGIT_INIT) -> None:
         super().__init__()
         # Output channels 0, 1, 2 are q, k, v: the same maps as three C->1 convs, but x (the
         # largest tensor here) is read once instead of three times.
         self.qkv = nn.Conv2d(channels, 3, 1)
         nn.init.constant_(self.qkv.bias, RELU_BIAS_INIT)
+        if gate_logit is not None:
+            with torch.no_grad():
+                self.qkv.bias[2] = gate_logit
 
-    def forward(self, x: Tensor) -> Tensor:
+    def gate(self, x: Tensor) -> Tensor:
+        """B x C x H x W -> the spatial gate, B x 1 x H x W, in (0, 1)."""
         b, _, h, w = x.shape
         q, k, v = F.relu(self.qkv(x)).flatten(2).unbind(1)
         a = similarity_attention(q, k, v)
-        return x * torch.sigmoid(a).view(b, 1, h, w)
+        return torch.sigmoid(a).view(b, 1, h, w)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gate(x)
 
 
 class CUBSBlock1Plus(nn.Module):
@@ -203,7 +233,8 @@ class CUBSBlock1Plus(nn.Module):
         self.out_proj = nn.Linear(d, channels)
         self.gamma = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def gate(self, x: Tensor) -> Tensor:
+        """B x C x H x W -> the channel gate, B x C x 1 x 1, in (1 - |gamma|, 1 + |gamma|)."""
         g = x.mean(dim=(2, 3))
         b, d = g.shape[0], self.out_proj.in_features
 
@@ -213,7 +244,10 @@ class CUBSBlock1Plus(nn.Module):
         q, k, v = (heads(proj(g)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         a = fused_attention(q, k, v).transpose(1, 2).reshape(b, d)
         logit = self.out_proj(a) + g
-        return _identity_preserving_gate(x, logit[:, :, None, None], self.gamma)
+        return _identity_preserving_gate(logit[:, :, None, None], self.gamma)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gate(x)
 
 
 class CUBSBlock2Plus(nn.Module):
@@ -233,7 +267,8 @@ class CUBSBlock2Plus(nn.Module):
         self.out_proj = nn.Conv2d(inner, 1, 1)
         self.gamma = nn.Parameter(torch.zeros(()))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def gate(self, x: Tensor) -> Tensor:
+        """B x C x H x W -> the spatial gate, B x 1 x H x W, in (1 - |gamma|, 1 + |gamma|)."""
         b, _, h, w = x.shape
         context = x
         if self.kv_grid is not None and (h > self.kv_grid or w > self.kv_grid):
@@ -245,7 +280,10 @@ class CUBSBlock2Plus(nn.Module):
         q = heads(self.q_proj(x))
         k, v = (heads(t) for t in self.kv_proj(context).chunk(2, dim=1))
         a = fused_attention(q, k, v).transpose(2, 3).reshape(b, -1, h, w)
-        return _identity_preserving_gate(x, self.out_proj(a), self.gamma)
+        return _identity_preserving_gate(self.out_proj(a), self.gamma)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gate(x)
 
 
 class CUBSAttention(nn.Module):
@@ -262,6 +300,7 @@ class CUBSAttention(nn.Module):
         variant: str = "plain",
         d: int = 512,
         heads: int = 4,
+        gate_logit: float | None = GATE_LOGIT_INIT,
     ) -> None:
         super().__init__()
         _check_choice("placement", placement, PLACEMENTS)
@@ -269,8 +308,8 @@ class CUBSAttention(nn.Module):
         self.placement = placement
         self.variant = variant
         if variant == "plain":
-            channel_block: nn.Module = CUBSBlock1(channels, d)
-            spatial_block: nn.Module = CUBSBlock2(channels)
+            channel_block: nn.Module = CUBSBlock1(channels, d, gate_logit)
+            spatial_block: nn.Module = CUBSBlock2(channels, gate_logit)
         else:
             channel_block = CUBSBlock1Plus(channels, d, heads)
             spatial_block = CUBSBlock2Plus(channels, heads)
@@ -303,13 +342,16 @@ def cubs_resnet18(
     variant: str = "plain",
     width: int = 64,
     d: int = 512,
+    gate_logit: float | None = GATE_LOGIT_INIT,
 ) -> ResNet18:
-    """ResNet18 with a CUBSAttention on the residual branch of each of its 8 BasicBlocks."""
+    """ResNet18 with a CUBSAttention on the residual branch of each of its 8 BasicBlocks.
+
+    gate_logit: initial gate logit of the plain blocks (GATE_LOGIT_INIT, reason there)."""
     _check_choice("placement", placement, PLACEMENTS)
     _check_choice("variant", variant, VARIANTS)
     return ResNet18(
         num_classes=num_classes,
         stem=stem,
         width=width,
-        attention=lambda channels: CUBSAttention(channels, placement, variant, d),
+        attention=lambda channels: CUBSAttention(channels, placement, variant, d, gate_logit=gate_logit),
     )

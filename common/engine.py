@@ -187,7 +187,7 @@ def evaluate_classifier(model: torch.nn.Module, loader, rt: Runtime) -> dict[str
     model.eval()
     loss = top1 = top5 = n = 0.0
     for images, labels in loader.epoch():
-        images = _to_device(images, rt)
+        images = to_device(images, rt)
         with autocast(rt):
             logits = model(images).float()
         loss += F.cross_entropy(logits, labels, reduction="sum").item()
@@ -199,7 +199,8 @@ def evaluate_classifier(model: torch.nn.Module, loader, rt: Runtime) -> dict[str
     return {"loss": loss / n, "acc": top1 / n, "top5": top5 / n, "n": int(n)}
 
 
-def _to_device(images: torch.Tensor, rt: Runtime) -> torch.Tensor:
+def to_device(images: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Images to the run's device, channels_last on CUDA (as the model)."""
     images = images.to(rt.device, non_blocking=True)
     return images.contiguous(memory_format=torch.channels_last) if rt.cuda else images
 
@@ -383,7 +384,7 @@ def _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, scal
         except StopIteration:
             break
         wait += time.perf_counter() - t_wait
-        images = _to_device(images, rt)
+        images = to_device(images, rt)
         labels = labels.to(rt.device, non_blocking=True)
         with autocast(rt):
             loss, correct = step_fn(train_model, images, labels)
@@ -512,10 +513,6 @@ def _check_best_checkpoint(best: Path, ck: dict[str, Any], source: Path) -> None
                           f"{best_epoch}, whose weights are no longer on disk. --fresh starts over.")
 
 
-def _curves_title(meta: dict[str, Any]) -> str:
-    return " ".join(str(meta[k]) for k in ("task", "model", "phase", "mining") if k in meta)
-
-
 def _write_metrics(history: list[dict], out: Path, meta: dict[str, Any]) -> None:
     tmp = out / "metrics.jsonl.tmp"
     tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
@@ -546,6 +543,6 @@ def embed(model: torch.nn.Module, loader, rt: Runtime,
     outputs, labels = [], []
     for images, y in loader.epoch():
         with autocast(rt):
-            outputs.append(fn(_to_device(images, rt)).float())
+            outputs.append(fn(to_device(images, rt)).float())
         labels.append(y.to(rt.device))
     return torch.cat(outputs), torch.cat(labels)

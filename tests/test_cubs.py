@@ -244,6 +244,8 @@ def test_every_cubs_parameter_gets_a_nonzero_gradient(placement, variant, thread
             for name, p in attention.named_parameters():
                 if name.endswith("gamma"):
                     p.fill_(0.7)  # at gamma = 0 only gamma itself can receive a gradient
+                elif variant == "plain" and name.endswith("out_proj.weight"):
+                    p.normal_(0, 0.3)  # starts at 0 (open gates): only it gets a gradient then
         x = torch.randn(2, 8, 16, 16, dtype=f64)  # 16x16 > kv_grid: pooled keys in plus
         (attention(x) * torch.randn_like(x)).sum().backward()
         for name, p in attention.named_parameters():
@@ -278,12 +280,22 @@ def test_every_cubs_parameter_gets_a_gradient_inside_resnet():
     torch.manual_seed(10)
     # zero_init_residual=False: with gamma_bn2 = 0 the attention input is 0 at step one.
     model = ResNet18(width=8, attention=lambda c: CUBSAttention(c, d=32), zero_init_residual=False)
+    _first_steps_out_proj(model)
     model(torch.randn(2, 3, 32, 32)).logsumexp(dim=1).sum().backward()
     names = [name for name, _ in model.named_parameters() if ".attention." in name]
     assert len(names) == 8 * 10  # 8 blocks x (4 linears + 1 conv) x (weight, bias)
     for name, p in model.named_parameters():
         if ".attention." in name:
             assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def _first_steps_out_proj(model: nn.Module) -> None:
+    # Block 1's out_proj weight starts at 0 (open gates): q, k, v get their first gradient
+    # once a step has moved it. Small random values stand for that step.
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, CUBSBlock1):
+                m.out_proj.weight.normal_(0, 0.01)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -298,6 +310,7 @@ def test_plain_relu_units_are_alive_from_the_first_steps_of_real_training(seed):
         for m in model.modules():
             if hasattr(m, "bn2"):
                 m.bn2.weight.fill_(0.05)  # what the first SGD steps make of gamma = 0
+    _first_steps_out_proj(model)
     pre_activations = []
     for m in model.modules():
         if isinstance(m, CUBSBlock2):

@@ -1,0 +1,78 @@
+"""Training diagnostics: gate statistics and residual-branch gradient norms, against values
+known at initialisation, and the promise that measuring changes nothing."""
+import math
+
+import pytest
+import torch
+
+from common.checkpoint import load_matching_tensors
+from common.cubs import cubs_resnet18
+from common.diagnostics import branch_grad_norms, diagnostics, gate_statistics
+from common.models import ResNet18
+
+STAGES = ["layer1", "layer2", "layer3", "layer4"]
+
+
+def _pair(placement: str, gate_logit):
+    """Vanilla ResNet-18 and a CUBS one whose convs, BNs and classifier are the same tensors."""
+    torch.manual_seed(0)
+    vanilla = ResNet18(num_classes=5, width=8)
+    cubs = cubs_resnet18(5, placement=placement, width=8, d=32, gate_logit=gate_logit)
+    load_matching_tensors(cubs, vanilla.state_dict())
+    return vanilla, cubs
+
+
+def _batch():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(6, 3, 32, 32, generator=generator), torch.arange(6) % 5
+
+
+def test_open_gates_start_at_sigmoid_of_the_gate_logit_everywhere():
+    _, cubs = _pair("serial", 3.0)
+    stats = gate_statistics(cubs, _batch()[0])
+    assert list(stats) == STAGES
+    for stage in STAGES:
+        for kind in ("channel", "spatial"):
+            # Behind a zero-init BN the block input is 0: Block 1's logit is its bias,
+            # Block 2's a = sum softmax * ReLU(v bias) = v bias.
+            assert stats[stage][kind]["mean"] == pytest.approx(1 / (1 + math.exp(-3.0)), abs=1e-6)
+            assert stats[stage][kind]["std"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("placement, combine", [("serial", lambda a, b: a * b),
+                                                ("reverse", lambda a, b: a * b),
+                                                ("parallel", lambda a, b: a + b)])
+@pytest.mark.parametrize("gate_logit", [3.0, 0.5])
+def test_at_init_each_branch_gradient_is_vanillas_times_the_gates(placement, combine, gate_logit):
+    # At init every residual branch outputs 0 (bn2's gamma is 0), so the CUBS network
+    # computes what vanilla computes, and d y / d x = gate for y = x * gate(x) at x = 0:
+    # the branch gradient is vanilla's scaled by gate1 * gate2 (serial, reverse) or
+    # gate1 + gate2 (parallel). This is the slowdown the open-gate init removes.
+    vanilla, cubs = _pair(placement, gate_logit)
+    images, labels = _batch()
+    reference, scaled = branch_grad_norms(vanilla, images, labels), branch_grad_norms(cubs, images, labels)
+    gate = 1 / (1 + math.exp(-gate_logit))
+    # Block 2's v bias is the gate logit but passes a ReLU: the same value when positive.
+    for stage in STAGES:
+        assert reference[stage] > 0
+        assert scaled[stage] / reference[stage] == pytest.approx(combine(gate, gate), rel=1e-4), stage
+
+
+def test_measuring_changes_neither_the_model_nor_the_rng():
+    _, cubs = _pair("serial", 3.0)
+    cubs.train()
+    before = {k: v.clone() for k, v in cubs.state_dict().items()}
+    images, labels = _batch()
+    rng = torch.get_rng_state()
+    result = diagnostics(cubs, images, labels)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert cubs.training and all(p.grad is None for p in cubs.parameters())
+    for k, v in cubs.state_dict().items():
+        assert torch.equal(v, before[k]), k  # BatchNorm running statistics included
+    assert set(result) == {"branch_grad_norm", "gates"}
+
+
+def test_vanilla_has_gradient_norms_and_no_gates():
+    vanilla, _ = _pair("serial", 3.0)
+    result = diagnostics(vanilla, *_batch())
+    assert result["gates"] == {} and list(result["branch_grad_norm"]) == STAGES
