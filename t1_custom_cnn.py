@@ -2,6 +2,7 @@
 
     python t1_custom_cnn.py                   # full run; downloads Tiny ImageNet to ./data
     python t1_custom_cnn.py --smoke           # whole pipeline on a generated dataset, CPU, ~1 min (2-core VM)
+    python t1_custom_cnn.py --evaluate runs/t1/best.pt   # test top-1/top-5 of a checkpoint, no training
 
 The network (common/models.py, CustomCNN) chains 3x3 conv units whose outputs are all
 concatenated and fused by a 1x1 conv with a squeeze-excitation gate; resolution goes
@@ -10,7 +11,7 @@ concatenated and fused by a 1x1 conv with a squeeze-excitation gate; resolution 
 holdout carved from train, best holdout epoch tested once.
 Outputs in --out: last.pt, best.pt, metrics.jsonl, curves.png, results.json.
 """
-from common import cli, data, engine
+from common import cli, data, engine, evaluate
 from common.classifier import train_and_test
 from common.models import CustomCNN
 
@@ -33,6 +34,10 @@ def main(argv: list[str] | None = None) -> dict:
     model = CustomCNN(num_classes=len(splits.train.classes), width=args.width, dropout=args.dropout)
     meta = {"task": "t1", "model": "custom_cnn", "num_classes": len(splits.train.classes),
             "width": args.width, "image_size": args.image_size, "dropout": args.dropout}
+
+    # -- --evaluate PATH: test a saved checkpoint instead of training
+    if args.evaluate:
+        return evaluate.classifier_checkpoint(model, args.evaluate, meta, loaders.test, rt)
 
     # -- train, select on holdout, test once, write results.json
     return train_and_test(model, loaders, args, rt, meta, args.out)

@@ -2,6 +2,7 @@
 
     python t2_resnet18.py                     # full run; downloads Tiny ImageNet to ./data
     python t2_resnet18.py --smoke             # whole pipeline on a generated dataset, CPU, ~1 min (2-core VM)
+    python t2_resnet18.py --evaluate runs/t2/best.pt   # test top-1/top-5 of a checkpoint, no training
     torchrun --nproc_per_node=4 t2_resnet18.py   # several GPUs
 
 Recipe: ResNet-18 with the CIFAR-style stem (3x3 conv, stride 1, no max-pool: a 64 x 64
@@ -10,7 +11,7 @@ flip, label-smoothed cross-entropy, SGD Nesterov, warmup + cosine, early stoppin
 holdout carved from train, best holdout epoch tested once on the labelled val split.
 Outputs in --out: last.pt, best.pt, metrics.jsonl, curves.png, results.json.
 """
-from common import cli, data, engine
+from common import cli, data, engine, evaluate
 from common.classifier import train_and_test
 from common.models import ResNet18
 
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> dict:
     model = ResNet18(num_classes=len(splits.train.classes), stem="cifar", width=args.width)
     meta = {"task": "t2", "model": "resnet18", "num_classes": len(splits.train.classes),
             "width": args.width, "image_size": args.image_size}
+
+    # -- --evaluate PATH: test a saved checkpoint instead of training
+    if args.evaluate:
+        return evaluate.classifier_checkpoint(model, args.evaluate, meta, loaders.test, rt)
 
     # -- train, select on holdout, test once, write results.json
     return train_and_test(model, loaders, args, rt, meta, args.out)

@@ -17,7 +17,7 @@ checked. Writes placements.json, placements.md and placements.png in --out.
 import json
 from pathlib import Path
 
-from common import cli, data, engine
+from common import cli, data, engine, evaluate
 from common.classifier import train_and_test, write_json
 from common.cubs import GATE_LOGIT_INIT, PLACEMENTS, VARIANTS, check_plus_d, cubs_resnet18
 from common.plots import plot_bars
@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
             check_plus_d(args.d)
         except ValueError as err:
             parser.error(str(err))
+    if args.evaluate and (args.placement == "all" or args.variant == "both"):
+        parser.error("--evaluate takes the checkpoint's one --placement and one --variant, not all/both")
     rt = engine.setup_runtime(args.device, args.seed)
 
     # -- data (shared by every run)
@@ -67,6 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
                     "placement": placement, "variant": variant, "num_classes": num_classes,
                     "width": args.width, "image_size": args.image_size, "d": args.d,
                     **({"gate_init": args.gate_init} if variant == "plain" else {})}
+            if args.evaluate:  # test that checkpoint instead of training
+                return evaluate.classifier_checkpoint(model, args.evaluate, meta, loaders.test, rt)
             if rt.is_main:
                 print(f"== placement {placement}, variant {variant}")
             result = train_and_test(model, loaders, args, rt, meta,

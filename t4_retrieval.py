@@ -4,6 +4,7 @@ metric learning with the Multi-Similarity loss.
     python t4_retrieval.py --data-dir data/cars196          # either Cars196 layout
     python t4_retrieval.py --compare-mining                 # + none / hard / semihard runs
     python t4_retrieval.py --smoke                          # generated Cars layout, CPU
+    python t4_retrieval.py --evaluate runs/t4/phase_b_ms    # Recall@K of a saved checkpoint
 
 Split by class id: classes 1-98 train (a stratified holdout of their images drives early
 stopping), 99-196 test (never seen in training). Network: CUBS-ResNet-18 with the ImageNet
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import cli, data, engine
+from common import cli, data, engine, evaluate
 from common.checkpoint import load_checkpoint, load_matching_tensors
 from common.classifier import count_parameters, describe_device, fit_classifier, load_best, write_json
 from common.cubs import PLACEMENTS, VARIANTS, cubs_resnet18
@@ -67,10 +68,12 @@ def main(argv: list[str] | None = None) -> dict:
     a("--lam", type=float, default=0.5, help="MS loss: similarity margin lambda")
     a("--epsilon", type=cli.nonnegative_float, default=0.1,
       help="mining margin of the ms and semihard mining")
-    args = cli.parse(p, argv, smoke=dict(image_size=64, epochs=6, embed_epochs=4, embed_lr=1e-3,
+    # --smoke: Phase A takes batches of 16 so that its 10 epochs make 100 steps on the 160
+    # generated training images, enough to beat its starting network clearly (tests/test_scripts.py)
+    args = cli.parse(p, argv, smoke=dict(image_size=64, epochs=10, embed_epochs=4, embed_lr=1e-3,
                                          classes_per_batch=4, images_per_class=4,
                                          compare_mining=True, holdout_per_class=4,
-                                         batch_size=32))
+                                         batch_size=16))
     if args.images_per_class < 2:
         p.error(f"--images-per-class must be >= 2 (each image needs a positive), got {args.images_per_class}")
     rt = engine.setup_runtime(args.device, args.seed)
@@ -93,20 +96,31 @@ def main(argv: list[str] | None = None) -> dict:
     # -- model: CUBS-ResNet-18, ImageNet stem for 224 px, initialised as asked
     model = cubs_resnet18(num_classes, stem="imagenet", placement=placement, variant=variant,
                           width=args.width)
-    init = initialise(model, args, t3_best, rt)
     meta = {"task": "t4", "model": f"cubs_resnet18_{placement}_{variant}", "placement": placement,
             "variant": variant, "num_classes": num_classes, "width": args.width,
-            "image_size": args.image_size, "init": init["init"]}
+            "image_size": args.image_size}
+
+    # -- --evaluate PATH: Recall@K of a saved Phase A or Phase B checkpoint instead of training
+    if args.evaluate:
+        return evaluate_saved(model, meta, args, test_all, rt)
+
+    init = initialise(model, args, t3_best, rt)
+    meta["init"] = init["init"]
     if rt.is_main:
         print(f"CUBS-ResNet-18 ({placement}, {variant}), {count_parameters(model) / 1e6:.2f}M params, "
               f"init {init['init']}; {len(splits.train.files)} train images of {num_classes} classes, "
               f"{len(splits.test.files)} test images of {len(splits.test.classes)} unseen classes")
 
+    # -- before training: Recall@K of the initial network, the baseline Phase A must beat
+    recall_init = recall_at_k(*engine.embed(model.to(rt.device), test_all, rt, features=True), ks=KS)
+    if rt.is_main:
+        print(f"Before Phase A (--init {init['init']}) test " + fmt(recall_init))
+
     # -- Phase A: classifier, then Recall@K of its pooled features on the unseen classes
     fitted_a = fit_classifier(model, loaders, args, rt, meta, out / "phase_a")
     if not fitted_a["finished"]:
         return {"finished": False}
-    load_best(model, out / "phase_a")
+    load_best(model, out / "phase_a", fitted_a["best_epoch"])
     recall_a = recall_at_k(*engine.embed(model, test_all, rt, features=True), ks=KS)
     if rt.is_main:
         print("Phase A (classifier features) test " + fmt(recall_a))
@@ -141,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
                             score_key="holdout_r1")
         if not fitted["finished"]:
             return {"finished": False}
-        load_best(embedder, run_dir)
+        load_best(embedder, run_dir, fitted["best_epoch"])
         embeddings, labels = engine.embed(embedder, test_all, rt)
         phase_b[mining] = {"mining": mining, "test_recall": recall_at_k(embeddings, labels, ks=KS),
                            "holdout_r1": fitted["best_score"], "best_epoch": fitted["best_epoch"],
@@ -161,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
         "params": count_parameters(model), "embedding_params": count_parameters(embedder),
         "test_images": len(splits.test.files), "test_classes": len(splits.test.classes),
         "train_images": len(splits.train.files), "train_classes": num_classes,
-        "recall_at_1_chance": chance,
+        "recall_at_1_chance": chance, "init_test_recall": recall_init,
         "phase_a": {"test_recall": recall_a, "holdout_acc": fitted_a["best_score"],
                     "best_epoch": fitted_a["best_epoch"], "epochs_run": fitted_a["epochs_run"],
                     "train_time_s": fitted_a["train_time_s"]},
@@ -177,6 +191,20 @@ def main(argv: list[str] | None = None) -> dict:
           f"  after  (Phase B, {args.mining}) {fmt(phase_b[args.mining]['test_recall'])}\n"
           f"wrote {out / 'results.json'} and {out / 'retrieval.png'}")
     return results
+
+
+def evaluate_saved(model, meta: dict, args, test_all, rt) -> dict:
+    """--evaluate: Recall@K on the unseen test classes of a Phase A checkpoint (the
+    classifier's pooled features, as Phase A reports them) or of a Phase B one (the
+    embedding); the checkpoint's meta says which."""
+    saved = evaluate.load(args.evaluate)
+    phase_b = saved[1]["meta"].get("phase") == "b"
+    if phase_b:
+        model = EmbeddingNet(model, dim=args.embedding_dim)
+        meta = {**meta, "phase": "b", "embedding_dim": args.embedding_dim}
+    score = lambda m: {"test_recall": recall_at_k(  # noqa: E731
+        *engine.embed(m, test_all, rt, features=not phase_b), ks=KS)}
+    return evaluate.evaluate_checkpoint(model, saved, meta, rt, score, test_all.backend)
 
 
 def t3_selection(args) -> tuple[str, str, Path | None]:

@@ -84,6 +84,9 @@ def training_parser(description: str, *, out: str, epochs: int, batch_size: int,
            "marker, size), full = decode each with PIL, off = skip")
     a("--fresh", action="store_true", help="ignore checkpoints in --out and start over")
     a("--no-download", action="store_true", help="never download the dataset")
+    a("--evaluate", metavar="PATH", default=None,
+      help="no training: evaluate this checkpoint (e.g. runs/t2/best.pt, or a run folder for its "
+           "best.pt) on the test split, print the figures and write eval.json beside it")
     a("--smoke", action="store_true",
       help="generate a tiny learnable dataset in --out and run the whole script on it (CPU, a few "
            "minutes); default paths under runs/ become runs/smoke/...")

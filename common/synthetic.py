@@ -10,7 +10,10 @@ Every class is one member of a shared parametric family (shape kind x hue x patt
 frequency), drawn at a random place, size and angle on a noisy, tinted background. A small
 CNN separates the classes within a few epochs, and features learned on some classes also
 separate unseen ones, which the Cars retrieval split (unseen second half of the class
-ids) relies on.
+ids) relies on. In the Cars set every object sits on a "scene": a saturated background of a
+random hue, as a car model is photographed in many places. The scene is a class-independent
+nuisance that outweighs the object in the pixels and in an untrained network's pooled
+features, so retrieval needs learned features (tests/test_scripts.py, T4).
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ SHAPE_KINDS = ("disc", "square", "triangle", "ring", "stripes", "checkerboard", 
 _GOLDEN_RATIO_FRACTION = 0.6180339887498949
 _HUE_NAMES = ("red", "orange", "yellow", "lime", "green", "teal",
               "cyan", "azure", "blue", "violet", "magenta", "pink")
+# Cars backgrounds ("scenes"): any hue, saturated, mid to bright; see make_cars196.
+_SCENE_SATURATION = (0.5, 0.9)
+_SCENE_VALUE = (0.45, 0.85)
 _GRAYSCALE_EVERY = 17  # every 17th image is saved as a single-channel JPEG
 _JPEG_QUALITY = 90
 
@@ -126,7 +132,8 @@ def make_cars196(root: str | Path, layout: str = "cars_annos", num_classes: int 
     cars_test_annos_withlabels.mat, cars_train/, cars_test/), numbering train and test
     images separately so the same names occur in both folders. ``image_size`` is
     (width, height). Both layouts hold identical images for the same seed. The .mat files
-    are written after the images, so their presence means the dataset is complete.
+    are written after the images, so their presence means the dataset is complete. Each
+    object is drawn on a random saturated scene (see the module docstring).
     """
     if layout not in ("cars_annos", "torchvision"):
         raise ValueError(f"layout must be 'cars_annos' or 'torchvision', got {layout!r}")
@@ -157,7 +164,7 @@ def make_cars196(root: str | Path, layout: str = "cars_annos", num_classes: int 
 
     records = []
     for counter, (class_id, relative_path) in enumerate(zip(class_ids.tolist(), relative_paths)):
-        box = _write_jpeg(dataset / relative_path, class_id, rng, image_size, counter)
+        box = _write_jpeg(dataset / relative_path, class_id, rng, image_size, counter, scene=True)
         # The real .mat files hold 1-based pixel boxes and 1-based class ids as small uints.
         records.append({"relative_im_path": relative_path, "fname": relative_path.split("/")[1],
                         "bbox": [b + 1 for b in box], "class": class_id + 1})
@@ -180,16 +187,23 @@ def make_cars196(root: str | Path, layout: str = "cars_annos", num_classes: int 
     return root
 
 
-def _render_with_box(class_id: int, rng: np.random.Generator,
-                     size: tuple[int, int]) -> tuple[np.ndarray, tuple[int, int, int, int]]:
-    """Draw one class image; also return the shape's box (x0, y0, x1, y1), 0-based, inclusive."""
+def _render_with_box(class_id: int, rng: np.random.Generator, size: tuple[int, int],
+                     scene: bool = False) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """Draw one class image; also return the shape's box (x0, y0, x1, y1), 0-based, inclusive.
+
+    scene: a saturated background of a random hue (see make_cars196) instead of a greyish tint.
+    """
     width, height = size
     shape, hue, frequency = class_style(class_id)
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
 
     # Background: a random tint with smooth blotches and pixel noise, so a single pixel or
     # the mean colour alone does not give the class away.
-    tint = rng.uniform(70, 180) + rng.normal(0.0, 20.0, size=3)
+    if scene:
+        tint = 255.0 * np.array(colorsys.hsv_to_rgb(rng.uniform(0.0, 1.0), rng.uniform(*_SCENE_SATURATION),
+                                                    rng.uniform(*_SCENE_VALUE)))
+    else:
+        tint = rng.uniform(70, 180) + rng.normal(0.0, 20.0, size=3)
     blotches = _upsample_bilinear(rng.normal(0.0, 25.0, size=(4, 4, 3)).astype(np.float32), height, width)
     noise = rng.standard_normal((height, width, 3), dtype=np.float32)
     background = tint.astype(np.float32) + blotches + 10.0 * noise
@@ -264,9 +278,9 @@ def _upsample_bilinear(grid: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _write_jpeg(path: Path, class_id: int, rng: np.random.Generator, size: tuple[int, int],
-                counter: int) -> tuple[int, int, int, int]:
+                counter: int, scene: bool = False) -> tuple[int, int, int, int]:
     """Render and save one JPEG (single-channel for every 17th counter); return its box."""
-    image, box = _render_with_box(class_id, rng, size)
+    image, box = _render_with_box(class_id, rng, size, scene)
     picture = Image.fromarray(image)
     if counter % _GRAYSCALE_EVERY == 0:
         picture = picture.convert("L")

@@ -177,10 +177,6 @@ def test_semihard_with_wide_band_equals_ms(batch):
     assert wide.item() == pytest.approx(ms.item(), abs=1e-12)
 
 
-def test_mining_choices():
-    assert MINING_CHOICES == ("none", "ms", "hard", "semihard")
-
-
 # --- numerics at the extremes -----------------------------------------------------------
 
 def pk_labels(p: int, k: int) -> torch.Tensor:
@@ -204,16 +200,34 @@ def test_identical_embeddings_finite_and_exact(mining, beta):
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
+def log1p_sum_exp(xs: list[float]) -> float:
+    """log(1 + sum exp(x)) in float64 without overflow, for expected values by hand."""
+    m = max([0.0, *xs])
+    return m + math.log(math.exp(-m) + sum(math.exp(x - m) for x in xs))
+
+
+# Antipodal worst case, per anchor: its one positive at S = -1; of its 6 negatives, 3 at
+# S = 1 (identical) and 3 at S = -1. ms keeps every pair (S_n + eps > -1, S_p - eps < 1);
+# hard keeps the positive and one S = 1 negative; semihard keeps the negatives within eps
+# above the hardest positive (S - eps < -1): the 3 at S = -1.
+ANTIPODAL_NEGATIVES = {"none": [1, 1, 1, -1, -1, -1], "ms": [1, 1, 1, -1, -1, -1],
+                       "hard": [1], "semihard": [-1, -1, -1]}
+
+
 @pytest.mark.parametrize("mining", MINING_CHOICES)
 @pytest.mark.parametrize("beta", [50.0, 200.0])
-def test_antipodal_worst_case_finite(mining, beta):
-    # Positives antipodal (S = -1) and negatives identical (S = 1): every pair maximally wrong.
-    v = torch.randn(1, 32)
+def test_antipodal_worst_case_matches_hand_value_and_stays_finite(mining, beta):
+    # Positives antipodal (S = -1) and negatives identical (S = 1): every pair maximally
+    # wrong; exp(beta * 0.5) overflows float32 at beta = 200.
+    alpha, lam = 2.0, 0.5
+    v = torch.randn(1, 32, generator=torch.Generator().manual_seed(0))
     emb = torch.cat([v.repeat(4, 1), -v.repeat(4, 1)]).requires_grad_(True)
     labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
-    loss = multi_similarity_loss(emb, labels, 2.0, beta, 0.5, mining, 0.1)
+    loss = multi_similarity_loss(emb, labels, alpha, beta, lam, mining, 0.1)
     loss.backward()
-    assert torch.isfinite(loss) and loss.item() > 0
+    expected = (log1p_sum_exp([-alpha * (-1 - lam)]) / alpha
+                + log1p_sum_exp([beta * (s - lam) for s in ANTIPODAL_NEGATIVES[mining]]) / beta)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)  # every anchor alike
     assert torch.isfinite(emb.grad).all()
 
 

@@ -29,7 +29,6 @@ def _check_classifier_run(out: Path, task: str, model: str) -> dict:
     assert r["test_images"] == 100 and r["params"] > 0 and r["device"] == "cpu"
     assert r["test_acc"] >= 3 * CHANCE_TOP1, f"no learning: test acc {r['test_acc']}"
     assert r["holdout_acc"] >= 3 * CHANCE_TOP1
-    assert 0 <= r["test_acc"] <= r["test_top5"] <= 1
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == list(range(1, r["epochs_run"] + 1))
     assert 1 <= r["best_epoch"] <= r["epochs_run"] <= r["args"]["epochs"]
@@ -93,20 +92,30 @@ def test_t3_checkpoint_of_one_placement_is_refused_by_another(runs, tmp_path):
     assert "placement: checkpoint has 'serial', this run has 'reverse'" in proc.stderr
 
 
-def test_t4_smoke_recall_before_and_after_metric_learning(runs):
+# T4's smoke run must show Phase A learning against the network it starts from, not against
+# chance: on the smoke test split (8 unseen classes x 24 images, R@1 chance 0.12) a network
+# that learned nothing scores well above chance (raw pixels 0.54, an untrained
+# CUBS-ResNet-18 0.32-0.37 before the generated Cars images got their random scenes, see
+# common/synthetic.py; centred pixels 0.34 after). One query is 1/192 = 0.0052 of R@1.
+# Measured with the smoke settings (2-core VM, 2026-11-29), R@1 before -> Phase A -> Phase B:
+# init t3 as here, from this session's T3 smoke run 0.229 -> 0.432 -> 0.505, from a 2-epoch
+# one 0.266 -> 0.427 -> 0.453; init scratch, seed 1: 0.323 -> 0.479 -> 0.453.
+# Phase B's gain over Phase A is within a few queries either way here (its 8 training
+# classes of 20 images are fitted, not generalised from), so it is tested on generated
+# features where metric learning has something to add (tests/test_metric_learning.py).
+PHASE_A_OVER_START = 0.08  # half the smallest measured gain (0.203, 0.160, 0.156)
+
+
+def test_t4_smoke_phase_a_beats_the_network_it_started_from(runs):
     r = json.loads((runs / "t4" / "results.json").read_text())
     t3 = json.loads((runs / "t3" / "placements.json").read_text())["best_overall"]
     assert (r["placement"], r["variant"]) == (t3["placement"], t3["variant"])
     assert r["test_classes"] == 8 and r["train_classes"] == 8
-    chance = r["recall_at_1_chance"]
-    assert chance == pytest.approx(23 / 191)  # 8 classes x 24 images: 23 of 191 others match
-    for recall in (r["phase_a"]["test_recall"], r["phase_b"]["test_recall"]):
-        values = [recall[k] for k in ("1", "2", "4", "8")]
-        assert values == sorted(values) and 0 <= values[0] and values[-1] <= 1
-    assert r["phase_b"]["test_recall"]["1"] >= 3 * chance, r["phase_b"]
-    assert r["phase_a"]["test_recall"]["1"] >= 2 * chance, r["phase_a"]
+    assert r["recall_at_1_chance"] == pytest.approx(23 / 191)  # 8 x 24 images: 23 of 191 others match
+    start, a = r["init_test_recall"]["1"], r["phase_a"]["test_recall"]["1"]
+    assert a >= start + PHASE_A_OVER_START, f"Phase A R@1 {a} vs {start} before it"
     assert sorted(m["mining"] for m in r["mining_comparison"]) == ["hard", "ms", "none", "semihard"]
-    assert r["phase_b"]["mining"] == "ms"
+    assert r["phase_b"] == next(m for m in r["mining_comparison"] if m["mining"] == "ms")
     assert (runs / "t4" / "retrieval.png").stat().st_size > 0
     assert (runs / "t4" / "phase_b_ms" / "curves.png").stat().st_size > 0
 

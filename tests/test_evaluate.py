@@ -1,0 +1,89 @@
+"""`--evaluate PATH` (common/evaluate.py) on the smoke runs of the session fixture `runs`.
+
+A copy of each run's checkpoint is evaluated with the run's own --smoke --out, so the same
+generated data and settings are used while eval.json lands beside the copy and the shared
+runs stay as the other tests read them. The figures must equal the run's results.json to
+the last digit (same device, same loader), and nothing in the run's folder may change.
+"""
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from common import evaluate
+from common.checkpoint import CheckpointError
+from tests.conftest import run_script as run
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# script, run folder, checkpoint in it, extra flags, the run's results.json in it, and where
+# in that file the checkpoint's test figures are (None: at the top level)
+CASES = {
+    "t1": ("t1_custom_cnn.py", "t1", "best.pt", [], "results.json", None),
+    "t2": ("t2_resnet18.py", "t2", "best.pt", [], "results.json", None),
+    "t3": ("t3_cubs.py", "t3", "serial_plain/best.pt", ["--placement", "serial"],
+           "serial_plain/results.json", None),
+    "t4_phase_a": ("t4_retrieval.py", "t4", "phase_a/best.pt", [], "results.json", "phase_a"),
+    "t4_phase_b": ("t4_retrieval.py", "t4", "phase_b_ms/best.pt", [], "results.json", "phase_b"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_evaluate_reproduces_the_runs_test_figures_and_changes_nothing(runs, tmp_path, case):
+    script, name, checkpoint, flags, results_file, part = CASES[case]
+    out = runs / name
+    if name == "t4":  # T4 trained the placement of T3's selection
+        flags = [*flags, "--t3-results", str(runs / "t3" / "placements.json")]
+    copy = tmp_path / "copy.pt"
+    shutil.copy(out / checkpoint, copy)
+    before = _digests(out)
+
+    proc = run(script, "--smoke", "--out", str(out), "--evaluate", str(copy), *flags)
+
+    assert _digests(out) == before  # no training, nothing written into the run (last.pt included)
+    assert "epoch 1/" not in proc.stdout
+    got = json.loads((tmp_path / "eval.json").read_text())
+    results = json.loads((out / results_file).read_text())
+    assert (got["checkpoint"], got["device"], got["loader"]) == (str(copy), "cpu", results["loader"])
+    expected = results[part] if part else results
+    keys = ["test_recall"] if part else ["test_acc", "test_top5", "test_loss", "test_images"]
+    for key in keys:
+        assert got[key] == expected[key], key  # to the last digit
+    if name == "t4":
+        assert list(got["test_recall"]) == ["1", "2", "4", "8"]
+    else:
+        assert f"test_acc {expected['test_acc']:.4f}" in proc.stdout
+
+
+def test_a_checkpoint_of_another_task_is_refused_with_the_mismatch_named(runs):
+    proc = run("t1_custom_cnn.py", "--smoke", "--out", str(runs / "t1"),
+               "--evaluate", str(runs / "t2" / "best.pt"), check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+    assert "task: checkpoint has 't2', this run has 't1'" in proc.stderr
+    assert "model: checkpoint has 'resnet18', this run has 'custom_cnn'" in proc.stderr
+
+
+def test_a_checkpoint_of_another_placement_is_refused(runs):
+    import t3_cubs
+    with pytest.raises(CheckpointError) as err:
+        t3_cubs.main(["--smoke", "--out", str(runs / "t3"), "--placement", "reverse",
+                      "--evaluate", str(runs / "t3" / "serial_plain" / "best.pt")])
+    assert "placement: checkpoint has 'serial', this run has 'reverse'" in str(err.value)
+    assert "--fresh" not in str(err.value)  # training's advice; here the flags must change
+
+
+def test_a_run_folder_stands_for_its_best_pt_and_a_bare_state_dict_is_refused(tmp_path):
+    torch.save({"model": {}, "meta": {"task": "t2"}, "epoch": 3}, tmp_path / "best.pt")
+    path, ck = evaluate.load(tmp_path)
+    assert path == tmp_path / "best.pt" and ck["epoch"] == 3
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "weights.pt")
+    with pytest.raises(CheckpointError, match="lacks the 'model', 'meta' and 'epoch' entries"):
+        evaluate.load(tmp_path / "weights.pt")
