@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# One-shot GPU check; its time caps keep it near 8 minutes (not yet run anywhere). Run from anywhere:
-#     bash bench/gpu_check.sh            # writes its figures to $OUT (default /tmp/gpu_check)
+# One-shot GPU check; its time caps keep it under 10 minutes on one H200, installation
+# included (not yet run anywhere). Run from anywhere:
+#     bash bench/gpu_check.sh                      # torch fallback loader (no DALI needed)
+#     bash bench/gpu_check.sh --wheels DIR         # DALI installed offline from DIR first
+#     bash bench/gpu_check.sh --wheels DIR --install-only   # steps 0 only (works without a GPU)
+# Figures go to $OUT (default /tmp/gpu_check).
+# 0. --wheels DIR (a folder written by bench/fetch_wheels.sh, for an air-gapped machine):
+#    checks DIR/SHA256SUMS, pip-installs every wheel in DIR offline (--no-index --no-deps)
+#    into a temporary folder put first on PYTHONPATH, then bench/dali_check.py imports DALI
+#    from there and decodes a few JPEGs (`mixed` with a GPU, else on the CPU).
 # 1. generates a full-size synthetic Tiny ImageNet (100,000 train + 10,000 val JPEGs, 64x64)
 #    and a Cars-like set (1,176 JPEGs of 500x375) on this machine;
 # 2. measures the loader alone (bench/loader_alone.py: DALI mixed decode if importable,
-#    else the torch fallback);
+#    else the torch fallback); the summary names the loader measured;
 # 3. runs two epochs each of T2 and T3 --placement serial (autocast, channels_last, compile)
 #    and reports the second epoch (the first includes torch.compile's compilation).
 # README's Performance section will quote the summary table at the end. Model-only
@@ -14,9 +22,47 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
 DATA=${DATA:-/tmp/gpu_check_data}
 PROCS=$(nproc)
-mkdir -p "$OUT" "$DATA"
 export PYTHONUNBUFFERED=1
+START=$(date +%s)
 log() { echo "[gpu_check $(date +%T)] $*"; }
+usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
+
+WHEELS="" INSTALL_ONLY=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --wheels) [ $# -ge 2 ] || { usage; exit 2; }; WHEELS=$2; shift 2 ;;
+    --install-only) INSTALL_ONLY=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "gpu_check: unknown argument $1"; usage; exit 2 ;;
+  esac
+done
+if [ "$INSTALL_ONLY" = 1 ] && [ -z "$WHEELS" ]; then echo "gpu_check: --install-only needs --wheels DIR"; exit 2; fi
+mkdir -p "$OUT" "$DATA"
+
+# Step 0: DALI from a folder of wheels, without network. pip's --target does not look at
+# what is installed already, so --no-deps with the exact set (fetch_wheels.sh) keeps it
+# from wanting anything else, numpy above all (the machine's own stays in use).
+if [ -n "$WHEELS" ]; then
+  SECONDS=0
+  [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1 || { echo "error: no *.whl in $WHEELS"; exit 1; }
+  if [ -f "$WHEELS/SHA256SUMS" ]; then
+    (cd "$WHEELS" && sha256sum --quiet -c SHA256SUMS) || {
+      echo "error: a wheel in $WHEELS differs from SHA256SUMS (incomplete copy, or parts joined in the wrong order?)"; exit 1; }
+  fi
+  DALI_SITE=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_dali.XXXXXX")
+  trap 'rm -rf "$DALI_SITE"' EXIT
+  log "installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into $DALI_SITE (offline)"
+  # --no-compile: no .pyc for ~600 MB of files (saves time; Python compiles what it imports)
+  timeout -k 10 300 python3 -m pip install --quiet --no-index --no-deps --no-compile \
+      --disable-pip-version-check --target "$DALI_SITE" "$WHEELS"/*.whl || {
+    echo "error: offline install from $WHEELS failed (wheels for another Python? fetch_wheels.sh defaults to 3.12)"; exit 1; }
+  export PYTHONPATH="$DALI_SITE${PYTHONPATH:+:$PYTHONPATH}"
+  device=cpu
+  python3 -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null && device=mixed
+  python3 bench/dali_check.py --expect-under "$DALI_SITE" --device "$device" || exit 1
+  log "DALI installed and checked in ${SECONDS} s"
+  [ "$INSTALL_ONLY" = 1 ] && exit 0
+fi
 
 log "machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi')"
 python3 - <<'PY' || { echo "needs torch with CUDA, torchvision, scipy, matplotlib (pip install -r requirements.txt)"; exit 1; }
@@ -56,16 +102,20 @@ python3 - "$OUT" <<'PY' | tee "$OUT/summary.txt"
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-print(f"{'run':22s} {'images/s':>10s} {'data wait':>10s} {'torch peak GiB':>15s} {'holdout acc':>12s}")
-for name, path in (("T2 resnet18", out / "t2" / "metrics.jsonl"),
-                   ("T3 cubs serial plain", out / "t3" / "serial_plain" / "metrics.jsonl")):
+loader = out / "loader.txt"
+measured = [l for l in loader.read_text().splitlines() if l.startswith("measured:")] if loader.exists() else []
+print(f"loader alone {measured[0] if measured else 'not measured'}")
+print(f"{'run':22s} {'loader':>7s} {'images/s':>10s} {'data wait':>10s} {'torch peak GiB':>15s} {'holdout acc':>12s}")
+for name, run in (("T2 resnet18", out / "t2"), ("T3 cubs serial plain", out / "t3" / "serial_plain")):
+    path, results = run / "metrics.jsonl", run / "results.json"
+    backend = json.loads(results.read_text()).get("loader", "?") if results.exists() else "?"
     records = [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
     second = [r for r in records if r["epoch"] == 2]
     if not second:
-        print(f"{name:22s} no second epoch ({len(records)} epoch(s) finished)")
+        print(f"{name:22s} {backend:>7s} no second epoch ({len(records)} epoch(s) finished)")
         continue
     r = second[0]
-    print(f"{name:22s} {r['images_per_s']:10.0f} {r['data_wait_share']:10.1%} "
+    print(f"{name:22s} {backend:>7s} {r['images_per_s']:10.0f} {r['data_wait_share']:10.1%} "
           f"{r.get('peak_mem_gib', float('nan')):15.2f} {r['holdout_acc']:12.4f}")
 PY
-log "done; figures in $OUT"
+log "done in $(( $(date +%s) - START )) s; figures in $OUT"

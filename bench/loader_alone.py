@@ -63,8 +63,17 @@ def main() -> None:
                              image_size=size, eval_resize=resize, device=device,
                              workers=args.workers)
         rate, n = images_per_second(loader, args.min_batches, device)
-        print(f"loader {name:18s} {loader.backend:5s} {rate:10.0f} images/s ({n} images timed, "
+        print(f"loader {name:18s} {describe(loader):16s} {rate:10.0f} images/s ({n} images timed, "
               f"{len(split.files)} files, batch {batch})", flush=True)
+    # gpu_check.sh quotes this line: which loader the figures above are for.
+    print(f"measured: {describe(loader)}")
+
+
+def describe(loader: ImageLoader) -> str:
+    """The loader as the figures should be labelled: DALI's decode device, or the fallback."""
+    if loader.backend == "dali":
+        return f"DALI {'mixed' if loader.device.type == 'cuda' else 'cpu'} decode"
+    return "torch fallback"
 
 
 if __name__ == "__main__":  # DALI reader processes are spawned: they re-import this file

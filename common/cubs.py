@@ -105,12 +105,15 @@ HEAD_DIM = 8  # plus variant; also the head-dim multiple the CUDA fused kernels 
 _FUSED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
 
 
-def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
+                    pad_head_dim: bool | None = None) -> Tensor:
     """softmax(q k^T * scale) v without storing the Lq x Lk matrix.
 
     q: B x h x Lq x e, k and v: B x h x Lk x e -> B x h x Lq x e. scale defaults to 1/sqrt(e)
     of the unpadded e. Raises RuntimeError rather than falling back to SDPA's math backend,
     which would materialise the matrix (B x h x 4096 x 4096 at 64x64).
+    pad_head_dim: zero-pad e to a multiple of HEAD_DIM; None = on CUDA only, where the
+    kernels need it. True on the CPU runs the CUDA branch there (tests).
     """
     head_dim = q.shape[-1]
     if scale is None:
@@ -119,7 +122,9 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None)
     q, k, v = (t.contiguous() for t in (q, k, v))
     # CUDA flash / memory-efficient kernels need e % 8 == 0. Zero dims add 0 to every q.k
     # and produce zero output columns, sliced off below.
-    pad = (-head_dim) % HEAD_DIM if q.is_cuda else 0
+    if pad_head_dim is None:
+        pad_head_dim = q.is_cuda
+    pad = (-head_dim) % HEAD_DIM if pad_head_dim else 0
     if pad:
         q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
     with sdpa_kernel(_FUSED_BACKENDS):

@@ -155,8 +155,11 @@ def multi_similarity_loss(
 ) -> Tensor:
     """Scalar MS loss of a (B, D) batch with (B,) labels; see the module docstring."""
     _validate(embeddings, labels, alpha, beta, mining)
-    x = F.normalize(embeddings, p=2, dim=1)
-    sim = x @ x.T
+    # S in fp32 (or fp64) whatever the autocast: beta = 50 multiplies S, and bf16 rounds S
+    # near 1 by up to 2^-9, which would shift the negative term's exponents by up to 0.1.
+    with torch.autocast(embeddings.device.type, enabled=False):
+        x = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), p=2, dim=1)
+        sim = x @ x.T
     pos, neg = _pair_masks(labels)
     with torch.no_grad():
         pos_keep, neg_keep = _MINERS[mining](sim.detach(), pos, neg, epsilon)

@@ -1,0 +1,83 @@
+"""bench/gpu_check.sh --wheels and bench/dali_check.py, the parts that need no GPU.
+
+The real wheels (270 MB) were installed and run by hand (README, "DALI on a GPU machine
+without internet"); here a one-file stand-in wheel checks the script's own logic: checksum
+guard, offline pip install into a temporary target, that target first on PYTHONPATH.
+"""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+_FAKE_DALI = 'raise ImportError("stand-in DALI from tests/test_gpu_check.py")\n'
+
+
+def _fake_wheel(folder: Path) -> Path:
+    """A valid py3-none-any wheel named like DALI's, whose nvidia.dali fails to import."""
+    name, dist_info = "nvidia_dali_cuda130-2.4.0-py3-none-any.whl", "nvidia_dali_cuda130-2.4.0.dist-info"
+    files = {
+        # as in the real nvimgcodec / nvjpeg2k / nvtiff wheels; without it a site-packages
+        # nvidia/ package (with its __init__) would win and DALI be found there (dali_check
+        # refuses that case: found outside the target)
+        "nvidia/__init__.py": "__path__ = __import__('pkgutil').extend_path(__path__, __name__)\n",
+        "nvidia/dali/__init__.py": _FAKE_DALI,
+        f"{dist_info}/METADATA": "Metadata-Version: 2.1\nName: nvidia-dali-cuda130\nVersion: 2.4.0\n",
+        f"{dist_info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = "".join(f"{path},,\n" for path in files) + f"{dist_info}/RECORD,,\n"
+    folder.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(folder / name, "w") as z:
+        for path, text in {**files, f"{dist_info}/RECORD": record}.items():
+            z.writestr(path, text)
+    return folder / name
+
+
+def _gpu_check(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    # This interpreter first on PATH: the script calls python3.
+    env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "TMPDIR": str(tmp_path),
+           "OUT": str(tmp_path / "out"), "DATA": str(tmp_path / "data"), "HOME": str(tmp_path)}
+    return subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_wheels_are_installed_offline_into_a_temporary_target_that_python_imports_first(tmp_path):
+    wheel = _fake_wheel(tmp_path / "wheels")
+    (wheel.parent / "SHA256SUMS").write_text(f"{hashlib.sha256(wheel.read_bytes()).hexdigest()}  {wheel.name}\n")
+    done = _gpu_check("--wheels", str(wheel.parent), "--install-only", tmp_path=tmp_path)
+    output = done.stdout + done.stderr
+    # pip installed it and Python found it in the target, ahead of any DALI in site-packages:
+    # the stand-in's own import error proves both.
+    assert done.returncode == 1 and "installing 1 wheels" in output, output
+    assert "DALI not importable: stand-in DALI from tests/test_gpu_check.py" in output, output
+    assert not list(tmp_path.glob("gpu_check_dali.*"))  # the temporary target is removed at exit
+
+
+def test_a_wheel_that_differs_from_its_checksum_stops_before_installing(tmp_path):
+    wheel = _fake_wheel(tmp_path / "wheels")
+    (wheel.parent / "SHA256SUMS").write_text(f"{'0' * 64}  {wheel.name}\n")
+    done = _gpu_check("--wheels", str(wheel.parent), tmp_path=tmp_path)
+    assert done.returncode == 1 and "differs from SHA256SUMS" in done.stdout
+    assert "installing" not in done.stdout
+
+
+def test_install_only_without_wheels_is_a_usage_error(tmp_path):
+    done = _gpu_check("--install-only", tmp_path=tmp_path)
+    assert done.returncode == 2 and "--install-only needs --wheels DIR" in done.stdout
+
+
+def test_dali_check_decodes_on_the_cpu_and_refuses_a_dali_from_elsewhere(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    check = [sys.executable, str(ROOT / "bench" / "dali_check.py")]
+    done = subprocess.run(check, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[-1] == "DALI ok: cpu decode of 4 JPEGs (one grayscale) to RGB"
+    elsewhere = subprocess.run(check + ["--expect-under", str(tmp_path)], capture_output=True, text=True,
+                               timeout=300)
+    assert elsewhere.returncode == 1 and f"expected DALI under {tmp_path}" in elsewhere.stdout

@@ -1,0 +1,210 @@
+"""The code paths the scripts take only on a GPU, run on the CPU (issue 11, part 1).
+
+torch.compile (graph capture of every CUBS block, inductor on one), bf16 autocast with
+channels_last for every network, fp16 with a GradScaler that overflows and resumes, the
+zero-padding branch of fused_attention, and the MS loss's fp32 similarity under autocast.
+What a CPU cannot run (DALI `mixed`, NCCL) is left to bench/gpu_check.sh. Whole-network
+inductor compiles cost minutes each on 2 cores: bench/bench_compile.py measures those.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common import cubs, engine
+from common.checkpoint import load_checkpoint
+from common.cubs import PLACEMENTS, VARIANTS, CUBSAttention, cubs_resnet18, fused_attention, naive_attention
+from common.datasets import load_tiny_imagenet
+from common.loader import ImageLoader
+from common.loss import multi_similarity_loss
+from common.models import CustomCNN, EmbeddingNet, ResNet18
+from common.synthetic import make_tiny_imagenet
+
+# Small enough for CI, large enough that every stage runs: width 8, 32 x 32 inputs, batch 2;
+# d = 64 is the smallest Block 1 inner size the plus variant accepts (2 tokens x 4 heads x 8).
+WIDTH, SIZE, BATCH, D = 8, 32, 2, 64
+BLOCK_CONFIGS = [(p, v) for p in PLACEMENTS for v in VARIANTS]
+
+
+def _networks() -> dict[str, nn.Module]:
+    """Every network a script trains, at test size (one fresh instance per call)."""
+    nets: dict[str, nn.Module] = {
+        "custom_cnn": CustomCNN(10, width=WIDTH),
+        "resnet18_cifar": ResNet18(10, stem="cifar", width=WIDTH),
+        "resnet18_imagenet": ResNet18(10, stem="imagenet", width=WIDTH),
+        "embedding_net": EmbeddingNet(ResNet18(10, stem="imagenet", width=WIDTH), dim=16),
+    }
+    for placement, variant in BLOCK_CONFIGS:
+        nets[f"cubs_{placement}_{variant}"] = cubs_resnet18(10, placement=placement, variant=variant,
+                                                            width=WIDTH, d=D)
+    return nets
+
+
+def _grads(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b| in the L2 norm: a distance that does not care about the outputs' scale."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+# ---------------------------------------------------------------- zero-padding to head dim 8
+@pytest.mark.parametrize("head_dim, scale", [(1, 1.0), (3, None)])
+def test_padded_fused_attention_equals_unpadded_in_values_and_gradients(head_dim, scale, monkeypatch):
+    # head dim 1 with scale 1 is the plain blocks' similarity; 3 with the default scale
+    # checks that the scale is 1/sqrt of the unpadded dim.
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 40, head_dim, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    plain = fused_attention(q, k, v, scale, pad_head_dim=False)
+    grads_plain = torch.autograd.grad(plain.pow(2).sum(), (q, k, v))
+    dims_seen = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda q_, *a, **kw: dims_seen.append(q_.shape[-1]) or sdpa(q_, *a, **kw))
+    padded = fused_attention(q, k, v, scale, pad_head_dim=True)
+    grads_padded = torch.autograd.grad(padded.pow(2).sum(), (q, k, v))
+    assert dims_seen == [cubs.HEAD_DIM]  # the CUDA branch ran: the kernel saw 8 dims
+    assert padded.shape == plain.shape
+    # float64: zero columns add exact zeros to each dot product, so only the kernel's
+    # summation order may differ; 1e-12 is ~10^4 float64 ulps at these magnitudes.
+    torch.testing.assert_close(padded, plain, rtol=0, atol=1e-12)
+    for gp, gu in zip(grads_padded, grads_plain):
+        torch.testing.assert_close(gp, gu, rtol=0, atol=1e-12)
+    reference = naive_attention(q.detach(), k.detach(), v.detach(), scale)
+    torch.testing.assert_close(padded.detach(), reference, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------- torch.compile
+def _compiled_vs_eager(module: nn.Module, x: torch.Tensor, backend: str) -> tuple[float, float]:
+    """(relative output distance, relative input-gradient distance) of compiled vs eager,
+    forward + backward, with fullgraph=True: any graph break raises instead of passing."""
+    x_eager = x.clone().requires_grad_()
+    eager_out = module(x_eager)
+    eager_out.pow(2).sum().backward()
+    x_comp = x.clone().requires_grad_()
+    compiled = torch.compile(module, backend=backend, fullgraph=True)
+    comp_out = compiled(x_comp)
+    comp_out.pow(2).sum().backward()
+    return _relative(comp_out.detach(), eager_out.detach()), _relative(x_comp.grad, x_eager.grad)
+
+
+@pytest.mark.parametrize("placement, variant", BLOCK_CONFIGS)
+def test_every_cubs_block_compiles_as_one_graph_and_matches_eager(placement, variant):
+    # aot_eager: Dynamo's capture and AOTAutograd's joint forward/backward graph, the parts
+    # where graph breaks and tracing errors arise, without inductor's C++ build (a minute
+    # or more per graph on 2 cores; inductor runs once below and on every network in
+    # bench/bench_compile.py). Same ATen ops as eager, so 1e-5 bounds fp32 reordering.
+    torch.manual_seed(0)
+    block = CUBSAttention(WIDTH, placement, variant, d=D)
+    if variant == "plus":
+        # gamma = 0 makes a plus block the identity: open it so attention reaches the output.
+        for m in block.modules():
+            if hasattr(m, "gamma"):
+                nn.init.constant_(m.gamma, 0.5)
+    out_dist, grad_dist = _compiled_vs_eager(block, torch.randn(BATCH, WIDTH, 8, 8), "aot_eager")
+    assert out_dist < 1e-5 and grad_dist < 1e-5
+
+
+def test_inductor_compiles_a_cubs_block_forward_and_backward_like_eager():
+    # One inductor build (its C++ kernels, fused reductions): serial plain is the main
+    # model's block and has both attentions (head dim 1, scale 1). Inductor reorders and
+    # fuses fp32 sums; 1e-4 relative is ~1000 fp32 ulps, far below any real bug's size.
+    torch.manual_seed(0)
+    block = CUBSAttention(WIDTH, "serial", "plain", d=D)
+    out_dist, grad_dist = _compiled_vs_eager(block, torch.randn(BATCH, WIDTH, 8, 8), "inductor")
+    assert out_dist < 1e-4 and grad_dist < 1e-4
+
+
+# ---------------------------------------------------------------- bf16 autocast, channels_last
+def test_every_network_trains_under_bf16_autocast_with_channels_last_close_to_fp32():
+    # The CUDA recipe (engine.fit on bf16 GPUs) with CPU autocast. Eval mode: batch-2
+    # BatchNorm statistics would amplify rounding differences; the ops' dtypes are the same.
+    # bf16 keeps 8 bits (relative rounding 2^-9 = 0.2% per op). Measured over seeds 0 and 1
+    # (2026-11-29), relative L2 distance to fp32: outputs 0.2-1.2%; whole gradient vector
+    # 0.4-6% for the residual networks, 14-18% for CustomCNN, whose 36 convolutions have no
+    # identity path, so the backward pass compounds the rounding through every one of them.
+    # Bounds at ~2x the worst: 3% / 12% / 35%. A wrong dtype or layout path (garbage,
+    # NaN, a lost autocast) lands far above them.
+    torch.manual_seed(0)
+    x = torch.randn(BATCH, 3, SIZE, SIZE)
+    for name, model in _networks().items():
+        model.eval()
+        reference = model(x)
+        # A fixed random read-out: the embedding's output has unit norm, so |out|^2 would
+        # have zero gradient.
+        readout = torch.randn(reference.shape)
+        (reference * readout).sum().backward()
+        grads_fp32 = _grads(model).clone()
+        model.zero_grad()
+        model.to(memory_format=torch.channels_last)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x.contiguous(memory_format=torch.channels_last))
+        assert out.dtype == torch.bfloat16, name  # autocast reached the head
+        (out.float() * readout).sum().backward()
+        grads_bf16 = _grads(model)
+        assert torch.isfinite(out).all() and torch.isfinite(grads_bf16).all(), name
+        out_distance, grad_distance = _relative(out, reference), _relative(grads_bf16, grads_fp32)
+        assert out_distance < 0.03, (name, out_distance)
+        assert grad_distance < (0.35 if name == "custom_cnn" else 0.12), (name, grad_distance)
+
+
+def test_ms_loss_similarity_is_fp32_under_autocast():
+    # T4 computes the loss inside autocast. With S = x x^T as a bf16 matmul (the code before
+    # issue 11) this batch's loss moved by 1.4e-4 (S near 1 rounded by up to 2^-9, times
+    # beta = 50); with S in fp32 only fp32 reordering remains (bound 1e-6).
+    torch.manual_seed(0)
+    labels = torch.arange(8).repeat_interleave(4)
+    embeddings = torch.randn(8, 16)[labels] + torch.randn(32, 16)  # 8 classes x 4, overlapping
+    exact = multi_similarity_loss(embeddings, labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = multi_similarity_loss(embeddings, labels)
+    assert exact.item() > 0.1  # pairs are mined: the comparison is not 0 == 0
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, exact, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- fp16 with a GradScaler
+def test_fp16_grad_scaler_backs_off_on_overflow_and_resumes_the_backed_off_state(tmp_path):
+    # tests/test_engine.py covers fp16 + scaler + resume on a 1-conv net when no step
+    # overflows. Here a CUBS network (fp16 attention on the CPU's fused kernel) meets an
+    # overflow: at step 3 the loss is multiplied by 1e4, so its scaled gradient (x 2^16)
+    # exceeds fp16's 65,504 in the backward pass. The scaler must skip that step, halve its
+    # scale, restart its count, and a resumed run must continue from that state.
+    root = make_tiny_imagenet(tmp_path / "data", num_classes=3, train_per_class=12, val_per_class=2,
+                              image_size=16, seed=1)
+    splits = load_tiny_imagenet(root, holdout_per_class=2)  # 30 train images: 3 batches of 8
+    rt = engine.Runtime(torch.device("cpu"), amp_dtype=torch.float16)
+    train = ImageLoader(splits.train.files, splits.train.labels, batch_size=8, train=True,
+                        image_size=16, backend="torch", workers=0, seed=1)
+    holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, batch_size=8, train=False,
+                          image_size=16, backend="torch", workers=0)
+    calls = []
+    base_step = engine.classification_step(0.1)
+
+    def step(model, images, labels):
+        loss, correct = base_step(model, images, labels)
+        calls.append(loss.dtype)
+        return (loss * 1e4 if len(calls) == 3 else loss), correct
+
+    def run(stop_after: int | None) -> dict:
+        torch.manual_seed(0)
+        model = cubs_resnet18(3, width=WIDTH, d=16)
+        cfg = engine.FitConfig(epochs=2, lr=0.01, warmup_epochs=1, patience=100, stop_after_epoch=stop_after)
+        evaluate = lambda m: {f"holdout_{k}": v for k, v in engine.evaluate_classifier(m, holdout, rt).items()}
+        return engine.fit(model, train, step, evaluate, cfg, tmp_path / "out", rt,
+                          meta={"task": "test", "model": "cubs"})
+
+    run(stop_after=1)
+    scaler = load_checkpoint(tmp_path / "out" / "last.pt")["scaler"]
+    # 3 steps: 2 good, the overflow (skipped, scale 2^16 -> 2^15, count reset to 0), none after
+    assert scaler["scale"] == 2.0**15 and scaler["_growth_tracker"] == 0
+    result = run(stop_after=None)
+    assert result["finished"] and result["epochs_run"] == 2
+    scaler = load_checkpoint(tmp_path / "out" / "last.pt")["scaler"]
+    assert scaler["scale"] == 2.0**15 and scaler["_growth_tracker"] == 3  # counting on: 3 good steps
+    assert all(dtype == torch.float32 for dtype in calls)  # the step's CE is fp32 under fp16 autocast
+    # Applied, the 1e4 step would have moved the weights 1e4 times a normal step.
+    assert result["history"][1]["train_loss"] < 10
