@@ -9,7 +9,13 @@ Inputs, found anywhere under the runs folder (generated `smoke_data/` folders ar
     placements.json  T3's comparison of placements (selection by holdout, 2-point check)
     curves.png, placements.png, retrieval.png   copied into report_figures/
 Output: REPORT.md with relative links to report_figures/ (copied figures plus combined
-curves drawn here), and REPORT.pdf when `pandoc` is on PATH and succeeds (optional).
+curves drawn here), and REPORT.pdf next to it: at most two A4 pages, one run per task
+(common/report_pdf.py, drawn with reportlab, so no LaTeX or pandoc is needed).
+
+    python -m common.report runs --archive Assignment2.zip     # + the submission archive
+
+writes the report, then one zip with the code, the report and each task's best model
+(common/archive.py). Smoke runs are refused unless --allow-smoke is given.
 
 What is shown: each model's architecture (counts of conv / linear / BatchNorm layers,
 CUBS attention blocks and squeeze-excitation gates, parameters, forward GFLOPs for one image
@@ -37,8 +43,10 @@ import json
 import math
 import os
 import shutil
-import subprocess
-from collections.abc import Iterable, Sequence
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +59,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from common.errors import UserError  # noqa: E402
 from common.flops import forward_flops  # noqa: E402
 
 SMOKE_BANNER = "smoke run on generated data, not a real result"
@@ -99,6 +108,27 @@ def fmt_epochs(r: dict) -> str:
     return f"{r.get('best_epoch', 'n/a')}/{r.get('epochs_run', 'n/a')}"
 
 
+# ---------------------------------------------------------------- writing files
+@contextmanager
+def atomic_file(dest: Path) -> Iterator[Path]:
+    """Yield a temporary path next to `dest`; once the block has written it, it is synced
+    and renamed over `dest`. An error (or a kill) leaves `dest` as it was. Used for
+    REPORT.pdf and the archive, which other programs may be reading."""
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a report is not
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # on disk before the rename makes it the file
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------- reading the runs folder
 @dataclass
 class Run:
@@ -134,9 +164,20 @@ class RunsFolder:
     placements: list[tuple[str, dict]] = field(default_factory=list)  # (folder name, json)
     unfinished: list[tuple[str, list[dict]]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    # architectures() rebuilds every model and counts its FLOPs; REPORT.md and REPORT.pdf
+    # both need the result, so it is computed once and kept here.
+    summaries: list[tuple[Run, str, Architecture | None]] | None = None
 
     def of_task(self, task: str) -> list[Run]:
         return [r for r in self.classifiers + self.retrievals if r.task == task]
+
+    def run_at(self, name: str) -> Run | None:
+        """The run whose folder is `name` (relative to the runs folder), if any."""
+        return next((r for r in self.classifiers + self.retrievals if r.name == name), None)
+
+    def placement_runs(self, name: str) -> list[Run]:
+        """The T3 runs next to the placements.json in folder `name`."""
+        return [r for r in self.classifiers if r.path.parent == self.root / name]
 
 
 def read_json(path: Path, problems: list[str]) -> Any:
@@ -208,6 +249,43 @@ def collect(root: str | Path) -> RunsFolder:
     return found
 
 
+@dataclass
+class Chosen:
+    """One run per task: what REPORT.pdf shows and what the archive ships.
+
+    runs["t3"] is the run of the placement that T3 selected (placements.json "selected",
+    by holdout accuracy); `placements` is that comparison as (folder name, placements.json).
+    A task that has no finished run maps to None.
+    """
+    runs: dict[str, Run | None]
+    placements: tuple[str, dict] | None
+
+
+def _preference(smoke: bool, name: str, task: str) -> tuple:
+    """Sort key: real runs before smoke runs, then the script's default folder (`t1`, ...),
+    then the shallowest, then by name (so the choice never depends on the file system)."""
+    return smoke, name != task, name.count("/"), name
+
+
+def choose_runs(runs: RunsFolder) -> Chosen:
+    """Pick the run per task that the two-page report and the archive present."""
+    chosen: dict[str, Run | None] = {}
+    for task in ("t1", "t2", "t4"):
+        found = runs.of_task(task)
+        chosen[task] = min(found, key=lambda r: _preference(r.smoke, r.name, task), default=None)
+    placements = min(runs.placements, default=None, key=lambda p: _preference(
+        any(r.smoke for r in runs.placement_runs(p[0])), p[0], "t3"))
+    chosen["t3"] = None
+    if placements is not None:
+        name, data = placements
+        pick = data.get("selected") or data.get("best_overall") or {}
+        folder = f"{pick.get('placement')}_{pick.get('variant')}"
+        chosen["t3"] = runs.run_at(folder if name == "." else f"{name}/{folder}")
+    elif runs.of_task("t3"):  # t3_cubs.py writes placements.json after its last run
+        chosen["t3"] = min(runs.of_task("t3"), key=lambda r: _preference(r.smoke, r.name, "t3"))
+    return Chosen({t: chosen[t] for t in TASKS}, placements)
+
+
 # ---------------------------------------------------------------- architectures
 @dataclass
 class Architecture:
@@ -269,7 +347,14 @@ def summarise(model: nn.Module, label: str, image_size: int) -> Architecture:
 
 
 def architectures(runs: RunsFolder) -> list[tuple[Run, str, Architecture | None]]:
-    """(run, phase, summary) for every run; T4 gives Phase A and Phase B."""
+    """(run, phase, summary) for every run; T4 gives Phase A and Phase B. Computed once per
+    RunsFolder (runs.summaries)."""
+    if runs.summaries is None:
+        runs.summaries = _architectures(runs)
+    return runs.summaries
+
+
+def _architectures(runs: RunsFolder) -> list[tuple[Run, str, Architecture | None]]:
     out, cache = [], {}
     for run in runs.classifiers + runs.retrievals:
         phases = ["a", "b"] if run.task == "t4" else [""]
@@ -433,7 +518,7 @@ def section_placements(runs: RunsFolder, figs: Figures) -> list[str]:
 
 def placement_block(runs: RunsFolder, name: str, c: dict, figs: Figures) -> list[str]:
     folder = runs.root / name
-    members = [r for r in runs.classifiers if r.path.parent == folder]
+    members = runs.placement_runs(name)
     lines = [f"### `{name}/placements.json`", ""] + smoke_note(members)
     selected, by = c.get("selected") or {}, c.get("selected_by", "holdout_acc")
     rows = []
@@ -550,27 +635,32 @@ def mining_lines(r: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------- curves
-def plot_classifier_curves(runs: Sequence[Run], path: Path) -> bool:
-    """Holdout top-1 and train loss per epoch of every T1/T2/T3 run on one figure."""
+def plot_classifier_curves(runs: Sequence[Run], path: Path, figsize: tuple[float, float] = (11, 4),
+                           dpi: int = 100) -> bool:
+    """Holdout top-1 and train loss per epoch of every T1/T2/T3 run on one figure.
+
+    figsize is in inches: REPORT.pdf draws its figures at the size they print, so that their
+    text is readable at 100 %."""
     runs = [r for r in runs if r.history]
     if not runs:
         return False
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=figsize)
     for r in runs:
         epochs = [h.get("epoch") for h in r.history]
         ax_acc.plot(epochs, [h.get("holdout_acc", math.nan) for h in r.history], marker=".", label=r.label)
         ax_loss.plot(epochs, [h.get("train_loss", math.nan) for h in r.history], marker=".", label=r.label)
     ax_acc.set(xlabel="epoch", ylabel="holdout top-1", title="holdout accuracy")
     ax_loss.set(xlabel="epoch", ylabel="train loss", title="training loss (label-smoothed CE)")
-    _finish(fig, (ax_acc, ax_loss), path)
+    _finish(fig, (ax_acc, ax_loss), path, dpi)
     return True
 
 
-def plot_retrieval_curves(run: Run, path: Path) -> bool:
+def plot_retrieval_curves(run: Run, path: Path, figsize: tuple[float, float] = (11, 4),
+                          dpi: int = 100) -> bool:
     """Phase A holdout top-1 and Phase B holdout Recall@1 per epoch (one line per mining)."""
     if not run.phases:
         return False
-    fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=figsize)
     # Mining runs can score identically (small holdouts): distinct markers and dashes, and a
     # slight shrink per line, keep every one of them visible.
     styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-")]
@@ -586,18 +676,18 @@ def plot_retrieval_curves(run: Run, path: Path) -> bool:
             b_index += 1
     ax_a.set(xlabel="epoch", ylabel="holdout top-1", title="Phase A (classifier)")
     ax_b.set(xlabel="epoch", ylabel="holdout Recall@1", title="Phase B (Multi-Similarity)")
-    _finish(fig, (ax_a, ax_b), path)
+    _finish(fig, (ax_a, ax_b), path, dpi)
     return True
 
 
-def _finish(fig, axes, path: Path) -> None:
+def _finish(fig, axes, path: Path, dpi: int = 100) -> None:
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
@@ -745,48 +835,52 @@ def render(runs: RunsFolder, figs: Figures) -> str:
 
 
 def build_report(runs_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Write the report (and its figures); returns the REPORT.md path."""
+    """Write REPORT.md (and its figures) and REPORT.pdf next to it; returns the REPORT.md path."""
+    from common.report_pdf import write_pdf  # imports reportlab; report_pdf imports this module
+
     runs_dir = Path(runs_dir)
     out = Path(out) if out else runs_dir / "REPORT.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     runs = collect(runs_dir)
     figs = Figures(out)
     out.write_text(render(runs, figs))
-    write_pdf(out)
+    write_pdf(runs, out.with_suffix(".pdf"), figs.folder)
     return out
 
 
-def write_pdf(markdown: Path) -> Path | None:
-    """REPORT.pdf via pandoc if it is installed (needs a LaTeX engine too); optional."""
-    if shutil.which("pandoc") is None:
-        return None
-    pdf = markdown.with_suffix(".pdf")
-    try:
-        proc = subprocess.run(["pandoc", markdown.name, "-o", pdf.name], cwd=markdown.parent,
-                              capture_output=True, text=True, timeout=300)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if proc.returncode != 0:
-        print(f"pandoc could not write {pdf} (optional): {proc.stderr.strip()[:300]}")
-        return None
-    return pdf
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Write REPORT.md from the runs folder.",
+    p = argparse.ArgumentParser(description="Write REPORT.md and REPORT.pdf from the runs folder, "
+                                            "and optionally the submission archive.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("runs", nargs="?", default="runs", help="the runs folder to read")
     p.add_argument("--out", default=None, help="report path (default: <runs>/REPORT.md); "
-                                               "figures go to report_figures/ next to it")
+                                               "REPORT.pdf and report_figures/ go next to it")
+    p.add_argument("--archive", default=None, metavar="ZIP",
+                   help="also write the submission archive (code, report, best models), "
+                        "e.g. Assignment2.zip")
+    p.add_argument("--allow-smoke", action="store_true",
+                   help="let the archive include smoke runs (refused by default)")
     return p
 
 
 def main(argv: list[str] | None = None) -> Path:
-    args = build_parser().parse_args(argv)
+    """Command line. A user error (e.g. smoke runs in an archive) ends it with one `error:`
+    line and exit status 1, without a traceback."""
+    from common import archive  # archive imports this module
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if not Path(args.runs).is_dir():
-        build_parser().error(f"runs folder not found: {args.runs}")
-    out = build_report(args.runs, args.out)
-    print(f"wrote {out}")
+        parser.error(f"runs folder not found: {args.runs}")
+    try:
+        if args.archive:  # refuse before spending time on the report
+            archive.check_runs(collect(args.runs), args.allow_smoke)
+        out = build_report(args.runs, args.out)
+        print(f"wrote {out} and {out.with_suffix('.pdf')}")
+        if args.archive:
+            archive.build_archive(args.runs, out, args.archive, args.allow_smoke)
+    except UserError as err:
+        sys.exit(f"error: {err}")
     return out
 
 

@@ -1,4 +1,4 @@
-"""common.report: REPORT.md from a runs folder.
+"""common.report: REPORT.md and REPORT.pdf from a runs folder, and the submission archive.
 
 Most checks run on a hand-made runs folder (JSON written here, tiny models), so they need no
 training. One test builds the report from the four scripts' real smoke runs: the session
@@ -11,16 +11,21 @@ chance, +2 decimals for point differences, comma-grouped exact parameter counts.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
+from pypdf import PdfReader
 
-from common import report
+from common import archive, report
 from common.cubs import cubs_resnet18
 from common.models import ResNet18
 
@@ -202,7 +207,7 @@ def make_runs(root: Path) -> dict:
                                               ("reverse", "plain", 0.43216, 0.61115),
                                               ("serial", "plus", 0.44449, 0.66665)):
         r = classifier("t3", f"cubs_resnet18_{placement}_{variant}", test, holdout,
-                       placement=placement, variant=variant, d=32)
+                       placement=placement, variant=variant, d=64)  # plus needs 2+ tokens per head
         write(root / "t3" / f"{placement}_{variant}" / "results.json", r)
         write(root / "t3" / f"{placement}_{variant}" / "metrics.jsonl", history(3))
         write(root / "t3" / f"{placement}_{variant}" / "curves.png", b"png")
@@ -312,7 +317,7 @@ def test_architecture_rows_rebuild_the_models(handmade):
     assert resnet["input"] == "3 x 32 x 32"
     cubs = rows["cubs_resnet18_reverse_plain"]
     assert (cubs["conv"], cubs["linear"], cubs["CUBS attention blocks"]) == ("28", "33", "16")
-    built = cubs_resnet18(5, placement="reverse", width=8, d=32)
+    built = cubs_resnet18(5, placement="reverse", width=8, d=64)
     assert cubs["params (rebuilt)"] == f"{sum(p.numel() for p in built.parameters()):,}"
     assert float(cubs["GFLOPs / image"]) > float(resnet["GFLOPs / image"]) > 0
     phase_a = rows["cubs_resnet18_reverse_plain (Phase A classifier)"]
@@ -365,6 +370,7 @@ def test_cli_imports_without_dali_and_honours_out(tmp_path):
     check_figures(text, tmp_path / "doc" / "REPORT.md")
     assert "## T4" in text and "**not run yet**" in text
     assert not (tmp_path / "runs" / "REPORT.md").exists()
+    assert pdf_text(tmp_path / "doc" / "REPORT.pdf")[0] <= 2
 
 
 # ---------------------------------------------------------------- the real smoke runs
@@ -378,8 +384,15 @@ def smoke_runs(request) -> Path:
     return request.getfixturevalue("runs")
 
 
-def test_report_of_the_four_smoke_runs_quotes_every_number(smoke_runs, tmp_path):
-    out = report.build_report(smoke_runs, tmp_path / "REPORT.md")  # the runs folder is left as is
+@pytest.fixture(scope="module")
+def smoke_report(smoke_runs, tmp_path_factory) -> Path:
+    """REPORT.md (+ REPORT.pdf, figures) of the four smoke runs, built once, outside the runs
+    folder (which is left as is)."""
+    return report.build_report(smoke_runs, tmp_path_factory.mktemp("smoke_report") / "REPORT.md")
+
+
+def test_report_of_the_four_smoke_runs_quotes_every_number(smoke_runs, smoke_report):
+    out = smoke_report
     text = out.read_text()
     assert check_classifier_rows(text, smoke_runs) == 5  # t1, t2 and three placements
     check_placements(text, json.loads((smoke_runs / "t3" / "placements.json").read_text()))
@@ -403,3 +416,219 @@ def test_flop_count_includes_the_fused_attention():
     # 1 x 3 x 8 x 8 input, N = 64 positions: 1x1 conv 3 -> 3 (2*3*64*3 = 1152 FLOPs, bias not
     # counted) + attention with head dim 1 (q k^T and a v: 2 * 2*64*64*1 = 16384 FLOPs).
     assert report.forward_flops(CUBSBlock2(3), 8) == 1152 + 16384
+
+
+# ---------------------------------------------------------------- REPORT.pdf
+def pdf_text(pdf: Path) -> tuple[int, str]:
+    """(page count, every page's text with each run of white space made one space); checks
+    that every page is A4 portrait."""
+    reader = PdfReader(pdf)
+    for page in reader.pages:
+        assert (round(float(page.mediabox.width)), round(float(page.mediabox.height))) == (595, 842)
+    return len(reader.pages), " ".join(" ".join(p.extract_text() for p in reader.pages).split())
+
+
+def pdf_classifier_row(run: str, r: dict) -> str:
+    """A results-table row as the PDF's text reads it: numbers, then the file they came from."""
+    return (f"{acc(r['test_acc'])} / {acc(r['test_top5'])} top-1 {acc(r['holdout_acc'])} "
+            f"{r['best_epoch']}/{r['epochs_run']} {run}/results.json: test_acc, test_top5, holdout_acc")
+
+
+def check_pdf_retrieval(text: str, run: str, r: dict) -> None:
+    """T4's table: before, every mining strategy, chance; all traced to <run>/results.json."""
+    recalls = lambda e: " ".join(acc(e["test_recall"][k]) for k in "1248")  # noqa: E731
+    a = r["phase_a"]
+    assert (f"before: Phase A classifier features (cross-entropy) {recalls(a)} top-1 "
+            f"{acc(a['holdout_acc'])} {a['best_epoch']}/{a['epochs_run']}") in text
+    for m in r["mining_comparison"]:
+        main = " (main)" if m["mining"] == r["phase_b"]["mining"] else ""
+        assert (f"after: Multi-Similarity, {m['mining']} mining{main} {recalls(m)} R@1 "
+                f"{acc(m['holdout_r1'])} {m['best_epoch']}/{m['epochs_run']}") in text
+    assert f"chance (random other test image of the same class) {acc(r['recall_at_1_chance'])}" in text
+    assert f"Source: {run}/results.json: phase_a, mining_comparison" in text
+
+
+def check_pdf_placements(text: str, c: dict, where: str) -> None:
+    for r in c["runs"]:
+        mark = " selected" if (r["placement"], r["variant"]) == (c["selected"]["placement"],
+                                                                c["selected"]["variant"]) else ""
+        assert (f"{r['placement']} {r['variant']} {acc(r['holdout_acc'])} {acc(r['test_acc'])} "
+                f"{acc(r['test_top5'])} {r['params']:,} {r['best_epoch']}/{r['epochs_run']}{mark}") in text
+    assert f"Source: {where}/placements.json: runs, selected" in text
+
+
+def test_pdf_of_the_four_smoke_runs_fits_two_pages_and_quotes_the_json(smoke_runs, smoke_report):
+    pdf = smoke_report.with_suffix(".pdf")
+    pages, text = pdf_text(pdf)
+    assert pages <= 2
+    load = lambda name: json.loads((smoke_runs / name).read_text())  # noqa: E731
+    placements = load("t3/placements.json")
+    selected = f"t3/{placements['selected']['placement']}_{placements['selected']['variant']}"
+    for run in ("t1", "t2", selected):
+        assert pdf_classifier_row(run, load(f"{run}/results.json")) in text, run
+    check_pdf_placements(text, placements, "t3")
+    check_pdf_retrieval(text, "t4", load("t4/results.json"))
+    for section in ("1 Networks", "2 Results", "3 T3: placement comparison", "4 Training curves",
+                    "5 T4: Cars196 retrieval", "6 Training strategies"):
+        assert section in text
+    strategies = text[text.index("6 Training strategies"):]
+    where = [strategies.find(s) for s in ("Augmentation (train only): ",
+                                          "Schedule: SGD", "Early stopping on the holdout score",
+                                          "Hard mining (T4 Phase B): Multi-Similarity",
+                                          "Our variant (CUBS plus)")]
+    assert -1 not in where and where == sorted(where)
+    assert "serial y = B2(B1(x)), reverse y = B1(B2(x)), parallel y = B1(x) + B2(x)" in text
+    assert f"SMOKE: {report.SMOKE_BANNER}" in text
+    assert "not run yet" not in text and "could not be read" not in text  # every task ran
+    assert sum(len(p.images) for p in PdfReader(pdf).pages) == 3  # 2 curve figures + retrieval
+
+
+def test_pdf_marks_missing_tasks_not_run(tmp_path):
+    t2 = classifier("t2", "resnet18", 0.456789, 0.51234)
+    write(tmp_path / "t2" / "results.json", t2)
+    write(tmp_path / "t2" / "metrics.jsonl", history(3))
+    pages, text = pdf_text(report.build_report(tmp_path).with_suffix(".pdf"))
+    assert pages <= 2
+    assert pdf_classifier_row("t2", t2) in text
+    for task in ("T1", "T3", "T4"):  # the results table
+        assert f"{task} not run yet" in text
+    for title in ("T1 custom CNN", "T3 CUBS-ResNet-18 placements", "T4 Cars196 retrieval"):
+        assert f"{title}: not run yet" in text  # the networks
+    assert "T4: not run yet" in text and "5 T4: Cars196 retrieval on unseen classes, mining " \
+        "comparison not run yet" in text
+    assert "SMOKE" not in text
+
+
+def crowd(root: Path) -> dict:
+    """make_runs plus everything a full real run can add: a finished T1, all six placements,
+    the four mining strategies, a retrieval picture of the real size, and runs the PDF leaves
+    to REPORT.md (a smoke copy of T2)."""
+    data = make_runs(root)
+    t1 = classifier("t1", "custom_cnn", 0.51111, 0.52222)
+    write(root / "t1" / "results.json", t1)
+    c = data["placements"]
+    for placement, variant in (("parallel", "plain"), ("reverse", "plus"), ("parallel", "plus")):
+        r = classifier("t3", f"cubs_resnet18_{placement}_{variant}", 0.3, 0.4, placement=placement,
+                       variant=variant, d=64)
+        write(root / "t3" / f"{placement}_{variant}" / "results.json", r)
+        write(root / "t3" / f"{placement}_{variant}" / "metrics.jsonl", history(3))
+        c["runs"].append({k: r[k] for k in c["runs"][0]})
+    c["plus_vs_plain"] *= 3
+    write(root / "t3" / "placements.json", c)
+    t4 = data["t4"]
+    t4["mining_comparison"] += [{**t4["mining_comparison"][1], "mining": m} for m in ("hard", "semihard")]
+    write(root / "t4" / "results.json", t4)
+    Image.new("RGB", (1350, 900), "white").save(root / "t4" / "retrieval.png")  # t4_retrieval.py's size
+    write(root / "smoke" / "t2" / "results.json",
+          classifier("t2", "resnet18", 0.1, 0.1, args={**ARGS, "smoke": True}))
+    return {**data, "t1": t1, "t4": t4}
+
+
+def test_pdf_fits_two_pages_with_every_table_full(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "forward_flops", lambda model, size: 1e9)  # layout only: fast
+    data = crowd(tmp_path)
+    pages, text = pdf_text(report.build_report(tmp_path).with_suffix(".pdf"))
+    assert pages <= 2
+    assert pdf_classifier_row("t1", data["t1"]) in text
+    assert pdf_classifier_row("t2", data["t2"]) in text  # the real T2, not smoke/t2
+    check_pdf_placements(text, data["placements"], "t3")
+    check_pdf_retrieval(text, "t4", data["t4"])
+    assert "REPORT.md also lists smoke/t2." in text
+    assert "not run" not in text and "could not be read" not in text  # plus vs plain too
+
+
+# ---------------------------------------------------------------- the submission archive
+def test_archive_of_the_smoke_runs_holds_code_report_and_best_models(smoke_runs, smoke_report,
+                                                                      tmp_path, capsys):
+    dest = archive.build_archive(smoke_runs, smoke_report, tmp_path / "Assignment2.zip",
+                                 allow_smoke=True)
+    toc = capsys.readouterr().out.splitlines()
+    assert sorted(tmp_path.iterdir()) == [dest]  # no temporary file left
+    placements = json.loads((smoke_runs / "t3" / "placements.json").read_text())
+    selected = f"t3/{placements['selected']['placement']}_{placements['selected']['variant']}"
+    mining = json.loads((smoke_runs / "t4" / "results.json").read_text())["phase_b"]["mining"]
+    models = {"t1/best.pt", "t1/results.json", "t2/best.pt", "t2/results.json",
+              "t3/placements.json", f"{selected}/best.pt", f"{selected}/results.json",
+              "t4/results.json", f"t4/phase_b_{mining}/best.pt"}
+    report_files = {"REPORT.md", "REPORT.pdf"} | set(
+        re.findall(r"!\[[^\]]*\]\(([^)]+)\)", smoke_report.read_text()))
+    code = set(archive.code_files())
+    assert {"README.md", "common/report.py", "t3_cubs.py", "requirements.txt"} <= code
+    with zipfile.ZipFile(dest) as zf:
+        assert zf.testzip() is None
+        infos = {i.filename: i for i in zf.infolist()}
+        assert set(infos) == {f"Assignment2/{n}" for n in
+                              code | report_files | {f"runs/{m}" for m in models}}
+        for name in models:
+            info, src = infos[f"Assignment2/runs/{name}"], smoke_runs / name
+            assert info.file_size == src.stat().st_size
+            data = zf.read(info)
+            if name.endswith(".json"):
+                assert data == src.read_bytes()
+                continue
+            checkpoint = torch.load(io.BytesIO(data), weights_only=True)
+            assert checkpoint["model"] and all(isinstance(v, torch.Tensor)
+                                               for v in checkpoint["model"].values())
+        for name in report_files:
+            assert infos[f"Assignment2/{name}"].file_size == (smoke_report.parent / name).stat().st_size
+    for name, info in infos.items():  # the table of contents: every file with its size
+        assert f"{archive.fmt_size(info.file_size):>10}  {name}" in toc
+    assert toc[-1].startswith(f"{dest}: {len(infos)} files, ")
+    assert f"T3: {selected} (selected in t3/placements.json)" in toc
+    assert f"T4: t4, Phase B ({mining} mining)" in toc
+
+
+def test_archive_command_writes_report_and_zip_and_refuses_a_missing_model(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    write(runs / "t2" / "results.json", classifier("t2", "resnet18", 0.456789, 0.51234))
+    torch.save({"model": {"w": torch.arange(3.0)}}, runs / "t2" / "best.pt")
+    dest = tmp_path / "out" / "Assignment2.zip"
+    report.main([str(runs), "--archive", str(dest)])
+    out = capsys.readouterr().out
+    for task in ("T1", "T3", "T4"):
+        assert f"warning: {task} not run: no model of it in the archive" in out
+    with zipfile.ZipFile(dest) as zf:
+        names = set(zf.namelist())
+    assert {"Assignment2/REPORT.pdf", "Assignment2/REPORT.md", "Assignment2/README.md"} <= names
+    assert {n for n in names if n.startswith("Assignment2/runs/")} == {
+        "Assignment2/runs/t2/best.pt", "Assignment2/runs/t2/results.json"}
+    before = dest.read_bytes()
+    (runs / "t2" / "best.pt").unlink()
+    (runs / "REPORT.md").unlink()
+    with pytest.raises(SystemExit) as exit_:
+        report.main([str(runs), "--archive", str(dest)])
+    assert str(exit_.value.code).startswith("error: T2's best model ")
+    assert dest.read_bytes() == before  # the old archive is untouched
+    assert not (runs / "REPORT.md").exists()  # refused before the report was built
+
+
+def test_archive_refuses_smoke_runs_with_one_error_line(tmp_path):
+    make_runs(tmp_path / "runs")  # t4 is a smoke run
+    dest = tmp_path / "A.zip"
+    proc = subprocess.run([sys.executable, "-m", "common.report", str(tmp_path / "runs"),
+                           "--archive", str(dest)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--allow-smoke" in lines[0]
+    assert "smoke runs (generated data, not results): t4." in lines[0]
+    assert not dest.exists() and not (tmp_path / "runs" / "REPORT.md").exists()
+
+
+def test_write_zip_is_atomic(tmp_path):
+    dest, present = tmp_path / "A.zip", tmp_path / "a.txt"
+    dest.write_bytes(b"the previous archive")
+    present.write_text("a")
+    with pytest.raises(FileNotFoundError):
+        archive.write_zip([("a.txt", present), ("b.txt", tmp_path / "missing.txt")], dest)
+    assert dest.read_bytes() == b"the previous archive"
+    assert sorted(tmp_path.iterdir()) == [dest, present]
+
+
+def test_code_files_without_git_are_the_package_files(tmp_path):
+    for name in ("t1.py", "README.md", "requirements.txt", "common/x.py", "docs/a.md",
+                 "common/__pycache__/x.pyc", "runs/t1/results.json", "data/wnids.txt",
+                 ".hidden/x.py", "mine/REPORT.md", "model.pt"):
+        write(tmp_path / name, "x")
+    assert archive.code_files(tmp_path, exclude=(tmp_path / "mine",)) == [
+        "README.md", "common/x.py", "docs/a.md", "requirements.txt", "t1.py"]

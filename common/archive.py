@@ -1,0 +1,195 @@
+"""The submission archive: the code, the report and each task's best model in one zip.
+
+    python -m common.report runs --archive Assignment2.zip [--allow-smoke]
+
+Everything sits under one folder named after the zip (Assignment2/), so unzipping never
+spills files into the current folder:
+    <the code>                      the git-tracked files (`git ls-files`), or, where the code
+                                    is not a git checkout, the package's source files
+    REPORT.md, REPORT.pdf           and the figures REPORT.md links (report_figures/)
+    runs/t1/best.pt, results.json   T1 (paths as in the runs folder)
+    runs/t2/...                     T2
+    runs/t3/placements.json         T3's comparison, and the selected placement's
+    runs/t3/<placement>_<variant>/best.pt, results.json
+    runs/t4/results.json, runs/t4/phase_b_<mining>/best.pt      T4 Phase B (the main mining)
+One run per task, chosen as REPORT.pdf chooses (report.choose_runs). The zip is written to
+a temporary file next to the target and renamed into place, so an interrupted run never
+leaves a half-written archive under the final name.
+
+Refused (one `error:` line, exit status 1): smoke runs anywhere in the runs folder unless
+--allow-smoke (they would be in the report too), a chosen run without its best.pt, no
+finished run at all. A task that was not run is left out with a warning.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import zipfile
+from pathlib import Path
+
+from common import report as rep
+from common.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+# Where there is no git: files with these endings, outside these folders, are "the code".
+CODE_SUFFIXES = {".py", ".md", ".txt", ".ipynb", ".sh", ".toml", ".cfg", ".ini", ".yml", ".yaml"}
+SKIP_DIRS = {"runs", "data", "__pycache__", "venv", "env", "build", "dist"}
+# Already compressed (or random-looking float weights): deflating them costs time for ~nothing.
+STORED = {".pt", ".png", ".pdf", ".zip"}
+
+
+class ArchiveError(UserError, ValueError):
+    """The archive cannot be made as asked: smoke runs, a missing checkpoint, no runs."""
+
+
+# ---------------------------------------------------------------- what goes in
+def check_runs(runs: rep.RunsFolder, allow_smoke: bool) -> None:
+    """Refuse smoke runs (unless allowed), a runs folder without any finished run, and a
+    chosen run without its best.pt: before the report is built, which takes a while."""
+    found = runs.classifiers + runs.retrievals
+    if not found:
+        raise ArchiveError(f"no finished run in {runs.root} (no results.json): nothing to hand in")
+    smoke = [r.name for r in found if r.smoke]
+    if smoke and not allow_smoke:
+        raise ArchiveError(
+            f"{runs.root} holds smoke runs (generated data, not results): {', '.join(smoke)}. "
+            "Remove them (smoke runs live in runs/smoke), point at a folder without them, "
+            "or pass --allow-smoke to include them anyway")
+    model_files(rep.choose_runs(runs))  # raises if a best.pt is missing
+
+
+def code_files(repo: Path = REPO, exclude: tuple[Path, ...] = ()) -> list[str]:
+    """The code, as paths relative to `repo`: `git ls-files` where it works, else the
+    package's source files (CODE_SUFFIXES outside SKIP_DIRS, hidden folders and `exclude`)."""
+    try:
+        proc = subprocess.run(["git", "ls-files", "-z"], cwd=repo, capture_output=True,
+                              timeout=60)
+        tracked = proc.stdout.decode().split("\0") if proc.returncode == 0 else []
+    except (OSError, subprocess.TimeoutExpired):  # no git installed
+        tracked = []
+    tracked = [n for n in tracked if n and (repo / n).is_file()]  # not deleted since the commit
+    return sorted(tracked) if tracked else package_files(repo, exclude)
+
+
+def untracked_files(repo: Path = REPO) -> list[str]:
+    """Files git does not track and does not ignore: code a student forgot to `git add`,
+    which `git ls-files` leaves out of the archive (empty where there is no git)."""
+    try:
+        proc = subprocess.run(["git", "ls-files", "-z", "--others", "--exclude-standard"],
+                              cwd=repo, capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [n for n in proc.stdout.decode().split("\0") if n] if proc.returncode == 0 else []
+
+
+def package_files(repo: Path, exclude: tuple[Path, ...] = ()) -> list[str]:
+    skip = {p.resolve() for p in exclude}
+    found = []
+    for folder, dirs, files in os.walk(repo):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.startswith(".")
+                   and not d.endswith(".egg-info") and (Path(folder) / d).resolve() not in skip]
+        found += [(Path(folder) / f).relative_to(repo).as_posix() for f in files
+                  if Path(f).suffix in CODE_SUFFIXES]
+    return sorted(found)
+
+
+def report_files(report_md: Path) -> list[tuple[str, Path]]:
+    """REPORT.md, REPORT.pdf and the figures REPORT.md links, as (name in zip, file)."""
+    base = report_md.parent
+    files = [(report_md.name, report_md), (report_md.with_suffix(".pdf").name,
+                                           report_md.with_suffix(".pdf"))]
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report_md.read_text())
+    files += [(link, base / link) for link in dict.fromkeys(links)]
+    missing = [str(path) for _, path in files if not path.is_file()]
+    if missing:
+        raise ArchiveError(f"the report is incomplete, missing: {', '.join(missing)}")
+    return files
+
+
+def model_files(chosen: rep.Chosen) -> tuple[list[tuple[str, Path]], list[str]]:
+    """Each task's best checkpoint with its results.json, as (name in zip, file), and one
+    line per task saying what was taken (or that the task was not run)."""
+    files, notes = [], []
+    for task, run in chosen.runs.items():
+        if run is None:
+            notes.append(f"warning: {task.upper()} not run: no model of it in the archive")
+            continue
+        best = run.path / "best.pt"
+        picked = run.name
+        if task == "t3" and chosen.placements is not None:
+            name = chosen.placements[0]
+            placements = run.path.parent / "placements.json"
+            files.append((_in_runs(f"{name}/placements.json"), placements))
+            picked += f" (selected in {name}/placements.json)"
+        if task == "t4":
+            mining = (run.results.get("phase_b") or {}).get("mining")
+            best = run.path / f"phase_b_{mining}" / "best.pt"
+            picked += f", Phase B ({mining} mining)"
+        if not best.is_file():
+            raise ArchiveError(f"{task.upper()}'s best model {best} not found: rerun the task "
+                               "(it resumes), or remove the run folder")
+        files += [(_in_runs(f"{run.name}/results.json"), run.path / "results.json"),
+                  (_in_runs(f"{run.name}/{best.relative_to(run.path).as_posix()}"), best)]
+        notes.append(f"{task.upper()}: {picked}")
+    return files, notes
+
+
+def _in_runs(name: str) -> str:
+    """Where a file of the runs folder goes in the zip: runs/<path relative to the folder>."""
+    return "runs/" + name.removeprefix("./")
+
+
+# ---------------------------------------------------------------- writing and listing
+def write_zip(entries: list[tuple[str, Path]], dest: Path) -> None:
+    """Write `entries` to dest atomically: a temporary file next to it, then os.replace."""
+    names = [name for name, _ in entries]
+    if len(set(names)) != len(names):
+        raise ValueError(f"duplicate names in the archive: {sorted({n for n in names if names.count(n) > 1})}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with rep.atomic_file(dest) as tmp, zipfile.ZipFile(tmp, "w") as zf:
+        for name, path in entries:
+            kind = zipfile.ZIP_STORED if path.suffix in STORED else zipfile.ZIP_DEFLATED
+            zf.write(path, name, compress_type=kind)
+
+
+def fmt_size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def contents(dest: Path) -> list[str]:
+    """The table of contents of a zip: one line per file with its size, then the totals."""
+    with zipfile.ZipFile(dest) as zf:
+        infos = zf.infolist()
+    lines = [f"{'size':>10}  name"] + [f"{fmt_size(i.file_size):>10}  {i.filename}" for i in infos]
+    total = sum(i.file_size for i in infos)
+    return lines + [f"{dest}: {len(infos)} files, {fmt_size(total)} unpacked, "
+                    f"{fmt_size(dest.stat().st_size)} zipped"]
+
+
+def build_archive(runs_dir: str | Path, report_md: str | Path, dest: str | Path,
+                  allow_smoke: bool = False) -> Path:
+    """Write the submission zip from the runs folder and the report written from it;
+    prints what each task contributes and the table of contents."""
+    runs_dir, report_md, dest = Path(runs_dir), Path(report_md), Path(dest)
+    runs = rep.collect(runs_dir)
+    check_runs(runs, allow_smoke)
+    models, notes = model_files(rep.choose_runs(runs))
+    top = dest.stem  # one folder inside the zip
+    entries = {f"{top}/{n}": REPO / n
+               for n in code_files(REPO, exclude=(runs_dir,))}
+    # The report and the models win over a code file of the same name (e.g. a REPORT.md
+    # written into the repository root).
+    entries.update({f"{top}/{n}": p for n, p in report_files(report_md) + models})
+    write_zip(list(entries.items()), dest)
+    forgotten = [n for n in untracked_files(REPO) if Path(n).suffix in CODE_SUFFIXES
+                 and (REPO / n).resolve() != report_md.resolve()]
+    if forgotten:
+        notes.append(f"warning: {len(forgotten)} file(s) not tracked by git are not in the "
+                     f"archive (git add them to include them): {', '.join(forgotten[:10])}"
+                     + (" ..." if len(forgotten) > 10 else ""))
+    print("\n".join(notes + contents(dest)))
+    return dest

@@ -1,0 +1,528 @@
+"""REPORT.pdf: the report on at most two A4 pages, drawn with reportlab (no LaTeX, no pandoc).
+
+    from common.report_pdf import write_pdf        # called by common.report.build_report
+    write_pdf(runs, Path("runs/REPORT.pdf"), Path("runs/report_figures"))
+
+Why reportlab: it is a pure-Python wheel on PyPI (installs on any student machine and on
+Colab without a TeX distribution), maintained since 2000, and lays out paragraphs, tables and
+images itself (platypus), so the page count is known before anything is written.
+
+What the two pages hold, for ONE run per task (report.choose_runs: real runs before smoke
+runs, the script's default folder first; REPORT.md lists every run):
+    1 networks       a line per network (layer counts, parameters and GFLOPs of the rebuilt
+                     model) and a drawing of the three CUBS placements
+    2 results        the headline figure of every task; a task without a finished run says
+                     "not run yet"
+    3 T3 placements  the comparison from placements.json, the 2-point check, plus vs plain
+    4 curves         holdout score and training loss per epoch (metrics.jsonl)
+    5 T4 retrieval   Recall@K before / after metric learning, every mining strategy, the
+                     chance level, and the retrieval picture
+    6 strategies     augmentation, schedule, early stopping, hard mining, our variant, all
+                     read from the runs' args
+Every number is the JSON value in report.py's formats (accuracies and recalls to 4
+decimals), and every table names the file and keys it came from, relative to the runs
+folder. Figures are drawn at the size they print, so their text is readable at 100 %.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import io
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+from PIL import Image as PILImage
+from reportlab.graphics.shapes import Circle, Drawing, Line, Polygon, Rect, String
+from reportlab.lib import colors
+from reportlab.lib.pagesizes import A4
+from reportlab.lib.styles import ParagraphStyle
+from reportlab.lib.units import cm, inch
+from reportlab.lib.utils import ImageReader
+from reportlab.platypus import (Flowable, Image, KeepTogether, Paragraph, SimpleDocTemplate,
+                                Spacer, Table, TableStyle)
+
+from common import report as rep
+
+MAX_PAGES = 2
+MARGIN = 1.3 * cm
+WIDTH = A4[0] - 2 * MARGIN  # usable width, 18.4 cm
+# Shrink factors for the figures, tried in turn until the report fits on MAX_PAGES pages.
+FIGURE_SCALES = (1.0, 0.85, 0.7, 0.55)
+
+BODY = ParagraphStyle("body", fontName="Helvetica", fontSize=8.5, leading=10.4)
+SMALL = ParagraphStyle("small", parent=BODY, fontSize=7.5, leading=9.0)
+CELL = ParagraphStyle("cell", parent=BODY, fontSize=7.5, leading=8.8)
+HEAD = ParagraphStyle("head", parent=CELL, fontName="Helvetica-Bold")
+TITLE = ParagraphStyle("title", parent=BODY, fontName="Helvetica-Bold", fontSize=14, leading=17)
+H2 = ParagraphStyle("h2", parent=BODY, fontName="Helvetica-Bold", fontSize=10.5, leading=13,
+                    spaceBefore=5, spaceAfter=2)
+WARN = ParagraphStyle("warn", parent=BODY, textColor=colors.HexColor("#b00000"),
+                      fontName="Helvetica-Bold")
+
+
+# ---------------------------------------------------------------- text helpers
+def inline(md: str) -> str:
+    """The Markdown the report's sentences use (**bold**, *italic*, `code`) as reportlab markup."""
+    text = html.escape(md, quote=False)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", text)
+    text = re.sub(r"(?<![\w*])\*([^*\s][^*]*?)\*(?![\w*])", r"<i>\1</i>", text)
+    return re.sub(r"`(.+?)`", r'<font name="Courier">\1</font>', text)
+
+
+def para(md: str, style: ParagraphStyle = BODY) -> Paragraph:
+    return Paragraph(inline(md), style)
+
+
+def heading(text: str) -> Paragraph:
+    return Paragraph(html.escape(text), H2)
+
+
+def grid(header: Sequence[str], rows: Sequence[Sequence[object]],
+         widths: Sequence[float]) -> Table:
+    """A table with a bold header row and light rules; cells wrap inside their width."""
+    data = [[Paragraph(inline(str(h)), HEAD) for h in header]]
+    data += [[Paragraph(inline(str(v)), CELL) for v in row] for row in rows]
+    scale = WIDTH / sum(widths)  # widths are relative: the table spans the page
+    table = Table(data, colWidths=[w * scale for w in widths], repeatRows=1)
+    table.setStyle(TableStyle([
+        ("LINEABOVE", (0, 0), (-1, 0), 0.8, colors.black),
+        ("LINEBELOW", (0, 0), (-1, 0), 0.5, colors.black),
+        ("LINEBELOW", (0, -1), (-1, -1), 0.8, colors.black),
+        ("ROWBACKGROUNDS", (0, 1), (-1, -1), [colors.white, colors.HexColor("#f2f2f2")]),
+        ("VALIGN", (0, 0), (-1, -1), "TOP"),
+        ("TOPPADDING", (0, 0), (-1, -1), 1.2),
+        ("BOTTOMPADDING", (0, 0), (-1, -1), 1.2),
+        ("LEFTPADDING", (0, 0), (-1, -1), 2.5),
+        ("RIGHTPADDING", (0, 0), (-1, -1), 2.5),
+    ]))
+    return table
+
+
+def source(text: str) -> Paragraph:
+    """The line under a table that traces its numbers to the JSON file and keys."""
+    return para(f"Source: {text}", SMALL)
+
+
+def json_path(run: rep.Run, file: str = "results.json") -> str:
+    """<run folder>/results.json, relative to the runs folder, as the tables cite it. Plain
+    text, not Courier: a path wider than its table cell would be split inside a word."""
+    return file if run.name == "." else f"{run.name}/{file}"
+
+
+def recalls(values: dict | None) -> list[str]:
+    """Recall@1, 2, 4, 8 at the report's precision ('n/a' where the JSON lacks one)."""
+    values = values or {}
+    return [rep.fmt_acc(values.get(k)) for k in ("1", "2", "4", "8")]
+
+
+def run_label(run: rep.Run) -> str:
+    return f"{run.name} **(SMOKE)**" if run.smoke else run.name
+
+
+# ---------------------------------------------------------------- 1 networks
+NETWORK_TEXT = {
+    "t1": "our CNN: a stem, then 4 stages of MixBlocks (chained 3x3 conv-BN-ReLU units whose "
+          "outputs and input are concatenated and fused by a 1x1 conv) with squeeze-excitation "
+          "gates; no residual additions",
+    "t2": "ResNet-18 (BasicBlock x [2, 2, 2, 2]), CIFAR stem (3x3 stride 1, no max-pool), "
+          "random init",
+    "t3": "ResNet-18 with CUBS Block 1 (channel attention) and Block 2 (spatial attention) on "
+          "the residual branch of each of the 8 BasicBlocks",
+    "t4": "the T3 network with the ImageNet stem; Phase A: classifier on the train classes, "
+          "Phase B: linear embedding, L2-normalised",
+}
+
+
+def network_line(task: str, run: rep.Run | None, arch: rep.Architecture | None) -> Paragraph:
+    """One line per network: what it is, then the rebuilt model's counts."""
+    title = rep.TASKS[task].split(" (")[0]
+    if run is None:
+        return para(f"**{title}**: **{rep.NOT_RUN}**.")
+    r = run.results
+    what = NETWORK_TEXT[task]
+    if task in ("t3", "t4"):
+        what += f"; placement **{r.get('placement')}**, variant **{r.get('variant')}**"
+    if task == "t4":
+        what += f" ({rep.fmt_setting(run.args.get('embedding_dim'))}-d)"
+    counts = "model not rebuilt"
+    if arch is not None:
+        extra = "".join(f", {n} {kind}" for n, kind in ((arch.attention, "CUBS blocks"),
+                                                        (arch.se_gates, "SE gates")) if n)
+        counts = (f"{arch.conv} conv, {arch.linear} linear{extra}; {rep.fmt_count(arch.params)} "
+                  f"parameters; {rep.fmt_gflops(arch.flops)} GFLOPs per {arch.input_size} px image")
+    return para(f"**{title}** ({run_label(run)}): {what}. {counts}.")
+
+
+def arrow(d: Drawing, x1: float, y1: float, x2: float, y2: float) -> None:
+    """A line from (x1, y1) to (x2, y2) with a small filled head at the end."""
+    d.add(Line(x1, y1, x2, y2, strokeWidth=0.7))
+    dx, dy = x2 - x1, y2 - y1
+    n = (dx * dx + dy * dy) ** 0.5 or 1.0
+    ux, uy = dx / n, dy / n
+    d.add(Polygon([x2, y2, x2 - 4 * ux - 2 * uy, y2 - 4 * uy + 2 * ux,
+                   x2 - 4 * ux + 2 * uy, y2 - 4 * uy - 2 * ux],
+                  fillColor=colors.black, strokeColor=None))
+
+
+def block(d: Drawing, x: float, y: float, name: str) -> None:
+    """A CUBS block box, 48 x 12 pt, its lower left corner at (x, y)."""
+    fill = colors.HexColor("#dbe8f7" if name.startswith("B1") else "#fbe3c9")
+    d.add(Rect(x, y, 48, 12, fillColor=fill, strokeWidth=0.6))
+    d.add(String(x + 24, y + 3.5, name, fontName="Helvetica", fontSize=6.5, textAnchor="middle"))
+
+
+def placements_drawing() -> Drawing:
+    """The three CUBS placements (serial, reverse, parallel) as a small vector figure."""
+    d = Drawing(200, 112)
+    small = dict(fontName="Helvetica", fontSize=6.5)
+    d.add(String(0, 104, "CUBS placements, in each BasicBlock after the 2nd BN, before (+):",
+                 **small))
+    b1, b2 = "B1 channel", "B2 spatial"
+    for y, label, first, second in ((82, "serial", b1, b2), (62, "reverse", b2, b1)):
+        d.add(String(0, y + 3.5, label, fontName="Helvetica-Bold", fontSize=6.5))
+        d.add(String(38, y + 3.5, "x", **small))
+        arrow(d, 44, y + 6, 56, y + 6)
+        block(d, 56, y, first)
+        arrow(d, 104, y + 6, 116, y + 6)
+        block(d, 116, y, second)
+        arrow(d, 164, y + 6, 176, y + 6)
+        d.add(String(179, y + 3.5, "y", **small))
+    y = 26  # parallel: x feeds both blocks, their outputs are added
+    d.add(String(0, y + 3.5, "parallel", fontName="Helvetica-Bold", fontSize=6.5))
+    d.add(String(38, y + 3.5, "x", **small))
+    arrow(d, 44, y + 6, 62, y + 17)
+    arrow(d, 44, y + 6, 62, y - 5)
+    block(d, 62, y + 11, b1)
+    block(d, 62, y - 11, b2)
+    d.add(Circle(136, y + 6, 5, fillColor=colors.white, strokeWidth=0.6))
+    d.add(String(136, y + 3.6, "+", fontName="Helvetica", fontSize=7, textAnchor="middle"))
+    arrow(d, 110, y + 17, 131.5, y + 8.5)
+    arrow(d, 110, y - 5, 131.5, y + 3.5)
+    arrow(d, 141, y + 6, 170, y + 6)
+    d.add(String(173, y + 3.5, "y", **small))
+    d.add(String(0, 2, "serial y = B2(B1(x)), reverse y = B1(B2(x)), parallel y = B1(x) + B2(x)",
+                 **small))
+    return d
+
+
+def section_networks(runs: rep.RunsFolder, chosen: rep.Chosen) -> list[Flowable]:
+    summaries = {(r.name, phase): a for r, phase, a in rep.architectures(runs)}
+    lines = []
+    for task, run in chosen.runs.items():
+        phase = "b" if task == "t4" else ""
+        arch = summaries.get((run.name, phase)) if run else None
+        lines += [network_line(task, run, arch), Spacer(1, 2)]
+    lines.append(para("Counts are computed from the model rebuilt with the run's settings "
+                      "(GFLOPs: one forward pass, multiply-add = 2 FLOPs).", SMALL))
+    layout = Table([[lines, placements_drawing()]], colWidths=[WIDTH - 7.3 * cm, 7.3 * cm])
+    layout.setStyle(TableStyle([("VALIGN", (0, 0), (-1, -1), "TOP"),
+                                ("LEFTPADDING", (0, 0), (-1, -1), 0),
+                                ("RIGHTPADDING", (0, 0), (0, 0), 8)]))
+    return [heading("1  Networks"), layout]
+
+
+# ---------------------------------------------------------------- 2 results
+def classifier_row(task: str, run: rep.Run | None, selected: bool = False) -> list[str]:
+    if run is None:
+        return [task.upper(), f"**{rep.NOT_RUN}**", "", "", "", "", ""]
+    r = run.results
+    name = run_label(run) + (" (selected)" if selected else "")
+    # T3's model name repeats the placement and variant that its folder name already gives.
+    model = "cubs_resnet18" if task == "t3" else r.get("model", "?")
+    return [task.upper(), f"{name}: {model}", "test top-1 / top-5",
+            f"{rep.fmt_acc(r.get('test_acc'))} / {rep.fmt_acc(r.get('test_top5'))}",
+            f"top-1 {rep.fmt_acc(r.get('holdout_acc'))}", rep.fmt_epochs(r),
+            f"{json_path(run)}: test_acc, test_top5, holdout_acc"]
+
+
+def retrieval_rows(run: rep.Run | None) -> list[list[str]]:
+    if run is None:
+        return [["T4", f"**{rep.NOT_RUN}**", "", "", "", "", ""]]
+    r = run.results
+    a, b = r.get("phase_a") or {}, r.get("phase_b") or {}
+    return [["T4", f"{run_label(run)}: before (Phase A classifier features)", "R@1/2/4/8",
+             " / ".join(recalls(a.get("test_recall"))), f"top-1 {rep.fmt_acc(a.get('holdout_acc'))}",
+             rep.fmt_epochs(a), f"{json_path(run)}: phase_a"],
+            ["T4", f"{run_label(run)}: after (Multi-Similarity, {b.get('mining')} mining)",
+             "R@1/2/4/8", " / ".join(recalls(b.get("test_recall"))),
+             f"R@1 {rep.fmt_acc(b.get('holdout_r1'))}", rep.fmt_epochs(b),
+             f"{json_path(run)}: phase_b"]]
+
+
+def section_results(chosen: rep.Chosen) -> list[Flowable]:
+    rows = [classifier_row("t1", chosen.runs["t1"]), classifier_row("t2", chosen.runs["t2"]),
+            classifier_row("t3", chosen.runs["t3"], selected=chosen.placements is not None)]
+    rows += retrieval_rows(chosen.runs["t4"])
+    table = grid(["task", "run: model", "test metric", "value", "holdout", "best epoch / run",
+                  "source (file: keys)"], rows, [0.55, 2.7, 1.2, 3.0, 1.3, 0.85, 3.4])
+    note = para("Tiny ImageNet's labelled val split is our test split, evaluated once with the "
+                "weights of the best holdout epoch. T4 test: classes 99-196, never seen in "
+                "training. Accuracies and recalls are the JSON values rounded to 4 decimals.",
+                SMALL)
+    return [heading("2  Results"), table, Spacer(1, 2), note]
+
+
+# ---------------------------------------------------------------- 3 placements
+def section_placements(chosen: rep.Chosen) -> list[Flowable]:
+    out: list[Flowable] = [heading("3  T3: placement comparison (selection by holdout accuracy)")]
+    if chosen.placements is None:
+        return out + [para(f"**{rep.NOT_RUN}** (no placements.json: run `t3_cubs.py "
+                           f"--placement all`).")]
+    name, c = chosen.placements
+    selected = c.get("selected") or {}
+    key = lambda r: (r.get("placement"), r.get("variant"))  # noqa: E731
+    rows = [[r.get("placement"), r.get("variant"), rep.fmt_acc(r.get("holdout_acc")),
+             rep.fmt_acc(r.get("test_acc")), rep.fmt_acc(r.get("test_top5")),
+             rep.fmt_count(r.get("params")), rep.fmt_epochs(r),
+             "**selected**" if selected and key(r) == key(selected) else ""]
+            for r in c.get("runs", [])]
+    if c.get("vanilla"):
+        v = c["vanilla"]
+        rows.append(["vanilla ResNet-18 (T2)", "-", rep.fmt_acc(v.get("holdout_acc")),
+                     rep.fmt_acc(v.get("test_acc")), "", "", "", "reference"])
+    table = grid(["placement", "variant", "holdout top-1", "test top-1", "test top-5", "params",
+                  "best epoch / run", "selection"], rows, [2.4, 1.0, 1.2, 1.2, 1.2, 1.4, 1.2, 1.2])
+    file = "placements.json" if name == "." else f"{name}/placements.json"
+    out += [table, source(f"{file}: runs, selected, vanilla, at_par, plus_vs_plain.")]
+    # The same sentences as REPORT.md, so the two documents cannot disagree.
+    out += [para(line) for line in rep.at_par_lines(c) if line]
+    pairs = c.get("plus_vs_plain") or []
+    out.append(para("Our variant (plus) against plain, same placement and seed: " + (
+        "; ".join(f"{p.get('placement')} {rep.fmt_points(p.get('gain_points'))} points test top-1 "
+                  f"({rep.fmt_acc(p.get('plain_test_acc'))} -> {rep.fmt_acc(p.get('plus_test_acc'))})"
+                  for p in pairs) if pairs else "not run (train with `--variant both`)") + "."))
+    return out
+
+
+# ---------------------------------------------------------------- 4 curves
+def figure(path: Path, width: float) -> Flowable:
+    """An image scaled to `width` points (aspect kept), or a note if it cannot be read."""
+    try:
+        w, h = ImageReader(str(path)).getSize()
+    except Exception:  # noqa: BLE001 - a broken figure must not stop the report
+        return para(f"*{path.name} could not be read.*", SMALL)
+    return Image(str(path), width=width, height=width * h / w)
+
+
+def photo(src: Path, dst: Path, width: float) -> Path:
+    """A JPEG copy of a picture at 200 dpi for `width` points: the retrieval grid is photos,
+    and embedding its full-size PNG would make the PDF megabytes larger for nothing."""
+    try:
+        with PILImage.open(src) as im:
+            im = im.convert("RGB")
+            pixels = round(width / inch * 200)
+            if im.width > pixels:
+                im = im.resize((pixels, round(im.height * pixels / im.width)), PILImage.LANCZOS)
+            im.save(dst, "JPEG", quality=90)
+    except OSError:  # unreadable: figure() says so in the PDF
+        return src
+    return dst
+
+
+def draw(plot: Callable[..., bool], path: Path, height_in: float) -> bool:
+    """Run one of report.py's plot functions at the printed size (full page width, given
+    height), with fonts sized for print."""
+    style = {"font.size": 7, "axes.titlesize": 7.5, "axes.labelsize": 7, "xtick.labelsize": 6.5,
+             "ytick.labelsize": 6.5, "legend.fontsize": 6, "lines.markersize": 4}
+    with plt.rc_context(style):
+        return plot(path, figsize=(WIDTH / inch, height_in), dpi=200)
+
+
+def section_curves(runs: rep.RunsFolder, chosen: rep.Chosen, figures: Path,
+                   scale: float) -> list[Flowable]:
+    out: list[Flowable] = [heading("4  Training curves (metrics.jsonl of each run)")]
+    classifiers = [r for r in (chosen.runs["t1"], chosen.runs["t2"]) if r]
+    if chosen.placements is not None:  # every placement of the comparison, not just the winner
+        classifiers += runs.placement_runs(chosen.placements[0])
+    elif chosen.runs["t3"]:
+        classifiers.append(chosen.runs["t3"])
+    height = 2.1 * scale
+    path = figures / "pdf_classifier_curves.png"
+    if draw(lambda p, **kw: rep.plot_classifier_curves(classifiers, p, **kw), path, height):
+        out += [figure(path, WIDTH), para("T1 / T2 / T3: holdout top-1 (left) and training "
+                                          "loss (right) per epoch.", SMALL)]
+    else:
+        out.append(para(f"T1 / T2 / T3: **{rep.NOT_RUN}**."))
+    t4 = chosen.runs["t4"]
+    path = figures / "pdf_t4_curves.png"
+    if t4 and draw(lambda p, **kw: rep.plot_retrieval_curves(t4, p, **kw), path, height):
+        out += [figure(path, WIDTH), para("T4: Phase A holdout top-1 (left) and Phase B holdout "
+                                          "Recall@1 per mining strategy (right) per epoch.", SMALL)]
+    else:
+        out.append(para(f"T4: **{rep.NOT_RUN}**."))
+    return out
+
+
+# ---------------------------------------------------------------- 5 retrieval
+def section_retrieval(chosen: rep.Chosen, figures: Path, scale: float) -> list[Flowable]:
+    out: list[Flowable] = [heading("5  T4: Cars196 retrieval on unseen classes, mining comparison")]
+    run = chosen.runs["t4"]
+    if run is None:
+        return out + [para(f"**{rep.NOT_RUN}**.")]
+    r = run.results
+    a, main = r.get("phase_a") or {}, (r.get("phase_b") or {}).get("mining")
+    out.append(para(
+        f"{run_label(run)}: init {r.get('init')}; train {r.get('train_images')} images of "
+        f"{r.get('train_classes')} classes, test {r.get('test_images')} images of "
+        f"{r.get('test_classes')} unseen classes; every test image queries all the others "
+        f"(cosine). Device: {r.get('device')}."))
+    rows = [["before: Phase A classifier features (cross-entropy)"] + recalls(a.get("test_recall"))
+            + [f"top-1 {rep.fmt_acc(a.get('holdout_acc'))}", rep.fmt_epochs(a),
+               rep.fmt_1(a.get("train_time_s"))]]
+    for e in r.get("mining_comparison") or []:
+        label = f"after: Multi-Similarity, {e.get('mining')} mining" + (
+            " (**main**)" if e.get("mining") == main else "")
+        rows.append([label] + recalls(e.get("test_recall"))
+                    + [f"R@1 {rep.fmt_acc(e.get('holdout_r1'))}", rep.fmt_epochs(e),
+                       rep.fmt_1(e.get("train_time_s"))])
+    rows.append(["chance (random other test image of the same class)",
+                 rep.fmt_acc(r.get("recall_at_1_chance")), "", "", "", "", "", ""])
+    out += [grid(["embedding", "R@1", "R@2", "R@4", "R@8", "holdout", "best epoch / run",
+                  "train time (s)"], rows, [4.2, 0.9, 0.9, 0.9, 0.9, 1.2, 1.0, 1.0]),
+            source(f"{json_path(run)}: phase_a, mining_comparison (phase_b = the main one), "
+                   "recall_at_1_chance.")]
+    if len(r.get("mining_comparison") or []) < 2:
+        out.append(para("Mining comparison: not run (use `--compare-mining`)."))
+    width = 12.5 * cm * scale
+    picture = figure(photo(run.path / "retrieval.png", figures / "pdf_retrieval.jpg", width), width)
+    caption = para("Test queries (left column) and their 8 nearest neighbours with the main "
+                   f"embedding ({main} mining); green border: same class, red: another class.",
+                   SMALL)
+    out += [Spacer(1, 3), KeepTogether([picture, caption])]
+    return out
+
+
+# ---------------------------------------------------------------- 6 strategies
+def by_task(values: dict[str, str]) -> str:
+    """'T1, T2: a; T3: b', or just 'a' when every task used the same value."""
+    groups: dict[str, list[str]] = {}
+    for task, value in values.items():
+        groups.setdefault(value, []).append(task.upper())
+    if len(groups) == 1:
+        return next(iter(groups))
+    return "; ".join(f"{', '.join(tasks)}: {value}" for value, tasks in groups.items())
+
+
+def classifier_strategies(chosen: rep.Chosen) -> list[str]:
+    runs = {t: r for t, r in chosen.runs.items() if r is not None}
+    if not runs:
+        return [f"Classifier training: **{rep.NOT_RUN}**."]
+    area = rep.random_area()
+    recipes = {t: rep.classifier_recipe(r.args, area) for t, r in runs.items()}
+
+    def pick(key: str) -> str:
+        return by_task({t: recipe[key] for t, recipe in recipes.items()})
+
+    # T4's classifier is its Phase A; its Phase B has its own line (hard mining).
+    stops = ", ".join(f"{t.upper()} {rep.fmt_epochs(r.results)}" if t != "t4" else
+                      f"T4 Phase A {rep.fmt_epochs(r.results.get('phase_a') or {})}"
+                      for t, r in runs.items())
+    return [
+        f"**Augmentation** (train only): {pick('augmentation')}.",
+        f"**Schedule**: {pick('optimiser')}, peak LR {pick('peak LR')}; "
+        f"{pick('schedule')} to zero, per step; weight decay {pick('weight decay')}; label "
+        f"smoothing {pick('label smoothing')}; batch {pick('batch size')}; at most "
+        f"{pick('epochs (max)')} epochs.",
+        f"**Early stopping** on the holdout score ({pick('holdout')} held out of train): "
+        f"{pick('early stopping')}; the best holdout epoch's weights are tested once. Best "
+        f"epoch / epochs run: {stops}.",
+    ]
+
+
+def mining_strategy(chosen: rep.Chosen) -> str:
+    run = chosen.runs["t4"]
+    if run is None:
+        return f"**Hard mining** (T4): **{rep.NOT_RUN}**."
+    recipe = rep.embedding_recipe(run.results)
+    entries = run.results.get("mining_comparison") or []
+    scores = [e.get("holdout_r1") or 0.0 for e in entries]
+    best = [e.get("mining") for e, v in zip(entries, scores) if v == max(scores)]
+    verdict = ""
+    if len(entries) > 1:  # ties are common on small holdouts: name every best one
+        verdict = (f" Best by holdout R@1 ({rep.fmt_acc(max(scores))}): {', '.join(best)}"
+                   + (" (tied)." if len(best) > 1 else "."))
+    return (f"**Hard mining** (T4 Phase B): {recipe['loss']}; pairs mined with "
+            f"{recipe['mining']} on class-balanced batches of {recipe['batches (P x K)']}. "
+            "none = all pairs, ms = the MS paper's mining, hard = hardest positive and negative "
+            "per anchor, semihard = ours (negatives in a band around the hardest positive)."
+            f"{verdict} {recipe['optimiser']}, LR {recipe['LR']}, {recipe['early stopping']}.")
+
+
+def variant_strategy(chosen: rep.Chosen) -> str:
+    pairs = (chosen.placements[1].get("plus_vs_plain") or []) if chosen.placements else []
+    result = ("; ".join(f"{p.get('placement')}: {rep.fmt_points(p.get('gain_points'))} test "
+                        "points over plain" for p in pairs)
+              if pairs else "not run (`--variant both`)")
+    return ("**Our variant** (CUBS plus): identity-preserving gates y = x (1 + gamma (2 sigmoid(.) "
+            "- 1)) with gamma = 0 at init, so the network starts exactly as ResNet-18, and "
+            f"multi-head similarity (4 heads of 8 dims). Result: {result}.")
+
+
+def section_strategies(chosen: rep.Chosen) -> list[Flowable]:
+    items = classifier_strategies(chosen) + [mining_strategy(chosen), variant_strategy(chosen)]
+    t4 = chosen.runs["t4"]
+    if t4 is not None:
+        items.append("**T4 initialisation**: " + rep.embedding_recipe(t4.results)["init"]
+                     + " (Phase A), Phase B from the Phase A weights.")
+    return [heading("6  Training strategies (from each run's args)")] + [
+        Paragraph(inline(item), BODY, bulletText="\u2022") for item in items]
+
+
+# ---------------------------------------------------------------- the document
+def header(runs: rep.RunsFolder, chosen: rep.Chosen) -> list[Flowable]:
+    shown = [r for r in chosen.runs.values() if r is not None]
+    if chosen.placements:
+        shown += [r for r in runs.placement_runs(chosen.placements[0]) if r not in shown]
+    others = [r.name for r in runs.classifiers + runs.retrievals if r not in shown]
+    if len(others) > 6:  # the header stays two lines however full the folder is
+        others = others[:6] + [f"{len(others) - 6} more"]
+    out = [Paragraph("Recognition and retrieval: Tiny ImageNet and Cars196", TITLE),
+           para(f"Built by `python -m common.report` from `{runs.root}` on "
+                f"{_dt.date.today().isoformat()}. One run per task (real before smoke); "
+                + (f"REPORT.md also lists {', '.join(others)}." if others
+                   else "REPORT.md has the full tables."), SMALL)]
+    smoke = [r.name for r in shown if r.smoke]
+    if smoke:
+        out.append(Paragraph(html.escape(f"SMOKE: {rep.SMOKE_BANNER} ({', '.join(smoke)})."), WARN))
+    return out
+
+
+def story(runs: rep.RunsFolder, figures: Path, scale: float) -> list[Flowable]:
+    chosen = rep.choose_runs(runs)
+    return (header(runs, chosen) + section_networks(runs, chosen) + section_results(chosen)
+            + section_placements(chosen) + section_curves(runs, chosen, figures, scale)
+            + section_retrieval(chosen, figures, scale) + section_strategies(chosen))
+
+
+def footer(canvas, doc) -> None:
+    canvas.saveState()
+    canvas.setFont("Helvetica", 7)
+    canvas.drawRightString(A4[0] - MARGIN, MARGIN / 2, f"REPORT.pdf, page {doc.page}")
+    canvas.restoreState()
+
+
+def render(runs: rep.RunsFolder, figures: Path, scale: float) -> tuple[bytes, int]:
+    """The PDF's bytes and its page count."""
+    buffer = io.BytesIO()
+    doc = SimpleDocTemplate(buffer, pagesize=A4, leftMargin=MARGIN, rightMargin=MARGIN,
+                            topMargin=MARGIN, bottomMargin=MARGIN, title="Report",
+                            author="common.report")
+    doc.build(story(runs, figures, scale), onFirstPage=footer, onLaterPages=footer)
+    return buffer.getvalue(), doc.page
+
+
+def write_pdf(runs: rep.RunsFolder, pdf: Path, figures: Path) -> Path:
+    """Write REPORT.pdf (atomically); figures drawn for it go to `figures`. Shrinks the
+    figures until the report fits on MAX_PAGES pages."""
+    figures.mkdir(parents=True, exist_ok=True)
+    for scale in FIGURE_SCALES:
+        data, pages = render(runs, figures, scale)
+        if pages <= MAX_PAGES:
+            break
+    else:  # cannot happen with the bounded content of one run per task; say so if it does
+        print(f"warning: {pdf} has {pages} pages, more than {MAX_PAGES}")
+    with rep.atomic_file(pdf) as tmp:
+        tmp.write_bytes(data)
+    return pdf
