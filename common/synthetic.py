@@ -66,8 +66,14 @@ def render_class_image(class_id: int, rng: np.random.Generator, size: tuple[int,
 
 
 def make_tiny_imagenet(root: str | Path, num_classes: int = 10, train_per_class: int = 40,
-                       val_per_class: int = 10, image_size: int = 64, seed: int = 0) -> Path:
+                       val_per_class: int = 10, image_size: int = 64, seed: int = 0,
+                       hue_jitter: float = 0.02) -> Path:
     """Write a miniature Tiny ImageNet to ``root/tiny-imagenet-200`` and return that folder.
+
+    hue_jitter: each image's hue is its class hue +- this (on a 0-1 wheel). At the default
+    the colour alone gives the class away and a network that only pools colours learns it;
+    at 0.2 colour is a weak cue and the class must be read from shape and pattern, which
+    takes the convolutional depth (residual branches) of the network, as real images do.
 
     Layout as in the official zip: wnids.txt, words.txt (with extra unrelated wnids, like
     the real one), train/<wnid>/images/*.JPEG with <wnid>_boxes.txt, val/images/*.JPEG with
@@ -92,7 +98,7 @@ def make_tiny_imagenet(root: str | Path, num_classes: int = 10, train_per_class:
         box_lines = []
         for i in range(train_per_class):
             name = f"{wnid}_{i}.JPEG"
-            box = _write_jpeg(images_dir / name, class_id, rng, size, counter)
+            box = _write_jpeg(images_dir / name, class_id, rng, size, counter, hue_jitter=hue_jitter)
             counter += 1
             box_lines.append(f"{name}\t" + "\t".join(map(str, box)))
         (dataset / "train" / wnid / f"{wnid}_boxes.txt").write_text("\n".join(box_lines) + "\n")
@@ -106,7 +112,7 @@ def make_tiny_imagenet(root: str | Path, num_classes: int = 10, train_per_class:
     annotation_lines = []
     for i, class_id in enumerate(val_classes.tolist()):
         name = f"val_{i}.JPEG"
-        box = _write_jpeg(val_dir / name, class_id, rng, size, counter)
+        box = _write_jpeg(val_dir / name, class_id, rng, size, counter, hue_jitter=hue_jitter)
         counter += 1
         annotation_lines.append(f"{name}\t{wnids[class_id]}\t" + "\t".join(map(str, box)))
     (dataset / "val" / "val_annotations.txt").write_text("".join(f"{line}\n" for line in annotation_lines))
@@ -188,7 +194,7 @@ def make_cars196(root: str | Path, layout: str = "cars_annos", num_classes: int 
 
 
 def _render_with_box(class_id: int, rng: np.random.Generator, size: tuple[int, int],
-                     scene: bool = False) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+                     scene: bool = False, hue_jitter: float = 0.02) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """Draw one class image; also return the shape's box (x0, y0, x1, y1), 0-based, inclusive.
 
     scene: a saturated background of a random hue (see make_cars196) instead of a greyish tint.
@@ -219,7 +225,7 @@ def _render_with_box(class_id: int, rng: np.random.Generator, size: tuple[int, i
     v = (-(xs - cx) * sin + (ys - cy) * cos) / radius
     mask, dark = _shape_mask(shape, frequency, u, v)
 
-    jittered_hue = (hue + rng.uniform(-0.02, 0.02)) % 1.0
+    jittered_hue = (hue + rng.uniform(-hue_jitter, hue_jitter)) % 1.0
     colour = 255.0 * np.array(colorsys.hsv_to_rgb(jittered_hue, rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0)),
                               dtype=np.float32)
     shading = (1.0 + 0.15 * np.clip(v, -1.0, 1.0)) * np.where(dark, 0.4, 1.0)  # light from one side
@@ -278,9 +284,9 @@ def _upsample_bilinear(grid: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _write_jpeg(path: Path, class_id: int, rng: np.random.Generator, size: tuple[int, int],
-                counter: int, scene: bool = False) -> tuple[int, int, int, int]:
+                counter: int, scene: bool = False, hue_jitter: float = 0.02) -> tuple[int, int, int, int]:
     """Render and save one JPEG (single-channel for every 17th counter); return its box."""
-    image, box = _render_with_box(class_id, rng, size, scene)
+    image, box = _render_with_box(class_id, rng, size, scene, hue_jitter)
     picture = Image.fromarray(image)
     if counter % _GRAYSCALE_EVERY == 0:
         picture = picture.convert("L")

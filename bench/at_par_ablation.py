@@ -1,0 +1,107 @@
+"""The T3 at-par ablation of docs/cubs.md ("Gate initialisation"), on generated data, CPU.
+
+    python -m bench.at_par_ablation t2 serial-none serial-3 parallel-3 --seed 0
+    python -m bench.at_par_ablation serial-none --warmup 3
+    python -m bench.at_par_ablation --test-accuracy     # test accuracy of every finished run
+
+A name is `t2` (vanilla ResNet-18) or `<placement>-<gate>`: gate `none` = PyTorch's default
+init, a number = the gate logit (3 is the default), `plus` = the plus variant. Each run
+trains with engine.fit (torch loader, the scripts' recipe at a small size) into
+OUT/<name>_s<seed>_w<warmup>/ and prints holdout and train accuracy per epoch.
+
+Data: the Tiny ImageNet layout, 10 classes whose shapes all differ (class styles 0-6, 10,
+11, 12 of common.synthetic), 80 images per class of which 8 are held out, 100 test images,
+32x32, class hue +- 0.2: colour is a weak cue, shape decides. Takes 1-3 minutes a run on
+2 cores.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from common import engine, synthetic
+from common.checkpoint import load_checkpoint
+from common.cubs import cubs_resnet18
+from common.datasets import load_tiny_imagenet
+from common.loader import ImageLoader
+from common.models import ResNet18
+
+SIZE, CLASSES, PER_CLASS, EPOCHS, WIDTH, LR, BATCH = 32, 10, 80, 8, 8, 0.2, 32
+STYLES = [0, 1, 2, 3, 4, 5, 6, 10, 11, 12]  # ids 7-9 would repeat the shapes of 0-2
+
+
+def make_data(root: Path) -> Path:
+    if not (root / "tiny-imagenet-200" / "wnids.txt").exists():
+        original = synthetic.class_style
+        synthetic.class_style = lambda class_id: original(STYLES[class_id])
+        try:
+            synthetic.make_tiny_imagenet(root, num_classes=CLASSES, train_per_class=PER_CLASS,
+                                         val_per_class=10, image_size=SIZE, seed=11, hue_jitter=0.2)
+        finally:
+            synthetic.class_style = original
+    return root / "tiny-imagenet-200"
+
+
+def build(name: str) -> torch.nn.Module:
+    if name == "t2":
+        return ResNet18(CLASSES, width=WIDTH)
+    placement, gate = name.split("-")
+    if gate == "plus":
+        return cubs_resnet18(CLASSES, width=WIDTH, d=64, placement=placement, variant="plus")
+    return cubs_resnet18(CLASSES, width=WIDTH, d=64, placement=placement,
+                         gate_logit=None if gate == "none" else float(gate))
+
+
+def train(name: str, splits, out: Path, seed: int, warmup: float) -> None:
+    torch.manual_seed(seed)
+    rt = engine.Runtime(torch.device("cpu"))
+    loader = ImageLoader(splits.train.files, splits.train.labels, batch_size=BATCH, train=True,
+                         image_size=SIZE, backend="torch", workers=0, seed=5 + seed)
+    holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, batch_size=64, train=False,
+                          image_size=SIZE, backend="torch", workers=0)
+    cfg = engine.FitConfig(epochs=EPOCHS, lr=LR, warmup_epochs=warmup, patience=100, fresh=True)
+    start = time.time()
+    result = engine.fit(build(name), loader, engine.classification_step(0.1),
+                        lambda m: {f"holdout_{k}": v for k, v in engine.evaluate_classifier(m, holdout, rt).items()},
+                        cfg, out, rt, {"task": "ablation", "model": name})
+    history = result["history"]
+    print(f"{out.name}: holdout {[round(h['holdout_acc'], 3) for h in history]} "
+          f"train {[round(h['train_acc'], 3) for h in history]} ({time.time() - start:.0f} s)", flush=True)
+
+
+def test_accuracy(splits, out: Path) -> None:
+    rt = engine.Runtime(torch.device("cpu"))
+    test = ImageLoader(splits.test.files, splits.test.labels, batch_size=100, train=False,
+                       image_size=SIZE, backend="torch", workers=0)
+    for run in sorted(p for p in out.glob("*_s*_w*") if (p / "last.pt").exists()):
+        ck = load_checkpoint(run / "last.pt")
+        if not ck["finished"]:
+            continue
+        model = build(run.name.split("_s")[0])
+        model.load_state_dict(ck["model"])
+        last = ck["history"][-1]
+        print(f"{run.name:28s} train {last['train_acc']:.3f} holdout {last['holdout_acc']:.3f} "
+              f"test {engine.evaluate_classifier(model, test, rt)['acc']:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="runs to train, e.g. t2 serial-none serial-3")
+    parser.add_argument("--seed", type=int, default=0, help="init and batch-order seed (default 0)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="warmup epochs (default 1)")
+    parser.add_argument("--out", type=Path, default=Path("runs/at_par_ablation"), help="runs and data folder")
+    parser.add_argument("--test-accuracy", action="store_true", help="report every finished run")
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # two runs side by side on 2 cores, as measured
+    splits = load_tiny_imagenet(make_data(args.out / "data"), holdout_per_class=8, seed=0)
+    for name in args.names:
+        train(name, splits, args.out / f"{name}_s{args.seed}_w{args.warmup:g}", args.seed, args.warmup)
+    if args.test_accuracy:
+        test_accuracy(splits, args.out)
+
+
+if __name__ == "__main__":
+    main()
