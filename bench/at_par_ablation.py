@@ -3,6 +3,7 @@
     python -m bench.at_par_ablation t2 serial-none serial-3 parallel-3 --seed 0
     python -m bench.at_par_ablation serial-none --warmup 3
     python -m bench.at_par_ablation --test-accuracy     # test accuracy of every finished run
+    python -m bench.at_par_ablation --plot docs/at_par_curves.png   # holdout per epoch
 
 A name is `t2` (vanilla ResNet-18) or `<placement>-<gate>`: gate `none` = PyTorch's default
 init, a number = the gate logit (3 is the default), `plus` = the plus variant. Each run
@@ -17,6 +18,7 @@ Data: the Tiny ImageNet layout, 10 classes whose shapes all differ (class styles
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from common.cubs import cubs_resnet18
 from common.datasets import load_tiny_imagenet
 from common.loader import ImageLoader
 from common.models import ResNet18
+from common.plots import plot_mean_curves
 
 SIZE, CLASSES, PER_CLASS, EPOCHS, WIDTH, LR, BATCH = 32, 10, 80, 8, 8, 0.2, 32
 STYLES = [0, 1, 2, 3, 4, 5, 6, 10, 11, 12]  # ids 7-9 would repeat the shapes of 0-2
@@ -87,6 +90,20 @@ def test_accuracy(splits, out: Path) -> None:
               f"test {engine.evaluate_classifier(model, test, rt)['acc']:.3f}")
 
 
+def plot(out: Path, path: Path) -> None:
+    """Holdout accuracy per epoch, mean and range over the seeds of each name that ran more
+    than one seed (warmup 1)."""
+    curves: dict[str, list[list[float]]] = {}
+    for run in sorted(out.glob("*_s*_w1")):
+        if (run / "metrics.jsonl").exists():
+            history = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+            curves.setdefault(run.name.split("_s")[0], []).append([h["holdout_acc"] for h in history])
+    plot_mean_curves({k: v for k, v in curves.items() if len(v) > 1}, path, "holdout accuracy",
+                     "CUBS-ResNet-18 vs vanilla ResNet-18 (t2), generated data; gate init "
+                     "none = PyTorch default (before), 3 = open gates (now)", reference="t2")
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="runs to train, e.g. t2 serial-none serial-3")
@@ -94,6 +111,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=1.0, help="warmup epochs (default 1)")
     parser.add_argument("--out", type=Path, default=Path("runs/at_par_ablation"), help="runs and data folder")
     parser.add_argument("--test-accuracy", action="store_true", help="report every finished run")
+    parser.add_argument("--plot", type=Path, help="write the per-epoch holdout curves of every run here")
     args = parser.parse_args()
     torch.set_num_threads(1)  # two runs side by side on 2 cores, as measured
     splits = load_tiny_imagenet(make_data(args.out / "data"), holdout_per_class=8, seed=0)
@@ -101,6 +119,8 @@ def main() -> None:
         train(name, splits, args.out / f"{name}_s{args.seed}_w{args.warmup:g}", args.seed, args.warmup)
     if args.test_accuracy:
         test_accuracy(splits, args.out)
+    if args.plot:
+        plot(args.out, args.plot)
 
 
 if __name__ == "__main__":

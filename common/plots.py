@@ -14,6 +14,28 @@ from matplotlib.ticker import LogFormatterSciNotation, MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def plot_mean_curves(curves: dict[str, list[list[float]]], path: str | Path, ylabel: str,
+                     title: str, reference: str | None = None) -> None:
+    """One line per name: the mean over its runs (e.g. seeds) per epoch, shaded from the
+    lowest to the highest run. curves[name] is a list of runs, each a list of per-epoch
+    values; the `reference` name is drawn thick and black."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, runs in curves.items():
+        values = np.array(runs, dtype=float)
+        epochs = np.arange(1, values.shape[1] + 1)
+        style = {"color": "black", "linewidth": 2.5} if name == reference else {}
+        line, = ax.plot(epochs, values.mean(0), marker=".", label=f"{name} ({len(runs)} runs)", **style)
+        if len(runs) > 1:
+            ax.fill_between(epochs, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
+    ax.set(xlabel="epoch", ylabel=ylabel, title="\n".join(textwrap.wrap(title, 70)))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_curves(history: Sequence[dict], path: str | Path, title: str = "") -> None:
     """Loss (left) and accuracy / recall (right) per epoch from metrics.jsonl records.
 
