@@ -11,7 +11,7 @@ concatenated and fused by a 1x1 conv with a squeeze-excitation gate; resolution 
 holdout carved from train, best holdout epoch tested once.
 Outputs in --out: last.pt, best.pt, metrics.jsonl, curves.png, results.json.
 """
-from common import cli, data, engine, evaluate
+from common import cli, data, evaluate, runtime
 from common.classifier import train_and_test
 from common.models import CustomCNN
 
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = cli.parse(parser, argv)  # --smoke: small model, generated data, CPU
     if not 0 <= args.dropout < 1:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
-    rt = engine.setup_runtime(args.device, args.seed)
+    rt = runtime.setup_runtime(args.device, args.seed)
 
     # -- data
     splits = data.tiny_imagenet(args, rt)

@@ -11,7 +11,7 @@ flip, label-smoothed cross-entropy, SGD Nesterov, warmup + cosine, early stoppin
 holdout carved from train, best holdout epoch tested once on the labelled val split.
 Outputs in --out: last.pt, best.pt, metrics.jsonl, curves.png, results.json.
 """
-from common import cli, data, engine, evaluate
+from common import cli, data, evaluate, runtime
 from common.classifier import train_and_test
 from common.models import ResNet18
 
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = cli.training_parser(__doc__, out="runs/t2", epochs=60, batch_size=256, lr=0.2,
                                  weight_decay=5e-4)
     args = cli.parse(parser, argv)  # --smoke: small model, generated data, CPU
-    rt = engine.setup_runtime(args.device, args.seed)
+    rt = runtime.setup_runtime(args.device, args.seed)
 
     # -- data
     splits = data.tiny_imagenet(args, rt)

@@ -17,7 +17,7 @@ checked. Writes placements.json, placements.md and placements.png in --out.
 import json
 from pathlib import Path
 
-from common import cli, data, engine, evaluate
+from common import cli, data, evaluate, runtime
 from common.classifier import train_and_test, write_json
 from common.cubs import GATE_LOGIT_INIT, PLACEMENTS, VARIANTS, check_plus_d, cubs_resnet18
 from common.plots import plot_bars
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(str(err))
     if args.evaluate and (args.placement == "all" or args.variant == "both"):
         parser.error("--evaluate takes the checkpoint's one --placement and one --variant, not all/both")
-    rt = engine.setup_runtime(args.device, args.seed)
+    rt = runtime.setup_runtime(args.device, args.seed)
 
     # -- data (shared by every run)
     splits = data.tiny_imagenet(args, rt)
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     variants = VARIANTS if args.variant == "both" else [args.variant]
     for placement in placements:
         for variant in variants:
-            engine.seed_everything(args.seed + rt.rank)  # identical init draws for every run
+            runtime.seed_everything(args.seed + rt.rank)  # identical init draws for every run
             model = cubs_resnet18(num_classes, stem="cifar", placement=placement, variant=variant,
                                   width=args.width, d=args.d, gate_logit=args.gate_init)
             meta = {"task": "t3", "model": f"cubs_resnet18_{placement}_{variant}",

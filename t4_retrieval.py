@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import cli, data, engine, evaluate
+from common import cli, data, engine, evaluate, runtime
 from common.checkpoint import load_checkpoint, load_matching_tensors
 from common.classifier import count_parameters, describe_device, fit_classifier, load_best, write_json
 from common.cubs import PLACEMENTS, VARIANTS, cubs_resnet18
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
                                          batch_size=16))
     if args.images_per_class < 2:
         p.error(f"--images-per-class must be >= 2 (each image needs a positive), got {args.images_per_class}")
-    rt = engine.setup_runtime(args.device, args.seed)
+    rt = runtime.setup_runtime(args.device, args.seed)
     out = Path(args.out)
     placement, variant, t3_best = t3_selection(args)
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     phase_b = {}
     for mining in minings:
         model.load_state_dict(phase_a_weights)
-        engine.seed_everything(args.seed + rt.rank)
+        runtime.seed_everything(args.seed + rt.rank)
         embedder = EmbeddingNet(model, dim=args.embedding_dim)
         step = lambda m, x, y, mining=mining: (multi_similarity_loss(  # noqa: E731
             m(x).float(), y, args.alpha, args.beta, args.lam, mining, args.epsilon), None)

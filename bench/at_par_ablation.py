@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from common import engine, synthetic
+from common import engine, runtime, synthetic
 from common.checkpoint import load_checkpoint
 from common.cubs import cubs_resnet18
 from common.datasets import load_tiny_imagenet
@@ -60,7 +60,7 @@ def build(name: str) -> torch.nn.Module:
 
 def train(name: str, splits, out: Path, seed: int, warmup: float) -> None:
     torch.manual_seed(seed)
-    rt = engine.Runtime(torch.device("cpu"))
+    rt = runtime.Runtime(torch.device("cpu"))
     loader = ImageLoader(splits.train.files, splits.train.labels, batch_size=BATCH, train=True,
                          image_size=SIZE, backend="torch", workers=0, seed=5 + seed)
     holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, batch_size=64, train=False,
@@ -76,7 +76,7 @@ def train(name: str, splits, out: Path, seed: int, warmup: float) -> None:
 
 
 def test_accuracy(splits, out: Path) -> None:
-    rt = engine.Runtime(torch.device("cpu"))
+    rt = runtime.Runtime(torch.device("cpu"))
     test = ImageLoader(splits.test.files, splits.test.labels, batch_size=100, train=False,
                        image_size=SIZE, backend="torch", workers=0)
     for run in sorted(p for p in out.glob("*_s*_w*") if (p / "last.pt").exists()):

@@ -501,7 +501,7 @@ def _run(args: argparse.Namespace) -> int:
     """main() after parsing: the table, the loader rows, the JSON file."""
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    if cuda:  # as common.engine.setup_runtime
+    if cuda:  # as common.runtime.setup_runtime
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

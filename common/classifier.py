@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from common import cli, engine
+from common import cli, engine, runtime
 from common.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from common.data import Loaders
 from common.diagnostics import diagnostics, has_residual_blocks
@@ -29,7 +29,7 @@ def prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
 
 
 def fit_classifier(model: torch.nn.Module, loaders: Loaders, args: argparse.Namespace,
-                   rt: engine.Runtime, meta: dict[str, Any], out: str | Path) -> dict[str, Any]:
+                   rt: runtime.Runtime, meta: dict[str, Any], out: str | Path) -> dict[str, Any]:
     """engine.fit with label-smoothed cross-entropy, scored by holdout top-1 accuracy.
 
     ResNets (T2, T3) also log common.diagnostics for the first holdout batch each epoch."""
@@ -43,7 +43,7 @@ def fit_classifier(model: torch.nn.Module, loaders: Loaders, args: argparse.Name
                 with torch.random.fork_rng(devices=[rt.device] if rt.cuda else []):
                     for images, labels in loaders.holdout.epoch():
                         if not batch:
-                            batch.append((engine.to_device(images, rt), labels.to(rt.device)))
+                            batch.append((runtime.to_device(images, rt), labels.to(rt.device)))
             metrics["diagnostics"] = diagnostics(m, *batch[0])
         return metrics
 
@@ -67,7 +67,7 @@ def load_best(model: torch.nn.Module, out: str | Path, best_epoch: int | None = 
 
 
 def train_and_test(model: torch.nn.Module, loaders: Loaders, args: argparse.Namespace,
-                   rt: engine.Runtime, meta: dict[str, Any], out: str | Path) -> dict[str, Any]:
+                   rt: runtime.Runtime, meta: dict[str, Any], out: str | Path) -> dict[str, Any]:
     """fit -> load best.pt -> evaluate on test -> write results.json (rank 0); returns it."""
     out = Path(out)
     params = count_parameters(model)
@@ -99,7 +99,7 @@ def train_and_test(model: torch.nn.Module, loaders: Loaders, args: argparse.Name
     return results
 
 
-def describe_device(rt: engine.Runtime) -> str:
+def describe_device(rt: runtime.Runtime) -> str:
     name = torch.cuda.get_device_name(rt.device) if rt.cuda else "cpu"
     return f"{name} x{rt.world_size}" if rt.world_size > 1 else name
 

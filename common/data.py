@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.datasets import DatasetSplits, find_tiny_imagenet, load_cars196, load_tiny_imagenet
-from common.engine import Runtime
+from common.runtime import Runtime
 from common.image_check import CACHE_NAME, check_images
 from common.loader import ImageLoader
 from common.synthetic import make_cars196, make_tiny_imagenet

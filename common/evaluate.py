@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from common import engine
+from common import engine, runtime
 from common.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_model_state
 from common.classifier import describe_device, write_json
 
@@ -41,7 +41,7 @@ def load(path: str | Path) -> tuple[Path, dict[str, Any]]:
 
 
 def evaluate_checkpoint(model: torch.nn.Module, saved: tuple[Path, dict[str, Any]],
-                        meta: dict[str, Any], rt: engine.Runtime, score: Score,
+                        meta: dict[str, Any], rt: runtime.Runtime, score: Score,
                         loader: str) -> dict[str, Any]:
     """Load `saved` (from `load`) into `model` if its meta agrees with `meta`, then
     score(model); writes eval.json beside the checkpoint (rank 0) and returns its contents.
@@ -71,7 +71,7 @@ def evaluate_checkpoint(model: torch.nn.Module, saved: tuple[Path, dict[str, Any
 
 
 def classifier_checkpoint(model: torch.nn.Module, path: str | Path, meta: dict[str, Any],
-                          test_loader, rt: engine.Runtime) -> dict[str, Any]:
+                          test_loader, rt: runtime.Runtime) -> dict[str, Any]:
     """T1-T3: test top-1 / top-5 (and loss) of a classifier checkpoint, under the names
     results.json uses."""
     def score(m: torch.nn.Module) -> dict[str, Any]:

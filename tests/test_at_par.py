@@ -15,7 +15,7 @@ docs/cubs.md has the full ablation on larger generated data.
 """
 import torch
 
-from common import engine
+from common import engine, runtime
 from common.cubs import cubs_resnet18
 from common.datasets import load_tiny_imagenet
 from common.loader import ImageLoader
@@ -31,7 +31,7 @@ LEARNED_MARGIN = 0.15   # both must beat the untrained network (chance: 0.14) by
 def _holdout_after_training(build, splits, out) -> tuple[float, float]:
     """(holdout accuracy untrained, after EPOCHS epochs) for the model build() returns."""
     torch.manual_seed(0)
-    rt = engine.Runtime(torch.device("cpu"))
+    rt = runtime.Runtime(torch.device("cpu"))
     train = ImageLoader(splits.train.files, splits.train.labels, batch_size=32, train=True,
                         image_size=SIZE, backend="torch", workers=0, seed=5)
     holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, batch_size=80,

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common import engine
+from common import engine, runtime
 from common.checkpoint import (CheckpointError, check_compatible, load_checkpoint,
                                load_model_state, rng_state, save_checkpoint, set_rng_state)
 from common.datasets import load_tiny_imagenet
@@ -112,7 +112,7 @@ def test_cuda_runtime_names_its_gpu_and_picks_the_autocast_dtype(monkeypatch, ca
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "fake GPU")
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: None)
     for flags in ("auto", "cuda"):
-        rt = engine.setup_runtime(flags, seed=0)
+        rt = runtime.setup_runtime(flags, seed=0)
         assert rt.device == torch.device("cuda", 0) and rt.amp_dtype == dtype
     assert calls == [torch.device("cuda", 0)] * 2
     # torchrun: LOCAL_RANK picks the GPU, set before NCCL's process group is created
@@ -120,7 +120,7 @@ def test_cuda_runtime_names_its_gpu_and_picks_the_autocast_dtype(monkeypatch, ca
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(engine.dist, "init_process_group", lambda backend, **kw: calls.append(backend))
-    rt = engine.setup_runtime("cuda", seed=0)
+    rt = runtime.setup_runtime("cuda", seed=0)
     assert (rt.device, rt.rank, rt.world_size) == (torch.device("cuda", 1), 1, 2)
     assert calls[2:] == [torch.device("cuda", 1), "nccl"]
 
@@ -158,7 +158,7 @@ class _SmallNet(nn.Module):
 
 def _run_fit(splits, out, backend, epochs=4, stop_after=None, step_log=None, amp_dtype=None, **cfg):
     torch.manual_seed(0)
-    rt = engine.Runtime(torch.device("cpu"), amp_dtype=amp_dtype)
+    rt = runtime.Runtime(torch.device("cpu"), amp_dtype=amp_dtype)
     train = ImageLoader(splits.train.files, splits.train.labels, batch_size=8, train=True,
                         image_size=16, backend=backend, workers=0, seed=5)
     holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, batch_size=8,
@@ -254,7 +254,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_splits, tmp_p
 
 
 def test_embed_runs_in_eval_mode_in_order_and_leaves_batchnorm_alone(tiny_splits):
-    rt = engine.Runtime(torch.device("cpu"))
+    rt = runtime.Runtime(torch.device("cpu"))
     loader = ImageLoader(tiny_splits.test.files, tiny_splits.test.labels, batch_size=5,
                          train=False, image_size=16, backend="torch", workers=0)
     model = _SmallNet()
@@ -283,7 +283,7 @@ def _train_and_test(splits, out):
     from common.classifier import train_and_test
     from common.data import Loaders
     torch.manual_seed(0)
-    rt = engine.Runtime(torch.device("cpu"))
+    rt = runtime.Runtime(torch.device("cpu"))
     loaders = Loaders(*(ImageLoader(s.files, s.labels, batch_size=8, train=train, image_size=16,
                                     backend="torch", workers=0, seed=5)
                         for s, train in ((splits.train, True), (splits.holdout, False),

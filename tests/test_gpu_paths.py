@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import cubs, engine
+from common import cubs, engine, runtime
 from common.checkpoint import load_checkpoint
 from common.cubs import PLACEMENTS, VARIANTS, CUBSAttention, cubs_resnet18, fused_attention, naive_attention
 from common.datasets import load_tiny_imagenet
@@ -176,7 +176,7 @@ def test_fp16_grad_scaler_backs_off_on_overflow_and_resumes_the_backed_off_state
     root = make_tiny_imagenet(tmp_path / "data", num_classes=3, train_per_class=12, val_per_class=2,
                               image_size=16, seed=1)
     splits = load_tiny_imagenet(root, holdout_per_class=2)  # 30 train images: 3 batches of 8
-    rt = engine.Runtime(torch.device("cpu"), amp_dtype=torch.float16)
+    rt = runtime.Runtime(torch.device("cpu"), amp_dtype=torch.float16)
     train = ImageLoader(splits.train.files, splits.train.labels, batch_size=8, train=True,
                         image_size=16, backend="torch", workers=0, seed=1)
     holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, batch_size=8, train=False,

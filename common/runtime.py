@@ -1,0 +1,100 @@
+"""Where and how a run computes: device, DDP process group, seeding, autocast, shard sums.
+
+    rt = setup_runtime("auto", seed)     # Runtime(device, rank, world_size, amp_dtype)
+    with autocast(rt): ...               # bf16 / fp16 on CUDA, a no-op on CPU
+    all_reduce_sums([correct, n], rt)    # totals over every rank
+    to_device(images, rt)                # B x 3 x H x W on the run's device (channels_last on CUDA)
+
+Kept apart from the training loop (engine.py) so that the data path needs neither the loop
+nor its plots.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from common.errors import ConfigError
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    amp_dtype: torch.dtype | None = None  # autocast dtype; None = fp32 throughout
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def setup_runtime(device: str = "auto", seed: int = 0) -> Runtime:
+    """Pick the device, join the torchrun process group if there is one, seed every RNG."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} but torch sees no GPU; use --device cpu")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got {device!r}") from None
+    amp_dtype = None
+    if dev.type == "cuda":
+        if world_size > 1:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        elif dev.index is None:  # "cuda": the current GPU, named, so every later call agrees
+            dev = torch.device("cuda", torch.cuda.current_device())
+        # Before the process group: NCCL and every cuda call without a device use this GPU.
+        torch.cuda.set_device(dev)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        amp_dtype = torch.bfloat16 if torch.cuda.get_device_capability(dev) >= (8, 0) else torch.float16
+        if rank == 0:
+            print(f"{torch.cuda.get_device_name(dev)}: autocast "
+                  f"{'bf16' if amp_dtype == torch.bfloat16 else 'fp16 with loss scaling'}")
+    if world_size > 1:
+        # Long timeout: rank 0 may spend minutes downloading the dataset while the others wait.
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=60))
+    seed_everything(seed + rank)
+    return Runtime(dev, rank, world_size, amp_dtype)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def all_reduce_sums(values: list[float], rt: Runtime) -> list[float]:
+    """Sum per-rank totals (counts, summed losses): shards differ in size, so never average means."""
+    if rt.world_size == 1:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64,
+                     device=rt.device if rt.cuda else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def autocast(rt: Runtime):
+    return torch.autocast(rt.device.type, dtype=rt.amp_dtype or torch.float32,
+                          enabled=rt.amp_dtype is not None)
+
+
+def to_device(images: torch.Tensor, rt: Runtime) -> torch.Tensor:
+    """Images to the run's device, channels_last on CUDA (as the model)."""
+    images = images.to(rt.device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if rt.cuda else images

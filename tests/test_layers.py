@@ -1,0 +1,64 @@
+"""The layers of common/, read from the import statements of every module (nested imports
+included): data knows no models, models know no files or training loop, loss and recall
+take tensors only, and nothing in common/ imports a task script."""
+import ast
+from pathlib import Path
+
+import pytest
+
+COMMON = Path(__file__).resolve().parents[1] / "common"
+DATA = {"datasets", "synthetic", "sampling", "loader", "data", "image_check"}
+MODELS = {"models", "cubs"}
+TRAINING = {"engine", "classifier", "diagnostics", "evaluate", "cli"}
+PLOTS_AND_REPORTS = {"plots", "report", "report_pdf", "archive"}
+
+
+def common_imports(module: str) -> set[str]:
+    """Names of the common/ modules (and top-level scripts) that common/<module>.py imports."""
+    found = set()
+    for node in ast.walk(ast.parse((COMMON / f"{module}.py").read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "common":
+                found |= {alias.name for alias in node.names}
+            elif node.module.startswith("common."):
+                found.add(node.module.split(".")[1])
+            else:
+                found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                found.add(parts[1] if parts[0] == "common" and len(parts) > 1 else parts[0])
+    return found
+
+
+def test_every_module_is_in_a_layer_or_a_known_helper():
+    known = DATA | MODELS | TRAINING | PLOTS_AND_REPORTS | {"loss", "recall", "runtime", "checkpoint",
+                                                            "errors", "flops", "__init__"}
+    assert {p.stem for p in COMMON.glob("*.py")} <= known  # a new module must be placed here
+
+
+@pytest.mark.parametrize("module", sorted(DATA))
+def test_data_modules_import_no_model_training_or_plot_module(module):
+    assert not common_imports(module) & (MODELS | TRAINING | PLOTS_AND_REPORTS)
+
+
+@pytest.mark.parametrize("module", sorted(MODELS))
+def test_models_import_no_data_training_or_file_module(module):
+    assert not common_imports(module) & (DATA | TRAINING | PLOTS_AND_REPORTS | {"checkpoint", "runtime"})
+
+
+@pytest.mark.parametrize("module", ["loss", "recall"])
+def test_loss_and_recall_take_tensors_only(module):
+    assert common_imports(module) <= {"__future__", "math", "typing", "collections", "torch"}
+
+
+@pytest.mark.parametrize("module", sorted(p.stem for p in COMMON.glob("*.py")))
+def test_nothing_in_common_imports_a_task_script(module):
+    scripts = {p.stem for p in COMMON.parent.glob("t[1-4]_*.py")}
+    assert len(scripts) == 4 and not common_imports(module) & scripts
+
+
+def test_the_reader_sees_imports_it_must_catch():
+    # data.py reads the runtime, not the training loop; report.py imports models lazily.
+    assert "runtime" in common_imports("data") and "engine" not in common_imports("data")
+    assert {"cubs", "models"} <= common_imports("report")
