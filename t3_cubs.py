@@ -18,7 +18,8 @@ import json
 from pathlib import Path
 
 from common import cli, data, evaluate, runtime
-from common.classifier import train_and_test, write_json
+from common.classifier import train_and_test
+from common.files import write_json
 from common.cubs import GATE_LOGIT_INIT, PLACEMENTS, VARIANTS, check_plus_d, cubs_resnet18
 from common.plots import plot_bars
 

@@ -25,7 +25,10 @@ from PIL import Image
 
 from common import cli, data, engine, evaluate, runtime
 from common.checkpoint import load_checkpoint, load_matching_tensors
-from common.classifier import count_parameters, describe_device, fit_classifier, load_best, write_json
+from common.classifier import fit_classifier, load_best
+from common.files import write_json
+from common.models import count_parameters
+from common.runtime import describe_device
 from common.cubs import PLACEMENTS, VARIANTS, cubs_resnet18
 from common.errors import ConfigError, DownloadError
 from common.loader import ImageLoader

@@ -29,6 +29,7 @@ import zipfile
 from pathlib import Path
 
 from common import report as rep
+from common.files import atomic_file
 from common.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,7 +148,7 @@ def write_zip(entries: list[tuple[str, Path]], dest: Path) -> None:
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate names in the archive: {sorted({n for n in names if names.count(n) > 1})}")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with rep.atomic_file(dest) as tmp, zipfile.ZipFile(tmp, "w") as zf:
+    with atomic_file(dest) as tmp, zipfile.ZipFile(tmp, "w") as zf:
         for name, path in entries:
             kind = zipfile.ZIP_STORED if path.suffix in STORED else zipfile.ZIP_DEFLATED
             zf.write(path, name, compress_type=kind)

@@ -5,15 +5,13 @@ with `torch.load(weights_only=True)`: a pickle that tries to build anything else
 before any of its code runs. RNG states are stored as tensors / lists for the same reason
 (NumPy's state object is refused by weights_only).
 
-Writes are atomic: the dict goes to a temporary file in the same folder, is flushed and
-fsync'ed, then `os.replace`d over the target. A crash mid-save leaves the old file intact.
+Writes are atomic (common/files.atomic_file): the dict goes to a temporary file in the same
+folder, is fsync'ed, then renamed over the target. A crash mid-save leaves the old file intact.
 """
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,40 +19,17 @@ import numpy as np
 import torch
 
 from common.errors import UserError
+from common.files import atomic_file
 
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used: unreadable, unsafe, or from another model."""
 
 
-def previous_path(path: str | Path) -> Path:
-    """Where save_checkpoint(keep_previous=True) keeps the file it replaces: last.prev.pt."""
-    path = Path(path)
-    return path.with_name(f"{path.stem}.prev{path.suffix}")
-
-
 def save_checkpoint(state: dict[str, Any], path: str | Path, keep_previous: bool = False) -> None:
-    """Atomically write `state` to `path`.
-
-    keep_previous: first rename the current file to previous_path(path), so a checkpoint
-    later damaged on disk (a cloud-drive sync, a full disk) has a good predecessor. A kill
-    between the two renames leaves no `path` but an intact previous one; resume_candidates
-    looks there too.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        if keep_previous and path.exists():
-            os.replace(path, previous_path(path))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomically write `state` to `path` (keep_previous: see files.atomic_file)."""
+    with atomic_file(path, keep_previous) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -7,8 +7,6 @@ after training, with the weights of the best holdout epoch (best.pt).
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +16,9 @@ from common import cli, engine, runtime
 from common.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from common.data import Loaders
 from common.diagnostics import diagnostics, has_residual_blocks
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+from common.files import write_json
+from common.models import count_parameters
+from common.runtime import describe_device
 
 
 def prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
@@ -97,15 +94,3 @@ def train_and_test(model: torch.nn.Module, loaders: Loaders, args: argparse.Name
               f"{fitted['best_epoch']} (holdout {best_record['holdout_acc']:.4f}); "
               f"wrote {out / 'results.json'}")
     return results
-
-
-def describe_device(rt: runtime.Runtime) -> str:
-    name = torch.cuda.get_device_name(rt.device) if rt.cuda else "cpu"
-    return f"{name} x{rt.world_size}" if rt.world_size > 1 else name
-
-
-def write_json(data: Any, path: str | Path) -> None:
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)

@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from common.checkpoint import (CheckpointError, check_compatible, load_checkpoint, load_model_state,
-                               previous_path, rng_state, save_checkpoint, set_rng_state)
+                               rng_state, save_checkpoint, set_rng_state)
 from common.errors import UserError
+from common.files import previous_path, write_text
 from common.plots import plot_curves, run_title
 from common.runtime import Runtime, all_reduce_sums, autocast, to_device
 
@@ -433,9 +434,7 @@ def _check_best_checkpoint(best: Path, ck: dict[str, Any], source: Path) -> None
 
 
 def _write_metrics(history: list[dict], out: Path, meta: dict[str, Any]) -> None:
-    tmp = out / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(h) + "\n" for h in history))
-    os.replace(tmp, out / "metrics.jsonl")
+    write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     plot_curves(history, out / "curves.png", run_title(meta))
 
 

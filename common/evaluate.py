@@ -22,7 +22,8 @@ import torch
 
 from common import engine, runtime
 from common.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_model_state
-from common.classifier import describe_device, write_json
+from common.files import write_json
+from common.runtime import describe_device
 
 Score = Callable[[torch.nn.Module], dict[str, Any]]
 

@@ -24,6 +24,7 @@ from typing import TypeVar
 from PIL import Image
 
 from common.errors import ImageDecodeError
+from common.files import write_text
 
 CHECK_MODES = ("quick", "full", "off")
 CACHE_NAME = ".image-check.json"
@@ -154,10 +155,7 @@ def _remember(cache: Sequence[Path], key: str, mode: str) -> None:
         passed = _passed(path)
         passed[mode] = key
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"passed": passed}) + "\n")
-            os.replace(tmp, path)
+            write_text(path, json.dumps({"passed": passed}) + "\n")
             return
         except OSError:
             continue

@@ -28,7 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BasicBlock", "ResNet18", "MixBlock", "CustomCNN", "EmbeddingNet"]
+__all__ = ["BasicBlock", "ResNet18", "MixBlock", "CustomCNN", "EmbeddingNet", "count_parameters"]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (trainable or not)."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def _conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:

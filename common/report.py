@@ -44,9 +44,7 @@ import math
 import os
 import shutil
 import sys
-import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,26 +107,6 @@ def fmt_epochs(r: dict) -> str:
 
 
 # ---------------------------------------------------------------- writing files
-@contextmanager
-def atomic_file(dest: Path) -> Iterator[Path]:
-    """Yield a temporary path next to `dest`; once the block has written it, it is synced
-    and renamed over `dest`. An error (or a kill) leaves `dest` as it was. Used for
-    REPORT.pdf and the archive, which other programs may be reading."""
-    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a report is not
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # on disk before the rename makes it the file
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # ---------------------------------------------------------------- reading the runs folder
 @dataclass
 class Run:

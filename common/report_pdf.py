@@ -44,6 +44,7 @@ from reportlab.platypus import (Flowable, Image, KeepTogether, Paragraph, Simple
                                 Spacer, Table, TableStyle)
 
 from common import report as rep
+from common.files import atomic_file
 
 MAX_PAGES = 2
 MARGIN = 1.3 * cm
@@ -523,6 +524,6 @@ def write_pdf(runs: rep.RunsFolder, pdf: Path, figures: Path) -> Path:
             break
     else:  # cannot happen with the bounded content of one run per task; say so if it does
         print(f"warning: {pdf} has {pages} pages, more than {MAX_PAGES}")
-    with rep.atomic_file(pdf) as tmp:
+    with atomic_file(pdf) as tmp:
         tmp.write_bytes(data)
     return pdf

@@ -98,3 +98,9 @@ def to_device(images: torch.Tensor, rt: Runtime) -> torch.Tensor:
     """Images to the run's device, channels_last on CUDA (as the model)."""
     images = images.to(rt.device, non_blocking=True)
     return images.contiguous(memory_format=torch.channels_last) if rt.cuda else images
+
+
+def describe_device(rt: Runtime) -> str:
+    """What results.json records as the device, e.g. 'NVIDIA H100 x4' or 'cpu'."""
+    name = torch.cuda.get_device_name(rt.device) if rt.cuda else "cpu"
+    return f"{name} x{rt.world_size}" if rt.world_size > 1 else name

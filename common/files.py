@@ -1,0 +1,60 @@
+"""Atomic file writes: a reader, a crash or a kill sees the old file or the new one, never
+half of one. Every file a run or the report writes goes through `atomic_file`.
+
+    with atomic_file(path) as tmp: ...   # write tmp (a Path next to path); then synced and renamed
+    write_json(data, path)               # indented JSON, atomically
+    write_text(path, text)
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+
+def previous_path(path: str | Path) -> Path:
+    """Where atomic_file(keep_previous=True) keeps the file it replaces: last.pt -> last.prev.pt."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.prev{path.suffix}")
+
+
+@contextmanager
+def atomic_file(dest: str | Path, keep_previous: bool = False) -> Iterator[Path]:
+    """Yield a temporary path next to `dest`; once the block has written it, it is synced
+    and renamed over `dest`. An error (or a kill) leaves `dest` as it was.
+
+    keep_previous: first rename the current `dest` to previous_path(dest), so a file later
+    damaged on disk (a cloud-drive sync, a full disk) has a good predecessor. A kill between
+    the two renames leaves no `dest` but an intact predecessor.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; results are not
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())  # on disk before the rename makes it the file
+        if keep_previous and dest.exists():
+            os.replace(dest, previous_path(dest))
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(data: Any, path: str | Path) -> None:
+    """Indented JSON; values JSON cannot hold (paths, dtypes) are written as their str()."""
+    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
