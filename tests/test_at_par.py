@@ -11,6 +11,8 @@ Holdout accuracy after 6 epochs here (2-core development VM, 2026-11-29, seed 0)
     CUBS serial, PyTorch's default init (before)       0.343
     CUBS serial, Block 1 gates closed (logit -4)       0.357
 so AT_PAR_MARGIN passes the default and fails both the old init and a crippled network.
+With one thread (OMP_NUM_THREADS=1) the figures move slightly (vanilla 0.443, serial
+0.400) and the test still passes.
 docs/cubs.md has the full ablation on larger generated data.
 """
 import torch
