@@ -14,16 +14,12 @@ the placement is selected by HOLDOUT accuracy (never test), test accuracies are 
 and if a matching T2 result exists the "at most 2 points below vanilla ResNet-18" rule is
 checked. Writes placements.json, placements.md and placements.png in --out.
 """
-import json
 from pathlib import Path
 
 from common import cli, data, evaluate, runtime
 from common.classifier import train_and_test
-from common.files import write_json
 from common.cubs import GATE_LOGIT_INIT, PLACEMENTS, VARIANTS, check_plus_d, cubs_resnet18
-from common.plots import plot_bars
-
-AT_PAR_POINTS = 2.0  # the assignment: at most 2 points below vanilla ResNet-18
+from common.placements import compare_runs, write_comparison
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -85,90 +81,6 @@ def main(argv: list[str] | None = None) -> dict:
     comparison = compare_runs(Path(args.out), Path(args.vanilla_results))
     write_comparison(comparison, Path(args.out))
     return comparison
-
-
-def compare_runs(out: Path, vanilla_path: Path) -> dict:
-    runs = [json.loads(p.read_text()) for p in out.glob("*_*/results.json")]
-    rows = [{k: r[k] for k in ("placement", "variant", "holdout_acc", "test_acc", "test_top5",
-                               "params", "best_epoch", "epochs_run", "num_classes", "width",
-                               "image_size")} for r in runs]
-    # max() keeps the first of equal scores: list in the spec's order, so ties go to serial,
-    # then reverse, then parallel (and plain before plus).
-    rows.sort(key=lambda r: (PLACEMENTS.index(r["placement"]), VARIANTS.index(r["variant"])))
-    plain = [r for r in rows if r["variant"] == "plain"]
-    selected = max(plain, key=lambda r: r["holdout_acc"]) if plain else None
-    best_overall = max(rows, key=lambda r: r["holdout_acc"])
-    comparison = {"selected_by": "holdout_acc", "tie_break": " > ".join(PLACEMENTS),
-                  "runs": rows, "selected": selected,
-                  "best_overall": best_overall, "vanilla": None, "at_par": None,
-                  "plus_vs_plain": []}
-    by_key = {(r["placement"], r["variant"]): r for r in rows}
-    for placement in PLACEMENTS:
-        if (placement, "plain") in by_key and (placement, "plus") in by_key:
-            a, b = by_key[placement, "plain"], by_key[placement, "plus"]
-            comparison["plus_vs_plain"].append({
-                "placement": placement, "plain_test_acc": a["test_acc"],
-                "plus_test_acc": b["test_acc"],
-                "gain_points": 100 * (b["test_acc"] - a["test_acc"])})
-
-    vanilla = json.loads(vanilla_path.read_text()) if vanilla_path.is_file() else None
-    same_setup = vanilla and all(vanilla.get(k) == best_overall[k]
-                                 for k in ("num_classes", "width", "image_size"))
-    if vanilla and not same_setup:
-        comparison["vanilla_note"] = (f"{vanilla_path} was trained in another setup "
-                                      f"(classes/width/image size differ): not compared")
-    elif not vanilla:
-        comparison["vanilla_note"] = f"no T2 result at {vanilla_path}: run t2_resnet18.py first"
-    if same_setup and selected:
-        comparison["vanilla"] = {"test_acc": vanilla["test_acc"],
-                                 "holdout_acc": vanilla["holdout_acc"], "source": str(vanilla_path)}
-        gap = 100 * (vanilla["test_acc"] - selected["test_acc"])
-        comparison["at_par"] = {"holds": gap <= AT_PAR_POINTS, "points_below_vanilla": gap,
-                                "rule": f"selected CUBS test accuracy >= vanilla - {AT_PAR_POINTS} points"}
-    return comparison
-
-
-def write_comparison(c: dict, out: Path) -> None:
-    lines = ["| placement | variant | holdout acc | test acc | test top-5 | params | best epoch |",
-             "|---|---|---|---|---|---|---|"]
-    for r in c["runs"]:
-        mark = " **(selected)**" if r is c["selected"] or r == c["selected"] else ""
-        lines.append(f"| {r['placement']}{mark} | {r['variant']} | {r['holdout_acc']:.4f} | "
-                     f"{r['test_acc']:.4f} | {r['test_top5']:.4f} | {r['params'] / 1e6:.2f}M | "
-                     f"{r['best_epoch']}/{r['epochs_run']} |")
-    if c["vanilla"]:
-        lines.append(f"| vanilla ResNet-18 (T2) | - | {c['vanilla']['holdout_acc']:.4f} | "
-                     f"{c['vanilla']['test_acc']:.4f} | | | |")
-    lines.append("")
-    if c["selected"]:
-        tied = [r["placement"] for r in c["runs"] if r["variant"] == "plain"
-                and r["holdout_acc"] == c["selected"]["holdout_acc"]]
-        tie = (f" ({', '.join(tied)} tie on holdout; ties go in the order {c['tie_break']})"
-               if len(tied) > 1 else "")
-        lines.append(f"Selected by holdout accuracy: **{c['selected']['placement']}**{tie}.")
-    if c["at_par"]:
-        verdict = "holds" if c["at_par"]["holds"] else "does NOT hold"
-        gap = c["at_par"]["points_below_vanilla"]
-        side = f"{gap:.2f} points below" if gap >= 0 else f"{-gap:.2f} points above"
-        lines.append(f"At-par requirement ({c['at_par']['rule']}): {verdict}; the selected design "
-                     f"is {side} vanilla on test accuracy.")
-    elif "vanilla_note" in c:
-        lines.append(f"At-par check not made: {c['vanilla_note']}.")
-    for p in c["plus_vs_plain"]:
-        lines.append(f"plus vs plain ({p['placement']}): {p['gain_points']:+.2f} test points.")
-    table = "\n".join(lines) + "\n"
-    write_json(c, out / "placements.json")
-    (out / "placements.md").write_text(table)
-    names = [f"{r['placement']}\n{r['variant']}" for r in c["runs"]]
-    values = [r["test_acc"] for r in c["runs"]]
-    if c["vanilla"]:
-        names.append("vanilla\nResNet-18")
-        values.append(c["vanilla"]["test_acc"])
-    sel = c["selected"]
-    plot_bars(names, values, out / "placements.png", ylabel="test accuracy",
-              title="CUBS placements (selected by holdout accuracy)",
-              highlight=f"{sel['placement']}\n{sel['variant']}" if sel else None)
-    print(table, end="")
 
 
 def _gate_logit(text: str) -> float | None:

@@ -24,12 +24,8 @@ placements.json, T4's Recall@K before/after metric learning with the chance leve
 mining comparison, training curves, and the training recipe taken from each run's args.
 Tasks without results say "not run yet"; runs made with --smoke are labelled as such.
 
-Number formats. Every result is copied from the JSON files and only rounded:
-    accuracies, recalls, chance level   4 decimals              0.8800        (fmt_acc)
-    differences in percentage points    2 decimals with a sign  +1.25         (fmt_points)
-    times in seconds, images per second 1 decimal               260.2         (fmt_1)
-    parameter counts                    exact, comma-grouped    11,173,962    (fmt_count)
-    settings (lr, weight decay, ...)    Python's %g             0.0005        (fmt_setting)
+Number formats: common/formats.py (accuracies to 4 decimals, point differences to 2 with a
+sign, parameter counts exact); every result is copied from the JSON files and only rounded.
 Computed here, not read from JSON (and labelled so): layer counts, rebuilt-model parameter
 counts and GFLOPs (4 decimals; FlopCounterMode counts a multiply-add as 2 FLOPs and only
 convolutions, matrix products and attention; BatchNorm, activations, pooling and softmax are
@@ -59,6 +55,9 @@ from torch import nn  # noqa: E402
 
 from common.errors import UserError  # noqa: E402
 from common.flops import forward_flops  # noqa: E402
+from common.formats import (fmt_1, fmt_acc, fmt_count, fmt_epochs, fmt_gflops,  # noqa: E402
+                            fmt_points, fmt_setting, table)
+from common.placements import comparison_lines  # noqa: E402
 
 SMOKE_BANNER = "smoke run on generated data, not a real result"
 NOT_RUN = "not run yet"
@@ -69,44 +68,6 @@ TASKS = {"t1": "T1 custom CNN (Tiny ImageNet)", "t2": "T2 ResNet-18 (Tiny ImageN
          "t4": "T4 Cars196 retrieval (Multi-Similarity loss)"}
 
 
-# ---------------------------------------------------------------- number formats
-def fmt_acc(v: Any) -> str:
-    """Accuracy / recall / chance: 4 decimals; 'n/a' if the JSON lacks it."""
-    return "n/a" if v is None else f"{float(v):.4f}"
-
-
-def fmt_points(v: Any) -> str:
-    return "n/a" if v is None else f"{float(v):+.2f}"
-
-
-def fmt_1(v: Any) -> str:
-    return "n/a" if v is None else f"{float(v):.1f}"
-
-
-def fmt_count(v: Any) -> str:
-    return "n/a" if v is None else f"{int(v):,}"
-
-
-def fmt_gflops(flops: float) -> str:
-    return f"{flops / 1e9:.4f}"
-
-
-def fmt_setting(v: Any) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:g}"
-    return str(v)
-
-
-def fmt_epochs(r: dict) -> str:
-    """'best/run' epochs, e.g. 5/8."""
-    return f"{r.get('best_epoch', 'n/a')}/{r.get('epochs_run', 'n/a')}"
-
-
-# ---------------------------------------------------------------- writing files
 # ---------------------------------------------------------------- reading the runs folder
 @dataclass
 class Run:
@@ -357,14 +318,6 @@ def _architectures(runs: RunsFolder) -> list[tuple[Run, str, Architecture | None
 
 
 # ---------------------------------------------------------------- markdown helpers
-def table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
-    cell = lambda v: str(v).replace("|", "\\|").replace("\n", " ")  # noqa: E731
-    lines = ["| " + " | ".join(cell(h) for h in header) + " |",
-             "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return lines + [""]
-
-
 def smoke_note(runs: Sequence[Run]) -> list[str]:
     smoke = [r.name for r in runs if r.smoke]
     if not smoke:
@@ -498,61 +451,10 @@ def placement_block(runs: RunsFolder, name: str, c: dict, figs: Figures) -> list
     folder = runs.root / name
     members = runs.placement_runs(name)
     lines = [f"### `{name}/placements.json`", ""] + smoke_note(members)
-    selected, by = c.get("selected") or {}, c.get("selected_by", "holdout_acc")
-    rows = []
-    for r in c.get("runs", []):
-        mark = "**selected**" if selected and (r.get("placement"), r.get("variant")) == (
-            selected.get("placement"), selected.get("variant")) else ""
-        rows.append([r.get("placement"), r.get("variant"), fmt_acc(r.get("holdout_acc")),
-                     fmt_acc(r.get("test_acc")), fmt_acc(r.get("test_top5")),
-                     fmt_count(r.get("params")), fmt_epochs(r), mark])
-    vanilla = c.get("vanilla")
-    if vanilla:
-        rows.append(["vanilla ResNet-18 (T2)", "-", fmt_acc(vanilla.get("holdout_acc")),
-                     fmt_acc(vanilla.get("test_acc")), "", "", "", "reference"])
-    lines += table(["placement", "variant", "holdout top-1", "test top-1", "test top-5", "params",
-                    "best epoch / epochs run", "selection"], rows)
-    if selected:
-        lines.append(f"**Winner** (selected by `{by}`, never by test): **{selected.get('placement')}** "
-                     f"({selected.get('variant')}), holdout top-1 {fmt_acc(selected.get('holdout_acc'))}, "
-                     f"test top-1 {fmt_acc(selected.get('test_acc'))}.")
-    else:
-        lines.append("No plain-variant run: no placement selected.")
-    lines.append("")
-    best = c.get("best_overall") or {}
-    if best and (best.get("placement"), best.get("variant")) != (
-            selected.get("placement"), selected.get("variant")):
-        lines += [f"Best run over all variants by holdout: {best.get('placement')} "
-                     f"({best.get('variant')}), holdout top-1 {fmt_acc(best.get('holdout_acc'))}, "
-                     f"test top-1 {fmt_acc(best.get('test_acc'))}.", ""]
-    lines += at_par_lines(c) + plus_vs_plain_lines(c)
+    lines += comparison_lines(c)
     lines += figs.copy(folder / "placements.png", figure_name(name, "placements.png"),
                        "test accuracy per placement")
     return lines
-
-
-def at_par_lines(c: dict) -> list[str]:
-    at_par, vanilla = c.get("at_par"), c.get("vanilla") or {}
-    if not at_par:
-        note = c.get("vanilla_note", "no vanilla ResNet-18 result or no selected placement")
-        return [f"**2-point check: not made** ({note}).", ""]
-    verdict = "HOLDS" if at_par.get("holds") else "DOES NOT HOLD"
-    gap = float(at_par.get("points_below_vanilla", 0.0))
-    return [f"**2-point check: {verdict}.** Rule: {at_par.get('rule')}. The selected design is "
-            f"{abs(gap):.2f} points {'below' if gap >= 0 else 'above'} vanilla ResNet-18 "
-            f"(vanilla test top-1 {fmt_acc(vanilla.get('test_acc'))} from "
-            f"`{vanilla.get('source', '?')}`).", ""]
-
-
-def plus_vs_plain_lines(c: dict) -> list[str]:
-    pairs = c.get("plus_vs_plain") or []
-    if not pairs:
-        return ["Plus vs plain: not run (train with `--variant both`).", ""]
-    lines = ["Plus vs plain (same placement, same seed and recipe):", ""]
-    return lines + table(["placement", "plain test top-1", "plus test top-1", "gain (points)"],
-                         [[p.get("placement"), fmt_acc(p.get("plain_test_acc")),
-                           fmt_acc(p.get("plus_test_acc")), fmt_points(p.get("gain_points"))]
-                          for p in pairs])
 
 
 def section_retrieval(runs: RunsFolder, figs: Figures) -> list[str]:

@@ -45,6 +45,7 @@ from reportlab.platypus import (Flowable, Image, KeepTogether, Paragraph, Simple
 
 from common import report as rep
 from common.files import atomic_file
+from common.placements import at_par_lines, table_rows
 
 MAX_PAGES = 2
 MARGIN = 1.3 * cm
@@ -272,23 +273,13 @@ def section_placements(chosen: rep.Chosen) -> list[Flowable]:
         return out + [para(f"**{rep.NOT_RUN}** (no placements.json: run `t3_cubs.py "
                            f"--placement all`).")]
     name, c = chosen.placements
-    selected = c.get("selected") or {}
-    key = lambda r: (r.get("placement"), r.get("variant"))  # noqa: E731
-    rows = [[r.get("placement"), r.get("variant"), rep.fmt_acc(r.get("holdout_acc")),
-             rep.fmt_acc(r.get("test_acc")), rep.fmt_acc(r.get("test_top5")),
-             rep.fmt_count(r.get("params")), rep.fmt_epochs(r),
-             "**selected**" if selected and key(r) == key(selected) else ""]
-            for r in c.get("runs", [])]
-    if c.get("vanilla"):
-        v = c["vanilla"]
-        rows.append(["vanilla ResNet-18 (T2)", "-", rep.fmt_acc(v.get("holdout_acc")),
-                     rep.fmt_acc(v.get("test_acc")), "", "", "", "reference"])
+    rows = table_rows(c)  # the rows of placements.md and REPORT.md
     table = grid(["placement", "variant", "holdout top-1", "test top-1", "test top-5", "params",
                   "best epoch / run", "selection"], rows, [2.4, 1.0, 1.2, 1.2, 1.2, 1.4, 1.2, 1.2])
     file = "placements.json" if name == "." else f"{name}/placements.json"
     out += [table, source(f"{file}: runs, selected, vanilla, at_par, plus_vs_plain.")]
     # The same sentences as REPORT.md, so the two documents cannot disagree.
-    out += [para(line) for line in rep.at_par_lines(c) if line]
+    out += [para(line) for line in at_par_lines(c) if line]
     pairs = c.get("plus_vs_plain") or []
     out.append(para("Our variant (plus) against plain, same placement and seed: " + (
         "; ".join(f"{p.get('placement')} {rep.fmt_points(p.get('gain_points'))} points test top-1 "

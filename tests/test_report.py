@@ -108,18 +108,19 @@ def check_placements(text: str, c: dict) -> None:
         assert row["test top-1"] == acc(c["vanilla"]["test_acc"])
         assert row["holdout top-1"] == acc(c["vanilla"]["holdout_acc"])
     s = c["selected"]
-    assert (f"**Winner** (selected by `{c['selected_by']}`, never by test): **{s['placement']}** "
-            f"({s['variant']}), holdout top-1 {acc(s['holdout_acc'])}, "
-            f"test top-1 {acc(s['test_acc'])}.") in text
+    assert c["selected_by"] == "holdout_acc"
+    assert f"Selected by holdout accuracy: **{s['placement']}**" in text
+    assert (f"{s['variant']} variant: holdout top-1 {acc(s['holdout_acc'])}, "
+            f"test top-1 {acc(s['test_acc'])} (test accuracy never selects).") in text
     if c["at_par"]:
-        verdict = "HOLDS" if c["at_par"]["holds"] else "DOES NOT HOLD"
-        assert f"**2-point check: {verdict}.**" in text
-        assert ("DOES NOT HOLD" in text) != c["at_par"]["holds"]
+        verdict = "holds" if c["at_par"]["holds"] else "does NOT hold"
+        assert f"**At-par check: {verdict}.**" in text
+        assert ("does NOT hold" in text) != c["at_par"]["holds"]
         gap = c["at_par"]["points_below_vanilla"]
         assert f"{abs(gap):.2f} points {'below' if gap >= 0 else 'above'} vanilla" in text
         assert c["at_par"]["rule"] in text
     else:
-        assert "**2-point check: not made**" in text
+        assert "**At-par check: not made**" in text
     if c["plus_vs_plain"]:
         pairs = {r["placement"]: r for r in find_tables(text, "plain test top-1", "gain (points)")[0]}
         for p in c["plus_vs_plain"]:

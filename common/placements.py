@@ -1,0 +1,159 @@
+"""T3's comparison of CUBS placements: which finished run is selected, whether it is at par
+with vanilla ResNet-18, and how the plus variant does against plain; and its one Markdown
+rendering, shared by placements.md (t3_cubs.py) and REPORT.md / REPORT.pdf (common/report.py).
+
+    c = compare_runs(Path("runs/t3"), Path("runs/t2/results.json"))
+    write_comparison(c, Path("runs/t3"))   # placements.json, placements.md, placements.png
+    comparison_lines(c)                    # the Markdown of placements.md, as lines
+
+The placement is selected by HOLDOUT accuracy among the plain runs, never by test accuracy;
+equal holdout scores go to the earlier placement of the specification (serial, reverse,
+parallel).
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from common.cubs import PLACEMENTS, VARIANTS
+from common.files import write_json, write_text
+from common.formats import fmt_acc, fmt_count, fmt_epochs, fmt_points, table
+from common.plots import plot_bars
+
+AT_PAR_POINTS = 2.0  # the assignment: at most 2 points below vanilla ResNet-18
+TABLE_HEADER = ["placement", "variant", "holdout top-1", "test top-1", "test top-5", "params",
+                "best epoch / epochs run", "selection"]
+
+
+def compare_runs(out: Path, vanilla_path: Path) -> dict:
+    """Compare every finished run under `out` (its <placement>_<variant>/results.json) and,
+    if `vanilla_path` holds a T2 result of the same setup, check the at-par rule."""
+    runs = [json.loads(p.read_text()) for p in out.glob("*_*/results.json")]
+    rows = [{k: r[k] for k in ("placement", "variant", "holdout_acc", "test_acc", "test_top5",
+                               "params", "best_epoch", "epochs_run", "num_classes", "width",
+                               "image_size")} for r in runs]
+    # max() keeps the first of equal scores: list in the spec's order, so ties go to serial,
+    # then reverse, then parallel (and plain before plus).
+    rows.sort(key=lambda r: (PLACEMENTS.index(r["placement"]), VARIANTS.index(r["variant"])))
+    plain = [r for r in rows if r["variant"] == "plain"]
+    selected = max(plain, key=lambda r: r["holdout_acc"]) if plain else None
+    best_overall = max(rows, key=lambda r: r["holdout_acc"])
+    comparison = {"selected_by": "holdout_acc", "tie_break": " > ".join(PLACEMENTS),
+                  "runs": rows, "selected": selected,
+                  "best_overall": best_overall, "vanilla": None, "at_par": None,
+                  "plus_vs_plain": []}
+    by_key = {(r["placement"], r["variant"]): r for r in rows}
+    for placement in PLACEMENTS:
+        if (placement, "plain") in by_key and (placement, "plus") in by_key:
+            a, b = by_key[placement, "plain"], by_key[placement, "plus"]
+            comparison["plus_vs_plain"].append({
+                "placement": placement, "plain_test_acc": a["test_acc"],
+                "plus_test_acc": b["test_acc"],
+                "gain_points": 100 * (b["test_acc"] - a["test_acc"])})
+
+    vanilla = json.loads(vanilla_path.read_text()) if vanilla_path.is_file() else None
+    same_setup = vanilla and all(vanilla.get(k) == best_overall[k]
+                                 for k in ("num_classes", "width", "image_size"))
+    if vanilla and not same_setup:
+        comparison["vanilla_note"] = (f"{vanilla_path} was trained in another setup "
+                                      f"(classes/width/image size differ): not compared")
+    elif not vanilla:
+        comparison["vanilla_note"] = f"no T2 result at {vanilla_path}: run t2_resnet18.py first"
+    if same_setup and selected:
+        comparison["vanilla"] = {"test_acc": vanilla["test_acc"],
+                                 "holdout_acc": vanilla["holdout_acc"], "source": str(vanilla_path)}
+        gap = 100 * (vanilla["test_acc"] - selected["test_acc"])
+        comparison["at_par"] = {"holds": gap <= AT_PAR_POINTS, "points_below_vanilla": gap,
+                                "rule": f"selected CUBS test accuracy >= vanilla - {AT_PAR_POINTS} points"}
+    return comparison
+
+
+def write_comparison(c: Mapping[str, Any], out: Path) -> None:
+    """placements.json, placements.md and placements.png in `out`; prints the Markdown."""
+    text = "\n".join(comparison_lines(c)).rstrip() + "\n"
+    write_json(c, out / "placements.json")
+    write_text(out / "placements.md", text)
+    names = [f"{r['placement']}\n{r['variant']}" for r in c["runs"]]
+    values = [r["test_acc"] for r in c["runs"]]
+    if c["vanilla"]:
+        names.append("vanilla\nResNet-18")
+        values.append(c["vanilla"]["test_acc"])
+    sel = c["selected"]
+    plot_bars(names, values, out / "placements.png", ylabel="test accuracy",
+              title="CUBS placements (selected by holdout accuracy)",
+              highlight=f"{sel['placement']}\n{sel['variant']}" if sel else None)
+    print(text, end="")
+
+
+# ---------------------------------------------------------------- the one rendering
+def comparison_lines(c: Mapping[str, Any]) -> list[str]:
+    """The comparison as Markdown lines: the table of runs (and vanilla ResNet-18), the
+    selected placement, the at-par check and plus vs plain. `c` is a placements.json."""
+    return (table(TABLE_HEADER, table_rows(c)) + selection_lines(c) + at_par_lines(c)
+            + plus_vs_plain_lines(c))
+
+
+def _key(r: Mapping[str, Any]) -> tuple[Any, Any]:
+    return r.get("placement"), r.get("variant")
+
+
+def table_rows(c: Mapping[str, Any]) -> list[list[str]]:
+    """One row per run under TABLE_HEADER, then vanilla ResNet-18 if it was compared."""
+    selected = c.get("selected")
+    rows = [[r.get("placement"), r.get("variant"), fmt_acc(r.get("holdout_acc")),
+             fmt_acc(r.get("test_acc")), fmt_acc(r.get("test_top5")), fmt_count(r.get("params")),
+             fmt_epochs(r), "**selected**" if selected and _key(r) == _key(selected) else ""]
+            for r in c.get("runs", [])]
+    vanilla = c.get("vanilla")
+    if vanilla:
+        rows.append(["vanilla ResNet-18 (T2)", "-", fmt_acc(vanilla.get("holdout_acc")),
+                     fmt_acc(vanilla.get("test_acc")), "", "", "", "reference"])
+    return rows
+
+
+def selection_lines(c: Mapping[str, Any]) -> list[str]:
+    """The selected placement, any holdout tie and how it was broken, and the best run over
+    all variants when that is not the selected one."""
+    selected = c.get("selected")
+    if not selected:
+        return ["No plain-variant run: no placement selected.", ""]
+    tied = [r.get("placement") for r in c.get("runs", []) if r.get("variant") == "plain"
+            and r.get("holdout_acc") == selected.get("holdout_acc")]
+    tie = (f" ({', '.join(tied)} tie on holdout; ties go in the order "
+           f"{c.get('tie_break', ' > '.join(PLACEMENTS))})" if len(tied) > 1 else "")
+    lines = [f"Selected by holdout accuracy: **{selected.get('placement')}**{tie}, "
+             f"{selected.get('variant')} variant: holdout top-1 {fmt_acc(selected.get('holdout_acc'))}, "
+             f"test top-1 {fmt_acc(selected.get('test_acc'))} (test accuracy never selects).", ""]
+    best = c.get("best_overall") or {}
+    if best and _key(best) != _key(selected):
+        lines += [f"Best run over all variants by holdout: {best.get('placement')} "
+                  f"({best.get('variant')}), holdout top-1 {fmt_acc(best.get('holdout_acc'))}, "
+                  f"test top-1 {fmt_acc(best.get('test_acc'))}.", ""]
+    return lines
+
+
+def at_par_lines(c: Mapping[str, Any]) -> list[str]:
+    """The at-par verdict with the gap to vanilla ResNet-18, or why it was not checked."""
+    at_par, vanilla = c.get("at_par"), c.get("vanilla") or {}
+    if not at_par:
+        note = c.get("vanilla_note", "no vanilla ResNet-18 result or no selected placement")
+        return [f"**At-par check: not made** ({note}).", ""]
+    verdict = "holds" if at_par.get("holds") else "does NOT hold"
+    gap = float(at_par.get("points_below_vanilla", 0.0))
+    return [f"**At-par check: {verdict}.** Rule: {at_par.get('rule')}. The selected design is "
+            f"{abs(gap):.2f} points {'below' if gap >= 0 else 'above'} vanilla ResNet-18 "
+            f"(vanilla test top-1 {fmt_acc(vanilla.get('test_acc'))} from "
+            f"`{vanilla.get('source', '?')}`).", ""]
+
+
+def plus_vs_plain_lines(c: Mapping[str, Any]) -> list[str]:
+    """Test accuracy of the plus variant against plain, per placement trained with both."""
+    pairs = c.get("plus_vs_plain") or []
+    if not pairs:
+        return ["Plus vs plain: not run (train with `--variant both`).", ""]
+    return ["Plus vs plain (same placement, same seed and recipe):", ""] + table(
+        ["placement", "plain test top-1", "plus test top-1", "gain (points)"],
+        [[p.get("placement"), fmt_acc(p.get("plain_test_acc")), fmt_acc(p.get("plus_test_acc")),
+          fmt_points(p.get("gain_points"))] for p in pairs])
