@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 RANDOM_ASPECT = (3 / 4, 4 / 3)
+# Train-time random-resized-crop: the fraction of the image's area a crop keeps (every
+# script uses this default; the report quotes it, as results.json does not store it).
+RANDOM_AREA = (0.25, 1.0)
 
 try:
     from nvidia.dali import fn, pipeline_def, types
@@ -77,7 +80,7 @@ class ImageLoader:
 
     def __init__(self, files: Sequence[str], labels: Sequence[int], *, batch_size: int,
                  train: bool, image_size: int, device: torch.device | str = "cpu",
-                 eval_resize: int | None = None, random_area: tuple[float, float] = (0.25, 1.0),
+                 eval_resize: int | None = None, random_area: tuple[float, float] = RANDOM_AREA,
                  color_jitter: float = 0.0, seed: int = 0, shard_id: int = 0,
                  num_shards: int = 1, workers: int = 2, backend: str = "auto",
                  classes_per_batch: int | None = None,

@@ -1,14 +1,19 @@
-"""Figures written next to the results: training curves, bar charts, retrieval grids."""
+"""Figures: training curves written next to each run's results, the report's combined
+curves of several runs, bar charts, retrieval grids."""
 from __future__ import annotations
 
+import math
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # headless: Colab, CI, servers
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import LogFormatterSciNotation, MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
@@ -28,12 +33,7 @@ def plot_mean_curves(curves: dict[str, list[list[float]]], path: str | Path, yla
         if len(runs) > 1:
             ax.fill_between(epochs, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
     ax.set(xlabel="epoch", ylabel=ylabel, title="\n".join(textwrap.wrap(title, 70)))
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish_epoch_axes(fig, [ax], path, dpi=120)
 
 
 def plot_curves(history: Sequence[dict], path: str | Path, title: str = "") -> None:
@@ -61,15 +61,69 @@ def plot_curves(history: Sequence[dict], path: str | Path, title: str = "") -> N
         axis_formatter(_PlainLogFormatter(labelOnlyBase=False))
     score_name = " / ".join(dict.fromkeys(scores)) or "accuracy"
     ax_acc.set(xlabel="epoch", ylabel=score_name, title=score_name)
-    for ax in (ax_loss, ax_acc):
+    if title:
+        fig.suptitle(title)
+    _finish_epoch_axes(fig, [ax_loss, ax_acc], path, dpi=110)
+
+
+def plot_classifier_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
+                           figsize: tuple[float, float] = (11, 4), dpi: int = 100) -> bool:
+    """Holdout top-1 (left) and train loss (right) per epoch of several classifier runs on one
+    figure, one line per name of `histories` (name -> its metrics.jsonl records).
+
+    Returns False, and draws nothing, if no run has a record. figsize is in inches: REPORT.pdf
+    draws its figures at the size they print, so that their text is readable at 100 %."""
+    histories = {name: h for name, h in histories.items() if h}
+    if not histories:
+        return False
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=figsize)
+    for name, history in histories.items():
+        epochs = [h.get("epoch") for h in history]
+        ax_acc.plot(epochs, [h.get("holdout_acc", math.nan) for h in history], marker=".", label=name)
+        ax_loss.plot(epochs, [h.get("train_loss", math.nan) for h in history], marker=".", label=name)
+    ax_acc.set(xlabel="epoch", ylabel="holdout top-1", title="holdout accuracy")
+    ax_loss.set(xlabel="epoch", ylabel="train loss", title="training loss (label-smoothed CE)")
+    _finish_epoch_axes(fig, [ax_acc, ax_loss], path, dpi, legend_size=7)
+    return True
+
+
+def plot_retrieval_curves(phases: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
+                          figsize: tuple[float, float] = (11, 4), dpi: int = 100) -> bool:
+    """T4 per epoch: Phase A holdout top-1 (left, the "phase_a" records) and Phase B holdout
+    Recall@1 (right, one line per other name, e.g. "phase_b_ms"). False if `phases` is empty."""
+    if not phases:
+        return False
+    fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=figsize)
+    # Mining runs can score identically (small holdouts): distinct markers and dashes, and a
+    # slight shrink per line, keep every one of them visible.
+    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-")]
+    b_index = 0
+    for name, history in phases.items():
+        epochs = [h.get("epoch") for h in history]
+        if name == "phase_a":
+            ax_a.plot(epochs, [h.get("holdout_acc", math.nan) for h in history], marker=".", label=name)
+        else:
+            marker, dashes = styles[b_index % len(styles)]
+            ax_b.plot(epochs, [h.get("holdout_r1", math.nan) for h in history], marker=marker,
+                      linestyle=dashes, markersize=8 - 1.5 * b_index, fillstyle="none", label=name)
+            b_index += 1
+    ax_a.set(xlabel="epoch", ylabel="holdout top-1", title="Phase A (classifier)")
+    ax_b.set(xlabel="epoch", ylabel="holdout Recall@1", title="Phase B (Multi-Similarity)")
+    _finish_epoch_axes(fig, [ax_a, ax_b], path, dpi, legend_size=7)
+    return True
+
+
+def _finish_epoch_axes(fig: Figure, axes: Sequence[Axes], path: str | Path, dpi: int,
+                       legend_size: float = 8) -> None:
+    """The end of every per-epoch figure: whole-number epoch ticks, a light grid and a legend
+    on each axis that has lines; then lay out, save and close."""
+    for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
         if ax.lines:
-            ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
+            ax.legend(fontsize=legend_size)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 

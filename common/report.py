@@ -6,7 +6,7 @@
 Inputs, found anywhere under the runs folder (generated `smoke_data/` folders are skipped):
     results.json     T1/T2/T3 classifier runs ("task": t1/t2/t3) and T4 ("task": t4)
     metrics.jsonl    one record per epoch (a folder with it but no results.json is unfinished)
-    placements.json  T3's comparison of placements (selection by holdout, 2-point check)
+    placements.json  T3's comparison of placements (selection by holdout, at-par check)
     curves.png, placements.png, retrieval.png   copied into report_figures/
 Output: REPORT.md with relative links to report_figures/ (copied figures plus combined
 curves drawn here), and REPORT.pdf next to it: at most two A4 pages, one run per task
@@ -29,14 +29,12 @@ sign, parameter counts exact); every result is copied from the JSON files and on
 Computed here, not read from JSON (and labelled so): layer counts, rebuilt-model parameter
 counts and GFLOPs (4 decimals; FlopCounterMode counts a multiply-add as 2 FLOPs and only
 convolutions, matrix products and attention; BatchNorm, activations, pooling and softmax are
-not counted), and the random-resized-crop area range (the loader's default).
+not counted), and the random-resized-crop area range (common/loader.py's RANDOM_AREA).
 """
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
-import math
 import os
 import shutil
 import sys
@@ -45,19 +43,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import torch
+from torch import nn
 
-matplotlib.use("Agg")  # headless
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
-
-from common.errors import UserError  # noqa: E402
-from common.flops import forward_flops  # noqa: E402
-from common.formats import (fmt_1, fmt_acc, fmt_count, fmt_epochs, fmt_gflops,  # noqa: E402
-                            fmt_points, fmt_setting, table)
-from common.placements import comparison_lines  # noqa: E402
+from common.errors import UserError
+from common.flops import forward_flops
+from common.formats import (fmt_1, fmt_acc, fmt_count, fmt_epochs, fmt_gflops, fmt_points,
+                            fmt_setting, table)
+from common.loader import RANDOM_AREA
+from common.networks import build_model, model_keys, model_name
+from common.placements import comparison_lines
+from common.plots import plot_classifier_curves, plot_retrieval_curves
 
 SMOKE_BANNER = "smoke run on generated data, not a real result"
 NOT_RUN = "not run yet"
@@ -239,39 +235,6 @@ class Architecture:
     flops: float
 
 
-def build_model(results: dict, phase: str = "") -> nn.Module | None:
-    """Rebuild the network a run trained, from its results.json (None if unknown).
-
-    T1/T2/T3 use the CIFAR-style stem as their scripts do; T4 the ImageNet stem, Phase B
-    (phase="b") wraps it in the L2-normalised embedding head.
-    """
-    from common.cubs import cubs_resnet18
-    from common.models import CustomCNN, EmbeddingNet, ResNet18
-
-    args = results.get("args") or {}
-    width = results.get("width", args.get("width"))
-    task, model = results.get("task"), str(results.get("model", ""))
-    if task == "t4":
-        net = cubs_resnet18(results["train_classes"], stem="imagenet",
-                            placement=results["placement"], variant=results["variant"],
-                            width=args["width"])
-        return EmbeddingNet(net, dim=args["embedding_dim"]) if phase == "b" else net
-    if model == "custom_cnn":
-        return CustomCNN(results["num_classes"], width=width, dropout=args.get("dropout", 0.2))
-    if model == "resnet18":
-        return ResNet18(results["num_classes"], stem="cifar", width=width)
-    if model.startswith("cubs_resnet18"):
-        return cubs_resnet18(results["num_classes"], stem="cifar", placement=results["placement"],
-                             variant=results["variant"], width=width, d=results.get("d", 512))
-    return None
-
-
-def model_name(results: dict) -> str:
-    if results.get("task") == "t4" and "model" not in results:
-        return f"cubs_resnet18_{results.get('placement')}_{results.get('variant')}"
-    return str(results.get("model", "?"))
-
-
 def summarise(model: nn.Module, label: str, image_size: int) -> Architecture:
     from common.cubs import CUBSBlock1, CUBSBlock1Plus, CUBSBlock2, CUBSBlock2Plus
     from common.models import SqueezeExcitation
@@ -301,15 +264,12 @@ def _architectures(runs: RunsFolder) -> list[tuple[Run, str, Architecture | None
             size = run.results.get("image_size", run.args.get("image_size"))
             try:
                 torch.manual_seed(0)
-                key = json.dumps([run.results.get(k) for k in (
-                    "task", "model", "num_classes", "train_classes", "width", "placement",
-                    "variant", "d")] + [run.args.get("embedding_dim"), phase, size])
+                key = json.dumps([model_keys(run.results, phase), size], default=str)
                 if key not in cache:
-                    model = build_model(run.results, phase)
                     label = model_name(run.results) + (
                         {"a": " (Phase A classifier)", "b": " (Phase B embedding)"}.get(phase, ""))
-                    cache[key] = None if model is None or size is None else \
-                        summarise(model, label, int(size))
+                    cache[key] = None if size is None else \
+                        summarise(build_model(run.results, phase), label, int(size))
                 out.append((run, phase, cache[key]))
             except (KeyError, TypeError, ValueError, RuntimeError) as err:
                 runs.problems.append(f"could not rebuild the model of {run.name}: {err!r}")
@@ -515,72 +475,21 @@ def mining_lines(r: dict) -> list[str]:
 
 
 # ---------------------------------------------------------------- curves
-def plot_classifier_curves(runs: Sequence[Run], path: Path, figsize: tuple[float, float] = (11, 4),
-                           dpi: int = 100) -> bool:
-    """Holdout top-1 and train loss per epoch of every T1/T2/T3 run on one figure.
-
-    figsize is in inches: REPORT.pdf draws its figures at the size they print, so that their
-    text is readable at 100 %."""
-    runs = [r for r in runs if r.history]
-    if not runs:
-        return False
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=figsize)
-    for r in runs:
-        epochs = [h.get("epoch") for h in r.history]
-        ax_acc.plot(epochs, [h.get("holdout_acc", math.nan) for h in r.history], marker=".", label=r.label)
-        ax_loss.plot(epochs, [h.get("train_loss", math.nan) for h in r.history], marker=".", label=r.label)
-    ax_acc.set(xlabel="epoch", ylabel="holdout top-1", title="holdout accuracy")
-    ax_loss.set(xlabel="epoch", ylabel="train loss", title="training loss (label-smoothed CE)")
-    _finish(fig, (ax_acc, ax_loss), path, dpi)
-    return True
-
-
-def plot_retrieval_curves(run: Run, path: Path, figsize: tuple[float, float] = (11, 4),
-                          dpi: int = 100) -> bool:
-    """Phase A holdout top-1 and Phase B holdout Recall@1 per epoch (one line per mining)."""
-    if not run.phases:
-        return False
-    fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=figsize)
-    # Mining runs can score identically (small holdouts): distinct markers and dashes, and a
-    # slight shrink per line, keep every one of them visible.
-    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-")]
-    b_index = 0
-    for name, history in run.phases.items():
-        epochs = [h.get("epoch") for h in history]
-        if name == "phase_a":
-            ax_a.plot(epochs, [h.get("holdout_acc", math.nan) for h in history], marker=".", label=name)
-        else:
-            marker, dashes = styles[b_index % len(styles)]
-            ax_b.plot(epochs, [h.get("holdout_r1", math.nan) for h in history], marker=marker,
-                      linestyle=dashes, markersize=8 - 1.5 * b_index, fillstyle="none", label=name)
-            b_index += 1
-    ax_a.set(xlabel="epoch", ylabel="holdout top-1", title="Phase A (classifier)")
-    ax_b.set(xlabel="epoch", ylabel="holdout Recall@1", title="Phase B (Multi-Similarity)")
-    _finish(fig, (ax_a, ax_b), path, dpi)
-    return True
-
-
-def _finish(fig, axes, path: Path, dpi: int = 100) -> None:
-    for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+def histories(runs: Sequence[Run]) -> dict[str, list[dict]]:
+    """Run label -> its metrics.jsonl records: what plot_classifier_curves draws."""
+    return {r.label: r.history for r in runs}
 
 
 def section_curves(runs: RunsFolder, figs: Figures) -> list[str]:
     lines = ["## Training curves", ""]
     if not runs.classifiers and not runs.retrievals:
         return lines + [f"No finished run: {NOT_RUN}.", ""]
-    if plot_classifier_curves(runs.classifiers, figs.path("classifiers_holdout.png")):
+    if plot_classifier_curves(histories(runs.classifiers), figs.path("classifiers_holdout.png")):
         lines += ["T1 / T2 / T3 together (holdout top-1 per epoch, left):", ""]
         lines += figs.link(figs.path("classifiers_holdout.png"), "holdout accuracy per epoch")
     for run in runs.retrievals:
         name = figure_name(run.name, "phases.png")
-        if plot_retrieval_curves(run, figs.path(name)):
+        if plot_retrieval_curves(run.phases, figs.path(name)):
             lines += [f"T4 `{run.name}`, Phase A and Phase B:", ""]
             lines += figs.link(figs.path(name), "T4 holdout scores per epoch")
     lines += ["Per-run curves (loss and accuracy / recall per epoch, as written by each run):", ""]
@@ -600,12 +509,8 @@ def section_curves(runs: RunsFolder, figs: Figures) -> list[str]:
 # ---------------------------------------------------------------- training strategies
 def random_area() -> str:
     """The loader's random-resized-crop area range (a code default, not in results.json)."""
-    try:
-        from common.loader import ImageLoader
-        lo, hi = inspect.signature(ImageLoader.__init__).parameters["random_area"].default
-        return f"{lo:g}-{hi:g}"
-    except Exception:  # noqa: BLE001 - the report must still be written
-        return "n/a"
+    lo, hi = RANDOM_AREA
+    return f"{lo:g}-{hi:g}"
 
 
 def optimiser(name: Any) -> str:
@@ -686,7 +591,7 @@ def section_strategies(runs: RunsFolder) -> list[str]:
         lines += recipe_table([(run.label, classifier_recipe(run.args, area))])
         lines += [f"T4 `{run.label}`, Phase B (metric learning):", ""]
         lines += recipe_table([(run.label, embedding_recipe(run.results))])
-    lines += [f"The crop area range ({area}) is the loader's default (common/loader.py), "
+    lines += [f"The crop area range ({area}) is the loader's RANDOM_AREA (common/loader.py), "
               "not stored in results.json.", ""]
     return lines
 

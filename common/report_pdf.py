@@ -13,13 +13,13 @@ runs, the script's default folder first; REPORT.md lists every run):
                      model) and a drawing of the three CUBS placements
     2 results        the headline figure of every task; a task without a finished run says
                      "not run yet"
-    3 T3 placements  the comparison from placements.json, the 2-point check, plus vs plain
+    3 T3 placements  the comparison from placements.json, the at-par check, plus vs plain
     4 curves         holdout score and training loss per epoch (metrics.jsonl)
     5 T4 retrieval   Recall@K before / after metric learning, every mining strategy, the
                      chance level, and the retrieval picture
     6 strategies     augmentation, schedule, early stopping, hard mining, our variant, all
                      read from the runs' args
-Every number is the JSON value in report.py's formats (accuracies and recalls to 4
+Every number is the JSON value in common/formats.py's formats (accuracies and recalls to 4
 decimals), and every table names the file and keys it came from, relative to the runs
 folder. Figures are drawn at the size they print, so their text is readable at 100 %.
 """
@@ -45,7 +45,9 @@ from reportlab.platypus import (Flowable, Image, KeepTogether, Paragraph, Simple
 
 from common import report as rep
 from common.files import atomic_file
+from common.formats import fmt_1, fmt_acc, fmt_count, fmt_epochs, fmt_gflops, fmt_points, fmt_setting
 from common.placements import at_par_lines, table_rows
+from common.plots import plot_classifier_curves, plot_retrieval_curves
 
 MAX_PAGES = 2
 MARGIN = 1.3 * cm
@@ -116,7 +118,7 @@ def json_path(run: rep.Run, file: str = "results.json") -> str:
 def recalls(values: dict | None) -> list[str]:
     """Recall@1, 2, 4, 8 at the report's precision ('n/a' where the JSON lacks one)."""
     values = values or {}
-    return [rep.fmt_acc(values.get(k)) for k in ("1", "2", "4", "8")]
+    return [fmt_acc(values.get(k)) for k in ("1", "2", "4", "8")]
 
 
 def run_label(run: rep.Run) -> str:
@@ -147,13 +149,13 @@ def network_line(task: str, run: rep.Run | None, arch: rep.Architecture | None) 
     if task in ("t3", "t4"):
         what += f"; placement **{r.get('placement')}**, variant **{r.get('variant')}**"
     if task == "t4":
-        what += f" ({rep.fmt_setting(run.args.get('embedding_dim'))}-d)"
+        what += f" ({fmt_setting(run.args.get('embedding_dim'))}-d)"
     counts = "model not rebuilt"
     if arch is not None:
         extra = "".join(f", {n} {kind}" for n, kind in ((arch.attention, "CUBS blocks"),
                                                         (arch.se_gates, "SE gates")) if n)
-        counts = (f"{arch.conv} conv, {arch.linear} linear{extra}; {rep.fmt_count(arch.params)} "
-                  f"parameters; {rep.fmt_gflops(arch.flops)} GFLOPs per {arch.input_size} px image")
+        counts = (f"{arch.conv} conv, {arch.linear} linear{extra}; {fmt_count(arch.params)} "
+                  f"parameters; {fmt_gflops(arch.flops)} GFLOPs per {arch.input_size} px image")
     return para(f"**{title}** ({run_label(run)}): {what}. {counts}.")
 
 
@@ -234,8 +236,8 @@ def classifier_row(task: str, run: rep.Run | None, selected: bool = False) -> li
     # T3's model name repeats the placement and variant that its folder name already gives.
     model = "cubs_resnet18" if task == "t3" else r.get("model", "?")
     return [task.upper(), f"{name}: {model}", "test top-1 / top-5",
-            f"{rep.fmt_acc(r.get('test_acc'))} / {rep.fmt_acc(r.get('test_top5'))}",
-            f"top-1 {rep.fmt_acc(r.get('holdout_acc'))}", rep.fmt_epochs(r),
+            f"{fmt_acc(r.get('test_acc'))} / {fmt_acc(r.get('test_top5'))}",
+            f"top-1 {fmt_acc(r.get('holdout_acc'))}", fmt_epochs(r),
             f"{json_path(run)}: test_acc, test_top5, holdout_acc"]
 
 
@@ -245,11 +247,11 @@ def retrieval_rows(run: rep.Run | None) -> list[list[str]]:
     r = run.results
     a, b = r.get("phase_a") or {}, r.get("phase_b") or {}
     return [["T4", f"{run_label(run)}: before (Phase A classifier features)", "R@1/2/4/8",
-             " / ".join(recalls(a.get("test_recall"))), f"top-1 {rep.fmt_acc(a.get('holdout_acc'))}",
-             rep.fmt_epochs(a), f"{json_path(run)}: phase_a"],
+             " / ".join(recalls(a.get("test_recall"))), f"top-1 {fmt_acc(a.get('holdout_acc'))}",
+             fmt_epochs(a), f"{json_path(run)}: phase_a"],
             ["T4", f"{run_label(run)}: after (Multi-Similarity, {b.get('mining')} mining)",
              "R@1/2/4/8", " / ".join(recalls(b.get("test_recall"))),
-             f"R@1 {rep.fmt_acc(b.get('holdout_r1'))}", rep.fmt_epochs(b),
+             f"R@1 {fmt_acc(b.get('holdout_r1'))}", fmt_epochs(b),
              f"{json_path(run)}: phase_b"]]
 
 
@@ -282,8 +284,8 @@ def section_placements(chosen: rep.Chosen) -> list[Flowable]:
     out += [para(line) for line in at_par_lines(c) if line]
     pairs = c.get("plus_vs_plain") or []
     out.append(para("Our variant (plus) against plain, same placement and seed: " + (
-        "; ".join(f"{p.get('placement')} {rep.fmt_points(p.get('gain_points'))} points test top-1 "
-                  f"({rep.fmt_acc(p.get('plain_test_acc'))} -> {rep.fmt_acc(p.get('plus_test_acc'))})"
+        "; ".join(f"{p.get('placement')} {fmt_points(p.get('gain_points'))} points test top-1 "
+                  f"({fmt_acc(p.get('plain_test_acc'))} -> {fmt_acc(p.get('plus_test_acc'))})"
                   for p in pairs) if pairs else "not run (train with `--variant both`)") + "."))
     return out
 
@@ -332,14 +334,14 @@ def section_curves(runs: rep.RunsFolder, chosen: rep.Chosen, figures: Path,
         classifiers.append(chosen.runs["t3"])
     height = 2.1 * scale
     path = figures / "pdf_classifier_curves.png"
-    if draw(lambda p, **kw: rep.plot_classifier_curves(classifiers, p, **kw), path, height):
+    if draw(lambda p, **kw: plot_classifier_curves(rep.histories(classifiers), p, **kw), path, height):
         out += [figure(path, WIDTH), para("T1 / T2 / T3: holdout top-1 (left) and training "
                                           "loss (right) per epoch.", SMALL)]
     else:
         out.append(para(f"T1 / T2 / T3: **{rep.NOT_RUN}**."))
     t4 = chosen.runs["t4"]
     path = figures / "pdf_t4_curves.png"
-    if t4 and draw(lambda p, **kw: rep.plot_retrieval_curves(t4, p, **kw), path, height):
+    if t4 and draw(lambda p, **kw: plot_retrieval_curves(t4.phases, p, **kw), path, height):
         out += [figure(path, WIDTH), para("T4: Phase A holdout top-1 (left) and Phase B holdout "
                                           "Recall@1 per mining strategy (right) per epoch.", SMALL)]
     else:
@@ -361,16 +363,16 @@ def section_retrieval(chosen: rep.Chosen, figures: Path, scale: float) -> list[F
         f"{r.get('test_classes')} unseen classes; every test image queries all the others "
         f"(cosine). Device: {r.get('device')}."))
     rows = [["before: Phase A classifier features (cross-entropy)"] + recalls(a.get("test_recall"))
-            + [f"top-1 {rep.fmt_acc(a.get('holdout_acc'))}", rep.fmt_epochs(a),
-               rep.fmt_1(a.get("train_time_s"))]]
+            + [f"top-1 {fmt_acc(a.get('holdout_acc'))}", fmt_epochs(a),
+               fmt_1(a.get("train_time_s"))]]
     for e in r.get("mining_comparison") or []:
         label = f"after: Multi-Similarity, {e.get('mining')} mining" + (
             " (**main**)" if e.get("mining") == main else "")
         rows.append([label] + recalls(e.get("test_recall"))
-                    + [f"R@1 {rep.fmt_acc(e.get('holdout_r1'))}", rep.fmt_epochs(e),
-                       rep.fmt_1(e.get("train_time_s"))])
+                    + [f"R@1 {fmt_acc(e.get('holdout_r1'))}", fmt_epochs(e),
+                       fmt_1(e.get("train_time_s"))])
     rows.append(["chance (random other test image of the same class)",
-                 rep.fmt_acc(r.get("recall_at_1_chance")), "", "", "", "", "", ""])
+                 fmt_acc(r.get("recall_at_1_chance")), "", "", "", "", "", ""])
     out += [grid(["embedding", "R@1", "R@2", "R@4", "R@8", "holdout", "best epoch / run",
                   "train time (s)"], rows, [4.2, 0.9, 0.9, 0.9, 0.9, 1.2, 1.0, 1.0]),
             source(f"{json_path(run)}: phase_a, mining_comparison (phase_b = the main one), "
@@ -408,8 +410,8 @@ def classifier_strategies(chosen: rep.Chosen) -> list[str]:
         return by_task({t: recipe[key] for t, recipe in recipes.items()})
 
     # T4's classifier is its Phase A; its Phase B has its own line (hard mining).
-    stops = ", ".join(f"{t.upper()} {rep.fmt_epochs(r.results)}" if t != "t4" else
-                      f"T4 Phase A {rep.fmt_epochs(r.results.get('phase_a') or {})}"
+    stops = ", ".join(f"{t.upper()} {fmt_epochs(r.results)}" if t != "t4" else
+                      f"T4 Phase A {fmt_epochs(r.results.get('phase_a') or {})}"
                       for t, r in runs.items())
     return [
         f"**Augmentation** (train only): {pick('augmentation')}.",
@@ -433,7 +435,7 @@ def mining_strategy(chosen: rep.Chosen) -> str:
     best = [e.get("mining") for e, v in zip(entries, scores) if v == max(scores)]
     verdict = ""
     if len(entries) > 1:  # ties are common on small holdouts: name every best one
-        verdict = (f" Best by holdout R@1 ({rep.fmt_acc(max(scores))}): {', '.join(best)}"
+        verdict = (f" Best by holdout R@1 ({fmt_acc(max(scores))}): {', '.join(best)}"
                    + (" (tied)." if len(best) > 1 else "."))
     return (f"**Hard mining** (T4 Phase B): {recipe['loss']}; pairs mined with "
             f"{recipe['mining']} on class-balanced batches of {recipe['batches (P x K)']}. "
@@ -444,7 +446,7 @@ def mining_strategy(chosen: rep.Chosen) -> str:
 
 def variant_strategy(chosen: rep.Chosen) -> str:
     pairs = (chosen.placements[1].get("plus_vs_plain") or []) if chosen.placements else []
-    result = ("; ".join(f"{p.get('placement')}: {rep.fmt_points(p.get('gain_points'))} test "
+    result = ("; ".join(f"{p.get('placement')}: {fmt_points(p.get('gain_points'))} test "
                         "points over plain" for p in pairs)
               if pairs else "not run (`--variant both`)")
     return ("**Our variant** (CUBS plus): identity-preserving gates y = x (1 + gamma (2 sigmoid(.) "

@@ -1,6 +1,7 @@
 """The layers of common/, read from the import statements of every module (nested imports
 included): data knows no models, models know no files or training loop, loss and recall
-take tensors only, and nothing in common/ imports a task script."""
+take tensors only, plots know no models or data, and nothing in common/ imports a task
+script."""
 import ast
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 
 COMMON = Path(__file__).resolve().parents[1] / "common"
 DATA = {"datasets", "synthetic", "sampling", "loader", "task_data", "image_check"}
-MODELS = {"models", "cubs"}
+MODELS = {"models", "cubs", "networks"}
 TRAINING = {"engine", "train_classifier", "diagnostics", "evaluate", "cli"}
 PLOTS_AND_REPORTS = {"plots", "formats", "placements", "report", "report_pdf", "archive"}
 
@@ -45,6 +46,11 @@ def test_data_modules_import_no_model_training_or_plot_module(module):
 @pytest.mark.parametrize("module", sorted(MODELS))
 def test_models_import_no_data_training_or_file_module(module):
     assert not common_imports(module) & (DATA | TRAINING | PLOTS_AND_REPORTS | {"checkpoint", "runtime"})
+
+
+def test_plots_import_no_model_data_or_training_module():
+    # plots.py draws what it is given (histories, values, images), whoever computed them.
+    assert not common_imports("plots") & (MODELS | DATA | TRAINING)
 
 
 @pytest.mark.parametrize("module", ["loss", "recall"])

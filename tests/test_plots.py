@@ -92,3 +92,27 @@ def test_retrieval_grid_has_a_title_and_a_key(figures: list, tmp_path: Path) -> 
     assert [p.get_edgecolor() for p in key.get_patches()] == [to_rgba("limegreen"), to_rgba("red")]
     borders = [next(iter(ax.spines.values())).get_edgecolor() for ax in fig.axes[1:3]]
     assert borders == [to_rgba("limegreen"), to_rgba("red")]
+
+
+def test_report_curves_draw_one_line_per_run_on_whole_epochs(figures: list, tmp_path: Path) -> None:
+    history = lambda n: [{"epoch": e, "holdout_acc": 0.1 * e, "train_loss": 2.0 / e}  # noqa: E731
+                         for e in range(1, n + 1)]
+    assert not plots.plot_classifier_curves({"t1": []}, tmp_path / "none.png")
+    assert not (tmp_path / "none.png").exists() and not figures  # nothing drawn
+    assert plots.plot_classifier_curves({"t1": history(5), "t2": history(3), "t3": []},
+                                        tmp_path / "classifiers.png")
+    for ax in figures[0].axes:
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["t1", "t2"]
+        assert all(float(tick).is_integer() for tick in ax.get_xticks())
+
+
+def test_report_phase_b_curves_keep_equal_scores_apart(figures: list, tmp_path: Path) -> None:
+    same = [{"epoch": e, "holdout_r1": 0.5} for e in (1, 2)]
+    phases = {"phase_a": [{"epoch": 1, "holdout_acc": 0.4}], "phase_b_ms": same, "phase_b_hard": same}
+    assert plots.plot_retrieval_curves(phases, tmp_path / "phases.png")
+    ax_a, ax_b = figures[0].axes[:2]
+    assert [t.get_text() for t in ax_a.get_legend().get_texts()] == ["phase_a"]
+    assert [t.get_text() for t in ax_b.get_legend().get_texts()] == ["phase_b_ms", "phase_b_hard"]
+    ms, hard = ax_b.lines
+    assert ms.get_marker() != hard.get_marker() and ms.get_markersize() > hard.get_markersize()
+    assert not plots.plot_retrieval_curves({}, tmp_path / "empty.png")

@@ -6,7 +6,7 @@ fixture `runs` of tests/conftest.py, or, to reuse smoke runs made earlier with t
 commands, the folder named by the environment variable REPORT_SMOKE_RUNS.
 
 Every number checked is compared as text with the JSON value formatted at the report's
-documented precision (common/report.py docstring): 4 decimals for accuracies, recalls and
+documented precision (common/formats.py docstring): 4 decimals for accuracies, recalls and
 chance, +2 decimals for point differences, comma-grouped exact parameter counts.
 """
 from __future__ import annotations
@@ -27,7 +27,8 @@ from pypdf import PdfReader
 
 from common import archive, report
 from common.cubs import cubs_resnet18
-from common.models import ResNet18
+from common.models import ResNet18, count_parameters
+from common.networks import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,7 +91,7 @@ def check_classifier_rows(text: str, root: Path) -> int:
 
 
 def check_placements(text: str, c: dict) -> None:
-    """Placement table, winner, 2-point verdict and plus-vs-plain quoted from placements.json."""
+    """Placement table, selection, at-par verdict and plus-vs-plain quoted from placements.json."""
     table = find_tables(text, "placement", "variant", "selection")[0]
     rows = {(r["placement"], r["variant"]): r for r in table}
     for run in c["runs"]:
@@ -456,6 +457,17 @@ def check_pdf_placements(text: str, c: dict, where: str) -> None:
         assert (f"{r['placement']} {r['variant']} {acc(r['holdout_acc'])} {acc(r['test_acc'])} "
                 f"{acc(r['test_top5'])} {r['params']:,} {r['best_epoch']}/{r['epochs_run']}{mark}") in text
     assert f"Source: {where}/placements.json: runs, selected" in text
+
+
+def test_build_model_rebuilds_every_smoke_network_with_its_parameter_count(smoke_runs):
+    checked = 0
+    for path in sorted(smoke_runs.rglob("results.json")):
+        r = json.loads(path.read_text())
+        assert count_parameters(build_model(r)) == r["params"], path
+        if r["task"] == "t4":
+            assert count_parameters(build_model(r, phase="b")) == r["embedding_params"]
+        checked += 1
+    assert checked == 6  # t1, t2, three placements, t4
 
 
 def test_pdf_of_the_four_smoke_runs_fits_two_pages_and_quotes_the_json(smoke_runs, smoke_report):
