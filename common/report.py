@@ -46,11 +46,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from common.cubs import CUBSBlock1, CUBSBlock1Plus, CUBSBlock2, CUBSBlock2Plus
 from common.errors import UserError
 from common.flops import forward_flops
 from common.formats import (fmt_1, fmt_acc, fmt_count, fmt_epochs, fmt_gflops, fmt_points,
                             fmt_setting, table)
 from common.loader import RANDOM_AREA
+from common.models import SqueezeExcitation
 from common.networks import build_model, model_keys, model_name
 from common.placements import comparison_lines
 from common.plots import plot_classifier_curves, plot_retrieval_curves
@@ -236,8 +238,6 @@ class Architecture:
 
 
 def summarise(model: nn.Module, label: str, image_size: int) -> Architecture:
-    from common.cubs import CUBSBlock1, CUBSBlock1Plus, CUBSBlock2, CUBSBlock2Plus
-    from common.models import SqueezeExcitation
     mods = list(model.modules())
     n = lambda *types: sum(isinstance(m, types) for m in mods)  # noqa: E731
     return Architecture(

@@ -65,6 +65,6 @@ def test_nothing_in_common_imports_a_task_script(module):
 
 
 def test_the_reader_sees_imports_it_must_catch():
-    # task_data.py reads the runtime, not the training loop; report.py imports models lazily.
+    # task_data.py reads the runtime, not the training loop; report.py counts CUBS and SE modules.
     assert "runtime" in common_imports("task_data") and "engine" not in common_imports("task_data")
     assert {"cubs", "models"} <= common_imports("report")
