@@ -16,30 +16,52 @@ checked. Writes placements.json, placements.md and placements.png in --out.
 """
 from pathlib import Path
 
-from common import cli, data, evaluate, runtime
-from common.classifier import train_and_test
-from common.cubs import GATE_LOGIT_INIT, PLACEMENTS, VARIANTS, check_plus_d, cubs_resnet18
+from common import cli, evaluate, runtime, task_data
+from common.cubs import GATE_LOGIT_INIT, PLACEMENTS, VARIANTS, check_plus_d
+from common.engine import classification_step
+from common.networks import build_model
 from common.placements import compare_runs, write_comparison
+from common.train_classifier import train_and_test
+
+# The recipe: the defaults of `python t3_cubs.py`. Each is a flag (--lr 0.1, ...). The
+# training settings are T2's (tests/test_scripts.py checks it), so that the at-par rule
+# compares the networks, not two recipes.
+RECIPE = dict(
+    epochs=60,  # length of the cosine schedule; early stopping may end the run sooner
+    batch_size=256,  # per process (per GPU); the LR below goes with it: scale the two together
+    lr=0.2,  # peak LR after warmup
+    optimizer="sgd",  # SGD with Nesterov momentum 0.9
+    weight_decay=5e-4,  # on conv / linear weights only, not on biases, BatchNorm and gates
+    warmup_epochs=2,  # linear warmup: the first large-LR steps come while BN statistics settle
+    label_smoothing=0.1,  # 200 classes with look-alikes (dog breeds): no reward for overconfidence
+    patience=15,  # early stopping: epochs without a better holdout accuracy
+    min_delta=0.0,  # any holdout improvement counts
+    grad_clip=0.0,  # off; 1.0 is the remedy if a loss goes non-finite
+    holdout_per_class=10,  # 2,000 train images select the epoch and the placement; test is used once
+    image_size=64,  # Tiny ImageNet's own size: train crops and evaluation at 64 x 64
+    color_jitter=0.0,  # off: random-resized crop + flip are the augmentation
+    width=64,  # ResNet-18's widths (64, 128, 256, 512)
+    d=512,  # Block 1: the pooled channel descriptor is projected to d values (docs/cubs.md)
+    gate_init=GATE_LOGIT_INIT,  # plain blocks: gates start at sigmoid(3) = 0.95, nearly open,
+                                # so serial/reverse learn as fast as vanilla (docs/cubs.md ablation)
+)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    # -- settings
-    parser = cli.training_parser(__doc__, out="runs/t3", epochs=60, batch_size=256, lr=0.2,
-                                 weight_decay=5e-4)
+    parser = cli.training_parser(__doc__, out="runs/t3", recipe=RECIPE)
     parser.add_argument("--placement", choices=[*PLACEMENTS, "all"], default="serial",
                         help="where the two CUBS blocks sit in each BasicBlock; all = train the "
                              "three and select by holdout")
     parser.add_argument("--variant", choices=[*VARIANTS, "both"], default="plain",
                         help="plain = the specified blocks; plus = our identity-preserving "
                              "multi-head variant; both = train and compare the two")
-    parser.add_argument("--d", type=cli.positive_int, default=512, help="Block 1 similarity size")
-    parser.add_argument("--gate-init", type=_gate_logit, default=GATE_LOGIT_INIT,
-                        help="initial logit of the plain blocks' sigmoid gates: 3 starts them at "
-                             "0.95, nearly open, so serial/reverse train as fast as vanilla "
-                             "(docs/cubs.md, ablation); 'pytorch' = PyTorch's default init")
+    parser.add_argument("--d", type=cli.positive_int, help="Block 1 similarity size")
+    parser.add_argument("--gate-init", type=_gate_logit,
+                        help="initial logit of the plain blocks' sigmoid gates; 'pytorch' = "
+                             "PyTorch's default init")
     parser.add_argument("--vanilla-results", default="runs/t2/results.json",
                         help="T2 results to compare with (skipped if missing or mismatched)")
-    args = cli.parse(parser, argv)  # --smoke: small model, generated data, CPU
+    args = cli.parse(parser, argv, smoke=cli.SMOKE)  # --smoke: generated data, small model, CPU
     if args.variant != "plain":
         try:
             check_plus_d(args.d)
@@ -49,33 +71,46 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--evaluate takes the checkpoint's one --placement and one --variant, not all/both")
     rt = runtime.setup_runtime(args.device, args.seed)
 
-    # -- data (shared by every run)
-    splits = data.tiny_imagenet(args, rt)
-    loaders = data.make_loaders(splits, args, rt)
-    num_classes = len(splits.train.classes)
+    # -- data, shared by every run: as T2 (Tiny ImageNet minus a stratified holdout; test =
+    # the labelled val split; random-resized crop + flip for training)
+    splits = task_data.tiny_imagenet(args.data_dir, args.out, rt, holdout_per_class=args.holdout_per_class,
+                                     seed=args.seed, check=args.check_images,
+                                     download=not args.no_download, smoke=args.smoke,
+                                     smoke_image_size=args.image_size)
+    loaders = task_data.classifier_loaders(splits, cli.loader_settings(args), rt)
+
+    # -- loss and step, optimiser and schedule: T2's (label-smoothed cross-entropy; SGD
+    # Nesterov, linear warmup then cosine to 0, per step; early stopping on holdout accuracy)
+    step = classification_step(label_smoothing=args.label_smoothing)
+    cfg = cli.fit_config(args, cuda=rt.cuda)
 
     # -- one training run per (placement, variant), same seed and recipe
     placements = PLACEMENTS if args.placement == "all" else [args.placement]
     variants = VARIANTS if args.variant == "both" else [args.variant]
     for placement in placements:
         for variant in variants:
+            # -- model: T2's ResNet-18 (CIFAR stem) with Block 1 and Block 2 (common/cubs.py)
+            # on every BasicBlock's residual branch, before the addition:
+            #   serial  y = B2(B1(x)),  reverse  y = B1(B2(x)),  parallel  y = B1(x) + B2(x)
+            # (plus: B1(x) + B2(x) - x, so that it starts as the identity)
             runtime.seed_everything(args.seed + rt.rank)  # identical init draws for every run
-            model = cubs_resnet18(num_classes, stem="cifar", placement=placement, variant=variant,
-                                  width=args.width, d=args.d, gate_logit=args.gate_init)
-            meta = {"task": "t3", "model": f"cubs_resnet18_{placement}_{variant}",
-                    "placement": placement, "variant": variant, "num_classes": num_classes,
-                    "width": args.width, "image_size": args.image_size, "d": args.d,
-                    **({"gate_init": args.gate_init} if variant == "plain" else {})}
+            meta = dict(task="t3", model=f"cubs_resnet18_{placement}_{variant}",
+                        placement=placement, variant=variant, num_classes=len(splits.train.classes),
+                        width=args.width, image_size=args.image_size, d=args.d,
+                        **({"gate_init": args.gate_init} if variant == "plain" else {}),
+                        **cli.data_recipe(args))
+            model = build_model(meta)
             if args.evaluate:  # test that checkpoint instead of training
                 return evaluate.classifier_checkpoint(model, args.evaluate, meta, loaders.test, rt)
             if rt.is_main:
                 print(f"== placement {placement}, variant {variant}")
-            result = train_and_test(model, loaders, args, rt, meta,
-                                    Path(args.out) / f"{placement}_{variant}")
+            result = train_and_test(model, loaders, step, cfg, rt, meta,
+                                    Path(args.out) / f"{placement}_{variant}", cli.flags(args))
             if not result["finished"]:
                 return result
 
-    # -- compare every finished run in --out, select by holdout
+    # -- compare every finished run in --out, select the placement by HOLDOUT accuracy,
+    # check the at-par rule against T2's results.json; write placements.json/.md/.png
     if not rt.is_main:
         return {}
     comparison = compare_runs(Path(args.out), Path(args.vanilla_results))

@@ -23,92 +23,120 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import cli, data, engine, evaluate, runtime
+from common import cli, engine, evaluate, runtime, task_data
 from common.checkpoint import load_checkpoint, load_matching_tensors
-from common.classifier import fit_classifier, load_best
-from common.files import write_json
-from common.models import count_parameters
-from common.runtime import describe_device
-from common.cubs import PLACEMENTS, VARIANTS, cubs_resnet18
+from common.cubs import PLACEMENTS, VARIANTS
 from common.errors import ConfigError, DownloadError
-from common.loader import ImageLoader
 from common.loss import MINING_CHOICES, multi_similarity_loss
-from common.models import EmbeddingNet
+from common.models import EmbeddingNet, count_parameters
+from common.networks import build_model
 from common.plots import plot_retrieval
 from common.recall import nearest_neighbours, recall_at_k
+from common.files import write_json
+from common.runtime import describe_device
+from common.schema import RetrievalResults
+from common.train_classifier import fit_classifier, load_best
 
 KS = (1, 2, 4, 8)
 
+# The recipe: the defaults of `python t4_retrieval.py`. Each is a flag (--lr 0.05, ...).
+RECIPE = dict(
+    # Phase A: the CUBS network as a 98-way classifier (the shared training flags)
+    epochs=30,  # length of the cosine schedule; classes 1-98 hold 8,054 images
+    batch_size=128,  # per process; a 224 px image takes 12x the activations of T2's 64 px one
+    lr=0.1,  # peak LR after warmup (SGD, Nesterov momentum 0.9)
+    optimizer="sgd",
+    weight_decay=5e-4,  # on conv / linear weights only
+    warmup_epochs=1,  # linear warmup, then cosine decay to 0
+    label_smoothing=0.1,  # as T2
+    patience=8,  # early stopping: epochs without a better holdout accuracy
+    min_delta=0.0,
+    grad_clip=0.0,  # off
+    holdout_per_class=5,  # 490 train images select Phase A's epoch; Cars196 has ~82 per class
+    image_size=224,  # Cars196 photos are large: random-resized crops of 224 px for training,
+                     # resize to 256 + centre crop 224 for evaluation (eval_resize below)
+    color_jitter=0.0,  # off: random-resized crop + flip are the augmentation
+    width=64,  # ResNet-18 widths (64, 128, 256, 512): T3's weights load into it
+    # Phase B: the 512-d embedding trained with the Multi-Similarity loss from Phase A's weights
+    embed_epochs=30,  # length of Phase B's cosine schedule; early stopping on holdout R@1
+    embed_lr=1e-4,  # small: fine-tune what Phase A learned rather than overwrite it
+    embed_optimizer="adamw",  # the usual optimiser of deep metric learning recipes
+    embed_weight_decay=1e-4,  # AdamW's decoupled decay, on weights only
+    embedding_dim=512,  # the assignment's size
+    classes_per_batch=32,  # P: each batch holds P classes x K images
+    images_per_class=4,  # K: every anchor has K - 1 = 3 positives and (P - 1) K negatives
+    mining="ms",  # the MS paper's mining: keep the pairs within epsilon of the hardest pair
+                  # of the other kind (common/loss.py); --compare-mining trains the others too
+    alpha=2.0, beta=50.0, lam=0.5, epsilon=0.1,  # MS loss / mining constants: the values of
+                                                 # pytorch-metric-learning's defaults
+)
+# --smoke: cli.SMOKE plus T4's own: 64 px; Phase A takes batches of 16 so that its 10 epochs
+# make 100 steps on the 160 generated training images, enough to beat its starting network
+# clearly (tests/test_scripts.py); Phase B batches of 4 classes x 4 images.
+SMOKE = {**cli.SMOKE, "image_size": 64, "epochs": 10, "batch_size": 16, "holdout_per_class": 4,
+         "embed_epochs": 4, "embed_lr": 1e-3, "classes_per_batch": 4, "images_per_class": 4,
+         "compare_mining": True}
+
 
 def main(argv: list[str] | None = None) -> dict:
-    # -- settings (the shared flags drive Phase A; --embed-* drive Phase B)
-    p = cli.training_parser(__doc__, out="runs/t4", epochs=30, batch_size=128, lr=0.1,
-                            weight_decay=5e-4, holdout_per_class=5, image_size=224,
-                            patience=8, warmup_epochs=1.0)
-    a = p.add_argument
+    p = cli.training_parser(__doc__, out="runs/t4", recipe=RECIPE)
+    a = p.add_argument  # T4's own flags; their defaults come from RECIPE
     a("--t3-results", default="runs/t3/placements.json", help="where T3 wrote its selection")
     a("--placement", choices=PLACEMENTS, default=None, help="CUBS placement (default: T3's selection, else serial)")
     a("--variant", choices=VARIANTS, default=None, help="CUBS variant (default: T3's selection, else plain)")
     a("--init", choices=["auto", "scratch", "t3", "imagenet"], default="auto",
       help="auto = t3 if its best.pt exists, else scratch")
     a("--init-weights", default=None, help="local torchvision ResNet-18 state dict for --init imagenet")
-    a("--embed-epochs", type=cli.positive_int, default=30, help="Phase B: maximum epochs")
-    a("--embed-lr", type=cli.positive_float, default=1e-4, help="Phase B: peak learning rate")
-    a("--embed-optimizer", choices=["sgd", "adamw"], default="adamw", help="Phase B: optimiser")
-    a("--embed-weight-decay", type=cli.nonnegative_float, default=1e-4, help="Phase B: weight decay")
-    a("--embedding-dim", type=cli.positive_int, default=512,
-      help="Phase B: size of the L2-normalised embedding")
-    a("--classes-per-batch", type=cli.positive_int, default=32, help="P of the P x K batches")
-    a("--images-per-class", type=cli.positive_int, default=4,
-      help="K of the P x K batches (>= 2: each image needs a positive)")
-    a("--mining", choices=MINING_CHOICES, default="ms",
+    a("--embed-epochs", type=cli.positive_int, help="Phase B: maximum epochs")
+    a("--embed-lr", type=cli.positive_float, help="Phase B: peak learning rate")
+    a("--embed-optimizer", choices=["sgd", "adamw"], help="Phase B: optimiser")
+    a("--embed-weight-decay", type=cli.nonnegative_float, help="Phase B: weight decay")
+    a("--embedding-dim", type=cli.positive_int, help="Phase B: size of the L2-normalised embedding")
+    a("--classes-per-batch", type=cli.positive_int, help="P of the P x K batches")
+    a("--images-per-class", type=cli.positive_int, help="K of the P x K batches (>= 2: each image needs a positive)")
+    a("--mining", choices=MINING_CHOICES,
       help="pair mining of the MS loss: none = all pairs, ms = the paper's, hard = hardest positive "
            "and negative per anchor, semihard = ms positives and the negatives within +-epsilon of "
            "the hardest positive")
     a("--compare-mining", action="store_true", help="also train Phase B with every other mining")
-    a("--alpha", type=cli.positive_float, default=2.0, help="MS loss: weight scale of positive pairs")
-    a("--beta", type=cli.positive_float, default=50.0, help="MS loss: weight scale of negative pairs")
-    a("--lam", type=float, default=0.5, help="MS loss: similarity margin lambda")
-    a("--epsilon", type=cli.nonnegative_float, default=0.1,
-      help="mining margin of the ms and semihard mining")
-    # --smoke: Phase A takes batches of 16 so that its 10 epochs make 100 steps on the 160
-    # generated training images, enough to beat its starting network clearly (tests/test_scripts.py)
-    args = cli.parse(p, argv, smoke=dict(image_size=64, epochs=10, embed_epochs=4, embed_lr=1e-3,
-                                         classes_per_batch=4, images_per_class=4,
-                                         compare_mining=True, holdout_per_class=4,
-                                         batch_size=16))
+    a("--alpha", type=cli.positive_float, help="MS loss: weight scale of positive pairs")
+    a("--beta", type=cli.positive_float, help="MS loss: weight scale of negative pairs")
+    a("--lam", type=float, help="MS loss: similarity margin lambda")
+    a("--epsilon", type=cli.nonnegative_float, help="mining margin of the ms and semihard mining")
+    args = cli.parse(p, argv, smoke=SMOKE)
     if args.images_per_class < 2:
         p.error(f"--images-per-class must be >= 2 (each image needs a positive), got {args.images_per_class}")
     rt = runtime.setup_runtime(args.device, args.seed)
     out = Path(args.out)
     placement, variant, t3_best = t3_selection(args)
 
-    # -- data: 1..98 train, 99..196 test; eval = resize 256 + centre crop 224
-    splits = data.cars196(args, rt)
-    eval_resize = round(args.image_size * 256 / 224)
-    loaders = data.make_loaders(splits, args, rt, eval_resize=eval_resize)
-    whole = lambda s: ImageLoader(s.files, s.labels, batch_size=args.batch_size, train=False,  # noqa: E731
-                                  image_size=args.image_size, eval_resize=eval_resize,
-                                  device=rt.device, workers=args.workers, backend=args.backend)
-    holdout_all, test_all = whole(splits.holdout), whole(splits.test)
+    # -- data: classes 1-98 train (minus a stratified holdout), 99-196 test, never seen in
+    # training. Training: random-resized crop + flip; evaluation: resize 256, centre crop 224.
+    splits = task_data.cars196(args.data_dir, out, rt, holdout_per_class=args.holdout_per_class,
+                               seed=args.seed, check=args.check_images, smoke=args.smoke)
+    settings = cli.loader_settings(args, eval_resize=round(args.image_size * 256 / 224))
+    loaders = task_data.classifier_loaders(splits, settings, rt)  # Phase A: train and holdout
+    # Retrieval compares every image with every other: each process embeds the whole split.
+    holdout_all = task_data.whole_split_loader(splits.holdout, settings, rt)
+    test_all = task_data.whole_split_loader(splits.test, settings, rt)
     num_classes = len(splits.train.classes)
     if args.classes_per_batch > num_classes:  # found now, not after Phase A has trained
         raise ConfigError(f"--classes-per-batch {args.classes_per_batch} exceeds the "
                           f"{num_classes} training classes of {splits.root}")
 
-    # -- model: CUBS-ResNet-18, ImageNet stem for 224 px, initialised as asked
-    model = cubs_resnet18(num_classes, stem="imagenet", placement=placement, variant=variant,
-                          width=args.width)
-    meta = {"task": "t4", "model": f"cubs_resnet18_{placement}_{variant}", "placement": placement,
-            "variant": variant, "num_classes": num_classes, "width": args.width,
-            "image_size": args.image_size}
+    # -- model: CUBS-ResNet-18 (T3's network) with the ImageNet stem (7x7 stride 2 + max-pool)
+    # for 224 px, initialised as --init says
+    meta = dict(task="t4", model=f"cubs_resnet18_{placement}_{variant}", placement=placement,
+                variant=variant, num_classes=num_classes, width=args.width,
+                image_size=args.image_size)
+    model = build_model(meta)
 
     # -- --evaluate PATH: Recall@K of a saved Phase A or Phase B checkpoint instead of training
     if args.evaluate:
         return evaluate_saved(model, meta, args, test_all, rt)
 
     init = initialise(model, args, t3_best, rt)
-    meta["init"] = init["init"]
+    meta.update(init=init["init"], **cli.data_recipe(args))
     if rt.is_main:
         print(f"CUBS-ResNet-18 ({placement}, {variant}), {count_parameters(model) / 1e6:.2f}M params, "
               f"init {init['init']}; {len(splits.train.files)} train images of {num_classes} classes, "
@@ -119,8 +147,10 @@ def main(argv: list[str] | None = None) -> dict:
     if rt.is_main:
         print(f"Before Phase A (--init {init['init']}) test " + fmt(recall_init))
 
-    # -- Phase A: classifier, then Recall@K of its pooled features on the unseen classes
-    fitted_a = fit_classifier(model, loaders, args, rt, meta, out / "phase_a")
+    # -- Phase A: label-smoothed cross-entropy over the 98 training classes, SGD + warmup +
+    # cosine as T2 (engine.fit, cli.fit_config); then Recall@K of the pooled features
+    fitted_a = fit_classifier(model, loaders, engine.classification_step(args.label_smoothing),
+                              cli.fit_config(args, cuda=rt.cuda), rt, meta, out / "phase_a")
     if not fitted_a["finished"]:
         return {"finished": False}
     load_best(model, out / "phase_a", fitted_a["best_epoch"])
@@ -128,14 +158,13 @@ def main(argv: list[str] | None = None) -> dict:
     if rt.is_main:
         print("Phase A (classifier features) test " + fmt(recall_a))
 
-    # -- Phase B: 512-d embedding trained with the Multi-Similarity loss on P x K batches
-    pk_train = ImageLoader(splits.train.files, splits.train.labels,
-                           batch_size=args.classes_per_batch * args.images_per_class, train=True,
-                           image_size=args.image_size, device=rt.device, workers=args.workers,
-                           backend=args.backend, seed=args.seed, color_jitter=args.color_jitter,
-                           classes_per_batch=args.classes_per_batch, shard_id=rt.rank,
-                           num_shards=rt.world_size)
-    cfg_b = cli.fit_config(args, rt.cuda)
+    # -- Phase B: a 512-d L2-normalised linear embedding on the pooled features, the whole
+    # network trained with the Multi-Similarity loss on P x K batches, from Phase A's weights.
+    # Optimiser --embed-optimizer (AdamW) at --embed-lr, 1 warmup epoch, then cosine;
+    # early stopping on holdout Recall@1.
+    pk_train = task_data.pk_loader(splits.train, settings, rt, classes_per_batch=args.classes_per_batch,
+                                   images_per_class=args.images_per_class)
+    cfg_b = cli.fit_config(args, cuda=rt.cuda)
     cfg_b.epochs, cfg_b.lr, cfg_b.optimizer = args.embed_epochs, args.embed_lr, args.embed_optimizer
     cfg_b.weight_decay, cfg_b.warmup_epochs = args.embed_weight_decay, 1.0
     phase_a_weights = {k: v.clone() for k, v in model.state_dict().items()}
@@ -146,12 +175,17 @@ def main(argv: list[str] | None = None) -> dict:
         model.load_state_dict(phase_a_weights)
         runtime.seed_everything(args.seed + rt.rank)
         embedder = EmbeddingNet(model, dim=args.embedding_dim)
-        step = lambda m, x, y, mining=mining: (multi_similarity_loss(  # noqa: E731
-            m(x).float(), y, args.alpha, args.beta, args.lam, mining, args.epsilon), None)
-        holdout_r1 = lambda m: {"holdout_r1": recall_at_k(*engine.embed(m, holdout_all, rt), ks=(1,))[1]}  # noqa: E731
+
+        def step(m, images, labels, mining=mining):  # the loss in fp32 (common/loss.py)
+            return multi_similarity_loss(m(images).float(), labels, args.alpha, args.beta,
+                                         args.lam, mining, args.epsilon), None
+
+        def holdout_r1(m):
+            return {"holdout_r1": recall_at_k(*engine.embed(m, holdout_all, rt), ks=(1,))[1]}
+
         run_dir = out / f"phase_b_{mining}"
         fitted = engine.fit(embedder, pk_train, step, holdout_r1, cfg_b, run_dir, rt,
-                            {**meta, **cli.data_recipe(args), "phase": "b", "mining": mining,
+                            {**meta, "phase": "b", "mining": mining,
                              **{k: getattr(args, k) for k in ("embedding_dim", "classes_per_batch",
                                                               "images_per_class", "alpha", "beta",
                                                               "lam", "epsilon")}},
@@ -173,19 +207,18 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     counts = np.bincount(splits.test.labels)
     chance = float((counts * (counts - 1)).sum() / (len(splits.test.labels) * (len(splits.test.labels) - 1)))
-    results = {
-        "task": "t4", "placement": placement, "variant": variant, **init,
-        "params": count_parameters(model), "embedding_params": count_parameters(embedder),
-        "test_images": len(splits.test.files), "test_classes": len(splits.test.classes),
-        "train_images": len(splits.train.files), "train_classes": num_classes,
-        "recall_at_1_chance": chance, "init_test_recall": recall_init,
-        "phase_a": {"test_recall": recall_a, "holdout_acc": fitted_a["best_score"],
-                    "best_epoch": fitted_a["best_epoch"], "epochs_run": fitted_a["epochs_run"],
-                    "train_time_s": fitted_a["train_time_s"]},
-        "phase_b": phase_b[args.mining], "mining_comparison": list(phase_b.values()),
-        "device": describe_device(rt), "loader": loaders.train.backend, "finished": True,
-        "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-    }
+    results = RetrievalResults(
+        task="t4", placement=placement, variant=variant, **init,
+        params=count_parameters(model), embedding_params=count_parameters(embedder),
+        test_images=len(splits.test.files), test_classes=len(splits.test.classes),
+        train_images=len(splits.train.files), train_classes=num_classes,
+        recall_at_1_chance=chance, init_test_recall=recall_init,
+        phase_a={"test_recall": recall_a, "holdout_acc": fitted_a["best_score"],
+                 "best_epoch": fitted_a["best_epoch"], "epochs_run": fitted_a["epochs_run"],
+                 "train_time_s": fitted_a["train_time_s"]},
+        phase_b=phase_b[args.mining], mining_comparison=list(phase_b.values()),
+        device=describe_device(rt), loader=loaders.train.backend, finished=True,
+        args=cli.flags(args))
     write_json(results, out / "results.json")
     draw_retrieval(*main_embeddings, splits.test.files, out / "retrieval.png", seed=args.seed,
                    embedding=f"the Phase B embedding (Multi-Similarity loss, {args.mining} mining)")

@@ -1,7 +1,8 @@
-"""Command-line flags shared by the task scripts, and the --smoke overrides.
+"""Command-line flags shared by the task scripts, the --smoke settings, and the step from
+parsed flags to the typed settings that the rest of common/ takes.
 
-Each script builds its parser with `training_parser(...)`, passing the defaults of its own
-recipe, then adds the few flags only it has.
+Each script builds its parser with `training_parser(...)`, passing its RECIPE (the defaults
+of every training flag), then adds the few flags only it has.
 """
 from __future__ import annotations
 
@@ -9,12 +10,15 @@ import argparse
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from common.engine import FitConfig
 from common.errors import ConfigError, UserError
 from common.image_check import CHECK_MODES
+from common.schema import DataRecipe
+from common.task_data import LoaderSettings
 
 
 def positive_int(text: str) -> int:
@@ -45,32 +49,46 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
-def training_parser(description: str, *, out: str, epochs: int, batch_size: int, lr: float,
-                    weight_decay: float, label_smoothing: float = 0.1, patience: int = 15,
-                    holdout_per_class: int = 10, image_size: int = 64,
-                    warmup_epochs: float = 2.0) -> argparse.ArgumentParser:
+# The flags whose defaults are a task's training recipe: every script passes all of them
+# (its RECIPE), so that reading the script tells every default.
+RECIPE_FLAGS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs",
+                "label_smoothing", "patience", "min_delta", "grad_clip", "holdout_per_class",
+                "image_size", "color_jitter", "width")
+
+# --smoke: a small model and a few short epochs on a generated dataset, on the CPU. A script
+# passes these (plus its own) to parse(); flags typed on the command line still win.
+SMOKE = dict(epochs=8, batch_size=32, lr=0.05, warmup_epochs=1.0, patience=4, holdout_per_class=5,
+             image_size=32, width=16, workers=0, device="cpu")
+
+
+def training_parser(description: str, *, out: str, recipe: Mapping[str, Any]) -> argparse.ArgumentParser:
+    """The flags every task script has, with the defaults of its `recipe` (keys RECIPE_FLAGS;
+    other keys are defaults of the script's own flags, which it adds afterwards)."""
+    missing = [k for k in RECIPE_FLAGS if k not in recipe]
+    if missing:
+        raise ValueError(f"the recipe lacks {missing}")
     p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     a = p.add_argument
     a("--data-dir", default="./data", help="folder holding (or receiving) the dataset")
     a("--out", default=out, help="output folder; rerunning with the same --out resumes")
-    a("--epochs", type=positive_int, default=epochs, help="maximum epochs (early stopping may end sooner)")
-    a("--batch-size", type=positive_int, default=batch_size, help="per process (per GPU under torchrun)")
-    a("--lr", type=positive_float, default=lr, help="peak learning rate after warmup")
-    a("--weight-decay", type=nonnegative_float, default=weight_decay,
+    a("--epochs", type=positive_int, default=None, help="maximum epochs (early stopping may end sooner)")
+    a("--batch-size", type=positive_int, default=None, help="per process (per GPU under torchrun)")
+    a("--lr", type=positive_float, default=None, help="peak learning rate after warmup")
+    a("--weight-decay", type=nonnegative_float, default=None,
       help="not applied to biases, norm layers and gates")
-    a("--optimizer", choices=["sgd", "adamw"], default="sgd", help="sgd = SGD, Nesterov 0.9")
-    a("--warmup-epochs", type=nonnegative_float, default=warmup_epochs, help="linear warmup, then cosine")
-    a("--label-smoothing", type=nonnegative_float, default=label_smoothing,
+    a("--optimizer", choices=["sgd", "adamw"], default=None, help="sgd = SGD, Nesterov 0.9")
+    a("--warmup-epochs", type=nonnegative_float, default=None, help="linear warmup, then cosine")
+    a("--label-smoothing", type=nonnegative_float, default=None,
       help="cross-entropy label smoothing")
-    a("--patience", type=positive_int, default=patience, help="early stopping: epochs without improvement")
-    a("--min-delta", type=nonnegative_float, default=0.0, help="early stopping: smallest improvement counted")
-    a("--grad-clip", type=nonnegative_float, default=0.0, help="max gradient norm; 0 = off")
-    a("--holdout-per-class", type=positive_int, default=holdout_per_class,
+    a("--patience", type=positive_int, default=None, help="early stopping: epochs without improvement")
+    a("--min-delta", type=nonnegative_float, default=None, help="early stopping: smallest improvement counted")
+    a("--grad-clip", type=nonnegative_float, default=None, help="max gradient norm; 0 = off")
+    a("--holdout-per-class", type=positive_int, default=None,
       help="training images per class held out for early stopping and model selection")
-    a("--image-size", type=positive_int, default=image_size, help="training and eval crop, pixels")
-    a("--color-jitter", type=nonnegative_float, default=0.0,
+    a("--image-size", type=positive_int, default=None, help="training and eval crop, pixels")
+    a("--color-jitter", type=nonnegative_float, default=None,
       help="brightness/contrast/saturation range, e.g. 0.2; 0 = off")
-    a("--width", type=positive_int, default=64,
+    a("--width", type=positive_int, default=None,
       help="channels of the model's first stage (each later stage doubles them)")
     a("--workers", type=nonnegative_int, default=4, help="decoding threads (DALI) / DataLoader workers")
     a("--backend", choices=["auto", "dali", "torch"], default="auto",
@@ -91,11 +109,14 @@ def training_parser(description: str, *, out: str, epochs: int, batch_size: int,
       help="generate a tiny learnable dataset in --out and run the whole script on it (CPU, a few "
            "minutes); default paths under runs/ become runs/smoke/...")
     a("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)
+    # Over the placeholders above (so that --help shows them), and the defaults of the
+    # script's own flags, which argparse takes from here when they are added.
+    p.set_defaults(**recipe)
     return p
 
 
-def apply_smoke(args: argparse.Namespace, **overrides) -> None:
-    """--smoke: a small model and a few short epochs, unless a flag was set explicitly.
+def apply_smoke(args: argparse.Namespace, smoke: Mapping[str, Any]) -> None:
+    """--smoke: set every flag in `smoke` (e.g. SMOKE) that was not typed on the command line.
 
     Default paths under runs/ (--out, T3's --vanilla-results, T4's --t3-results) move to
     runs/smoke/, so a smoke run never leaves a checkpoint or result that a real run would
@@ -105,24 +126,19 @@ def apply_smoke(args: argparse.Namespace, **overrides) -> None:
     for k, v in vars(args).items():
         if k not in explicit and isinstance(v, str) and v.startswith("runs/"):
             setattr(args, k, "runs/smoke/" + v.removeprefix("runs/"))
-    defaults = {"epochs": 8, "batch_size": 32, "lr": 0.05, "warmup_epochs": 1.0, "patience": 4,
-                "holdout_per_class": 5, "image_size": 32, "width": 16, "workers": 0,
-                "device": "cpu"}
-    defaults.update(overrides)
-    for k, v in defaults.items():
+    for k, v in smoke.items():
         if k not in explicit:
             setattr(args, k, v)
 
 
-def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None,
-          smoke: dict | None = None) -> argparse.Namespace:
-    """parse_args, then with --smoke apply the smoke settings (`apply_smoke` plus `smoke`)
-    to every flag the user did not type."""
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None, *,
+          smoke: Mapping[str, Any]) -> argparse.Namespace:
+    """parse_args, then with --smoke apply `smoke` to every flag the user did not type."""
     args = parser.parse_args(argv)
     typed = parser.parse_args(argv, argparse.Namespace(**{k: _Unset for k in vars(args)}))
     args._explicit = {k for k, v in vars(typed).items() if v is not _Unset}
     if args.smoke:
-        apply_smoke(args, **(smoke or {}))
+        apply_smoke(args, smoke)
     check_out_dir(args.out)
     return args
 
@@ -181,11 +197,13 @@ class _Unset:
     pass
 
 
-def data_recipe(args: argparse.Namespace) -> dict:
+# ---------------------------------------------------------------- flags -> typed settings
+def data_recipe(args: argparse.Namespace) -> DataRecipe:
     """The flags outside FitConfig that change what a run computes; stored in checkpoint meta
     so that a resume with other values is refused."""
-    return {k: getattr(args, k) for k in ("batch_size", "label_smoothing", "holdout_per_class",
-                                          "color_jitter", "seed")}
+    return DataRecipe(batch_size=args.batch_size, label_smoothing=args.label_smoothing,
+                      holdout_per_class=args.holdout_per_class, color_jitter=args.color_jitter,
+                      seed=args.seed)
 
 
 def fit_config(args: argparse.Namespace, cuda: bool) -> FitConfig:
@@ -195,3 +213,14 @@ def fit_config(args: argparse.Namespace, cuda: bool) -> FitConfig:
                      compile=cuda if args.compile is None else args.compile,
                      grad_clip=args.grad_clip, fresh=args.fresh,
                      stop_after_epoch=args.stop_after_epoch)
+
+
+def loader_settings(args: argparse.Namespace, eval_resize: int | None = None) -> LoaderSettings:
+    return LoaderSettings(batch_size=args.batch_size, image_size=args.image_size,
+                          workers=args.workers, backend=args.backend, seed=args.seed,
+                          color_jitter=args.color_jitter, eval_resize=eval_resize)
+
+
+def flags(args: argparse.Namespace) -> dict[str, Any]:
+    """Every flag's value, as results.json records them under "args"."""
+    return {k: v for k, v in vars(args).items() if not k.startswith("_")}

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from common import engine, runtime
+from common import engine, runtime, schema
 from common.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_model_state
 from common.files import write_json
 from common.runtime import describe_device
@@ -47,12 +47,13 @@ def evaluate_checkpoint(model: torch.nn.Module, saved: tuple[Path, dict[str, Any
     """Load `saved` (from `load`) into `model` if its meta agrees with `meta`, then
     score(model); writes eval.json beside the checkpoint (rank 0) and returns its contents.
 
-    meta: what this invocation's flags say the model is (task, model, classes, placement,
-    ...); every key the checkpoint also records must be equal. loader: the backend used
+    meta: what this invocation's flags say the model is; every schema.ModelMeta key (task,
+    model, classes, placement, ...) that the checkpoint also records must be equal. loader: the backend used
     ("dali" / "torch"), recorded because the figures are exact only for the same one."""
     path, ck = saved
-    try:
-        check_compatible(ck["meta"], meta, path)
+    network = {k: v for k, v in meta.items() if k in schema.keys(schema.ModelMeta)}
+    try:  # the network must match; the training recipe (batch size, seed, ...) need not
+        check_compatible(ck["meta"], network, path)
     except CheckpointError as err:  # its advice (--fresh, another --out) is for training
         raise CheckpointError(str(err).removesuffix(" Use another --out, or --fresh to start over.")
                               + " --evaluate needs the flags the checkpoint was trained with "

@@ -1,16 +1,42 @@
-"""From command-line settings to ready loaders: find (or generate, with --smoke) the dataset,
-split it, and build the train / holdout / test `ImageLoader`s for this process's shard."""
+"""Every dataset and loader a task script needs, from plain values (no argparse here).
+
+    splits = tiny_imagenet(data_dir, out, rt, holdout_per_class=10, seed=0)  # or cars196(...)
+    settings = LoaderSettings(batch_size=256, image_size=64, workers=4, backend="auto", seed=0)
+    loaders = classifier_loaders(splits, settings, rt)  # train / holdout / test, this rank's shard
+    test_all = whole_split_loader(splits.test, settings, rt)              # every image, any rank
+    pk = pk_loader(splits.train, settings, rt, classes_per_batch=32, images_per_class=4)
+
+A loader yields (images B x 3 x image_size x image_size float32, normalised; labels B int64).
+With smoke=True the dataset is a generated miniature in out/smoke_data (SMOKE_TINY_IMAGENET,
+SMOKE_CARS196), made once by rank 0.
+"""
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.datasets import DatasetSplits, find_tiny_imagenet, load_cars196, load_tiny_imagenet
-from common.runtime import Runtime
+from common.datasets import DatasetSplits, ImageList, find_tiny_imagenet, load_cars196, load_tiny_imagenet
 from common.image_check import CACHE_NAME, check_images
 from common.loader import ImageLoader
+from common.runtime import Runtime
 from common.synthetic import make_cars196, make_tiny_imagenet
+
+# The --smoke datasets: small enough for a CPU, learnable in a few epochs (tests/test_scripts.py).
+SMOKE_TINY_IMAGENET = dict(num_classes=10, train_per_class=45, val_per_class=10, seed=1234)
+SMOKE_CARS196 = dict(layout="cars_annos", num_classes=16, per_class=24, image_size=(128, 96),
+                     seed=1234)
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How files become batches; shared by the loaders of one run."""
+    batch_size: int  # per process
+    image_size: int  # training crop and evaluation size, pixels
+    workers: int  # DALI decoding threads / DataLoader worker processes
+    backend: str  # "auto" (DALI if importable), "dali" or "torch"
+    seed: int  # batch order and augmentation
+    color_jitter: float = 0.0  # brightness / contrast / saturation range of training images
+    eval_resize: int | None = None  # evaluation: resize to this, then centre-crop image_size
 
 
 @dataclass
@@ -20,53 +46,58 @@ class Loaders:
     test: ImageLoader
 
 
-def tiny_imagenet(args: argparse.Namespace, rt: Runtime) -> DatasetSplits:
-    """The real dataset from --data-dir (downloaded if missing), or with --smoke a generated
-    miniature in --out/smoke_data (10 classes, args.image_size pixels)."""
-    if args.smoke:
-        root = Path(args.out) / "smoke_data" / "tiny-imagenet-200"
+# ---------------------------------------------------------------- datasets
+def tiny_imagenet(data_dir: str | Path, out: str | Path, rt: Runtime, *, holdout_per_class: int,
+                  seed: int, check: str = "quick", download: bool = True, smoke: bool = False,
+                  smoke_image_size: int = 32) -> DatasetSplits:
+    """Tiny ImageNet from `data_dir` (downloaded there if missing and `download`), or with
+    `smoke` the generated miniature (SMOKE_TINY_IMAGENET at smoke_image_size pixels).
+    `holdout_per_class` train images per class are held out (seeded); the labelled val split
+    is the test split. Every image is checked first (`check`: quick, full or off)."""
+    if smoke:
+        root = Path(out) / "smoke_data" / "tiny-imagenet-200"
         if rt.is_main and not (root / "wnids.txt").exists():
-            make_tiny_imagenet(root.parent, num_classes=10, train_per_class=45,
-                               val_per_class=10, image_size=args.image_size, seed=1234)
+            make_tiny_imagenet(root.parent, image_size=smoke_image_size, **SMOKE_TINY_IMAGENET)
         _barrier(rt)
     else:
         if rt.is_main:
-            root = find_tiny_imagenet(args.data_dir, download=not args.no_download)
+            find_tiny_imagenet(data_dir, download=download)
         _barrier(rt)
-        root = find_tiny_imagenet(args.data_dir, download=False)
-    splits = load_tiny_imagenet(root, holdout_per_class=args.holdout_per_class, seed=args.seed)
-    check_split_images(splits, args, rt)
+        root = find_tiny_imagenet(data_dir, download=False)
+    splits = load_tiny_imagenet(root, holdout_per_class=holdout_per_class, seed=seed)
+    check_split_images(splits, check, out, rt)
     return splits
 
 
-def cars196(args: argparse.Namespace, rt: Runtime) -> DatasetSplits:
-    """Cars196 from --data-dir (either layout), or with --smoke a generated one in --out."""
-    root = Path(args.data_dir)
-    if args.smoke:
-        root = Path(args.out) / "smoke_data" / "cars196"
+def cars196(data_dir: str | Path, out: str | Path, rt: Runtime, *, holdout_per_class: int,
+            seed: int, check: str = "quick", smoke: bool = False) -> DatasetSplits:
+    """Cars196 from `data_dir` or `data_dir`/cars196 (either layout, common/datasets.py), or
+    with `smoke` the generated SMOKE_CARS196. Classes 1-98 train (minus a stratified holdout
+    of `holdout_per_class` images each), 99-196 test."""
+    root = Path(data_dir)
+    if smoke:
+        root = Path(out) / "smoke_data" / "cars196"
         if rt.is_main and not (root / "cars_annos.mat").exists():
-            make_cars196(root, layout="cars_annos", num_classes=16, per_class=24,
-                         image_size=(128, 96), seed=1234)
+            make_cars196(root, **SMOKE_CARS196)
         _barrier(rt)
     elif (root / "cars196").is_dir():
         root = root / "cars196"
-    splits = load_cars196(root, holdout_per_class=args.holdout_per_class, seed=args.seed)
-    check_split_images(splits, args, rt)
+    splits = load_cars196(root, holdout_per_class=holdout_per_class, seed=seed)
+    check_split_images(splits, check, out, rt)
     return splits
 
 
-def check_split_images(splits: DatasetSplits, args: argparse.Namespace, rt: Runtime) -> None:
-    """Check every image of every split (--check-images) before the first epoch, so a bad
-    test image cannot end a run after all its training. Rank 0 checks, the others wait; if
-    it fails, torchrun stops them. The pass is cached in the dataset folder, or in --out
-    where that folder is read-only."""
+def check_split_images(splits: DatasetSplits, check: str, out: str | Path, rt: Runtime) -> None:
+    """Check every image of every split (`check`) before the first epoch, so a bad test image
+    cannot end a run after all its training. Rank 0 checks, the others wait; if it fails,
+    torchrun stops them. The pass is cached in the dataset folder, or in `out` where that
+    folder is read-only."""
     if rt.is_main:
         files = [f for s in (splits.train, splits.holdout, splits.test) for f in s.files]
-        read = check_images(files, args.check_images,
-                            cache=[splits.root / CACHE_NAME, Path(args.out) / CACHE_NAME],
-                            advice=_CHECK_ADVICE.get(args.check_images, ""))
+        read = check_images(files, check, cache=[splits.root / CACHE_NAME, Path(out) / CACHE_NAME],
+                            advice=_CHECK_ADVICE.get(check, ""))
         if read:
-            print(f"checked {read:,} image files ({args.check_images}): all readable")
+            print(f"checked {read:,} image files ({check}): all readable")
     _barrier(rt)
 
 
@@ -77,19 +108,36 @@ _CHECK_ADVICE = {
 }
 
 
-def make_loaders(splits: DatasetSplits, args: argparse.Namespace, rt: Runtime,
-                 eval_resize: int | None = None,
-                 classes_per_batch: int | None = None) -> Loaders:
-    """Train loader (shuffled or P x K) and exactly-once holdout / test loaders for this rank."""
-    common = dict(image_size=args.image_size, device=rt.device, workers=args.workers,
-                  backend=args.backend, shard_id=rt.rank, num_shards=rt.world_size)
-    train = ImageLoader(splits.train.files, splits.train.labels, batch_size=args.batch_size,
-                        train=True, seed=args.seed, color_jitter=args.color_jitter,
-                        classes_per_batch=classes_per_batch, **common)
-    holdout, test = (ImageLoader(s.files, s.labels, batch_size=args.batch_size, train=False,
-                                 eval_resize=eval_resize, **common)
-                     for s in (splits.holdout, splits.test))
-    return Loaders(train, holdout, test)
+# ---------------------------------------------------------------- loaders
+def classifier_loaders(splits: DatasetSplits, s: LoaderSettings, rt: Runtime) -> Loaders:
+    """This rank's shard of each split: train reshuffled and augmented every epoch (full
+    batches), holdout and test every image exactly once across ranks, in order."""
+    return Loaders(train=_loader(splits.train, s, rt, train=True),
+                   holdout=_loader(splits.holdout, s, rt, train=False),
+                   test=_loader(splits.test, s, rt, train=False))
+
+
+def whole_split_loader(split: ImageList, s: LoaderSettings, rt: Runtime) -> ImageLoader:
+    """Every image of `split` in this process, unsharded: for retrieval, where each query
+    needs every other image as a candidate."""
+    return _loader(split, s, rt, train=False, sharded=False)
+
+
+def pk_loader(split: ImageList, s: LoaderSettings, rt: Runtime, *, classes_per_batch: int,
+              images_per_class: int) -> ImageLoader:
+    """Augmented training batches of P = classes_per_batch classes x K = images_per_class
+    images each (batch P x K; s.batch_size is not used), sharded across ranks."""
+    return _loader(split, s, rt, train=True, batch_size=classes_per_batch * images_per_class,
+                   classes_per_batch=classes_per_batch)
+
+
+def _loader(split: ImageList, s: LoaderSettings, rt: Runtime, *, train: bool, sharded: bool = True,
+            batch_size: int | None = None, classes_per_batch: int | None = None) -> ImageLoader:
+    shards = dict(shard_id=rt.rank, num_shards=rt.world_size) if sharded else {}
+    augment = dict(seed=s.seed, color_jitter=s.color_jitter) if train else dict(eval_resize=s.eval_resize)
+    return ImageLoader(split.files, split.labels, batch_size=batch_size or s.batch_size, train=train,
+                       image_size=s.image_size, device=rt.device, workers=s.workers,
+                       backend=s.backend, classes_per_batch=classes_per_batch, **shards, **augment)
 
 
 def _barrier(rt: Runtime) -> None:

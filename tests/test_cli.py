@@ -10,21 +10,32 @@ from common import cli
 from common.errors import ConfigError, DatasetNotFoundError
 
 
+RECIPE = dict(epochs=60, batch_size=256, lr=0.2, optimizer="sgd", weight_decay=5e-4, warmup_epochs=2,
+              label_smoothing=0.1, patience=15, min_delta=0.0, grad_clip=0.0, holdout_per_class=10,
+              image_size=64, color_jitter=0.0, width=64, name="runs-but-not-a-path")
+
+
 def _parser():
-    p = cli.training_parser("test", out="runs/t3", epochs=60, batch_size=256, lr=0.2, weight_decay=5e-4)
+    p = cli.training_parser("test", out="runs/t3", recipe=RECIPE)
     p.add_argument("--vanilla-results", default="runs/t2/results.json")
-    p.add_argument("--name", default="runs-but-not-a-path")
+    p.add_argument("--name")  # its default comes from the recipe
     return p
 
 
+def test_a_recipe_must_give_every_training_default():
+    with pytest.raises(ValueError, match=r"the recipe lacks \['patience'\]"):
+        cli.training_parser("test", out="runs/x", recipe={k: v for k, v in RECIPE.items() if k != "patience"})
+
+
 def test_smoke_moves_default_runs_paths_under_runs_smoke_and_keeps_typed_ones():
-    args = cli.parse(_parser(), ["--smoke"])
+    args = cli.parse(_parser(), ["--smoke"], smoke=cli.SMOKE)
     assert (args.out, args.vanilla_results) == ("runs/smoke/t3", "runs/smoke/t2/results.json")
     assert args.name == "runs-but-not-a-path" and args.epochs == 8 and args.device == "cpu"
-    typed = cli.parse(_parser(), ["--smoke", "--out", "runs/mine", "--epochs", "3"])
+    typed = cli.parse(_parser(), ["--smoke", "--out", "runs/mine", "--epochs", "3"], smoke=cli.SMOKE)
     assert (typed.out, typed.vanilla_results, typed.epochs) == ("runs/mine", "runs/smoke/t2/results.json", 3)
-    real = cli.parse(_parser(), [])
+    real = cli.parse(_parser(), [], smoke=cli.SMOKE)
     assert (real.out, real.vanilla_results, real.epochs) == ("runs/t3", "runs/t2/results.json", 60)
+    assert vars(real).items() >= RECIPE.items()  # every default is the recipe's
 
 
 @pytest.mark.parametrize("check, good, bad", [
@@ -54,7 +65,7 @@ def test_run_prints_a_user_error_alone_and_lets_bugs_keep_their_traceback():
 
 def test_out_is_checked_when_parsing_without_creating_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    args = cli.parse(_parser(), ["--out", "new/run"])
+    args = cli.parse(_parser(), ["--out", "new/run"], smoke=cli.SMOKE)
     assert args.out == "new/run" and list(tmp_path.iterdir()) == []  # checked, nothing left behind
     (tmp_path / "file").write_text("x")
     for out, expected in (("file", "--out file is a file"),
@@ -62,7 +73,7 @@ def test_out_is_checked_when_parsing_without_creating_it(tmp_path, monkeypatch):
                           ("/proc/no-such-run", "--out /proc/no-such-run: cannot create folders or "
                                                 "files in /proc (No such file or directory)")):
         with pytest.raises(ConfigError) as error:
-            cli.parse(_parser(), ["--out", out])
+            cli.parse(_parser(), ["--out", out], smoke=cli.SMOKE)
         assert str(error.value).startswith(expected)
 
 

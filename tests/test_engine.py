@@ -277,22 +277,21 @@ class _Killed(BaseException):
 
 
 def _train_and_test(splits, out):
-    """classifier.train_and_test on the tiny set: fit, best.pt, test once, results.json."""
-    from argparse import Namespace
-
-    from common.classifier import train_and_test
-    from common.data import Loaders
+    """train_classifier.train_and_test on the tiny set: fit, best.pt, test once, results.json."""
+    from common.task_data import Loaders
+    from common.train_classifier import train_and_test
     torch.manual_seed(0)
     rt = runtime.Runtime(torch.device("cpu"))
     loaders = Loaders(*(ImageLoader(s.files, s.labels, batch_size=8, train=train, image_size=16,
                                     backend="torch", workers=0, seed=5)
                         for s, train in ((splits.train, True), (splits.holdout, False),
                                          (splits.test, False))))
-    args = Namespace(epochs=3, lr=0.05, weight_decay=5e-4, optimizer="sgd", warmup_epochs=1.0,
-                     patience=100, min_delta=0.0, compile=False, grad_clip=0.0, fresh=False,
-                     stop_after_epoch=None, batch_size=8, label_smoothing=0.1,
-                     holdout_per_class=2, color_jitter=0.0, seed=0)
-    return train_and_test(_SmallNet(), loaders, args, rt, {"task": "test", "model": "small"}, out)
+    cfg = engine.FitConfig(epochs=3, lr=0.05, weight_decay=5e-4, optimizer="sgd", warmup_epochs=1.0,
+                           patience=100)
+    meta = {"task": "test", "model": "small", "batch_size": 8, "label_smoothing": 0.1,
+            "holdout_per_class": 2, "color_jitter": 0.0, "seed": 0}
+    return train_and_test(_SmallNet(), loaders, engine.classification_step(0.1), cfg, rt, meta, out,
+                          flags={"epochs": 3})
 
 
 _TIMING = ("train_time_s", "images_per_s", "epoch_time_s", "data_wait_share")

@@ -1,0 +1,119 @@
+"""The keys of checkpoint meta and of results.json, defined once.
+
+A checkpoint's "meta" says which network and data recipe it belongs to: resuming or
+evaluating with a different one is refused, naming the keys that differ
+(checkpoint.check_compatible). results.json holds the meta of the run plus its figures; the
+report reads it by these keys. tests/test_schema.py checks that what the scripts write has
+exactly these keys.
+"""
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+
+class DataRecipe(TypedDict):
+    """The settings outside FitConfig that change what a run computes."""
+    batch_size: int
+    label_smoothing: float
+    holdout_per_class: int
+    color_jitter: float
+    seed: int
+
+
+class ModelMeta(TypedDict, total=False):
+    """Which network: networks.build_model rebuilds it from these keys."""
+    task: str  # "t1" ... "t4"
+    model: str  # "custom_cnn", "resnet18", "cubs_resnet18_<placement>_<variant>"
+    num_classes: int
+    width: int  # channels of the first stage
+    image_size: int
+    dropout: float  # T1
+    placement: str  # T3, T4: serial, reverse or parallel
+    variant: str  # T3, T4: plain or plus
+    d: int  # T3: Block 1 similarity size
+    gate_init: float | None  # T3 plain: initial gate logit (None = PyTorch's init)
+    phase: str  # T4 Phase B: "b", the network with its embedding head
+    embedding_dim: int  # T4 Phase B
+
+
+class RetrievalMeta(TypedDict, total=False):
+    """T4 adds where its weights came from and, in Phase B, the loss settings."""
+    init: str  # scratch, t3 or imagenet
+    mining: str
+    classes_per_batch: int
+    images_per_class: int
+    alpha: float
+    beta: float
+    lam: float
+    epsilon: float
+
+
+class CheckpointMeta(ModelMeta, DataRecipe, RetrievalMeta):
+    pass
+
+
+class RunFigures(TypedDict):
+    """What every finished run reports besides its meta."""
+    params: int
+    device: str  # e.g. "cpu", "NVIDIA H100 80GB HBM3 x4"
+    loader: str  # "dali" or "torch"
+    finished: bool
+    args: dict[str, Any]  # every flag of the command, for the report and for reruns
+
+
+class ClassifierResults(ModelMeta, DataRecipe, RunFigures):
+    """results.json of T1, T2 and of each T3 (placement, variant) run."""
+    test_acc: float
+    test_top5: float
+    test_loss: float
+    test_images: int
+    holdout_acc: float  # of the best holdout epoch, whose weights (best.pt) were tested
+    holdout_top5: float
+    best_epoch: int  # 1-based
+    epochs_run: int
+    stopped_early: bool
+    train_time_s: float
+    images_per_s: float
+
+
+Recall = dict[str, float]  # {"1": R@1, "2": R@2, "4": R@4, "8": R@8} once written as JSON
+
+
+class PhaseResult(TypedDict, total=False):
+    test_recall: Recall
+    holdout_acc: float  # Phase A: holdout top-1 of its best epoch
+    holdout_r1: float  # Phase B: holdout Recall@1 of its best epoch
+    mining: str  # Phase B
+    best_epoch: int
+    epochs_run: int
+    train_time_s: float
+
+
+class RetrievalResults(RunFigures, total=False):
+    """results.json of T4."""
+    task: str
+    placement: str
+    variant: str
+    init: str
+    init_source: str
+    init_loaded: int
+    init_skipped: list[str]
+    embedding_params: int
+    test_images: int
+    test_classes: int
+    train_images: int
+    train_classes: int
+    recall_at_1_chance: float
+    init_test_recall: Recall
+    phase_a: PhaseResult
+    phase_b: PhaseResult
+    mining_comparison: list[PhaseResult]
+
+
+def keys(schema: type) -> set[str]:
+    """Every key a TypedDict allows (its bases' included)."""
+    return set(schema.__required_keys__ | schema.__optional_keys__)
+
+
+def required_keys(schema: type) -> set[str]:
+    return set(schema.__required_keys__)
