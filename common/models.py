@@ -28,8 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["BasicBlock", "ResNet18", "MixBlock", "CustomCNN", "EmbeddingNet", "count_parameters"]
-
 
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (trainable or not)."""
@@ -271,9 +269,7 @@ class CustomCNN(nn.Module):
                 # Every gate starts open, at sigmoid(3) = 0.95 for every channel. With fan-out
                 # Kaiming weights the gate logits start at several units and switch random
                 # channels off before training has seen an image; gates at 0.5 halve every
-                # block. Both learned visibly slower in the smoke runs (test 0.36 and 0.52
-                # vs 0.66 for open gates, same seed, tests/test_scripts.py's setting; 2-core
-                # development VM, 2026-11-28).
+                # block. Both learned slower in the smoke runs (README, "T1", figures).
                 nn.init.zeros_(m.expand.weight)
                 nn.init.constant_(m.expand.bias, 3.0)
 
