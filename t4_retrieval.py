@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 
 from common import cli, engine, evaluate, runtime, task_data
-from common.checkpoint import load_checkpoint, load_matching_tensors
 from common.cubs import PLACEMENTS, VARIANTS
-from common.errors import ConfigError, DownloadError
+from common.errors import ConfigError
+from common.init_weights import INIT_CHOICES, load_initial_weights
 from common.loss import MINING_CHOICES, multi_similarity_loss
 from common.models import EmbeddingNet, count_parameters
 from common.networks import build_model
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     a("--t3-results", default="runs/t3/placements.json", help="where T3 wrote its selection")
     a("--placement", choices=PLACEMENTS, default=None, help="CUBS placement (default: T3's selection, else serial)")
     a("--variant", choices=VARIANTS, default=None, help="CUBS variant (default: T3's selection, else plain)")
-    a("--init", choices=["auto", "scratch", "t3", "imagenet"], default="auto",
+    a("--init", choices=INIT_CHOICES, default="auto",
       help="auto = t3 if its best.pt exists, else scratch")
     a("--init-weights", default=None, help="local torchvision ResNet-18 state dict for --init imagenet")
     a("--embed-epochs", type=cli.positive_int, help="Phase B: maximum epochs")
@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.evaluate:
         return evaluate_saved(model, meta, args, test_all, rt)
 
-    init = initialise(model, args, t3_best, rt)
+    init = load_initial_weights(model, args.init, t3_best=t3_best, t3_results=args.t3_results,
+                                init_weights=args.init_weights, verbose=rt.is_main)
     meta.update(init=init["init"], **cli.data_recipe(args))
     if rt.is_main:
         print(f"CUBS-ResNet-18 ({placement}, {variant}), {count_parameters(model) / 1e6:.2f}M params, "
@@ -255,47 +256,6 @@ def t3_selection(args) -> tuple[str, str, Path | None]:
     if best is not None and (placement, variant) != (chosen["placement"], chosen["variant"]):
         best = path.parent / f"{placement}_{variant}" / "best.pt"
     return placement, variant, best if best is not None and best.is_file() else None
-
-
-def initialise(model, args, t3_best: Path | None, rt) -> dict:
-    """Load the weights --init asks for; report what was loaded and what was skipped, and why."""
-    init = args.init
-    if init == "auto":
-        init = "t3" if t3_best else "scratch"
-        if rt.is_main:
-            print(f"--init auto: {'a T3 run at ' + str(t3_best) if t3_best else 'no T3 best.pt next to ' + args.t3_results}"
-                  f" -> --init {init}")
-    if init == "scratch":
-        return {"init": "scratch"}
-    if init == "t3":
-        if t3_best is None:
-            raise ConfigError(f"--init t3 needs a T3 best.pt next to {args.t3_results}; "
-                              f"run t3_cubs.py first or use --init scratch")
-        state, source = load_checkpoint(t3_best)["model"], str(t3_best)
-    elif args.init_weights:
-        try:
-            state = torch.load(args.init_weights, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - missing file, not a state dict, pickled code, ...
-            first_line = (str(err).splitlines() or [""])[0]  # weights_only refusals run to many lines
-            raise ConfigError(f"--init-weights {args.init_weights}: cannot load a ResNet-18 state dict "
-                              f"({type(err).__name__}: {first_line})") from None
-        source = args.init_weights
-    else:  # needs internet (cached afterwards in ~/.cache/torch)
-        from torchvision.models import ResNet18_Weights, resnet18
-        try:
-            state = resnet18(weights=ResNet18_Weights.IMAGENET1K_V1).state_dict()
-        except OSError as err:  # URLError: no internet
-            raise DownloadError(f"--init imagenet could not download torchvision's ResNet-18 weights "
-                                f"({err}); download them elsewhere and pass --init-weights PATH") from None
-        source = "torchvision IMAGENET1K_V1"
-    loaded, skipped = load_matching_tensors(model, state)
-    if rt.is_main:
-        print(f"--init {init}: loaded {len(loaded)} tensors from {source}; skipped {len(skipped)}:")
-        for reason in skipped[:12]:
-            print(f"  {reason}")
-        if len(skipped) > 12:
-            print(f"  ... and {len(skipped) - 12} more (listed in results.json)")
-    return {"init": init, "init_source": source, "init_loaded": len(loaded), "init_skipped": skipped}
 
 
 def fmt(recall: dict) -> str:

@@ -10,7 +10,7 @@ import pytest
 COMMON = Path(__file__).resolve().parents[1] / "common"
 DATA = {"datasets", "synthetic", "sampling", "loader", "task_data", "image_check"}
 MODELS = {"models", "cubs", "networks"}
-TRAINING = {"engine", "train_classifier", "diagnostics", "evaluate", "cli"}
+TRAINING = {"engine", "train_classifier", "init_weights", "diagnostics", "evaluate", "cli"}
 PLOTS_AND_REPORTS = {"plots", "formats", "placements", "report", "report_pdf", "archive"}
 
 

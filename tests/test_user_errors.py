@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -88,13 +87,12 @@ def test_failed_download_leaves_no_data_dir_behind(tmp_path: Path) -> None:
 
 
 def test_unloadable_init_weights_are_a_config_error(tmp_path: Path) -> None:
-    import t4_retrieval
     from common.errors import ConfigError
+    from common.init_weights import load_initial_weights
     text = tmp_path / "weights.pt"
     text.write_text("not a checkpoint")
     for path, reason in ((tmp_path / "missing.pt", "FileNotFoundError"), (text, "UnpicklingError")):
-        args = SimpleNamespace(init="imagenet", init_weights=str(path), t3_results="unused")
         with pytest.raises(ConfigError) as error:
-            t4_retrieval.initialise(None, args, None, SimpleNamespace(is_main=True))
+            load_initial_weights(None, "imagenet", t3_best=None, t3_results="unused", init_weights=str(path))
         assert str(error.value).startswith(f"--init-weights {path}: cannot load a ResNet-18 state dict "
                                            f"({reason}")

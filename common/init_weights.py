@@ -1,0 +1,59 @@
+"""T4's starting weights (--init): from scratch, a T3 best.pt, or torchvision's ImageNet
+ResNet-18, loaded tensor by tensor where names and shapes match (the CUBS and embedding
+parameters of a ResNet-18 state dict are skipped, and said so)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.checkpoint import load_checkpoint, load_matching_tensors
+from common.errors import ConfigError, DownloadError
+
+INIT_CHOICES = ("auto", "scratch", "t3", "imagenet")
+
+
+def load_initial_weights(model: torch.nn.Module, init: str, *, t3_best: Path | None, t3_results: str,
+                         init_weights: str | None = None, verbose: bool = True) -> dict[str, Any]:
+    """Load the weights `init` asks for into `model` and return what happened, under the
+    results.json keys init, init_source, init_loaded, init_skipped.
+
+    init: auto (t3 if `t3_best` exists, else scratch), scratch, t3 (`t3_best`, found next to
+    `t3_results`) or imagenet (`init_weights`, a local state dict, else a download)."""
+    if init == "auto":
+        init = "t3" if t3_best else "scratch"
+        if verbose:
+            found = f"a T3 run at {t3_best}" if t3_best else f"no T3 best.pt next to {t3_results}"
+            print(f"--init auto: {found} -> --init {init}")
+    if init == "scratch":
+        return {"init": "scratch"}
+    if init == "t3":
+        if t3_best is None:
+            raise ConfigError(f"--init t3 needs a T3 best.pt next to {t3_results}; "
+                              f"run t3_cubs.py first or use --init scratch")
+        state, source = load_checkpoint(t3_best)["model"], str(t3_best)
+    elif init_weights:
+        try:
+            state = torch.load(init_weights, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - missing file, not a state dict, pickled code, ...
+            first_line = (str(err).splitlines() or [""])[0]  # weights_only refusals run to many lines
+            raise ConfigError(f"--init-weights {init_weights}: cannot load a ResNet-18 state dict "
+                              f"({type(err).__name__}: {first_line})") from None
+        source = init_weights
+    else:  # needs internet (cached afterwards in ~/.cache/torch)
+        from torchvision.models import ResNet18_Weights, resnet18
+        try:
+            state = resnet18(weights=ResNet18_Weights.IMAGENET1K_V1).state_dict()
+        except OSError as err:  # URLError: no internet
+            raise DownloadError(f"--init imagenet could not download torchvision's ResNet-18 weights "
+                                f"({err}); download them elsewhere and pass --init-weights PATH") from None
+        source = "torchvision IMAGENET1K_V1"
+    loaded, skipped = load_matching_tensors(model, state)
+    if verbose:
+        print(f"--init {init}: loaded {len(loaded)} tensors from {source}; skipped {len(skipped)}:")
+        for reason in skipped[:12]:
+            print(f"  {reason}")
+        if len(skipped) > 12:
+            print(f"  ... and {len(skipped) - 12} more (listed in results.json)")
+    return {"init": init, "init_source": source, "init_loaded": len(loaded), "init_skipped": skipped}
