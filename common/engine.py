@@ -25,11 +25,13 @@ import os
 import signal
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -40,7 +42,7 @@ from common.checkpoint import (CheckpointError, check_compatible, load_checkpoin
 from common.errors import UserError
 from common.files import previous_path, write_text
 from common.plots import plot_curves, run_title
-from common.runtime import Runtime, all_reduce_sums, autocast, to_device
+from common.runtime import Runtime, all_reduce_sums, autocast, broadcast_from_main, to_device
 
 
 # ---------------------------------------------------------------- optimisation
@@ -232,6 +234,9 @@ def fit(model: torch.nn.Module, loader, step_fn: StepFn,
             _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, scaler, cfg,
                          rt, state, stop_signal, checkpoint, last)
             epochs_this_process += 1
+            # Each rank scores its holdout shard: with rank 0's BatchNorm statistics, those of
+            # the weights that best.pt and last.pt hold.
+            broadcast_from_main(model, rt)
             metrics = evaluate(model)
             if rt.world_size > 1:  # one decision for all ranks, or early stopping can deadlock
                 shared = [metrics]
@@ -453,14 +458,57 @@ def embed(model: torch.nn.Module, loader, rt: Runtime,
     """Embed every image of `loader` in order with `model` in eval mode (its `.features`
     with features=True, e.g. a classifier's pooled features).
 
-    Returns (N x D float32 embeddings, N int64 labels) on rt.device. Give it an unsharded
-    loader: every rank embeds the whole set, which keeps gallery order simple.
+    Returns (N x D float32 embeddings, N int64 labels) on rt.device, N = every image of
+    the loader's file list, in that order. Under DDP each rank embeds its shard of it (every
+    world_size-th image) with rank 0's weights, and the shards are all-gathered: each image
+    is embedded once, not once per rank, and every rank returns the whole set.
     """
     model.eval()
     fn = model.features if features else model
+    if rt.world_size == 1:
+        return _embed_batches(fn, loader, rt)
+    broadcast_from_main(model, rt)  # e.g. a network initialised per rank, not yet under DDP
+    shard = _shard_of(loader, rt)
+    mine = shard.batches(0)
+    index = torch.from_numpy(np.concatenate(mine)) if mine else torch.zeros(0, dtype=torch.long)
+    emb, labels = _embed_batches(fn, shard, rt) if mine else (None, None)
+    parts: list[Any] = [None] * rt.world_size
+    dist.all_gather_object(parts, (index, None if emb is None else emb.cpu(),
+                                   None if labels is None else labels.cpu()))
+    n = len(loader.files)
+    got = [p for p in parts if p[1] is not None]
+    order = torch.cat([p[0] for p in got])
+    if len(order) != n or not torch.equal(order.sort().values, torch.arange(n)):
+        raise RuntimeError(f"embed: the ranks' shards cover {len(order)} of {n} images")
+    out = torch.empty(n, got[0][1].shape[1], dtype=torch.float32)
+    out_labels = torch.empty(n, dtype=torch.long)
+    out[order] = torch.cat([p[1] for p in got])
+    out_labels[order] = torch.cat([p[2] for p in got])
+    return out.to(rt.device), out_labels.to(rt.device)
+
+
+def _embed_batches(fn, loader, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
     outputs, labels = [], []
     for images, y in loader.epoch():
         with autocast(rt):
             outputs.append(fn(to_device(images, rt)).float())
         labels.append(y.to(rt.device))
     return torch.cat(outputs), torch.cat(labels)
+
+
+_shards: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _shard_of(loader, rt: Runtime):
+    """This rank's evaluation shard of `loader`'s whole file list: a loader of the same kind
+    and settings, kept per loader so that a DALI pipeline is built once, not per call."""
+    key = (rt.rank, rt.world_size)
+    cached = _shards.get(loader)
+    if cached is None or cached[0] != key:
+        shard = type(loader)(loader.files, loader.labels, batch_size=loader.batch_size,
+                             train=False, image_size=loader.image_size, device=loader.device,
+                             eval_resize=loader.eval_resize, workers=loader.workers,
+                             backend=loader.backend, shard_id=rt.rank, num_shards=rt.world_size,
+                             reader_processes=loader.reader_processes)
+        cached = _shards[loader] = (key, shard)
+    return cached[1]

@@ -3,6 +3,7 @@
     rt = setup_runtime("auto", seed)     # Runtime(device, rank, world_size, amp_dtype)
     with autocast(rt): ...               # bf16 / fp16 on CUDA, a no-op on CPU
     all_reduce_sums([correct, n], rt)    # totals over every rank
+    broadcast_from_main(model, rt)       # rank 0's weights and buffers on every rank
     to_device(images, rt)                # B x 3 x H x W on the run's device (channels_last on CUDA)
 
 Kept apart from the training loop (engine.py) so that the data path needs neither the loop
@@ -87,6 +88,20 @@ def all_reduce_sums(values: list[float], rt: Runtime) -> list[float]:
                      device=rt.device if rt.cuda else "cpu")
     dist.all_reduce(t)
     return t.tolist()
+
+
+def broadcast_from_main(module: torch.nn.Module, rt: Runtime) -> None:
+    """Give every rank rank 0's parameters and buffers, in place.
+
+    DDP keeps the parameters equal, but each rank's BatchNorm running statistics move with
+    its own batches after DDP's buffer broadcast at the start of each forward; an
+    evaluation that each rank runs on its own shard must first take rank 0's (the weights
+    that best.pt holds), or the shards are scored by different models."""
+    if rt.world_size == 1:
+        return
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, src=0)
 
 
 def autocast(rt: Runtime):

@@ -1,0 +1,249 @@
+"""T3 and T4 --smoke under DDP: two gloo processes on the CPU (torchrun), as on two GPUs.
+
+T2's DDP run is checked in tests/test_scripts.py. Here each script runs under
+`torch.distributed.run --nproc_per_node=2` through a small probe (written to tmp_path) that
+records, per rank, every file written under --out and every pass of an ImageLoader, then
+runs the script unchanged as __main__. torchrun's --redirects keeps each rank's stdout and
+stderr apart. Each test then checks:
+
+- one set of outputs: rank 1 writes nothing under --out, only rank 0 prints results;
+- exactly-once evaluation: each evaluation pass over the test (or holdout) split embeds or
+  scores every image once in total over the ranks, not once per rank, and all ranks hold
+  rank 0's weights and BatchNorm statistics when each scores its holdout shard;
+- the same figures as one process: `--evaluate` of the DDP run's checkpoint in a single
+  process gives the test counts and figures that the DDP run wrote to results.json (T3 test
+  accuracy over all 100 test images; T4 Recall@K over all 192 test images, so recall is not
+  computed per shard);
+- sharding: metrics.jsonl train_images per epoch = 2 ranks x full batches of each half;
+- each rank's RNG state saved in last.pt.
+
+Settings are the smallest that still run every DDP code path (one epoch per phase), to keep
+the suite's time down.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from common.checkpoint import load_checkpoint
+from tests.conftest import ROOT
+from tests.conftest import run_script as run
+
+# Runs the task script given on the command line as __main__, logging to LOG.<rank>:
+#   write <path>                       a file written (opened for writing, renamed or removed
+#                                      into place) under the watched folder
+#   pass <train|eval> <files> <images> one ImageLoader pass: size of its file list, images yielded
+#   evaluate <same|differs>            engine.fit's holdout evaluation: do the ranks hold the
+#                                      same weights and buffers (BatchNorm statistics)?
+PROBE = r'''
+import os, runpy, sys
+root, log_base, watched, script, *argv = sys.argv[1:]
+sys.path.insert(0, root)
+rank = int(os.environ.get("RANK", "0"))
+fd = os.open(f"{log_base}.{rank}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+watched = os.path.abspath(watched) + os.sep
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT
+
+def note(line):
+    os.write(fd, (line + "\n").encode())
+
+def hook(event, args):
+    try:
+        if event == "open":
+            path, mode, flags = args
+            writing = (any(c in mode for c in "wax+") if isinstance(mode, str)
+                       else bool((flags or 0) & WRITE_FLAGS))
+        elif event == "os.rename":
+            path, writing = args[1], True
+        elif event in ("os.remove", "tempfile.mkstemp"):
+            path, writing = args[0], True
+        else:
+            return
+        if writing and isinstance(path, (str, bytes, os.PathLike)):
+            path = os.path.abspath(os.fsdecode(path))
+            if path.startswith(watched):
+                note("write " + path)
+    except Exception:  # the probe must never change what the script does
+        pass
+
+from common import loader
+_epoch = loader.ImageLoader.epoch
+
+def epoch(self, *args, **kwargs):
+    n = 0
+    try:
+        for images, labels in _epoch(self, *args, **kwargs):
+            n += len(labels)
+            yield images, labels
+    finally:
+        note(f"pass {'train' if self.train else 'eval'} {len(self.files)} {n}")
+
+loader.ImageLoader.epoch = epoch
+
+import torch, torch.distributed as dist
+from common import engine
+_fit = engine.fit
+
+def fit(model, loader_, step_fn, evaluate, *args, **kwargs):
+    def checked(m):  # do the ranks hold the same weights and buffers when they evaluate?
+        sums = [t.detach().double().sum().item() for t in m.state_dict().values()]
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, sums)
+        note("evaluate " + ("same" if all(x == every[0] for x in every) else "differs"))
+        return evaluate(m)
+    return _fit(model, loader_, step_fn, checked, *args, **kwargs)
+
+engine.fit = fit
+sys.addaudithook(hook)
+sys.argv = [script, *argv]
+runpy.run_path(script, run_name="__main__")
+'''
+
+
+def _torchrun(tmp_path: Path, port: int, script: str, out: Path, *args: str) -> dict:
+    """Run `script` under 2 gloo processes with the probe; returns each rank's stdout,
+    stderr and probe log, and the launcher's output."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    logs = tmp_path / "torchrun_logs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         f"--master_port={port}", f"--log-dir={logs}", "--redirects=3", str(probe),
+         str(ROOT), str(tmp_path / "probe"), str(out), str(ROOT / script), "--smoke",
+         "--out", str(out), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    ranks = {}
+    for rank in (0, 1):
+        (rank_dir,) = logs.glob(f"*/attempt_0/{rank}")
+        probe_log = tmp_path / f"probe.{rank}"
+        ranks[rank] = {"stdout": (rank_dir / "stdout.log").read_text(),
+                       "stderr": (rank_dir / "stderr.log").read_text(),
+                       "log": probe_log.read_text().splitlines() if probe_log.exists() else []}
+    assert proc.returncode == 0, (f"{script} under torchrun failed ({proc.returncode}):\n"
+                                  f"{proc.stderr[-3000:]}\nrank 0:\n{ranks[0]['stderr'][-3000:]}"
+                                  f"\nrank 1:\n{ranks[1]['stderr'][-3000:]}")
+    return ranks
+
+
+def _writes(rank: dict) -> set[str]:
+    return {line.split(" ", 1)[1] for line in rank["log"] if line.startswith("write ")}
+
+
+def _eval_passes(ranks: dict, num_files: int) -> list[int]:
+    """Images yielded, summed over the ranks, by each evaluation pass over a set of
+    `num_files` files (the ranks make the same passes in the same order)."""
+    per_rank = [[int(line.split()[3]) for line in ranks[r]["log"]
+                 if line.startswith(f"pass eval {num_files} ")] for r in (0, 1)]
+    assert len(per_rank[0]) == len(per_rank[1]), per_rank
+    return [a + b for a, b in zip(*per_rank)]
+
+
+def _evaluations(ranks: dict) -> list[str]:
+    return [line.split()[1] for line in ranks[0]["log"] if line.startswith("evaluate ")]
+
+
+def _history(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _one_set_of_outputs(ranks: dict, out: Path, expected: list[str]) -> None:
+    assert not _writes(ranks[1]), f"rank 1 wrote under --out: {sorted(_writes(ranks[1]))}"
+    written = _writes(ranks[0])
+    for name in expected:
+        assert str(out / name) in written, f"rank 0 did not write {name}"
+    assert ranks[1]["stdout"] == "", f"rank 1 printed:\n{ranks[1]['stdout'][-2000:]}"
+
+
+def _rng_per_rank(last: Path) -> None:
+    rng = load_checkpoint(last)["rng"]  # one stream per rank, seeded seed + rank
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+
+
+def test_t3_under_two_gloo_processes_equals_one_process_on_test_counts(tmp_path):
+    out = tmp_path / "t3"
+    isolated = ("--vanilla-results", str(tmp_path / "no_t2.json"))  # not the repo's runs/
+    ranks = _torchrun(tmp_path, 29531, "t3_cubs.py", out, "--placement", "serial",
+                      "--epochs", "1", *isolated)
+    run_dir = out / "serial_plain"
+    r = json.loads((run_dir / "results.json").read_text())
+    assert r["device"] == "cpu x2" and r["epochs_run"] == 1 and r["finished"]
+    assert r["test_images"] == 100  # both shards' test images, each counted once
+
+    # one set of outputs, written by rank 0; rank 0 alone prints the results and the comparison
+    _one_set_of_outputs(ranks, out, ["serial_plain/results.json", "serial_plain/best.pt",
+                                     "serial_plain/last.pt", "serial_plain/metrics.jsonl",
+                                     "placements.json", "placements.md", "placements.png"])
+    assert [line.startswith("test accuracy") for line in ranks[0]["stdout"].splitlines()].count(True) == 1
+    assert ranks[0]["stdout"].count("Selected by holdout accuracy") == 1
+    c = json.loads((out / "placements.json").read_text())
+    assert [(row["placement"], row["variant"]) for row in c["runs"]] == [("serial", "plain")]
+    assert c["selected"]["test_acc"] == r["test_acc"]
+
+    # every evaluation pass (holdout each epoch, test once) saw each image once over the ranks
+    assert _eval_passes(ranks, 100) == [100]
+    assert set(_eval_passes(ranks, 50)) == {50}
+    # the ranks score their holdout shards with one model: rank 0's, the one best.pt holds
+    assert _evaluations(ranks) == ["same"]
+
+    # 400 train images, 2 ranks x 200, full batches only
+    batch = r["args"]["batch_size"]
+    assert [h["train_images"] for h in _history(run_dir / "metrics.jsonl")] == [2 * (200 // batch) * batch]
+    _rng_per_rank(run_dir / "last.pt")
+
+    # one process scoring the same best.pt: the same test images and figures
+    run("t3_cubs.py", "--smoke", "--out", str(out), "--placement", "serial", "--epochs", "1",
+        *isolated, "--evaluate", str(run_dir), timeout=300)
+    e = json.loads((run_dir / "eval.json").read_text())
+    assert e["device"] == "cpu" and e["test_images"] == r["test_images"] == 100
+    assert (e["test_acc"], e["test_top5"]) == (r["test_acc"], r["test_top5"])
+    assert abs(e["test_loss"] - r["test_loss"]) < 1e-5
+
+
+def test_t4_under_two_gloo_processes_embeds_each_test_image_once_and_equals_one_process(tmp_path):
+    out = tmp_path / "t4"
+    # one epoch per phase, small images and width (the DDP paths are the same); --smoke
+    # still trains Phase B with each of the 4 minings (no flag turns that off)
+    flags = ("--init", "scratch", "--epochs", "1", "--embed-epochs", "1", "--image-size", "32",
+             "--width", "8", "--batch-size", "32",
+             "--t3-results", str(tmp_path / "no_t3.json"))  # not the repo's runs/
+    ranks = _torchrun(tmp_path, 29532, "t4_retrieval.py", out, *flags)
+    r = json.loads((out / "results.json").read_text())
+    assert r["device"] == "cpu x2" and r["finished"]
+    assert r["test_images"] == 192 and r["train_images"] == 160
+    minings = [m["mining"] for m in r["mining_comparison"]]  # --smoke compares every mining
+    assert minings[0] == "ms" and len(minings) == 4
+
+    _one_set_of_outputs(ranks, out, ["results.json", "retrieval.png", "phase_a/best.pt",
+                                     *(f"phase_b_{m}/best.pt" for m in minings)])
+    assert ranks[0]["stdout"].count("Recall@K on 192 test images") == 1
+    assert ranks[0]["stdout"].count("Phase B (ms mining) test") == 1
+
+    # Each embedding of the test split (before Phase A, after it, after each Phase B run)
+    # embeds each of the 192 images once in total, not once per rank; each holdout
+    # evaluation (Phase A accuracy, Phase B Recall@1) sees each of the 32 images once.
+    assert _eval_passes(ranks, 192) == [192] * (2 + len(minings))
+    assert set(_eval_passes(ranks, 32)) == {32}
+    assert _evaluations(ranks) == ["same"] * (1 + len(minings))  # Phase A, each Phase B
+
+    # Phase A: 160 train images, 2 ranks x 80, full batches; Phase B: 160 // (P*K * 2)
+    # batches of P x K per rank
+    args = r["args"]
+    batch, pk = args["batch_size"], args["classes_per_batch"] * args["images_per_class"]
+    assert [h["train_images"] for h in _history(out / "phase_a" / "metrics.jsonl")] == \
+        [2 * (80 // batch) * batch]
+    for m in minings:
+        assert [h["train_images"] for h in _history(out / f"phase_b_{m}" / "metrics.jsonl")] == \
+            [2 * (160 // (2 * pk)) * pk]
+    _rng_per_rank(out / "phase_b_ms" / "last.pt")
+
+    # one process embedding the same Phase B checkpoint: the same Recall@K over all 192
+    # test images (a per-shard gallery of 96 would give other figures)
+    run("t4_retrieval.py", "--smoke", "--out", str(out), *flags,
+        "--evaluate", str(out / "phase_b_ms"), timeout=300)
+    e = json.loads((out / "phase_b_ms" / "eval.json").read_text())
+    assert e["device"] == "cpu"
+    assert e["test_recall"] == r["phase_b"]["test_recall"]
