@@ -246,4 +246,8 @@ def test_t4_under_two_gloo_processes_embeds_each_test_image_once_and_equals_one_
         "--evaluate", str(out / "phase_b_ms"), timeout=300)
     e = json.loads((out / "phase_b_ms" / "eval.json").read_text())
     assert e["device"] == "cpu"
-    assert e["test_recall"] == r["phase_b"]["test_recall"]
+    # Equal here; a margin of one query of 192 in case another CPU's kernels round a
+    # sample differently in another batch (each rank batches every 2nd image)
+    ddp = r["phase_b"]["test_recall"]
+    assert e["test_recall"].keys() == ddp.keys() == {"1", "2", "4", "8"}
+    assert all(abs(e["test_recall"][k] - ddp[k]) <= 1 / 192 + 1e-9 for k in ddp), (e["test_recall"], ddp)
