@@ -104,8 +104,8 @@ runpy.run_path(script, run_name="__main__")
 
 
 def _torchrun(tmp_path: Path, port: int, script: str, out: Path, *args: str) -> dict:
-    """Run `script` under 2 gloo processes with the probe; returns each rank's stdout,
-    stderr and probe log, and the launcher's output."""
+    """Run `script` under 2 gloo processes with the probe; returns {rank: {stdout, stderr,
+    log}} (log: the probe's lines)."""
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     logs = tmp_path / "torchrun_logs"
@@ -118,11 +118,10 @@ def _torchrun(tmp_path: Path, port: int, script: str, out: Path, *args: str) -> 
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     ranks = {}
     for rank in (0, 1):
-        (rank_dir,) = logs.glob(f"*/attempt_0/{rank}")
-        probe_log = tmp_path / f"probe.{rank}"
-        ranks[rank] = {"stdout": (rank_dir / "stdout.log").read_text(),
-                       "stderr": (rank_dir / "stderr.log").read_text(),
-                       "log": probe_log.read_text().splitlines() if probe_log.exists() else []}
+        read = lambda path: path.read_text() if path.exists() else ""  # noqa: E731
+        rank_dir = next(logs.glob(f"*/attempt_0/{rank}"), logs / "missing")
+        ranks[rank] = {"stdout": read(rank_dir / "stdout.log"), "stderr": read(rank_dir / "stderr.log"),
+                       "log": read(tmp_path / f"probe.{rank}").splitlines()}
     assert proc.returncode == 0, (f"{script} under torchrun failed ({proc.returncode}):\n"
                                   f"{proc.stderr[-3000:]}\nrank 0:\n{ranks[0]['stderr'][-3000:]}"
                                   f"\nrank 1:\n{ranks[1]['stderr'][-3000:]}")
