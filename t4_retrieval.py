@@ -16,6 +16,7 @@ Phase A weights with the Multi-Similarity loss on P x K class-balanced batches, 
 Recall@K again. Outputs in --out: phase_a/, phase_b_<mining>/ (checkpoints, metrics.jsonl,
 curves.png), results.json, retrieval.png.
 """
+import argparse
 import json
 from pathlib import Path
 
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> dict:
       help="pair mining of the MS loss: none = all pairs, ms = the paper's, hard = hardest positive "
            "and negative per anchor, semihard = ms positives and the negatives within +-epsilon of "
            "the hardest positive")
-    a("--compare-mining", action="store_true", help="also train Phase B with every other mining")
+    a("--compare-mining", action=argparse.BooleanOptionalAction, default=False,
+      help="also train Phase B with every other mining (--smoke turns it on)")
     a("--alpha", type=cli.positive_float, help="MS loss: weight scale of positive pairs")
     a("--beta", type=cli.positive_float, help="MS loss: weight scale of negative pairs")
     a("--lam", type=float, help="MS loss: similarity margin lambda")

@@ -20,6 +20,7 @@ import torch
 
 from common.errors import UserError
 from common.files import atomic_file
+from common.schema import CheckpointMeta
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -50,7 +51,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is unreadable or truncated ({size} bytes): {detail}") from err
 
 
-def check_compatible(saved_meta: dict[str, Any], meta: dict[str, Any], path: str | Path) -> None:
+def check_compatible(saved_meta: CheckpointMeta, meta: CheckpointMeta, path: str | Path) -> None:
     """Raise if a checkpoint was written for another model (architecture, classes, ...) or
     data setup. Keys the checkpoint lacks (written before they were recorded) are not compared."""
     diffs = [f"{k}: checkpoint has {saved_meta[k]!r}, this run has {v!r}"

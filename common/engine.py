@@ -43,6 +43,7 @@ from common.errors import UserError
 from common.files import previous_path, write_text
 from common.plots import plot_curves, run_title
 from common.runtime import Runtime, all_reduce_sums, autocast, broadcast_from_main, to_device
+from common.schema import CheckpointMeta
 
 
 # ---------------------------------------------------------------- optimisation
@@ -149,7 +150,7 @@ class NonFiniteLoss(UserError, RuntimeError):
 
 def fit(model: torch.nn.Module, loader, step_fn: StepFn,
         evaluate: Callable[[torch.nn.Module], dict[str, float]], cfg: FitConfig,
-        out: str | Path, rt: Runtime, meta: dict[str, Any],
+        out: str | Path, rt: Runtime, meta: CheckpointMeta,
         score_key: str = "holdout_acc") -> dict[str, Any]:
     """Train `model` (see module docstring); returns {best_epoch, best_score, epochs_run,
     train_time_s, images_per_s, history, stopped_early, finished}."""
@@ -438,7 +439,7 @@ def _check_best_checkpoint(best: Path, ck: dict[str, Any], source: Path) -> None
                           f"{best_epoch}, whose weights are no longer on disk. --fresh starts over.")
 
 
-def _write_metrics(history: list[dict], out: Path, meta: dict[str, Any]) -> None:
+def _write_metrics(history: list[dict], out: Path, meta: CheckpointMeta) -> None:
     write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     plot_curves(history, out / "curves.png", run_title(meta))
 

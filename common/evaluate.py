@@ -42,7 +42,7 @@ def load(path: str | Path) -> tuple[Path, dict[str, Any]]:
 
 
 def evaluate_checkpoint(model: torch.nn.Module, saved: tuple[Path, dict[str, Any]],
-                        meta: dict[str, Any], rt: runtime.Runtime, score: Score,
+                        meta: schema.CheckpointMeta, rt: runtime.Runtime, score: Score,
                         loader: str) -> dict[str, Any]:
     """Load `saved` (from `load`) into `model` if its meta agrees with `meta`, then
     score(model); writes eval.json beside the checkpoint (rank 0) and returns its contents.
@@ -72,7 +72,7 @@ def evaluate_checkpoint(model: torch.nn.Module, saved: tuple[Path, dict[str, Any
     return report
 
 
-def classifier_checkpoint(model: torch.nn.Module, path: str | Path, meta: dict[str, Any],
+def classifier_checkpoint(model: torch.nn.Module, path: str | Path, meta: schema.CheckpointMeta,
                           test_loader, rt: runtime.Runtime) -> dict[str, Any]:
     """T1-T3: test top-1 / top-5 (and loss) of a classifier checkpoint, under the names
     results.json uses."""

@@ -56,6 +56,7 @@ from common.models import SqueezeExcitation
 from common.networks import build_model, model_keys, model_name
 from common.placements import comparison_lines
 from common.plots import plot_classifier_curves, plot_retrieval_curves
+from common.schema import ClassifierResults, RetrievalResults
 
 SMOKE_BANNER = "smoke run on generated data, not a real result"
 NOT_RUN = "not run yet"
@@ -72,7 +73,7 @@ class Run:
     """One folder holding a results.json (T1/T2/T3 classifier run or a whole T4 run)."""
     path: Path
     name: str  # path relative to the runs folder, with '/'
-    results: dict
+    results: ClassifierResults | RetrievalResults  # as read: a run of older code may lack keys
     history: list[dict] = field(default_factory=list)  # metrics.jsonl of this folder
     phases: dict[str, list[dict]] = field(default_factory=dict)  # T4: phase_a, phase_b_<m>
 
