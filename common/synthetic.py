@@ -129,7 +129,8 @@ def make_tiny_imagenet(root: str | Path, num_classes: int = 10, train_per_class:
 
 
 def make_cars196(root: str | Path, layout: str = "cars_annos", num_classes: int = 8,
-                 per_class: int = 12, image_size: tuple[int, int] = (160, 120), seed: int = 0) -> Path:
+                 per_class: int = 12, image_size: tuple[int, int] = (160, 120), seed: int = 0,
+                 hue_jitter: float = 0.02, texture: float = 0.0) -> Path:
     """Write a miniature Cars196 and return the root to pass to ``load_cars196``.
 
     ``layout="cars_annos"`` writes ``root/cars_annos.mat`` + ``root/car_ims/*.jpg``;
@@ -140,6 +141,14 @@ def make_cars196(root: str | Path, layout: str = "cars_annos", num_classes: int 
     (width, height). Both layouts hold identical images for the same seed. The .mat files
     are written after the images, so their presence means the dataset is complete. Each
     object is drawn on a random saturated scene (see the module docstring).
+
+    hue_jitter: each object's hue is its class hue +- this (as in make_tiny_imagenet); at
+    0.2 colour is a weak class cue and the class must be read from shape and pattern too.
+    texture: amplitude (pixel levels) of a grey grating added to each scene, of random
+    orientation, frequency and phase: a class-independent nuisance in the edge and texture
+    channels of a network's pooled features. Its random values come from a stream of their
+    own, so objects and scenes stay those of texture=0 (the default, which adds none).
+    Neither option showed Phase B beating Phase A in T4 (bench/t4_phase_b_gain.py).
     """
     if layout not in ("cars_annos", "torchvision"):
         raise ValueError(f"layout must be 'cars_annos' or 'torchvision', got {layout!r}")
@@ -168,9 +177,11 @@ def make_cars196(root: str | Path, layout: str = "cars_annos", num_classes: int 
     for folder in {p.split("/")[0] for p in relative_paths}:
         (dataset / folder).mkdir(parents=True, exist_ok=True)
 
+    texture_rng = np.random.default_rng([seed, 1])
     records = []
     for counter, (class_id, relative_path) in enumerate(zip(class_ids.tolist(), relative_paths)):
-        box = _write_jpeg(dataset / relative_path, class_id, rng, image_size, counter, scene=True)
+        box = _write_jpeg(dataset / relative_path, class_id, rng, image_size, counter, scene=True,
+                          hue_jitter=hue_jitter, texture=texture, texture_rng=texture_rng)
         # The real .mat files hold 1-based pixel boxes and 1-based class ids as small uints.
         records.append({"relative_im_path": relative_path, "fname": relative_path.split("/")[1],
                         "bbox": [b + 1 for b in box], "class": class_id + 1})
@@ -194,10 +205,14 @@ def make_cars196(root: str | Path, layout: str = "cars_annos", num_classes: int 
 
 
 def _render_with_box(class_id: int, rng: np.random.Generator, size: tuple[int, int],
-                     scene: bool = False, hue_jitter: float = 0.02) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+                     scene: bool = False, hue_jitter: float = 0.02,
+                     texture: float = 0.0, texture_rng: np.random.Generator | None = None,
+                     ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """Draw one class image; also return the shape's box (x0, y0, x1, y1), 0-based, inclusive.
 
     scene: a saturated background of a random hue (see make_cars196) instead of a greyish tint.
+    texture: amplitude of a random grey grating on the background (see make_cars196), its
+    random values drawn from texture_rng (default: rng, after all other draws).
     """
     width, height = size
     shape, hue, frequency = class_style(class_id)
@@ -232,6 +247,13 @@ def _render_with_box(class_id: int, rng: np.random.Generator, size: tuple[int, i
     foreground = colour * shading[..., None]
     foreground = foreground + 12.0 * noise
 
+    if texture > 0:
+        texture_rng = rng if texture_rng is None else texture_rng
+        grating_angle = texture_rng.uniform(0.0, np.pi)
+        cycles = texture_rng.uniform(3.0, 10.0) / short_side  # 3-10 periods across the short side
+        phase = texture_rng.uniform(0.0, 2.0 * np.pi)
+        along = xs * np.cos(grating_angle) + ys * np.sin(grating_angle)
+        background = background + (texture * np.sin(2.0 * np.pi * cycles * along + phase))[..., None]
     image = np.where(mask[..., None], foreground, background)
     image = np.clip(image, 0, 255).astype(np.uint8)
     if mask.any():
@@ -284,9 +306,11 @@ def _upsample_bilinear(grid: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _write_jpeg(path: Path, class_id: int, rng: np.random.Generator, size: tuple[int, int],
-                counter: int, scene: bool = False, hue_jitter: float = 0.02) -> tuple[int, int, int, int]:
+                counter: int, scene: bool = False, hue_jitter: float = 0.02,
+                texture: float = 0.0, texture_rng: np.random.Generator | None = None,
+                ) -> tuple[int, int, int, int]:
     """Render and save one JPEG (single-channel for every 17th counter); return its box."""
-    image, box = _render_with_box(class_id, rng, size, scene, hue_jitter)
+    image, box = _render_with_box(class_id, rng, size, scene, hue_jitter, texture, texture_rng)
     picture = Image.fromarray(image)
     if counter % _GRAYSCALE_EVERY == 0:
         picture = picture.convert("L")
