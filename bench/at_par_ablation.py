@@ -4,11 +4,20 @@
     python -m bench.at_par_ablation serial-none --warmup 3
     python -m bench.at_par_ablation --test-accuracy     # test accuracy of every finished run
     python -m bench.at_par_ablation --plot docs/at_par_curves.png   # holdout per epoch
+    python -m bench.at_par_ablation serial-plus serial-plusraw --seed 0 --t2-init
+    python -m bench.at_par_ablation --plus-stats   # |scale|, gate range, attention logits
 
 A name is `t2` (vanilla ResNet-18) or `<placement>-<gate>`: gate `none` = PyTorch's default
-init, a number = the gate logit (3 is the default), `plus` = the plus variant. Each run
-trains with engine.fit (torch loader, the scripts' recipe at a small size) into
-OUT/<name>_s<seed>_w<warmup>/ and prints holdout and train accuracy per epoch.
+init, a number = the gate logit (3 is the default), `plus` = the plus variant (its default,
+scale tanh(gamma)), `plusraw` = plus with the unbounded scale gamma (the variant before).
+Each run trains with engine.fit (torch loader, the scripts' recipe at a small size) into
+OUT/<name>_s<seed>_w<warmup>[_t2init]/ and prints holdout and train accuracy per epoch.
+metrics.jsonl also holds common.diagnostics of the first holdout batch per epoch (gates,
+branch gradient norms, every plus block's scale), and plus runs write gamma_steps.json
+(every scale and the loss at every step). --t2-init starts a CUBS run from t2's initial
+tensors at the same seed: a plus network then computes exactly what t2 computes until gamma
+moves, so the pair differs only by what the attention learns (the batches are a function of
+the seed alone). Runs are deterministic (one thread): a rerun repeats every figure.
 
 Data: the Tiny ImageNet layout, 10 classes whose shapes all differ (class styles 0-6, 10,
 11, 12 of common.synthetic), 80 images per class of which 8 are held out, 100 test images,
@@ -19,14 +28,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
 
-from common import engine, runtime, synthetic
-from common.checkpoint import load_checkpoint
-from common.cubs import cubs_resnet18
+from common import cubs, engine, runtime, synthetic
+from common.checkpoint import load_checkpoint, load_matching_tensors
+from common.cubs import CUBSBlock1Plus, CUBSBlock2Plus, cubs_resnet18
+from common.diagnostics import diagnostics, gamma_values
 from common.datasets import load_tiny_imagenet
 from common.loader import ImageLoader
 from common.models import ResNet18
@@ -52,13 +63,17 @@ def build(name: str) -> torch.nn.Module:
     if name == "t2":
         return ResNet18(CLASSES, width=WIDTH)
     placement, gate = name.split("-")
-    if gate == "plus":
-        return cubs_resnet18(CLASSES, width=WIDTH, d=64, placement=placement, variant="plus")
+    if gate in ("plus", "plusraw"):
+        model = cubs_resnet18(CLASSES, width=WIDTH, d=64, placement=placement, variant="plus")
+        for block in model.modules():
+            if isinstance(block, (CUBSBlock1Plus, CUBSBlock2Plus)):
+                block.bound_gamma = gate != "plusraw"
+        return model
     return cubs_resnet18(CLASSES, width=WIDTH, d=64, placement=placement,
                          gate_logit=None if gate == "none" else float(gate))
 
 
-def train(name: str, splits, out: Path, seed: int, warmup: float) -> None:
+def train(name: str, splits, out: Path, seed: int, warmup: float, t2_init: bool = False) -> None:
     torch.manual_seed(seed)
     rt = runtime.Runtime(torch.device("cpu"))
     loader = ImageLoader(splits.train.files, splits.train.labels, batch_size=BATCH, train=True,
@@ -66,10 +81,33 @@ def train(name: str, splits, out: Path, seed: int, warmup: float) -> None:
     holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, batch_size=64, train=False,
                           image_size=SIZE, backend="torch", workers=0)
     cfg = engine.FitConfig(epochs=EPOCHS, lr=LR, warmup_epochs=warmup, patience=100, fresh=True)
+    with torch.random.fork_rng():  # the diagnostics batch must not move the training RNG
+        batch = list(holdout.epoch())[0]  # a whole pass: never leave an epoch half-read
+    if t2_init and name != "t2":  # the same convs, BNs and classifier as t2 at this seed
+        reference = build("t2").state_dict()
+        model = build(name)
+        loaded, _ = load_matching_tensors(model, reference)
+        assert len(loaded) == len(reference), "every vanilla tensor must be copied"
+    else:
+        model = build(name)
+    trace: list[dict] = []  # plus only: every scale before each step, and the step's loss
+    classify = engine.classification_step(0.1)
+    is_plus = bool(gamma_values(model))
+
+    def step(m, images, labels):
+        loss, correct = classify(m, images, labels)
+        if is_plus:
+            trace.append({"loss": loss.item(), "gamma": gamma_values(model)})
+        return loss, correct
+
+    def evaluate(m):
+        metrics = {f"holdout_{k}": v for k, v in engine.evaluate_classifier(m, holdout, rt).items()}
+        return {**metrics, "diagnostics": diagnostics(m, *batch)}
+
     start = time.time()
-    result = engine.fit(build(name), loader, engine.classification_step(0.1),
-                        lambda m: {f"holdout_{k}": v for k, v in engine.evaluate_classifier(m, holdout, rt).items()},
-                        cfg, out, rt, {"task": "ablation", "model": name})
+    result = engine.fit(model, loader, step, evaluate, cfg, out, rt, {"task": "ablation", "model": name})
+    if trace:
+        (out / "gamma_steps.json").write_text(json.dumps(trace))
     history = result["history"]
     print(f"{out.name}: holdout {[round(h['holdout_acc'], 3) for h in history]} "
           f"train {[round(h['train_acc'], 3) for h in history]} ({time.time() - start:.0f} s)", flush=True)
@@ -88,6 +126,43 @@ def test_accuracy(splits, out: Path) -> None:
         last = ck["history"][-1]
         print(f"{run.name:28s} train {last['train_acc']:.3f} holdout {last['holdout_acc']:.3f} "
               f"test {engine.evaluate_classifier(model, test, rt)['acc']:.3f}")
+
+
+@torch.no_grad()
+def plus_statistics(splits, out: Path) -> None:
+    """For every finished plus run: its largest |scale| (tanh(gamma), or gamma for plusraw), the
+    range of its gates and the largest |attention logit| (q . k / sqrt(8)) on the holdout
+    images, in eval mode."""
+    holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, batch_size=100, train=False,
+                          image_size=SIZE, backend="torch", workers=0)
+    images = torch.cat([batch[0] for batch in holdout.epoch()])
+    for run in sorted(p for p in out.glob("*plus*_s*_w*") if (p / "last.pt").exists()):
+        ck = load_checkpoint(run / "last.pt")
+        if not ck["finished"]:
+            continue
+        model = build(run.name.split("_s")[0])
+        model.load_state_dict(ck["model"])
+        model.eval()
+        logits: list[float] = []
+        gates: list[torch.Tensor] = []
+
+        def recording(q, k, v, scale=None, pad_head_dim=None):
+            scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+            logits.append((q @ k.transpose(-2, -1)).abs().max().item() * scale)
+            return attention(q, k, v, scale, pad_head_dim)
+
+        attention, cubs.fused_attention = cubs.fused_attention, recording
+        hooks = [m.register_forward_hook(lambda mod, args, y: gates.append(mod.gate(args[0])))
+                 for m in model.modules() if isinstance(m, (CUBSBlock1Plus, CUBSBlock2Plus))]
+        try:
+            model(images)
+        finally:
+            cubs.fused_attention = attention
+            for h in hooks:
+                h.remove()
+        scale = max(abs(g) for g in gamma_values(model).values())
+        print(f"{run.name:32s} max |scale| {scale:.3f}  gates {min(g.min().item() for g in gates):.3f}"
+              f"..{max(g.max().item() for g in gates):.3f}  max |logit| {max(logits):.2f}")
 
 
 def plot(out: Path, path: Path) -> None:
@@ -109,16 +184,26 @@ def main() -> None:
     parser.add_argument("names", nargs="*", help="runs to train, e.g. t2 serial-none serial-3")
     parser.add_argument("--seed", type=int, default=0, help="init and batch-order seed (default 0)")
     parser.add_argument("--warmup", type=float, default=1.0, help="warmup epochs (default 1)")
+    parser.add_argument("--t2-init", action="store_true",
+                        help="CUBS runs start from t2's initial tensors at the same seed (a paired "
+                             "comparison: only the attention modules differ); out folder *_t2init")
     parser.add_argument("--out", type=Path, default=Path("runs/at_par_ablation"), help="runs and data folder")
     parser.add_argument("--test-accuracy", action="store_true", help="report every finished run")
+    parser.add_argument("--plus-stats", action="store_true",
+                        help="largest |scale|, gate range and largest |attention logit| of every "
+                             "finished plus run")
     parser.add_argument("--plot", type=Path, help="write the per-epoch holdout curves of every run here")
     args = parser.parse_args()
     torch.set_num_threads(1)  # two runs side by side on 2 cores, as measured
     splits = load_tiny_imagenet(make_data(args.out / "data"), holdout_per_class=8, seed=0)
     for name in args.names:
-        train(name, splits, args.out / f"{name}_s{args.seed}_w{args.warmup:g}", args.seed, args.warmup)
+        suffix = "_t2init" if args.t2_init and name != "t2" else ""
+        train(name, splits, args.out / f"{name}_s{args.seed}_w{args.warmup:g}{suffix}", args.seed,
+              args.warmup, args.t2_init)
     if args.test_accuracy:
         test_accuracy(splits, args.out)
+    if args.plus_stats:
+        plus_statistics(splits, args.out)
     if args.plot:
         plot(args.out, args.plot)
 

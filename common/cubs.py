@@ -27,8 +27,9 @@ CUBS Block 2, spatial attention (CUBSBlock2):
 The q, k, v biases of both plain blocks start at 1 (RELU_BIAS_INIT, reason there).
 
 Variant "plus" (CUBSBlock1Plus, CUBSBlock2Plus), h heads of e = 8 dims:
-  gating y = x * (1 + gamma * (2 sigmoid(z) - 1)) with a learnable scalar gamma = 0 at init,
-  so every block, and a CUBS ResNet, starts exactly as the vanilla network. Logits are
+  gating y = x * (1 + tanh(gamma) * (2 sigmoid(z) - 1)) with a learnable scalar gamma = 0 at
+  init, so every block, and a CUBS ResNet, starts exactly as the vanilla network; the tanh
+  keeps the multiplier in (0, 2) (BOUND_PLUS_GAMMA). Logits are
   8-dim dot products with SDPA's default scale 1/sqrt(8); q, k, v are linear (no ReLU), so
   similarities may be negative.
   Block 1 plus: q, k, v = Linear_{C->d}(g) (B x d) read as L = d / (8h) tokens of h*8 dims,
@@ -99,6 +100,13 @@ RELU_BIAS_INIT = 1.0
 # starts them nearly open; the network closes what it does not need. None: PyTorch's
 # default init for out_proj and RELU_BIAS_INIT for v, the init before this was measured.
 GATE_LOGIT_INIT = 3.0
+# Plus blocks scale their modulation by tanh(gamma), not gamma: |tanh(gamma)| < 1 keeps the
+# gate 1 + tanh(gamma) * tanh(z / 2) in (0, 2), so it can damp or amplify a channel or a
+# position but never flip the sign of a residual branch. Unbounded, |gamma| passed 1 in 3
+# of 5 seeds of the at-par ablation (growing steadily, at most 0.07 per step) and one gate
+# reached -0.05 (docs/cubs.md). tanh'(0) = 1, so the start is the same. A block's
+# bound_gamma attribute (default: this) switches it off for that ablation.
+BOUND_PLUS_GAMMA = True
 HEAD_DIM = 8  # plus variant; also the head-dim multiple the CUDA fused kernels want
 # SDPA backends that never store the L x L matrix (on CPU only FLASH_ATTENTION exists).
 # cuDNN attention is left out: it has had wrong-result bugs on Hopper (pytorch #138522).
@@ -161,10 +169,11 @@ def check_plus_d(d: int, heads: int = 4) -> None:
                          f"{3 * HEAD_DIM * heads}, ... (default 512)")
 
 
-def _identity_preserving_gate(logit: Tensor, gamma: Tensor) -> Tensor:
-    # 1 + gamma * (2 sigmoid(logit) - 1); 2 sigmoid(z) - 1 == tanh(z / 2), one op.
-    # With gamma == 0 this is exactly 1, so x * gate is x bit for bit.
-    return 1 + gamma * torch.tanh(logit / 2)
+def _identity_preserving_gate(logit: Tensor, scale: Tensor) -> Tensor:
+    # 1 + scale * (2 sigmoid(logit) - 1); 2 sigmoid(z) - 1 == tanh(z / 2), one op.
+    # scale = tanh(gamma) (see BOUND_PLUS_GAMMA). With gamma == 0 this is exactly 1, so
+    # x * gate is x bit for bit.
+    return 1 + scale * torch.tanh(logit / 2)
 
 
 class CUBSBlock1(nn.Module):
@@ -237,9 +246,14 @@ class CUBSBlock1Plus(nn.Module):
         self.v_proj = nn.Linear(channels, d)
         self.out_proj = nn.Linear(d, channels)
         self.gamma = nn.Parameter(torch.zeros(()))
+        self.bound_gamma = BOUND_PLUS_GAMMA
+
+    def effective_gamma(self) -> Tensor:
+        """The modulation's scale: gate = 1 + effective_gamma * tanh(z / 2), |.| < 1 when bounded."""
+        return torch.tanh(self.gamma) if self.bound_gamma else self.gamma
 
     def gate(self, x: Tensor) -> Tensor:
-        """B x C x H x W -> the channel gate, B x C x 1 x 1, in (1 - |gamma|, 1 + |gamma|)."""
+        """B x C x H x W -> the channel gate, B x C x 1 x 1, in (0, 2) (bounded gamma)."""
         g = x.mean(dim=(2, 3))
         b, d = g.shape[0], self.out_proj.in_features
 
@@ -249,7 +263,7 @@ class CUBSBlock1Plus(nn.Module):
         q, k, v = (heads(proj(g)) for proj in (self.q_proj, self.k_proj, self.v_proj))
         a = fused_attention(q, k, v).transpose(1, 2).reshape(b, d)
         logit = self.out_proj(a) + g
-        return _identity_preserving_gate(logit[:, :, None, None], self.gamma)
+        return _identity_preserving_gate(logit[:, :, None, None], self.effective_gamma())
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.gate(x)
@@ -271,9 +285,14 @@ class CUBSBlock2Plus(nn.Module):
         self.kv_proj = nn.Conv2d(channels, 2 * inner, 1)
         self.out_proj = nn.Conv2d(inner, 1, 1)
         self.gamma = nn.Parameter(torch.zeros(()))
+        self.bound_gamma = BOUND_PLUS_GAMMA
+
+    def effective_gamma(self) -> Tensor:
+        """The modulation's scale: gate = 1 + effective_gamma * tanh(z / 2), |.| < 1 when bounded."""
+        return torch.tanh(self.gamma) if self.bound_gamma else self.gamma
 
     def gate(self, x: Tensor) -> Tensor:
-        """B x C x H x W -> the spatial gate, B x 1 x H x W, in (1 - |gamma|, 1 + |gamma|)."""
+        """B x C x H x W -> the spatial gate, B x 1 x H x W, in (0, 2) (bounded gamma)."""
         b, _, h, w = x.shape
         context = x
         if self.kv_grid is not None and (h > self.kv_grid or w > self.kv_grid):
@@ -285,7 +304,7 @@ class CUBSBlock2Plus(nn.Module):
         q = heads(self.q_proj(x))
         k, v = (heads(t) for t in self.kv_proj(context).chunk(2, dim=1))
         a = fused_attention(q, k, v).transpose(2, 3).reshape(b, -1, h, w)
-        return _identity_preserving_gate(self.out_proj(a), self.gamma)
+        return _identity_preserving_gate(self.out_proj(a), self.effective_gamma())
 
     def forward(self, x: Tensor) -> Tensor:
         return x * self.gate(x)

@@ -4,13 +4,17 @@ how much gradient reaches each residual branch. Logged in metrics.jsonl under
 
     diagnostics(model, images, labels) -> {
         "branch_grad_norm": {"layer1": float, ..., "layer4": float},
-        "gates": {"layer1": {"channel": {"mean", "std"}, "spatial": {"mean", "std"}}, ...}}
+        "gates": {"layer1": {"channel": {"mean", "std"}, "spatial": {"mean", "std"}}, ...},
+        "gamma": {"layer1.0.attention.first": float, ...}}   (plus blocks only)
 
 images: B x 3 x H x W, labels: B (one fixed holdout batch). branch_grad_norm is the L2 norm
 of the cross-entropy gradient of the residual-branch convs and BNs of a stage's two
 BasicBlocks (attention parameters left out, so CUBS and vanilla compare like for like).
 gates: mean and standard deviation of every element of the multiplicative gates
 (Block 1: B x C x 1 x 1, Block 2: B x 1 x H x W) of a stage's blocks, in eval mode.
+gamma: the modulation's scale of every plus block, by module name: its effective_gamma(),
+tanh(gamma) by default (the gate is 1 + scale * tanh(z / 2)); the key is there only when the
+model has plus blocks.
 Neither changes the model: BatchNorm statistics and the RNG streams are restored, and
 gradients are cleared.
 """
@@ -27,6 +31,7 @@ from common.models import BasicBlock
 
 _CHANNEL_BLOCKS = (CUBSBlock1, CUBSBlock1Plus)
 _GATED_BLOCKS = (CUBSBlock1, CUBSBlock1Plus, CUBSBlock2, CUBSBlock2Plus)
+_PLUS_BLOCKS = (CUBSBlock1Plus, CUBSBlock2Plus)
 
 
 def has_residual_blocks(model: nn.Module) -> bool:
@@ -37,8 +42,18 @@ def diagnostics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) ->
     """Both measurements on one batch; see the module docstring."""
     devices = [images.device] if images.is_cuda else []
     with torch.random.fork_rng(devices=devices):
-        return {"branch_grad_norm": branch_grad_norms(model, images, labels),
-                "gates": gate_statistics(model, images)}
+        result = {"branch_grad_norm": branch_grad_norms(model, images, labels),
+                  "gates": gate_statistics(model, images)}
+    gammas = gamma_values(model)
+    if gammas:
+        result["gamma"] = gammas
+    return result
+
+
+def gamma_values(model: nn.Module) -> dict[str, float]:
+    """Module name -> the modulation's scale of every plus block (empty for other models)."""
+    return {name: m.effective_gamma().item() for name, m in model.named_modules()
+            if isinstance(m, _PLUS_BLOCKS)}
 
 
 def branch_grad_norms(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:

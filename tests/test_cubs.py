@@ -142,7 +142,7 @@ def _naive_block1_plus(block: CUBSBlock1Plus, x: torch.Tensor) -> torch.Tensor:
     weights = torch.softmax(torch.einsum("bihe,bjhe->bhij", q, k) / math.sqrt(8), dim=3)
     a = torch.einsum("bhij,bjhe->bihe", weights, v).reshape(b, -1)
     logit = a @ block.out_proj.weight.T + block.out_proj.bias + g
-    return x * (1 + block.gamma * (2 * torch.sigmoid(logit) - 1))[:, :, None, None]
+    return x * (1 + torch.tanh(block.gamma) * (2 * torch.sigmoid(logit) - 1))[:, :, None, None]
 
 
 def _naive_block2_plus(block: CUBSBlock2Plus, x: torch.Tensor) -> torch.Tensor:
@@ -156,7 +156,7 @@ def _naive_block2_plus(block: CUBSBlock2Plus, x: torch.Tensor) -> torch.Tensor:
     weights = torch.softmax(torch.einsum("bhen,bhem->bhnm", q, k) / math.sqrt(8), dim=3)  # N x M per head
     a = torch.einsum("bhnm,bhem->bhen", weights, v).reshape(b, inner, h, w)
     logit = F.conv2d(a, block.out_proj.weight, block.out_proj.bias)
-    return x * (1 + block.gamma * (2 * torch.sigmoid(logit) - 1))
+    return x * (1 + torch.tanh(block.gamma) * (2 * torch.sigmoid(logit) - 1))
 
 
 def _double_with_random_weights(block: nn.Module, seed: int = 0) -> nn.Module:
@@ -336,6 +336,42 @@ def test_plus_attention_is_the_identity_at_init_and_only_gamma_gets_a_gradient()
     (y * torch.randn_like(x)).sum().backward()
     for name, p in attention.named_parameters():
         assert (p.grad.abs().sum() > 0) == name.endswith("gamma"), name
+
+
+@pytest.mark.parametrize("block", [CUBSBlock1Plus(6, d=32, heads=2), CUBSBlock2Plus(6, heads=2)],
+                         ids=["block1_plus", "block2_plus"])
+def test_plus_gate_stays_in_0_2_however_large_gamma_grows(block):
+    # The modulation's scale is tanh(gamma): the gate is in (0, 2), so it never flips the sign
+    # of a residual branch. Without the bound (the variant before) the same weights give
+    # negative gates as soon as |gamma| > 1, which training reached (docs/cubs.md, plusraw).
+    block = _double_with_random_weights(block)
+    x = torch.randn(3, 6, 9, 11, dtype=f64, generator=torch.Generator().manual_seed(5)) * 4
+    with torch.no_grad():
+        block.gamma.fill_(-3.0)
+    bounded = block.gate(x)
+    assert bounded.min() > 0 and bounded.max() < 2
+    torch.testing.assert_close(block.effective_gamma(), torch.tanh(torch.tensor(-3.0, dtype=f64)))
+    block.bound_gamma = False
+    assert block.gate(x).min() < 0
+
+
+def test_bounded_gamma_starts_exactly_like_the_unbounded_one():
+    # tanh(0) = 0 and tanh'(0) = 1: at init the bound changes neither the output (identity)
+    # nor gamma's gradient, so it only acts once |gamma| has grown.
+    grads = []
+    for bound in (True, False):
+        torch.manual_seed(11)
+        attention = CUBSAttention(8, "serial", "plus", d=64)
+        for m in attention.modules():
+            if hasattr(m, "bound_gamma"):
+                m.bound_gamma = bound
+        x = torch.randn(2, 8, 16, 16)
+        y = attention(x)
+        assert torch.equal(y, x)
+        (y * torch.randn_like(x)).sum().backward()
+        grads.append([attention.first.gamma.grad, attention.second.gamma.grad])
+    for bounded, unbounded in zip(*grads):
+        assert bounded != 0 and torch.equal(bounded, unbounded)
 
 
 # ---------------------------------------------------------------- in ResNet-18

@@ -76,3 +76,18 @@ def test_vanilla_has_gradient_norms_and_no_gates():
     vanilla, _ = _pair("serial", 3.0)
     result = diagnostics(vanilla, *_batch())
     assert result["gates"] == {} and list(result["branch_grad_norm"]) == STAGES
+
+
+def test_plus_models_also_log_every_blocks_gamma():
+    torch.manual_seed(0)
+    plus = cubs_resnet18(5, placement="serial", variant="plus", width=8, d=64)
+    result = diagnostics(plus, *_batch())
+    names = [f"{stage}.{block}.attention.{which}" for stage in STAGES for block in (0, 1)
+             for which in ("first", "second")]
+    assert list(result["gamma"]) == names and set(result["gamma"].values()) == {0.0}
+    with torch.no_grad():
+        plus.layer2[1].attention.second.gamma.fill_(0.25)
+    # The logged value is the modulation's scale, tanh(gamma).
+    assert diagnostics(plus, *_batch())["gamma"]["layer2.1.attention.second"] == pytest.approx(math.tanh(0.25))
+    # At gamma = 0 every plus gate is exactly 1.
+    assert all(s[kind] == {"mean": 1.0, "std": 0.0} for s in result["gates"].values() for kind in s)
