@@ -4,33 +4,33 @@
     python t1_custom_cnn.py --smoke           # whole pipeline on a generated dataset, CPU, ~1 min (2-core VM)
     python t1_custom_cnn.py --evaluate runs/t1/best.pt   # test top-1/top-5 of a checkpoint, no training
 
-Outputs in --out: last.pt, best.pt, metrics.jsonl, curves.png, results.json. Rerunning the
-same command resumes from last.pt.
+Writes last.pt, best.pt, metrics.jsonl, curves.png and results.json into --out; the same
+command again resumes from last.pt.
 """
 from common import cli, evaluate, runtime, task_data
 from common.engine import classification_step
 from common.networks import build_model
 from common.train_classifier import train_and_test
 
-# The recipe: the defaults of `python t1_custom_cnn.py`. Each is a flag (--lr 0.1, ...).
-# Training settings as T2's ResNet-18, so that the two networks are compared, not two recipes.
+# The recipe (defaults of `python t1_custom_cnn.py`; each is a flag, e.g. --lr 0.1). The
+# training settings are T2's, so that T1 against T2 compares networks, not recipes
+# (tests/test_schema.py holds them equal); the network's own are width and dropout.
 RECIPE = dict(
-    epochs=60,  # length of the cosine schedule; early stopping may end the run sooner
-    batch_size=256,  # per process (per GPU); the LR below goes with it: scale the two together
-    lr=0.2,  # peak LR after warmup
-    optimizer="sgd",  # SGD with Nesterov momentum 0.9
-    weight_decay=5e-4,  # on conv / linear weights only, not on biases, BatchNorm and SE gates
-    warmup_epochs=2,  # linear warmup: the first large-LR steps come while BN statistics settle
-    label_smoothing=0.1,  # 200 classes with look-alikes (dog breeds): no reward for overconfidence
-    patience=15,  # early stopping: epochs without a better holdout accuracy; the best epochs
-                  # often come late, at the small LRs at the end of the cosine
-    min_delta=0.0,  # any holdout improvement counts
-    grad_clip=0.0,  # off; 1.0 is the remedy if a loss goes non-finite
-    holdout_per_class=10,  # 2,000 train images select the epoch: the test split is used once
-    image_size=64,  # Tiny ImageNet's own size: train crops and evaluation at 64 x 64
-    color_jitter=0.0,  # off: random-resized crop + flip are the augmentation
-    width=64,  # channels of the first stage; stages 2-4 double them (10.8M parameters)
-    dropout=0.2,  # before the classifier: the network has no residual adds to regularise it
+    width=64,  # first-stage channels, doubled per stage: 64-128-256-512, 10.8M parameters
+    dropout=0.2,  # before the classifier: no residual adds, so 36 conv layers to regularise
+    epochs=60,  # the cosine schedule's length; patience below may stop the run earlier
+    batch_size=256,  # per process (per GPU); scale lr with it
+    lr=0.2,  # peak learning rate, reached after the warmup
+    optimizer="sgd",  # SGD, Nesterov momentum 0.9
+    weight_decay=5e-4,  # conv / linear weights only: no decay on biases, BatchNorm, SE gates
+    warmup_epochs=2,  # ramps the LR up while the BatchNorm statistics are still settling
+    label_smoothing=0.1,  # 200 classes, several nearly alike: overconfidence is not rewarded
+    patience=15,  # early stopping after 15 epochs without a better holdout accuracy
+    min_delta=0.0,  # every holdout improvement resets the patience
+    grad_clip=0.0,  # no clipping (set 1.0 if a loss turns non-finite)
+    holdout_per_class=10,  # 2,000 train images choose the epoch; test is scored once
+    image_size=64,  # Tiny ImageNet's native resolution, for crops and evaluation
+    color_jitter=0.0,  # no colour jitter: random-resized crops and flips augment
 )
 
 
@@ -42,14 +42,10 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     rt = runtime.setup_runtime(args.device, args.seed)
 
-    # -- data: Tiny ImageNet's train split minus a stratified holdout; its labelled val split
-    # is the test split. Training batches: random-resized crop (area 25-100 %, aspect
-    # 3/4-4/3) + horizontal flip; evaluation: the image as it is. Normalised with ImageNet's
-    # mean and std.
-    splits = task_data.tiny_imagenet(args.data_dir, args.out, rt, holdout_per_class=args.holdout_per_class,
-                                     seed=args.seed, check=args.check_images,
-                                     download=not args.no_download, smoke=args.smoke,
-                                     smoke_image_size=args.image_size)
+    # -- data, as T2: the train split less a stratified holdout; the labelled val split as
+    # test; train batches random-resized-cropped (area 25-100 %) and flipped, test images
+    # as they are; ImageNet mean/std normalisation.
+    splits = cli.tiny_imagenet_splits(args, rt)  # --smoke: generated, task_data.SMOKE_TINY_IMAGENET
     loaders = task_data.classifier_loaders(splits, cli.loader_settings(args), rt)
 
     # -- model: CustomCNN (common/models.py, its docstring explains each choice): chains of
@@ -64,16 +60,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.evaluate:
         return evaluate.classifier_checkpoint(model, args.evaluate, meta, loaders.test, rt)
 
-    # -- loss and step: label-smoothed cross-entropy on the logits (computed in fp32 under
-    # autocast); the step also counts correct top-1 predictions for the train accuracy.
+    # -- loss and step: cross-entropy with label smoothing (fp32 logits); counts the correct
+    # top-1 predictions too, for the train accuracy
     step = classification_step(label_smoothing=args.label_smoothing)
 
-    # -- optimiser and LR schedule (engine.fit builds them from this config): SGD or AdamW
-    # (engine.make_optimizer), LR set every step: linear warmup, then cosine decay to 0
-    # (engine.warmup_cosine); early stopping on holdout accuracy.
+    # -- optimiser (engine.make_optimizer: SGD Nesterov, or AdamW) and per-step LR schedule
+    # (engine.warmup_cosine: linear warmup, cosine to 0), early stopping: engine.fit runs them
     cfg = cli.fit_config(args, cuda=rt.cuda)
 
-    # -- train, keep the best holdout epoch (best.pt), test it once, write results.json
+    # -- train; test best.pt (best holdout epoch) once; results.json
     return train_and_test(model, loaders, step, cfg, rt, meta, args.out, cli.flags(args))
 
 

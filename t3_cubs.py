@@ -73,10 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # -- data, shared by every run: as T2 (Tiny ImageNet minus a stratified holdout; test =
     # the labelled val split; random-resized crop + flip for training)
-    splits = task_data.tiny_imagenet(args.data_dir, args.out, rt, holdout_per_class=args.holdout_per_class,
-                                     seed=args.seed, check=args.check_images,
-                                     download=not args.no_download, smoke=args.smoke,
-                                     smoke_image_size=args.image_size)
+    splits = cli.tiny_imagenet_splits(args, rt)  # --smoke: generated, task_data.SMOKE_TINY_IMAGENET
     loaders = task_data.classifier_loaders(splits, cli.loader_settings(args), rt)
 
     # -- loss and step, optimiser and schedule: T2's (label-smoothed cross-entropy; SGD

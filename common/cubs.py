@@ -66,23 +66,6 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common.models import ResNet18
 
-__all__ = [
-    "PLACEMENTS",
-    "VARIANTS",
-    "GATE_LOGIT_INIT",
-    "fused_attention",
-    "naive_attention",
-    "similarity_attention",
-    "naive_similarity_attention",
-    "CUBSBlock1",
-    "CUBSBlock2",
-    "CUBSBlock1Plus",
-    "CUBSBlock2Plus",
-    "CUBSAttention",
-    "check_plus_d",
-    "cubs_resnet18",
-]
-
 PLACEMENTS = ("serial", "reverse", "parallel")
 VARIANTS = ("plain", "plus")
 # q, k, v biases of the plain blocks. Inside a ResNet with zero-init residual BNs the block
