@@ -164,7 +164,9 @@ def _rng_per_rank(last: Path) -> None:
 
 def test_t3_under_two_gloo_processes_equals_one_process_on_test_counts(tmp_path):
     out = tmp_path / "t3"
-    isolated = ("--vanilla-results", str(tmp_path / "no_t2.json"))  # not the repo's runs/
+    # one epoch of a narrow network (the DDP paths do not depend on the size); no T2 to compare
+    # with from the repo's runs/
+    isolated = ("--width", "8", "--vanilla-results", str(tmp_path / "no_t2.json"))
     ranks = _torchrun(tmp_path, 29531, "t3_cubs.py", out, "--placement", "serial",
                       "--epochs", "1", *isolated)
     run_dir = out / "serial_plain"
