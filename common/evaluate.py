@@ -9,8 +9,9 @@ data and settings), then hands them here instead of to the training loop:
 
 Nothing else is written: last.pt, best.pt and results.json stay as they are. The model is
 evaluated the way training's final test pass evaluated it (eval mode, the same device,
-autocast dtype and memory layout, not compiled), so on the same device and loader the
-figures equal the run's results.json to the last digit (tests/test_evaluate.py).
+autocast dtype and memory layout, not compiled), so on the same device, loader and CPU
+thread count the figures equal the run's results.json to the last digit
+(tests/test_evaluate.py).
 """
 from __future__ import annotations
 
