@@ -113,16 +113,22 @@ def train(name: str, splits, out: Path, seed: int, warmup: float, t2_init: bool 
           f"train {[round(h['train_acc'], 3) for h in history]} ({time.time() - start:.0f} s)", flush=True)
 
 
+def finished_runs(out: Path, pattern: str):
+    """(run folder, its network with the last weights, last.pt) of every finished run in
+    `out` whose name matches `pattern`, in name order."""
+    for run in sorted(p for p in out.glob(pattern) if (p / "last.pt").exists()):
+        ck = load_checkpoint(run / "last.pt")
+        if ck["finished"]:
+            model = build(run.name.split("_s")[0])
+            model.load_state_dict(ck["model"])
+            yield run, model, ck
+
+
 def test_accuracy(splits, out: Path) -> None:
     rt = runtime.Runtime(torch.device("cpu"))
     test = ImageLoader(splits.test.files, splits.test.labels, batch_size=100, train=False,
                        image_size=SIZE, backend="torch", workers=0)
-    for run in sorted(p for p in out.glob("*_s*_w*") if (p / "last.pt").exists()):
-        ck = load_checkpoint(run / "last.pt")
-        if not ck["finished"]:
-            continue
-        model = build(run.name.split("_s")[0])
-        model.load_state_dict(ck["model"])
+    for run, model, ck in finished_runs(out, "*_s*_w*"):
         last = ck["history"][-1]
         print(f"{run.name:28s} train {last['train_acc']:.3f} holdout {last['holdout_acc']:.3f} "
               f"test {engine.evaluate_classifier(model, test, rt)['acc']:.3f}")
@@ -136,12 +142,7 @@ def plus_statistics(splits, out: Path) -> None:
     holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, batch_size=100, train=False,
                           image_size=SIZE, backend="torch", workers=0)
     images = torch.cat([batch[0] for batch in holdout.epoch()])
-    for run in sorted(p for p in out.glob("*plus*_s*_w*") if (p / "last.pt").exists()):
-        ck = load_checkpoint(run / "last.pt")
-        if not ck["finished"]:
-            continue
-        model = build(run.name.split("_s")[0])
-        model.load_state_dict(ck["model"])
+    for run, model, ck in finished_runs(out, "*plus*_s*_w*"):
         model.eval()
         logits: list[float] = []
         gates: list[torch.Tensor] = []
