@@ -7,7 +7,7 @@
 Writes last.pt, best.pt, metrics.jsonl, curves.png and results.json into --out; the same
 command again resumes from last.pt.
 """
-from common import cli, evaluate, runtime, task_data
+from common import cli, runtime, task_data
 from common.engine import classification_step
 from common.networks import build_model
 from common.train_classifier import train_and_test
@@ -56,10 +56,6 @@ def main(argv: list[str] | None = None) -> dict:
                 **cli.data_recipe(args))
     model = build_model(meta)
 
-    # -- --evaluate PATH: test a saved checkpoint instead of training
-    if args.evaluate:
-        return evaluate.classifier_checkpoint(model, args.evaluate, meta, loaders.test, rt)
-
     # -- loss and step: cross-entropy with label smoothing (fp32 logits); counts the correct
     # top-1 predictions too, for the train accuracy
     step = classification_step(label_smoothing=args.label_smoothing)
@@ -68,8 +64,10 @@ def main(argv: list[str] | None = None) -> dict:
     # (engine.warmup_cosine: linear warmup, cosine to 0), early stopping: engine.fit runs them
     cfg = cli.fit_config(args, cuda=rt.cuda)
 
-    # -- train; test best.pt (best holdout epoch) once; results.json
-    return train_and_test(model, loaders, step, cfg, rt, meta, args.out, cli.flags(args))
+    # -- train; test best.pt (best holdout epoch) once; results.json. With --evaluate PATH:
+    # only test that checkpoint
+    return train_and_test(model, loaders, step, cfg, rt, meta, args.out, cli.flags(args),
+                          evaluate_only=args.evaluate)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 Outputs in --out: last.pt, best.pt, metrics.jsonl, curves.png, results.json. Rerunning the
 same command resumes from last.pt.
 """
-from common import cli, evaluate, runtime, task_data
+from common import cli, runtime, task_data
 from common.engine import classification_step
 from common.networks import build_model
 from common.train_classifier import train_and_test
@@ -52,10 +52,6 @@ def main(argv: list[str] | None = None) -> dict:
                 width=args.width, image_size=args.image_size, **cli.data_recipe(args))
     model = build_model(meta)
 
-    # -- --evaluate PATH: test a saved checkpoint instead of training
-    if args.evaluate:
-        return evaluate.classifier_checkpoint(model, args.evaluate, meta, loaders.test, rt)
-
     # -- loss and step: label-smoothed cross-entropy on the logits (computed in fp32 under
     # autocast); the step also counts correct top-1 predictions for the train accuracy.
     step = classification_step(label_smoothing=args.label_smoothing)
@@ -65,8 +61,10 @@ def main(argv: list[str] | None = None) -> dict:
     # (engine.warmup_cosine); early stopping on holdout accuracy.
     cfg = cli.fit_config(args, cuda=rt.cuda)
 
-    # -- train, keep the best holdout epoch (best.pt), test it once, write results.json
-    return train_and_test(model, loaders, step, cfg, rt, meta, args.out, cli.flags(args))
+    # -- train, keep the best holdout epoch (best.pt), test it once, write results.json;
+    # --evaluate PATH tests that checkpoint instead, without training
+    return train_and_test(model, loaders, step, cfg, rt, meta, args.out, cli.flags(args),
+                          evaluate_only=args.evaluate)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ checked. Writes placements.json, placements.md and placements.png in --out.
 """
 from pathlib import Path
 
-from common import cli, evaluate, runtime, task_data
+from common import cli, runtime, task_data
 from common.cubs import GATE_LOGIT_INIT, PLACEMENTS, VARIANTS, check_plus_d
 from common.engine import classification_step
 from common.networks import build_model
@@ -97,13 +97,13 @@ def main(argv: list[str] | None = None) -> dict:
                         **({"gate_init": args.gate_init} if variant == "plain" else {}),
                         **cli.data_recipe(args))
             model = build_model(meta)
-            if args.evaluate:  # test that checkpoint instead of training
-                return evaluate.classifier_checkpoint(model, args.evaluate, meta, loaders.test, rt)
-            if rt.is_main:
+            if rt.is_main and not args.evaluate:
                 print(f"== placement {placement}, variant {variant}")
+            # --evaluate PATH: test that checkpoint instead of training (one placement/variant)
             result = train_and_test(model, loaders, step, cfg, rt, meta,
-                                    Path(args.out) / f"{placement}_{variant}", cli.flags(args))
-            if not result["finished"]:
+                                    Path(args.out) / f"{placement}_{variant}", cli.flags(args),
+                                    evaluate_only=args.evaluate)
+            if args.evaluate or not result["finished"]:
                 return result
 
     # -- compare every finished run in --out, select the placement by HOLDOUT accuracy,

@@ -15,6 +15,7 @@ import torch
 from common import engine, runtime
 from common.checkpoint import CheckpointError, load_checkpoint, load_model_state
 from common.diagnostics import diagnostics, has_residual_blocks
+from common.evaluate import classifier_checkpoint
 from common.files import write_json
 from common.models import count_parameters
 from common.runtime import describe_device
@@ -65,10 +66,16 @@ def load_best(model: torch.nn.Module, out: str | Path, best_epoch: int | None = 
 
 def train_and_test(model: torch.nn.Module, loaders: Loaders, step: engine.StepFn,
                    cfg: engine.FitConfig, rt: runtime.Runtime, meta: CheckpointMeta,
-                   out: str | Path, flags: dict[str, Any]) -> ClassifierResults | dict[str, bool]:
+                   out: str | Path, flags: dict[str, Any],
+                   evaluate_only: str | Path | None = None) -> ClassifierResults | dict[str, Any]:
     """fit -> load best.pt -> evaluate on test -> write results.json (rank 0); returns it,
     or {"finished": False} when the run stopped early on purpose (--stop-after-epoch).
-    `flags`: every command-line value, recorded in results.json."""
+    `flags`: every command-line value, recorded in results.json.
+
+    evaluate_only (--evaluate PATH): no training; test that checkpoint instead and return
+    its figures (common/evaluate.py: eval.json beside it, nothing else written)."""
+    if evaluate_only:
+        return classifier_checkpoint(model, evaluate_only, meta, loaders.test, rt)
     out = Path(out)
     params = count_parameters(model)
     if rt.is_main:
