@@ -4,20 +4,20 @@
     python -m bench.at_par_ablation serial-none --warmup 3
     python -m bench.at_par_ablation --test-accuracy     # test accuracy of every finished run
     python -m bench.at_par_ablation --plot docs/at_par_curves.png   # holdout per epoch
-    python -m bench.at_par_ablation serial-plus serial-plusraw --seed 0 --t2-init
+    python -m bench.at_par_ablation t2 serial-3 --seed 0 --test-per-class 200   # 2,000 test images
     python -m bench.at_par_ablation --plus-stats   # |scale|, gate range, attention logits
 
 A name is `t2` (vanilla ResNet-18) or `<placement>-<gate>`: gate `none` = PyTorch's default
 init, a number = the gate logit (3 is the default), `plus` = the plus variant (its default,
 scale tanh(gamma)), `plusraw` = plus with the unbounded scale gamma (the variant before).
 Each run trains with engine.fit (torch loader, the scripts' recipe at a small size) into
-OUT/<name>_s<seed>_w<warmup>[_t2init]/ and prints holdout and train accuracy per epoch.
+OUT/<name>_s<seed>_w<warmup>/ and prints holdout and train accuracy per epoch.
 metrics.jsonl also holds common.diagnostics of the first holdout batch per epoch (gates,
 branch gradient norms, every plus block's scale), and plus runs write gamma_steps.json
-(every scale and the loss at every step). --t2-init starts a CUBS run from t2's initial
-tensors at the same seed: a plus network then computes exactly what t2 computes until gamma
-moves, so the pair differs only by what the attention learns (the batches are a function of
-the seed alone). Runs are deterministic (one thread): a rerun repeats every figure.
+(every scale and the loss at every step). A CUBS run starts from t2's initial tensors at the
+same seed (ResNet18 draws its attention modules last): a plus network computes exactly what
+t2 computes until gamma moves, so the pair differs only by what the attention learns (the
+batches are a function of the seed alone). Runs are deterministic (one thread): a rerun repeats every figure.
 
 Data: the Tiny ImageNet layout, 10 classes whose shapes all differ (class styles 0-6, 10,
 11, 12 of common.synthetic), 80 images per class of which 8 are held out, 100 test images,
@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from common import cubs, engine, runtime, synthetic
-from common.checkpoint import load_checkpoint, load_matching_tensors
+from common.checkpoint import load_checkpoint
 from common.cubs import CUBSBlock1Plus, CUBSBlock2Plus, cubs_resnet18
 from common.diagnostics import diagnostics, gamma_values
 from common.datasets import load_tiny_imagenet
@@ -47,13 +47,16 @@ SIZE, CLASSES, PER_CLASS, EPOCHS, WIDTH, LR, BATCH = 32, 10, 80, 8, 8, 0.2, 32
 STYLES = [0, 1, 2, 3, 4, 5, 6, 10, 11, 12]  # ids 7-9 would repeat the shapes of 0-2
 
 
-def make_data(root: Path) -> Path:
+def make_data(root: Path, test_per_class: int = 10) -> Path:
+    """The data set; the train images come first from the generator's stream, so a larger
+    `test_per_class` leaves the train (and holdout) images byte-identical and only adds test
+    images of the same distribution."""
     if not (root / "tiny-imagenet-200" / "wnids.txt").exists():
         original = synthetic.class_style
         synthetic.class_style = lambda class_id: original(STYLES[class_id])
         try:
             synthetic.make_tiny_imagenet(root, num_classes=CLASSES, train_per_class=PER_CLASS,
-                                         val_per_class=10, image_size=SIZE, seed=11, hue_jitter=0.2)
+                                         val_per_class=test_per_class, image_size=SIZE, seed=11, hue_jitter=0.2)
         finally:
             synthetic.class_style = original
     return root / "tiny-imagenet-200"
@@ -73,7 +76,7 @@ def build(name: str) -> torch.nn.Module:
                          gate_logit=None if gate == "none" else float(gate))
 
 
-def train(name: str, splits, out: Path, seed: int, warmup: float, t2_init: bool = False) -> None:
+def train(name: str, splits, out: Path, seed: int, warmup: float) -> None:
     torch.manual_seed(seed)
     rt = runtime.Runtime(torch.device("cpu"))
     loader = ImageLoader(splits.train.files, splits.train.labels, batch_size=BATCH, train=True,
@@ -83,13 +86,7 @@ def train(name: str, splits, out: Path, seed: int, warmup: float, t2_init: bool 
     cfg = engine.FitConfig(epochs=EPOCHS, lr=LR, warmup_epochs=warmup, patience=100, fresh=True)
     with torch.random.fork_rng():  # the diagnostics batch must not move the training RNG
         batch = list(holdout.epoch())[0]  # a whole pass: never leave an epoch half-read
-    if t2_init and name != "t2":  # the same convs, BNs and classifier as t2 at this seed
-        reference = build("t2").state_dict()
-        model = build(name)
-        loaded, _ = load_matching_tensors(model, reference)
-        assert len(loaded) == len(reference), "every vanilla tensor must be copied"
-    else:
-        model = build(name)
+    model = build(name)
     trace: list[dict] = []  # plus only: every scale before each step, and the step's loss
     classify = engine.classification_step(0.1)
     is_plus = bool(gamma_values(model))
@@ -185,22 +182,21 @@ def main() -> None:
     parser.add_argument("names", nargs="*", help="runs to train, e.g. t2 serial-none serial-3")
     parser.add_argument("--seed", type=int, default=0, help="init and batch-order seed (default 0)")
     parser.add_argument("--warmup", type=float, default=1.0, help="warmup epochs (default 1)")
-    parser.add_argument("--t2-init", action="store_true",
-                        help="CUBS runs start from t2's initial tensors at the same seed (a paired "
-                             "comparison: only the attention modules differ); out folder *_t2init")
     parser.add_argument("--out", type=Path, default=Path("runs/at_par_ablation"), help="runs and data folder")
     parser.add_argument("--test-accuracy", action="store_true", help="report every finished run")
     parser.add_argument("--plus-stats", action="store_true",
                         help="largest |scale|, gate range and largest |attention logit| of every "
                              "finished plus run")
+    parser.add_argument("--test-per-class", type=int, default=10,
+                        help="test images per class (default 10); another value uses the data "
+                             "folder data_test<N>: the same train images, a larger test split")
     parser.add_argument("--plot", type=Path, help="write the per-epoch holdout curves of every run here")
     args = parser.parse_args()
     torch.set_num_threads(1)  # two runs side by side on 2 cores, as measured
-    splits = load_tiny_imagenet(make_data(args.out / "data"), holdout_per_class=8, seed=0)
+    data = args.out / ("data" if args.test_per_class == 10 else f"data_test{args.test_per_class}")
+    splits = load_tiny_imagenet(make_data(data, args.test_per_class), holdout_per_class=8, seed=0)
     for name in args.names:
-        suffix = "_t2init" if args.t2_init and name != "t2" else ""
-        train(name, splits, args.out / f"{name}_s{args.seed}_w{args.warmup:g}{suffix}", args.seed,
-              args.warmup, args.t2_init)
+        train(name, splits, args.out / f"{name}_s{args.seed}_w{args.warmup:g}", args.seed, args.warmup)
     if args.test_accuracy:
         test_accuracy(splits, args.out)
     if args.plus_stats:

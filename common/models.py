@@ -67,7 +67,6 @@ class BasicBlock(nn.Module):
         in_channels: int,
         out_channels: int,
         stride: int = 1,
-        attention: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.conv1 = _conv3x3(in_channels, out_channels, stride)
@@ -75,8 +74,9 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = _conv3x3(out_channels, out_channels)
         self.bn2 = nn.BatchNorm2d(out_channels)
-        # Registered only when given so that a vanilla block has exactly torchvision's keys.
-        self.attention = attention
+        # ResNet18 sets it to a module; left None it is no submodule, so a vanilla block has
+        # exactly torchvision's keys.
+        self.attention: nn.Module | None = None
         self.downsample: nn.Module | None = None
         if stride != 1 or in_channels != out_channels:
             self.downsample = nn.Sequential(
@@ -98,7 +98,8 @@ class ResNet18(nn.Module):
     stem="cifar" (default, for 64x64): conv3x3 stride 1 + BN + ReLU, no max-pool, so layer1
     runs at the full 64x64 and layer4 ends at 8x8. stem="imagenet" (for 224x224): conv7x7
     stride 2 + BN + ReLU + max-pool 3x3/2, as torchvision.
-    attention(channels) is called once per BasicBlock (8 calls) to build that block's module.
+    attention(channels) is called once per BasicBlock (8 calls, after all other tensors are
+    drawn) to build that block's module.
     zero_init_residual sets the last BN gamma of each residual branch to 0, so every block
     starts as an identity map; this helps when training from scratch.
     """
@@ -128,8 +129,7 @@ class ResNet18(nn.Module):
         for index, (channels, stride) in enumerate(zip(widths, (1, 2, 2, 2)), start=1):
             blocks = []
             for block_stride in (stride, 1):
-                block_attention = attention(channels) if attention is not None else None
-                blocks.append(BasicBlock(in_channels, channels, block_stride, block_attention))
+                blocks.append(BasicBlock(in_channels, channels, block_stride))
                 in_channels = channels
             setattr(self, f"layer{index}", nn.Sequential(*blocks))
 
@@ -150,6 +150,14 @@ class ResNet18(nn.Module):
                     nn.init.zeros_(m.bn2.weight)
         _init_conv_and_bn(self.conv1)
         _init_conv_and_bn(self.bn1)
+
+        # Attention modules are drawn last, after every ResNet tensor: at the same seed a
+        # network with them starts from exactly the vanilla network's tensors, so T3 against
+        # T2 is a paired comparison that differs only by what the attention does.
+        if attention is not None:
+            for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+                for block in layer:
+                    block.attention = attention(block.conv2.out_channels)
 
     def features(self, x: Tensor) -> Tensor:
         """B x 3 x H x W -> B x feature_dim (global-average-pooled, before fc)."""

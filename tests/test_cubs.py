@@ -377,6 +377,21 @@ def test_bounded_gamma_starts_exactly_like_the_unbounded_one():
 # ---------------------------------------------------------------- in ResNet-18
 
 
+@pytest.mark.parametrize("placement, variant", list(itertools.product(PLACEMENTS, VARIANTS)))
+def test_cubs_resnet_starts_from_the_vanilla_tensors_of_the_same_seed(placement, variant):
+    # T3 against T2 is then paired: the two runs differ only by the attention modules.
+    torch.manual_seed(5)
+    vanilla = ResNet18(10, width=8).state_dict()
+    torch.manual_seed(5)
+    cubs = cubs_resnet18(10, placement=placement, variant=variant, width=8, d=64).state_dict()
+    assert set(cubs) - set(vanilla) == {k for k in cubs if ".attention." in k} != set()
+    for key, tensor in vanilla.items():
+        assert torch.equal(cubs[key], tensor), key
+    torch.manual_seed(6)  # and a different seed draws different tensors
+    assert not torch.equal(ResNet18(10, width=8).state_dict()["layer1.0.conv1.weight"],
+                           vanilla["layer1.0.conv1.weight"])
+
+
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_cubs_resnet_plus_is_exactly_vanilla_resnet_at_init(placement):
     torch.manual_seed(12)

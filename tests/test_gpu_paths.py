@@ -1,10 +1,11 @@
 """The code paths the scripts take only on a GPU, run on the CPU (issue 11, part 1).
 
-torch.compile (graph capture of every CUBS block, inductor on one), bf16 autocast with
-channels_last for every network, fp16 with a GradScaler that overflows and resumes, the
-zero-padding branch of fused_attention, and the MS loss's fp32 similarity under autocast.
-What a CPU cannot run (DALI `mixed`, NCCL) is left to bench/gpu_check.sh. Whole-network
-inductor compiles cost minutes each on 2 cores: bench/bench_compile.py measures those.
+torch.compile (graph capture of every CUBS block and every CUBS network, inductor on one
+block), bf16 autocast with channels_last for every network, fp16 with a GradScaler that
+overflows and resumes, the zero-padding branch of fused_attention, and the MS loss's fp32
+similarity under autocast. What a CPU cannot run (DALI `mixed`, NCCL) is left to
+bench/gpu_check.sh. Whole-network inductor compiles cost minutes each on 2 cores:
+bench/bench_compile.py measures those.
 """
 from __future__ import annotations
 
@@ -116,6 +117,20 @@ def test_inductor_compiles_a_cubs_block_forward_and_backward_like_eager():
     block = CUBSAttention(WIDTH, "serial", "plain", d=D)
     out_dist, grad_dist = _compiled_vs_eager(block, torch.randn(BATCH, WIDTH, 8, 8), "inductor")
     assert out_dist < 1e-4 and grad_dist < 1e-4
+
+
+@pytest.mark.parametrize("name", [f"cubs_{p}_{v}" for p, v in BLOCK_CONFIGS] + ["embedding_net"])
+def test_whole_network_is_captured_as_one_graph_forward_and_backward(name):
+    # The CUBS networks whole (and T4's EmbeddingNet, the one more network): stem, the
+    # wiring of every BasicBlock around its blocks, pooling and head. fullgraph=True makes
+    # any graph break raise. Dynamo's capture only (backend "eager" runs the captured graph
+    # with eager kernels, so compiled equals eager to fp32 rounding): the joint graphs are
+    # checked per block above and inductor on one block; whole-network inductor builds
+    # (minutes each on 2 cores) are in bench/bench_compile.py.
+    torch.manual_seed(0)
+    model = _networks()[name]
+    out_dist, grad_dist = _compiled_vs_eager(model, torch.randn(BATCH, 3, 16, 16), "eager")
+    assert out_dist < 1e-6 and grad_dist < 1e-6
 
 
 # ---------------------------------------------------------------- bf16 autocast, channels_last
