@@ -5,13 +5,14 @@
     python t3_cubs.py --placement serial --variant both   # plain vs our `plus` variant
     python t3_cubs.py --smoke --placement all # everything on a generated dataset, CPU
 
-The blocks (common/cubs.py, specification in docs/cubs.md, summary in README): Block 1 gates channels through a
-self-similarity of the pooled channel descriptor, Block 2 gates positions through a
-self-similarity of the positions; both attention maps go through a fused kernel and are
-never materialised. Each (placement, variant) trains with the same seed and recipe as T2
-into --out/<placement>_<variant>/. Afterwards every finished run under --out is compared:
-the placement is selected by HOLDOUT accuracy (never test), test accuracies are reported,
-and if a matching T2 result exists the "at most 2 points below vanilla ResNet-18" rule is
+The blocks (common/cubs.py, specification in docs/cubs.md, summary in README): Block 1
+gates channels through a self-similarity of the pooled channel descriptor, Block 2 gates
+positions through a self-similarity of the positions; both attention maps go through a
+fused kernel and are never materialised. Each (placement, variant) trains with the same
+seed and recipe as T2, from T2's initial tensors (the blocks are drawn after them), into
+--out/<placement>_<variant>/. Afterwards every finished run under --out is compared: the
+placement is selected by HOLDOUT accuracy (never test), test accuracies are reported, and
+if a matching T2 result exists the "at most 2 points below vanilla ResNet-18" rule is
 checked. Writes placements.json, placements.md and placements.png in --out.
 """
 from pathlib import Path
