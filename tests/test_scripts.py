@@ -121,8 +121,8 @@ def test_t3_checkpoint_of_one_placement_is_refused_by_another(runs, tmp_path):
 # CUBS-ResNet-18 0.32-0.37 before the generated Cars images got their random scenes, see
 # common/synthetic.py; centred pixels 0.34 after). One query is 1/192 = 0.0052 of R@1.
 # Measured with the smoke settings (2-core VM, 2026-11-29), R@1 before -> Phase A -> Phase B:
-# init t3 as here, from this session's T3 smoke run 0.229 -> 0.432 -> 0.505, from a 2-epoch
-# one 0.266 -> 0.427 -> 0.453; init scratch, seed 1: 0.323 -> 0.479 -> 0.453.
+# init t3 from a 2-epoch T3 smoke run (as the session fixture runs it) 0.266 -> 0.427 ->
+# 0.453, from a 3-epoch one 0.229 -> 0.432 -> 0.505; init scratch, seed 1: 0.323 -> 0.479 -> 0.453.
 # Phase B's gain over Phase A is within a few queries either way here (its 8 training
 # classes of 20 images are fitted, not generalised from), and no generated Cars set of smoke
 # size changed that: B - A moved by about +-0.05 from seed to seed on every dataset and flag
