@@ -152,8 +152,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     # -- Phase A: label-smoothed cross-entropy over the 98 training classes, SGD + warmup +
     # cosine as T2 (engine.fit, cli.fit_config); then Recall@K of the pooled features
+    # No torch.compile by default: at 224 px its build costs more than it saves in T4's
+    # phases (--compile turns it on).
+    cfg_a = cli.fit_config(args, cuda=rt.cuda, compile_on_cuda=False)
     fitted_a = fit_classifier(model, loaders, engine.classification_step(args.label_smoothing),
-                              cli.fit_config(args, cuda=rt.cuda), rt, meta, out / "phase_a")
+                              cfg_a, rt, meta, out / "phase_a")
     if not fitted_a["finished"]:
         return {"finished": False}
     load_best(model, out / "phase_a", fitted_a["best_epoch"])
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     # early stopping on holdout Recall@1.
     pk_train = task_data.pk_loader(splits.train, settings, rt, classes_per_batch=args.classes_per_batch,
                                    images_per_class=args.images_per_class)
-    cfg_b = cli.fit_config(args, cuda=rt.cuda)
+    cfg_b = cli.fit_config(args, cuda=rt.cuda, compile_on_cuda=False)
     cfg_b.epochs, cfg_b.lr, cfg_b.optimizer = args.embed_epochs, args.embed_lr, args.embed_optimizer
     cfg_b.weight_decay, cfg_b.warmup_epochs = args.embed_weight_decay, 1.0
     phase_a_weights = {k: v.clone() for k, v in model.state_dict().items()}

@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
-# One-shot GPU check, under 10 minutes on one H200 installation included: it stops its
-# timed steps by GPU_CHECK_SECONDS (default 570) after its start (not yet run anywhere).
+# One-shot GPU check of all four tasks, under 10 minutes on one H200 with DALI installed
+# from packed parts: it stops its timed steps by GPU_CHECK_SECONDS (default 570) after its start.
 # Run from anywhere:
-#     bash bench/gpu_check.sh                      # torch fallback loader (no DALI needed)
-#     bash bench/gpu_check.sh --wheels DIR         # DALI installed offline from DIR first
-#     bash bench/gpu_check.sh --wheels DIR --install-only   # steps 0 only (works without a GPU)
-# Figures go to $OUT (default /tmp/gpu_check).
-# 0. --wheels DIR (a folder written by bench/fetch_wheels.sh, for an air-gapped machine):
-#    checks DIR/SHA256SUMS, pip-installs every wheel in DIR offline (--no-index --no-deps)
-#    into a temporary folder put first on PYTHONPATH, then bench/dali_check.py imports DALI
-#    from there and decodes a few JPEGs (`mixed` with a GPU, else on the CPU).
+#     bash bench/gpu_check.sh                      # DALI as installed (else the torch fallback)
+#     bash bench/gpu_check.sh --dali-parts DIR     # DALI unpacked from DIR first (below)
+#     bash bench/gpu_check.sh --wheels DIR         # DALI installed offline from wheels first
+#     bash bench/gpu_check.sh --wheels DIR --install-only   # step 0 only (works without a GPU)
+# Figures go to $OUT (default /tmp/gpu_check): summary.json, summary.txt, one log per step.
+# 0. --dali-parts DIR: DIR holds dali312.tar.zst.part00.. and SHA256 from
+#    ../shared/tools/pack_dali_site.sh, and the zstandard wheel it downloads (a machine
+#    without the zstd command): checks the joined parts against SHA256, unpacks them into a
+#    temporary folder put first on PYTHONPATH. --wheels DIR (bench/fetch_wheels.sh): checks
+#    DIR/SHA256SUMS and pip-installs every wheel offline into such a folder. Either way
+#    bench/dali_check.py then imports DALI from there and decodes a few JPEGs.
 # 1. generates a full-size synthetic Tiny ImageNet (100,000 train + 10,000 val JPEGs, 64x64)
 #    and a Cars-like set (1,176 JPEGs of 500x375) on this machine;
-# 2. measures the loader alone (bench/loader_alone.py: DALI mixed decode if importable,
-#    else the torch fallback); the summary names the loader measured;
-# 3. runs two epochs each of T2 and T3 --placement serial (autocast, channels_last, compile)
-#    and reports the second epoch (the first includes torch.compile's compilation).
-# README's Performance section will quote the summary table at the end. Model-only
-# images/s and MFU are a separate, longer command: python3 bench/bench_train.py --quick.
+# 2. runs 2 epochs of T3 --placement serial, T2, T1 (compiled, bf16, channels_last; the
+#    first epoch includes torch.compile's build) and T4 (2 + 2 epochs, --init scratch), each
+#    as a user runs it, with the default loader (the device cache for T1-T3, DALI for T4);
+# 3. measures the loaders alone (bench/loader_alone.py) with what time is left.
+# The summary takes each run's second epoch from its metrics.jsonl (T4: Phase A's).
+# README's Performance section quotes it. The model and loop alone, without data:
+# python3 bench/gpu_diagnose.py (< 5 minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}
@@ -30,37 +34,59 @@ TOTAL=${GPU_CHECK_SECONDS:-570}  # a 10-minute command limit, less 30 s for the 
 # is left after keeping KEEP seconds for the steps after it.
 cap_for() { local left=$(( TOTAL - ($(date +%s) - START) - $2 )); echo $(( left < $1 ? left : $1 )); }
 log() { echo "[gpu_check $(date +%T)] $*"; }
-usage() { sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
 
-WHEELS="" INSTALL_ONLY=0
+WHEELS="" PARTS="" INSTALL_ONLY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --wheels) [ $# -ge 2 ] || { usage; exit 2; }; WHEELS=$2; shift 2 ;;
+    --dali-parts) [ $# -ge 2 ] || { usage; exit 2; }; PARTS=$2; shift 2 ;;
     --install-only) INSTALL_ONLY=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "gpu_check: unknown argument $1"; usage; exit 2 ;;
   esac
 done
-if [ "$INSTALL_ONLY" = 1 ] && [ -z "$WHEELS" ]; then echo "gpu_check: --install-only needs --wheels DIR"; exit 2; fi
+if [ "$INSTALL_ONLY" = 1 ] && [ -z "$WHEELS$PARTS" ]; then echo "gpu_check: --install-only needs --wheels DIR or --dali-parts DIR"; exit 2; fi
 mkdir -p "$OUT" "$DATA"
 
-# Step 0: DALI from a folder of wheels, without network. pip's --target does not look at
-# what is installed already, so --no-deps with the exact set (fetch_wheels.sh) keeps it
-# from wanting anything else, numpy above all (the machine's own stays in use).
-if [ -n "$WHEELS" ]; then
+# Step 0: DALI without network, into a temporary folder first on PYTHONPATH. pip's --target
+# does not look at what is installed already, so --no-deps with the exact set
+# (fetch_wheels.sh) keeps it from wanting anything else, numpy above all (the machine's own
+# stays in use).
+DALI_SITE=""
+if [ -n "$WHEELS$PARTS" ]; then
   SECONDS=0
+  DALI_SITE=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_dali.XXXXXX")
+  trap 'rm -rf "$DALI_SITE"' EXIT
+fi
+if [ -n "$WHEELS" ]; then
   [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1 || { echo "error: no *.whl in $WHEELS"; exit 1; }
   if [ -f "$WHEELS/SHA256SUMS" ]; then
     (cd "$WHEELS" && sha256sum --quiet -c SHA256SUMS) || {
       echo "error: a wheel in $WHEELS differs from SHA256SUMS (incomplete copy, or parts joined in the wrong order?)"; exit 1; }
   fi
-  DALI_SITE=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_dali.XXXXXX")
-  trap 'rm -rf "$DALI_SITE"' EXIT
   log "installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into $DALI_SITE (offline)"
   # --no-compile: no .pyc for ~600 MB of files (saves time; Python compiles what it imports)
   timeout -k 10 300 python3 -m pip install --quiet --no-index --no-deps --no-compile \
       --disable-pip-version-check --target "$DALI_SITE" "$WHEELS"/*.whl || {
     echo "error: offline install from $WHEELS failed (wheels for another Python? fetch_wheels.sh defaults to 3.12)"; exit 1; }
+elif [ -n "$PARTS" ]; then
+  ls "$PARTS"/dali312.tar.zst.part* >/dev/null 2>&1 && [ -f "$PARTS/SHA256" ] || {
+    echo "error: $PARTS needs dali312.tar.zst.part00.. and SHA256 (../shared/tools/pack_dali_site.sh)"; exit 1; }
+  expected=$(cut -d' ' -f1 "$PARTS/SHA256")
+  actual=$(cat "$PARTS"/dali312.tar.zst.part* | sha256sum | cut -d' ' -f1)
+  [ "$expected" = "$actual" ] || { echo "error: the joined parts in $PARTS differ from SHA256 (a part missing or incomplete?)"; exit 1; }
+  unzstd=(zstd -dc --long=27)
+  if ! command -v zstd >/dev/null; then  # no zstd command: the zstandard wheel beside the parts
+    ls "$PARTS"/zstandard-*.whl >/dev/null 2>&1 || { echo "error: no zstd command and no zstandard wheel in $PARTS"; exit 1; }
+    python3 -m pip install --quiet --no-index --no-deps --target "$DALI_SITE/.zstandard" "$PARTS"/zstandard-*.whl || exit 1
+    unzstd=(env PYTHONPATH="$DALI_SITE/.zstandard" python3 -c "import sys, zstandard
+zstandard.ZstdDecompressor(max_window_size=2**27).copy_stream(sys.stdin.buffer, sys.stdout.buffer)")
+  fi
+  log "unpacking $(ls "$PARTS"/dali312.tar.zst.part* | wc -l) parts from $PARTS into $DALI_SITE"
+  cat "$PARTS"/dali312.tar.zst.part* | "${unzstd[@]}" | tar -xf - -C "$DALI_SITE" || { echo "error: unpacking $PARTS failed"; exit 1; }
+fi
+if [ -n "$DALI_SITE" ]; then
   export PYTHONPATH="$DALI_SITE${PYTHONPATH:+:$PYTHONPATH}"
   device=cpu
   python3 -c 'import torch, sys; sys.exit(not torch.cuda.is_available())' 2>/dev/null && device=mixed
@@ -94,45 +120,76 @@ if [ ! -f "$DATA/tiny-imagenet-200/wnids.txt" ] || [ ! -f "$DATA/cars196/cars_an
   log "datasets written in $(( $(date +%s) - START )) s since the start"
 fi
 
-log "loader alone"
-cap=$(cap_for 100 300)  # keep 300 s: T2 and T3 need at least ~150 s each
-if [ "$cap" -ge 20 ]; then
-  timeout -k 10 "$cap" python3 bench/loader_alone.py "$DATA" --workers 8 2>&1 | tee "$OUT/loader.txt"
-else
-  log "loader alone skipped: ${cap} s left of GPU_CHECK_SECONDS=$TOTAL"
-fi
-
-for task in t2 t3; do
-  script=t2_resnet18.py; extra=""; cap=$(cap_for 170 150)
-  [ "$task" = t3 ] && script=t3_cubs.py && extra="--placement serial" && cap=$(cap_for 190 0)
-  rm -rf "${OUT:?}/$task"  # never summarise an earlier run's files
-  if [ "$cap" -lt 30 ]; then log "$script skipped: ${cap} s left of GPU_CHECK_SECONDS=$TOTAL"; continue; fi
-  log "$script $extra: 2 epochs (at most $cap s)"
+# run NAME OWN KEEP SCRIPT ARGS...: one task script, 2 epochs, at most OWN seconds (less when
+# only that much of TOTAL is left after KEEP for the later steps); its output in $OUT/NAME.log.
+run() {
+  local name=$1 cap; cap=$(cap_for "$2" "$3"); shift 3
+  rm -rf "${OUT:?}/$name"  # never summarise an earlier run's files
+  if [ "$cap" -lt 30 ]; then log "$name skipped: ${cap} s left of GPU_CHECK_SECONDS=$TOTAL"; return; fi
+  log "$name: $* (at most $cap s)"
   # -k: fit() acts on SIGTERM only between steps (compilation can take a minute)
-  timeout -k 15 "$cap" python3 "$script" $extra --data-dir "$DATA" --no-download --epochs 2 \
-      --out "$OUT/$task" --workers 8 --compile 2>&1 | grep -v "it/s" | tail -n 8
-done
+  timeout -k 15 "$cap" python3 "$@" --data-dir "$DATA" --no-download --out "$OUT/$name" \
+      --workers 8 > "$OUT/$name.log" 2>&1
+  grep -v "it/s" "$OUT/$name.log" | tail -n 4
+}
+# Most important first; KEEP leaves the later steps their minimum.
+run t3 170 150 t3_cubs.py --placement serial --epochs 2
+run t2 100 100 t2_resnet18.py --epochs 2
+run t1 100 50 t1_custom_cnn.py --epochs 2
+run t4 90 0 t4_retrieval.py --epochs 2 --embed-epochs 2 --init scratch --t3-results "$OUT/none.json"
+
+cap=$(cap_for 60 0)
+if [ "$cap" -ge 20 ]; then
+  log "loaders alone (at most $cap s)"
+  timeout -k 10 "$cap" python3 bench/loader_alone.py "$DATA" --workers 8 > "$OUT/loader.txt" 2>&1
+  cat "$OUT/loader.txt"
+else
+  log "loaders alone skipped: ${cap} s left of GPU_CHECK_SECONDS=$TOTAL"
+fi
 
 log "summary (second epoch; data wait = share of step time blocked on the loader;"
 log "torch peak = torch.cuda.max_memory_allocated, without DALI's own buffers)"
-python3 - "$OUT" <<'PY' | tee "$OUT/summary.txt"
-import json, sys
+python3 - "$OUT" "$(( $(date +%s) - START ))" <<'PY' | tee "$OUT/summary.txt"
+import json, sys, time
 from pathlib import Path
-out = Path(sys.argv[1])
+out, wall = Path(sys.argv[1]), int(sys.argv[2])
+try:
+    import torch
+    device = torch.cuda.get_device_name()
+except Exception:
+    device = "?"
+summary = {"date": time.strftime("%Y-%m-%d"), "device": device, "wall_s": wall, "runs": {}}
 loader = out / "loader.txt"
-measured = [l for l in loader.read_text().splitlines() if l.startswith("measured:")] if loader.exists() else []
-print(f"loader alone {measured[0] if measured else 'not measured'}")
-print(f"{'run':22s} {'loader':>7s} {'images/s':>10s} {'data wait':>10s} {'torch peak GiB':>15s} {'holdout acc':>12s}")
-for name, run in (("T2 resnet18", out / "t2"), ("T3 cubs serial plain", out / "t3" / "serial_plain")):
-    path, results = run / "metrics.jsonl", run / "results.json"
-    backend = json.loads(results.read_text()).get("loader", "?") if results.exists() else "?"
+summary["loaders_alone"] = [l for l in loader.read_text().splitlines() if l.startswith("loader ")] if loader.exists() else []
+print(f"{'run':22s} {'loader':>7s} {'images/s':>9s} {'data wait':>9s} {'epoch s':>8s} {'1st step s':>10s} "
+      f"{'builds s':>9s} {'GiB':>5s} {'holdout':>8s}")
+for name, run in (("T3 cubs serial plain", out / "t3" / "serial_plain"), ("T2 resnet18", out / "t2"),
+                  ("T1 custom cnn", out / "t1"), ("T4 phase A", out / "t4" / "phase_a")):
+    path = run / "metrics.jsonl"
     records = [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+    backend = "?"
+    for results in (run / "results.json", run.parent / "results.json"):
+        if results.exists():
+            backend = json.loads(results.read_text()).get("loader", "?")
+            break
     second = [r for r in records if r["epoch"] == 2]
     if not second:
-        print(f"{name:22s} {backend:>7s} no second epoch ({len(records)} epoch(s) finished)")
+        print(f"{name:22s} no second epoch ({len(records)} epoch(s) finished)")
+        summary["runs"][name] = {"epochs_finished": len(records), "first_epoch": records[0] if records else None}
         continue
     r = second[0]
-    print(f"{name:22s} {backend:>7s} {r['images_per_s']:10.0f} {r['data_wait_share']:10.1%} "
-          f"{r.get('peak_mem_gib', float('nan')):15.2f} {r['holdout_acc']:12.4f}")
+    first = records[0]
+    held = r.get("holdout_acc", r.get("holdout_r1", float("nan")))
+    summary["runs"][name] = {"loader": backend, **{k: r.get(k) for k in (
+        "images_per_s", "data_wait_share", "epoch_time_s", "peak_mem_gib", "train_images")},
+        "holdout": held, "first_epoch_s": first["epoch_time_s"], "first_step_s": first.get("first_step_s"),
+        "loader_builds_s": first.get("loader_builds_s")}
+    builds = sum(first.get("loader_builds_s") or [])
+    print(f"{name:22s} {backend:>7s} {r['images_per_s']:9.0f} {r['data_wait_share']:9.1%} "
+          f"{r['epoch_time_s']:8.2f} {first.get('first_step_s') or float('nan'):10.1f} {builds:9.1f} "
+          f"{r.get('peak_mem_gib', float('nan')):5.1f} {held:8.4f}")
+for line in summary["loaders_alone"]:
+    print(line)
+(out / "summary.json").write_text(json.dumps(summary, indent=1))
 PY
-log "done in $(( $(date +%s) - START )) s; figures in $OUT"
+log "done in $(( $(date +%s) - START )) s; figures in $OUT (summary.json)"

@@ -94,11 +94,14 @@ def training_parser(description: str, *, out: str, recipe: Mapping[str, Any]) ->
     a("--width", type=positive_int, default=None,
       help="channels of the model's first stage (each later stage doubles them)")
     a("--workers", type=nonnegative_int, default=4, help="decoding threads (DALI) / DataLoader workers")
-    a("--backend", choices=["auto", "dali", "torch"], default="auto",
-      help="auto = DALI if importable, else the torch DataLoader fallback")
+    a("--backend", choices=["auto", "dali", "torch", "cache"], default="auto",
+      help="auto = on a GPU the device cache where it applies (T1-T3), else DALI if importable, "
+           "else the torch DataLoader fallback; cache = decode every image once into the "
+           "device's memory and augment there")
     a("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     a("--compile", action=argparse.BooleanOptionalAction, default=None,
-      help="torch.compile the model (default: on with CUDA, off on CPU)")
+      help="torch.compile the model (default: on with CUDA for T1-T3; off for T4, whose "
+           "short phases at 224 px do not earn back the compile time; off on CPU)")
     a("--seed", type=int, default=0, help="seeds the init, batch order, holdout and augmentation")
     a("--check-images", choices=CHECK_MODES, default="quick",
       help="before training, check every image file: quick = both ends of each (signature, end "
@@ -209,11 +212,12 @@ def data_recipe(args: argparse.Namespace) -> DataRecipe:
                       seed=args.seed)
 
 
-def fit_config(args: argparse.Namespace, cuda: bool) -> FitConfig:
+def fit_config(args: argparse.Namespace, cuda: bool, compile_on_cuda: bool = True) -> FitConfig:
+    """FitConfig from the flags; --compile unset = `compile_on_cuda` on a GPU, off on the CPU."""
     return FitConfig(epochs=args.epochs, lr=args.lr, weight_decay=args.weight_decay,
                      optimizer=args.optimizer, warmup_epochs=args.warmup_epochs,
                      patience=args.patience, min_delta=args.min_delta,
-                     compile=cuda if args.compile is None else args.compile,
+                     compile=cuda and compile_on_cuda if args.compile is None else args.compile,
                      grad_clip=args.grad_clip, fresh=args.fresh,
                      stop_after_epoch=args.stop_after_epoch)
 

@@ -2,7 +2,7 @@
 
 Input and output of every block: x, y of shape B x C x H x W; N = H * W.
 
-Shared kernel
+Shared kernels
   fused_attention(q, k, v, scale): q, k, v B x h x L x e -> B x h x L x e,
       softmax(q k^T * scale) v per (sample, head), through
       torch.nn.functional.scaled_dot_product_attention. The L x L matrix is never stored
@@ -11,7 +11,11 @@ Shared kernel
       and the output is sliced back). SDPA subtracts the row maximum before exp, so large
       logits (ReLU outputs multiplied together) do not overflow.
   similarity_attention(q, k, v): B x L scalars -> B x L, the head-dim-1 case with scale 1:
-      a_i = sum_j softmax_j(q_i k_j) v_j.
+      a_i = sum_j softmax_j(q_i k_j) v_j. With scalar q, k the exponential separates,
+      exp(q_i k_j) = sum_n q_i^n k_j^n / n!, so a_i = sum_n q_i^n M_n / sum_n q_i^n L_n with
+      the moments M_n = sum_j v_j k_j^n / n!, L_n = sum_j k_j^n / n!: O(L p), not O(L^2)
+      (taylor_similarity_attention, p = 32 terms, exact to fp32 rounding while every logit
+      is in [0, 7.5]; beyond that, fused_attention; derivation and bound in docs/cubs.md).
 
 CUBS Block 1, channel attention (CUBSBlock1, d = 512 by default):
   g = avgpool(x)                                  B x C
@@ -62,7 +66,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common.models import ResNet18
 
@@ -91,9 +94,10 @@ GATE_LOGIT_INIT = 3.0
 # bound_gamma attribute (default: this) switches it off for that ablation.
 BOUND_PLUS_GAMMA = True
 HEAD_DIM = 8  # plus variant; also the head-dim multiple the CUDA fused kernels want
-# SDPA backends that never store the L x L matrix (on CPU only FLASH_ATTENTION exists).
-# cuDNN attention is left out: it has had wrong-result bugs on Hopper (pytorch #138522).
-_FUSED_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+# The plain blocks' exp(q k) by its Taylor series: 32 terms are exact to fp32 rounding for
+# logits up to 7.5 (7.5^32 / 32! = 3.8e-8 < 2^-24); larger logits take the fused kernel.
+TAYLOR_TERMS = 32
+TAYLOR_MAX_LOGIT = 7.5
 
 
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
@@ -101,8 +105,10 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
     """softmax(q k^T * scale) v without storing the Lq x Lk matrix.
 
     q: B x h x Lq x e, k and v: B x h x Lk x e -> B x h x Lq x e. scale defaults to 1/sqrt(e)
-    of the unpadded e. Raises RuntimeError rather than falling back to SDPA's math backend,
-    which would materialise the matrix (B x h x 4096 x 4096 at 64x64).
+    of the unpadded e. Which SDPA kernel runs is chosen outside traced code: on CUDA,
+    runtime.setup_runtime turns off the math backend (it would materialise the matrix,
+    B x h x 4096 x 4096 at 64x64) and cuDNN attention, so a shape no fused kernel takes
+    raises instead; on the CPU the flash kernel takes every shape used here.
     pad_head_dim: zero-pad e to a multiple of HEAD_DIM; None = on CUDA only, where the
     kernels need it. True on the CPU runs the CUDA branch there (tests).
     """
@@ -118,8 +124,7 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
     pad = (-head_dim) % HEAD_DIM if pad_head_dim else 0
     if pad:
         q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
-    with sdpa_kernel(_FUSED_BACKENDS):
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     return out[..., :head_dim] if pad else out
 
 
@@ -131,7 +136,59 @@ def naive_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None)
 
 
 def similarity_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """a_i = sum_j softmax_j(q_i k_j) v_j for B x L scalars q, k, v -> B x L (fused)."""
+    """a_i = sum_j softmax_j(q_i k_j) v_j for B x L scalars q, k, v -> B x L.
+
+    Computed in fp32 (float64 for float64 inputs) whatever the autocast. When every logit
+    q_i k_j lies in [0, TAYLOR_MAX_LOGIT] (q, k >= 0, as the plain blocks' ReLUs make them),
+    by the truncated Taylor series of exp in O(L p) (taylor_similarity_attention, error
+    below fp32 rounding); otherwise by fused_attention, exact for any logit. The branch
+    is torch.cond under torch.compile, so a compiled network never recompiles on it.
+    """
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v = (t.to(dtype) for t in (q, k, v))
+        largest_logit = (q.amax(dim=1) * k.amax(dim=1)).amax()  # max_b max_i,j q_i k_j when q, k >= 0
+        in_range = (largest_logit <= TAYLOR_MAX_LOGIT) & (q.amin() >= 0) & (k.amin() >= 0)
+        if torch.compiler.is_compiling():
+            # One stacked operand: torch.cond refuses operands that share memory, and Block
+            # 2's q, k, v are views of one conv output.
+            return torch.cond(in_range, lambda qkv: taylor_similarity_attention(*qkv.unbind(0)),
+                              lambda qkv: _fused_similarity_attention(*qkv.unbind(0)),
+                              (torch.stack((q, k, v)),))
+        # Eager: one host sync; torch.cond outside compile would trace both branches per call.
+        if in_range:
+            return taylor_similarity_attention(q, k, v)
+        return _fused_similarity_attention(q, k, v)
+
+
+def taylor_similarity_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """similarity_attention by exp(x) = sum_{n<p} x^n / n!, p = TAYLOR_TERMS (docs/cubs.md).
+
+    B x L each -> B x L. Requires q, k >= 0 and max q * max k <= TAYLOR_MAX_LOGIT per
+    sample (similarity_attention checks it); then every term is >= 0 (no cancellation)
+    and each weight exp(q_i k_j) is underestimated by a factor in [1 - d, 1], d =
+    TAYLOR_MAX_LOGIT^p / p! < 2^-24, so |a_i - exact| <= d / (1 - d) * (max v - min v).
+    Two products, B x 2 x L @ B x L x p and B x L x p @ B x p x 2, instead of L x L logits.
+    """
+    n = torch.arange(TAYLOR_TERMS, device=q.device, dtype=q.dtype)                 # p
+    coeff = torch.exp(n * math.log(TAYLOR_MAX_LOGIT) - torch.lgamma(n + 1))        # p: X^n / n!
+    # q_i k_j = (q_i / s) (k_j s / X) X with s = max_i q_i: both factors in [0, 1], so no
+    # power over- or underflows before the coefficient; s > 0 keeps an all-zero q exact.
+    s = q.amax(dim=1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)           # B x 1
+    query_powers = (q / s)[..., None].pow(n)                                         # B x L x p
+    key_terms = (k * (s / TAYLOR_MAX_LOGIT))[..., None].pow(n) * coeff              # B x L x p
+    # a_i = c + sum_j w_ij (v_j - c) / sum_j w_ij for any c. With c = mean(v) the sums are
+    # of small signed terms and a_i - c is what is rounded: 30x less error in a and 100x in
+    # its q gradient than with c = 0 (docs/cubs.md). c is a constant to autograd: the exact
+    # derivative of a through c is 1 - sum_j w_ij / sum_j w_ij = 0.
+    c = v.mean(dim=1, keepdim=True).detach()                                        # B x 1
+    moments = torch.stack((v - c, torch.ones_like(v)), dim=1) @ key_terms            # B x 2 x p
+    weighted = query_powers @ moments.transpose(1, 2)                                # B x L x 2
+    return c + weighted[..., 0] / weighted[..., 1]  # denominator >= L (the n = 0 term)
+
+
+def _fused_similarity_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """similarity_attention for any logits: fused_attention with one head of dim 1, scale 1."""
     return fused_attention(q[:, None, :, None], k[:, None, :, None], v[:, None, :, None], 1.0)[:, 0, :, 0]
 
 
@@ -157,6 +214,18 @@ def _identity_preserving_gate(logit: Tensor, scale: Tensor) -> Tensor:
     # scale = tanh(gamma) (see BOUND_PLUS_GAMMA). With gamma == 0 this is exactly 1, so
     # x * gate is x bit for bit.
     return 1 + scale * torch.tanh(logit / 2)
+
+
+class AlignedConv2d(nn.Conv2d):
+    """nn.Conv2d whose output channels are zero-padded to a multiple of 8 inside the
+    convolution and sliced off after it: same parameters, same output. A C -> 3 GEMM runs
+    an unaligned fallback kernel on CUDA; C -> 8 has the alignment tensor cores need."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        pad = (-self.out_channels) % 8
+        weight = F.pad(self.weight, (0, 0, 0, 0, 0, 0, 0, pad))   # (out + pad) x C x kh x kw
+        bias = None if self.bias is None else F.pad(self.bias, (0, pad))
+        return self._conv_forward(x, weight, bias)[:, :self.out_channels]
 
 
 class CUBSBlock1(nn.Module):
@@ -200,7 +269,7 @@ class CUBSBlock2(nn.Module):
         super().__init__()
         # Output channels 0, 1, 2 are q, k, v: the same maps as three C->1 convs, but x (the
         # largest tensor here) is read once instead of three times.
-        self.qkv = nn.Conv2d(channels, 3, 1)
+        self.qkv = AlignedConv2d(channels, 3, 1)
         nn.init.constant_(self.qkv.bias, RELU_BIAS_INIT)
         if gate_logit is not None:
             with torch.no_grad():
@@ -209,8 +278,8 @@ class CUBSBlock2(nn.Module):
     def gate(self, x: Tensor) -> Tensor:
         """B x C x H x W -> the spatial gate, B x 1 x H x W, in (0, 1)."""
         b, _, h, w = x.shape
-        q, k, v = F.relu(self.qkv(x)).flatten(2).unbind(1)
-        a = similarity_attention(q, k, v)
+        q, k, v = F.relu(self.qkv(x)).flatten(2).unbind(1)                  # B x N each
+        a = similarity_attention(q, k, v)                                   # B x N
         return torch.sigmoid(a).view(b, 1, h, w)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -301,8 +301,9 @@ def _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, scal
                disable=not (rt.is_main and _interactive()), leave=False, mininterval=2,
                dynamic_ncols=True)
     t0 = time.perf_counter()
+    builds_before = len(loader.build_times)
     batches = loader.epoch(epoch, start)
-    step, correct = start, None
+    step, correct, first_step_s = start, None, None
     while True:
         t_wait = time.perf_counter()
         try:
@@ -327,6 +328,10 @@ def _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, scal
             correct_sum += correct
         n += len(labels)
         step += 1
+        if step == start + 1:  # start-up cost (loader build, compile, cudnn autotuning) in view
+            if rt.cuda:
+                torch.cuda.synchronize(rt.device)
+            first_step_s = time.perf_counter() - t0
         bar.update(1)
         # Every 25 steps (every step on one process once a signal came) the ranks agree on
         # whether to stop: acting on a local signal or NaN alone would leave the other ranks
@@ -371,6 +376,9 @@ def _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, scal
         "lr": optimizer.param_groups[0]["lr"], "epoch_time_s": epoch_time,
         "train_images": n_total, "images_per_s": n_total / max(1e-9, epoch_time),
         "data_wait_share": (p["wait"] + wait) / max(1e-9, epoch_time),
+        # this process's first step (its first batch's wait included) and the loader
+        # builds (DALI pipelines, the device cache) it waited for
+        "first_step_s": first_step_s, "loader_builds_s": loader.build_times[builds_before:],
         **({"peak_mem_gib": torch.cuda.max_memory_allocated(rt.device) / 2**30} if rt.cuda else {})}
 
 

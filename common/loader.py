@@ -16,11 +16,20 @@ every later op runs on the GPU; without CUDA `device_id=None` and it all runs on
 The fallback (`backend="torch"`, chosen automatically when `nvidia.dali` cannot be imported)
 does the same with PIL + torchvision.transforms.v2 in a DataLoader; its random numbers come
 from (seed, epoch, image index), so its output does not depend on the worker count.
+
+`backend="cache"` decodes every file once (DALI, `mixed` on CUDA, else PIL) into one
+N x S x S x 3 uint8 tensor on `device` (Tiny ImageNet: 1.2 GB) and augments there, a
+whole batch per call: random-resized crop + flip by one `grid_sample` (bilinear; the crop,
+at most S x S, is enlarged to S x S), normalise. No process or thread feeds the GPU, so
+steps never wait for data. Crop boxes and flips come from (seed, epoch, shard), drawn for
+every image at once. It takes images as S x S (resized once when they are not) and does no
+colour jitter or eval_resize.
 """
 from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -52,8 +61,8 @@ _fallback_logged = False
 
 def _pick_backend(backend: str) -> str:
     global _fallback_logged
-    if backend not in ("auto", "dali", "torch"):
-        raise ValueError(f"backend must be auto, dali or torch, got {backend!r}")
+    if backend not in ("auto", "dali", "torch", "cache"):
+        raise ValueError(f"backend must be auto, dali, torch or cache, got {backend!r}")
     if backend == "dali" and not HAVE_DALI:
         raise MissingPackageError("backend='dali' but nvidia.dali cannot be imported; "
                           "pip install nvidia-dali-cuda120, or use the torch backend")
@@ -104,8 +113,13 @@ class ImageLoader:
         self._plan = _BatchPlan(self.labels, batch_size, train, classes_per_batch, seed,
                                 shard_id, num_shards)
         self.backend = _pick_backend(backend)
+        if self.backend == "cache" and (color_jitter > 0 or eval_resize):
+            raise ValueError("backend 'cache' does no colour jitter or eval_resize; use dali or torch")
         self._dali_iter = None
         self._dali_next = None  # (epoch, start) the built DALI pipeline will produce next
+        self._cache: torch.Tensor | None = None  # backend "cache": N x S x S x 3 uint8 on device
+        # Seconds of each DALI pipeline build or cache fill, in order (engine.fit logs them).
+        self.build_times: list[float] = []
 
     def batches(self, epoch: int) -> list[np.ndarray]:
         """Index arrays of this shard's batches in `epoch`."""
@@ -122,6 +136,8 @@ class ImageLoader:
         """Yields the batches of `epoch` from batch index `start` on."""
         if self.backend == "dali":
             yield from self._dali_epoch(epoch, start)
+        elif self.backend == "cache":
+            yield from self._cache_epoch(epoch, start)
         else:
             yield from self._torch_epoch(epoch, start)
 
@@ -149,24 +165,78 @@ class ImageLoader:
             yield out[0]["images"], out[0]["labels"]
         self._dali_next = (epoch + 1, 0) if self.train else (0, 0)
 
-    def _build_dali(self, epoch: int, start: int):
+    def _build_dali(self, epoch: int, start: int, raw: bool = False):
+        t0 = time.perf_counter()
         cuda = self.device.type == "cuda"
-        source = _EncodedBatches(self.files, self.labels, self._plan, epoch, start)
+        plan = self._plan if not raw else _BatchPlan(self.labels, self.batch_size, False, None, 0, 0, 1)
+        source = _EncodedBatches(self.files, self.labels, plan, epoch, start)
         readers = self.reader_processes
         if readers is None:
-            readers = min(4, self.workers) if cuda else 0
+            # Spawned readers (about 8 s to start) pay for themselves in a long training
+            # epoch; evaluation passes and the one cache fill read in this process.
+            readers = min(4, self.workers) if cuda and self.train and not raw else 0
         pipe = _dali_pipeline(
-            source=source, train=self.train, size=self.image_size, eval_resize=self.eval_resize,
-            random_area=list(self.random_area), color_jitter=self.color_jitter,
+            source=source, train=self.train and not raw, size=self.image_size,
+            eval_resize=self.eval_resize, random_area=list(self.random_area),
+            color_jitter=self.color_jitter, raw=raw,
             decode_device="mixed" if cuda else "cpu", parallel=readers > 0, readers=readers,
             batch_size=self.batch_size, num_threads=max(1, self.workers),
             device_id=(self.device.index or 0) if cuda else None,
             seed=(self.seed * 7919 + epoch * 104729 + self.shard_id) % 2**31,
             py_num_workers=max(1, readers), py_start_method="spawn")
         pipe.build()
+        if not raw:  # the cache fill records its whole time itself
+            self.build_times.append(time.perf_counter() - t0)
         return DALIGenericIterator(pipe, ["images", "labels"], auto_reset=True,
                                    last_batch_policy=LastBatchPolicy.PARTIAL,
                                    prepare_first_batch=False)
+
+    # ---- device cache ----
+    def _cache_epoch(self, epoch: int, start: int):
+        if self._cache is None:
+            t0 = time.perf_counter()
+            self._cache = self._decode_all()
+            self.build_times.append(time.perf_counter() - t0)
+        labels = torch.as_tensor(self.labels, device=self.device)
+        mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255
+        if self.train:
+            boxes, flips = random_crops(len(self.files), self.image_size, self.random_area,
+                                        seed=(self.seed, epoch, self.shard_id))
+            boxes, flips = boxes.to(self.device), flips.to(self.device)
+        for idx in self.batches(epoch)[start:]:
+            index = torch.from_numpy(idx).to(self.device)
+            images = self._cache[index].permute(0, 3, 1, 2).float()           # B x 3 x S x S
+            if self.train:
+                images = resized_crop_flip(images, boxes[index], flips[index])
+            yield (images - mean) / std, labels[index]
+
+    def _decode_all(self) -> torch.Tensor:
+        """Every file decoded, S x S, into one N x S x S x 3 uint8 tensor on self.device."""
+        size = self.image_size
+        cache = torch.empty(len(self.files), size, size, 3, dtype=torch.uint8, device=self.device)
+        if HAVE_DALI:
+            position = 0
+            try:
+                for out in self._build_dali(0, 0, raw=True):
+                    images = out[0]["images"]                                  # B x S x S x 3 uint8
+                    cache[position:position + len(images)] = images.to(self.device)
+                    position += len(images)
+            except RuntimeError as err:
+                bad = _first_bad_image(self.files[position:])
+                if bad:
+                    raise ImageDecodeError(f"cannot decode image {bad}: corrupt or not a JPEG/PNG") from err
+                raise
+            if position != len(self.files):
+                raise RuntimeError(f"cache fill decoded {position} of {len(self.files)} images")
+            return cache
+        dataset = _RawFiles(self.files, size)
+        batches = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=self.workers)
+        position = 0
+        for images in batches:
+            cache[position:position + len(images)] = images.to(self.device)
+            position += len(images)
+        return cache
 
     # ---- torch fallback ----
     def _torch_epoch(self, epoch: int, start: int):
@@ -230,7 +300,7 @@ class _EncodedBatches:
 
 if HAVE_DALI:
     @pipeline_def
-    def _dali_pipeline(source, train, size, eval_resize, random_area, color_jitter,
+    def _dali_pipeline(source, train, size, eval_resize, random_area, color_jitter, raw,
                        decode_device, parallel, readers):
         # In parallel mode each prefetched batch goes to one reader process: prefetch as many.
         prefetch = {"prefetch_queue_depth": max(2, readers)} if parallel else {}
@@ -250,6 +320,9 @@ if HAVE_DALI:
                                         saturation=fn.random.uniform(range=jitter))
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
                                               mean=mean, std=std, mirror=fn.random.coin_flip())
+        elif raw:  # the cache fill: S x S x 3 uint8, augmented later on the device
+            images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+            images = fn.resize(images, resize_x=size, resize_y=size)
         else:
             images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
             if eval_resize:
@@ -276,6 +349,68 @@ def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
         if 0 < w <= width and 0 < h <= height:
             return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
     return 0, 0, height, width  # like DALI and torchvision: fall back to the whole image
+
+
+def random_crops(n: int, size: int, area: tuple[float, float],
+                 seed: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random-resized-crop boxes and flips for n images of size x size, one per image index:
+    (n x 4 float32 (top, left, h, w) in pixels, n bool). As random_resized_crop_box: up to
+    10 draws of area fraction and aspect (3/4..4/3), the first that fits, else the whole
+    image. `seed` = (seed, epoch, shard): the same triple gives the same boxes."""
+    generator = torch.Generator().manual_seed(hash(seed) % 2**63)
+    u = torch.rand(n, 10, 4, generator=generator, dtype=torch.float64)
+    target = (area[0] + (area[1] - area[0]) * u[..., 0]) * size * size
+    aspect = torch.exp(math.log(RANDOM_ASPECT[0]) + math.log(RANDOM_ASPECT[1] / RANDOM_ASPECT[0]) * u[..., 1])
+    w = torch.round(torch.sqrt(target * aspect))
+    h = torch.round(torch.sqrt(target / aspect))
+    fits = (w > 0) & (w <= size) & (h > 0) & (h <= size)
+    first = fits.int().argmax(dim=1)                                       # n: first draw that fits
+    pick = lambda t: t.gather(1, first[:, None])[:, 0]                     # noqa: E731
+    h, w = torch.where(fits.any(1), pick(h), size), torch.where(fits.any(1), pick(w), size)
+    top = torch.floor(pick(u[..., 2]) * (size - h + 1))
+    left = torch.floor(pick(u[..., 3]) * (size - w + 1))
+    flips = torch.rand(n, generator=generator) < 0.5
+    return torch.stack((top, left, h, w), dim=1).float(), flips
+
+
+def resized_crop_flip(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Crop each B x 3 x S x S image to its box (B x 4: top, left, h, w in pixels), resize
+    the crop to S x S (bilinear), mirror where `flips` (B bool). One grid_sample per batch."""
+    b, _, size, _ = images.shape
+    top, left, h, w = boxes.unbind(1)
+    # Output pixel centre x_o in [-1, 1] (align_corners=False) samples the input at
+    # (w / S) x_o + (2 left + w) / S - 1: the box's pixel centres, stretched over S.
+    scale_x = torch.where(flips, -w, w) / size
+    theta = torch.zeros(b, 2, 3, device=images.device)
+    theta[:, 0, 0], theta[:, 0, 2] = scale_x, (2 * left + w) / size - 1
+    theta[:, 1, 1], theta[:, 1, 2] = h / size, (2 * top + h) / size - 1
+    grid = torch.nn.functional.affine_grid(theta, [b, 3, size, size], align_corners=False)
+    # Sample the crop alone, as a crop-then-resize does: clamp to its outer pixel centres.
+    low = torch.stack((2 * left + 1, 2 * top + 1), dim=1) / size - 1                # B x 2
+    high = torch.stack((2 * (left + w) - 1, 2 * (top + h) - 1), dim=1) / size - 1  # B x 2
+    grid = torch.clamp(grid, low[:, None, None, :], high[:, None, None, :])        # B x S x S x 2
+    return torch.nn.functional.grid_sample(images, grid, mode="bilinear", padding_mode="border",
+                                           align_corners=False)
+
+
+class _RawFiles(torch.utils.data.Dataset):
+    """Cache fill without DALI: index -> S x S x 3 uint8 (PIL decode, resized if not S x S)."""
+
+    def __init__(self, files: Sequence[str], size: int):
+        self.files, self.size = files, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        try:
+            with Image.open(self.files[index]) as im:
+                im = im.convert("RGB")
+                if im.size != (self.size, self.size):
+                    im = im.resize((self.size, self.size), Image.BILINEAR)
+                return torch.from_numpy(np.asarray(im).copy())
+        except Exception as err:
+            raise ImageDecodeError(f"cannot decode image {self.files[index]}: corrupt or not a JPEG/PNG") from err
 
 
 class _AugmentedFiles(torch.utils.data.Dataset):

@@ -61,6 +61,12 @@ def setup_runtime(device: str = "auto", seed: int = 0) -> Runtime:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        # Attention kernels, chosen here rather than in traced code (an sdpa_kernel context
+        # inside a compiled graph bypasses AOTAutograd's cache): no math backend, which would
+        # store the L x L matrix, so a shape no fused kernel takes raises; no cuDNN attention,
+        # which has returned wrong results on Hopper (pytorch #138522).
+        torch.backends.cuda.enable_math_sdp(False)
+        torch.backends.cuda.enable_cudnn_sdp(False)
         amp_dtype = torch.bfloat16 if torch.cuda.get_device_capability(dev) >= (8, 0) else torch.float16
         if rank == 0:
             print(f"{torch.cuda.get_device_name(dev)}: autocast "

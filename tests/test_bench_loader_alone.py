@@ -33,6 +33,8 @@ def test_command_line_prints_one_line_per_stream(tmp_path):
                            "--cars-batch", "2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith("loader ")]
-    assert [line.split()[1:3] for line in lines] == [["tiny", "64px"], ["cars", "224px"], ["cars", "224px"]]
+    assert [line.split()[1:3] for line in lines] == [["tiny", "64px"], ["tiny", "64px"], ["cars", "224px"],
+                                                     ["cars", "224px"]]
+    assert "device cache" in lines[0]
     for line in lines:
         assert float(line.split("images/s")[0].split()[-1]) > 0

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from common import cubs
 from common.cubs import (
     PLACEMENTS,
     VARIANTS,
@@ -28,32 +29,126 @@ from common.models import ResNet18
 f64 = torch.float64
 
 
-# ---------------------------------------------------------------- fused kernel
+# ---------------------------------------------------------------- similarity attention
 
 
-@pytest.mark.parametrize("logit_scale", [1.0, 30.0], ids=["small_logits", "large_logits"])
-def test_similarity_attention_matches_naive_values_and_gradients(logit_scale):
-    # logit_scale 30: q_i k_j up to 900, exp would overflow without max-subtraction.
-    generator = torch.Generator().manual_seed(0)
-    q, k = (torch.rand(3, 37, dtype=f64, generator=generator) * logit_scale for _ in range(2))
-    v = torch.randn(3, 37, dtype=f64, generator=generator)
-    upstream = torch.randn(3, 37, dtype=f64, generator=generator)
-    results = []
-    for attention in (similarity_attention, naive_similarity_attention):
-        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = attention(*inputs)
-        results.append((out, torch.autograd.grad(out, inputs, upstream)))
-    (fused, fused_grads), (naive, naive_grads) = results
-    assert torch.isfinite(fused).all()
-    torch.testing.assert_close(fused, naive, rtol=1e-10, atol=1e-10)
-    for fused_grad, naive_grad in zip(fused_grads, naive_grads):
-        torch.testing.assert_close(fused_grad, naive_grad, rtol=1e-9, atol=1e-9)
+def _plain_inputs(batch, length, largest_logit, zero_share, generator, dtype=torch.float32):
+    """q, k >= 0 with max q * max k = largest_logit per sample and `zero_share` exact zeros
+    (as ReLU makes), v in [0, 3], and an upstream gradient."""
+    q, k = (torch.rand(batch, length, dtype=dtype, generator=generator) for _ in range(2))
+    for t in (q, k):
+        t[torch.rand(t.shape, generator=generator) < zero_share] = 0
+        t.div_(t.amax(1, keepdim=True).clamp_min(1e-30)).mul_(math.sqrt(largest_logit))
+    v = torch.rand(batch, length, dtype=dtype, generator=generator) * 3
+    return q, k, v, torch.randn(batch, length, dtype=dtype, generator=generator)
+
+
+def _relative_errors(attention, q, k, v, upstream):
+    """||out - ref|| / ||ref|| of a and of its q, k, v gradients, ref = float64 naive attention."""
+    reference_inputs = [t.double().requires_grad_() for t in (q, k, v)]
+    reference = naive_similarity_attention(*reference_inputs)
+    reference_grads = torch.autograd.grad(reference, reference_inputs, upstream.double())
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = attention(*inputs)
+    grads = torch.autograd.grad(out, inputs, upstream)
+    assert out.dtype == q.dtype and torch.isfinite(out).all()
+    # An exactly zero reference (one position: a = v, no q or k gradient) must be met exactly.
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm().clamp_min(1e-300)).item()  # noqa: E731
+    return [rel(out, reference)] + [rel(g, r) for g, r in zip(grads, reference_grads)]
+
+
+def _paths_taken(q, k, v):
+    """Which kernels similarity_attention ran: 'taylor' (no SDPA call) or 'fused'."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        similarity_attention(q, k, v)
+    return "fused" if any("scaled_dot_product" in e.key for e in prof.key_averages()) else "taylor"
+
+
+def test_taylor_error_bound_is_below_fp32_rounding():
+    # Each weight exp(q_i k_j) is underestimated by at most (X^p / p!) of itself.
+    bound = cubs.TAYLOR_MAX_LOGIT ** cubs.TAYLOR_TERMS / math.factorial(cubs.TAYLOR_TERMS)
+    assert bound < 2.0 ** -24
+
+
+# Logit ranges on both sides of TAYLOR_MAX_LOGIT (7.5): 0.01-7.4 take the Taylor series,
+# 7.6 and 900 the fused fallback. Odd lengths; 60 % exact zeros in q and k. At logits of
+# 900 an fp32 rounding of q or k moves exp(q k) by ~900 ulps: the fused kernel's error
+# there is 1.2e-6 (a), hence the looser bound.
+@pytest.mark.parametrize("largest_logit, path, tolerance", [
+    (0.01, "taylor", 1e-6), (1.0, "taylor", 1e-6), (4.0, "taylor", 1e-6), (7.4, "taylor", 1e-6),
+    (7.6, "fused", 1e-6), (900.0, "fused", 1e-5)])
+def test_similarity_attention_matches_float64_naive_in_values_and_every_gradient(largest_logit, path,
+                                                                                 tolerance):
+    generator = torch.Generator().manual_seed(int(largest_logit * 100))
+    q, k, v, upstream = _plain_inputs(3, 1001, largest_logit, 0.6, generator)
+    assert _paths_taken(q, k, v) == path
+    errors = _relative_errors(similarity_attention, q, k, v, upstream)
+    # fp32 arithmetic: measured <= 2.5e-8 (a) and <= 5e-6 (gradients) on the Taylor path.
+    assert errors[0] < tolerance, errors
+    assert max(errors[1:]) < 1e-4, errors
+
+
+def test_taylor_path_is_at_least_as_accurate_as_the_fused_kernel():
+    generator = torch.Generator().manual_seed(5)
+    q, k, v, upstream = _plain_inputs(4, 4096, 4.0, 0.4, generator)
+    taylor = _relative_errors(cubs.taylor_similarity_attention, q, k, v, upstream)
+    fused = _relative_errors(cubs._fused_similarity_attention, q, k, v, upstream)
+    for t, f in zip(taylor, fused):
+        assert t <= 2 * f, (taylor, fused)
+
+
+def test_similarity_attention_in_float64_is_exact_to_float64_rounding():
+    generator = torch.Generator().manual_seed(6)
+    q, k, v, upstream = _plain_inputs(2, 37, 5.0, 0.3, generator, dtype=f64)
+    errors = _relative_errors(similarity_attention, q, k, v, upstream)
+    # Taylor truncation (< 2^-24 of each weight) dominates float64 rounding here.
+    assert max(errors) < 1e-7, errors
+
+
+@pytest.mark.parametrize("case", ["all_zero_q", "all_zero_k", "one_position", "negative_q"])
+def test_similarity_attention_edge_cases(case):
+    generator = torch.Generator().manual_seed(7)
+    q, k, v, upstream = _plain_inputs(2, 1 if case == "one_position" else 50, 2.0, 0.3, generator)
+    if case == "all_zero_q":
+        q.zero_()  # every query sees uniform weights: a_i = mean(v) (the q gradient is not zero)
+    elif case == "all_zero_k":
+        k.zero_()
+    elif case == "negative_q":  # outside the series' condition: the fused path, still exact
+        q = q - 1.0
+        assert _paths_taken(q, k, v) == "fused"
+    errors = _relative_errors(similarity_attention, q, k, v, upstream)
+    assert errors[0] < 1e-6 and max(errors[1:]) < 1e-4, errors
+
+
+def test_similarity_attention_runs_in_fp32_under_autocast():
+    generator = torch.Generator().manual_seed(8)
+    q, k, v, _ = _plain_inputs(2, 64, 3.0, 0.3, generator)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = similarity_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert out.dtype == torch.float32
+    exact = naive_similarity_attention(*(t.bfloat16().double() for t in (q, k, v)))
+    torch.testing.assert_close(out.double(), exact, rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_similarity_attention_takes_either_branch_without_recompiling():
+    from torch._dynamo.testing import CompileCounter
+    counter = CompileCounter()
+    compiled = torch.compile(similarity_attention, backend=counter, fullgraph=True)
+    generator = torch.Generator().manual_seed(9)
+    for largest_logit in (2.0, 50.0, 0.5):  # Taylor, fused, Taylor
+        q, k, v, upstream = _plain_inputs(2, 65, largest_logit, 0.3, generator)
+        errors = _relative_errors(compiled, q, k, v, upstream)
+        assert errors[0] < 1e-6 and max(errors[1:]) < 1e-4, (largest_logit, errors)
+    assert counter.frame_count == 1
 
 
 def test_similarity_attention_passes_gradcheck():
     generator = torch.Generator().manual_seed(1)
     inputs = [torch.rand(2, 9, dtype=f64, generator=generator).requires_grad_() for _ in range(3)]
     assert torch.autograd.gradcheck(similarity_attention, inputs)
+
+
+# ---------------------------------------------------------------- fused kernel
 
 
 def test_multi_head_fused_attention_matches_naive_with_different_query_and_key_lengths():
@@ -99,13 +194,15 @@ def test_fused_attention_on_cuda_matches_naive():
 
 
 @pytest.mark.parametrize("block", [CUBSBlock1(8, d=16), CUBSBlock2(8), CUBSBlock1Plus(8, d=64), CUBSBlock2Plus(8)])
-def test_blocks_run_the_flash_kernel_not_the_materialising_math_path(block):
+def test_blocks_never_run_the_materialising_math_path(block):
+    # Plain blocks: the Taylor series (no SDPA) at these logits; plus blocks: the flash kernel.
     x = torch.randn(2, 8, 12, 12, requires_grad=True)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         block(x).sum().backward()
     ops = {event.key for event in prof.key_averages()}
-    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
-    assert "aten::_scaled_dot_product_flash_attention_for_cpu_backward" in ops
+    plus = isinstance(block, (CUBSBlock1Plus, CUBSBlock2Plus))
+    assert ("aten::_scaled_dot_product_flash_attention_for_cpu" in ops) == plus
+    assert ("aten::_scaled_dot_product_flash_attention_for_cpu_backward" in ops) == plus
     assert "aten::_scaled_dot_product_attention_math" not in ops
 
 

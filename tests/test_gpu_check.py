@@ -81,3 +81,31 @@ def test_dali_check_decodes_on_the_cpu_and_refuses_a_dali_from_elsewhere(tmp_pat
     elsewhere = subprocess.run(check + ["--expect-under", str(tmp_path)], capture_output=True, text=True,
                                timeout=300)
     assert elsewhere.returncode == 1 and f"expected DALI under {tmp_path}" in elsewhere.stdout
+
+
+def _fake_parts(folder: Path, tmp_path: Path) -> Path:
+    """dali312.tar.zst.part00/01 + SHA256 as pack_dali_site.sh writes them, of a site folder
+    holding the stand-in DALI."""
+    site = tmp_path / "site"
+    with zipfile.ZipFile(_fake_wheel(tmp_path / "wheel")) as z:
+        z.extractall(site)
+    folder.mkdir(parents=True, exist_ok=True)
+    packed = subprocess.run(f"tar -cf - -C {site} . | zstd -q -c", shell=True, capture_output=True, check=True).stdout
+    half = len(packed) // 2
+    (folder / "dali312.tar.zst.part00").write_bytes(packed[:half])
+    (folder / "dali312.tar.zst.part01").write_bytes(packed[half:])
+    (folder / "SHA256").write_text(f"{hashlib.sha256(packed).hexdigest()}  dali312.tar.zst\n")
+    return folder
+
+
+@pytest.mark.skipif(subprocess.run(["which", "zstd"], capture_output=True).returncode != 0, reason="needs zstd")
+def test_dali_parts_are_checked_joined_and_unpacked_into_a_folder_python_imports_first(tmp_path):
+    parts = _fake_parts(tmp_path / "parts", tmp_path)
+    done = _gpu_check("--dali-parts", str(parts), "--install-only", tmp_path=tmp_path)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1 and "unpacking 2 parts" in output, output
+    assert "DALI not importable: stand-in DALI from tests/test_gpu_check.py" in output, output
+    (parts / "dali312.tar.zst.part01").unlink()  # a part lost on the way
+    done = _gpu_check("--dali-parts", str(parts), tmp_path=tmp_path)
+    assert done.returncode == 1 and "differ from SHA256" in done.stdout
+    assert "unpacking" not in done.stdout

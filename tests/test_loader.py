@@ -414,3 +414,84 @@ def test_bad_arguments_raise_value_error(tiny):
     with pytest.raises(ValueError, match="multiple of P"):
         ImageLoader(test.files, test.labels, batch_size=10, train=True, image_size=64,
                     classes_per_batch=3)
+
+
+# ---------------------------------------------------------------- backend "cache"
+@pytest.mark.parametrize("decoder", [pytest.param("dali", marks=needs_dali), "pil"])
+def test_cache_eval_equals_the_pil_reference_and_the_torch_backend(tiny, tiny_ref, decoder, monkeypatch):
+    if decoder == "pil":
+        monkeypatch.setattr(loader_module, "HAVE_DALI", False)
+    files, labels = tiny.test.files, tiny.test.labels
+    cached = make(files, labels, "cache", batch_size=6, train=False, image_size=64, workers=0)
+    images, got_labels = collect(cached)
+    assert [len(y) for y in got_labels] == [6, 6, 6, 2]
+    assert torch.equal(torch.cat(got_labels), torch.as_tensor(labels))
+    np.testing.assert_allclose(torch.cat(images).double().numpy(), tiny_ref, atol=EXACT_TOL)
+    assert len(cached.build_times) == 1  # the fill; a second pass reuses it
+    collect(cached)
+    assert len(cached.build_times) == 1
+
+
+def test_cache_train_crops_are_the_boxes_resized_and_flipped(tiny):
+    # Each output image is its box of the 64 x 64 image, enlarged to 64 x 64 (bilinear,
+    # align_corners=False, as torch's interpolate), mirrored where flipped: checked image by
+    # image against the decoded pixels, with the boxes and flips that random_crops gives.
+    files = tiny.train.files[:16]
+    loader = make(files, np.arange(16), "cache", batch_size=8, train=True, image_size=64, seed=5)
+    images, labels = collect(loader, epoch=2)
+    boxes, flips = loader_module.random_crops(16, 64, loader_module.RANDOM_AREA, seed=(5, 2, 0))
+    assert (boxes[:, 2] < 64).any() and flips.any() and not flips.all()  # the check has teeth
+    for x, y in zip(images, labels):
+        for image, index in zip(x, y.tolist()):
+            raw = torch.from_numpy(np.array(Image.open(files[index]).convert("RGB"))).permute(2, 0, 1).float()
+            top, left, h, w = (int(v) for v in boxes[index])
+            expected = torch.nn.functional.interpolate(raw[None, :, top:top + h, left:left + w], size=(64, 64),
+                                                       mode="bilinear", align_corners=False)[0]
+            if flips[index]:
+                expected = expected.flip(-1)
+            expected = (expected / 255 - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+            torch.testing.assert_close(image, expected, rtol=0, atol=1e-4)
+
+
+def test_cache_train_batches_follow_the_plan_and_resume_mid_epoch(tiny):
+    n = len(tiny.train.files)
+    loader = make(tiny.train.files, np.arange(n), "cache", batch_size=8, train=True, image_size=64, seed=3)
+    images, labels = collect(loader, epoch=1)
+    assert [y.tolist() for y in labels] == [b.tolist() for b in loader.batches(1)]
+    resumed, resumed_labels = collect(loader, epoch=1, start=2)
+    for a, b in zip(images[2:], resumed, strict=True):
+        assert torch.equal(a, b)
+    other_epoch, _ = collect(loader, epoch=2)
+    assert not torch.equal(torch.cat(images).mean(0), torch.cat(other_epoch).mean(0))
+
+
+def test_random_crops_follow_the_random_resized_crop_rule():
+    boxes, flips = loader_module.random_crops(20000, 64, (0.25, 1.0), seed=(0, 0, 0))
+    top, left, h, w = boxes.unbind(1)
+    assert ((top >= 0) & (left >= 0) & (top + h <= 64) & (left + w <= 64)).all()
+    area = h * w / 64**2
+    assert area.min() >= 0.24 and area.max() <= 1.0 and area.mean() > 0.5
+    aspect = w / h
+    # Rounding to whole pixels widens 3/4..4/3 a little; boxes that hit the image edge
+    # (no fitting draw in 10: the whole image) have aspect 1.
+    assert aspect.min() > 0.7 and aspect.max() < 1.43
+    assert 0.48 < flips.float().mean() < 0.52
+    again, _ = loader_module.random_crops(20000, 64, (0.25, 1.0), seed=(0, 0, 0))
+    other, _ = loader_module.random_crops(20000, 64, (0.25, 1.0), seed=(0, 1, 0))
+    assert torch.equal(boxes, again) and not torch.equal(boxes, other)
+
+
+@pytest.mark.parametrize("decoder", [pytest.param("dali", marks=needs_dali), "pil"])
+def test_cache_fill_names_a_corrupt_file(corrupt_files, decoder, monkeypatch):
+    if decoder == "pil":
+        monkeypatch.setattr(loader_module, "HAVE_DALI", False)
+    files, bad = corrupt_files
+    loader = make(files, np.arange(len(files)), "cache", batch_size=4, train=True, image_size=32)
+    with pytest.raises(ImageDecodeError, match=re.escape(bad)):
+        next(loader.epoch(0))
+
+
+def test_cache_refuses_what_it_does_not_do(tiny):
+    for kw in (dict(train=True, color_jitter=0.2), dict(train=False, eval_resize=73)):
+        with pytest.raises(ValueError, match="cache"):
+            make(tiny.test.files, tiny.test.labels, "cache", batch_size=4, image_size=64, **kw)

@@ -1,0 +1,263 @@
+"""Where a training step's time goes on a GPU, inside the real loop. One command, < 5 minutes.
+
+    python bench/gpu_diagnose.py [--steps 40] [--batch 256] [--seconds 240] [--out DIR]
+    python bench/gpu_diagnose.py --device cpu --steps 3 --batch 4 --width 8   # a dry run
+
+Runs common.engine.fit (the loop every script runs: autocast, channels_last, compile,
+checkpoints, holdout pass) on an in-memory loader of random 64 px images already on the
+GPU, so no step waits for data and the figures are the model's and the loop's alone:
+  t3_compiled   T3 serial plain (common/cubs.py), torch.compile: 2 epochs of --steps steps
+  t3_eager      the same without compile
+  t2_compiled   T2's ResNet-18, compiled: the reference
+  t1_first_step T1's CustomCNN, eager: the first 3 steps with cudnn.benchmark on, then off
+  profile       torch.profiler over 5 steps of the compiled T3 model: the top 15 kernels
+  t3_unguarded  T3 compiled with the Taylor path taken unconditionally (no torch.cond): what
+                the exactness guard costs
+Per-step times come from CUDA events recorded at each step's start (no extra syncs).
+TORCH_LOGS=recompiles,graph_breaks is set before torch loads: any recompile or graph break
+is printed. Parts run in the order above until --seconds is spent (each part's expected
+cost is checked first). Writes DIR/summary.json and prints a table.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TORCH_LOGS", "recompiles,graph_breaks")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import cubs, engine, runtime  # noqa: E402
+from common.cubs import cubs_resnet18  # noqa: E402
+from common.models import CustomCNN, ResNet18  # noqa: E402
+
+# Seconds a part is expected to need on an H200 (compiles dominate); a part starts only
+# when that much of --seconds is left.
+EXPECTED_S = {"t3_compiled": 100, "t3_eager": 15, "t2_compiled": 50, "t1_first_step": 20,
+              "profile": 10, "t3_unguarded": 90}
+
+
+class HostEvent:
+    """torch.cuda.Event's record / elapsed_time on the host clock, for --device cpu."""
+
+    def record(self) -> None:
+        self.t = time.perf_counter()
+
+    def elapsed_time(self, other: "HostEvent") -> float:
+        return (other.t - self.t) * 1000
+
+
+def new_event(rt):
+    return torch.cuda.Event(enable_timing=True) if rt.cuda else HostEvent()
+
+
+def sync(rt) -> None:
+    if rt.cuda:
+        torch.cuda.synchronize()
+
+
+class MemoryLoader:
+    """engine.fit's loader interface over fixed random batches already on the device."""
+
+    def __init__(self, batches: int, batch: int, device: torch.device, classes: int = 200) -> None:
+        g = torch.Generator(device=device).manual_seed(0)
+        self.images = torch.randn(4, batch, 3, 64, 64, device=device, generator=g)
+        self.labels = torch.randint(0, classes, (4, batch), device=device, generator=g)
+        self.batches, self.build_times = batches, []
+        self.files = [""] * batches * batch
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def epoch(self, epoch: int = 0, start: int = 0):
+        for i in range(start, self.batches):
+            yield self.images[i % 4], self.labels[i % 4]
+
+
+def timed_fit(name: str, model: torch.nn.Module, compile_: bool, args, rt) -> dict:
+    """engine.fit for 2 epochs; per-step milliseconds from CUDA events at each step start."""
+    loader = MemoryLoader(args.steps, args.batch, rt.device)
+    events: list = []
+    base = engine.classification_step(0.1)
+
+    def step(m, images, labels):
+        event = new_event(rt)
+        event.record()
+        events.append(event)
+        return base(m, images, labels)
+
+    def evaluate(m):
+        m.eval()
+        with torch.no_grad(), runtime.autocast(rt):
+            m(loader.images[0][:64].contiguous(memory_format=torch.channels_last))
+        return {"holdout_acc": 0.0}
+
+    cfg = engine.FitConfig(epochs=2, lr=0.05, warmup_epochs=1, patience=10, compile=compile_, fresh=True)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as out:
+        fitted = engine.fit(model, loader, step, evaluate, cfg, out, rt, {"task": "diagnose", "model": name})
+    wall = time.perf_counter() - t0
+    sync(rt)
+    ms = [a.elapsed_time(b) for a, b in zip(events, events[1:])]
+    second = ms[args.steps:]  # the gaps between epoch 2's step starts
+    median = statistics.median(second)
+    history = fitted["history"]
+    return {"wall_s": round(wall, 1), "epoch_s": [round(h["epoch_time_s"], 2) for h in history],
+            "first_step_s": [h["first_step_s"] for h in history],
+            "first_steps_ms": [round(x, 1) for x in ms[:5]],
+            "epoch2_step_ms_median": round(median, 2),
+            "epoch2_step_ms_p90": round(sorted(second)[int(0.9 * len(second))], 2),
+            "images_per_s": round(args.batch / median * 1000),
+            "peak_mem_gib": round(history[-1].get("peak_mem_gib", float("nan")), 2)}
+
+
+def t1_first_steps(args, rt) -> dict:
+    """CustomCNN eager: the first 3 step times with cudnn.benchmark on, then off."""
+    result = {}
+    for benchmark in (True, False):
+        torch.backends.cudnn.benchmark = benchmark
+        model = CustomCNN(200, width=args.width).to(rt.device, memory_format=torch.channels_last)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        x = torch.randn(args.batch, 3, 64, 64, device=rt.device).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 200, (args.batch,), device=rt.device)
+        times = []
+        for _ in range(3):
+            sync(rt)
+            t0 = time.perf_counter()
+            with runtime.autocast(rt):
+                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sync(rt)
+            times.append(round(time.perf_counter() - t0, 3))
+        result[f"cudnn_benchmark_{'on' if benchmark else 'off'}_s"] = times
+    torch.backends.cudnn.benchmark = True
+    return result
+
+
+def profile_compiled(model: torch.nn.Module, args, rt) -> list[dict]:
+    """Top 15 CUDA kernels by total time over 5 training steps of an already-compiled model."""
+    from torch.profiler import ProfilerActivity, profile
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(args.batch, 3, 64, 64, device=rt.device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 200, (args.batch,), device=rt.device)
+
+    def train_step():
+        with runtime.autocast(rt):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    train_step()
+    sync(rt)
+    activity = ProfilerActivity.CUDA if rt.cuda else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        for _ in range(5):
+            train_step()
+        sync(rt)
+    time_of = (lambda e: e.device_time_total) if rt.cuda else (lambda e: e.self_cpu_time_total)
+    events = [e for e in prof.key_averages() if time_of(e) > 0]
+    total = sum(time_of(e) for e in events)
+    top = sorted(events, key=time_of, reverse=True)[:15]
+    return [{"kernel": e.key[:90], "share": round(time_of(e) / total, 4),
+             "ms_per_step": round(time_of(e) / 5 / 1000, 3), "calls_per_step": e.count // 5}
+            for e in top]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=40, help="steps per epoch")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--width", type=int, default=64, help="networks' first-stage width (64: the scripts')")
+    p.add_argument("--seconds", type=float, default=240, help="start no part after this")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu_diagnose")))
+    p.add_argument("--device", default="cuda", help="cuda; cpu = a dry run of this script's code")
+    args = p.parse_args()
+    if args.device != "cpu" and not torch.cuda.is_available():
+        sys.exit("gpu_diagnose needs a CUDA GPU (--device cpu for a dry run)")
+    args.out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    rt = runtime.setup_runtime(args.device, 0)
+    if not rt.cuda:  # the CPU dry run: fp32, as the scripts there
+        rt.amp_dtype = None
+    summary: dict = {"device": torch.cuda.get_device_name() if rt.cuda else "cpu", "torch": torch.__version__,
+                     "batch": args.batch, "steps_per_epoch": args.steps, "parts": {}}
+
+    def due(part: str) -> bool:
+        left = args.seconds - (time.perf_counter() - start)
+        if left < EXPECTED_S[part]:
+            summary["parts"][part] = f"skipped: {left:.0f} s left of --seconds {args.seconds:.0f}"
+            print(f"[diagnose] {part} skipped ({left:.0f} s left)", flush=True)
+            return False
+        print(f"[diagnose] {part} ({time.perf_counter() - start:.0f} s in)", flush=True)
+        return True
+
+    def save() -> None:
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+
+    t3 = None
+    if due("t3_compiled"):
+        torch.manual_seed(0)
+        t3 = cubs_resnet18(200, width=args.width)
+        summary["parts"]["t3_compiled"] = timed_fit("cubs_serial_plain", t3, True, args, rt)
+        save()
+    if due("t3_eager"):
+        torch.manual_seed(0)
+        summary["parts"]["t3_eager"] = timed_fit("cubs_serial_plain", cubs_resnet18(200, width=args.width), False, args, rt)
+        save()
+    if due("t2_compiled"):
+        torch.manual_seed(0)
+        summary["parts"]["t2_compiled"] = timed_fit("resnet18", ResNet18(200, width=args.width), True, args, rt)
+        save()
+    if due("t1_first_step"):
+        summary["parts"]["t1_first_step"] = t1_first_steps(args, rt)
+        save()
+    if t3 is not None and due("profile"):
+        summary["parts"]["profile"] = profile_compiled(torch.compile(t3), args, rt)
+        save()
+    if due("t3_unguarded"):
+        guarded = cubs.similarity_attention
+        cubs.similarity_attention = lambda q, k, v: cubs.taylor_similarity_attention(q.float(), k.float(), v.float())
+        try:
+            torch.manual_seed(0)
+            summary["parts"]["t3_unguarded"] = timed_fit("cubs_serial_plain_unguarded", cubs_resnet18(200, width=args.width),
+                                                         True, args, rt)
+        finally:
+            cubs.similarity_attention = guarded
+        save()
+    summary["wall_s"] = round(time.perf_counter() - start, 1)
+    save()
+
+    parts = summary["parts"]
+    print(f"\n{summary['device']}, torch {summary['torch']}, batch {args.batch}, "
+          f"{args.steps} steps per epoch, in-memory data")
+    print(f"{'run':16s} {'step ms':>8s} {'p90':>7s} {'img/s':>8s} {'epoch1 s':>9s} {'epoch2 s':>9s} {'GiB':>6s}")
+    for name in ("t2_compiled", "t3_compiled", "t3_eager", "t3_unguarded"):
+        r = parts.get(name)
+        if isinstance(r, dict):
+            print(f"{name:16s} {r['epoch2_step_ms_median']:8.2f} {r['epoch2_step_ms_p90']:7.2f} "
+                  f"{r['images_per_s']:8d} {r['epoch_s'][0]:9.1f} {r['epoch_s'][1]:9.2f} {r['peak_mem_gib']:6.2f}")
+    if isinstance(parts.get("t2_compiled"), dict) and isinstance(parts.get("t3_compiled"), dict):
+        print(f"T3 / T2 step time (compiled): "
+              f"{parts['t3_compiled']['epoch2_step_ms_median'] / parts['t2_compiled']['epoch2_step_ms_median']:.2f}x")
+    if isinstance(parts.get("t1_first_step"), dict):
+        print("T1 first 3 steps (s): " + "; ".join(f"{k} {v}" for k, v in parts["t1_first_step"].items()))
+    if isinstance(parts.get("profile"), list):
+        print("top kernels, compiled T3 (share of CUDA time, ms per step, calls per step):")
+        for row in parts["profile"]:
+            print(f"  {row['share']:6.1%} {row['ms_per_step']:8.3f} {row['calls_per_step']:5d}  {row['kernel']}")
+    print(f"wrote {args.out / 'summary.json'} in {summary['wall_s']} s")
+
+
+if __name__ == "__main__":
+    main()
