@@ -126,7 +126,7 @@ def t1_first_steps(args, rt) -> dict:
         torch.backends.cudnn.benchmark = benchmark
         model = CustomCNN(200, width=args.width).to(rt.device, memory_format=torch.channels_last)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        x = torch.randn(args.batch, 3, 64, 64, device=rt.device).contiguous(memory_format=torch.channels_last)
+        x = runtime.to_device(torch.randn(args.batch, 3, 64, 64), rt)
         y = torch.randint(0, 200, (args.batch,), device=rt.device)
         times = []
         for _ in range(3):
@@ -147,8 +147,9 @@ def t1_first_steps(args, rt) -> dict:
 def profile_compiled(model: torch.nn.Module, args, rt) -> list[dict]:
     """Top 15 CUDA kernels by total time over 5 training steps of an already-compiled model."""
     from torch.profiler import ProfilerActivity, profile
+    model.train()  # as engine.fit trains it (its last holdout pass left it in eval mode)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x = torch.randn(args.batch, 3, 64, 64, device=rt.device).contiguous(memory_format=torch.channels_last)
+    x = runtime.to_device(torch.randn(args.batch, 3, 64, 64), rt)
     y = torch.randint(0, 200, (args.batch,), device=rt.device)
 
     def train_step():
@@ -180,6 +181,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--width", type=int, default=64, help="networks' first-stage width (64: the scripts')")
     p.add_argument("--seconds", type=float, default=240, help="start no part after this")
+    p.add_argument("--parts", default=",".join(EXPECTED_S), help="comma-separated subset of the parts")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu_diagnose")))
     p.add_argument("--device", default="cuda", help="cuda; cpu = a dry run of this script's code")
     args = p.parse_args()
@@ -190,10 +192,17 @@ def main() -> None:
     rt = runtime.setup_runtime(args.device, 0)
     if not rt.cuda:  # the CPU dry run: fp32, as the scripts there
         rt.amp_dtype = None
+        # Inductor's C++ builds of whole networks crash in the backward pass on the
+        # development VM (torch 2.14.1; vanilla ResNet-18 too), and a GPU runs Triton
+        # kernels anyway: the dry run compiles to aot_eager (Dynamo and AOTAutograd only).
+        compile_ = torch.compile
+        torch.compile = lambda model, **kw: compile_(model, backend="aot_eager", **kw)
     summary: dict = {"device": torch.cuda.get_device_name() if rt.cuda else "cpu", "torch": torch.__version__,
                      "batch": args.batch, "steps_per_epoch": args.steps, "parts": {}}
 
     def due(part: str) -> bool:
+        if part not in args.parts.split(","):
+            return False
         left = args.seconds - (time.perf_counter() - start)
         if left < EXPECTED_S[part]:
             summary["parts"][part] = f"skipped: {left:.0f} s left of --seconds {args.seconds:.0f}"
@@ -205,36 +214,40 @@ def main() -> None:
     def save() -> None:
         (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
 
-    t3 = None
-    if due("t3_compiled"):
-        torch.manual_seed(0)
-        t3 = cubs_resnet18(200, width=args.width)
-        summary["parts"]["t3_compiled"] = timed_fit("cubs_serial_plain", t3, True, args, rt)
+    def run_part(part: str, fn) -> None:
+        """One part; an exception (a compiler error, say) is recorded and the next part runs."""
+        if not due(part):
+            return
+        try:
+            summary["parts"][part] = fn()
+        except Exception as err:  # noqa: BLE001  the diagnosis reports every failure it meets
+            summary["parts"][part] = f"failed: {type(err).__name__}: {str(err)[:2000]}"
+            print(f"[diagnose] {part} failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
         save()
-    if due("t3_eager"):
-        torch.manual_seed(0)
-        summary["parts"]["t3_eager"] = timed_fit("cubs_serial_plain", cubs_resnet18(200, width=args.width), False, args, rt)
-        save()
-    if due("t2_compiled"):
-        torch.manual_seed(0)
-        summary["parts"]["t2_compiled"] = timed_fit("resnet18", ResNet18(200, width=args.width), True, args, rt)
-        save()
-    if due("t1_first_step"):
-        summary["parts"]["t1_first_step"] = t1_first_steps(args, rt)
-        save()
-    if t3 is not None and due("profile"):
-        summary["parts"]["profile"] = profile_compiled(torch.compile(t3), args, rt)
-        save()
-    if due("t3_unguarded"):
+
+    def unguarded() -> dict:
         guarded = cubs.similarity_attention
         cubs.similarity_attention = lambda q, k, v: cubs.taylor_similarity_attention(q.float(), k.float(), v.float())
         try:
             torch.manual_seed(0)
-            summary["parts"]["t3_unguarded"] = timed_fit("cubs_serial_plain_unguarded", cubs_resnet18(200, width=args.width),
-                                                         True, args, rt)
+            return timed_fit("cubs_serial_plain_unguarded", cubs_resnet18(200, width=args.width), True, args, rt)
         finally:
             cubs.similarity_attention = guarded
-        save()
+
+    def fresh(build):
+        torch.manual_seed(0)
+        return build(200, width=args.width)
+
+    t3 = fresh(cubs_resnet18)
+    run_part("t3_compiled", lambda: timed_fit("cubs_serial_plain", t3, True, args, rt))
+    if isinstance(summary["parts"].get("t3_compiled"), str):  # failed: is it the guard?
+        run_part("t3_unguarded", unguarded)
+    run_part("t3_eager", lambda: timed_fit("cubs_serial_plain", fresh(cubs_resnet18), False, args, rt))
+    run_part("t2_compiled", lambda: timed_fit("resnet18", fresh(ResNet18), True, args, rt))
+    run_part("t1_first_step", lambda: t1_first_steps(args, rt))
+    run_part("profile", lambda: profile_compiled(torch.compile(t3.to(rt.device)), args, rt))
+    if "t3_unguarded" not in summary["parts"]:
+        run_part("t3_unguarded", unguarded)
     summary["wall_s"] = round(time.perf_counter() - start, 1)
     save()
 

@@ -378,3 +378,18 @@ def test_a_run_killed_between_last_and_best_by_older_code_is_repaired(tiny_split
     _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=0)
     assert "repaired" in capsys.readouterr().out
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 2
+
+
+@pytest.mark.parametrize("backend", ["cache", pytest.param("dali", marks=pytest.mark.skipif(
+    not __import__("common.loader", fromlist=["HAVE_DALI"]).HAVE_DALI, reason="nvidia.dali not importable"))])
+def test_metrics_record_the_first_step_and_the_loader_builds_it_waited_for(tiny_splits, tmp_path, backend):
+    # Start-up costs in view (issue 20): epoch 1 waits for the loader's build (the cache
+    # fill, or a DALI pipeline) inside its first step; epoch 2 reuses what was built.
+    _, result = _run_fit(tiny_splits, tmp_path, backend, epochs=2)
+    first, second = result["history"]
+    assert len(first["loader_builds_s"]) == 1 and first["loader_builds_s"][0] > 0
+    assert first["first_step_s"] >= first["loader_builds_s"][0]
+    assert second["loader_builds_s"] == []  # DALI's train pipeline runs on into epoch 2
+    assert 0 < second["first_step_s"] < second["epoch_time_s"]
+    on_disk = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert on_disk[0]["first_step_s"] == first["first_step_s"]
