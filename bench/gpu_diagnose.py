@@ -25,6 +25,7 @@ import os
 os.environ.setdefault("TORCH_LOGS", "recompiles,graph_breaks")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -225,14 +226,26 @@ def main() -> None:
             print(f"[diagnose] {part} failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
         save()
 
-    def unguarded() -> dict:
+    @contextlib.contextmanager
+    def unguarded_attention():
         guarded = cubs.similarity_attention
         cubs.similarity_attention = lambda q, k, v: cubs.taylor_similarity_attention(q.float(), k.float(), v.float())
         try:
-            torch.manual_seed(0)
-            return timed_fit("cubs_serial_plain_unguarded", cubs_resnet18(200, width=args.width), True, args, rt)
+            yield
         finally:
             cubs.similarity_attention = guarded
+
+    def unguarded() -> dict:
+        with unguarded_attention():
+            torch.manual_seed(0)
+            return timed_fit("cubs_serial_plain_unguarded", cubs_resnet18(200, width=args.width), True, args, rt)
+
+    def profile_t3() -> list[dict]:
+        """The compiled T3 that trained: guarded, else (its compile failed) unguarded."""
+        if isinstance(summary["parts"].get("t3_compiled"), str):
+            with unguarded_attention():
+                return profile_compiled(torch.compile(fresh(cubs_resnet18).to(rt.device)), args, rt)
+        return profile_compiled(torch.compile(t3.to(rt.device)), args, rt)
 
     def fresh(build):
         torch.manual_seed(0)
@@ -245,7 +258,7 @@ def main() -> None:
     run_part("t3_eager", lambda: timed_fit("cubs_serial_plain", fresh(cubs_resnet18), False, args, rt))
     run_part("t2_compiled", lambda: timed_fit("resnet18", fresh(ResNet18), True, args, rt))
     run_part("t1_first_step", lambda: t1_first_steps(args, rt))
-    run_part("profile", lambda: profile_compiled(torch.compile(t3.to(rt.device)), args, rt))
+    run_part("profile", profile_t3)
     if "t3_unguarded" not in summary["parts"]:
         run_part("t3_unguarded", unguarded)
     summary["wall_s"] = round(time.perf_counter() - start, 1)

@@ -168,28 +168,35 @@ def taylor_similarity_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     sample (similarity_attention checks it); then every term is >= 0 (no cancellation)
     and each weight exp(q_i k_j) is underestimated by a factor in [1 - d, 1], d =
     TAYLOR_MAX_LOGIT^p / p! < 2^-24, so |a_i - exact| <= d / (1 - d) * (max v - min v).
-    Two products, B x 2 x L @ B x L x p and B x L x p @ B x p x 2, instead of L x L logits.
+    Sums over L (the moments, B x p) and over p (each query), instead of L x L logits.
     """
     n = torch.arange(TAYLOR_TERMS, device=q.device, dtype=q.dtype)                 # p
     coeff = torch.exp(n * math.log(TAYLOR_MAX_LOGIT) - torch.lgamma(n + 1))        # p: X^n / n!
     # q_i k_j = (q_i / s) (k_j s / X) X with s = max_i q_i: both factors in [0, 1], so no
     # power over- or underflows before the coefficient; s > 0 keeps an all-zero q exact.
     s = q.amax(dim=1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)           # B x 1
-    query_powers = (q / s)[..., None].pow(n)                                         # B x L x p
     key_terms = (k * (s / TAYLOR_MAX_LOGIT))[..., None].pow(n) * coeff              # B x L x p
     # a_i = c + sum_j w_ij (v_j - c) / sum_j w_ij for any c. With c = mean(v) the sums are
     # of small signed terms and a_i - c is what is rounded: 30x less error in a and 100x in
     # its q gradient than with c = 0 (docs/cubs.md). c is a constant to autograd: the exact
     # derivative of a through c is 1 - sum_j w_ij / sum_j w_ij = 0.
     c = v.mean(dim=1, keepdim=True).detach()                                        # B x 1
-    moments = torch.stack((v - c, torch.ones_like(v)), dim=1) @ key_terms            # B x 2 x p
-    weighted = query_powers @ moments.transpose(1, 2)                                # B x L x 2
-    return c + weighted[..., 0] / weighted[..., 1]  # denominator >= L (the n = 0 term)
+    moment_v = ((v - c)[..., None] * key_terms).sum(dim=1, keepdim=True)            # B x 1 x p
+    moment_1 = key_terms.sum(dim=1, keepdim=True)                                   # B x 1 x p
+    query_powers = (q / s)[..., None].pow(n)                                        # B x L x p
+    # Products and sums, not matmuls: under torch.compile each sum becomes one kernel that
+    # computes its powers in registers, so no B x L x p tensor is stored (eager stores them).
+    numerator = (query_powers * moment_v).sum(dim=-1)                               # B x L
+    denominator = (query_powers * moment_1).sum(dim=-1)                             # B x L, >= L
+    return c + numerator / denominator
 
 
 def _fused_similarity_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """similarity_attention for any logits: fused_attention with one head of dim 1, scale 1."""
-    return fused_attention(q[:, None, :, None], k[:, None, :, None], v[:, None, :, None], 1.0)[:, 0, :, 0]
+    out = fused_attention(q[:, None, :, None], k[:, None, :, None], v[:, None, :, None], 1.0)
+    # Contiguous, as the Taylor branch's output: torch.cond wants the same layout from both
+    # (on CUDA the zero-padded head dim leaves this slice with stride 8).
+    return out[:, 0, :, 0].contiguous()
 
 
 def naive_similarity_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

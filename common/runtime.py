@@ -58,7 +58,9 @@ def setup_runtime(device: str = "auto", seed: int = 0) -> Runtime:
             dev = torch.device("cuda", torch.cuda.current_device())
         # Before the process group: NCCL and every cuda call without a device use this GPU.
         torch.cuda.set_device(dev)
-        torch.backends.cudnn.benchmark = True
+        # No cuDNN autotuning: on an H200 (2026-12-04, bench/gpu_diagnose.py) it made T1's
+        # first step take 9.4 s instead of 0.03 s, and the steps after it were no faster.
+        torch.backends.cudnn.benchmark = False
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         # Attention kernels, chosen here rather than in traced code (an sdpa_kernel context

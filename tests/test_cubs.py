@@ -142,6 +142,21 @@ def test_compiled_similarity_attention_takes_either_branch_without_recompiling()
     assert counter.frame_count == 1
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_guard_takes_the_cuda_layout_of_the_fused_branch(backend, monkeypatch):
+    # On CUDA the fused branch pads the head dim to 8, so its slice has stride 8; torch.cond
+    # wants both branches' outputs alike (torch 2.11 on an H200 refused the strided one,
+    # 2026-12-04). Here the CPU runs that CUDA branch, compiled as the scripts compile it.
+    fused = cubs.fused_attention
+    monkeypatch.setattr(cubs, "fused_attention", lambda *a, **kw: fused(*a, **{**kw, "pad_head_dim": True}))
+    compiled = torch.compile(similarity_attention, backend=backend, fullgraph=True)
+    generator = torch.Generator().manual_seed(10)
+    for largest_logit in (50.0, 2.0):  # fused, then Taylor
+        q, k, v, upstream = _plain_inputs(2, 33, largest_logit, 0.3, generator)
+        errors = _relative_errors(compiled, q, k, v, upstream)
+        assert errors[0] < 1e-6 and max(errors[1:]) < 1e-4, (largest_logit, errors)
+
+
 def test_similarity_attention_passes_gradcheck():
     generator = torch.Generator().manual_seed(1)
     inputs = [torch.rand(2, 9, dtype=f64, generator=generator).requires_grad_() for _ in range(3)]
@@ -193,10 +208,14 @@ def test_fused_attention_on_cuda_matches_naive():
     torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("block", [CUBSBlock1(8, d=16), CUBSBlock2(8), CUBSBlock1Plus(8, d=64), CUBSBlock2Plus(8)])
-def test_blocks_never_run_the_materialising_math_path(block):
-    # Plain blocks: the Taylor series (no SDPA) at these logits; plus blocks: the flash kernel.
-    x = torch.randn(2, 8, 12, 12, requires_grad=True)
+@pytest.mark.parametrize("make_block", [lambda: CUBSBlock1(8, d=16), lambda: CUBSBlock2(8),
+                                        lambda: CUBSBlock1Plus(8, d=64), lambda: CUBSBlock2Plus(8)])
+def test_blocks_never_run_the_materialising_math_path(make_block):
+    # Plain blocks: the Taylor series (no SDPA) at these logits (q, k near their bias of 1,
+    # far below TAYLOR_MAX_LOGIT); plus blocks: the flash kernel.
+    torch.manual_seed(0)
+    block = make_block()
+    x = (0.1 * torch.randn(2, 8, 12, 12)).requires_grad_()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         block(x).sum().backward()
     ops = {event.key for event in prof.key_averages()}
