@@ -136,7 +136,9 @@ run() {
 run t3 170 150 t3_cubs.py --placement serial --epochs 2
 run t2 100 100 t2_resnet18.py --epochs 2
 run t1 100 50 t1_custom_cnn.py --epochs 2
-run t4 90 0 t4_retrieval.py --epochs 2 --embed-epochs 2 --init scratch --t3-results "$OUT/none.json"
+# T4 on 6 generated images per class: 1 held out, 5 train, batches of 64 (P x K = 32 x 4).
+run t4 90 0 t4_retrieval.py --epochs 2 --embed-epochs 2 --init scratch --t3-results "$OUT/none.json" \
+    --holdout-per-class 1 --batch-size 64
 
 cap=$(cap_for 60 0)
 if [ "$cap" -ge 20 ]; then

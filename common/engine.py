@@ -14,7 +14,7 @@ then cosine decay to zero — warmup keeps the large-batch early steps stable, c
 tuning of decay points and ends at a small LR where the holdout score peaks. On CUDA:
 autocast in bf16 (same range as fp32, so no loss scaler) on GPUs that have bf16 tensor cores
 (compute capability 8.0+: A100, L4, H100, ...), else fp16 with a GradScaler (T4, V100: their
-fused attention kernels refuse bf16); channels_last, torch.compile, cudnn benchmark.
+fused attention kernels refuse bf16); channels_last, torch.compile (no cuDNN autotuning).
 On CPU: fp32, eager.
 """
 from __future__ import annotations
@@ -328,7 +328,7 @@ def _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, scal
             correct_sum += correct
         n += len(labels)
         step += 1
-        if step == start + 1:  # start-up cost (loader build, compile, cudnn autotuning) in view
+        if step == start + 1:  # start-up cost (loader build, compile) in view
             if rt.cuda:
                 torch.cuda.synchronize(rt.device)
             first_step_s = time.perf_counter() - t0

@@ -204,8 +204,13 @@ class ImageLoader:
             boxes, flips = random_crops(len(self.files), self.image_size, self.random_area,
                                         seed=(self.seed, epoch, self.shard_id))
             boxes, flips = boxes.to(self.device), flips.to(self.device)
-        for idx in self.batches(epoch)[start:]:
-            index = torch.from_numpy(idx).to(self.device)
+        # The epoch's indices go to the device once: a host-to-device copy per batch would
+        # wait for the GPU's queue (pageable memory) and stall the loop every step.
+        batches = self.batches(epoch)[start:]
+        order = torch.from_numpy(np.concatenate(batches)).to(self.device) if batches else None
+        offsets = np.cumsum([0] + [len(b) for b in batches])
+        for i in range(len(batches)):
+            index = order[offsets[i]:offsets[i + 1]]
             images = self._cache[index].permute(0, 3, 1, 2).float()           # B x 3 x S x S
             if self.train:
                 images = resized_crop_flip(images, boxes[index], flips[index])

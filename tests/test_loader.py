@@ -495,3 +495,26 @@ def test_cache_refuses_what_it_does_not_do(tiny):
     for kw in (dict(train=True, color_jitter=0.2), dict(train=False, eval_resize=73)):
         with pytest.raises(ValueError, match="cache"):
             make(tiny.test.files, tiny.test.labels, "cache", batch_size=4, image_size=64, **kw)
+
+
+def test_auto_takes_the_device_cache_on_a_gpu_only_where_it_applies(monkeypatch):
+    # task_data's rule for --backend auto: the cache for T1-T3 on a GPU (no colour jitter, no
+    # eval resize) while it takes at most a quarter of the GPU's memory; else DALI / torch.
+    from types import SimpleNamespace
+
+    from common import runtime, task_data
+    memory = {"total": 80 * 2**30}
+    monkeypatch.setattr(task_data.torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(total_memory=memory["total"]))
+    gpu = runtime.Runtime(torch.device("cuda", 0))
+    cpu = runtime.Runtime(torch.device("cpu"))
+    tiny = task_data.LoaderSettings(batch_size=256, image_size=64, workers=4, backend="auto", seed=0)
+    n = 100_000  # 1.2 GB of 64 x 64 x 3 bytes
+    assert task_data._backend(tiny, n, gpu) == "cache"
+    assert task_data._backend(tiny, n, cpu) == "auto"
+    assert task_data._backend(task_data.LoaderSettings(**{**vars(tiny), "color_jitter": 0.2}), n, gpu) == "auto"
+    cars = task_data.LoaderSettings(**{**vars(tiny), "image_size": 224, "eval_resize": 256})
+    assert task_data._backend(cars, 8000, gpu) == "auto"  # T4: DALI
+    assert task_data._backend(task_data.LoaderSettings(**{**vars(tiny), "backend": "dali"}), n, gpu) == "dali"
+    memory["total"] = 4 * 2**30  # 1.2 GB > a quarter of 4 GiB
+    assert task_data._backend(tiny, n, gpu) == "auto"
