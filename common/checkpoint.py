@@ -33,6 +33,19 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, keep_previous: bool
         torch.save(state, f)
 
 
+# What scoring a checkpoint needs (--evaluate, common/evaluate.py): the weights, the meta that
+# says which network they fit, and the epoch they are from. The rest of a training checkpoint
+# (optimizer, LR schedule, loss scaler, early stopping, RNG states, history) is for resuming.
+INFERENCE_KEYS = ("model", "meta", "epoch")
+
+
+def inference_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The part of a training checkpoint that --evaluate reads (INFERENCE_KEYS, those present):
+    about the size of the weights, where a training checkpoint is 2-3x that (SGD momentum is
+    one more copy of the weights, AdamW's moments two)."""
+    return {k: checkpoint[k] for k in INFERENCE_KEYS if k in checkpoint}
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint with weights_only=True; refuse anything that is not plain data.
 

@@ -574,14 +574,23 @@ def test_archive_of_the_smoke_runs_holds_code_report_and_best_models(smoke_runs,
                               code | report_files | {f"runs/{m}" for m in models}}
         for name in models:
             info, src = infos[f"Assignment2/runs/{name}"], smoke_runs / name
-            assert info.file_size == src.stat().st_size
             data = zf.read(info)
             if name.endswith(".json"):
                 assert data == src.read_bytes()
                 continue
             checkpoint = torch.load(io.BytesIO(data), weights_only=True)
-            assert checkpoint["model"] and all(isinstance(v, torch.Tensor)
-                                               for v in checkpoint["model"].values())
+            training = torch.load(src, weights_only=True)
+            # the inference part only: no optimizer, scheduler, scaler or RNG state
+            assert sorted(checkpoint) == ["epoch", "meta", "model"], name
+            assert (checkpoint["epoch"], checkpoint["meta"]) == (training["epoch"], training["meta"])
+            assert checkpoint["model"].keys() == training["model"].keys()
+            for key, tensor in checkpoint["model"].items():
+                assert torch.equal(tensor, training["model"][key]), (name, key)
+            assert "optimizer" in training and "rng" in training  # the run keeps what resume needs
+            model = build_model(checkpoint["meta"])  # Phase B: the EmbeddingNet
+            parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            assert info.file_size <= 1.25 * parameter_bytes, (name, info.file_size, parameter_bytes)
+            assert src.stat().st_size > 1.9 * parameter_bytes  # what it was before: + momentum
         for name in report_files:
             assert infos[f"Assignment2/{name}"].file_size == (smoke_report.parent / name).stat().st_size
     for name, info in infos.items():  # the table of contents: every file with its size
@@ -589,6 +598,8 @@ def test_archive_of_the_smoke_runs_holds_code_report_and_best_models(smoke_runs,
     assert toc[-1].startswith(f"{dest}: {len(infos)} files, ")
     assert f"T3: {selected} (selected in t3/placements.json)" in toc
     assert f"T4: t4, Phase B ({mining} mining)" in toc
+    assert ("each best.pt in the archive: weights, meta and epoch only (--evaluate reads them); the "
+            "training checkpoints in the runs folder keep what resuming needs") in toc
 
 
 def test_archive_command_writes_report_and_zip_and_refuses_a_missing_model(tmp_path, capsys):
