@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import io
+import math
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -315,13 +316,24 @@ def photo(src: Path, dst: Path, width: float) -> Path:
     return dst
 
 
+# The smallest text a figure may print at: 80 % of the body text, so that a figure reads
+# like the page around it (tests/test_report.py checks every figure the PDF holds).
+MIN_FIGURE_FONT = 0.8 * BODY.fontSize
+
+
 def draw(plot: Callable[..., bool], path: Path, height_in: float) -> bool:
     """Run one of report.py's plot functions at the printed size (full page width, given
-    height), with fonts sized for print."""
-    style = {"font.size": 7, "axes.titlesize": 7.5, "axes.labelsize": 7, "xtick.labelsize": 6.5,
-             "ytick.labelsize": 6.5, "legend.fontsize": 6, "lines.markersize": 4}
+    height), with fonts sized for print (MIN_FIGURE_FONT and up)."""
+    style = {"font.size": 7.5, "axes.titlesize": 8, "axes.labelsize": 7.5, "xtick.labelsize": 7,
+             "ytick.labelsize": 7, "legend.fontsize": 7, "lines.markersize": 4}
     with plt.rc_context(style):
         return plot(path, figsize=(WIDTH / inch, height_in), dpi=200)
+
+
+def captioned(picture: Flowable, caption: str) -> Flowable:
+    """A figure with its caption, never split across a page break (an orphaned caption at
+    the top of the next page reads as belonging to whatever follows it)."""
+    return KeepTogether([picture, para(caption, SMALL)])
 
 
 def section_curves(runs: rep.RunsFolder, chosen: rep.Chosen, figures: Path,
@@ -332,21 +344,30 @@ def section_curves(runs: rep.RunsFolder, chosen: rep.Chosen, figures: Path,
         classifiers += runs.placement_runs(chosen.placements[0])
     elif chosen.runs["t3"]:
         classifiers.append(chosen.runs["t3"])
-    height = 2.1 * scale
+    height = 2.4 * scale  # with the key below the panels
     path = figures / "pdf_classifier_curves.png"
     if draw(lambda p, **kw: plot_classifier_curves(rep.histories(classifiers), p, **kw), path, height):
-        out += [figure(path, WIDTH), para("T1 / T2 / T3: holdout top-1 (left) and training "
-                                          "loss (right) per epoch.", SMALL)]
+        out.append(captioned(figure(path, WIDTH), CAPTIONS["classifier_curves"]))
     else:
         out.append(para(f"T1 / T2 / T3: **{rep.NOT_RUN}**."))
     t4 = chosen.runs["t4"]
     path = figures / "pdf_t4_curves.png"
     if t4 and draw(lambda p, **kw: plot_retrieval_curves(t4.phases, p, **kw), path, height):
-        out += [figure(path, WIDTH), para("T4: Phase A holdout top-1 (left) and Phase B holdout "
-                                          "Recall@1 per mining strategy (right) per epoch.", SMALL)]
+        out.append(captioned(figure(path, WIDTH), CAPTIONS["t4_curves"]))
     else:
         out.append(para(f"T4: **{rep.NOT_RUN}**."))
     return out
+
+
+# Each figure's caption (the retrieval one continues with the mining it shows).
+CAPTIONS = {
+    "classifier_curves": "T1 / T2 / T3: holdout top-1 (left) and loss (right, log scale: train "
+                         "solid, holdout dashed) per epoch.",
+    "t4_curves": "T4: Phase A holdout top-1 (left) and Phase B holdout Recall@1 per mining "
+                 "strategy (right) per epoch.",
+    "retrieval": "Test queries (left column) and their 8 nearest neighbours with the main "
+                 "embedding",
+}
 
 
 # ---------------------------------------------------------------- 5 retrieval
@@ -379,13 +400,25 @@ def section_retrieval(chosen: rep.Chosen, figures: Path, scale: float) -> list[F
                    "recall_at_1_chance.")]
     if len(r.get("mining_comparison") or []) < 2:
         out.append(para("Mining comparison: not run (use `--compare-mining`)."))
-    width = 12.5 * cm * scale
+    width = retrieval_width(run.path / "retrieval.png", scale)
     picture = figure(photo(run.path / "retrieval.png", figures / "pdf_retrieval.jpg", width), width)
-    caption = para("Test queries (left column) and their 8 nearest neighbours with the main "
-                   f"embedding ({main} mining); green border: same class, red: another class.",
-                   SMALL)
-    out += [Spacer(1, 3), KeepTogether([picture, caption])]
+    out += [Spacer(1, 3), captioned(picture, f"{CAPTIONS['retrieval']} ({main} mining); green "
+                                             "border: same class, red: another class.")]
     return out
+
+
+def retrieval_width(png: Path, scale: float) -> float:
+    """Where the retrieval grid prints, in points: at its own size when it was drawn for print
+    (plots.plot_retrieval: its PNG's dpi gives a width that fits the page), so its text
+    prints at the size it was drawn; an older, poster-sized grid is scaled to 12.5 cm (x the
+    figure scale) as before."""
+    try:
+        with PILImage.open(png) as im:
+            dpi = im.info.get("dpi", (0, 0))[0]
+            natural = im.width / dpi * inch if dpi else math.inf
+    except OSError:  # unreadable: figure() says so in the PDF
+        natural = math.inf
+    return natural if natural <= WIDTH else 12.5 * cm * scale
 
 
 # ---------------------------------------------------------------- 6 strategies
