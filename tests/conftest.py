@@ -8,6 +8,7 @@ _REPO_ROOT = str(Path(__file__).resolve().parents[1])
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
+import contextlib  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
@@ -35,13 +36,16 @@ T1_ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def say(config: pytest.Config, text: str) -> None:
-    """One line on the terminal now, past pytest's output capture and under -q too: the
-    session fixture trains for minutes, and a silent suite looks hung."""
+    """One line on the terminal now, under -q too: the session fixture trains for minutes, and
+    a silent suite looks hung. Capturing is suspended for it (pytest captures file
+    descriptor 1 itself while a fixture is set up, so a plain write would be swallowed)."""
     reporter = config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(text)
-    else:  # -p no:terminal
-        print(text, file=sys.__stderr__, flush=True)
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        if reporter is not None:
+            reporter.write_line(text)
+        else:  # -p no:terminal
+            print(text, file=sys.__stderr__, flush=True)
 
 
 @pytest.fixture(scope="session")
