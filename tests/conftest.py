@@ -43,6 +43,8 @@ def say(config: pytest.Config, text: str) -> None:
     capture = config.pluginmanager.get_plugin("capturemanager")
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         if reporter is not None:
+            if reporter._tw.width_of_current_line:  # after -q's dots: a line of its own
+                reporter.write("\n")
             reporter.write_line(text)
         else:  # -p no:terminal
             print(text, file=sys.__stderr__, flush=True)
