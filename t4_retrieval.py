@@ -80,7 +80,7 @@ SMOKE = {**cli.SMOKE, "image_size": 64, "epochs": 10, "batch_size": 16, "holdout
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = cli.training_parser(__doc__, out="runs/t4", recipe=RECIPE)
+    p = cli.training_parser(__doc__, out="runs/t4", recipe=RECIPE, downloads=False)  # Cars196: by hand
     a = p.add_argument  # T4's own flags; their defaults come from RECIPE
     a("--t3-results", default="runs/t3/placements.json", help="where T3 wrote its selection")
     a("--placement", choices=PLACEMENTS, default=None, help="CUBS placement (default: T3's selection, else serial)")
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
       help="also train Phase B with every other mining (--smoke turns it on)")
     a("--alpha", type=cli.positive_float, help="MS loss: weight scale of positive pairs")
     a("--beta", type=cli.positive_float, help="MS loss: weight scale of negative pairs")
-    a("--lam", type=float, help="MS loss: similarity margin lambda")
+    a("--lam", type=cli.finite_float, help="MS loss: similarity margin lambda")
     a("--epsilon", type=cli.nonnegative_float, help="mining margin of the ms and semihard mining")
     args = cli.parse(p, argv, smoke=SMOKE)
     if args.images_per_class < 2:

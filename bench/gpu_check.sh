@@ -128,14 +128,13 @@ run() {
   if [ "$cap" -lt 30 ]; then log "$name skipped: ${cap} s left of GPU_CHECK_SECONDS=$TOTAL"; return; fi
   log "$name: $* (at most $cap s)"
   # -k: fit() acts on SIGTERM only between steps (compilation can take a minute)
-  timeout -k 15 "$cap" python3 "$@" --data-dir "$DATA" --no-download --out "$OUT/$name" \
-      --workers 8 > "$OUT/$name.log" 2>&1
+  timeout -k 15 "$cap" python3 "$@" --data-dir "$DATA" --out "$OUT/$name" --workers 8 > "$OUT/$name.log" 2>&1
   grep -v "it/s" "$OUT/$name.log" | tail -n 4
 }
 # Most important first; KEEP leaves the later steps their minimum.
-run t3 170 150 t3_cubs.py --placement serial --epochs 2
-run t2 100 100 t2_resnet18.py --epochs 2
-run t1 100 50 t1_custom_cnn.py --epochs 2
+run t3 170 150 t3_cubs.py --placement serial --epochs 2 --no-download
+run t2 100 100 t2_resnet18.py --epochs 2 --no-download
+run t1 100 50 t1_custom_cnn.py --epochs 2 --no-download
 # T4 on 6 generated images per class: 1 held out, 5 train, batches of 64 (P x K = 32 x 4).
 run t4 90 0 t4_retrieval.py --epochs 2 --embed-epochs 2 --init scratch --t3-results "$OUT/none.json" \
     --holdout-per-class 1 --batch-size 64

@@ -12,6 +12,10 @@ spills files into the current folder:
     runs/t3/placements.json         T3's comparison, and the selected placement's
     runs/t3/<placement>_<variant>/best.pt, results.json
     runs/t4/results.json, runs/t4/phase_b_<mining>/best.pt      T4 Phase B (the main mining)
+Each best.pt in the zip is the inference part of the run's best.pt (checkpoint.inference_state:
+weights, meta, epoch), about the size of the weights: `--evaluate` scores it to the same
+figures as results.json, but a run cannot resume from it. The training best.pt in the runs
+folder, with its optimizer and RNG state, is left as it is.
 One run per task, chosen as REPORT.pdf chooses (report.choose_runs). The zip is written to
 a temporary file next to the target and renamed into place, so an interrupted run never
 leaves a half-written archive under the final name.
@@ -22,13 +26,17 @@ finished run at all. A task that was not run is left out with a warning.
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
 import zipfile
 from pathlib import Path
 
+import torch
+
 from common import report as rep
+from common.checkpoint import inference_state, load_checkpoint
 from common.files import atomic_file
 from common.errors import UserError
 
@@ -136,22 +144,37 @@ def model_files(chosen: rep.Chosen) -> tuple[list[tuple[str, Path]], list[str]]:
     return files, notes
 
 
+def inference_bytes(checkpoint: Path) -> bytes:
+    """The archive's copy of a training checkpoint: its inference state, serialised as
+    torch.save writes it (so it loads with weights_only=True like any other)."""
+    buffer = io.BytesIO()
+    torch.save(inference_state(load_checkpoint(checkpoint)), buffer)
+    return buffer.getvalue()
+
+
 def _in_runs(name: str) -> str:
     """Where a file of the runs folder goes in the zip: runs/<path relative to the folder>."""
     return "runs/" + name.removeprefix("./")
 
 
 # ---------------------------------------------------------------- writing and listing
-def write_zip(entries: list[tuple[str, Path]], dest: Path) -> None:
+# An entry's content: a file, or bytes made for the archive (the inference checkpoints).
+Source = Path | bytes
+
+
+def write_zip(entries: list[tuple[str, Source]], dest: Path) -> None:
     """Write `entries` to dest atomically: a temporary file next to it, then os.replace."""
     names = [name for name, _ in entries]
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate names in the archive: {sorted({n for n in names if names.count(n) > 1})}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(dest) as tmp, zipfile.ZipFile(tmp, "w") as zf:
-        for name, path in entries:
-            kind = zipfile.ZIP_STORED if path.suffix in STORED else zipfile.ZIP_DEFLATED
-            zf.write(path, name, compress_type=kind)
+        for name, source in entries:
+            kind = zipfile.ZIP_STORED if Path(name).suffix in STORED else zipfile.ZIP_DEFLATED
+            if isinstance(source, bytes):
+                zf.writestr(name, source, compress_type=kind)
+            else:
+                zf.write(source, name, compress_type=kind)
 
 
 def fmt_size(n: int) -> str:
@@ -179,9 +202,14 @@ def build_archive(runs_dir: str | Path, report_md: str | Path, dest: str | Path,
     runs = rep.collect(runs_dir)
     check_runs(runs, allow_smoke)
     models, notes = model_files(rep.choose_runs(runs))
+    # The hand-in needs the model that gave the reported numbers, not the optimizer state
+    # that resuming needs (half or more of a training checkpoint).
+    models = [(n, inference_bytes(p) if p.suffix == ".pt" else p) for n, p in models]
+    notes.append("each best.pt in the archive: weights, meta and epoch only (--evaluate reads "
+                 "them); the training checkpoints in the runs folder keep what resuming needs")
     top = dest.stem  # one folder inside the zip
-    entries = {f"{top}/{n}": REPO / n
-               for n in code_files(REPO, exclude=(runs_dir,))}
+    entries: dict[str, Source] = {f"{top}/{n}": REPO / n
+                                  for n in code_files(REPO, exclude=(runs_dir,))}
     # The report and the models win over a code file of the same name (e.g. a REPORT.md
     # written into the repository root).
     entries.update({f"{top}/{n}": p for n, p in report_files(report_md) + models})

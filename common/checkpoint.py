@@ -33,22 +33,69 @@ def save_checkpoint(state: dict[str, Any], path: str | Path, keep_previous: bool
         torch.save(state, f)
 
 
+# What scoring a checkpoint needs (--evaluate, common/evaluate.py): the weights, the meta that
+# says which network they fit, and the epoch they are from. The rest of a training checkpoint
+# (optimizer, LR schedule, loss scaler, early stopping, RNG states, history) is for resuming.
+INFERENCE_KEYS = ("model", "meta", "epoch")
+
+
+def inference_state(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The part of a training checkpoint that --evaluate reads (INFERENCE_KEYS, those present):
+    about the size of the weights, where a training checkpoint is 2-3x that (SGD momentum is
+    one more copy of the weights, AdamW's moments two)."""
+    return {k: checkpoint[k] for k in INFERENCE_KEYS if k in checkpoint}
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint with weights_only=True; refuse anything that is not plain data."""
+    """Load a checkpoint with weights_only=True; refuse anything that is not plain data.
+
+    Two refusals, told apart because they need opposite advice: a pickle that names code
+    (a global outside weights_only's allow-list) is refused as possibly unsafe; anything
+    else that fails (random bytes, a truncated copy, another kind of file) is named as not
+    a readable checkpoint. Neither repeats PyTorch's suggestion to retry with
+    weights_only=False: for a damaged file it is wrong, for a crafted one dangerous."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"{path} is not a plain-tensor checkpoint (weights_only load refused it; it may "
-            f"contain code). Not loading it. Details: {str(err).splitlines()[0]}") from err
+        detail = _unpickler_detail(str(err))
+        if _names_code(detail):
+            raise CheckpointError(
+                f"{path} is not a plain-tensor checkpoint (weights_only load refused it; it may "
+                f"contain code). Not loading it. Details: {detail}") from err
+        raise _unreadable(path, f"PyTorch's unpickler: {detail}") from err
     except (RuntimeError, EOFError, ValueError, OSError) as err:
-        size = path.stat().st_size
         # A 0-byte file raises an EOFError with no text.
-        detail = "the file is empty" if size == 0 else (str(err).strip() or type(err).__name__)
-        raise CheckpointError(f"{path} is unreadable or truncated ({size} bytes): {detail}") from err
+        raise _unreadable(path, str(err).strip().split(". ")[0] or type(err).__name__) from err
+
+
+def _unreadable(path: Path, detail: str) -> CheckpointError:
+    size = path.stat().st_size
+    if size == 0:
+        detail = "the file is empty"
+    return CheckpointError(f"{path} is not a readable PyTorch checkpoint ({size} bytes; truncated, "
+                           f"damaged or not a checkpoint at all): {detail}")
+
+
+def _unpickler_detail(message: str) -> str:
+    """The line of a weights_only refusal that says what was refused ("Unsupported global:
+    GLOBAL builtins.print ...", "Trying to load unsupported GLOBAL posix.system ...",
+    "Unsupported operand 165"), without PyTorch's advice around it."""
+    advice = ("weights_only", "Weights only load failed", "Check the documentation", "trust")
+    for line in message.splitlines():
+        # The refused name, not the allow-list recipe after it.
+        line = line.strip().removeprefix("WeightsUnpickler error:").split(" Please use")[0].strip()
+        if line and not any(text in line for text in advice):
+            return line
+    return "weights_only load refused it"
+
+
+def _names_code(detail: str) -> bool:
+    """Whether a weights_only refusal is about a global (a function or class the pickle
+    would import and call), not about bytes that are no pickle at all."""
+    return "GLOBAL" in detail or "allowlisted" in detail
 
 
 def check_compatible(saved_meta: CheckpointMeta, meta: CheckpointMeta, path: str | Path) -> None:

@@ -7,6 +7,7 @@ of every training flag), then adds the few flags only it has.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -38,18 +39,33 @@ def nonnegative_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
+def finite_float(text: str) -> float:
+    """float(text), refusing inf and nan: Python parses them, and an --lr inf would only
+    show up minutes later as a NaN training loss."""
     value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
 
 
 def nonnegative_float(text: str) -> float:
-    value = float(text)
+    value = finite_float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
+
+
+def default_workers() -> int:
+    """4 loader workers, but no more than the machine's cores: the torch DataLoader warns
+    (twice) when asked for more workers than there are CPUs."""
+    return min(4, os.cpu_count() or 1)
 
 
 # The flags whose defaults are a task's training recipe: every script passes all of them
@@ -64,15 +80,21 @@ SMOKE = dict(epochs=8, batch_size=32, lr=0.05, warmup_epochs=1.0, patience=4, ho
              image_size=32, width=16, workers=0, device="cpu")
 
 
-def training_parser(description: str, *, out: str, recipe: Mapping[str, Any]) -> argparse.ArgumentParser:
+def training_parser(description: str, *, out: str, recipe: Mapping[str, Any],
+                    downloads: bool = True) -> argparse.ArgumentParser:
     """The flags every task script has, with the defaults of its `recipe` (keys RECIPE_FLAGS;
-    other keys are defaults of the script's own flags, which it adds afterwards)."""
+    other keys are defaults of the script's own flags, which it adds afterwards).
+
+    downloads: whether the script can download its dataset (Tiny ImageNet). T4's Cars196 is
+    placed by hand, so T4 passes False and gets no --no-download flag."""
     missing = [k for k in RECIPE_FLAGS if k not in recipe]
     if missing:
         raise ValueError(f"the recipe lacks {missing}")
     p = argparse.ArgumentParser(description=description, formatter_class=_HelpFormatter)
     a = p.add_argument
-    a("--data-dir", default="./data", help="folder holding (or receiving) the dataset")
+    a("--data-dir", default="./data",
+      help="folder holding (or receiving: downloaded there if missing) the dataset" if downloads
+      else "folder holding the dataset (never downloaded: place it there by hand)")
     a("--out", default=out, help="output folder; rerunning with the same --out resumes")
     a("--epochs", type=positive_int, default=None, help="maximum epochs (early stopping may end sooner)")
     a("--batch-size", type=positive_int, default=None, help="per process (per GPU under torchrun)")
@@ -93,7 +115,9 @@ def training_parser(description: str, *, out: str, recipe: Mapping[str, Any]) ->
       help="brightness/contrast/saturation range, e.g. 0.2; 0 = off")
     a("--width", type=positive_int, default=None,
       help="channels of the model's first stage (each later stage doubles them)")
-    a("--workers", type=nonnegative_int, default=4, help="decoding threads (DALI) / DataLoader workers")
+    a("--workers", type=nonnegative_int, default=default_workers(),
+      help="decoding threads (DALI) / DataLoader workers (default: min(4, CPU count), here "
+           f"{default_workers()})")
     a("--backend", choices=["auto", "dali", "torch", "cache"], default="auto",
       help="auto = on a GPU the device cache where it applies (T1-T3), else DALI if importable, "
            "else the torch DataLoader fallback; cache = decode every image once into the "
@@ -107,13 +131,15 @@ def training_parser(description: str, *, out: str, recipe: Mapping[str, Any]) ->
       help="before training, check every image file: quick = both ends of each (signature, end "
            "marker, size), full = decode each with PIL, off = skip")
     a("--fresh", action="store_true", help="ignore checkpoints in --out and start over")
-    a("--no-download", action="store_true", help="never download the dataset")
+    if downloads:
+        a("--no-download", action="store_true", help="never download the dataset")
     a("--evaluate", metavar="PATH", default=None,
       help="no training: evaluate this checkpoint (e.g. runs/t2/best.pt, or a run folder for its "
            "best.pt) on the test split, print the figures and write eval.json beside it")
     a("--smoke", action="store_true",
       help="generate a tiny learnable dataset in --out and run the whole script on it (CPU, a few "
-           "minutes); default paths under runs/ become runs/smoke/...")
+           "minutes); default paths under runs/ become runs/smoke/...; --data-dir is refused "
+           "with it (the smoke data is generated, never read from a folder)")
     a("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)
     # Over the placeholders above (so that --help shows them), and the defaults of the
     # script's own flags, which argparse takes from here when they are added.
@@ -144,6 +170,12 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None, *,
     typed = parser.parse_args(argv, argparse.Namespace(**{k: _Unset for k in vars(args)}))
     args._explicit = {k for k, v in vars(typed).items() if v is not _Unset}
     if args.smoke:
+        if "data_dir" in args._explicit:
+            # Silently training on generated data while the user named a dataset would
+            # pass for a check of that dataset; refuse instead (usage error, exit 2).
+            parser.error(f"--smoke trains on a dataset it generates in --out and never reads "
+                         f"--data-dir {args.data_dir}: drop --data-dir for a smoke run, or drop "
+                         f"--smoke to train on that folder")
         apply_smoke(args, smoke)
     check_out_dir(args.out)
     return args

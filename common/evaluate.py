@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from common import engine, runtime, schema
-from common.checkpoint import CheckpointError, check_compatible, load_checkpoint, load_model_state
+from common.checkpoint import (INFERENCE_KEYS, CheckpointError, check_compatible, load_checkpoint,
+                               load_model_state)
 from common.files import write_json
 from common.runtime import describe_device
 
@@ -30,13 +31,14 @@ Score = Callable[[torch.nn.Module], dict[str, Any]]
 
 
 def load(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    """(checkpoint path, its contents). A run folder stands for its best.pt. Refuses a file
-    that is not one of this project's training checkpoints (e.g. a bare state dict)."""
+    """(checkpoint path, its contents). A run folder stands for its best.pt. Takes a training
+    checkpoint or the archive's inference one (checkpoint.INFERENCE_KEYS); refuses a file
+    that is neither (e.g. a bare state dict)."""
     path = Path(path)
     if path.is_dir():
         path = path / "best.pt"
     ck = load_checkpoint(path)
-    if not isinstance(ck, dict) or not {"model", "meta", "epoch"} <= ck.keys():
+    if not isinstance(ck, dict) or not set(INFERENCE_KEYS) <= ck.keys():
         raise CheckpointError(f"{path} is not a checkpoint written by these scripts (it lacks the "
                               f"'model', 'meta' and 'epoch' entries); pass a best.pt or last.pt")
     return path, ck

@@ -15,7 +15,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
-from matplotlib.ticker import LogFormatterSciNotation, MaxNLocator  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -56,9 +57,8 @@ def plot_curves(history: Sequence[dict], path: str | Path, title: str = "") -> N
             scores.append("Recall@1" if k.endswith("_r1") else "accuracy")
     # Log scale: an early holdout loss far above the rest (BatchNorm statistics not yet
     # settled after a few steps) would otherwise flatten every other curve.
-    ax_loss.set(xlabel="epoch", ylabel="loss (log scale)", title="loss", yscale="log")
-    for axis_formatter in (ax_loss.yaxis.set_major_formatter, ax_loss.yaxis.set_minor_formatter):
-        axis_formatter(_PlainLogFormatter(labelOnlyBase=False))
+    ax_loss.set(xlabel="epoch", ylabel="loss (log scale)", title="loss")
+    log_axis(ax_loss)
     score_name = " / ".join(dict.fromkeys(scores)) or "accuracy"
     ax_acc.set(xlabel="epoch", ylabel=score_name, title=score_name)
     if title:
@@ -68,63 +68,134 @@ def plot_curves(history: Sequence[dict], path: str | Path, title: str = "") -> N
 
 def plot_classifier_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
                            figsize: tuple[float, float] = (11, 4), dpi: int = 100) -> bool:
-    """Holdout top-1 (left) and train loss (right) per epoch of several classifier runs on one
-    figure, one line per name of `histories` (name -> its metrics.jsonl records).
+    """Holdout top-1 (left) and loss (right: train solid, holdout dashed, log scale) per epoch
+    of several classifier runs on one figure, one colour per name of `histories` (name -> its
+    metrics.jsonl records), with one key right of both panels.
 
     Returns False, and draws nothing, if no run has a record. figsize is in inches: REPORT.pdf
     draws its figures at the size they print, so that their text is readable at 100 %."""
     histories = {name: h for name, h in histories.items() if h}
     if not histories:
         return False
-    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=figsize)
-    for name, history in histories.items():
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=figsize, layout="constrained")
+    runs = []
+    for index, (name, history) in enumerate(histories.items()):
+        colour = f"C{index % 10}"
         epochs = [h.get("epoch") for h in history]
-        ax_acc.plot(epochs, [h.get("holdout_acc", math.nan) for h in history], marker=".", label=name)
-        ax_loss.plot(epochs, [h.get("train_loss", math.nan) for h in history], marker=".", label=name)
+        series = lambda key: [h.get(key, math.nan) for h in history]  # noqa: E731
+        ax_acc.plot(epochs, series("holdout_acc"), marker=".", color=colour, label=name)
+        ax_loss.plot(epochs, series("train_loss"), marker=".", color=colour, label=f"{name} train loss")
+        ax_loss.plot(epochs, series("holdout_loss"), marker=".", color=colour, linestyle="--",
+                     label=f"{name} holdout loss")
+        runs.append(Line2D([], [], color=colour, marker=".", label=name))
     ax_acc.set(xlabel="epoch", ylabel="holdout top-1", title="holdout accuracy")
-    ax_loss.set(xlabel="epoch", ylabel="train loss", title="training loss (label-smoothed CE)")
-    _finish_epoch_axes(fig, [ax_acc, ax_loss], path, dpi, legend_size=7)
+    # The title, not the key, says which line style is which: the key holds one entry per run.
+    ax_loss.set(xlabel="epoch", ylabel="loss (log scale)",
+                title="loss: train solid, holdout dashed")
+    log_axis(ax_loss)
+    _finish_epoch_axes(fig, [ax_acc, ax_loss], path, dpi, key=runs)
     return True
 
 
 def plot_retrieval_curves(phases: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
                           figsize: tuple[float, float] = (11, 4), dpi: int = 100) -> bool:
     """T4 per epoch: Phase A holdout top-1 (left, the "phase_a" records) and Phase B holdout
-    Recall@1 (right, one line per other name, e.g. "phase_b_ms"). False if `phases` is empty."""
+    Recall@1 (right, one line per other name, e.g. "phase_b_ms"), with one key right of both
+    panels. False if `phases` is empty."""
     if not phases:
         return False
-    fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=figsize)
-    # Mining runs can score identically (small holdouts): distinct markers and dashes, and a
-    # slight shrink per line, keep every one of them visible.
+    fig, (ax_a, ax_b) = plt.subplots(1, 2, figsize=figsize, layout="constrained")
+    # Mining runs can score identically (small holdouts): distinct colours, markers and
+    # dashes, and a slight shrink per line, keep every one of them visible.
     styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":"), ("v", "-")]
     b_index = 0
-    for name, history in phases.items():
+    for index, (name, history) in enumerate(phases.items()):
         epochs = [h.get("epoch") for h in history]
+        colour = f"C{index % 10}"  # one colour per name across both panels: one key
         if name == "phase_a":
-            ax_a.plot(epochs, [h.get("holdout_acc", math.nan) for h in history], marker=".", label=name)
+            ax_a.plot(epochs, [h.get("holdout_acc", math.nan) for h in history], marker=".",
+                      color=colour, label=name)
         else:
             marker, dashes = styles[b_index % len(styles)]
             ax_b.plot(epochs, [h.get("holdout_r1", math.nan) for h in history], marker=marker,
-                      linestyle=dashes, markersize=8 - 1.5 * b_index, fillstyle="none", label=name)
+                      linestyle=dashes, markersize=8 - 1.5 * b_index, fillstyle="none",
+                      color=colour, label=name)
             b_index += 1
     ax_a.set(xlabel="epoch", ylabel="holdout top-1", title="Phase A (classifier)")
     ax_b.set(xlabel="epoch", ylabel="holdout Recall@1", title="Phase B (Multi-Similarity)")
-    _finish_epoch_axes(fig, [ax_a, ax_b], path, dpi, legend_size=7)
+    _finish_epoch_axes(fig, [ax_a, ax_b], path, dpi, key=ax_a.lines + ax_b.lines)
     return True
 
 
 def _finish_epoch_axes(fig: Figure, axes: Sequence[Axes], path: str | Path, dpi: int,
-                       legend_size: float = 8) -> None:
-    """The end of every per-epoch figure: whole-number epoch ticks, a light grid and a legend
-    on each axis that has lines; then lay out, save and close."""
+                       legend_size: float | None = None, key: Sequence[Any] | None = None) -> None:
+    """The end of every per-epoch figure: whole-number epoch ticks, a light grid, the legend;
+    then lay out, save and close.
+
+    key: the entries of one legend for the whole figure, drawn right of the panels, where it
+    can hide no line (a legend inside a panel covered curves wherever the panel had no empty
+    corner) and costs width rather than the height a page is short of; the figure must use
+    the constrained layout. Without it, each axis that has lines gets its own legend
+    (plot_curves, plot_mean_curves)."""
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=legend_size)
-    fig.tight_layout()
+        if key is None and ax.lines:
+            ax.legend(fontsize=legend_size or 8)
+    if key is not None:
+        size = legend_size or plt.rcParams["legend.fontsize"]
+        fig.legend(handles=list(key), loc="outside right upper", fontsize=size,
+                   ncols=key_columns(len(key), fig.get_figheight(), size))
+    else:
+        fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+def key_columns(entries: int, height_in: float, fontsize: float | str) -> int:
+    """Columns a key of `entries` lines needs to stay within `height_in`: a key taller than
+    its figure is cut off at the foot (about 1.45 lines of height per entry)."""
+    points = fontsize if isinstance(fontsize, (int, float)) else 10.0
+    rows = max(1, int(height_in * 72 / (1.45 * points)))
+    return math.ceil(entries / rows)
+
+
+def log_axis(ax: Axes, most: int = 7) -> None:
+    """Log-scale y axis with at least three plain-number labels ('0.8', not '8x10^-1').
+
+    Log scale because an early holdout loss far above the rest (BatchNorm statistics not yet
+    settled) would otherwise flatten every other curve; our own ticks because matplotlib's
+    label only powers of ten and a few minor ticks, which leaves a loss axis spanning less
+    than a decade with one or two labels."""
+    ax.set_yscale("log")
+    ax.autoscale_view()
+    lo, hi = ax.get_ylim()
+    ax.yaxis.set_major_locator(FixedLocator(log_ticks(lo, hi, most)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:.3g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.set_ylim(lo, hi)  # the fixed ticks must not widen the axis
+
+
+def log_ticks(lo: float, hi: float, most: int = 7) -> list[float]:
+    """Between 3 and `most` round values in [lo, hi] (0 < lo < hi) for a log axis: 1-2-5 style
+    steps per decade, as fine as fit; across a very narrow range, evenly spaced (in log)
+    values at the fewest significant digits that keep them distinct."""
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    ticks: list[float] = []
+    for mantissas in ((1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9), (1, 2, 3, 5, 7), (1, 2, 5), (1, 3), (1,)):
+        ticks = [float(f"{m * 10.0 ** e:.3g}") for e in decades for m in mantissas
+                 if lo <= m * 10.0 ** e <= hi]
+        if len(ticks) <= most:
+            break
+    if len(ticks) >= 3:
+        return ticks
+    for digits in (2, 3, 4, 6):
+        ticks = sorted({float(f"{v:.{digits}g}") for v in np.geomspace(lo, hi, 4)[1:-1]}
+                       | set(ticks))
+        ticks = [t for t in ticks if lo <= t <= hi]
+        if len(ticks) >= 3:
+            break
+    return ticks
 
 
 _SCORES = {"acc": "accuracy", "top5": "top-5 accuracy", "r1": "Recall@1"}
@@ -152,14 +223,6 @@ def run_title(meta: dict) -> str:
     if task == "T4":
         return f"{task} Phase A: {model}, classifier (cross-entropy)"
     return f"{task}: {model}" if task else model
-
-
-class _PlainLogFormatter(LogFormatterSciNotation):
-    """Labels the ticks matplotlib's log axis would label, as plain numbers: '0.76', not
-    '7.6x10^-1' (a loss axis usually spans less than a decade)."""
-
-    def __call__(self, x: float, pos: int | None = None) -> str:
-        return f"{x:.3g}" if super().__call__(x, pos) else ""
 
 
 def plot_bars(names: Sequence[str], values: Sequence[float], path: str | Path, ylabel: str,
@@ -196,40 +259,65 @@ def _wrap(text: str, width_inches: float, fontsize: float) -> str:
     return textwrap.fill(text, max(20, int(width_inches * 72 / (0.55 * fontsize))))
 
 
+# The retrieval grid is drawn for print: REPORT.pdf places it at its own size, or down to
+# 80 % of it when the page is short (report_pdf.retrieval_width), so its text prints at
+# 8.5 pt down to 6.8 pt: at least 80 % of the PDF's 8.5 pt body text. (Drawn at 13.5 inches
+# and shrunk to 12.5 cm, as before, its labels printed at about 3 pt.)
+RETRIEVAL_WIDTH_IN = 5.0
+RETRIEVAL_FONT_PT = 8.5
+RETRIEVAL_DPI = 300  # the thumbnails stay sharp in print
+
+
 def plot_retrieval(query_images: np.ndarray, neighbour_images: np.ndarray,
                    matches: np.ndarray, path: str | Path, title: str = "") -> None:
     """Grid: one row per query (first column), then its top-k neighbours, nearest first.
 
     query_images: Q x H x W x 3 uint8; neighbour_images: Q x k x H x W x 3 uint8;
     matches: Q x k bool, drawn as a green (same class) or red (other class) border, with
-    a key below the grid.
+    a key below the grid. Columns #1-#k: the neighbours, nearest first. RETRIEVAL_WIDTH_IN
+    wide, text RETRIEVAL_FONT_PT; laid out by hand in inches, so that the rows sit close
+    whatever the title's length.
     """
     q, k = matches.shape
-    width = 1.5 * (k + 1)
-    fig, axes = plt.subplots(q, k + 1, figsize=(width, 1.5 * q + 0.9), squeeze=False)
+    h, w = query_images.shape[1:3]
+    size = RETRIEVAL_FONT_PT
+    line = size * 1.3 / 72  # inches per line of text
+    gap = 0.07
+    cell_w = (RETRIEVAL_WIDTH_IN - k * gap) / (k + 1)
+    cell_h = cell_w * h / w
+    title = _wrap(title, RETRIEVAL_WIDTH_IN, size) if title else ""
+    top = (title.count("\n") + 1) * line + 0.05 if title else 0.0
+    key = 2 * line
+    rows_top = top + line + 0.03  # below the title and the column titles
+    height = rows_top + q * cell_h + (q - 1) * gap + key
+    fig = plt.figure(figsize=(RETRIEVAL_WIDTH_IN, height))
+    axes = [[fig.add_axes(((j * (cell_w + gap)) / RETRIEVAL_WIDTH_IN,
+                           1 - (rows_top + i * (cell_h + gap) + cell_h) / height,
+                           cell_w / RETRIEVAL_WIDTH_IN, cell_h / height))
+             for j in range(k + 1)] for i in range(q)]
     for i in range(q):
-        axes[i, 0].imshow(query_images[i])
-        axes[i, 0].set_ylabel("query", fontsize=8)
+        axes[i][0].imshow(query_images[i], aspect="auto")
         for j in range(k):
-            ax = axes[i, j + 1]
-            ax.imshow(neighbour_images[i, j])
+            ax = axes[i][j + 1]
+            ax.imshow(neighbour_images[i, j], aspect="auto")
             colour = MATCH_COLOURS[bool(matches[i, j])]
             for side in ax.spines.values():
-                side.set(color=colour, linewidth=4)
+                side.set(color=colour, linewidth=2.5)
         for ax in axes[i]:
             ax.set_xticks([])
             ax.set_yticks([])
-    for j in range(k):
-        axes[0, j + 1].set_title(f"neighbour {j + 1}", fontsize=8)
+    axes[0][0].set_title("query", fontsize=size, pad=2)
+    for j in range(k):  # "neighbour 1" does not fit a column at a readable size
+        axes[0][j + 1].set_title(f"#{j + 1}", fontsize=size, pad=2)
     if title:
-        fig.suptitle(_wrap(title, width, 11), fontsize=11)
-    fig.legend(handles=[Patch(facecolor="none", edgecolor=MATCH_COLOURS[True], linewidth=3,
+        fig.suptitle(title, fontsize=size, y=1 - 0.02 / height, va="top")
+    fig.legend(handles=[Patch(facecolor="none", edgecolor=MATCH_COLOURS[True], linewidth=2.5,
                               label="same class as the query"),
-                        Patch(facecolor="none", edgecolor=MATCH_COLOURS[False], linewidth=3,
+                        Patch(facecolor="none", edgecolor=MATCH_COLOURS[False], linewidth=2.5,
                               label="another class")],
-               loc="lower center", ncols=2, fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+               loc="lower center", bbox_to_anchor=(0.5, 0.0), ncols=2, fontsize=size,
+               frameon=False, borderaxespad=0.1)
+    fig.savefig(path, dpi=RETRIEVAL_DPI, bbox_inches="tight", pad_inches=0.03)
     plt.close(fig)
 
 

@@ -486,8 +486,9 @@ def section_curves(runs: RunsFolder, figs: Figures) -> list[str]:
     if not runs.classifiers and not runs.retrievals:
         return lines + [f"No finished run: {NOT_RUN}.", ""]
     if plot_classifier_curves(histories(runs.classifiers), figs.path("classifiers_holdout.png")):
-        lines += ["T1 / T2 / T3 together (holdout top-1 per epoch, left):", ""]
-        lines += figs.link(figs.path("classifiers_holdout.png"), "holdout accuracy per epoch")
+        lines += ["T1 / T2 / T3 together (holdout top-1 per epoch, left; train and holdout "
+                  "loss, right):", ""]
+        lines += figs.link(figs.path("classifiers_holdout.png"), "holdout accuracy and loss per epoch")
     for run in runs.retrievals:
         name = figure_name(run.name, "phases.png")
         if plot_retrieval_curves(run.phases, figs.path(name)):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import io
+import math
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -47,13 +48,13 @@ from common import report as rep
 from common.files import atomic_file
 from common.formats import fmt_1, fmt_acc, fmt_count, fmt_epochs, fmt_gflops, fmt_points, fmt_setting
 from common.placements import at_par_lines, table_rows
-from common.plots import plot_classifier_curves, plot_retrieval_curves
+from common.plots import RETRIEVAL_FONT_PT, plot_classifier_curves, plot_retrieval_curves
 
 MAX_PAGES = 2
 MARGIN = 1.3 * cm
 WIDTH = A4[0] - 2 * MARGIN  # usable width, 18.4 cm
 # Shrink factors for the figures, tried in turn until the report fits on MAX_PAGES pages.
-FIGURE_SCALES = (1.0, 0.85, 0.7, 0.55)
+FIGURE_SCALES = (1.0, 0.9, 0.8, 0.7, 0.62, 0.55)
 
 BODY = ParagraphStyle("body", fontName="Helvetica", fontSize=8.5, leading=10.4)
 SMALL = ParagraphStyle("small", parent=BODY, fontSize=7.5, leading=9.0)
@@ -61,7 +62,7 @@ CELL = ParagraphStyle("cell", parent=BODY, fontSize=7.5, leading=8.8)
 HEAD = ParagraphStyle("head", parent=CELL, fontName="Helvetica-Bold")
 TITLE = ParagraphStyle("title", parent=BODY, fontName="Helvetica-Bold", fontSize=14, leading=17)
 H2 = ParagraphStyle("h2", parent=BODY, fontName="Helvetica-Bold", fontSize=10.5, leading=13,
-                    spaceBefore=5, spaceAfter=2)
+                    spaceBefore=5, spaceAfter=2, keepWithNext=1)  # never last on a page
 WARN = ParagraphStyle("warn", parent=BODY, textColor=colors.HexColor("#b00000"),
                       fontName="Helvetica-Bold")
 
@@ -315,13 +316,24 @@ def photo(src: Path, dst: Path, width: float) -> Path:
     return dst
 
 
+# The smallest text a figure may print at: 80 % of the body text, so that a figure reads
+# like the page around it (tests/test_report.py checks every figure the PDF holds).
+MIN_FIGURE_FONT = 0.8 * BODY.fontSize
+
+
 def draw(plot: Callable[..., bool], path: Path, height_in: float) -> bool:
     """Run one of report.py's plot functions at the printed size (full page width, given
-    height), with fonts sized for print."""
-    style = {"font.size": 7, "axes.titlesize": 7.5, "axes.labelsize": 7, "xtick.labelsize": 6.5,
-             "ytick.labelsize": 6.5, "legend.fontsize": 6, "lines.markersize": 4}
+    height), with fonts sized for print (MIN_FIGURE_FONT and up)."""
+    style = {"font.size": 7.5, "axes.titlesize": 8, "axes.labelsize": 7.5, "xtick.labelsize": 7,
+             "ytick.labelsize": 7, "legend.fontsize": 7, "lines.markersize": 4}
     with plt.rc_context(style):
         return plot(path, figsize=(WIDTH / inch, height_in), dpi=200)
+
+
+def captioned(picture: Flowable, caption: str) -> Flowable:
+    """A figure with its caption, never split across a page break (an orphaned caption at
+    the top of the next page reads as belonging to whatever follows it)."""
+    return KeepTogether([picture, para(caption, SMALL)])
 
 
 def section_curves(runs: rep.RunsFolder, chosen: rep.Chosen, figures: Path,
@@ -334,19 +346,36 @@ def section_curves(runs: rep.RunsFolder, chosen: rep.Chosen, figures: Path,
         classifiers.append(chosen.runs["t3"])
     height = 2.1 * scale
     path = figures / "pdf_classifier_curves.png"
-    if draw(lambda p, **kw: plot_classifier_curves(rep.histories(classifiers), p, **kw), path, height):
-        out += [figure(path, WIDTH), para("T1 / T2 / T3: holdout top-1 (left) and training "
-                                          "loss (right) per epoch.", SMALL)]
+    if draw(lambda p, **kw: plot_classifier_curves(curve_names(classifiers), p, **kw), path, height):
+        out.append(captioned(figure(path, WIDTH), CAPTIONS["classifier_curves"]))
     else:
         out.append(para(f"T1 / T2 / T3: **{rep.NOT_RUN}**."))
     t4 = chosen.runs["t4"]
     path = figures / "pdf_t4_curves.png"
     if t4 and draw(lambda p, **kw: plot_retrieval_curves(t4.phases, p, **kw), path, height):
-        out += [figure(path, WIDTH), para("T4: Phase A holdout top-1 (left) and Phase B holdout "
-                                          "Recall@1 per mining strategy (right) per epoch.", SMALL)]
+        out.append(captioned(figure(path, WIDTH), CAPTIONS["t4_curves"]))
     else:
         out.append(para(f"T4: **{rep.NOT_RUN}**."))
     return out
+
+
+def curve_names(runs: Sequence[rep.Run]) -> dict[str, list[dict]]:
+    """Run name -> its metrics.jsonl records, for the curves' key. "(SMOKE)" is added only
+    where smoke and real runs are shown together: when all are smoke, the header's banner
+    says so once, and eight long names would make a key taller than the panels."""
+    mixed = len({run.smoke for run in runs}) > 1
+    return {run.label if mixed else run.name: run.history for run in runs}
+
+
+# Each figure's caption (the retrieval one continues with the mining it shows).
+CAPTIONS = {
+    "classifier_curves": "T1 / T2 / T3: holdout top-1 (left) and loss (right, log scale: train "
+                         "solid, holdout dashed) per epoch.",
+    "t4_curves": "T4: Phase A holdout top-1 (left) and Phase B holdout Recall@1 per mining "
+                 "strategy (right) per epoch.",
+    "retrieval": "Test queries (left column) and their 8 nearest neighbours with the main "
+                 "embedding",
+}
 
 
 # ---------------------------------------------------------------- 5 retrieval
@@ -379,13 +408,28 @@ def section_retrieval(chosen: rep.Chosen, figures: Path, scale: float) -> list[F
                    "recall_at_1_chance.")]
     if len(r.get("mining_comparison") or []) < 2:
         out.append(para("Mining comparison: not run (use `--compare-mining`)."))
-    width = 12.5 * cm * scale
+    width = retrieval_width(run.path / "retrieval.png", scale)
     picture = figure(photo(run.path / "retrieval.png", figures / "pdf_retrieval.jpg", width), width)
-    caption = para("Test queries (left column) and their 8 nearest neighbours with the main "
-                   f"embedding ({main} mining); green border: same class, red: another class.",
-                   SMALL)
-    out += [Spacer(1, 3), KeepTogether([picture, caption])]
+    out += [Spacer(1, 3), captioned(picture, f"{CAPTIONS['retrieval']} ({main} mining); green "
+                                             "border: same class, red: another class.")]
     return out
+
+
+def retrieval_width(png: Path, scale: float) -> float:
+    """Where the retrieval grid prints, in points. A grid drawn for print (plots.plot_retrieval:
+    its PNG's dpi gives a width that fits the page) prints at its own size times the figure
+    scale, but never below MIN_FIGURE_FONT / RETRIEVAL_FONT_PT of it, so that its smallest
+    text stays at MIN_FIGURE_FONT or larger. An older, poster-sized grid is scaled to 12.5 cm
+    (x the figure scale) as before."""
+    try:
+        with PILImage.open(png) as im:
+            dpi = im.info.get("dpi", (0, 0))[0]
+            natural = im.width / dpi * inch if dpi else math.inf
+    except OSError:  # unreadable: figure() says so in the PDF
+        natural = math.inf
+    if natural > WIDTH:
+        return 12.5 * cm * scale
+    return natural * max(scale, MIN_FIGURE_FONT / RETRIEVAL_FONT_PT)
 
 
 # ---------------------------------------------------------------- 6 strategies
@@ -497,26 +541,54 @@ def footer(canvas, doc) -> None:
     canvas.restoreState()
 
 
-def render(runs: rep.RunsFolder, figures: Path, scale: float) -> tuple[bytes, int]:
-    """The PDF's bytes and its page count."""
+class _Document(SimpleDocTemplate):
+    """SimpleDocTemplate that notes the height left empty at the foot of each page."""
+
+    def handle_pageBegin(self) -> None:
+        self.empty_feet: list[float] = getattr(self, "empty_feet", [])
+        super().handle_pageBegin()
+
+    def handle_pageEnd(self) -> None:
+        self.empty_feet.append(self.frame._y - self.frame._y1p)  # points below the last flowable
+        super().handle_pageEnd()
+
+
+def render(runs: rep.RunsFolder, figures: Path, scale: float) -> tuple[bytes, int, float]:
+    """The PDF's bytes, its page count, and the empty height (points) at the foot of page 1."""
     buffer = io.BytesIO()
-    doc = SimpleDocTemplate(buffer, pagesize=A4, leftMargin=MARGIN, rightMargin=MARGIN,
-                            topMargin=MARGIN, bottomMargin=MARGIN, title="Report",
-                            author="common.report")
+    doc = _Document(buffer, pagesize=A4, leftMargin=MARGIN, rightMargin=MARGIN,
+                    topMargin=MARGIN, bottomMargin=MARGIN, title="Report", author="common.report")
     doc.build(story(runs, figures, scale), onFirstPage=footer, onLaterPages=footer)
-    return buffer.getvalue(), doc.page
+    return buffer.getvalue(), doc.page, doc.empty_feet[0]
+
+
+# Page 1 may end this much above its bottom margin: more reads as a layout fault (the
+# figure that did not fit moved to page 2 and left a hole).
+MAX_EMPTY_FOOT = 2.5 * cm
 
 
 def write_pdf(runs: rep.RunsFolder, pdf: Path, figures: Path) -> Path:
-    """Write REPORT.pdf (atomically); figures drawn for it go to `figures`. Shrinks the
-    figures until the report fits on MAX_PAGES pages."""
+    """Write REPORT.pdf (atomically); figures drawn for it go to `figures`.
+
+    Tries the figure scales from the largest down and takes the first that fits on MAX_PAGES
+    pages without a hole at the foot of page 1 (a curve figure too tall for the room left
+    there moves to page 2 whole, with its caption); else the fitting scale with the smallest
+    hole. The figure files left in `figures` are those of the scale taken."""
     figures.mkdir(parents=True, exist_ok=True)
+    fitting: dict[float, tuple[bytes, float]] = {}
     for scale in FIGURE_SCALES:
-        data, pages = render(runs, figures, scale)
+        data, pages, empty = render(runs, figures, scale)
         if pages <= MAX_PAGES:
-            break
-    else:  # cannot happen with the bounded content of one run per task; say so if it does
+            fitting[scale] = (data, empty)
+            if empty <= MAX_EMPTY_FOOT:
+                break
+    if not fitting:  # cannot happen with the bounded content of one run per task; say so if it does
         print(f"warning: {pdf} has {pages} pages, more than {MAX_PAGES}")
+        fitting[scale] = (data, empty)
+    chosen = min(fitting, key=lambda s: (fitting[s][1] > MAX_EMPTY_FOOT, fitting[s][1] if
+                                         fitting[s][1] > MAX_EMPTY_FOOT else -s))
+    if chosen != scale:  # the figure files on disk are the last scale's: draw the chosen one's
+        render(runs, figures, chosen)
     with atomic_file(pdf) as tmp:
-        tmp.write_bytes(data)
+        tmp.write_bytes(fitting[chosen][0])
     return pdf

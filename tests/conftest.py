@@ -8,8 +8,10 @@ _REPO_ROOT = str(Path(__file__).resolve().parents[1])
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
+import contextlib  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
+import time  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -33,26 +35,52 @@ def run_script(script: str, *args: str, timeout: int = 900, check: bool = True,
 T1_ENV = {"OMP_NUM_THREADS": "1"}
 
 
+def say(config: pytest.Config, text: str) -> None:
+    """One line on the terminal now, under -q too: the session fixture trains for minutes, and
+    a silent suite looks hung. Capturing is suspended for it (pytest captures file
+    descriptor 1 itself while a fixture is set up, so a plain write would be swallowed)."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        if reporter is not None:
+            if reporter._tw.width_of_current_line:  # after -q's dots: a line of its own
+                reporter.write("\n")
+            reporter.write_line(text)
+        else:  # -p no:terminal
+            print(text, file=sys.__stderr__, flush=True)
+
+
 @pytest.fixture(scope="session")
-def runs(tmp_path_factory) -> Path:
+def runs(tmp_path_factory, request) -> Path:
     """The four smoke runs, once per session: T2 first (T3 compares with it), T3 before T4
     (T4 reads T3's selection; 2 epochs per placement are enough for what the tests check of
     it, and T4's thresholds were measured from such a run). T1 depends on none of them: it
     runs beside that chain, on one thread, to use the second core of a 2-core CI machine."""
     runs = tmp_path_factory.mktemp("runs")
+    start = time.monotonic()
+
+    def step(text: str) -> None:
+        say(request.config, f"[smoke runs for the tests, {time.monotonic() - start:4.0f} s] {text}")
+
+    step(f"training T1 (beside the others) and T2 -> T3 (3 placements) -> T4 into {runs}; "
+         "about 3 minutes on 2 cores")
     t1 = subprocess.Popen([sys.executable, str(ROOT / "t1_custom_cnn.py"), "--smoke", "--out", str(runs / "t1")],
                           cwd=ROOT, env={**os.environ, **T1_ENV},
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         run_script("t2_resnet18.py", "--smoke", "--out", str(runs / "t2"))
+        step("T2 done; training T3 --placement all")
         run_script("t3_cubs.py", "--smoke", "--placement", "all", "--epochs", "2",
                    "--out", str(runs / "t3"), "--vanilla-results", str(runs / "t2" / "results.json"))
+        step("T3 done; training T4 (Phase A, then Phase B with each mining)")
         run_script("t4_retrieval.py", "--smoke", "--out", str(runs / "t4"),
                    "--t3-results", str(runs / "t3" / "placements.json"))
+        step("T4 done; waiting for T1")
         output, _ = t1.communicate(timeout=900)
     finally:
         if t1.poll() is None:
             t1.kill()
     if t1.returncode != 0:
         raise AssertionError(f"t1_custom_cnn.py --smoke failed ({t1.returncode}):\n{output[-3000:]}")
+    step("all four done")
     return runs

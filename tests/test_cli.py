@@ -50,6 +50,44 @@ def test_numeric_checks_accept_the_range_and_refuse_outside_it(check, good, bad)
         cli.positive_float("nan")
 
 
+@pytest.mark.parametrize("text", ["inf", "-inf", "nan", "Infinity", "1e999"])
+def test_float_flags_refuse_non_finite_values(text):
+    for check in (cli.finite_float, cli.positive_float, cli.nonnegative_float):
+        with pytest.raises(argparse.ArgumentTypeError, match="must be a finite number"):
+            check(text)
+    assert cli.finite_float("-2.5") == -2.5
+
+
+def test_lr_inf_is_a_usage_error_before_anything_runs(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse(_parser(), ["--lr", "inf"], smoke=cli.SMOKE)
+    assert exit_info.value.code == 2
+    assert "error: argument --lr: must be a finite number, got 'inf'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cpus, expected", [(1, 1), (2, 2), (4, 4), (64, 4), (None, 1)])
+def test_default_workers_never_exceed_the_cpu_count(cpus, expected, monkeypatch):
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: cpus)
+    assert cli.parse(_parser(), [], smoke=cli.SMOKE).workers == expected
+
+
+def test_smoke_with_a_typed_data_dir_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse(_parser(), ["--smoke", "--data-dir", "mine"], smoke=cli.SMOKE)
+    assert exit_info.value.code == 2
+    assert "error: --smoke trains on a dataset it generates in --out and never reads --data-dir mine" \
+        in capsys.readouterr().err
+    assert cli.parse(_parser(), ["--smoke"], smoke=cli.SMOKE).smoke  # the default --data-dir is fine
+
+
+def test_t4_help_offers_no_download(monkeypatch):
+    help_text = " ".join(script_parser("t4_retrieval.py", monkeypatch).format_help().split())
+    assert "--no-download" not in help_text and "receiving" not in help_text
+    assert "folder holding the dataset (never downloaded: place it there by hand)" in help_text
+    t2_help = " ".join(script_parser("t2_resnet18.py", monkeypatch).format_help().split())
+    assert "--no-download never download the dataset" in t2_help
+
+
 def test_run_prints_a_user_error_alone_and_lets_bugs_keep_their_traceback():
     def missing():
         raise DatasetNotFoundError("Tiny ImageNet not found in ./data")

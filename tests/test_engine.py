@@ -3,6 +3,7 @@ import json
 import math
 import os
 import pickle
+import random
 from pathlib import Path
 
 import pytest
@@ -74,11 +75,32 @@ def test_crafted_pickle_is_refused_without_running_it(tmp_path, monkeypatch):
     assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
 
 
+class _CallsPrint:
+    def __reduce__(self):
+        return (print, ("ran",))
+
+
+def test_random_bytes_are_unreadable_and_a_pickled_function_is_refused_as_code(tmp_path):
+    noise = tmp_path / "random.pt"
+    noise.write_bytes(random.Random(1).randbytes(2048))
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(noise)
+    assert str(error.value).startswith(f"{noise} is not a readable PyTorch checkpoint (2048 bytes; ")
+    assert "weights_only" not in str(error.value) and "code" not in str(error.value)
+    printed = tmp_path / "print.pt"
+    torch.save({"model": _CallsPrint()}, printed)  # an allowed module, a function not allowed
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(printed)
+    assert str(error.value) == (f"{printed} is not a plain-tensor checkpoint (weights_only load refused "
+                                "it; it may contain code). Not loading it. Details: Unsupported global: "
+                                "GLOBAL print was not an allowed global by default.")
+
+
 def test_truncated_checkpoint_gives_a_clear_error(tmp_path):
     path = tmp_path / "last.pt"
     save_checkpoint({"w": torch.ones(1000)}, path)
     path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="unreadable or truncated"):
+    with pytest.raises(CheckpointError, match="is not a readable PyTorch checkpoint"):
         load_checkpoint(path)
 
 
@@ -351,7 +373,7 @@ def test_a_damaged_last_checkpoint_resumes_from_its_predecessor(tiny_splits, tmp
     straight, _ = _run_fit(tiny_splits, tmp_path / "straight", "torch", epochs=4)
     resumed, result = _run_fit(tiny_splits, tmp_path, "torch", epochs=4)
     printed = capsys.readouterr().out
-    assert "last.pt is unreadable or truncated (0 bytes): the file is empty" in printed
+    assert "last.pt is not a readable PyTorch checkpoint (0 bytes; truncated, damaged or not a checkpoint at all): the file is empty" in printed
     assert "resuming from" in printed and "last.prev.pt" in printed
     assert result["finished"] and result["epochs_run"] == 4
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):

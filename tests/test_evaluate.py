@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common import evaluate
+from common import archive, evaluate
 from common.checkpoint import CheckpointError
 from tests.conftest import T1_ENV
 from tests.conftest import run_script as run
@@ -35,6 +35,9 @@ CASES = {
     "t4_phase_a": ("t4_retrieval.py", "t4", "phase_a/best.pt", [], "results.json", "phase_a"),
     "t4_phase_b": ("t4_retrieval.py", "t4", "phase_b_ms/best.pt", [], "results.json", "phase_b"),
 }
+# The archive's inference checkpoints (weights, meta, epoch; archive.inference_bytes) must
+# score the same: a classifier and a Phase B embedding, the two kinds of meta --evaluate reads.
+CASES |= {f"{case}_archived": CASES[case] for case in ("t1", "t4_phase_b")}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -44,7 +47,11 @@ def test_evaluate_reproduces_the_runs_test_figures_and_changes_nothing(runs, tmp
     if name == "t4":  # T4 trained the placement of T3's selection
         flags = [*flags, "--t3-results", str(runs / "t3" / "placements.json")]
     copy = tmp_path / "copy.pt"
-    shutil.copy(out / checkpoint, copy)
+    if case.endswith("_archived"):
+        copy.write_bytes(archive.inference_bytes(out / checkpoint))
+        assert copy.stat().st_size < 0.6 * (out / checkpoint).stat().st_size  # no optimizer state
+    else:
+        shutil.copy(out / checkpoint, copy)
     before = _digests(out)
 
     # the thread count the run had: another sums the test loss in another order

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from matplotlib.colors import to_rgba
+from matplotlib.text import Text
+from PIL import Image
 
 from common import plots
 
@@ -92,18 +94,67 @@ def test_retrieval_grid_has_a_title_and_a_key(figures: list, tmp_path: Path) -> 
     assert [p.get_edgecolor() for p in key.get_patches()] == [to_rgba("limegreen"), to_rgba("red")]
     borders = [next(iter(ax.spines.values())).get_edgecolor() for ax in fig.axes[1:3]]
     assert borders == [to_rgba("limegreen"), to_rgba("red")]
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["query", "#1", "#2"]
+
+
+def test_retrieval_grid_prints_its_text_at_80_percent_of_the_report_body(figures: list,
+                                                                        tmp_path: Path) -> None:
+    """T4's grid (6 queries, 8 neighbours, 96 x 72 thumbnails, its long title) as REPORT.pdf
+    prints it: at its own size, so every text prints at the size it was drawn."""
+    from common import report_pdf
+    rng = np.random.default_rng(0)
+    path = tmp_path / "retrieval.png"
+    plots.plot_retrieval(rng.integers(0, 255, (6, 72, 96, 3), dtype=np.uint8),
+                         rng.integers(0, 255, (6, 8, 72, 96, 3), dtype=np.uint8),
+                         rng.random((6, 8)) > 0.5, path,
+                         title="T4 retrieval with the Phase B embedding (Multi-Similarity loss, ms "
+                               "mining): 6 random test queries (classes unseen in training) and "
+                               "their 8 nearest test images by cosine similarity")
+    sizes = [t.get_fontsize() for t in figures[0].findobj(Text) if t.get_visible() and t.get_text().strip()]
+    assert len(sizes) >= 12  # title, 9 column titles, 2 key entries
+    assert min(sizes) == plots.RETRIEVAL_FONT_PT
+    with Image.open(path) as im:
+        natural = im.width / im.info["dpi"][0] * 72
+    assert natural <= report_pdf.WIDTH
+    assert report_pdf.retrieval_width(path, 1.0) == pytest.approx(natural)
+    for scale in report_pdf.FIGURE_SCALES:  # shrunk with the other figures, down to a limit
+        printed = min(sizes) * report_pdf.retrieval_width(path, scale) / natural
+        assert printed >= 0.8 * report_pdf.BODY.fontSize - 1e-9, scale
+
+
+def key_outside_the_panels(fig) -> list[str]:
+    """The figure's one key: its texts, after checking that it covers no panel and lies
+    inside the figure (a key wider than the figure is cut off)."""
+    fig.canvas.draw()
+    assert len(fig.legends) == 1 and all(ax.get_legend() is None for ax in fig.axes)
+    box = fig.legends[0].get_window_extent()
+    for ax in fig.axes:
+        assert not box.overlaps(ax.get_window_extent())
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.x1 and 0 <= box.y0
+    return [t.get_text() for t in fig.legends[0].get_texts()]
 
 
 def test_report_curves_draw_one_line_per_run_on_whole_epochs(figures: list, tmp_path: Path) -> None:
-    history = lambda n: [{"epoch": e, "holdout_acc": 0.1 * e, "train_loss": 2.0 / e}  # noqa: E731
-                         for e in range(1, n + 1)]
+    history = lambda n: [{"epoch": e, "holdout_acc": 0.1 * e, "train_loss": 2.0 / e,  # noqa: E731
+                          "holdout_loss": 60.0 if e == 1 else 2.5 / e} for e in range(1, n + 1)]
     assert not plots.plot_classifier_curves({"t1": []}, tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists() and not figures  # nothing drawn
     assert plots.plot_classifier_curves({"t1": history(5), "t2": history(3), "t3": []},
                                         tmp_path / "classifiers.png")
-    for ax in figures[0].axes:
-        assert [t.get_text() for t in ax.get_legend().get_texts()] == ["t1", "t2"]
+    fig = figures[0]
+    assert key_outside_the_panels(fig) == ["t1", "t2"]
+    assert "train solid, holdout dashed" in fig.axes[1].get_title()
+    for ax in fig.axes:
         assert all(float(tick).is_integer() for tick in ax.get_xticks())
+    ax_acc, ax_loss = fig.axes
+    assert [line.get_label() for line in ax_acc.lines] == ["t1", "t2"]
+    losses = {line.get_label(): line for line in ax_loss.lines}
+    assert sorted(losses) == ["t1 holdout loss", "t1 train loss", "t2 holdout loss", "t2 train loss"]
+    assert list(losses["t1 holdout loss"].get_ydata()) == [h["holdout_loss"] for h in history(5)]
+    assert losses["t1 holdout loss"].get_linestyle() == "--"
+    assert losses["t1 holdout loss"].get_color() == losses["t1 train loss"].get_color() \
+        != losses["t2 train loss"].get_color()
+    assert ax_loss.get_yscale() == "log"
 
 
 def test_report_phase_b_curves_keep_equal_scores_apart(figures: list, tmp_path: Path) -> None:
@@ -111,8 +162,41 @@ def test_report_phase_b_curves_keep_equal_scores_apart(figures: list, tmp_path: 
     phases = {"phase_a": [{"epoch": 1, "holdout_acc": 0.4}], "phase_b_ms": same, "phase_b_hard": same}
     assert plots.plot_retrieval_curves(phases, tmp_path / "phases.png")
     ax_a, ax_b = figures[0].axes[:2]
-    assert [t.get_text() for t in ax_a.get_legend().get_texts()] == ["phase_a"]
-    assert [t.get_text() for t in ax_b.get_legend().get_texts()] == ["phase_b_ms", "phase_b_hard"]
+    # the key sits below the panels: it cannot hide a Phase B line (it hid phase_b_none)
+    assert key_outside_the_panels(figures[0]) == ["phase_a", "phase_b_ms", "phase_b_hard"]
     ms, hard = ax_b.lines
     assert ms.get_marker() != hard.get_marker() and ms.get_markersize() > hard.get_markersize()
+    assert len({ax_a.lines[0].get_color(), ms.get_color(), hard.get_color()}) == 3  # one key
     assert not plots.plot_retrieval_curves({}, tmp_path / "empty.png")
+
+
+def test_a_key_of_long_run_names_stays_inside_the_figure(figures: list, tmp_path: Path) -> None:
+    names = ["t1 (SMOKE)", "t2 (SMOKE)"] + [f"t3/{p}_{v} (SMOKE)" for p in ("serial", "reverse", "parallel")
+                                            for v in ("plain", "plus")]
+    history = [{"epoch": e, "holdout_acc": 0.1 * e, "train_loss": 2.0 / e, "holdout_loss": 2.2 / e}
+               for e in (1, 2)]
+    assert plots.plot_classifier_curves({n: history for n in names}, tmp_path / "c.png",
+                                        figsize=(7.2, 2.4))
+    assert key_outside_the_panels(figures[0]) == names
+    panels = [ax.get_window_extent().height / figures[0].dpi for ax in figures[0].axes]
+    assert min(panels) > 1.2  # inches: the key took its room below the 2.4 asked for, not theirs
+
+
+@pytest.mark.parametrize("lo, hi", [(0.8, 2.3), (0.5, 60.0), (0.95, 1.05), (1.6, 1.7), (0.01, 10.0),
+                                    (2.0, 2.3)])
+def test_log_axes_get_three_to_seven_plain_labels(lo: float, hi: float, figures: list) -> None:
+    ticks = plots.log_ticks(lo, hi)
+    assert 3 <= len(ticks) <= 7 and ticks == sorted(set(ticks))
+    assert all(lo <= t <= hi for t in ticks)
+    fig, ax = plots.plt.subplots()
+    ax.plot([1, 2], [lo, hi])
+    plots.log_axis(ax)
+    fig.canvas.draw()
+    low, high = ax.get_ylim()
+    shown = [(loc, label.get_text()) for loc, label in zip(ax.get_yticks(), ax.get_yticklabels())
+             if low <= loc <= high and label.get_text()]
+    assert len(shown) >= 3
+    for loc, text in shown:  # plain numbers: '0.8', not '8x10^-1'
+        assert float(text) == pytest.approx(loc, rel=1e-3), text
+    assert not any(label.get_text() for label in ax.get_yticklabels(minor=True))
+    plots.plt.close(fig)

@@ -20,12 +20,19 @@ import sys
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from pypdf import PdfReader
 
-from common import archive, report
+from matplotlib.figure import Figure
+from matplotlib.text import Text
+from reportlab.lib.units import cm
+from reportlab.platypus import Image as PdfImage
+from reportlab.platypus import SimpleDocTemplate, Spacer
+
+from common import archive, plots, report, report_pdf
 from common.cubs import cubs_resnet18
 from common.models import ResNet18, count_parameters
 from common.networks import build_model
@@ -496,6 +503,111 @@ def test_pdf_of_the_four_smoke_runs_fits_two_pages_and_quotes_the_json(smoke_run
     assert sum(len(p.images) for p in PdfReader(pdf).pages) == 3  # 2 curve figures + retrieval
 
 
+def caption_pages(pdf: Path, figures: Path) -> dict[str, tuple[int, int]]:
+    """Caption name (report_pdf.CAPTIONS) -> (page of its figure, page of its caption), the
+    figure found by its pixels among each page's images."""
+    reader = PdfReader(pdf)
+    texts = [" ".join(page.extract_text().split()) for page in reader.pages]
+    shown = [[image.image.convert("RGB") for image in page.images] for page in reader.pages]
+    files = {"classifier_curves": "pdf_classifier_curves.png", "t4_curves": "pdf_t4_curves.png",
+             "retrieval": "pdf_retrieval.jpg"}
+
+    def same(a: Image.Image, b: Image.Image) -> bool:  # JPEG decoders differ by a few levels
+        return a.size == b.size and np.abs(np.asarray(a, float) - np.asarray(b, float)).mean() < 6
+
+    found = {}
+    for name, caption in report_pdf.CAPTIONS.items():
+        with Image.open(figures / files[name]) as im:
+            drawn = im.convert("RGB")
+        figure_page = [i for i, images in enumerate(shown) if any(same(drawn, x) for x in images)]
+        caption_page = [i for i, text in enumerate(texts) if " ".join(caption.split()) in text]
+        assert len(figure_page) == 1 and len(caption_page) == 1, (name, figure_page, caption_page)
+        found[name] = (figure_page[0], caption_page[0])
+    return found
+
+
+def test_every_pdf_caption_is_on_the_page_of_its_figure(smoke_report):
+    pages = caption_pages(smoke_report.with_suffix(".pdf"), smoke_report.parent / "report_figures")
+    assert set(pages) == {"classifier_curves", "t4_curves", "retrieval"}
+    for name, (figure_page, caption_page) in pages.items():
+        assert figure_page == caption_page, name
+
+
+def test_a_caption_moves_with_its_figure_past_a_page_break(tmp_path):
+    picture = tmp_path / "figure.png"
+    Image.new("RGB", (400, 200), "grey").save(picture)
+    buffer = io.BytesIO()
+    doc = SimpleDocTemplate(buffer, topMargin=cm, bottomMargin=cm)
+    # the figure fits on page 1 (the frame pads 6 pt above and below), its caption would not
+    room = doc.height - 12 - 5 * cm - 4
+    doc.build([Spacer(1, room), report_pdf.captioned(PdfImage(str(picture), 10 * cm, 5 * cm),
+                                                     "Figure 1: the caption of this figure.")])
+    reader = PdfReader(io.BytesIO(buffer.getvalue()))
+    assert len(reader.pages) == 2
+    assert [len(page.images) for page in reader.pages] == [0, 1]
+    assert "Figure 1: the caption" in reader.pages[1].extract_text()
+
+
+def visible_font_sizes(fig: Figure) -> list[float]:
+    """The size of every piece of text a figure shows (titles, labels, ticks, legends)."""
+    return [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+
+
+def test_pdf_figures_print_their_text_at_80_percent_of_body_size_and_plot_holdout_loss(
+        smoke_runs, tmp_path, monkeypatch):
+    saved, placed = {}, {}
+    save = Figure.savefig
+
+    def spy_save(fig, path, *args, **kwargs):
+        saved[Path(path).name] = (min(visible_font_sizes(fig)), fig.get_figwidth(), fig)
+        return save(fig, path, *args, **kwargs)
+
+    place = report_pdf.figure
+
+    def spy_place(path, width):
+        placed[Path(path).name] = width
+        return place(path, width)
+
+    monkeypatch.setattr(Figure, "savefig", spy_save)
+    monkeypatch.setattr(report_pdf, "figure", spy_place)
+    monkeypatch.setattr(report_pdf.plt, "close", lambda fig: None)  # keep them for reading
+    report.build_report(smoke_runs, tmp_path / "REPORT.md")
+    body = report_pdf.BODY.fontSize
+    assert report_pdf.MIN_FIGURE_FONT == 0.8 * body == pytest.approx(6.8)
+    for name in ("pdf_classifier_curves.png", "pdf_t4_curves.png"):
+        smallest, width_in, _ = saved[name]
+        printed = smallest * placed[name] / (width_in * 72)  # points on paper
+        assert printed >= 0.8 * body, (name, printed)
+    # the retrieval grid is T4's PNG (plots.plot_retrieval, tested in test_plots.py), printed
+    # at the size it was drawn: its dpi and pixels give the width the PDF gives it
+    with Image.open(smoke_runs / "t4" / "retrieval.png") as im:
+        natural = im.width / im.info["dpi"][0] * 72
+    printed = plots.RETRIEVAL_FONT_PT * placed["pdf_retrieval.jpg"] / natural
+    assert printed >= 0.8 * body - 1e-9
+
+    # the loss panel holds every run's holdout loss beside its training loss, on a log axis
+    # with at least three labels
+    fig = saved["pdf_classifier_curves.png"][2]
+    ax_loss = fig.axes[1]
+    assert ax_loss.get_yscale() == "log"
+    lines = {line.get_label(): line for line in ax_loss.lines}
+    runs = report.collect(smoke_runs)
+    chosen = report.choose_runs(runs)
+    shown = [chosen.runs["t1"], chosen.runs["t2"], *runs.placement_runs(chosen.placements[0])]
+    assert len(shown) == 5
+    for run in shown:
+        for kind, style in (("train", "-"), ("holdout", "--")):
+            line = lines[f"{run.name} {kind} loss"]  # all smoke: the banner says so, not the key
+            assert list(line.get_ydata()) == [h[f"{kind}_loss"] for h in run.history], run.label
+            assert line.get_linestyle() == style
+    lo, hi = ax_loss.get_ylim()
+    labels = [t.get_text() for t, loc in zip(ax_loss.get_yticklabels(), ax_loss.get_yticks())
+              if lo <= loc <= hi and t.get_text()]
+    assert len(labels) >= 3, labels
+    for fig in {id(f): f for _, _, f in saved.values()}.values():
+        report_pdf.plt.close(fig)
+
+
 def test_pdf_marks_missing_tasks_not_run(tmp_path):
     t2 = classifier("t2", "resnet18", 0.456789, 0.51234)
     write(tmp_path / "t2" / "results.json", t2)
@@ -531,7 +643,8 @@ def crowd(root: Path) -> dict:
     t4 = data["t4"]
     t4["mining_comparison"] += [{**t4["mining_comparison"][1], "mining": m} for m in ("hard", "semihard")]
     write(root / "t4" / "results.json", t4)
-    Image.new("RGB", (1350, 900), "white").save(root / "t4" / "retrieval.png")  # t4_retrieval.py's size
+    # t4_retrieval.py's size: plots.plot_retrieval draws 6 x (1 + 8) thumbnails for print
+    Image.new("RGB", (1686, 1103), "white").save(root / "t4" / "retrieval.png", dpi=(300, 300))
     write(root / "smoke" / "t2" / "results.json",
           classifier("t2", "resnet18", 0.1, 0.1, args={**ARGS, "smoke": True}))
     return {**data, "t1": t1, "t4": t4}
@@ -574,14 +687,23 @@ def test_archive_of_the_smoke_runs_holds_code_report_and_best_models(smoke_runs,
                               code | report_files | {f"runs/{m}" for m in models}}
         for name in models:
             info, src = infos[f"Assignment2/runs/{name}"], smoke_runs / name
-            assert info.file_size == src.stat().st_size
             data = zf.read(info)
             if name.endswith(".json"):
                 assert data == src.read_bytes()
                 continue
             checkpoint = torch.load(io.BytesIO(data), weights_only=True)
-            assert checkpoint["model"] and all(isinstance(v, torch.Tensor)
-                                               for v in checkpoint["model"].values())
+            training = torch.load(src, weights_only=True)
+            # the inference part only: no optimizer, scheduler, scaler or RNG state
+            assert sorted(checkpoint) == ["epoch", "meta", "model"], name
+            assert (checkpoint["epoch"], checkpoint["meta"]) == (training["epoch"], training["meta"])
+            assert checkpoint["model"].keys() == training["model"].keys()
+            for key, tensor in checkpoint["model"].items():
+                assert torch.equal(tensor, training["model"][key]), (name, key)
+            assert "optimizer" in training and "rng" in training  # the run keeps what resume needs
+            model = build_model(checkpoint["meta"])  # Phase B: the EmbeddingNet
+            parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            assert info.file_size <= 1.25 * parameter_bytes, (name, info.file_size, parameter_bytes)
+            assert src.stat().st_size > 1.9 * parameter_bytes  # what it was before: + momentum
         for name in report_files:
             assert infos[f"Assignment2/{name}"].file_size == (smoke_report.parent / name).stat().st_size
     for name, info in infos.items():  # the table of contents: every file with its size
@@ -589,6 +711,8 @@ def test_archive_of_the_smoke_runs_holds_code_report_and_best_models(smoke_runs,
     assert toc[-1].startswith(f"{dest}: {len(infos)} files, ")
     assert f"T3: {selected} (selected in t3/placements.json)" in toc
     assert f"T4: t4, Phase B ({mining} mining)" in toc
+    assert ("each best.pt in the archive: weights, meta and epoch only (--evaluate reads them); the "
+            "training checkpoints in the runs folder keep what resuming needs") in toc
 
 
 def test_archive_command_writes_report_and_zip_and_refuses_a_missing_model(tmp_path, capsys):

@@ -4,6 +4,7 @@ download. Each runs the script as a user would (a subprocess) and fails in secon
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,44 @@ def test_failed_download_leaves_no_data_dir_behind(tmp_path: Path) -> None:
                           timeout=300)
     assert_one_error_line(proc, f"Could not download Tiny ImageNet into {data_dir}", "no network (test)")
     assert list(tmp_path.iterdir()) == []  # neither data/ nor its parent new/, nor --out
+
+
+def assert_one_usage_error_line(proc: subprocess.CompletedProcess, *expected: str) -> None:
+    """argparse's refusal: usage, then one `<script>: error: ...` line, exit status 2."""
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.startswith("usage: ")
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr
+    for text in expected:
+        assert text in errors[0], f"{text!r} not in:\n{proc.stderr}"
+    assert proc.stdout == ""  # nothing ran
+
+
+def test_smoke_with_a_typed_data_dir_is_refused_not_ignored(tiny: Path, tmp_path: Path) -> None:
+    proc = run_script("t2_resnet18.py", "--smoke", "--data-dir", str(tiny), "--out", str(tmp_path / "out"),
+                      check=False)
+    assert_one_usage_error_line(proc, f"t2_resnet18.py: error: --smoke trains on a dataset it generates "
+                                      f"in --out and never reads --data-dir {tiny}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_lr_is_refused_by_argparse(tmp_path: Path) -> None:
+    proc = run_script("t1_custom_cnn.py", "--smoke", "--lr", "inf", "--out", str(tmp_path / "out"),
+                      check=False)
+    assert_one_usage_error_line(proc, "error: argument --lr: must be a finite number, got 'inf'")
+
+
+def test_random_bytes_checkpoint_is_named_as_unreadable_without_unsafe_advice(tmp_path: Path) -> None:
+    bad = tmp_path / "random.pt"
+    bad.write_bytes(random.Random(0).randbytes(4096))  # seeded: the same bytes each run
+    proc = run_script("t2_resnet18.py", "--smoke", "--out", str(tmp_path / "out"), "--evaluate", str(bad),
+                      check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert [line for line in proc.stderr.splitlines() if "error:" in line] == proc.stderr.splitlines()
+    assert proc.stderr.startswith(f"error: {bad} is not a readable PyTorch checkpoint (4096 bytes; ")
+    for unsafe in ("weights_only", "may contain code", "will likely succeed", "trusted source"):
+        assert unsafe not in proc.stderr, proc.stderr
 
 
 def test_unloadable_init_weights_are_a_config_error(tmp_path: Path) -> None:
