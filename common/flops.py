@@ -2,7 +2,8 @@
 
 FlopCounterMode knows matrix products, convolutions and the CUDA attention kernels (one
 multiply-add = 2 FLOPs) but has no entry for the flash-attention kernel that
-scaled_dot_product_attention runs on CPU, which the CUBS blocks use. `FLOP_FORMULAS` gives
+scaled_dot_product_attention runs on CPU (the plus blocks, and the plain blocks above their
+Taylor range: common/cubs.py). `FLOP_FORMULAS` gives
 it the same formulas as the CUDA kernels; pass it as `custom_mapping`.
 """
 from __future__ import annotations

@@ -28,8 +28,9 @@ Number formats: common/formats.py (accuracies to 4 decimals, point differences t
 sign, parameter counts exact); every result is copied from the JSON files and only rounded.
 Computed here, not read from JSON (and labelled so): layer counts, rebuilt-model parameter
 counts and GFLOPs (4 decimals; FlopCounterMode counts a multiply-add as 2 FLOPs and only
-convolutions, matrix products and attention; BatchNorm, activations, pooling and softmax are
-not counted), and the random-resized-crop area range (common/loader.py's RANDOM_AREA).
+convolutions, matrix products and attention kernels; BatchNorm, activations, pooling, softmax
+and the plain CUBS blocks' Taylor-series similarity, elementwise products and sums, are not
+counted), and the random-resized-crop area range (common/loader.py's RANDOM_AREA).
 """
 from __future__ import annotations
 
@@ -364,7 +365,9 @@ def section_architectures(runs: RunsFolder) -> list[str]:
                     "SE gates", "params (results.json)", "params (rebuilt)", "GFLOPs / image"], rows)
     lines += ["Layer counts, rebuilt parameter counts and GFLOPs are computed by this report from "
               "the model rebuilt with the run's settings (GFLOPs: one forward pass of one image, "
-              "torch.utils.flop_counter, multiply-add = 2 FLOPs; conv, matmul and attention only). "
+              "torch.utils.flop_counter, multiply-add = 2 FLOPs; conv, matmul and attention kernels only: "
+              "elementwise work, the plain CUBS blocks' Taylor-series similarity included, is not "
+              "counted). "
               "CUBS attention blocks counts Block 1 and Block 2 modules (two per residual block).",
               ""]
     return lines

@@ -420,11 +420,17 @@ def test_report_of_the_four_smoke_runs_quotes_every_number(smoke_runs, smoke_rep
     assert "## Problems while reading" not in text
 
 
-def test_flop_count_includes_the_fused_attention():
-    from common.cubs import CUBSBlock2
-    # 1 x 3 x 8 x 8 input, N = 64 positions: 1x1 conv 3 -> 3 (2*3*64*3 = 1152 FLOPs, bias not
-    # counted) + attention with head dim 1 (q k^T and a v: 2 * 2*64*64*1 = 16384 FLOPs).
-    assert report.forward_flops(CUBSBlock2(3), 8) == 1152 + 16384
+def test_flop_count_includes_the_fused_attention_and_leaves_out_elementwise_work():
+    from common.cubs import CUBSBlock2, CUBSBlock2Plus
+    # 1 x 3 x 8 x 8 input, N = 64 positions. Plain Block 2: the 1x1 conv as executed, its 3
+    # outputs padded to 8 (2*3*64*8 = 3072 FLOPs, bias not counted); its similarity is the
+    # Taylor series at these logits, elementwise products and sums, which the counter leaves
+    # out like every elementwise op.
+    assert report.forward_flops(CUBSBlock2(3), 8) == 3072
+    # Plus Block 2 runs the CPU fused attention kernel (FLOP_FORMULAS): 4 heads of 8 dims,
+    # 64 queries over 8 x 8 = 64 keys: 2 * (2*64*64*8) * 4 = 524288, plus the convs
+    # q 3 -> 32, kv 3 -> 64 (on 64 pooled cells), out 32 -> 1: 2*64*(3*32 + 3*64 + 32*1).
+    assert report.forward_flops(CUBSBlock2Plus(3), 8) == 524288 + 2 * 64 * (3 * 32 + 3 * 64 + 32)
 
 
 # ---------------------------------------------------------------- REPORT.pdf
