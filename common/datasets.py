@@ -22,7 +22,6 @@ from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 import numpy as np
-import scipy.io
 from tqdm import tqdm
 
 from common.errors import DatasetError, DatasetNotFoundError, DownloadError
@@ -362,6 +361,7 @@ def _load_mat(path: Path, keys: tuple[str, ...]) -> dict:
     """loadmat with squeezed arrays and attribute-style structs; check the expected keys."""
     if not path.is_file():
         raise DatasetNotFoundError(f"missing {path}\n{CARS196_LAYOUTS}")
+    import scipy.io  # here, not at the top: only the Cars .mat files need scipy
     try:
         mat = scipy.io.loadmat(path, squeeze_me=True, struct_as_record=False)
     except Exception as error:  # noqa: BLE001 - scipy raises a different type per damaged byte range

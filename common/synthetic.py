@@ -22,7 +22,6 @@ import colorsys
 from pathlib import Path
 
 import numpy as np
-import scipy.io
 from PIL import Image
 
 SHAPE_KINDS = ("disc", "square", "triangle", "ring", "stripes", "checkerboard", "cross")
@@ -186,6 +185,7 @@ def make_cars196(root: str | Path, layout: str = "cars_annos", num_classes: int 
         records.append({"relative_im_path": relative_path, "fname": relative_path.split("/")[1],
                         "bbox": [b + 1 for b in box], "class": class_id + 1})
 
+    import scipy.io  # here, not at the top: only the Cars .mat files need scipy
     class_dtype = np.uint8 if num_classes < 256 else np.uint16
     if layout == "cars_annos":
         annotations = _struct_array(records, ["relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2",

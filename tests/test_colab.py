@@ -120,3 +120,40 @@ def test_a_wrong_flag_would_be_caught(monkeypatch):
     parser, _ = parser_for(["t3_cubs.py"], monkeypatch)
     with contextlib.redirect_stderr(io.StringIO()), pytest.raises(SystemExit):
         parser.parse_args(["--placements", "all"])
+
+
+def test_the_wheel_gives_common_to_a_pasted_script_run_from_anywhere(tmp_path):
+    # The Colab path in one cell: `pip install git+<repo>` builds this wheel; a task script
+    # pasted elsewhere must then find every module it imports in the installed package.
+    # Built from a copy of pyproject.toml + common/ (a build in the checkout leaves build/),
+    # without build isolation (setuptools is installed; CI needs no download for it).
+    import shutil
+    import subprocess
+    import sys
+    source = tmp_path / "src"
+    source.mkdir()
+    shutil.copy(ROOT / "pyproject.toml", source)
+    shutil.copy(ROOT / "README.md", source)
+    shutil.copytree(ROOT / "common", source / "common", ignore=shutil.ignore_patterns("__pycache__"))
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"),
+                          str(source)], check=True, capture_output=True, timeout=300)
+    wheels = list((tmp_path / "dist").glob("*.whl"))
+    assert len(wheels) == 1
+    target = tmp_path / "site"
+    subprocess.run(pip + ["install", "--no-deps", "--target", str(target), str(wheels[0])], check=True,
+                   capture_output=True, timeout=300)
+    assert not (target / "tests").exists() and (target / "common" / "cubs.py").is_file()
+    pasted = tmp_path / "notebook" / "t3_cubs.py"
+    pasted.parent.mkdir()
+    shutil.copy(ROOT / "t3_cubs.py", pasted)
+    probe = ("import runpy, sys; sys.argv = ['t3_cubs.py', '--help']\n"
+             "try:\n    runpy.run_path('t3_cubs.py', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "import common; print(common.__file__); print('scipy' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=pasted.parent, capture_output=True, text=True,
+                          timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(target)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert "--placement" in done.stdout  # the script's own --help ran
+    assert lines[-2].startswith(str(target))  # common came from the installed wheel
+    assert lines[-1] == "False"  # scipy only where .mat files are read
