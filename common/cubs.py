@@ -235,7 +235,33 @@ class AlignedConv2d(nn.Conv2d):
         return self._conv_forward(x, weight, bias)[:, :self.out_channels]
 
 
-class CUBSBlock1(nn.Module):
+class GateBlock(nn.Module):
+    """A CUBS block: y = x * gate(x), the gate broadcast over channels (B x C x 1 x 1) or
+    positions (B x 1 x H x W). Subclasses define gate()."""
+
+    def gate(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gate(x)
+
+
+class PlusGateBlock(GateBlock):
+    """The plus variant's gate, 1 + tanh(gamma) * tanh(z / 2) in (0, 2): a learnable scalar
+    gamma = 0 at init makes the block the identity (BOUND_PLUS_GAMMA for the tanh)."""
+
+    def add_gamma(self) -> None:
+        """Register gamma; subclasses call it last, so that the parameter order (and with it
+        the optimiser state of a saved run) is that of the projections, then gamma."""
+        self.gamma = nn.Parameter(torch.zeros(()))
+        self.bound_gamma = BOUND_PLUS_GAMMA
+
+    def effective_gamma(self) -> Tensor:
+        """The modulation's scale: gate = 1 + effective_gamma * tanh(z / 2), |.| < 1 when bounded."""
+        return torch.tanh(self.gamma) if self.bound_gamma else self.gamma
+
+
+class CUBSBlock1(GateBlock):
     """Channel attention from the self-similarity of the pooled descriptor. B x C x H x W -> same.
 
     gate_logit: the gates' initial logit (GATE_LOGIT_INIT; None = PyTorch's default init).
@@ -257,16 +283,13 @@ class CUBSBlock1(nn.Module):
 
     def gate(self, x: Tensor) -> Tensor:
         """B x C x H x W -> the channel gate, B x C x 1 x 1, in (0, 1)."""
-        g = x.mean(dim=(2, 3))
-        q, k, v = (F.relu(proj(g)) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        a = similarity_attention(q, k, v)
-        return torch.sigmoid(self.out_proj(a) + g)[:, :, None, None]
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.gate(x)
+        g = x.mean(dim=(2, 3))                                                  # B x C
+        q, k, v = (F.relu(proj(g)) for proj in (self.q_proj, self.k_proj, self.v_proj))  # B x d each
+        a = similarity_attention(q, k, v)                                       # B x d
+        return torch.sigmoid(self.out_proj(a) + g)[:, :, None, None]           # B x C x 1 x 1
 
 
-class CUBSBlock2(nn.Module):
+class CUBSBlock2(GateBlock):
     """Spatial attention from the self-similarity of positions. B x C x H x W -> same.
 
     gate_logit: v's initial bias, so the gate starts near sigmoid(gate_logit) (None: 1).
@@ -289,11 +312,8 @@ class CUBSBlock2(nn.Module):
         a = similarity_attention(q, k, v)                                   # B x N
         return torch.sigmoid(a).view(b, 1, h, w)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.gate(x)
 
-
-class CUBSBlock1Plus(nn.Module):
+class CUBSBlock1Plus(PlusGateBlock):
     """Block 1, plus variant: multi-head 8-dim similarity, identity at init. B x C x H x W -> same."""
 
     def __init__(self, channels: int, d: int = 512, heads: int = 4) -> None:
@@ -304,31 +324,23 @@ class CUBSBlock1Plus(nn.Module):
         self.k_proj = nn.Linear(channels, d)
         self.v_proj = nn.Linear(channels, d)
         self.out_proj = nn.Linear(d, channels)
-        self.gamma = nn.Parameter(torch.zeros(()))
-        self.bound_gamma = BOUND_PLUS_GAMMA
-
-    def effective_gamma(self) -> Tensor:
-        """The modulation's scale: gate = 1 + effective_gamma * tanh(z / 2), |.| < 1 when bounded."""
-        return torch.tanh(self.gamma) if self.bound_gamma else self.gamma
+        self.add_gamma()
 
     def gate(self, x: Tensor) -> Tensor:
         """B x C x H x W -> the channel gate, B x C x 1 x 1, in (0, 2) (bounded gamma)."""
-        g = x.mean(dim=(2, 3))
+        g = x.mean(dim=(2, 3))                                                  # B x C
         b, d = g.shape[0], self.out_proj.in_features
 
         def heads(t: Tensor) -> Tensor:  # B x d -> B x h x L x 8, L = d / (8h) tokens
             return t.view(b, -1, self.heads, HEAD_DIM).transpose(1, 2)
 
-        q, k, v = (heads(proj(g)) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        a = fused_attention(q, k, v).transpose(1, 2).reshape(b, d)
-        logit = self.out_proj(a) + g
-        return _identity_preserving_gate(logit[:, :, None, None], self.effective_gamma())
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.gate(x)
+        q, k, v = (heads(proj(g)) for proj in (self.q_proj, self.k_proj, self.v_proj))  # B x h x L x 8
+        a = fused_attention(q, k, v).transpose(1, 2).reshape(b, d)             # B x d
+        logit = self.out_proj(a) + g                                           # B x C
+        return _identity_preserving_gate(logit[:, :, None, None], self.effective_gamma())  # B x C x 1 x 1
 
 
-class CUBSBlock2Plus(nn.Module):
+class CUBSBlock2Plus(PlusGateBlock):
     """Block 2, plus variant: h heads of 8 dims over positions, identity at init. B x C x H x W -> same.
 
     Keys and values come from x average-pooled to at most kv_grid x kv_grid cells
@@ -343,12 +355,7 @@ class CUBSBlock2Plus(nn.Module):
         self.q_proj = nn.Conv2d(channels, inner, 1)
         self.kv_proj = nn.Conv2d(channels, 2 * inner, 1)
         self.out_proj = nn.Conv2d(inner, 1, 1)
-        self.gamma = nn.Parameter(torch.zeros(()))
-        self.bound_gamma = BOUND_PLUS_GAMMA
-
-    def effective_gamma(self) -> Tensor:
-        """The modulation's scale: gate = 1 + effective_gamma * tanh(z / 2), |.| < 1 when bounded."""
-        return torch.tanh(self.gamma) if self.bound_gamma else self.gamma
+        self.add_gamma()
 
     def gate(self, x: Tensor) -> Tensor:
         """B x C x H x W -> the spatial gate, B x 1 x H x W, in (0, 2) (bounded gamma)."""
@@ -360,13 +367,10 @@ class CUBSBlock2Plus(nn.Module):
         def heads(t: Tensor) -> Tensor:  # B x 8h x H' x W' -> B x h x H'W' x 8
             return t.flatten(2).view(b, self.heads, HEAD_DIM, -1).transpose(2, 3)
 
-        q = heads(self.q_proj(x))
-        k, v = (heads(t) for t in self.kv_proj(context).chunk(2, dim=1))
-        a = fused_attention(q, k, v).transpose(2, 3).reshape(b, -1, h, w)
-        return _identity_preserving_gate(self.out_proj(a), self.effective_gamma())
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * self.gate(x)
+        q = heads(self.q_proj(x))                                               # B x h x N x 8
+        k, v = (heads(t) for t in self.kv_proj(context).chunk(2, dim=1))       # B x h x M x 8
+        a = fused_attention(q, k, v).transpose(2, 3).reshape(b, -1, h, w)      # B x 8h x H x W
+        return _identity_preserving_gate(self.out_proj(a), self.effective_gamma())  # B x 1 x H x W
 
 
 class CUBSAttention(nn.Module):
