@@ -15,13 +15,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from common.engine import FitConfig
 from common.errors import ConfigError, UserError
 from common.image_check import CHECK_MODES
 from common import task_data
 from common.datasets import DatasetSplits
 from common.runtime import Runtime
-from common.schema import DataRecipe
+from common.schema import DataRecipe, FitConfig
 from common.task_data import LoaderSettings
 
 

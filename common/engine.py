@@ -43,7 +43,7 @@ from common.errors import UserError
 from common.files import previous_path, write_text
 from common.plots import plot_curves, run_title
 from common.runtime import Runtime, all_reduce_sums, autocast, broadcast_from_main, to_device
-from common.schema import CheckpointMeta
+from common.schema import CheckpointMeta, FitConfig
 
 
 # ---------------------------------------------------------------- optimisation
@@ -129,21 +129,6 @@ def evaluate_classifier(model: torch.nn.Module, loader, rt: Runtime) -> dict[str
 
 
 # ---------------------------------------------------------------- the loop
-@dataclass
-class FitConfig:
-    epochs: int = 30
-    lr: float = 0.1
-    weight_decay: float = 5e-4
-    optimizer: str = "sgd"
-    warmup_epochs: float = 2.0
-    patience: int = 10
-    min_delta: float = 0.0
-    compile: bool = False
-    grad_clip: float = 0.0
-    fresh: bool = False
-    stop_after_epoch: int | None = None  # end this process after that many epochs (tests, time-boxed sessions)
-
-
 class NonFiniteLoss(UserError, RuntimeError):
     pass
 

@@ -39,15 +39,12 @@ from PIL import Image
 from common import sampling
 from common.errors import ImageDecodeError, MissingPackageError
 from common.image_check import decode_problem
+from common.schema import RANDOM_AREA, RANDOM_ASPECT
 
 log = logging.getLogger(__name__)
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-RANDOM_ASPECT = (3 / 4, 4 / 3)
-# Train-time random-resized-crop: the fraction of the image's area a crop keeps (every
-# script uses this default; the report quotes it, as results.json does not store it).
-RANDOM_AREA = (0.25, 1.0)
 
 try:
     from nvidia.dali import fn, pipeline_def, types

@@ -30,7 +30,7 @@ Computed here, not read from JSON (and labelled so): layer counts, rebuilt-model
 counts and GFLOPs (4 decimals; FlopCounterMode counts a multiply-add as 2 FLOPs and only
 convolutions, matrix products and attention kernels; BatchNorm, activations, pooling, softmax
 and the plain CUBS blocks' Taylor-series similarity, elementwise products and sums, are not
-counted), and the random-resized-crop area range (common/loader.py's RANDOM_AREA).
+counted), and the random-resized-crop area range (common/schema.py's RANDOM_AREA, which the loader uses).
 """
 from __future__ import annotations
 
@@ -52,12 +52,11 @@ from common.errors import UserError
 from common.flops import forward_flops
 from common.formats import (fmt_1, fmt_acc, fmt_count, fmt_epochs, fmt_gflops, fmt_points,
                             fmt_setting, table)
-from common.loader import RANDOM_AREA
 from common.models import SqueezeExcitation
 from common.networks import build_model, model_keys, model_name
 from common.placements import comparison_lines
 from common.plots import plot_classifier_curves, plot_retrieval_curves
-from common.schema import ClassifierResults, RetrievalResults
+from common.schema import RANDOM_AREA, ClassifierResults, RetrievalResults
 
 SMOKE_BANNER = "smoke run on generated data, not a real result"
 NOT_RUN = "not run yet"
@@ -596,7 +595,7 @@ def section_strategies(runs: RunsFolder) -> list[str]:
         lines += recipe_table([(run.label, classifier_recipe(run.args, area))])
         lines += [f"T4 `{run.label}`, Phase B (metric learning):", ""]
         lines += recipe_table([(run.label, embedding_recipe(run.results))])
-    lines += [f"The crop area range ({area}) is the loader's RANDOM_AREA (common/loader.py), "
+    lines += [f"The crop area range ({area}) is RANDOM_AREA (common/schema.py), the loader's, "
               "not stored in results.json.", ""]
     return lines
 

@@ -8,7 +8,30 @@ exactly these keys.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, TypedDict
+
+# The train augmentation's fixed ranges (no flags; results.json does not store them, the
+# report quotes them): random-resized crops keep this fraction of the image's area, with an
+# aspect ratio in this range.
+RANDOM_AREA = (0.25, 1.0)
+RANDOM_ASPECT = (3 / 4, 4 / 3)
+
+
+@dataclass
+class FitConfig:
+    """engine.fit's training recipe; a checkpoint stores it as its "config"."""
+    epochs: int = 30
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    optimizer: str = "sgd"
+    warmup_epochs: float = 2.0
+    patience: int = 10
+    min_delta: float = 0.0
+    compile: bool = False
+    grad_clip: float = 0.0
+    fresh: bool = False
+    stop_after_epoch: int | None = None  # end this process after that many epochs (tests, time-boxed sessions)
 
 
 class DataRecipe(TypedDict):

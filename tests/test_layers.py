@@ -68,3 +68,10 @@ def test_the_reader_sees_imports_it_must_catch():
     # task_data.py reads the runtime, not the training loop; report.py counts CUBS and SE modules.
     assert "runtime" in common_imports("task_data") and "engine" not in common_imports("task_data")
     assert {"cubs", "models"} <= common_imports("report")
+
+
+def test_settings_and_reports_do_not_reach_into_the_loop_or_the_loader():
+    # cli builds FitConfig and report quotes RANDOM_AREA: both live in schema.py, so the
+    # flags need no training loop and the report no data pipeline.
+    assert "engine" not in common_imports("cli")
+    assert "loader" not in common_imports("report")
