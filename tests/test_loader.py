@@ -8,7 +8,6 @@ from, it passes `labels = arange(n)` so the labels are the file indices.
 
 import logging
 import math
-import os
 import re
 
 import numpy as np
