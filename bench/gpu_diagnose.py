@@ -1,18 +1,20 @@
-"""Where a training step's time goes on a GPU, inside the real loop. One command, < 5 minutes.
+"""Where a training step's time goes on a GPU, inside the real loop. One command, < 7 minutes.
 
-    python bench/gpu_diagnose.py [--steps 40] [--batch 256] [--seconds 240] [--out DIR]
+    python bench/gpu_diagnose.py [--steps 40] [--batch 256] [--seconds 420] [--out DIR]
     python bench/gpu_diagnose.py --device cpu --steps 3 --batch 4 --width 8   # a dry run
 
 Runs common.engine.fit (the loop every script runs: autocast, channels_last, compile,
 checkpoints, holdout pass) on an in-memory loader of random 64 px images already on the
 GPU, so no step waits for data and the figures are the model's and the loop's alone:
-  t3_compiled   T3 serial plain (common/cubs.py), torch.compile: 2 epochs of --steps steps
-  t3_eager      the same without compile
+  t3_compiled   T3 serial plain (common/cubs.py), torch.compile, with the Taylor-range check
+                deferred to one read per step (cubs.range_check, as t3_cubs.py trains)
+  t3_graphs     the same with mode="reduce-overhead": each step replayed as CUDA graphs
   t2_compiled   T2's ResNet-18, compiled: the reference
-  t1_first_step T1's CustomCNN, eager: the first 3 steps with cudnn.benchmark on, then off
-  profile       torch.profiler over 5 steps of the compiled T3 model: the top 15 kernels
-  t3_unguarded  T3 compiled with the Taylor path taken unconditionally (no torch.cond): what
-                the exactness guard costs
+  t2_graphs     the same as CUDA graphs
+  t1_compiled   T1's CustomCNN, compiled (its first step includes the compile)
+  t1_graphs     the same as CUDA graphs
+  profile       torch.profiler over 5 steps of the compiled T3 model (default mode): GPU busy
+                time and kernel launches per step, and the top 15 kernels
 Per-step times come from CUDA events recorded at each step's start (no extra syncs).
 TORCH_LOGS=recompiles,graph_breaks is set before torch loads: any recompile or graph break
 is printed. Parts run in the order above until --seconds is spent (each part's expected
@@ -25,7 +27,6 @@ import os
 os.environ.setdefault("TORCH_LOGS", "recompiles,graph_breaks")
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -42,8 +43,8 @@ from common.models import CustomCNN, ResNet18  # noqa: E402
 
 # Seconds a part is expected to need on an H200 (compiles dominate); a part starts only
 # when that much of --seconds is left.
-EXPECTED_S = {"t3_compiled": 100, "t3_eager": 15, "t2_compiled": 50, "t1_first_step": 20,
-              "profile": 10, "t3_unguarded": 90}
+EXPECTED_S = {"t3_compiled": 100, "t3_graphs": 100, "t2_compiled": 40, "t2_graphs": 40,
+              "t1_compiled": 60, "t1_graphs": 60, "profile": 15}
 
 
 class HostEvent:
@@ -83,8 +84,9 @@ class MemoryLoader:
             yield self.images[i % 4], self.labels[i % 4]
 
 
-def timed_fit(name: str, model: torch.nn.Module, compile_: bool, args, rt) -> dict:
-    """engine.fit for 2 epochs; per-step milliseconds from CUDA events at each step start."""
+def timed_fit(name: str, model: torch.nn.Module, mode: str | None, args, rt) -> dict:
+    """engine.fit for 2 epochs, compiled in `mode` (None: eager); per-step milliseconds from
+    CUDA events at each step start."""
     loader = MemoryLoader(args.steps, args.batch, rt.device)
     events: list = []
     base = engine.classification_step(0.1)
@@ -101,10 +103,12 @@ def timed_fit(name: str, model: torch.nn.Module, compile_: bool, args, rt) -> di
             m(loader.images[0][:64].contiguous(memory_format=torch.channels_last))
         return {"holdout_acc": 0.0}
 
-    cfg = engine.FitConfig(epochs=2, lr=0.05, warmup_epochs=1, patience=10, compile=compile_, fresh=True)
+    cfg = engine.FitConfig(epochs=2, lr=0.05, warmup_epochs=1, patience=10, compile=mode is not None,
+                           compile_mode=mode or "default", fresh=True)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as out:
-        fitted = engine.fit(model, loader, step, evaluate, cfg, out, rt, {"task": "diagnose", "model": name})
+        fitted = engine.fit(model, loader, step, evaluate, cfg, out, rt, {"task": "diagnose", "model": name},
+                            redo_check=cubs.range_check(model))
     wall = time.perf_counter() - t0
     sync(rt)
     ms = [a.elapsed_time(b) for a, b in zip(events, events[1:])]
@@ -117,63 +121,47 @@ def timed_fit(name: str, model: torch.nn.Module, compile_: bool, args, rt) -> di
             "epoch2_step_ms_median": round(median, 2),
             "epoch2_step_ms_p90": round(sorted(second)[int(0.9 * len(second))], 2),
             "images_per_s": round(args.batch / median * 1000),
+            "exact_redo_steps": [h.get("exact_redo_steps") for h in history],
             "peak_mem_gib": round(history[-1].get("peak_mem_gib", float("nan")), 2)}
 
 
-def t1_first_steps(args, rt) -> dict:
-    """CustomCNN eager: the first 3 step times with cudnn.benchmark on, then off."""
-    result = {}
-    for benchmark in (True, False):
-        torch.backends.cudnn.benchmark = benchmark
-        model = CustomCNN(200, width=args.width).to(rt.device, memory_format=torch.channels_last)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        x = runtime.to_device(torch.randn(args.batch, 3, 64, 64), rt)
-        y = torch.randint(0, 200, (args.batch,), device=rt.device)
-        times = []
-        for _ in range(3):
-            sync(rt)
-            t0 = time.perf_counter()
-            with runtime.autocast(rt):
-                loss = torch.nn.functional.cross_entropy(model(x).float(), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sync(rt)
-            times.append(round(time.perf_counter() - t0, 3))
-        result[f"cudnn_benchmark_{'on' if benchmark else 'off'}_s"] = times
-    torch.backends.cudnn.benchmark = True
-    return result
-
-
-def profile_compiled(model: torch.nn.Module, args, rt) -> list[dict]:
-    """Top 15 CUDA kernels by total time over 5 training steps of an already-compiled model."""
+def profile_compiled(model: torch.nn.Module, args, rt) -> dict:
+    """5 training steps of a compiled model (with the loop's per-step range check): wall
+    and GPU-busy milliseconds per step, kernels per step, the top 15 kernels by time."""
     from torch.profiler import ProfilerActivity, profile
     model.train()  # as engine.fit trains it (its last holdout pass left it in eval mode)
+    check = cubs.range_check(model)
+    compiled = torch.compile(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = runtime.to_device(torch.randn(args.batch, 3, 64, 64), rt)
     y = torch.randint(0, 200, (args.batch,), device=rt.device)
 
     def train_step():
         with runtime.autocast(rt):
-            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+            loss = torch.nn.functional.cross_entropy(compiled(x).float(), y)
         opt.zero_grad()
         loss.backward()
+        check()
         opt.step()
 
     train_step()
     sync(rt)
     activity = ProfilerActivity.CUDA if rt.cuda else ProfilerActivity.CPU
+    t0 = time.perf_counter()
     with profile(activities=[activity]) as prof:
         for _ in range(5):
             train_step()
         sync(rt)
+    wall_ms = (time.perf_counter() - t0) * 1000 / 5
     time_of = (lambda e: e.device_time_total) if rt.cuda else (lambda e: e.self_cpu_time_total)
     events = [e for e in prof.key_averages() if time_of(e) > 0]
     total = sum(time_of(e) for e in events)
     top = sorted(events, key=time_of, reverse=True)[:15]
-    return [{"kernel": e.key[:90], "share": round(time_of(e) / total, 4),
-             "ms_per_step": round(time_of(e) / 5 / 1000, 3), "calls_per_step": e.count // 5}
-            for e in top]
+    return {"wall_ms_per_step": round(wall_ms, 2), "busy_ms_per_step": round(total / 5 / 1000, 2),
+            "kernels_per_step": sum(e.count for e in events) // 5,
+            "top": [{"kernel": e.key[:90], "share": round(time_of(e) / total, 4),
+                     "ms_per_step": round(time_of(e) / 5 / 1000, 3), "calls_per_step": e.count // 5}
+                    for e in top]}
 
 
 def main() -> None:
@@ -181,7 +169,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40, help="steps per epoch")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--width", type=int, default=64, help="networks' first-stage width (64: the scripts')")
-    p.add_argument("--seconds", type=float, default=240, help="start no part after this")
+    p.add_argument("--seconds", type=float, default=420, help="start no part after this")
     p.add_argument("--parts", default=",".join(EXPECTED_S), help="comma-separated subset of the parts")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu_diagnose")))
     p.add_argument("--device", default="cuda", help="cuda; cpu = a dry run of this script's code")
@@ -197,7 +185,7 @@ def main() -> None:
         # development VM (torch 2.14.1; vanilla ResNet-18 too), and a GPU runs Triton
         # kernels anyway: the dry run compiles to aot_eager (Dynamo and AOTAutograd only).
         compile_ = torch.compile
-        torch.compile = lambda model, **kw: compile_(model, backend="aot_eager", **kw)
+        torch.compile = lambda model, mode=None, **kw: compile_(model, backend="aot_eager", **kw)
     summary: dict = {"device": torch.cuda.get_device_name() if rt.cuda else "cpu", "torch": torch.__version__,
                      "batch": args.batch, "steps_per_epoch": args.steps, "parts": {}}
 
@@ -226,41 +214,18 @@ def main() -> None:
             print(f"[diagnose] {part} failed: {type(err).__name__}: {str(err)[:300]}", flush=True)
         save()
 
-    @contextlib.contextmanager
-    def unguarded_attention():
-        guarded = cubs.similarity_attention
-        cubs.similarity_attention = lambda q, k, v: cubs.taylor_similarity_attention(q.float(), k.float(), v.float())
-        try:
-            yield
-        finally:
-            cubs.similarity_attention = guarded
-
-    def unguarded() -> dict:
-        with unguarded_attention():
-            torch.manual_seed(0)
-            return timed_fit("cubs_serial_plain_unguarded", cubs_resnet18(200, width=args.width), True, args, rt)
-
-    def profile_t3() -> list[dict]:
-        """The compiled T3 that trained: guarded, else (its compile failed) unguarded."""
-        if isinstance(summary["parts"].get("t3_compiled"), str):
-            with unguarded_attention():
-                return profile_compiled(torch.compile(fresh(cubs_resnet18).to(rt.device)), args, rt)
-        return profile_compiled(torch.compile(t3.to(rt.device)), args, rt)
-
     def fresh(build):
         torch.manual_seed(0)
         return build(200, width=args.width)
 
     t3 = fresh(cubs_resnet18)
-    run_part("t3_compiled", lambda: timed_fit("cubs_serial_plain", t3, True, args, rt))
-    if isinstance(summary["parts"].get("t3_compiled"), str):  # failed: is it the guard?
-        run_part("t3_unguarded", unguarded)
-    run_part("t3_eager", lambda: timed_fit("cubs_serial_plain", fresh(cubs_resnet18), False, args, rt))
-    run_part("t2_compiled", lambda: timed_fit("resnet18", fresh(ResNet18), True, args, rt))
-    run_part("t1_first_step", lambda: t1_first_steps(args, rt))
-    run_part("profile", profile_t3)
-    if "t3_unguarded" not in summary["parts"]:
-        run_part("t3_unguarded", unguarded)
+    run_part("t3_compiled", lambda: timed_fit("cubs_serial_plain", t3, "default", args, rt))
+    run_part("t3_graphs", lambda: timed_fit("cubs_serial_plain", fresh(cubs_resnet18), "reduce-overhead", args, rt))
+    run_part("t2_compiled", lambda: timed_fit("resnet18", fresh(ResNet18), "default", args, rt))
+    run_part("t2_graphs", lambda: timed_fit("resnet18", fresh(ResNet18), "reduce-overhead", args, rt))
+    run_part("t1_compiled", lambda: timed_fit("custom_cnn", fresh(CustomCNN), "default", args, rt))
+    run_part("t1_graphs", lambda: timed_fit("custom_cnn", fresh(CustomCNN), "reduce-overhead", args, rt))
+    run_part("profile", lambda: profile_compiled(t3.to(rt.device), args, rt))
     summary["wall_s"] = round(time.perf_counter() - start, 1)
     save()
 
@@ -268,19 +233,21 @@ def main() -> None:
     print(f"\n{summary['device']}, torch {summary['torch']}, batch {args.batch}, "
           f"{args.steps} steps per epoch, in-memory data")
     print(f"{'run':16s} {'step ms':>8s} {'p90':>7s} {'img/s':>8s} {'epoch1 s':>9s} {'epoch2 s':>9s} {'GiB':>6s}")
-    for name in ("t2_compiled", "t3_compiled", "t3_eager", "t3_unguarded"):
+    for name in ("t2_compiled", "t2_graphs", "t3_compiled", "t3_graphs", "t1_compiled", "t1_graphs"):
         r = parts.get(name)
         if isinstance(r, dict):
             print(f"{name:16s} {r['epoch2_step_ms_median']:8.2f} {r['epoch2_step_ms_p90']:7.2f} "
                   f"{r['images_per_s']:8d} {r['epoch_s'][0]:9.1f} {r['epoch_s'][1]:9.2f} {r['peak_mem_gib']:6.2f}")
-    if isinstance(parts.get("t2_compiled"), dict) and isinstance(parts.get("t3_compiled"), dict):
-        print(f"T3 / T2 step time (compiled): "
-              f"{parts['t3_compiled']['epoch2_step_ms_median'] / parts['t2_compiled']['epoch2_step_ms_median']:.2f}x")
-    if isinstance(parts.get("t1_first_step"), dict):
-        print("T1 first 3 steps (s): " + "; ".join(f"{k} {v}" for k, v in parts["t1_first_step"].items()))
-    if isinstance(parts.get("profile"), list):
-        print("top kernels, compiled T3 (share of CUDA time, ms per step, calls per step):")
-        for row in parts["profile"]:
+    for t3, t2 in (("t3_compiled", "t2_compiled"), ("t3_graphs", "t2_graphs"), ("t3_graphs", "t2_compiled")):
+        if isinstance(parts.get(t3), dict) and isinstance(parts.get(t2), dict):
+            print(f"{t3} / {t2} step time: "
+                  f"{parts[t3]['epoch2_step_ms_median'] / parts[t2]['epoch2_step_ms_median']:.2f}x")
+    if isinstance(parts.get("profile"), dict):
+        prof = parts["profile"]
+        print(f"compiled T3 profile: {prof['wall_ms_per_step']} ms per step, GPU busy "
+              f"{prof['busy_ms_per_step']} ms, {prof['kernels_per_step']} kernels per step; top kernels "
+              "(share of GPU time, ms per step, calls per step):")
+        for row in prof["top"]:
             print(f"  {row['share']:6.1%} {row['ms_per_step']:8.3f} {row['calls_per_step']:5d}  {row['kernel']}")
     print(f"wrote {args.out / 'summary.json'} in {summary['wall_s']} s")
 

@@ -62,6 +62,7 @@ into each other.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +136,8 @@ def naive_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None)
     return torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1) @ v
 
 
-def similarity_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def similarity_attention(q: Tensor, k: Tensor, v: Tensor,
+                         out_of_range: Tensor | None = None) -> Tensor:
     """a_i = sum_j softmax_j(q_i k_j) v_j for B x L scalars q, k, v -> B x L.
 
     Computed in fp32 (float64 for float64 inputs) whatever the autocast. When every logit
@@ -143,6 +145,11 @@ def similarity_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     by the truncated Taylor series of exp in O(L p) (taylor_similarity_attention, error
     below fp32 rounding); otherwise by fused_attention, exact for any logit. The branch
     is torch.cond under torch.compile, so a compiled network never recompiles on it.
+
+    out_of_range (a bool scalar, under torch.compile only): take the series without a
+    branch and write into it whether the range was left. Each torch.cond reads its
+    predicate on the host, forward and backward; this defers that check to one read per
+    training step by the caller, who must then redo the step exactly (range_check below).
     """
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     with torch.autocast(q.device.type, enabled=False):
@@ -150,6 +157,9 @@ def similarity_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         largest_logit = (q.amax(dim=1) * k.amax(dim=1)).amax()  # max_b max_i,j q_i k_j when q, k >= 0
         in_range = (largest_logit <= TAYLOR_MAX_LOGIT) & (q.amin() >= 0) & (k.amin() >= 0)
         if torch.compiler.is_compiling():
+            if out_of_range is not None:
+                out_of_range.copy_(~in_range)
+                return taylor_similarity_attention(q, k, v)
             # One stacked operand: torch.cond refuses operands that share memory, and Block
             # 2's q, k, v are views of one conv output.
             return torch.cond(in_range, lambda qkv: taylor_similarity_attention(*qkv.unbind(0)),
@@ -246,6 +256,37 @@ class GateBlock(nn.Module):
         return x * self.gate(x)
 
 
+class SimilarityGateBlock(GateBlock):
+    """A plain block: its gate comes from similarity_attention, whose range check it can
+    defer to the training loop under torch.compile (range_check)."""
+
+    def add_range_flag(self) -> None:
+        # Not persistent: the state dict stays that of the parameters and nothing else.
+        self.register_buffer("out_of_range", torch.zeros((), dtype=torch.bool), persistent=False)
+        self.defer_range_check = False
+
+    def deferred_flag(self) -> Tensor | None:
+        return self.out_of_range if self.defer_range_check else None
+
+
+def range_check(model: nn.Module) -> Callable[[], bool]:
+    """Defer the plain blocks' Taylor-range check in compiled code to one read per step.
+
+    Returns check(): True when the last compiled forward pass of `model` met a logit beyond
+    TAYLOR_MAX_LOGIT in any plain block (or a negative q or k), so that step used the series
+    where it is not exact and must be recomputed in eager mode, which branches exactly.
+    One host sync per call; eager forward passes leave the flags as they were. A model
+    without plain blocks gets a check that is always False.
+    """
+    blocks = [m for m in model.modules() if isinstance(m, SimilarityGateBlock)]
+    for block in blocks:
+        block.defer_range_check = True
+
+    def check() -> bool:
+        return bool(torch.stack([b.out_of_range for b in blocks]).any()) if blocks else False
+    return check
+
+
 class PlusGateBlock(GateBlock):
     """The plus variant's gate, 1 + tanh(gamma) * tanh(z / 2) in (0, 2): a learnable scalar
     gamma = 0 at init makes the block the identity (BOUND_PLUS_GAMMA for the tanh)."""
@@ -261,7 +302,7 @@ class PlusGateBlock(GateBlock):
         return torch.tanh(self.gamma) if self.bound_gamma else self.gamma
 
 
-class CUBSBlock1(GateBlock):
+class CUBSBlock1(SimilarityGateBlock):
     """Channel attention from the self-similarity of the pooled descriptor. B x C x H x W -> same.
 
     gate_logit: the gates' initial logit (GATE_LOGIT_INIT; None = PyTorch's default init).
@@ -275,6 +316,7 @@ class CUBSBlock1(GateBlock):
         self.out_proj = nn.Linear(d, channels)
         for proj in (self.q_proj, self.k_proj, self.v_proj):
             nn.init.constant_(proj.bias, RELU_BIAS_INIT)
+        self.add_range_flag()
         if gate_logit is not None:
             # Zero weights: every channel's gate starts at sigmoid(gate_logit) (+ g, ~0 behind
             # a zero-init BN) instead of a random spread; they get gradients from step one.
@@ -285,11 +327,11 @@ class CUBSBlock1(GateBlock):
         """B x C x H x W -> the channel gate, B x C x 1 x 1, in (0, 1)."""
         g = x.mean(dim=(2, 3))                                                  # B x C
         q, k, v = (F.relu(proj(g)) for proj in (self.q_proj, self.k_proj, self.v_proj))  # B x d each
-        a = similarity_attention(q, k, v)                                       # B x d
+        a = similarity_attention(q, k, v, self.deferred_flag())                 # B x d
         return torch.sigmoid(self.out_proj(a) + g)[:, :, None, None]           # B x C x 1 x 1
 
 
-class CUBSBlock2(GateBlock):
+class CUBSBlock2(SimilarityGateBlock):
     """Spatial attention from the self-similarity of positions. B x C x H x W -> same.
 
     gate_logit: v's initial bias, so the gate starts near sigmoid(gate_logit) (None: 1).
@@ -301,6 +343,7 @@ class CUBSBlock2(GateBlock):
         # largest tensor here) is read once instead of three times.
         self.qkv = AlignedConv2d(channels, 3, 1)
         nn.init.constant_(self.qkv.bias, RELU_BIAS_INIT)
+        self.add_range_flag()
         if gate_logit is not None:
             with torch.no_grad():
                 self.qkv.bias[2] = gate_logit
@@ -309,7 +352,7 @@ class CUBSBlock2(GateBlock):
         """B x C x H x W -> the spatial gate, B x 1 x H x W, in (0, 1)."""
         b, _, h, w = x.shape
         q, k, v = F.relu(self.qkv(x)).flatten(2).unbind(1)                  # B x N each
-        a = similarity_attention(q, k, v)                                   # B x N
+        a = similarity_attention(q, k, v, self.deferred_flag())             # B x N
         return torch.sigmoid(a).view(b, 1, h, w)
 
 

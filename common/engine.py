@@ -136,9 +136,13 @@ class NonFiniteLoss(UserError, RuntimeError):
 def fit(model: torch.nn.Module, loader, step_fn: StepFn,
         evaluate: Callable[[torch.nn.Module], dict[str, float]], cfg: FitConfig,
         out: str | Path, rt: Runtime, meta: CheckpointMeta,
-        score_key: str = "holdout_acc") -> dict[str, Any]:
+        score_key: str = "holdout_acc", redo_check: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Train `model` (see module docstring); returns {best_epoch, best_score, epochs_run,
-    train_time_s, images_per_s, history, stopped_early, finished}."""
+    train_time_s, images_per_s, history, stopped_early, finished}.
+
+    redo_check: called after each compiled step's backward pass; True means the compiled
+    step was not exact (cubs.range_check), and the step is recomputed in eager mode before
+    the optimiser uses its gradients (counted as exact_redo_steps in metrics.jsonl)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.to(rt.device)
@@ -199,8 +203,11 @@ def fit(model: torch.nn.Module, loader, step_fn: StepFn,
     if rt.world_size > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.cuda else None)
+    eager_model = train_model
     if cfg.compile:
-        train_model = torch.compile(train_model)
+        train_model = torch.compile(train_model, mode=cfg.compile_mode)
+    else:
+        redo_check = None  # eager steps branch exactly
 
     stop_signal = []
     handlers = {s: signal.signal(s, lambda signum, _: stop_signal.append(signum))
@@ -217,8 +224,8 @@ def fit(model: torch.nn.Module, loader, step_fn: StepFn,
                 break
             if cfg.stop_after_epoch is not None and epochs_this_process >= cfg.stop_after_epoch:
                 break
-            _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, scaler, cfg,
-                         rt, state, stop_signal, checkpoint, last)
+            _train_epoch((train_model, eager_model, redo_check), model, loader, step_fn, optimizer,
+                         scheduler, scaler, cfg, rt, state, stop_signal, checkpoint, last)
             epochs_this_process += 1
             # Each rank scores its holdout shard: with rank 0's BatchNorm statistics, those of
             # the weights that best.pt and last.pt hold.
@@ -258,7 +265,7 @@ def fit(model: torch.nn.Module, loader, step_fn: StepFn,
 
 
 # FitConfig fields that only steer this process, not what the run computes.
-_PROCESS_ONLY = {"compile", "fresh", "stop_after_epoch"}
+_PROCESS_ONLY = {"compile", "compile_mode", "fresh", "stop_after_epoch"}
 
 
 def _check_same_recipe(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
@@ -271,14 +278,18 @@ def _check_same_recipe(saved: dict[str, Any], current: dict[str, Any], path: Pat
                               "use another --out.")
 
 
-def _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, scaler, cfg, rt,
+def _train_epoch(train_models, model, loader, step_fn, optimizer, scheduler, scaler, cfg, rt,
                  state, stop_signal, checkpoint, last_path) -> None:
-    """One epoch from batch state['step'] on; leaves its statistics in state['epoch_stats']."""
+    """One epoch from batch state['step'] on; leaves its statistics in state['epoch_stats'].
+    train_models: (the model to step, its eager form, redo_check or None)."""
+    train_model, eager_model, redo_check = train_models
+    graphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
     epoch, start = state["epoch"], state["step"]
     p = state["partial"] or {"loss": 0.0, "correct": 0.0, "n": 0.0, "time": 0.0, "wait": 0.0}
     loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
     correct_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
     n = wait = 0.0
+    redone = 0
     model.train()
     if rt.cuda:
         torch.cuda.reset_peak_memory_stats(rt.device)
@@ -298,10 +309,18 @@ def _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, scal
         wait += time.perf_counter() - t_wait
         images = to_device(images, rt)
         labels = labels.to(rt.device, non_blocking=True)
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast(rt):
             loss, correct = step_fn(train_model, images, labels)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
+        if redo_check is not None and _agree_any(redo_check(), rt):
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(rt):
+                loss, correct = step_fn(eager_model, images, labels)
+            scaler.scale(loss).backward()
+            redone += 1
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)  # clip the true gradients
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -364,6 +383,7 @@ def _train_epoch(train_model, model, loader, step_fn, optimizer, scheduler, scal
         # this process's first step (its first batch's wait included) and the loader
         # builds (DALI pipelines, the device cache) it waited for
         "first_step_s": first_step_s, "loader_builds_s": loader.build_times[builds_before:],
+        **({"exact_redo_steps": redone} if redo_check is not None else {}),
         **({"peak_mem_gib": torch.cuda.max_memory_allocated(rt.device) / 2**30} if rt.cuda else {})}
 
 
@@ -374,6 +394,15 @@ def _agree(stop: bool, finite: bool, rt: Runtime) -> tuple[bool, bool]:
     flags = torch.tensor([float(stop), float(not finite)], device=rt.device if rt.cuda else "cpu")
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     return bool(flags[0]), not bool(flags[1])
+
+
+def _agree_any(flag: bool, rt: Runtime) -> bool:
+    """Whether any rank's flag is set: DDP ranks must redo a step together."""
+    if rt.world_size == 1:
+        return flag
+    flags = torch.tensor([float(flag)], device=rt.device if rt.cuda else "cpu")
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0])
 
 
 def _interactive() -> bool:

@@ -29,6 +29,9 @@ class FitConfig:
     patience: int = 10
     min_delta: float = 0.0
     compile: bool = False
+    # "reduce-overhead" replays each compiled step as CUDA graphs: one launch instead of one
+    # per kernel, for networks whose steps are many small kernels.
+    compile_mode: str = "default"
     grad_clip: float = 0.0
     fresh: bool = False
     stop_after_epoch: int | None = None  # end this process after that many epochs (tests, time-boxed sessions)

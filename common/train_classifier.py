@@ -7,6 +7,7 @@ once, after training, with the weights of the best holdout epoch (best.pt).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +30,11 @@ def prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
 
 def fit_classifier(model: torch.nn.Module, loaders: Loaders, step: engine.StepFn,
                    cfg: engine.FitConfig, rt: runtime.Runtime, meta: CheckpointMeta,
-                   out: str | Path) -> dict[str, Any]:
+                   out: str | Path, redo_check: Callable[[], bool] | None = None) -> dict[str, Any]:
     """engine.fit of `step` on loaders.train, scored by holdout top-1 accuracy.
 
-    ResNets (T2, T3) also log common.diagnostics for the first holdout batch each epoch."""
+    ResNets (T2, T3) also log common.diagnostics for the first holdout batch each epoch.
+    redo_check: see engine.fit (T3: cubs.range_check)."""
     batch: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def evaluate(m: torch.nn.Module) -> dict[str, Any]:
@@ -47,7 +49,7 @@ def fit_classifier(model: torch.nn.Module, loaders: Loaders, step: engine.StepFn
             metrics["diagnostics"] = diagnostics(m, *batch[0])
         return metrics
 
-    return engine.fit(model, loaders.train, step, evaluate, cfg, out, rt, meta)
+    return engine.fit(model, loaders.train, step, evaluate, cfg, out, rt, meta, redo_check=redo_check)
 
 
 def load_best(model: torch.nn.Module, out: str | Path, best_epoch: int | None = None) -> dict[str, Any]:
@@ -67,7 +69,8 @@ def load_best(model: torch.nn.Module, out: str | Path, best_epoch: int | None = 
 def train_and_test(model: torch.nn.Module, loaders: Loaders, step: engine.StepFn,
                    cfg: engine.FitConfig, rt: runtime.Runtime, meta: CheckpointMeta,
                    out: str | Path, flags: dict[str, Any],
-                   evaluate_only: str | Path | None = None) -> ClassifierResults | dict[str, Any]:
+                   evaluate_only: str | Path | None = None,
+                   redo_check: Callable[[], bool] | None = None) -> ClassifierResults | dict[str, Any]:
     """fit -> load best.pt -> evaluate on test -> write results.json (rank 0); returns it,
     or {"finished": False} when the run stopped early on purpose (--stop-after-epoch).
     `flags`: every command-line value, recorded in results.json.
@@ -82,7 +85,7 @@ def train_and_test(model: torch.nn.Module, loaders: Loaders, step: engine.StepFn
         print(f"{meta['model']}: {params / 1e6:.2f}M parameters, {len(loaders.train.files)} train / "
               f"{len(loaders.holdout.files)} holdout / {len(loaders.test.files)} test images, "
               f"device {rt.device}, loader {loaders.train.backend}")
-    fitted = fit_classifier(model, loaders, step, cfg, rt, meta, out)
+    fitted = fit_classifier(model, loaders, step, cfg, rt, meta, out, redo_check)
     if not fitted["finished"]:
         return {"finished": False}
     best_record = load_best(model, out, fitted["best_epoch"])

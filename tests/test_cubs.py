@@ -157,6 +157,29 @@ def test_compiled_guard_takes_the_cuda_layout_of_the_fused_branch(backend, monke
         assert errors[0] < 1e-6 and max(errors[1:]) < 1e-4, (largest_logit, errors)
 
 
+def test_deferred_range_check_flags_exactly_the_steps_the_series_cannot_take():
+    # cubs.range_check: compiled code always takes the series and writes the flag; the
+    # flag must be set exactly when the guard would have taken the fused kernel.
+    from torch._dynamo.testing import CompileCounter
+    counter = CompileCounter()
+    torch.manual_seed(0)
+    block = CUBSBlock2(4)
+    check = cubs.range_check(block)
+    compiled = torch.compile(block, backend=counter, fullgraph=True)
+    x = torch.rand(2, 4, 5, 5)
+    for scale, out_of_range in ((0.1, False), (300.0, True), (0.1, False)):
+        out = compiled(x * scale)
+        assert check() is out_of_range, scale
+        if not out_of_range:  # in range: the series is the exact path
+            torch.testing.assert_close(out, block(x * scale), rtol=1e-6, atol=1e-6)
+    assert counter.frame_count == 1
+    # Eager passes branch exactly and leave the flag alone.
+    block(x * 300.0)
+    assert check() is False
+    assert cubs.range_check(ResNet18(10, width=8))() is False  # no plain blocks
+    assert "out_of_range" not in block.state_dict()
+
+
 def test_similarity_attention_passes_gradcheck():
     generator = torch.Generator().manual_seed(1)
     inputs = [torch.rand(2, 9, dtype=f64, generator=generator).requires_grad_() for _ in range(3)]

@@ -17,7 +17,7 @@ from torch import nn
 
 from common import cubs, engine, runtime
 from common.checkpoint import load_checkpoint
-from common.cubs import PLACEMENTS, VARIANTS, cubs_resnet18, fused_attention, naive_attention
+from common.cubs import PLACEMENTS, VARIANTS, CUBSBlock2, cubs_resnet18, fused_attention, naive_attention
 from common.datasets import load_tiny_imagenet
 from common.loader import ImageLoader
 from common.loss import multi_similarity_loss
@@ -248,3 +248,44 @@ def test_fp16_grad_scaler_backs_off_on_overflow_and_resumes_the_backed_off_state
     assert all(dtype == torch.float32 for dtype in calls)  # the step's CE is fp32 under fp16 autocast
     # Applied, the 1e4 step would have moved the weights 1e4 times a normal step.
     assert result["history"][1]["train_loss"] < 10
+
+
+# ---------------------------------------------------------------- deferred Taylor-range check
+def test_a_compiled_step_beyond_the_taylor_range_is_redone_exactly(tmp_path, monkeypatch):
+    # engine.fit with cubs.range_check: compiled steps take the series without a branch and
+    # one check per step redoes out-of-range steps in eager mode (the fused kernel). Here
+    # every Block 2 starts with logits around 36 (bias 6 on q and k, residual branches not
+    # zero-initialised so that they vary), far beyond 7.5, where the 32-term series is badly
+    # wrong: the redone run must equal the eager run, and the same
+    # compiled run without the redo must not.
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: compile_(model, backend="aot_eager"))
+    root = make_tiny_imagenet(tmp_path / "data", num_classes=3, train_per_class=6, val_per_class=1,
+                              image_size=16, seed=1)
+    splits = load_tiny_imagenet(root, holdout_per_class=1)  # 15 train images: 3 batches of 4
+    rt = runtime.Runtime(torch.device("cpu"), amp_dtype=None)
+    train = ImageLoader(splits.train.files, splits.train.labels, batch_size=4, train=True,
+                        image_size=16, backend="torch", workers=0, seed=1)
+
+    def run(name: str, compiled: bool, redo: bool | None) -> tuple[torch.Tensor, dict]:
+        torch.manual_seed(0)
+        model = cubs_resnet18(3, width=WIDTH, d=16)
+        with torch.no_grad():
+            for block in model.modules():
+                if isinstance(block, nn.BatchNorm2d):  # no zero-init: logits that differ
+                    block.weight.fill_(1.0)
+                if isinstance(block, CUBSBlock2):
+                    block.qkv.bias[:2] = 6.0
+        check = cubs.range_check(model)
+        cfg = engine.FitConfig(epochs=1, lr=0.05, warmup_epochs=1, patience=100, compile=compiled)
+        fitted = engine.fit(model, train, engine.classification_step(), lambda m: {"holdout_acc": 0.0},
+                            cfg, tmp_path / name, rt, meta={"task": "test", "model": "cubs"},
+                            redo_check=check if redo else (lambda: False))
+        return torch.cat([p.detach().flatten() for p in model.parameters()]), fitted["history"][0]
+
+    eager, _ = run("eager", compiled=False, redo=None)
+    redone, record = run("redone", compiled=True, redo=True)
+    unchecked, _ = run("unchecked", compiled=True, redo=False)
+    assert record["exact_redo_steps"] == len(train) == 3
+    assert _relative(redone, eager) < 1e-6
+    assert _relative(unchecked, eager) > 1e-3
