@@ -11,7 +11,8 @@ COMMON = Path(__file__).resolve().parents[1] / "common"
 DATA = {"datasets", "synthetic", "sampling", "loader", "task_data", "image_check"}
 MODELS = {"models", "cubs", "networks"}
 TRAINING = {"engine", "train_classifier", "init_weights", "diagnostics", "evaluate", "cli"}
-PLOTS_AND_REPORTS = {"plots", "formats", "placements", "report", "report_pdf", "archive"}
+PLOTS_AND_REPORTS = {"plots", "formats", "placements", "runs_folder", "architecture", "recipes",
+                     "report", "report_pdf", "archive"}
 
 
 def common_imports(module: str) -> set[str]:
@@ -65,13 +66,15 @@ def test_nothing_in_common_imports_a_task_script(module):
 
 
 def test_the_reader_sees_imports_it_must_catch():
-    # task_data.py reads the runtime, not the training loop; report.py counts CUBS and SE modules.
+    # task_data.py reads the runtime, not the training loop; architecture.py counts CUBS and SE
+    # modules.
     assert "runtime" in common_imports("task_data") and "engine" not in common_imports("task_data")
-    assert {"cubs", "models"} <= common_imports("report")
+    assert {"cubs", "models"} <= common_imports("architecture")
 
 
 def test_settings_and_reports_do_not_reach_into_the_loop_or_the_loader():
-    # cli builds FitConfig and report quotes RANDOM_AREA: both live in schema.py, so the
-    # flags need no training loop and the report no data pipeline.
+    # cli builds FitConfig and recipes.py quotes RANDOM_AREA: both live in schema.py, so the
+    # flags need no training loop and the reports no data pipeline.
     assert "engine" not in common_imports("cli")
-    assert "loader" not in common_imports("report")
+    for module in ("report", "report_pdf", "archive", "runs_folder", "architecture", "recipes"):
+        assert not {"loader", "engine"} & common_imports(module), module
