@@ -1,7 +1,7 @@
 """The layers of common/, read from the import statements of every module (nested imports
 included): data knows no models, models know no files or training loop, loss and recall
-take tensors only, plots know no models or data, and nothing in common/ imports a task
-script."""
+take tensors only, plots know no models or data, nothing in common/ imports a task
+script, and no two modules import each other, directly or through others."""
 import ast
 from pathlib import Path
 
@@ -17,8 +17,14 @@ PLOTS_AND_REPORTS = {"plots", "formats", "placements", "runs_folder", "architect
 
 def common_imports(module: str) -> set[str]:
     """Names of the common/ modules (and top-level scripts) that common/<module>.py imports."""
+    return imported_names((COMMON / f"{module}.py").read_text())
+
+
+def imported_names(source: str) -> set[str]:
+    """The modules a source imports anywhere in it, functions included: `common.x` as `x`,
+    any other as its top-level package."""
     found = set()
-    for node in ast.walk(ast.parse((COMMON / f"{module}.py").read_text())):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom) and node.module:
             if node.module == "common":
                 found |= {alias.name for alias in node.names}
@@ -70,6 +76,8 @@ def test_the_reader_sees_imports_it_must_catch():
     # modules.
     assert "runtime" in common_imports("task_data") and "engine" not in common_imports("task_data")
     assert {"cubs", "models"} <= common_imports("architecture")
+    nested = "import os\n\ndef f():\n    from common import archive\n    import common.plots as p\n"
+    assert imported_names(nested) == {"os", "archive", "plots"}
 
 
 def test_settings_and_reports_do_not_reach_into_the_loop_or_the_loader():
@@ -78,3 +86,51 @@ def test_settings_and_reports_do_not_reach_into_the_loop_or_the_loader():
     assert "engine" not in common_imports("cli")
     for module in ("report", "report_pdf", "archive", "runs_folder", "architecture", "recipes"):
         assert not {"loader", "engine"} & common_imports(module), module
+
+
+def import_graph() -> dict[str, set[str]]:
+    """common/ module -> the common/ modules it imports."""
+    modules = {p.stem for p in COMMON.glob("*.py")}
+    return {m: common_imports(m) & modules for m in sorted(modules)}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of `graph` as [a, b, ..., a], or None where it has none (depth first: an
+    edge back to a module still on the path closes a cycle)."""
+    path: list[str] = []
+    done: set[str] = set()
+
+    def visit(module: str) -> list[str] | None:
+        if module in path:
+            return path[path.index(module):] + [module]
+        if module in done:
+            return None
+        path.append(module)
+        for imported in sorted(graph.get(module, ())):
+            cycle = visit(imported)
+            if cycle:
+                return cycle
+        path.pop()
+        done.add(module)
+        return None
+
+    return next((c for c in map(visit, sorted(graph)) if c), None)
+
+
+def test_find_cycle_names_the_cycle_and_passes_a_layered_graph():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"a"}}) == ["a", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_cycles_in_common():
+    # A cycle makes a module's import order matter and its job unclear: the report modules
+    # import one way, report -> report_pdf, archive -> architecture, recipes -> runs_folder.
+    graph = import_graph()
+    assert {"report_pdf", "archive"} <= graph["report"]
+    cycle = find_cycle(graph)
+    assert cycle is None, f"import cycle in common/: {' -> '.join(cycle)}"
+
+
+def test_nothing_in_common_imports_the_report_command():
+    assert not [m for m, imported in import_graph().items() if "report" in imported]
