@@ -709,7 +709,7 @@ def test_archive_of_the_smoke_runs_holds_code_report_and_best_models(smoke_runs,
             model = build_model(checkpoint["meta"])  # Phase B: the EmbeddingNet
             parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
             assert info.file_size <= 1.25 * parameter_bytes, (name, info.file_size, parameter_bytes)
-            assert src.stat().st_size > 1.9 * parameter_bytes  # what it was before: + momentum
+            assert src.stat().st_size > 1.9 * parameter_bytes  # the training one: + momentum
         for name in report_files:
             assert infos[f"Assignment2/{name}"].file_size == (smoke_report.parent / name).stat().st_size
     for name, info in infos.items():  # the table of contents: every file with its size
