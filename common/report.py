@@ -30,9 +30,9 @@ Computed, not read from JSON (and labelled so): layer counts, rebuilt-model para
 and GFLOPs (common/architecture.py), and the random-resized-crop area range
 (common/recipes.py, from common/schema.py's RANDOM_AREA, which the loader uses).
 
-This module is the top of the report's modules, which import one way only: report ->
-report_pdf, archive -> architecture, recipes -> runs_folder (reading the runs folder and
-choosing one run per task).
+The report's modules import one way only, from this one down: report imports report_pdf and
+archive; report and report_pdf import architecture and recipes; runs_folder (collect,
+choose_runs), which all but recipes use, imports none of them.
 """
 from __future__ import annotations
 

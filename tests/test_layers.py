@@ -125,7 +125,7 @@ def test_find_cycle_names_the_cycle_and_passes_a_layered_graph():
 
 def test_no_import_cycles_in_common():
     # A cycle makes a module's import order matter and its job unclear: the report modules
-    # import one way, report -> report_pdf, archive -> architecture, recipes -> runs_folder.
+    # import one way, from report (the command) down to runs_folder.
     graph = import_graph()
     assert {"report_pdf", "archive"} <= graph["report"]
     cycle = find_cycle(graph)
