@@ -29,9 +29,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import textwrap
 import time
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+import numpy as np
 import torch
 
 from common import cubs, engine, runtime, synthetic
@@ -41,7 +44,7 @@ from common.diagnostics import diagnostics, gamma_values
 from common.datasets import load_tiny_imagenet
 from common.loader import ImageLoader
 from common.models import ResNet18
-from common.plots import plot_mean_curves
+from common.plots import finish_epoch_axes
 
 SIZE, CLASSES, PER_CLASS, EPOCHS, WIDTH, LR, BATCH = 32, 10, 80, 8, 8, 0.2, 32
 STYLES = [0, 1, 2, 3, 4, 5, 6, 10, 11, 12]  # ids 7-9 would repeat the shapes of 0-2
@@ -161,6 +164,23 @@ def plus_statistics(splits, out: Path) -> None:
         scale = max(abs(g) for g in gamma_values(model).values())
         print(f"{run.name:32s} max |scale| {scale:.3f}  gates {min(g.min().item() for g in gates):.3f}"
               f"..{max(g.max().item() for g in gates):.3f}  max |logit| {max(logits):.2f}")
+
+
+def plot_mean_curves(curves: dict[str, list[list[float]]], path: str | Path, ylabel: str,
+                     title: str, reference: str | None = None) -> None:
+    """One line per name: the mean over its runs (e.g. seeds) per epoch, shaded from the
+    lowest to the highest run. curves[name] is a list of runs, each a list of per-epoch
+    values; the `reference` name is drawn thick and black."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, runs in curves.items():
+        values = np.array(runs, dtype=float)
+        epochs = np.arange(1, values.shape[1] + 1)
+        style = {"color": "black", "linewidth": 2.5} if name == reference else {}
+        line, = ax.plot(epochs, values.mean(0), marker=".", label=f"{name} ({len(runs)} runs)", **style)
+        if len(runs) > 1:
+            ax.fill_between(epochs, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
+    ax.set(xlabel="epoch", ylabel=ylabel, title="\n".join(textwrap.wrap(title, 70)))
+    finish_epoch_axes(fig, [ax], path, dpi=120)
 
 
 def plot(out: Path, path: Path) -> None:

@@ -16,7 +16,7 @@ Each best.pt in the zip is the inference part of the run's best.pt (checkpoint.i
 weights, meta, epoch), about the size of the weights: `--evaluate` scores it to the same
 figures as results.json, but a run cannot resume from it. The training best.pt in the runs
 folder, with its optimizer and RNG state, is left as it is.
-One run per task, chosen as REPORT.pdf chooses (report.choose_runs). The zip is written to
+One run per task, chosen as REPORT.pdf chooses (runs_folder.choose_runs). The zip is written to
 a temporary file next to the target and renamed into place, so an interrupted run never
 leaves a half-written archive under the final name.
 
@@ -35,10 +35,10 @@ from pathlib import Path
 
 import torch
 
-from common import report as rep
 from common.checkpoint import inference_state, load_checkpoint
-from common.files import atomic_file
 from common.errors import UserError
+from common.files import atomic_file
+from common.runs_folder import Chosen, RunsFolder, choose_runs, collect
 
 REPO = Path(__file__).resolve().parents[1]
 # Where there is no git: files with these endings, outside these folders, are "the code".
@@ -53,7 +53,7 @@ class ArchiveError(UserError, ValueError):
 
 
 # ---------------------------------------------------------------- what goes in
-def check_runs(runs: rep.RunsFolder, allow_smoke: bool) -> None:
+def check_runs(runs: RunsFolder, allow_smoke: bool) -> None:
     """Refuse smoke runs (unless allowed), a runs folder without any finished run, and a
     chosen run without its best.pt: before the report is built, which takes a while."""
     found = runs.classifiers + runs.retrievals
@@ -65,7 +65,7 @@ def check_runs(runs: rep.RunsFolder, allow_smoke: bool) -> None:
             f"{runs.root} holds smoke runs (generated data, not results): {', '.join(smoke)}. "
             "Remove them (smoke runs live in runs/smoke), point at a folder without them, "
             "or pass --allow-smoke to include them anyway")
-    model_files(rep.choose_runs(runs))  # raises if a best.pt is missing
+    model_files(choose_runs(runs))  # raises if a best.pt is missing
 
 
 def code_files(repo: Path = REPO, exclude: tuple[Path, ...] = ()) -> list[str]:
@@ -116,7 +116,7 @@ def report_files(report_md: Path) -> list[tuple[str, Path]]:
     return files
 
 
-def model_files(chosen: rep.Chosen) -> tuple[list[tuple[str, Path]], list[str]]:
+def model_files(chosen: Chosen) -> tuple[list[tuple[str, Path]], list[str]]:
     """Each task's best checkpoint with its results.json, as (name in zip, file), and one
     line per task saying what was taken (or that the task was not run)."""
     files, notes = [], []
@@ -199,9 +199,9 @@ def build_archive(runs_dir: str | Path, report_md: str | Path, dest: str | Path,
     """Write the submission zip from the runs folder and the report written from it;
     prints what each task contributes and the table of contents."""
     runs_dir, report_md, dest = Path(runs_dir), Path(report_md), Path(dest)
-    runs = rep.collect(runs_dir)
+    runs = collect(runs_dir)
     check_runs(runs, allow_smoke)
-    models, notes = model_files(rep.choose_runs(runs))
+    models, notes = model_files(choose_runs(runs))
     # The hand-in needs the model that gave the reported numbers, not the optimizer state
     # that resuming needs (half or more of a training checkpoint).
     models = [(n, inference_bytes(p) if p.suffix == ".pt" else p) for n, p in models]

@@ -20,23 +20,6 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullForm
 import numpy as np  # noqa: E402
 
 
-def plot_mean_curves(curves: dict[str, list[list[float]]], path: str | Path, ylabel: str,
-                     title: str, reference: str | None = None) -> None:
-    """One line per name: the mean over its runs (e.g. seeds) per epoch, shaded from the
-    lowest to the highest run. curves[name] is a list of runs, each a list of per-epoch
-    values; the `reference` name is drawn thick and black."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, runs in curves.items():
-        values = np.array(runs, dtype=float)
-        epochs = np.arange(1, values.shape[1] + 1)
-        style = {"color": "black", "linewidth": 2.5} if name == reference else {}
-        line, = ax.plot(epochs, values.mean(0), marker=".", label=f"{name} ({len(runs)} runs)", **style)
-        if len(runs) > 1:
-            ax.fill_between(epochs, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
-    ax.set(xlabel="epoch", ylabel=ylabel, title="\n".join(textwrap.wrap(title, 70)))
-    _finish_epoch_axes(fig, [ax], path, dpi=120)
-
-
 def plot_curves(history: Sequence[dict], path: str | Path, title: str = "") -> None:
     """Loss (left) and accuracy / recall (right) per epoch from metrics.jsonl records.
 
@@ -63,7 +46,7 @@ def plot_curves(history: Sequence[dict], path: str | Path, title: str = "") -> N
     ax_acc.set(xlabel="epoch", ylabel=score_name, title=score_name)
     if title:
         fig.suptitle(title)
-    _finish_epoch_axes(fig, [ax_loss, ax_acc], path, dpi=110)
+    finish_epoch_axes(fig, [ax_loss, ax_acc], path, dpi=110)
 
 
 def plot_classifier_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
@@ -93,7 +76,7 @@ def plot_classifier_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]],
     ax_loss.set(xlabel="epoch", ylabel="loss (log scale)",
                 title="loss: train solid, holdout dashed")
     log_axis(ax_loss)
-    _finish_epoch_axes(fig, [ax_acc, ax_loss], path, dpi, key=runs)
+    finish_epoch_axes(fig, [ax_acc, ax_loss], path, dpi, key=runs)
     return True
 
 
@@ -123,11 +106,11 @@ def plot_retrieval_curves(phases: Mapping[str, Sequence[Mapping[str, Any]]], pat
             b_index += 1
     ax_a.set(xlabel="epoch", ylabel="holdout top-1", title="Phase A (classifier)")
     ax_b.set(xlabel="epoch", ylabel="holdout Recall@1", title="Phase B (Multi-Similarity)")
-    _finish_epoch_axes(fig, [ax_a, ax_b], path, dpi, key=ax_a.lines + ax_b.lines)
+    finish_epoch_axes(fig, [ax_a, ax_b], path, dpi, key=ax_a.lines + ax_b.lines)
     return True
 
 
-def _finish_epoch_axes(fig: Figure, axes: Sequence[Axes], path: str | Path, dpi: int,
+def finish_epoch_axes(fig: Figure, axes: Sequence[Axes], path: str | Path, dpi: int,
                        legend_size: float | None = None, key: Sequence[Any] | None = None) -> None:
     """The end of every per-epoch figure: whole-number epoch ticks, a light grid, the legend;
     then lay out, save and close.
@@ -136,7 +119,7 @@ def _finish_epoch_axes(fig: Figure, axes: Sequence[Axes], path: str | Path, dpi:
     can hide no line (a legend inside a panel covered curves wherever the panel had no empty
     corner) and costs width rather than the height a page is short of; the figure must use
     the constrained layout. Without it, each axis that has lines gets its own legend
-    (plot_curves, plot_mean_curves)."""
+    (plot_curves)."""
     for ax in axes:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)

@@ -1,4 +1,4 @@
-"""Build REPORT.md from everything the task scripts wrote under a runs folder.
+"""The report command and REPORT.md: everything the task scripts wrote under a runs folder.
 
     python -m common.report runs                    # -> runs/REPORT.md, runs/report_figures/
     python -m common.report runs --out REPORT.md    # -> ./REPORT.md, ./report_figures/
@@ -26,256 +26,36 @@ Tasks without results say "not run yet"; runs made with --smoke are labelled as 
 
 Number formats: common/formats.py (accuracies to 4 decimals, point differences to 2 with a
 sign, parameter counts exact); every result is copied from the JSON files and only rounded.
-Computed here, not read from JSON (and labelled so): layer counts, rebuilt-model parameter
-counts and GFLOPs (4 decimals; FlopCounterMode counts a multiply-add as 2 FLOPs and only
-convolutions, matrix products and attention kernels; BatchNorm, activations, pooling, softmax
-and the plain CUBS blocks' Taylor-series similarity, elementwise products and sums, are not
-counted), and the random-resized-crop area range (common/schema.py's RANDOM_AREA, which the loader uses).
+Computed, not read from JSON (and labelled so): layer counts, rebuilt-model parameter counts
+and GFLOPs (common/architecture.py), and the random-resized-crop area range
+(common/recipes.py, from common/schema.py's RANDOM_AREA, which the loader uses).
+
+The report's modules import one way only, from this one down: report imports report_pdf and
+archive; report and report_pdf import architecture and recipes; runs_folder (collect,
+choose_runs), which all but recipes use, imports none of them.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import torch
-from torch import nn
-
-from common.cubs import CUBSBlock1, CUBSBlock1Plus, CUBSBlock2, CUBSBlock2Plus
+from common import archive
+from common.architecture import Summaries, architectures
 from common.errors import UserError
-from common.flops import forward_flops
 from common.formats import (fmt_1, fmt_acc, fmt_count, fmt_epochs, fmt_gflops, fmt_points,
                             fmt_setting, table)
-from common.models import SqueezeExcitation
-from common.networks import build_model, model_keys, model_name
+from common.networks import model_name
 from common.placements import comparison_lines
 from common.plots import plot_classifier_curves, plot_retrieval_curves
-from common.schema import RANDOM_AREA, ClassifierResults, RetrievalResults
+from common.recipes import classifier_recipe, embedding_recipe, random_area
+from common.report_pdf import write_pdf
+from common.runs_folder import NOT_RUN, SMOKE_BANNER, TASKS, Run, RunsFolder, collect
 
-SMOKE_BANNER = "smoke run on generated data, not a real result"
-NOT_RUN = "not run yet"
-SKIP_DIRS = {"smoke_data", "report_figures", "__pycache__"}
 FIGURES = "report_figures"
-TASKS = {"t1": "T1 custom CNN (Tiny ImageNet)", "t2": "T2 ResNet-18 (Tiny ImageNet)",
-         "t3": "T3 CUBS-ResNet-18 placements (Tiny ImageNet)",
-         "t4": "T4 Cars196 retrieval (Multi-Similarity loss)"}
-
-
-# ---------------------------------------------------------------- reading the runs folder
-@dataclass
-class Run:
-    """One folder holding a results.json (T1/T2/T3 classifier run or a whole T4 run)."""
-    path: Path
-    name: str  # path relative to the runs folder, with '/'
-    results: ClassifierResults | RetrievalResults  # as read: a run of older code may lack keys
-    history: list[dict] = field(default_factory=list)  # metrics.jsonl of this folder
-    phases: dict[str, list[dict]] = field(default_factory=dict)  # T4: phase_a, phase_b_<m>
-
-    @property
-    def task(self) -> str:
-        return str(self.results.get("task", "?"))
-
-    @property
-    def args(self) -> dict:
-        return self.results.get("args") or {}
-
-    @property
-    def smoke(self) -> bool:
-        return bool(self.args.get("smoke"))
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} (SMOKE)" if self.smoke else self.name
-
-
-@dataclass
-class RunsFolder:
-    root: Path
-    classifiers: list[Run] = field(default_factory=list)
-    retrievals: list[Run] = field(default_factory=list)
-    placements: list[tuple[str, dict]] = field(default_factory=list)  # (folder name, json)
-    unfinished: list[tuple[str, list[dict]]] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    # architectures() rebuilds every model and counts its FLOPs; REPORT.md and REPORT.pdf
-    # both need the result, so it is computed once and kept here.
-    summaries: list[tuple[Run, str, Architecture | None]] | None = None
-
-    def of_task(self, task: str) -> list[Run]:
-        return [r for r in self.classifiers + self.retrievals if r.task == task]
-
-    def run_at(self, name: str) -> Run | None:
-        """The run whose folder is `name` (relative to the runs folder), if any."""
-        return next((r for r in self.classifiers + self.retrievals if r.name == name), None)
-
-    def placement_runs(self, name: str) -> list[Run]:
-        """The T3 runs next to the placements.json in folder `name`."""
-        return [r for r in self.classifiers if r.path.parent == self.root / name]
-
-
-def read_json(path: Path, problems: list[str]) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        problems.append(f"could not read {path}: {err}")
-        return None
-
-
-def read_jsonl(path: Path, problems: list[str]) -> list[dict]:
-    records = []
-    try:
-        for line in path.read_text().splitlines():
-            if line.strip():
-                records.append(json.loads(line))
-    except (OSError, json.JSONDecodeError) as err:
-        problems.append(f"could not read {path}: {err}")
-    return records
-
-
-def rel_name(path: Path, root: Path) -> str:
-    name = path.relative_to(root).as_posix()
-    return "." if name in ("", ".") else name
-
-
-def walk(root: Path) -> Iterable[tuple[Path, set[str]]]:
-    """(folder, file names) for every folder under root, skipping generated data."""
-    for folder, dirs, files in os.walk(root):
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
-        yield Path(folder), set(files)
-
-
-def collect(root: str | Path) -> RunsFolder:
-    """Read every results.json / metrics.jsonl / placements.json under `root`."""
-    root = Path(root)
-    found = RunsFolder(root)
-    if not root.is_dir():
-        return found
-    folders = list(walk(root))
-    t4_dirs = set()
-    for folder, files in folders:
-        name = rel_name(folder, root)
-        if "placements.json" in files:
-            data = read_json(folder / "placements.json", found.problems)
-            if isinstance(data, dict):
-                found.placements.append((name, data))
-        if "results.json" not in files:
-            continue
-        results = read_json(folder / "results.json", found.problems)
-        if not isinstance(results, dict):
-            continue
-        run = Run(folder, name, results)
-        if "metrics.jsonl" in files:
-            run.history = read_jsonl(folder / "metrics.jsonl", found.problems)
-        if run.task == "t4":
-            t4_dirs.add(folder)
-            for sub in sorted(folder.glob("phase_*/metrics.jsonl")):
-                run.phases[sub.parent.name] = read_jsonl(sub, found.problems)
-            found.retrievals.append(run)
-        else:
-            found.classifiers.append(run)
-    for folder, files in folders:
-        if "metrics.jsonl" in files and "results.json" not in files and folder.parent not in t4_dirs:
-            found.unfinished.append((rel_name(folder, root),
-                                     read_jsonl(folder / "metrics.jsonl", found.problems)))
-    found.classifiers.sort(key=lambda r: (r.task, r.name))
-    found.retrievals.sort(key=lambda r: r.name)
-    return found
-
-
-@dataclass
-class Chosen:
-    """One run per task: what REPORT.pdf shows and what the archive ships.
-
-    runs["t3"] is the run of the placement that T3 selected (placements.json "selected",
-    by holdout accuracy); `placements` is that comparison as (folder name, placements.json).
-    A task that has no finished run maps to None.
-    """
-    runs: dict[str, Run | None]
-    placements: tuple[str, dict] | None
-
-
-def _preference(smoke: bool, name: str, task: str) -> tuple:
-    """Sort key: real runs before smoke runs, then the script's default folder (`t1`, ...),
-    then the shallowest, then by name (so the choice never depends on the file system)."""
-    return smoke, name != task, name.count("/"), name
-
-
-def choose_runs(runs: RunsFolder) -> Chosen:
-    """Pick the run per task that the two-page report and the archive present."""
-    chosen: dict[str, Run | None] = {}
-    for task in ("t1", "t2", "t4"):
-        found = runs.of_task(task)
-        chosen[task] = min(found, key=lambda r: _preference(r.smoke, r.name, task), default=None)
-    placements = min(runs.placements, default=None, key=lambda p: _preference(
-        any(r.smoke for r in runs.placement_runs(p[0])), p[0], "t3"))
-    chosen["t3"] = None
-    if placements is not None:
-        name, data = placements
-        pick = data.get("selected") or data.get("best_overall") or {}
-        folder = f"{pick.get('placement')}_{pick.get('variant')}"
-        chosen["t3"] = runs.run_at(folder if name == "." else f"{name}/{folder}")
-    elif runs.of_task("t3"):  # t3_cubs.py writes placements.json after its last run
-        chosen["t3"] = min(runs.of_task("t3"), key=lambda r: _preference(r.smoke, r.name, "t3"))
-    return Chosen({t: chosen[t] for t in TASKS}, placements)
-
-
-# ---------------------------------------------------------------- architectures
-@dataclass
-class Architecture:
-    label: str
-    input_size: int
-    conv: int
-    linear: int
-    batchnorm: int
-    attention: int  # CUBS Block 1 / Block 2 modules
-    se_gates: int
-    params: int
-    flops: float
-
-
-def summarise(model: nn.Module, label: str, image_size: int) -> Architecture:
-    mods = list(model.modules())
-    n = lambda *types: sum(isinstance(m, types) for m in mods)  # noqa: E731
-    return Architecture(
-        label=label, input_size=image_size, conv=n(nn.Conv2d), linear=n(nn.Linear),
-        batchnorm=n(nn.BatchNorm2d),
-        attention=n(CUBSBlock1, CUBSBlock2, CUBSBlock1Plus, CUBSBlock2Plus),
-        se_gates=n(SqueezeExcitation), params=sum(p.numel() for p in model.parameters()),
-        flops=forward_flops(model, image_size))
-
-
-def architectures(runs: RunsFolder) -> list[tuple[Run, str, Architecture | None]]:
-    """(run, phase, summary) for every run; T4 gives Phase A and Phase B. Computed once per
-    RunsFolder (runs.summaries)."""
-    if runs.summaries is None:
-        runs.summaries = _architectures(runs)
-    return runs.summaries
-
-
-def _architectures(runs: RunsFolder) -> list[tuple[Run, str, Architecture | None]]:
-    out, cache = [], {}
-    for run in runs.classifiers + runs.retrievals:
-        phases = ["a", "b"] if run.task == "t4" else [""]
-        for phase in phases:
-            size = run.results.get("image_size", run.args.get("image_size"))
-            try:
-                torch.manual_seed(0)
-                key = json.dumps([model_keys(run.results, phase), size], default=str)
-                if key not in cache:
-                    label = model_name(run.results) + (
-                        {"a": " (Phase A classifier)", "b": " (Phase B embedding)"}.get(phase, ""))
-                    cache[key] = None if size is None else \
-                        summarise(build_model(run.results, phase), label, int(size))
-                out.append((run, phase, cache[key]))
-            except (KeyError, TypeError, ValueError, RuntimeError) as err:
-                runs.problems.append(f"could not rebuild the model of {run.name}: {err!r}")
-                out.append((run, phase, None))
-    return out
 
 
 # ---------------------------------------------------------------- markdown helpers
@@ -345,9 +125,8 @@ def _last_score(history: list[dict]) -> str:
     return "n/a"
 
 
-def section_architectures(runs: RunsFolder) -> list[str]:
+def section_architectures(summaries: Summaries) -> list[str]:
     lines = ["## Architectures", ""]
-    summaries = architectures(runs)
     if not summaries:
         return lines + [f"No finished run: {NOT_RUN}.", ""]
     rows = []
@@ -510,62 +289,6 @@ def section_curves(runs: RunsFolder, figs: Figures) -> list[str]:
     return lines
 
 
-# ---------------------------------------------------------------- training strategies
-def random_area() -> str:
-    """The loader's random-resized-crop area range (a code default, not in results.json)."""
-    lo, hi = RANDOM_AREA
-    return f"{lo:g}-{hi:g}"
-
-
-def optimiser(name: Any) -> str:
-    return {"sgd": "SGD, Nesterov momentum", "adamw": "AdamW"}.get(name, fmt_setting(name))
-
-
-def classifier_recipe(args: dict, area: str) -> dict[str, str]:
-    jitter = args.get("color_jitter") or 0.0
-    return {
-        "augmentation": (f"random-resized-crop to {fmt_setting(args.get('image_size'))} px "
-                         f"(area {area} of the image), random horizontal flip, "
-                         + (f"colour jitter ±{fmt_setting(jitter)} (brightness, contrast, saturation)"
-                            if jitter else "no colour jitter")),
-        "optimiser": optimiser(args.get("optimizer")),
-        "peak LR": fmt_setting(args.get("lr")),
-        "schedule": f"linear warmup {fmt_setting(args.get('warmup_epochs'))} epochs, then cosine decay",
-        "weight decay": f"{fmt_setting(args.get('weight_decay'))} (not on biases / norms)",
-        "label smoothing": fmt_setting(args.get("label_smoothing")),
-        "batch size": f"{fmt_setting(args.get('batch_size'))} per process",
-        "epochs (max)": fmt_setting(args.get("epochs")),
-        "early stopping": (f"patience {fmt_setting(args.get('patience'))} epochs "
-                           f"(min delta {fmt_setting(args.get('min_delta'))})"),
-        "holdout": f"{fmt_setting(args.get('holdout_per_class'))} train images per class",
-        "gradient clipping": fmt_setting(args.get("grad_clip")) if args.get("grad_clip") else "off",
-        "width": fmt_setting(args.get("width")),
-        "dropout": fmt_setting(args.get("dropout")) if "dropout" in args else "-",
-        "seed": fmt_setting(args.get("seed")),
-        "smoke run": fmt_setting(bool(args.get("smoke"))),
-    }
-
-
-def embedding_recipe(r: dict) -> dict[str, str]:
-    args = r.get("args") or {}
-    return {
-        "init": fmt_setting(r.get("init")) + (f" ({r['init_source']})" if r.get("init_source") else ""),
-        "loss": (f"Multi-Similarity: alpha {fmt_setting(args.get('alpha'))}, beta "
-                 f"{fmt_setting(args.get('beta'))}, lambda {fmt_setting(args.get('lam'))}, "
-                 f"epsilon {fmt_setting(args.get('epsilon'))}"),
-        "mining": fmt_setting(args.get("mining")) + (" (+ all others compared)"
-                                                     if args.get("compare_mining") else ""),
-        "batches (P x K)": (f"{fmt_setting(args.get('classes_per_batch'))} classes x "
-                            f"{fmt_setting(args.get('images_per_class'))} images"),
-        "embedding": f"{fmt_setting(args.get('embedding_dim'))}-d linear, L2-normalised",
-        "optimiser": optimiser(args.get("embed_optimizer")),
-        "LR": fmt_setting(args.get("embed_lr")),
-        "weight decay": fmt_setting(args.get("embed_weight_decay")),
-        "epochs (max)": fmt_setting(args.get("embed_epochs")),
-        "early stopping": (f"patience {fmt_setting(args.get('patience'))} epochs on holdout Recall@1"),
-    }
-
-
 def recipe_table(named: Sequence[tuple[str, dict[str, str]]]) -> list[str]:
     """Rows = settings, one column per group of runs sharing the same recipe."""
     groups: list[tuple[list[str], dict[str, str]]] = []
@@ -601,7 +324,7 @@ def section_strategies(runs: RunsFolder) -> list[str]:
 
 
 # ---------------------------------------------------------------- the report
-def render(runs: RunsFolder, figs: Figures) -> str:
+def render(runs: RunsFolder, summaries: Summaries, figs: Figures) -> str:
     all_runs = runs.classifiers + runs.retrievals
     lines = ["# Report", "",
              f"Built by `python -m common.report` from `{runs.root}`. Numbers are copied from the "
@@ -612,7 +335,7 @@ def render(runs: RunsFolder, figs: Figures) -> str:
         lines += [f"> **WARNING: this report contains SMOKE runs ({SMOKE_BANNER}).** They are "
                   "marked SMOKE below.", ""]
     lines += section_status(runs)
-    lines += section_architectures(runs)
+    lines += section_architectures(summaries)
     lines += section_classifiers(runs)
     lines += section_placements(runs, figs)
     lines += section_retrieval(runs, figs)
@@ -625,15 +348,14 @@ def render(runs: RunsFolder, figs: Figures) -> str:
 
 def build_report(runs_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write REPORT.md (and its figures) and REPORT.pdf next to it; returns the REPORT.md path."""
-    from common.report_pdf import write_pdf  # imports reportlab; report_pdf imports this module
-
     runs_dir = Path(runs_dir)
     out = Path(out) if out else runs_dir / "REPORT.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     runs = collect(runs_dir)
+    summaries = architectures(runs)  # rebuilds every model: once, for both reports
     figs = Figures(out)
-    out.write_text(render(runs, figs))
-    write_pdf(runs, out.with_suffix(".pdf"), figs.folder)
+    out.write_text(render(runs, summaries, figs))
+    write_pdf(runs, summaries, out.with_suffix(".pdf"), figs.folder)
     return out
 
 
@@ -655,8 +377,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> Path:
     """Command line. A user error (e.g. smoke runs in an archive) ends it with one `error:`
     line and exit status 1, without a traceback."""
-    from common import archive  # archive imports this module
-
     parser = build_parser()
     args = parser.parse_args(argv)
     if not Path(args.runs).is_dir():

@@ -1,13 +1,14 @@
 """REPORT.pdf: the report on at most two A4 pages, drawn with reportlab (no LaTeX, no pandoc).
 
     from common.report_pdf import write_pdf        # called by common.report.build_report
-    write_pdf(runs, Path("runs/REPORT.pdf"), Path("runs/report_figures"))
+    runs = collect("runs")                         # common/runs_folder.py
+    write_pdf(runs, architectures(runs), Path("runs/REPORT.pdf"), Path("runs/report_figures"))
 
 Why reportlab: it is a pure-Python wheel on PyPI (installs on any student machine and on
 Colab without a TeX distribution), maintained since 2000, and lays out paragraphs, tables and
 images itself (platypus), so the page count is known before anything is written.
 
-What the two pages hold, for ONE run per task (report.choose_runs: real runs before smoke
+What the two pages hold, for ONE run per task (runs_folder.choose_runs: real runs before smoke
 runs, the script's default folder first; REPORT.md lists every run):
     1 networks       a line per network (layer counts, parameters and GFLOPs of the rebuilt
                      model) and a drawing of the three CUBS placements
@@ -41,14 +42,17 @@ from reportlab.lib.pagesizes import A4
 from reportlab.lib.styles import ParagraphStyle
 from reportlab.lib.units import cm, inch
 from reportlab.lib.utils import ImageReader
+from reportlab.pdfgen.canvas import Canvas
 from reportlab.platypus import (Flowable, Image, KeepTogether, Paragraph, SimpleDocTemplate,
                                 Spacer, Table, TableStyle)
 
-from common import report as rep
+from common.architecture import Architecture, Summaries
 from common.files import atomic_file
 from common.formats import fmt_1, fmt_acc, fmt_count, fmt_epochs, fmt_gflops, fmt_points, fmt_setting
 from common.placements import at_par_lines, table_rows
 from common.plots import RETRIEVAL_FONT_PT, plot_classifier_curves, plot_retrieval_curves
+from common.recipes import classifier_recipe, embedding_recipe, random_area
+from common.runs_folder import NOT_RUN, SMOKE_BANNER, TASKS, Chosen, Run, RunsFolder, choose_runs
 
 MAX_PAGES = 2
 MARGIN = 1.3 * cm
@@ -110,7 +114,7 @@ def source(text: str) -> Paragraph:
     return para(f"Source: {text}", SMALL)
 
 
-def json_path(run: rep.Run, file: str = "results.json") -> str:
+def json_path(run: Run, file: str = "results.json") -> str:
     """<run folder>/results.json, relative to the runs folder, as the tables cite it. Plain
     text, not Courier: a path wider than its table cell would be split inside a word."""
     return file if run.name == "." else f"{run.name}/{file}"
@@ -122,7 +126,7 @@ def recalls(values: dict | None) -> list[str]:
     return [fmt_acc(values.get(k)) for k in ("1", "2", "4", "8")]
 
 
-def run_label(run: rep.Run) -> str:
+def run_label(run: Run) -> str:
     return f"{run.name} **(SMOKE)**" if run.smoke else run.name
 
 
@@ -140,11 +144,11 @@ NETWORK_TEXT = {
 }
 
 
-def network_line(task: str, run: rep.Run | None, arch: rep.Architecture | None) -> Paragraph:
+def network_line(task: str, run: Run | None, arch: Architecture | None) -> Paragraph:
     """One line per network: what it is, then the rebuilt model's counts."""
-    title = rep.TASKS[task].split(" (")[0]
+    title = TASKS[task].split(" (")[0]
     if run is None:
-        return para(f"**{title}**: **{rep.NOT_RUN}**.")
+        return para(f"**{title}**: **{NOT_RUN}**.")
     r = run.results
     what = NETWORK_TEXT[task]
     if task in ("t3", "t4"):
@@ -212,12 +216,12 @@ def placements_drawing() -> Drawing:
     return d
 
 
-def section_networks(runs: rep.RunsFolder, chosen: rep.Chosen) -> list[Flowable]:
-    summaries = {(r.name, phase): a for r, phase, a in rep.architectures(runs)}
+def section_networks(summaries: Summaries, chosen: Chosen) -> list[Flowable]:
+    found = {(r.name, phase): a for r, phase, a in summaries}
     lines = []
     for task, run in chosen.runs.items():
         phase = "b" if task == "t4" else ""
-        arch = summaries.get((run.name, phase)) if run else None
+        arch = found.get((run.name, phase)) if run else None
         lines += [network_line(task, run, arch), Spacer(1, 2)]
     lines.append(para("Counts are computed from the model rebuilt with the run's settings "
                       "(GFLOPs: one forward pass, multiply-add = 2 FLOPs).", SMALL))
@@ -229,9 +233,9 @@ def section_networks(runs: rep.RunsFolder, chosen: rep.Chosen) -> list[Flowable]
 
 
 # ---------------------------------------------------------------- 2 results
-def classifier_row(task: str, run: rep.Run | None, selected: bool = False) -> list[str]:
+def classifier_row(task: str, run: Run | None, selected: bool = False) -> list[str]:
     if run is None:
-        return [task.upper(), f"**{rep.NOT_RUN}**", "", "", "", "", ""]
+        return [task.upper(), f"**{NOT_RUN}**", "", "", "", "", ""]
     r = run.results
     name = run_label(run) + (" (selected)" if selected else "")
     # T3's model name repeats the placement and variant that its folder name already gives.
@@ -242,9 +246,9 @@ def classifier_row(task: str, run: rep.Run | None, selected: bool = False) -> li
             f"{json_path(run)}: test_acc, test_top5, holdout_acc"]
 
 
-def retrieval_rows(run: rep.Run | None) -> list[list[str]]:
+def retrieval_rows(run: Run | None) -> list[list[str]]:
     if run is None:
-        return [["T4", f"**{rep.NOT_RUN}**", "", "", "", "", ""]]
+        return [["T4", f"**{NOT_RUN}**", "", "", "", "", ""]]
     r = run.results
     a, b = r.get("phase_a") or {}, r.get("phase_b") or {}
     return [["T4", f"{run_label(run)}: before (Phase A classifier features)", "R@1/2/4/8",
@@ -256,7 +260,7 @@ def retrieval_rows(run: rep.Run | None) -> list[list[str]]:
              f"{json_path(run)}: phase_b"]]
 
 
-def section_results(chosen: rep.Chosen) -> list[Flowable]:
+def section_results(chosen: Chosen) -> list[Flowable]:
     rows = [classifier_row("t1", chosen.runs["t1"]), classifier_row("t2", chosen.runs["t2"]),
             classifier_row("t3", chosen.runs["t3"], selected=chosen.placements is not None)]
     rows += retrieval_rows(chosen.runs["t4"])
@@ -270,10 +274,10 @@ def section_results(chosen: rep.Chosen) -> list[Flowable]:
 
 
 # ---------------------------------------------------------------- 3 placements
-def section_placements(chosen: rep.Chosen) -> list[Flowable]:
+def section_placements(chosen: Chosen) -> list[Flowable]:
     out: list[Flowable] = [heading("3  T3: placement comparison (selection by holdout accuracy)")]
     if chosen.placements is None:
-        return out + [para(f"**{rep.NOT_RUN}** (no placements.json: run `t3_cubs.py "
+        return out + [para(f"**{NOT_RUN}** (no placements.json: run `t3_cubs.py "
                            f"--placement all`).")]
     name, c = chosen.placements
     rows = table_rows(c)  # the rows of placements.md and REPORT.md
@@ -322,7 +326,7 @@ MIN_FIGURE_FONT = 0.8 * BODY.fontSize
 
 
 def draw(plot: Callable[..., bool], path: Path, height_in: float) -> bool:
-    """Run one of report.py's plot functions at the printed size (full page width, given
+    """Run one of plots.py's curve functions at the printed size (full page width, given
     height), with fonts sized for print (MIN_FIGURE_FONT and up)."""
     style = {"font.size": 7.5, "axes.titlesize": 8, "axes.labelsize": 7.5, "xtick.labelsize": 7,
              "ytick.labelsize": 7, "legend.fontsize": 7, "lines.markersize": 4}
@@ -336,7 +340,7 @@ def captioned(picture: Flowable, caption: str) -> Flowable:
     return KeepTogether([picture, para(caption, SMALL)])
 
 
-def section_curves(runs: rep.RunsFolder, chosen: rep.Chosen, figures: Path,
+def section_curves(runs: RunsFolder, chosen: Chosen, figures: Path,
                    scale: float) -> list[Flowable]:
     out: list[Flowable] = [heading("4  Training curves (metrics.jsonl of each run)")]
     classifiers = [r for r in (chosen.runs["t1"], chosen.runs["t2"]) if r]
@@ -349,17 +353,17 @@ def section_curves(runs: rep.RunsFolder, chosen: rep.Chosen, figures: Path,
     if draw(lambda p, **kw: plot_classifier_curves(curve_names(classifiers), p, **kw), path, height):
         out.append(captioned(figure(path, WIDTH), CAPTIONS["classifier_curves"]))
     else:
-        out.append(para(f"T1 / T2 / T3: **{rep.NOT_RUN}**."))
+        out.append(para(f"T1 / T2 / T3: **{NOT_RUN}**."))
     t4 = chosen.runs["t4"]
     path = figures / "pdf_t4_curves.png"
     if t4 and draw(lambda p, **kw: plot_retrieval_curves(t4.phases, p, **kw), path, height):
         out.append(captioned(figure(path, WIDTH), CAPTIONS["t4_curves"]))
     else:
-        out.append(para(f"T4: **{rep.NOT_RUN}**."))
+        out.append(para(f"T4: **{NOT_RUN}**."))
     return out
 
 
-def curve_names(runs: Sequence[rep.Run]) -> dict[str, list[dict]]:
+def curve_names(runs: Sequence[Run]) -> dict[str, list[dict]]:
     """Run name -> its metrics.jsonl records, for the curves' key. "(SMOKE)" is added only
     where smoke and real runs are shown together: when all are smoke, the header's banner
     says so once, and eight long names would make a key taller than the panels."""
@@ -379,11 +383,11 @@ CAPTIONS = {
 
 
 # ---------------------------------------------------------------- 5 retrieval
-def section_retrieval(chosen: rep.Chosen, figures: Path, scale: float) -> list[Flowable]:
+def section_retrieval(chosen: Chosen, figures: Path, scale: float) -> list[Flowable]:
     out: list[Flowable] = [heading("5  T4: Cars196 retrieval on unseen classes, mining comparison")]
     run = chosen.runs["t4"]
     if run is None:
-        return out + [para(f"**{rep.NOT_RUN}**.")]
+        return out + [para(f"**{NOT_RUN}**.")]
     r = run.results
     a, main = r.get("phase_a") or {}, (r.get("phase_b") or {}).get("mining")
     out.append(para(
@@ -443,12 +447,12 @@ def by_task(values: dict[str, str]) -> str:
     return "; ".join(f"{', '.join(tasks)}: {value}" for value, tasks in groups.items())
 
 
-def classifier_strategies(chosen: rep.Chosen) -> list[str]:
+def classifier_strategies(chosen: Chosen) -> list[str]:
     runs = {t: r for t, r in chosen.runs.items() if r is not None}
     if not runs:
-        return [f"Classifier training: **{rep.NOT_RUN}**."]
-    area = rep.random_area()
-    recipes = {t: rep.classifier_recipe(r.args, area) for t, r in runs.items()}
+        return [f"Classifier training: **{NOT_RUN}**."]
+    area = random_area()
+    recipes = {t: classifier_recipe(r.args, area) for t, r in runs.items()}
 
     def pick(key: str) -> str:
         return by_task({t: recipe[key] for t, recipe in recipes.items()})
@@ -469,11 +473,11 @@ def classifier_strategies(chosen: rep.Chosen) -> list[str]:
     ]
 
 
-def mining_strategy(chosen: rep.Chosen) -> str:
+def mining_strategy(chosen: Chosen) -> str:
     run = chosen.runs["t4"]
     if run is None:
-        return f"**Hard mining** (T4): **{rep.NOT_RUN}**."
-    recipe = rep.embedding_recipe(run.results)
+        return f"**Hard mining** (T4): **{NOT_RUN}**."
+    recipe = embedding_recipe(run.results)
     entries = run.results.get("mining_comparison") or []
     scores = [e.get("holdout_r1") or 0.0 for e in entries]
     best = [e.get("mining") for e, v in zip(entries, scores) if v == max(scores)]
@@ -488,7 +492,7 @@ def mining_strategy(chosen: rep.Chosen) -> str:
             f"{verdict} {recipe['optimiser']}, LR {recipe['LR']}, {recipe['early stopping']}.")
 
 
-def variant_strategy(chosen: rep.Chosen) -> str:
+def variant_strategy(chosen: Chosen) -> str:
     pairs = (chosen.placements[1].get("plus_vs_plain") or []) if chosen.placements else []
     result = ("; ".join(f"{p.get('placement')}: {fmt_points(p.get('gain_points'))} test "
                         "points over plain" for p in pairs)
@@ -498,18 +502,18 @@ def variant_strategy(chosen: rep.Chosen) -> str:
             f"multi-head similarity (4 heads of 8 dims). Result: {result}.")
 
 
-def section_strategies(chosen: rep.Chosen) -> list[Flowable]:
+def section_strategies(chosen: Chosen) -> list[Flowable]:
     items = classifier_strategies(chosen) + [mining_strategy(chosen), variant_strategy(chosen)]
     t4 = chosen.runs["t4"]
     if t4 is not None:
-        items.append("**T4 initialisation**: " + rep.embedding_recipe(t4.results)["init"]
+        items.append("**T4 initialisation**: " + embedding_recipe(t4.results)["init"]
                      + " (Phase A), Phase B from the Phase A weights.")
     return [heading("6  Training strategies (from each run's args)")] + [
         Paragraph(inline(item), BODY, bulletText="\u2022") for item in items]
 
 
 # ---------------------------------------------------------------- the document
-def header(runs: rep.RunsFolder, chosen: rep.Chosen) -> list[Flowable]:
+def header(runs: RunsFolder, chosen: Chosen) -> list[Flowable]:
     shown = [r for r in chosen.runs.values() if r is not None]
     if chosen.placements:
         shown += [r for r in runs.placement_runs(chosen.placements[0]) if r not in shown]
@@ -523,18 +527,18 @@ def header(runs: rep.RunsFolder, chosen: rep.Chosen) -> list[Flowable]:
                    else "REPORT.md has the full tables."), SMALL)]
     smoke = [r.name for r in shown if r.smoke]
     if smoke:
-        out.append(Paragraph(html.escape(f"SMOKE: {rep.SMOKE_BANNER} ({', '.join(smoke)})."), WARN))
+        out.append(Paragraph(html.escape(f"SMOKE: {SMOKE_BANNER} ({', '.join(smoke)})."), WARN))
     return out
 
 
-def story(runs: rep.RunsFolder, figures: Path, scale: float) -> list[Flowable]:
-    chosen = rep.choose_runs(runs)
-    return (header(runs, chosen) + section_networks(runs, chosen) + section_results(chosen)
+def story(runs: RunsFolder, summaries: Summaries, figures: Path, scale: float) -> list[Flowable]:
+    chosen = choose_runs(runs)
+    return (header(runs, chosen) + section_networks(summaries, chosen) + section_results(chosen)
             + section_placements(chosen) + section_curves(runs, chosen, figures, scale)
             + section_retrieval(chosen, figures, scale) + section_strategies(chosen))
 
 
-def footer(canvas, doc) -> None:
+def footer(canvas: Canvas, doc: SimpleDocTemplate) -> None:
     canvas.saveState()
     canvas.setFont("Helvetica", 7)
     canvas.drawRightString(A4[0] - MARGIN, MARGIN / 2, f"REPORT.pdf, page {doc.page}")
@@ -553,12 +557,13 @@ class _Document(SimpleDocTemplate):
         super().handle_pageEnd()
 
 
-def render(runs: rep.RunsFolder, figures: Path, scale: float) -> tuple[bytes, int, float]:
+def render(runs: RunsFolder, summaries: Summaries, figures: Path,
+           scale: float) -> tuple[bytes, int, float]:
     """The PDF's bytes, its page count, and the empty height (points) at the foot of page 1."""
     buffer = io.BytesIO()
     doc = _Document(buffer, pagesize=A4, leftMargin=MARGIN, rightMargin=MARGIN,
                     topMargin=MARGIN, bottomMargin=MARGIN, title="Report", author="common.report")
-    doc.build(story(runs, figures, scale), onFirstPage=footer, onLaterPages=footer)
+    doc.build(story(runs, summaries, figures, scale), onFirstPage=footer, onLaterPages=footer)
     return buffer.getvalue(), doc.page, doc.empty_feet[0]
 
 
@@ -567,7 +572,7 @@ def render(runs: rep.RunsFolder, figures: Path, scale: float) -> tuple[bytes, in
 MAX_EMPTY_FOOT = 2.5 * cm
 
 
-def write_pdf(runs: rep.RunsFolder, pdf: Path, figures: Path) -> Path:
+def write_pdf(runs: RunsFolder, summaries: Summaries, pdf: Path, figures: Path) -> Path:
     """Write REPORT.pdf (atomically); figures drawn for it go to `figures`.
 
     Tries the figure scales from the largest down and takes the first that fits on MAX_PAGES
@@ -577,7 +582,7 @@ def write_pdf(runs: rep.RunsFolder, pdf: Path, figures: Path) -> Path:
     figures.mkdir(parents=True, exist_ok=True)
     fitting: dict[float, tuple[bytes, float]] = {}
     for scale in FIGURE_SCALES:
-        data, pages, empty = render(runs, figures, scale)
+        data, pages, empty = render(runs, summaries, figures, scale)
         if pages <= MAX_PAGES:
             fitting[scale] = (data, empty)
             if empty <= MAX_EMPTY_FOOT:
@@ -588,7 +593,7 @@ def write_pdf(runs: rep.RunsFolder, pdf: Path, figures: Path) -> Path:
     chosen = min(fitting, key=lambda s: (fitting[s][1] > MAX_EMPTY_FOOT, fitting[s][1] if
                                          fitting[s][1] > MAX_EMPTY_FOOT else -s))
     if chosen != scale:  # the figure files on disk are the last scale's: draw the chosen one's
-        render(runs, figures, chosen)
+        render(runs, summaries, figures, chosen)
     with atomic_file(pdf) as tmp:
         tmp.write_bytes(fitting[chosen][0])
     return pdf

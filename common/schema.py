@@ -139,7 +139,3 @@ class RetrievalResults(RunFigures, total=False):
 def keys(schema: type) -> set[str]:
     """Every key a TypedDict allows (its bases' included)."""
     return set(schema.__required_keys__ | schema.__optional_keys__)
-
-
-def required_keys(schema: type) -> set[str]:
-    return set(schema.__required_keys__)

@@ -1,7 +1,7 @@
 """The layers of common/, read from the import statements of every module (nested imports
 included): data knows no models, models know no files or training loop, loss and recall
-take tensors only, plots know no models or data, and nothing in common/ imports a task
-script."""
+take tensors only, plots know no models or data, nothing in common/ imports a task
+script, and no two modules import each other, directly or through others."""
 import ast
 from pathlib import Path
 
@@ -11,13 +11,20 @@ COMMON = Path(__file__).resolve().parents[1] / "common"
 DATA = {"datasets", "synthetic", "sampling", "loader", "task_data", "image_check"}
 MODELS = {"models", "cubs", "networks"}
 TRAINING = {"engine", "train_classifier", "init_weights", "diagnostics", "evaluate", "cli"}
-PLOTS_AND_REPORTS = {"plots", "formats", "placements", "report", "report_pdf", "archive"}
+PLOTS_AND_REPORTS = {"plots", "formats", "placements", "runs_folder", "architecture", "recipes",
+                     "report", "report_pdf", "archive"}
 
 
 def common_imports(module: str) -> set[str]:
     """Names of the common/ modules (and top-level scripts) that common/<module>.py imports."""
+    return imported_names((COMMON / f"{module}.py").read_text())
+
+
+def imported_names(source: str) -> set[str]:
+    """The modules a source imports anywhere in it, functions included: `common.x` as `x`,
+    any other as its top-level package."""
     found = set()
-    for node in ast.walk(ast.parse((COMMON / f"{module}.py").read_text())):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom) and node.module:
             if node.module == "common":
                 found |= {alias.name for alias in node.names}
@@ -65,13 +72,65 @@ def test_nothing_in_common_imports_a_task_script(module):
 
 
 def test_the_reader_sees_imports_it_must_catch():
-    # task_data.py reads the runtime, not the training loop; report.py counts CUBS and SE modules.
+    # task_data.py reads the runtime, not the training loop; architecture.py counts CUBS and SE
+    # modules.
     assert "runtime" in common_imports("task_data") and "engine" not in common_imports("task_data")
-    assert {"cubs", "models"} <= common_imports("report")
+    assert {"cubs", "models"} <= common_imports("architecture")
+    nested = "import os\n\ndef f():\n    from common import archive\n    import common.plots as p\n"
+    assert imported_names(nested) == {"os", "archive", "plots"}
 
 
 def test_settings_and_reports_do_not_reach_into_the_loop_or_the_loader():
-    # cli builds FitConfig and report quotes RANDOM_AREA: both live in schema.py, so the
-    # flags need no training loop and the report no data pipeline.
+    # cli builds FitConfig and recipes.py quotes RANDOM_AREA: both live in schema.py, so the
+    # flags need no training loop and the reports no data pipeline.
     assert "engine" not in common_imports("cli")
-    assert "loader" not in common_imports("report")
+    for module in ("report", "report_pdf", "archive", "runs_folder", "architecture", "recipes"):
+        assert not {"loader", "engine"} & common_imports(module), module
+
+
+def import_graph() -> dict[str, set[str]]:
+    """common/ module -> the common/ modules it imports."""
+    modules = {p.stem for p in COMMON.glob("*.py")}
+    return {m: common_imports(m) & modules for m in sorted(modules)}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of `graph` as [a, b, ..., a], or None where it has none (depth first: an
+    edge back to a module still on the path closes a cycle)."""
+    path: list[str] = []
+    done: set[str] = set()
+
+    def visit(module: str) -> list[str] | None:
+        if module in path:
+            return path[path.index(module):] + [module]
+        if module in done:
+            return None
+        path.append(module)
+        for imported in sorted(graph.get(module, ())):
+            cycle = visit(imported)
+            if cycle:
+                return cycle
+        path.pop()
+        done.add(module)
+        return None
+
+    return next((c for c in map(visit, sorted(graph)) if c), None)
+
+
+def test_find_cycle_names_the_cycle_and_passes_a_layered_graph():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"a"}}) == ["a", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_no_import_cycles_in_common():
+    # A cycle makes a module's import order matter and its job unclear: the report modules
+    # import one way, from report (the command) down to runs_folder.
+    graph = import_graph()
+    assert {"report_pdf", "archive"} <= graph["report"]
+    cycle = find_cycle(graph)
+    assert cycle is None, f"import cycle in common/: {' -> '.join(cycle)}"
+
+
+def test_nothing_in_common_imports_the_report_command():
+    assert not [m for m, imported in import_graph().items() if "report" in imported]

@@ -32,8 +32,9 @@ from reportlab.lib.units import cm
 from reportlab.platypus import Image as PdfImage
 from reportlab.platypus import SimpleDocTemplate, Spacer
 
-from common import archive, plots, report, report_pdf
-from common.cubs import cubs_resnet18
+from common import architecture, archive, plots, report, report_pdf, runs_folder
+from common.cubs import CUBSBlock2, CUBSBlock2Plus, cubs_resnet18
+from common.flops import forward_flops
 from common.models import ResNet18, count_parameters
 from common.networks import build_model
 
@@ -294,10 +295,10 @@ def test_missing_and_unfinished_runs_are_not_invented(handmade):
 
 def test_smoke_runs_are_labelled_and_real_ones_are_not(handmade):
     _, _, _, text = handmade
-    assert report.SMOKE_BANNER == "smoke run on generated data, not a real result"
-    assert f"> **WARNING: this report contains SMOKE runs ({report.SMOKE_BANNER}).**" in text
+    assert runs_folder.SMOKE_BANNER == "smoke run on generated data, not a real result"
+    assert f"> **WARNING: this report contains SMOKE runs ({runs_folder.SMOKE_BANNER}).**" in text
     t4 = text[text.index("## T4"):text.index("## Training curves")]
-    assert f"**SMOKE: {report.SMOKE_BANNER}** (`t4`)" in t4
+    assert f"**SMOKE: {runs_folder.SMOKE_BANNER}** (`t4`)" in t4
     classifiers = text[text.index("## T1 / T2 / T3"):text.index("## T3: placement")]
     assert "SMOKE: " not in classifiers  # T2 and T3 are real here
 
@@ -413,7 +414,7 @@ def test_report_of_the_four_smoke_runs_quotes_every_number(smoke_runs, smoke_rep
                       "T3": "finished (3 runs: SMOKE)", "T4": "finished (1 run: SMOKE)"}
     assert not (smoke_runs / "REPORT.md").exists()
     assert "not run yet" not in text
-    assert f"**WARNING: this report contains SMOKE runs ({report.SMOKE_BANNER}).**" in text
+    assert f"**WARNING: this report contains SMOKE runs ({runs_folder.SMOKE_BANNER}).**" in text
     for row in find_tables(text, "conv", "GFLOPs / image")[0]:  # rebuilt = trained model
         if row["params (results.json)"] != "n/a":
             assert row["params (rebuilt)"] == row["params (results.json)"], row
@@ -421,16 +422,15 @@ def test_report_of_the_four_smoke_runs_quotes_every_number(smoke_runs, smoke_rep
 
 
 def test_flop_count_includes_the_fused_attention_and_leaves_out_elementwise_work():
-    from common.cubs import CUBSBlock2, CUBSBlock2Plus
     # 1 x 3 x 8 x 8 input, N = 64 positions. Plain Block 2: the 1x1 conv as executed, its 3
     # outputs padded to 8 (2*3*64*8 = 3072 FLOPs, bias not counted); its similarity is the
     # Taylor series at these logits, elementwise products and sums, which the counter leaves
     # out like every elementwise op.
-    assert report.forward_flops(CUBSBlock2(3), 8) == 3072
+    assert forward_flops(CUBSBlock2(3), 8) == 3072
     # Plus Block 2 runs the CPU fused attention kernel (FLOP_FORMULAS): 4 heads of 8 dims,
     # 64 queries over 8 x 8 = 64 keys: 2 * (2*64*64*8) * 4 = 524288, plus the convs
     # q 3 -> 32, kv 3 -> 64 (on 64 pooled cells), out 32 -> 1: 2*64*(3*32 + 3*64 + 32*1).
-    assert report.forward_flops(CUBSBlock2Plus(3), 8) == 524288 + 2 * 64 * (3 * 32 + 3 * 64 + 32)
+    assert forward_flops(CUBSBlock2Plus(3), 8) == 524288 + 2 * 64 * (3 * 32 + 3 * 64 + 32)
 
 
 # ---------------------------------------------------------------- REPORT.pdf
@@ -504,7 +504,7 @@ def test_pdf_of_the_four_smoke_runs_fits_two_pages_and_quotes_the_json(smoke_run
                                           "Our variant (CUBS plus)")]
     assert -1 not in where and where == sorted(where)
     assert "serial y = B2(B1(x)), reverse y = B1(B2(x)), parallel y = B1(x) + B2(x)" in text
-    assert f"SMOKE: {report.SMOKE_BANNER}" in text
+    assert f"SMOKE: {runs_folder.SMOKE_BANNER}" in text
     assert "not run yet" not in text and "could not be read" not in text  # every task ran
     assert sum(len(p.images) for p in PdfReader(pdf).pages) == 3  # 2 curve figures + retrieval
 
@@ -597,8 +597,8 @@ def test_pdf_figures_print_their_text_at_80_percent_of_body_size_and_plot_holdou
     ax_loss = fig.axes[1]
     assert ax_loss.get_yscale() == "log"
     lines = {line.get_label(): line for line in ax_loss.lines}
-    runs = report.collect(smoke_runs)
-    chosen = report.choose_runs(runs)
+    runs = runs_folder.collect(smoke_runs)
+    chosen = runs_folder.choose_runs(runs)
     shown = [chosen.runs["t1"], chosen.runs["t2"], *runs.placement_runs(chosen.placements[0])]
     assert len(shown) == 5
     for run in shown:
@@ -657,7 +657,7 @@ def crowd(root: Path) -> dict:
 
 
 def test_pdf_fits_two_pages_with_every_table_full(tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "forward_flops", lambda model, size: 1e9)  # layout only: fast
+    monkeypatch.setattr(architecture, "forward_flops", lambda model, size: 1e9)  # layout only: fast
     data = crowd(tmp_path)
     pages, text = pdf_text(report.build_report(tmp_path).with_suffix(".pdf"))
     assert pages <= 2
@@ -709,7 +709,7 @@ def test_archive_of_the_smoke_runs_holds_code_report_and_best_models(smoke_runs,
             model = build_model(checkpoint["meta"])  # Phase B: the EmbeddingNet
             parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
             assert info.file_size <= 1.25 * parameter_bytes, (name, info.file_size, parameter_bytes)
-            assert src.stat().st_size > 1.9 * parameter_bytes  # what it was before: + momentum
+            assert src.stat().st_size > 1.9 * parameter_bytes  # the training one: + momentum
         for name in report_files:
             assert infos[f"Assignment2/{name}"].file_size == (smoke_report.parent / name).stat().st_size
     for name, info in infos.items():  # the table of contents: every file with its size

@@ -13,7 +13,7 @@ from common.networks import build_model
 def _check_keys(record: dict, typed: type, where: str) -> None:
     keys = set(record)
     assert keys <= schema.keys(typed), f"{where}: keys outside {typed.__name__}: {keys - schema.keys(typed)}"
-    assert schema.required_keys(typed) <= keys, f"{where}: missing {schema.required_keys(typed) - keys}"
+    assert typed.__required_keys__ <= keys, f"{where}: missing {typed.__required_keys__ - keys}"
 
 
 def _classifier_runs(runs):

@@ -1,0 +1,184 @@
+"""The runs folder as the task scripts left it, read once for REPORT.md, REPORT.pdf and the
+submission archive: every finished run (a results.json with its metrics.jsonl), every
+unfinished one (metrics.jsonl only), every placements.json, and the one run per task that
+REPORT.pdf shows and the archive ships (choose_runs).
+
+    runs = collect("runs")       # RunsFolder: classifiers, retrievals, placements, unfinished
+    chosen = choose_runs(runs)   # Chosen: runs["t1"] ... runs["t4"], T3's placements.json
+
+Also the words both reports use for a task (TASKS), a task without a run (NOT_RUN) and a
+smoke run (SMOKE_BANNER), so REPORT.md and REPORT.pdf say the same.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.schema import ClassifierResults, RetrievalResults
+
+SMOKE_BANNER = "smoke run on generated data, not a real result"
+NOT_RUN = "not run yet"
+SKIP_DIRS = {"smoke_data", "report_figures", "__pycache__"}
+TASKS = {"t1": "T1 custom CNN (Tiny ImageNet)", "t2": "T2 ResNet-18 (Tiny ImageNet)",
+         "t3": "T3 CUBS-ResNet-18 placements (Tiny ImageNet)",
+         "t4": "T4 Cars196 retrieval (Multi-Similarity loss)"}
+
+
+# ---------------------------------------------------------------- reading
+@dataclass
+class Run:
+    """One folder holding a results.json (T1/T2/T3 classifier run or a whole T4 run)."""
+    path: Path
+    name: str  # path relative to the runs folder, with '/'
+    results: ClassifierResults | RetrievalResults  # as read: a run of older code may lack keys
+    history: list[dict] = field(default_factory=list)  # metrics.jsonl of this folder
+    phases: dict[str, list[dict]] = field(default_factory=dict)  # T4: phase_a, phase_b_<m>
+
+    @property
+    def task(self) -> str:
+        return str(self.results.get("task", "?"))
+
+    @property
+    def args(self) -> dict:
+        return self.results.get("args") or {}
+
+    @property
+    def smoke(self) -> bool:
+        return bool(self.args.get("smoke"))
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} (SMOKE)" if self.smoke else self.name
+
+
+@dataclass
+class RunsFolder:
+    """Everything collect() found under `root`, and what it could not read (`problems`)."""
+    root: Path
+    classifiers: list[Run] = field(default_factory=list)
+    retrievals: list[Run] = field(default_factory=list)
+    placements: list[tuple[str, dict]] = field(default_factory=list)  # (folder name, json)
+    unfinished: list[tuple[str, list[dict]]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def of_task(self, task: str) -> list[Run]:
+        return [r for r in self.classifiers + self.retrievals if r.task == task]
+
+    def run_at(self, name: str) -> Run | None:
+        """The run whose folder is `name` (relative to the runs folder), if any."""
+        return next((r for r in self.classifiers + self.retrievals if r.name == name), None)
+
+    def placement_runs(self, name: str) -> list[Run]:
+        """The T3 runs next to the placements.json in folder `name`."""
+        return [r for r in self.classifiers if r.path.parent == self.root / name]
+
+
+def read_json(path: Path, problems: list[str]) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        problems.append(f"could not read {path}: {err}")
+        return None
+
+
+def read_jsonl(path: Path, problems: list[str]) -> list[dict]:
+    records = []
+    try:
+        for line in path.read_text().splitlines():
+            if line.strip():
+                records.append(json.loads(line))
+    except (OSError, json.JSONDecodeError) as err:
+        problems.append(f"could not read {path}: {err}")
+    return records
+
+
+def rel_name(path: Path, root: Path) -> str:
+    name = path.relative_to(root).as_posix()
+    return "." if name in ("", ".") else name
+
+
+def walk(root: Path) -> Iterable[tuple[Path, set[str]]]:
+    """(folder, file names) for every folder under root, skipping generated data."""
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
+        yield Path(folder), set(files)
+
+
+def collect(root: str | Path) -> RunsFolder:
+    """Read every results.json / metrics.jsonl / placements.json under `root`."""
+    root = Path(root)
+    found = RunsFolder(root)
+    if not root.is_dir():
+        return found
+    folders = list(walk(root))
+    t4_dirs = set()
+    for folder, files in folders:
+        name = rel_name(folder, root)
+        if "placements.json" in files:
+            data = read_json(folder / "placements.json", found.problems)
+            if isinstance(data, dict):
+                found.placements.append((name, data))
+        if "results.json" not in files:
+            continue
+        results = read_json(folder / "results.json", found.problems)
+        if not isinstance(results, dict):
+            continue
+        run = Run(folder, name, results)
+        if "metrics.jsonl" in files:
+            run.history = read_jsonl(folder / "metrics.jsonl", found.problems)
+        if run.task == "t4":
+            t4_dirs.add(folder)
+            for sub in sorted(folder.glob("phase_*/metrics.jsonl")):
+                run.phases[sub.parent.name] = read_jsonl(sub, found.problems)
+            found.retrievals.append(run)
+        else:
+            found.classifiers.append(run)
+    for folder, files in folders:
+        if "metrics.jsonl" in files and "results.json" not in files and folder.parent not in t4_dirs:
+            found.unfinished.append((rel_name(folder, root),
+                                     read_jsonl(folder / "metrics.jsonl", found.problems)))
+    found.classifiers.sort(key=lambda r: (r.task, r.name))
+    found.retrievals.sort(key=lambda r: r.name)
+    return found
+
+
+# ---------------------------------------------------------------- choosing one run per task
+@dataclass
+class Chosen:
+    """One run per task: what REPORT.pdf shows and what the archive ships.
+
+    runs["t3"] is the run of the placement that T3 selected (placements.json "selected",
+    by holdout accuracy); `placements` is that comparison as (folder name, placements.json).
+    A task that has no finished run maps to None.
+    """
+    runs: dict[str, Run | None]
+    placements: tuple[str, dict] | None
+
+
+def _preference(smoke: bool, name: str, task: str) -> tuple:
+    """Sort key: real runs before smoke runs, then the script's default folder (`t1`, ...),
+    then the shallowest, then by name (so the choice never depends on the file system)."""
+    return smoke, name != task, name.count("/"), name
+
+
+def choose_runs(runs: RunsFolder) -> Chosen:
+    """Pick the run per task that the two-page report and the archive present."""
+    chosen: dict[str, Run | None] = {}
+    for task in ("t1", "t2", "t4"):
+        found = runs.of_task(task)
+        chosen[task] = min(found, key=lambda r: _preference(r.smoke, r.name, task), default=None)
+    placements = min(runs.placements, default=None, key=lambda p: _preference(
+        any(r.smoke for r in runs.placement_runs(p[0])), p[0], "t3"))
+    chosen["t3"] = None
+    if placements is not None:
+        name, data = placements
+        pick = data.get("selected") or data.get("best_overall") or {}
+        folder = f"{pick.get('placement')}_{pick.get('variant')}"
+        chosen["t3"] = runs.run_at(folder if name == "." else f"{name}/{folder}")
+    elif runs.of_task("t3"):  # t3_cubs.py writes placements.json after its last run
+        chosen["t3"] = min(runs.of_task("t3"), key=lambda r: _preference(r.smoke, r.name, "t3"))
+    return Chosen({t: chosen[t] for t in TASKS}, placements)
