@@ -13,6 +13,8 @@ GPU, so no step waits for data and the figures are the model's and the loop's al
   t2_graphs     the same as CUDA graphs
   t1_compiled   T1's CustomCNN, compiled (its first step includes the compile)
   t1_graphs     the same as CUDA graphs
+  range_check   cubs.range_check under CUDA graphs: the flag follows in- and out-of-range
+                inputs, and in range the compiled block equals eager
   profile       torch.profiler over 5 steps of the compiled T3 model (default mode): GPU busy
                 time and kernel launches per step, and the top 15 kernels
 Per-step times come from CUDA events recorded at each step's start (no extra syncs).
@@ -43,7 +45,7 @@ from common.models import CustomCNN, ResNet18  # noqa: E402
 
 # Seconds a part is expected to need on an H200 (compiles dominate); a part starts only
 # when that much of --seconds is left.
-EXPECTED_S = {"t3_compiled": 100, "t3_graphs": 100, "t2_compiled": 40, "t2_graphs": 40,
+EXPECTED_S = {"range_check": 30, "t3_compiled": 100, "t3_graphs": 100, "t2_compiled": 40, "t2_graphs": 40,
               "t1_compiled": 60, "t1_graphs": 60, "profile": 15}
 
 
@@ -123,6 +125,26 @@ def timed_fit(name: str, model: torch.nn.Module, mode: str | None, args, rt) -> 
             "images_per_s": round(args.batch / median * 1000),
             "exact_redo_steps": [h.get("exact_redo_steps") for h in history],
             "peak_mem_gib": round(history[-1].get("peak_mem_gib", float("nan")), 2)}
+
+
+def range_check_under_graphs(rt) -> list[dict]:
+    """A CUBSBlock2 compiled as CUDA graphs, trained on inputs whose logits are in range
+    (scale 0.01) and far out of it (scale 100): what range_check reports after each step,
+    and the compiled output's largest distance to eager."""
+    torch.manual_seed(0)
+    block = cubs.CUBSBlock2(64).to(rt.device)
+    check = cubs.range_check(block)
+    compiled = torch.compile(block, mode="reduce-overhead" if rt.cuda else "default")
+    x = torch.rand(8, 64, 32, 32, device=rt.device)
+    rows = []
+    for scale in (0.01, 100.0, 0.01, 100.0, 0.01):
+        torch.compiler.cudagraph_mark_step_begin()
+        out = compiled(x * scale)
+        out.sum().backward()
+        flagged = check()
+        rows.append({"scale": scale, "flagged": flagged,
+                     "max_abs_vs_eager": (out - block(x * scale)).abs().max().item()})
+    return rows
 
 
 def profile_compiled(model: torch.nn.Module, args, rt) -> dict:
@@ -218,6 +240,7 @@ def main() -> None:
         torch.manual_seed(0)
         return build(200, width=args.width)
 
+    run_part("range_check", lambda: range_check_under_graphs(rt))
     t3 = fresh(cubs_resnet18)
     run_part("t3_compiled", lambda: timed_fit("cubs_serial_plain", t3, "default", args, rt))
     run_part("t3_graphs", lambda: timed_fit("cubs_serial_plain", fresh(cubs_resnet18), "reduce-overhead", args, rt))
@@ -242,6 +265,9 @@ def main() -> None:
         if isinstance(parts.get(t3), dict) and isinstance(parts.get(t2), dict):
             print(f"{t3} / {t2} step time: "
                   f"{parts[t3]['epoch2_step_ms_median'] / parts[t2]['epoch2_step_ms_median']:.2f}x")
+    if isinstance(parts.get("range_check"), list):
+        print("range_check under CUDA graphs (scale, flagged, max |compiled - eager|): "
+              + "; ".join(f"{r['scale']} {r['flagged']} {r['max_abs_vs_eager']:.2e}" for r in parts["range_check"]))
     if isinstance(parts.get("profile"), dict):
         prof = parts["profile"]
         print(f"compiled T3 profile: {prof['wall_ms_per_step']} ms per step, GPU busy "

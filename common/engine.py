@@ -204,8 +204,11 @@ def fit(model: torch.nn.Module, loader, step_fn: StepFn,
         train_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.cuda else None)
     eager_model = train_model
+    # CUDA graphs under DDP would have to capture its gradient all-reduce: not tried, so
+    # DDP runs compile in the default mode.
+    graphs = cfg.compile and cfg.compile_mode == "reduce-overhead" and rt.world_size == 1
     if cfg.compile:
-        train_model = torch.compile(train_model, mode=cfg.compile_mode)
+        train_model = torch.compile(train_model, mode="reduce-overhead" if graphs else "default")
     else:
         redo_check = None  # eager steps branch exactly
 
@@ -224,7 +227,7 @@ def fit(model: torch.nn.Module, loader, step_fn: StepFn,
                 break
             if cfg.stop_after_epoch is not None and epochs_this_process >= cfg.stop_after_epoch:
                 break
-            _train_epoch((train_model, eager_model, redo_check), model, loader, step_fn, optimizer,
+            _train_epoch((train_model, eager_model, redo_check, graphs), model, loader, step_fn, optimizer,
                          scheduler, scaler, cfg, rt, state, stop_signal, checkpoint, last)
             epochs_this_process += 1
             # Each rank scores its holdout shard: with rank 0's BatchNorm statistics, those of
@@ -281,9 +284,8 @@ def _check_same_recipe(saved: dict[str, Any], current: dict[str, Any], path: Pat
 def _train_epoch(train_models, model, loader, step_fn, optimizer, scheduler, scaler, cfg, rt,
                  state, stop_signal, checkpoint, last_path) -> None:
     """One epoch from batch state['step'] on; leaves its statistics in state['epoch_stats'].
-    train_models: (the model to step, its eager form, redo_check or None)."""
-    train_model, eager_model, redo_check = train_models
-    graphs = cfg.compile and cfg.compile_mode == "reduce-overhead"
+    train_models: (the model to step, its eager form, redo_check or None, CUDA graphs?)."""
+    train_model, eager_model, redo_check, graphs = train_models
     epoch, start = state["epoch"], state["step"]
     p = state["partial"] or {"loss": 0.0, "correct": 0.0, "n": 0.0, "time": 0.0, "wait": 0.0}
     loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
