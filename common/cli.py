@@ -126,10 +126,10 @@ def training_parser(description: str, *, out: str, recipe: Mapping[str, Any],
       help="torch.compile the model (default: on with CUDA for T1-T3; off for T4, whose "
            "short phases at 224 px do not earn back the compile time; off on CPU)")
     a("--compile-mode", choices=["default", "reduce-overhead"], default="reduce-overhead",
-      help="torch.compile mode; reduce-overhead (the default) replays each step as CUDA "
-           "graphs, one launch instead of one per kernel: on an H200 T3's step went from "
-           "35 to 22 ms and T1's from 29 to 14 ms (README, Performance). Single-GPU runs "
-           "only; DDP runs use default")
+      help="torch.compile mode; reduce-overhead replays each step as CUDA graphs, one launch "
+           "instead of one per kernel (on an H200 with data in memory: T1's step 29 -> 14 ms, "
+           "T2's 13.0 -> 11.4 ms; README, Performance). Default: reduce-overhead, except T3: "
+           "default. DDP runs always use default")
     a("--seed", type=int, default=0, help="seeds the init, batch order, holdout and augmentation")
     a("--check-images", choices=CHECK_MODES, default="quick",
       help="before training, check every image file: quick = both ends of each (signature, end "
