@@ -7,10 +7,12 @@
 Writes last.pt, best.pt, metrics.jsonl, curves.png and results.json into --out; the same
 command again resumes from last.pt.
 """
-from common import cli, runtime, task_data
-from common.engine import classification_step
-from common.networks import build_model
-from common.train_classifier import train_and_test
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from common import cli, engine, evaluate, runtime, task_data
+from common.models import CustomCNN
+from common.plots import curves_png
 
 # The recipe (defaults of `python t1_custom_cnn.py`; each is a flag, e.g. --lr 0.1). The
 # training settings are T2's, so that T1 against T2 compares networks, not recipes
@@ -51,23 +53,37 @@ def main(argv: list[str] | None = None) -> dict:
     # -- model: CustomCNN (common/models.py, its docstring explains each choice): chains of
     # 3x3 conv units whose outputs are all concatenated and fused by a 1x1 conv with a
     # squeeze-excitation gate; resolution 64 -> 32 -> 16 -> 8, most depth at 16 x 16.
-    meta = dict(task="t1", model="custom_cnn", num_classes=len(splits.train.classes),
-                width=args.width, image_size=args.image_size, dropout=args.dropout,
-                **cli.data_recipe(args))
-    model = build_model(meta)
+    num_classes = len(splits.train.classes)
+    model = CustomCNN(num_classes, width=args.width, dropout=args.dropout)
+    meta = dict(task="t1", model="custom_cnn", num_classes=num_classes, width=args.width,
+                image_size=args.image_size, dropout=args.dropout, **cli.data_recipe(args))
+    if args.evaluate:  # --evaluate PATH: only test that checkpoint
+        return evaluate.classifier_checkpoint(model, args.evaluate, meta, loaders.test, rt)
 
-    # -- loss and step: cross-entropy with label smoothing (fp32 logits); counts the correct
-    # top-1 predictions too, for the train accuracy
-    step = classification_step(label_smoothing=args.label_smoothing)
-
-    # -- optimiser (engine.make_optimizer: SGD Nesterov, or AdamW) and per-step LR schedule
-    # (engine.warmup_cosine: linear warmup, cosine to 0), early stopping: engine.fit runs them
+    # -- the step, as T2's: the network on the device (channels_last, torch.compile and
+    # DDP where they apply); label-smoothed cross-entropy (fp32 logits); SGD Nesterov or
+    # AdamW, no weight decay on biases, BatchNorm and SE gates; LR per step, linear warmup
+    # then cosine to 0; a loss scaler for fp16 autocast only.
     cfg = cli.fit_config(args, cuda=rt.cuda)
+    net = engine.for_training(model, rt, cfg.compile, cfg.compile_mode)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    decay_groups = engine.param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(decay_groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+    else:
+        optimizer = torch.optim.AdamW(decay_groups, lr=cfg.lr)
+    total = cfg.epochs * len(loaders.train)
+    scheduler = LambdaLR(optimizer, lambda step: engine.warmup_cosine(
+        step, total, max(1, round(cfg.warmup_epochs * len(loaders.train)))))
+    scaler = engine.grad_scaler(rt)
 
-    # -- train; test best.pt (best holdout epoch) once; results.json. With --evaluate PATH:
-    # only test that checkpoint
-    return train_and_test(model, loaders, step, cfg, rt, meta, args.out, cli.flags(args),
-                          evaluate_only=args.evaluate)
+    # -- train (holdout accuracy each epoch, early stopping), then test best.pt once and
+    # write results.json
+    evaluate.announce("custom_cnn", model, loaders, rt)
+    fitted = engine.fit(net, loaders.train, criterion, optimizer, scheduler, scaler,
+                        evaluate.holdout_scorer(loaders.holdout, rt), cfg, args.out, rt, meta,
+                        on_epoch=curves_png(args.out, meta))
+    return evaluate.test_best(model, loaders, fitted, meta, args.out, rt, cli.flags(args))
 
 
 if __name__ == "__main__":

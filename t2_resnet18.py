@@ -8,10 +8,13 @@
 Outputs in --out: last.pt, best.pt, metrics.jsonl, curves.png, results.json. Rerunning the
 same command resumes from last.pt.
 """
-from common import cli, runtime, task_data
-from common.engine import classification_step
-from common.networks import build_model
-from common.train_classifier import train_and_test
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from common import cli, engine, evaluate, runtime, task_data
+from common.diagnostics import diagnostics
+from common.models import ResNet18
+from common.plots import curves_png
 
 # The recipe: the defaults of `python t2_resnet18.py`. Each is a flag (--lr 0.1, ...).
 RECIPE = dict(
@@ -48,23 +51,35 @@ def main(argv: list[str] | None = None) -> dict:
     # -- model: ResNet-18 (common/models.py) with the CIFAR-style stem: a 3x3 conv, stride 1,
     # no max-pool, so stage 1 keeps 64 x 64 maps (small objects need them). Residual BN
     # gammas start at 0, so every block starts as the identity.
+    model = ResNet18(len(splits.train.classes), stem="cifar", width=args.width)
     meta = dict(task="t2", model="resnet18", num_classes=len(splits.train.classes),
                 width=args.width, image_size=args.image_size, **cli.data_recipe(args))
-    model = build_model(meta)
+    if args.evaluate:  # --evaluate PATH: test that checkpoint, no training
+        return evaluate.classifier_checkpoint(model, args.evaluate, meta, loaders.test, rt)
 
-    # -- loss and step: label-smoothed cross-entropy on the logits (computed in fp32 under
-    # autocast); the step also counts correct top-1 predictions for the train accuracy.
-    step = classification_step(label_smoothing=args.label_smoothing)
-
-    # -- optimiser and LR schedule (engine.fit builds them from this config): SGD or AdamW
-    # (engine.make_optimizer), LR set every step: linear warmup, then cosine decay to 0
-    # (engine.warmup_cosine); early stopping on holdout accuracy.
+    # -- on CUDA: channels_last, torch.compile (CUDA graphs with --compile-mode
+    # reduce-overhead), DDP under torchrun. Loss: label-smoothed cross-entropy on the fp32
+    # logits. SGD, Nesterov momentum 0.9 (or AdamW), weight decay on conv / linear weights
+    # only. LR set every step: linear warmup, then cosine decay to 0. fp16 autocast (GPUs
+    # below compute capability 8.0) scales the loss; bf16 and fp32 need no scaler.
     cfg = cli.fit_config(args, cuda=rt.cuda)
+    net = engine.for_training(model, rt, cfg.compile, cfg.compile_mode)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    groups = engine.param_groups(model, cfg.weight_decay)
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True) \
+        if cfg.optimizer == "sgd" else torch.optim.AdamW(groups, lr=cfg.lr)
+    steps, warmup = len(loaders.train), max(1, round(cfg.warmup_epochs * len(loaders.train)))
+    scheduler = LambdaLR(optimizer, lambda s: engine.warmup_cosine(s, cfg.epochs * steps, warmup))
+    scaler = engine.grad_scaler(rt)
 
-    # -- train, keep the best holdout epoch (best.pt), test it once, write results.json;
-    # --evaluate PATH tests that checkpoint instead, without training
-    return train_and_test(model, loaders, step, cfg, rt, meta, args.out, cli.flags(args),
-                          evaluate_only=args.evaluate)
+    # -- train, scoring the holdout after each epoch (and the residual branches' gradient
+    # norms, common/diagnostics.py); early stopping on holdout accuracy. Then test best.pt
+    # (the best holdout epoch) once and write results.json.
+    evaluate.announce("resnet18", model, loaders, rt)
+    fitted = engine.fit(net, loaders.train, loss_fn, optimizer, scheduler, scaler,
+                        evaluate.holdout_scorer(loaders.holdout, rt, diagnostics), cfg, args.out,
+                        rt, meta, on_epoch=curves_png(args.out, meta))
+    return evaluate.test_best(model, loaders, fitted, meta, args.out, rt, cli.flags(args))
 
 
 if __name__ == "__main__":

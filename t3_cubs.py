@@ -17,12 +17,12 @@ checked. Writes placements.json, placements.md and placements.png in --out.
 """
 from pathlib import Path
 
-from common import cli, runtime, task_data
-from common.cubs import GATE_LOGIT_INIT, PLACEMENTS, VARIANTS, check_plus_d, range_check
-from common.engine import classification_step
-from common.networks import build_model
-from common.placements import compare_runs, write_comparison
-from common.train_classifier import train_and_test
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from common import cli, engine, evaluate, runtime, task_data
+from common.cubs import GATE_LOGIT_INIT, PLACEMENTS, VARIANTS, check_plus_d, cubs_resnet18, range_check
+from common.diagnostics import diagnostics
 
 # The recipe: the defaults of `python t3_cubs.py`. Each is a flag (--lr 0.1, ...). The
 # training settings are T2's (tests/test_scripts.py checks it), so that the at-par rule
@@ -84,45 +84,80 @@ def main(argv: list[str] | None = None) -> dict:
     splits = cli.tiny_imagenet_splits(args, rt)  # --smoke: generated, task_data.SMOKE_TINY_IMAGENET
     loaders = task_data.classifier_loaders(splits, cli.loader_settings(args), rt)
 
-    # -- loss and step, optimiser and schedule: T2's (label-smoothed cross-entropy; SGD
-    # Nesterov, linear warmup then cosine to 0, per step; early stopping on holdout accuracy)
-    step = classification_step(label_smoothing=args.label_smoothing)
-    cfg = cli.fit_config(args, cuda=rt.cuda)
-
     # -- one training run per (placement, variant), same seed and recipe
     placements = PLACEMENTS if args.placement == "all" else [args.placement]
     variants = VARIANTS if args.variant == "both" else [args.variant]
     for placement in placements:
         for variant in variants:
-            # -- model: T2's ResNet-18 (CIFAR stem) with Block 1 and Block 2 (common/cubs.py)
-            # on every BasicBlock's residual branch, before the addition:
-            #   serial  y = B2(B1(x)),  reverse  y = B1(B2(x)),  parallel  y = B1(x) + B2(x)
-            # (plus: B1(x) + B2(x) - x, so that it starts as the identity)
-            runtime.seed_everything(args.seed + rt.rank)  # identical init draws for every run
-            meta = dict(task="t3", model=f"cubs_resnet18_{placement}_{variant}",
-                        placement=placement, variant=variant, num_classes=len(splits.train.classes),
-                        width=args.width, image_size=args.image_size, d=args.d,
-                        **({"gate_init": args.gate_init} if variant == "plain" else {}),
-                        **cli.data_recipe(args))
-            model = build_model(meta)
-            if rt.is_main and not args.evaluate:
-                print(f"== placement {placement}, variant {variant}")
-            # --evaluate PATH: test that checkpoint instead of training (one placement/variant)
-            result = train_and_test(model, loaders, step, cfg, rt, meta,
-                                    Path(args.out) / f"{placement}_{variant}", cli.flags(args),
-                                    evaluate_only=args.evaluate,
-                                    redo_check=range_check(model) if cfg.compile_mode
-                                    == "reduce-overhead" else None)
+            result = train_and_test(args, rt, loaders, len(splits.train.classes), placement, variant)
             if args.evaluate or not result["finished"]:
                 return result
 
     # -- compare every finished run in --out, select the placement by HOLDOUT accuracy,
-    # check the at-par rule against T2's results.json; write placements.json/.md/.png
+    # check the at-par rule against T2's results.json; write placements.json/.md/.png.
+    # (Imported here: the comparison's tables and figures are not needed to train.)
+    from common.placements import compare_runs, write_comparison
     if not rt.is_main:
         return {}
     comparison = compare_runs(Path(args.out), Path(args.vanilla_results))
     write_comparison(comparison, Path(args.out))
     return comparison
+
+
+def train_and_test(args, rt: runtime.Runtime, loaders: task_data.Loaders, num_classes: int,
+                   placement: str, variant: str) -> dict:
+    """Train one (placement, variant) into --out/<placement>_<variant>/, test its best.pt once
+    and return its results.json; with --evaluate PATH, test that checkpoint instead."""
+    # -- model: T2's ResNet-18 (CIFAR stem) with Block 1 and Block 2 (common/cubs.py) on
+    # every BasicBlock's residual branch, before the addition:
+    #   serial  y = B2(B1(x)),  reverse  y = B1(B2(x)),  parallel  y = B1(x) + B2(x)
+    # (plus: B1(x) + B2(x) - x, so that it starts as the identity)
+    runtime.seed_everything(args.seed + rt.rank)  # identical init draws for every run
+    model = cubs_resnet18(num_classes, stem="cifar", placement=placement, variant=variant,
+                          width=args.width, d=args.d, gate_logit=args.gate_init)
+    meta = dict(task="t3", model=f"cubs_resnet18_{placement}_{variant}", placement=placement,
+                variant=variant, num_classes=num_classes, width=args.width,
+                image_size=args.image_size, d=args.d,
+                **({"gate_init": args.gate_init} if variant == "plain" else {}),
+                **cli.data_recipe(args))
+    if args.evaluate:  # one placement and variant (checked by main)
+        return evaluate.classifier_checkpoint(model, args.evaluate, meta, loaders.test, rt)
+    out = Path(args.out) / f"{placement}_{variant}"
+    if rt.is_main:
+        print(f"== placement {placement}, variant {variant}")
+
+    # -- the step, T2's: label-smoothed cross-entropy; SGD Nesterov (or AdamW) with weight
+    # decay on conv / linear weights only (not biases, BatchNorm, gates); LR per step,
+    # linear warmup then cosine to 0; loss scaling under fp16 only. The redo check: with
+    # CUDA graphs a step whose logits left the Taylor range is redone in eager mode.
+    cfg = cli.fit_config(args, cuda=rt.cuda)
+    net = engine.for_training(model, rt, cfg.compile, cfg.compile_mode, redo_check=range_check(
+        model) if cfg.compile_mode == "reduce-overhead" else None)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    params = engine.param_groups(model, cfg.weight_decay)
+    optimizer = (torch.optim.AdamW(params, lr=cfg.lr) if cfg.optimizer == "adamw" else
+                 torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True))
+    steps_per_epoch = len(loaders.train)
+    warmup_steps = max(1, round(cfg.warmup_epochs * steps_per_epoch))
+    scheduler = LambdaLR(optimizer, lambda step: engine.warmup_cosine(
+        step, cfg.epochs * steps_per_epoch, warmup_steps))
+    scaler = engine.grad_scaler(rt)
+
+    # -- train (holdout accuracy, gate statistics and branch gradient norms after each
+    # epoch: common/diagnostics.py; early stopping), then test best.pt once: results.json
+    evaluate.announce(meta["model"], model, loaders, rt)
+    fitted = engine.fit(net, loaders.train, loss_fn, optimizer, scheduler, scaler,
+                        evaluate.holdout_scorer(loaders.holdout, rt, diagnostics), cfg, out, rt,
+                        meta, on_epoch=_curves(out, meta))
+    return evaluate.test_best(model, loaders, fitted, meta, out, rt, cli.flags(args))
+
+
+def _curves(out: Path, meta: dict):
+    """curves.png after each epoch; matplotlib is loaded by the first drawing, not to train."""
+    def draw(history: list[dict]) -> None:
+        from common.plots import curves_png
+        curves_png(out, meta)(history)
+    return draw
 
 
 def _gate_logit(text: str) -> float | None:

@@ -17,26 +17,28 @@ Recall@K again. Outputs in --out: phase_a/, phase_b_<mining>/ (checkpoints, metr
 curves.png), results.json, retrieval.png.
 """
 import argparse
+import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.optim.lr_scheduler import LambdaLR
 
 from common import cli, engine, evaluate, runtime, task_data
-from common.cubs import PLACEMENTS, VARIANTS
+from common.cubs import PLACEMENTS, VARIANTS, cubs_resnet18
+from common.diagnostics import diagnostics
 from common.errors import ConfigError
+from common.files import write_json
 from common.init_weights import INIT_CHOICES, load_initial_weights
 from common.loss import MINING_CHOICES, multi_similarity_loss
 from common.models import EmbeddingNet, count_parameters
-from common.networks import build_model
-from common.plots import plot_retrieval
+from common.plots import curves_png, plot_retrieval
 from common.recall import nearest_neighbours, recall_at_k
-from common.files import write_json
 from common.runtime import describe_device
-from common.schema import RetrievalResults
-from common.train_classifier import fit_classifier, load_best
+from common.schema import FitConfig, RetrievalResults
 
 KS = (1, 2, 4, 8)
 
@@ -63,6 +65,7 @@ RECIPE = dict(
     embed_lr=1e-4,  # small: fine-tune what Phase A learned rather than overwrite it
     embed_optimizer="adamw",  # the usual optimiser of deep metric learning recipes
     embed_weight_decay=1e-4,  # AdamW's decoupled decay, on weights only
+    embed_warmup_epochs=1.0,  # linear warmup, then cosine: the new head's first steps are small
     embedding_dim=512,  # the assignment's size
     classes_per_batch=32,  # P: each batch holds P classes x K images
     images_per_class=4,  # K: every anchor has K - 1 = 3 positives and (P - 1) K negatives
@@ -79,7 +82,7 @@ SMOKE = {**cli.SMOKE, "image_size": 64, "epochs": 10, "batch_size": 16, "holdout
          "compare_mining": True}
 
 
-def main(argv: list[str] | None = None) -> dict:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = cli.training_parser(__doc__, out="runs/t4", recipe=RECIPE, downloads=False)  # Cars196: by hand
     a = p.add_argument  # T4's own flags; their defaults come from RECIPE
     a("--t3-results", default="runs/t3/placements.json", help="where T3 wrote its selection")
@@ -92,6 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     a("--embed-lr", type=cli.positive_float, help="Phase B: peak learning rate")
     a("--embed-optimizer", choices=["sgd", "adamw"], help="Phase B: optimiser")
     a("--embed-weight-decay", type=cli.nonnegative_float, help="Phase B: weight decay")
+    a("--embed-warmup-epochs", type=cli.nonnegative_float, help="Phase B: linear warmup, then cosine")
     a("--embedding-dim", type=cli.positive_int, help="Phase B: size of the L2-normalised embedding")
     a("--classes-per-batch", type=cli.positive_int, help="P of the P x K batches")
     a("--images-per-class", type=cli.positive_int, help="K of the P x K batches (>= 2: each image needs a positive)")
@@ -108,129 +112,178 @@ def main(argv: list[str] | None = None) -> dict:
     args = cli.parse(p, argv, smoke=SMOKE)
     if args.images_per_class < 2:
         p.error(f"--images-per-class must be >= 2 (each image needs a positive), got {args.images_per_class}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     rt = runtime.setup_runtime(args.device, args.seed)
     out = Path(args.out)
     placement, variant, t3_best = t3_selection(args)
-
-    # -- data: classes 1-98 train (minus a stratified holdout), 99-196 test, never seen in
-    # training. Training: random-resized crop + flip; evaluation: resize 256, centre crop 224.
-    splits = task_data.cars196(args.data_dir, out, rt, holdout_per_class=args.holdout_per_class,
-                               seed=args.seed, check=args.check_images, smoke=args.smoke)
-    settings = cli.loader_settings(args, eval_resize=round(args.image_size * 256 / 224))
-    loaders = task_data.classifier_loaders(splits, settings, rt)  # Phase A: train and holdout
-    # Retrieval compares every image with every other: each process embeds the whole split.
-    holdout_all = task_data.whole_split_loader(splits.holdout, settings, rt)
-    test_all = task_data.whole_split_loader(splits.test, settings, rt)
-    num_classes = len(splits.train.classes)
-    if args.classes_per_batch > num_classes:  # found now, not after Phase A has trained
-        raise ConfigError(f"--classes-per-batch {args.classes_per_batch} exceeds the "
-                          f"{num_classes} training classes of {splits.root}")
+    data = load_data(args, rt, out)
 
     # -- model: CUBS-ResNet-18 (T3's network) with the ImageNet stem (7x7 stride 2 + max-pool)
     # for 224 px, initialised as --init says
+    num_classes = len(data.splits.train.classes)
+    model = cubs_resnet18(num_classes, stem="imagenet", placement=placement, variant=variant,
+                          width=args.width)
     meta = dict(task="t4", model=f"cubs_resnet18_{placement}_{variant}", placement=placement,
                 variant=variant, num_classes=num_classes, width=args.width,
                 image_size=args.image_size)
-    model = build_model(meta)
-
-    # -- --evaluate PATH: Recall@K of a saved Phase A or Phase B checkpoint instead of training
-    if args.evaluate:
-        return evaluate_saved(model, meta, args, test_all, rt)
-
+    if args.evaluate:  # --evaluate PATH: Recall@K of a saved Phase A or Phase B checkpoint
+        return evaluate_saved(model, meta, args, data.test_all, rt)
     init = load_initial_weights(model, args.init, t3_best=t3_best, t3_results=args.t3_results,
                                 init_weights=args.init_weights, verbose=rt.is_main)
-    meta.update(init=init["init"], **cli.data_recipe(args))
+    meta = {**meta, "init": init["init"], **cli.data_recipe(args)}
     if rt.is_main:
         print(f"CUBS-ResNet-18 ({placement}, {variant}), {count_parameters(model) / 1e6:.2f}M params, "
-              f"init {init['init']}; {len(splits.train.files)} train images of {num_classes} classes, "
-              f"{len(splits.test.files)} test images of {len(splits.test.classes)} unseen classes")
+              f"init {init['init']}; {len(data.splits.train.files)} train images of {num_classes} "
+              f"classes, {len(data.splits.test.files)} test images of "
+              f"{len(data.splits.test.classes)} unseen classes")
 
     # -- before training: Recall@K of the initial network, the baseline Phase A must beat
-    recall_init = recall_at_k(*engine.embed(model.to(rt.device), test_all, rt, features=True), ks=KS)
+    recall_init = recall_at_k(*evaluate.embed(model.to(rt.device), data.test_all, rt, features=True), ks=KS)
     if rt.is_main:
         print(f"Before Phase A (--init {init['init']}) test " + fmt(recall_init))
-
-    # -- Phase A: label-smoothed cross-entropy over the 98 training classes, SGD + warmup +
-    # cosine as T2 (engine.fit, cli.fit_config); then Recall@K of the pooled features
-    # No torch.compile by default: at 224 px its build costs more than it saves in T4's
-    # phases (--compile turns it on).
-    cfg_a = cli.fit_config(args, cuda=rt.cuda, compile_on_cuda=False)
-    fitted_a = fit_classifier(model, loaders, engine.classification_step(args.label_smoothing),
-                              cfg_a, rt, meta, out / "phase_a")
-    if not fitted_a["finished"]:
+    a = phase_a(model, data, args, rt, meta, out)
+    if not a["finished"]:
         return {"finished": False}
-    load_best(model, out / "phase_a", fitted_a["best_epoch"])
-    recall_a = recall_at_k(*engine.embed(model, test_all, rt, features=True), ks=KS)
-    if rt.is_main:
-        print("Phase A (classifier features) test " + fmt(recall_a))
-
-    # -- Phase B: a 512-d L2-normalised linear embedding on the pooled features, the whole
-    # network trained with the Multi-Similarity loss on P x K batches, from Phase A's weights.
-    # Optimiser --embed-optimizer (AdamW) at --embed-lr, 1 warmup epoch, then cosine;
-    # early stopping on holdout Recall@1.
-    pk_train = task_data.pk_loader(splits.train, settings, rt, classes_per_batch=args.classes_per_batch,
-                                   images_per_class=args.images_per_class)
-    cfg_b = cli.fit_config(args, cuda=rt.cuda, compile_on_cuda=False)
-    cfg_b.epochs, cfg_b.lr, cfg_b.optimizer = args.embed_epochs, args.embed_lr, args.embed_optimizer
-    cfg_b.weight_decay, cfg_b.warmup_epochs = args.embed_weight_decay, 1.0
     phase_a_weights = {k: v.clone() for k, v in model.state_dict().items()}
     minings = [args.mining] + ([m for m in MINING_CHOICES if m != args.mining]
                                if args.compare_mining else [])
-    phase_b = {}
+    b = {}
     for mining in minings:
         model.load_state_dict(phase_a_weights)
-        runtime.seed_everything(args.seed + rt.rank)
-        embedder = EmbeddingNet(model, dim=args.embedding_dim)
-
-        def step(m, images, labels, mining=mining):  # the loss in fp32 (common/loss.py)
-            return multi_similarity_loss(m(images).float(), labels, args.alpha, args.beta,
-                                         args.lam, mining, args.epsilon), None
-
-        def holdout_r1(m):
-            return {"holdout_r1": recall_at_k(*engine.embed(m, holdout_all, rt), ks=(1,))[1]}
-
-        run_dir = out / f"phase_b_{mining}"
-        fitted = engine.fit(embedder, pk_train, step, holdout_r1, cfg_b, run_dir, rt,
-                            {**meta, "phase": "b", "mining": mining,
-                             **{k: getattr(args, k) for k in ("embedding_dim", "classes_per_batch",
-                                                              "images_per_class", "alpha", "beta",
-                                                              "lam", "epsilon")}},
-                            score_key="holdout_r1")
-        if not fitted["finished"]:
+        b[mining] = phase_b(model, mining, data, args, rt, meta, out)
+        if not b[mining]["finished"]:
             return {"finished": False}
-        load_best(embedder, run_dir, fitted["best_epoch"])
-        embeddings, labels = engine.embed(embedder, test_all, rt)
-        phase_b[mining] = {"mining": mining, "test_recall": recall_at_k(embeddings, labels, ks=KS),
-                           "holdout_r1": fitted["best_score"], "best_epoch": fitted["best_epoch"],
-                           "epochs_run": fitted["epochs_run"], "train_time_s": fitted["train_time_s"]}
-        if mining == args.mining:
-            main_embeddings = (embeddings, labels)
-        if rt.is_main:
-            print(f"Phase B ({mining} mining) test " + fmt(phase_b[mining]["test_recall"]))
-
-    # -- results
     if not rt.is_main:
         return {}
-    counts = np.bincount(splits.test.labels)
-    chance = float((counts * (counts - 1)).sum() / (len(splits.test.labels) * (len(splits.test.labels) - 1)))
+    return write_results(model, meta, init, recall_init, a, b, data, args, rt)
+
+
+def load_data(args: argparse.Namespace, rt: runtime.Runtime, out: Path) -> SimpleNamespace:
+    """Classes 1-98 train (minus a stratified holdout), 99-196 test, never seen in training.
+    Training: random-resized crop + flip; evaluation: resize 256, centre crop 224.
+    Retrieval compares every image with every other: each process embeds the whole split
+    (holdout_all, test_all)."""
+    splits = task_data.cars196(args.data_dir, out, rt, holdout_per_class=args.holdout_per_class,
+                               seed=args.seed, check=args.check_images, smoke=args.smoke)
+    settings = cli.loader_settings(args, eval_resize=round(args.image_size * 256 / 224))
+    if args.classes_per_batch > len(splits.train.classes):  # found now, not after Phase A
+        raise ConfigError(f"--classes-per-batch {args.classes_per_batch} exceeds the "
+                          f"{len(splits.train.classes)} training classes of {splits.root}")
+    return SimpleNamespace(
+        splits=splits, settings=settings,
+        loaders=task_data.classifier_loaders(splits, settings, rt),  # Phase A: train and holdout
+        holdout_all=task_data.whole_split_loader(splits.holdout, settings, rt),
+        test_all=task_data.whole_split_loader(splits.test, settings, rt),
+        pk_train=task_data.pk_loader(splits.train, settings, rt,  # Phase B: P x K batches
+                                     classes_per_batch=args.classes_per_batch,
+                                     images_per_class=args.images_per_class))
+
+
+def training_parts(model: torch.nn.Module, cfg: FitConfig, steps_per_epoch: int,
+                   rt: runtime.Runtime) -> tuple:
+    """(net, optimizer, scheduler, scaler) of one phase, as T2's: SGD Nesterov or AdamW with
+    weight decay on weights only; LR per step, linear warmup then cosine to 0; a loss
+    scaler for fp16 autocast only. No torch.compile by default: at 224 px its build costs
+    more than it saves in T4's phases (--compile turns it on)."""
+    net = engine.for_training(model, rt, cfg.compile, cfg.compile_mode)
+    groups = engine.param_groups(model, cfg.weight_decay)
+    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True) \
+        if cfg.optimizer == "sgd" else torch.optim.AdamW(groups, lr=cfg.lr)
+    warmup = max(1, round(cfg.warmup_epochs * steps_per_epoch))
+    scheduler = LambdaLR(optimizer, lambda s: engine.warmup_cosine(s, cfg.epochs * steps_per_epoch, warmup))
+    return net, optimizer, scheduler, engine.grad_scaler(rt)
+
+
+def phase_a(model: torch.nn.Module, data: SimpleNamespace, args: argparse.Namespace,
+            rt: runtime.Runtime, meta: dict, out: Path) -> dict:
+    """Phase A: label-smoothed cross-entropy over the 98 training classes, early stopping on
+    holdout accuracy; then Recall@K of best.pt's pooled features. Returns fit's summary plus
+    test_recall; the model keeps best.pt's weights."""
+    cfg = cli.fit_config(args, cuda=rt.cuda, compile_on_cuda=False)
+    train, run_dir = data.loaders.train, out / "phase_a"
+    fitted = engine.fit(*_with_net(training_parts(model, cfg, len(train), rt), train,
+                                   torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)),
+                        evaluate.holdout_scorer(data.loaders.holdout, rt, diagnostics), cfg,
+                        run_dir, rt, meta, on_epoch=curves_png(run_dir, meta))
+    if not fitted["finished"]:
+        return fitted
+    evaluate.load_best(model, run_dir, fitted["best_epoch"])
+    fitted["test_recall"] = recall_at_k(*evaluate.embed(model, data.test_all, rt, features=True), ks=KS)
+    if rt.is_main:
+        print("Phase A (classifier features) test " + fmt(fitted["test_recall"]))
+    return fitted
+
+
+def phase_b(model: torch.nn.Module, mining: str, data: SimpleNamespace, args: argparse.Namespace,
+            rt: runtime.Runtime, meta: dict, out: Path) -> dict:
+    """Phase B: a 512-d L2-normalised linear embedding on the pooled features, the whole
+    network trained from `model`'s weights with the Multi-Similarity loss (`mining`) on
+    P x K batches; --embed-* settings (AdamW, warmup, cosine); early stopping on holdout
+    Recall@1. Returns fit's summary plus the test embeddings and Recall@K."""
+    pk_train = data.pk_train
+    cfg = dataclasses.replace(cli.fit_config(args, cuda=rt.cuda, compile_on_cuda=False),
+                              epochs=args.embed_epochs, lr=args.embed_lr,
+                              optimizer=args.embed_optimizer, weight_decay=args.embed_weight_decay,
+                              warmup_epochs=args.embed_warmup_epochs)
+    runtime.seed_everything(args.seed + rt.rank)
+    embedder = EmbeddingNet(model, dim=args.embedding_dim)
+    loss_fn = lambda emb, labels: multi_similarity_loss(  # noqa: E731 (fp32 emb: common/loss.py)
+        emb, labels, args.alpha, args.beta, args.lam, mining, args.epsilon)
+    holdout_r1 = lambda m: {"holdout_r1": recall_at_k(  # noqa: E731
+        *evaluate.embed(m, data.holdout_all, rt), ks=(1,))[1]}
+    run_dir = out / f"phase_b_{mining}"
+    meta_b = {**meta, "phase": "b", "mining": mining,
+              **{k: getattr(args, k) for k in ("embedding_dim", "classes_per_batch",
+                                               "images_per_class", "alpha", "beta", "lam", "epsilon")}}
+    fitted = engine.fit(*_with_net(training_parts(embedder, cfg, len(pk_train), rt), pk_train, loss_fn),
+                        holdout_r1, cfg, run_dir, rt, meta_b, score_key="holdout_r1", top1=False,
+                        on_epoch=curves_png(run_dir, meta_b))
+    if not fitted["finished"]:
+        return fitted
+    evaluate.load_best(embedder, run_dir, fitted["best_epoch"])
+    fitted["embeddings"] = evaluate.embed(embedder, data.test_all, rt)
+    fitted["test_recall"] = recall_at_k(*fitted["embeddings"], ks=KS)
+    fitted["embedding_params"] = count_parameters(embedder)
+    if rt.is_main:
+        print(f"Phase B ({mining} mining) test " + fmt(fitted["test_recall"]))
+    return fitted
+
+
+def _with_net(parts: tuple, loader, loss_fn) -> tuple:
+    """fit's first six arguments: (net, loader, loss_fn, optimizer, scheduler, scaler)."""
+    net, optimizer, scheduler, scaler = parts
+    return net, loader, loss_fn, optimizer, scheduler, scaler
+
+
+def write_results(model: torch.nn.Module, meta: dict, init: dict, recall_init: dict, a: dict, b: dict,
+                  data: SimpleNamespace, args: argparse.Namespace, rt: runtime.Runtime) -> dict:
+    """results.json and retrieval.png (rank 0), and the before / after summary."""
+    out, test = Path(args.out), data.splits.test
+    counts = np.bincount(test.labels)
+    chance = float((counts * (counts - 1)).sum() / (len(test.labels) * (len(test.labels) - 1)))
+    phase = lambda f, score, **more: {"test_recall": f["test_recall"], score: f["best_score"],  # noqa: E731
+                                      **more, "best_epoch": f["best_epoch"],
+                                      "epochs_run": f["epochs_run"], "train_time_s": f["train_time_s"]}
+    phase_b = {m: phase(f, "holdout_r1", mining=m) for m, f in b.items()}
     results = RetrievalResults(
-        task="t4", placement=placement, variant=variant, **init,
-        params=count_parameters(model), embedding_params=count_parameters(embedder),
-        test_images=len(splits.test.files), test_classes=len(splits.test.classes),
-        train_images=len(splits.train.files), train_classes=num_classes,
+        task="t4", placement=meta["placement"], variant=meta["variant"],
+        **init, params=count_parameters(model), embedding_params=b[args.mining]["embedding_params"],
+        test_images=len(test.files), test_classes=len(test.classes),
+        train_images=len(data.splits.train.files), train_classes=len(data.splits.train.classes),
         recall_at_1_chance=chance, init_test_recall=recall_init,
-        phase_a={"test_recall": recall_a, "holdout_acc": fitted_a["best_score"],
-                 "best_epoch": fitted_a["best_epoch"], "epochs_run": fitted_a["epochs_run"],
-                 "train_time_s": fitted_a["train_time_s"]},
-        phase_b=phase_b[args.mining], mining_comparison=list(phase_b.values()),
-        device=describe_device(rt), loader=loaders.train.backend, finished=True,
-        args=cli.flags(args))
+        phase_a=phase(a, "holdout_acc"), phase_b=phase_b[args.mining],
+        mining_comparison=list(phase_b.values()), device=describe_device(rt),
+        loader=data.loaders.train.backend, finished=True, args=cli.flags(args))
     write_json(results, out / "results.json")
-    draw_retrieval(*main_embeddings, splits.test.files, out / "retrieval.png", seed=args.seed,
+    draw_retrieval(*b[args.mining]["embeddings"], test.files, out / "retrieval.png", seed=args.seed,
                    embedding=f"the Phase B embedding (Multi-Similarity loss, {args.mining} mining)")
-    print(f"Recall@K on {len(splits.test.files)} test images of unseen classes "
-          f"(R@1 chance {chance:.3f}):\n  before (Phase A) {fmt(recall_a)}\n"
-          f"  after  (Phase B, {args.mining}) {fmt(phase_b[args.mining]['test_recall'])}\n"
+    print(f"Recall@K on {len(test.files)} test images of unseen classes "
+          f"(R@1 chance {chance:.3f}):\n  before (Phase A) {fmt(a['test_recall'])}\n"
+          f"  after  (Phase B, {args.mining}) {fmt(b[args.mining]['test_recall'])}\n"
           f"wrote {out / 'results.json'} and {out / 'retrieval.png'}")
     return results
 
@@ -245,7 +298,7 @@ def evaluate_saved(model, meta: dict, args, test_all, rt) -> dict:
         model = EmbeddingNet(model, dim=args.embedding_dim)
         meta = {**meta, "phase": "b", "embedding_dim": args.embedding_dim}
     score = lambda m: {"test_recall": recall_at_k(  # noqa: E731
-        *engine.embed(m, test_all, rt, features=not phase_b), ks=KS)}
+        *evaluate.embed(m, test_all, rt, features=not phase_b), ks=KS)}
     return evaluate.evaluate_checkpoint(model, saved, meta, rt, score, test_all.backend)
 
 

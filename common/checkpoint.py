@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import pickle
 import random
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from common.errors import UserError
-from common.files import atomic_file
+from common.files import atomic_file, previous_path
+from common.runtime import Runtime
 from common.schema import CheckpointMeta
 
 
@@ -100,9 +103,9 @@ def _names_code(detail: str) -> bool:
 
 def check_compatible(saved_meta: CheckpointMeta, meta: CheckpointMeta, path: str | Path) -> None:
     """Raise if a checkpoint was written for another model (architecture, classes, ...) or
-    data setup. Keys the checkpoint lacks (written before they were recorded) are not compared."""
-    diffs = [f"{k}: checkpoint has {saved_meta[k]!r}, this run has {v!r}"
-             for k, v in meta.items() if k in saved_meta and saved_meta[k] != v]
+    data setup: every key of `meta` must be in the checkpoint's meta, with the same value."""
+    diffs = [f"{k}: checkpoint has {saved_meta.get(k, 'none')!r}, this run has {v!r}"
+             for k, v in meta.items() if k not in saved_meta or saved_meta[k] != v]
     if diffs:
         raise CheckpointError(f"{path} belongs to a different model or setup: " + "; ".join(diffs)
                               + ". Use another --out, or --fresh to start over.")
@@ -172,3 +175,116 @@ def load_matching_tensors(model: torch.nn.Module, state_dict: dict[str, torch.Te
             loaded.append(name)
     skipped += [f"{name}: not in the checkpoint (fresh init)" for name in own if name not in state_dict]
     return loaded, skipped
+
+
+# ---------------------------------------------------------------- a run's last.pt and best.pt
+@dataclass
+class RunProgress:
+    """Where a run is, saved in last.pt beside the tensors' state."""
+    epoch: int = 0  # epochs done
+    step: int = 0  # batches done in the current epoch (a mid-epoch save)
+    partial: dict[str, float] | None = None  # the current epoch's sums so far (engine._Meter)
+    history: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl's records
+    finished: bool = False
+    train_time_s: float = 0.0
+
+
+# Config fields that only steer this process, not what the run computes.
+_PROCESS_ONLY = {"compile", "compile_mode", "fresh", "stop_after_epoch"}
+
+
+class RunCheckpoints:
+    """last.pt and best.pt in `out`: each holds the full state of the run (the state_dict of
+    every object in `owners`: model, optimizer, scheduler, scaler, early_stopping), every
+    rank's RNG state, the meta, the config and the RunProgress."""
+
+    def __init__(self, out: Path, rt: Runtime, meta: CheckpointMeta, config: dict[str, Any],
+                 **owners: Any) -> None:
+        self.out, self.rt, self.meta, self.config, self.owners = out, rt, meta, config, owners
+        self.last, self.best = out / "last.pt", out / "best.pt"
+        out.mkdir(parents=True, exist_ok=True)
+
+    def save(self, progress: RunProgress, *paths: Path) -> None:
+        """Write the full state to each path in turn (last.pt keeps its predecessor)."""
+        rng = [rng_state()]
+        if self.rt.world_size > 1:
+            rng = [None] * self.rt.world_size
+            dist.all_gather_object(rng, rng_state())
+        if self.rt.is_main:
+            full = {**{name: o.state_dict() for name, o in self.owners.items()}, "rng": rng,
+                    "meta": self.meta, "config": self.config, **asdict(progress)}
+            for path in paths:
+                save_checkpoint(full, path, keep_previous=path == self.last)
+        if self.rt.world_size > 1:
+            dist.barrier()  # nobody reads best.pt / last.pt before rank 0 has written it
+
+    def resume(self) -> RunProgress:
+        """Load the newest readable state (see resume_point) into the owners and return its
+        progress; a new RunProgress when `out` holds none."""
+        found = resume_point(self.out, self.rt.is_main)
+        if found is None:
+            return RunProgress()
+        source, ck = found
+        check_compatible(ck["meta"], self.meta, source)
+        _check_same_recipe(ck["config"], self.config, source)
+        for name, owner in self.owners.items():
+            if name == "model":
+                load_model_state(owner, ck["model"], source)
+            elif name != "scaler" or (ck["scaler"] and owner.is_enabled()):  # empty without fp16
+                owner.load_state_dict(ck[name])
+        # One RNG state per rank (each rank draws its own dropout / augmentation stream);
+        # resuming on another number of processes reuses them round-robin.
+        set_rng_state(ck["rng"][self.rt.rank % len(ck["rng"])])
+        progress = RunProgress(**{f.name: ck[f.name] for f in fields(RunProgress)})
+        if self.rt.is_main:
+            _check_best_checkpoint(self.best, ck)
+            where = "finished run" if progress.finished else \
+                f"epoch {progress.epoch + 1}, batch {progress.step}"
+            print(f"resuming from {source} ({where}); --fresh starts over")
+        return progress
+
+
+def _check_same_recipe(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+    """Resuming with another LR, epoch count, ... would silently splice two recipes."""
+    diffs = [f"{k} {saved.get(k)} (now {v})" for k, v in current.items()
+             if k not in _PROCESS_ONLY and saved.get(k) != v]
+    if diffs:
+        raise CheckpointError(f"{path} was trained with " + ", ".join(diffs) + ". Rerun with "
+                              "the flags that set those to resume, --fresh to start over, or "
+                              "use another --out.")
+
+
+def resume_point(out: Path, verbose: bool) -> tuple[Path, dict[str, Any]] | None:
+    """The newest readable full state among last.pt, last.prev.pt and best.pt, or None for
+    a new run. A damaged last.pt falls back to the others, saying so; best.pt holds the
+    same full state as last.pt had at the best epoch."""
+    last = out / "last.pt"
+    paths = [p for p in (last, previous_path(last), out / "best.pt") if p.exists()]
+    if not paths:
+        return None
+    readable, problems = [], []
+    for path in paths:
+        try:
+            readable.append((path, load_checkpoint(path)))
+        except CheckpointError as err:  # printed below: nothing is skipped silently
+            problems.append(str(err))
+    if not readable:
+        raise CheckpointError("no usable checkpoint to resume from: " + "; ".join(problems)
+                              + ". --fresh starts over (or use another --out).")
+    # max() keeps the first of equal keys: last.pt, then last.prev.pt, then best.pt.
+    source, ck = max(readable, key=lambda r: (r[1]["finished"], r[1]["epoch"], r[1]["step"]))
+    if verbose and (problems or source != last):
+        print("; ".join(problems + [f"resuming from {source} (epoch {ck['epoch']} done)"]))
+    return source, ck
+
+
+def _check_best_checkpoint(best: Path, ck: dict[str, Any]) -> None:
+    """best.pt must hold the best holdout epoch that the resumed state records, or the test
+    score would silently come from other weights: otherwise the run is refused."""
+    best_epoch = ck["early_stopping"]["best_epoch"] + 1  # 1-based; 0 = none yet
+    if best_epoch == 0:
+        return
+    on_disk = load_checkpoint(best)["epoch"] if best.exists() else None
+    if on_disk != best_epoch:
+        raise CheckpointError(f"{best} holds epoch {on_disk} but the run's best holdout epoch is "
+                              f"{best_epoch}, whose weights are no longer on disk. --fresh starts over.")

@@ -15,7 +15,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from common.errors import ConfigError, UserError
+from common.errors import ConfigError, Interrupted, UserError
 from common.image_check import CHECK_MODES
 from common import task_data
 from common.datasets import DatasetSplits
@@ -209,11 +209,14 @@ def check_out_dir(out: str | Path) -> None:
 
 def run(main: Callable[[], object]) -> None:
     """Run a script's main(). A UserError (missing dataset, corrupt image, incompatible
-    checkpoint, ...) ends it with its message and exit status 1, without a traceback."""
+    checkpoint, ...) ends it with its message and exit status 1, without a traceback;
+    SIGINT / SIGTERM (after last.pt is saved) with 128 + the signal's number."""
     try:
         main()
     except UserError as err:
         sys.exit(f"error: {err}")
+    except Interrupted as stop:
+        sys.exit(128 + stop.signum)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):

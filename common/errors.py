@@ -5,6 +5,7 @@ message alone (`cli.run`), without a traceback; every other exception keeps its 
 Each also derives from the built-in type that describes it, so `except ValueError` and
 `except FileNotFoundError` keep working.
 """
+import signal
 
 
 class UserError(Exception):
@@ -33,3 +34,16 @@ class MissingPackageError(UserError, ImportError):
 
 class ConfigError(UserError, ValueError):
     """Flags that cannot work together, or that this machine cannot honour."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM stopped training, after last.pt was saved (common/engine.fit);
+    cli.run then exits with 128 + the signal's number, as a process killed by it would."""
+
+    def __init__(self, signum: int, epoch: int, step: int, partial: dict[str, float]) -> None:
+        self.signum, self.epoch, self.step, self.partial = int(signum), epoch, step, partial
+        super().__init__(f"{self.name} in epoch {epoch + 1} at batch {step}")
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name

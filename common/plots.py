@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -305,3 +305,10 @@ def plot_retrieval(query_images: np.ndarray, neighbour_images: np.ndarray,
 
 
 MATCH_COLOURS = {True: "limegreen", False: "red"}
+
+
+def curves_png(out: str | Path, meta: dict) -> Callable[[Sequence[dict]], None]:
+    """engine.fit's on_epoch: redraw out/curves.png from the history after every epoch."""
+    def draw(history: Sequence[dict]) -> None:
+        plot_curves(history, Path(out) / "curves.png", run_title(meta))
+    return draw

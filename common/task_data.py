@@ -21,7 +21,6 @@ from common.datasets import DatasetSplits, ImageList, find_tiny_imagenet, load_c
 from common.image_check import CACHE_NAME, check_images
 from common.loader import ImageLoader
 from common.runtime import Runtime
-from common.synthetic import make_cars196, make_tiny_imagenet
 
 # The --smoke datasets: small enough for a CPU, learnable in a few epochs (tests/test_scripts.py).
 SMOKE_TINY_IMAGENET = dict(num_classes=10, train_per_class=45, val_per_class=10, seed=1234)
@@ -59,6 +58,7 @@ def tiny_imagenet(data_dir: str | Path, out: str | Path, rt: Runtime, *, holdout
     if smoke:
         root = Path(out) / "smoke_data" / "tiny-imagenet-200"
         if rt.is_main and not (root / "wnids.txt").exists():
+            from common.synthetic import make_tiny_imagenet  # --smoke only
             make_tiny_imagenet(root.parent, image_size=smoke_image_size, **SMOKE_TINY_IMAGENET)
         _barrier(rt)
     else:
@@ -80,6 +80,7 @@ def cars196(data_dir: str | Path, out: str | Path, rt: Runtime, *, holdout_per_c
     if smoke:
         root = Path(out) / "smoke_data" / "cars196"
         if rt.is_main and not (root / "cars_annos.mat").exists():
+            from common.synthetic import make_cars196  # --smoke only
             make_cars196(root, **SMOKE_CARS196)
         _barrier(rt)
     elif (root / "cars196").is_dir():

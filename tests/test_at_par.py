@@ -26,6 +26,8 @@ import pytest
 import torch
 
 from common import engine, runtime
+from common.evaluate import evaluate_classifier
+from tests.conftest import fit
 from common.cubs import cubs_resnet18
 from common.datasets import load_tiny_imagenet
 from common.loader import ImageLoader
@@ -49,11 +51,10 @@ def _train(build, splits, out, seed: int) -> tuple[float, float, float]:
     holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, batch_size=140,
                           train=False, image_size=SIZE, backend="torch", workers=0)
     model = build()
-    untrained = engine.evaluate_classifier(model, holdout, rt)["acc"]
+    untrained = evaluate_classifier(model, holdout, rt)["acc"]
     cfg = engine.FitConfig(epochs=EPOCHS, lr=0.2, warmup_epochs=1, patience=100)
-    history = engine.fit(model, train, engine.classification_step(0.1),
-                         lambda m: {"holdout_acc": engine.evaluate_classifier(m, holdout, rt)["acc"]},
-                         cfg, out, rt, {"task": "test", "model": "at_par"})["history"]
+    history = fit(model, train, lambda m: {"holdout_acc": evaluate_classifier(m, holdout, rt)["acc"]},
+                  cfg, out, rt, {"task": "test", "model": "at_par"})["history"]
     return untrained, history[-1]["holdout_acc"], statistics.mean(h["train_loss"] for h in history)
 
 
@@ -67,7 +68,6 @@ def one_thread():
 
 
 def test_cubs_serial_plain_learns_at_par_with_vanilla_resnet18(tmp_path, one_thread, monkeypatch):
-    monkeypatch.setattr(engine, "plot_curves", lambda *args: None)  # a third of the time; unused
     root = make_tiny_imagenet(tmp_path / "data", num_classes=CLASSES, train_per_class=60,
                               val_per_class=1, image_size=SIZE, seed=21, hue_jitter=HUE_JITTER)
     splits = load_tiny_imagenet(root, holdout_per_class=20, seed=0)

@@ -87,14 +87,14 @@ import torch, torch.distributed as dist
 from common import engine
 _fit = engine.fit
 
-def fit(model, loader_, step_fn, evaluate, *args, **kwargs):
+def fit(net, loader_, loss_fn, optimizer, scheduler, scaler, evaluate, *args, **kwargs):
     def checked(m):  # do the ranks hold the same weights and buffers when they evaluate?
         sums = [t.detach().double().sum().item() for t in m.state_dict().values()]
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, sums)
         note("evaluate " + ("same" if all(x == every[0] for x in every) else "differs"))
         return evaluate(m)
-    return _fit(model, loader_, step_fn, checked, *args, **kwargs)
+    return _fit(net, loader_, loss_fn, optimizer, scheduler, scaler, checked, *args, **kwargs)
 
 engine.fit = fit
 sys.addaudithook(hook)

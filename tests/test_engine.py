@@ -1,21 +1,21 @@
-"""Engine and checkpoint behaviour: schedule, early stopping, atomic saves, safe loads, resume."""
+"""common/engine.py: the schedule, early stopping, and fit on a tiny dataset: resume, fp16
+loss scaling, a kill after any write, non-finite losses, the per-epoch metrics."""
 import json
 import math
 import os
-import pickle
-import random
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
 
-from common import engine, runtime
-from common.checkpoint import (CheckpointError, check_compatible, load_checkpoint,
-                               load_model_state, rng_state, save_checkpoint, set_rng_state)
+from common import engine, evaluate, runtime
+from common.checkpoint import CheckpointError, load_checkpoint
 from common.datasets import load_tiny_imagenet
 from common.loader import ImageLoader
 from common.synthetic import make_tiny_imagenet
+from common import plots
+from tests.conftest import fit
 
 
 def test_warmup_cosine_values_at_known_steps():
@@ -44,84 +44,6 @@ def test_early_stopping_fires_after_patience_epochs_without_improvement():
     assert restored.state_dict() == stopper.state_dict()
 
 
-def test_atomic_save_survives_a_crash_mid_write(tmp_path, monkeypatch):
-    path = tmp_path / "last.pt"
-    save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
-
-    def crash(obj, f, *a, **k):
-        f.write(b"half a checkpoint")
-        raise KeyboardInterrupt("killed mid-save")
-    monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(KeyboardInterrupt):
-        save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
-    monkeypatch.undo()
-    state = load_checkpoint(path)
-    assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(3))
-    assert sorted(os.listdir(tmp_path)) == ["last.pt"]  # no temporary file left behind
-
-
-class _Payload:
-    def __reduce__(self):
-        return (os.system, ("touch PWNED_BY_CHECKPOINT",))
-
-
-def test_crafted_pickle_is_refused_without_running_it(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    path = tmp_path / "evil.pt"
-    with open(path, "wb") as f:
-        torch.save({"model": _Payload()}, f, pickle_module=pickle)
-    with pytest.raises(CheckpointError, match="not a plain-tensor checkpoint"):
-        load_checkpoint(path)
-    assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
-
-
-class _CallsPrint:
-    def __reduce__(self):
-        return (print, ("ran",))
-
-
-def test_random_bytes_are_unreadable_and_a_pickled_function_is_refused_as_code(tmp_path):
-    noise = tmp_path / "random.pt"
-    noise.write_bytes(random.Random(1).randbytes(2048))
-    with pytest.raises(CheckpointError) as error:
-        load_checkpoint(noise)
-    assert str(error.value).startswith(f"{noise} is not a readable PyTorch checkpoint (2048 bytes; ")
-    assert "weights_only" not in str(error.value) and "code" not in str(error.value)
-    printed = tmp_path / "print.pt"
-    torch.save({"model": _CallsPrint()}, printed)  # an allowed module, a function not allowed
-    with pytest.raises(CheckpointError) as error:
-        load_checkpoint(printed)
-    assert str(error.value) == (f"{printed} is not a plain-tensor checkpoint (weights_only load refused "
-                                "it; it may contain code). Not loading it. Details: Unsupported global: "
-                                "GLOBAL print was not an allowed global by default.")
-
-
-def test_truncated_checkpoint_gives_a_clear_error(tmp_path):
-    path = tmp_path / "last.pt"
-    save_checkpoint({"w": torch.ones(1000)}, path)
-    path.write_bytes(path.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match="is not a readable PyTorch checkpoint"):
-        load_checkpoint(path)
-
-
-def test_incompatible_checkpoint_names_the_mismatch(tmp_path):
-    with pytest.raises(CheckpointError, match="num_classes: checkpoint has 200, this run has 10"):
-        check_compatible({"model": "resnet18", "num_classes": 200},
-                         {"model": "resnet18", "num_classes": 10}, tmp_path / "last.pt")
-    small, big = nn.Linear(4, 2), nn.Sequential(nn.Linear(4, 3))
-    with pytest.raises(CheckpointError, match="missing"):
-        load_model_state(big, small.state_dict(), "x.pt")
-    with pytest.raises(CheckpointError, match=r"another shape.*weight \(2, 4\) vs \(3, 4\)"):
-        load_model_state(nn.Linear(4, 3), small.state_dict(), "x.pt")
-
-
-def test_checkpoints_from_before_a_meta_key_existed_still_resume(tmp_path):
-    check_compatible({"model": "resnet18"}, {"model": "resnet18", "batch_size": 256}, tmp_path / "last.pt")
-    with pytest.raises(CheckpointError, match="batch_size: checkpoint has 128, this run has 256"):
-        check_compatible({"model": "resnet18", "batch_size": 128},
-                         {"model": "resnet18", "batch_size": 256}, tmp_path / "last.pt")
-
-
 @pytest.mark.parametrize("capability, dtype", [((9, 0), torch.bfloat16), ((7, 5), torch.float16)])
 def test_cuda_runtime_names_its_gpu_and_picks_the_autocast_dtype(monkeypatch, capability, dtype):
     # Runs on CPU with the CUDA queries faked: catches mistakes in the CUDA branch itself,
@@ -141,22 +63,10 @@ def test_cuda_runtime_names_its_gpu_and_picks_the_autocast_dtype(monkeypatch, ca
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    monkeypatch.setattr(engine.dist, "init_process_group", lambda backend, **kw: calls.append(backend))
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: calls.append(backend))
     rt = runtime.setup_runtime("cuda", seed=0)
     assert (rt.device, rt.rank, rt.world_size) == (torch.device("cuda", 1), 1, 2)
     assert calls[2:] == [torch.device("cuda", 1), "nccl"]
-
-
-def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
-    import random
-
-    import numpy as np
-    save_checkpoint({"rng": rng_state()}, tmp_path / "r.pt")
-    expected = (torch.rand(3), np.random.rand(3), random.random())
-    set_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
-    assert torch.equal(torch.rand(3), expected[0])
-    assert np.array_equal(np.random.rand(3), expected[1])
-    assert random.random() == expected[2]
 
 
 # ---------------------------------------------------------------- fit on a tiny dataset
@@ -186,17 +96,17 @@ def _run_fit(splits, out, backend, epochs=4, stop_after=None, step_log=None, amp
     holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, batch_size=8,
                           train=False, image_size=16, backend=backend, workers=0)
     model = _SmallNet()
-    base_step = engine.classification_step(0.1)
+    ce, factor = torch.nn.CrossEntropyLoss(label_smoothing=0.1), cfg.pop("loss_factor", 1.0)
 
-    def step(m, x, y):
+    def loss_fn(logits, y):
         if step_log is not None:
             step_log.append(y.tolist())
-        return base_step(m, x, y)
+        return ce(logits, y) * factor
     config = engine.FitConfig(epochs=epochs, lr=cfg.pop("lr_override", 0.05), warmup_epochs=1,
                               patience=100, stop_after_epoch=stop_after, **cfg)
-    evaluate = lambda m: {f"holdout_{k}": v for k, v in engine.evaluate_classifier(m, holdout, rt).items()}
-    result = engine.fit(model, train, step, evaluate, config, out, rt,
-                        meta={"task": "test", "model": "small"})
+    result = fit(model, train, evaluate.holdout_scorer(holdout, rt), config, out, rt,
+                 {"task": "test", "model": "small"}, loss_fn=loss_fn,
+                 on_epoch=plots.curves_png(out, {"task": "test"}))
     return model, result
 
 
@@ -261,14 +171,8 @@ def test_resume_with_another_recipe_is_refused_with_the_differences_named(tiny_s
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_splits, tmp_path, monkeypatch):
     _run_fit(tiny_splits, tmp_path, "torch", epochs=3, stop_after=1)
     before = load_checkpoint(tmp_path / "last.pt")
-    real = engine.classification_step
-
-    def exploding(smoothing):
-        step = real(smoothing)
-        return lambda m, x, y: (step(m, x, y)[0] * float("nan"), None)
-    monkeypatch.setattr(engine, "classification_step", exploding)
     with pytest.raises(engine.NonFiniteLoss, match="loss became nan"):
-        _run_fit(tiny_splits, tmp_path, "torch", epochs=3)
+        _run_fit(tiny_splits, tmp_path, "torch", epochs=3, loss_factor=float("nan"))
     after = load_checkpoint(tmp_path / "last.pt")
     assert after["epoch"] == before["epoch"] == 1
     for k in before["model"]:
@@ -282,14 +186,14 @@ def test_embed_runs_in_eval_mode_in_order_and_leaves_batchnorm_alone(tiny_splits
     model = _SmallNet()
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    emb, labels = engine.embed(model, loader, rt)
+    emb, labels = evaluate.embed(model, loader, rt)
     assert not model.training
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k  # no running-stat update from the embedding pass
     assert labels.tolist() == list(tiny_splits.test.labels)
     images = torch.cat([x for x, _ in loader.epoch()])
     assert torch.allclose(emb, model(images), atol=1e-6)
-    feats, _ = engine.embed(model.body, loader, rt)
+    feats, _ = evaluate.embed(model.body, loader, rt)
     assert feats.shape == (len(labels), 8)
 
 
@@ -299,9 +203,8 @@ class _Killed(BaseException):
 
 
 def _train_and_test(splits, out):
-    """train_classifier.train_and_test on the tiny set: fit, best.pt, test once, results.json."""
+    """The scripts' path on the tiny set: fit, best.pt, test once, results.json."""
     from common.task_data import Loaders
-    from common.train_classifier import train_and_test
     torch.manual_seed(0)
     rt = runtime.Runtime(torch.device("cpu"))
     loaders = Loaders(*(ImageLoader(s.files, s.labels, batch_size=8, train=train, image_size=16,
@@ -312,8 +215,9 @@ def _train_and_test(splits, out):
                            patience=100)
     meta = {"task": "test", "model": "small", "batch_size": 8, "label_smoothing": 0.1,
             "holdout_per_class": 2, "color_jitter": 0.0, "seed": 0}
-    return train_and_test(_SmallNet(), loaders, engine.classification_step(0.1), cfg, rt, meta, out,
-                          flags={"epochs": 3})
+    model = _SmallNet()
+    fitted = fit(model, loaders.train, evaluate.holdout_scorer(loaders.holdout, rt), cfg, out, rt, meta)
+    return evaluate.test_best(model, loaders, fitted, meta, out, rt, flags={"epochs": 3})
 
 
 _TIMING = ("train_time_s", "images_per_s", "epoch_time_s", "data_wait_share")
@@ -328,9 +232,6 @@ def test_a_kill_after_any_write_then_a_rerun_gives_the_uninterrupted_results(tin
                                                                               monkeypatch):
     # Every file the run writes goes through os.replace: last.pt (and its rotation to
     # last.prev.pt), best.pt, metrics.jsonl, results.json. Kill after each of them in turn.
-    # curves.png is redrawn from metrics.jsonl each epoch and never read back: its drawing
-    # (half this test's time) is left out.
-    monkeypatch.setattr(engine, "plot_curves", lambda *args: None)
     reference = _train_and_test(tiny_splits, tmp_path / "straight")
     history = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").open()]
     writes = []
@@ -364,42 +265,6 @@ def test_a_kill_after_any_write_then_a_rerun_gives_the_uninterrupted_results(tin
             assert torch.equal(v, best_weights[k]), (index, name, k)
         lines = [json.loads(line) for line in (out / "metrics.jsonl").open()]
         assert [h["holdout_acc"] for h in lines] == [h["holdout_acc"] for h in history], (index, name)
-
-
-def test_a_damaged_last_checkpoint_resumes_from_its_predecessor(tiny_splits, tmp_path, capsys):
-    _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=3)
-    assert load_checkpoint(tmp_path / "last.prev.pt")["epoch"] == 2
-    (tmp_path / "last.pt").write_bytes(b"")  # e.g. a cloud-drive sync gone wrong
-    straight, _ = _run_fit(tiny_splits, tmp_path / "straight", "torch", epochs=4)
-    resumed, result = _run_fit(tiny_splits, tmp_path, "torch", epochs=4)
-    printed = capsys.readouterr().out
-    assert "last.pt is not a readable PyTorch checkpoint (0 bytes; truncated, damaged or not a checkpoint at all): the file is empty" in printed
-    assert "resuming from" in printed and "last.prev.pt" in printed
-    assert result["finished"] and result["epochs_run"] == 4
-    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), k
-
-
-def test_no_readable_checkpoint_names_every_file_and_the_way_on(tiny_splits, tmp_path):
-    _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=1)
-    for name in ("last.pt", "last.prev.pt", "best.pt"):
-        if (tmp_path / name).exists():
-            (tmp_path / name).write_bytes((tmp_path / name).read_bytes()[:300])
-    with pytest.raises(CheckpointError, match=r"no usable checkpoint.*last\.pt.*best\.pt.*--fresh"):
-        _run_fit(tiny_splits, tmp_path, "torch", epochs=4)
-
-
-def test_a_run_killed_between_last_and_best_by_older_code_is_repaired(tiny_splits, tmp_path, capsys):
-    # Before best.pt was written first, a kill between the two writes left last.pt naming
-    # an epoch as best while best.pt held an earlier one.
-    _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=2)
-    last = load_checkpoint(tmp_path / "last.pt")
-    assert last["early_stopping"]["best_epoch"] + 1 == 2, "epoch 2 should be the best so far"
-    stale = load_checkpoint(tmp_path / "last.prev.pt")  # epoch 1's full state
-    save_checkpoint(stale, tmp_path / "best.pt")
-    _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=0)
-    assert "repaired" in capsys.readouterr().out
-    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 2
 
 
 @pytest.mark.parametrize("backend", ["cache", pytest.param("dali", marks=pytest.mark.skipif(

@@ -19,10 +19,12 @@ from common import cubs, engine, runtime
 from common.checkpoint import load_checkpoint
 from common.cubs import PLACEMENTS, VARIANTS, CUBSBlock2, cubs_resnet18, fused_attention, naive_attention
 from common.datasets import load_tiny_imagenet
+from common.evaluate import holdout_scorer
 from common.loader import ImageLoader
 from common.loss import multi_similarity_loss
 from common.models import CustomCNN, EmbeddingNet, MixBlock, ResNet18
 from common.synthetic import make_tiny_imagenet
+from tests.conftest import fit
 
 # Small enough for CI, large enough that every stage runs: width 8, 32 x 32 inputs, batch 2;
 # d = 64 is the smallest Block 1 inner size the plus variant accepts (2 tokens x 4 heads x 8).
@@ -222,20 +224,19 @@ def test_fp16_grad_scaler_backs_off_on_overflow_and_resumes_the_backed_off_state
     holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, batch_size=8, train=False,
                           image_size=16, backend="torch", workers=0)
     calls = []
-    base_step = engine.classification_step(0.1)
+    ce = nn.CrossEntropyLoss(label_smoothing=0.1)
 
-    def step(model, images, labels):
-        loss, correct = base_step(model, images, labels)
+    def loss_fn(logits, labels):
+        loss = ce(logits, labels)
         calls.append(loss.dtype)
-        return (loss * 1e4 if len(calls) == 3 else loss), correct
+        return loss * 1e4 if len(calls) == 3 else loss
 
     def run(stop_after: int | None) -> dict:
         torch.manual_seed(0)
         model = cubs_resnet18(3, width=WIDTH, d=16)
         cfg = engine.FitConfig(epochs=2, lr=0.01, warmup_epochs=1, patience=100, stop_after_epoch=stop_after)
-        evaluate = lambda m: {f"holdout_{k}": v for k, v in engine.evaluate_classifier(m, holdout, rt).items()}
-        return engine.fit(model, train, step, evaluate, cfg, tmp_path / "out", rt,
-                          meta={"task": "test", "model": "cubs"})
+        return fit(model, train, holdout_scorer(holdout, rt), cfg, tmp_path / "out", rt,
+                   {"task": "test", "model": "cubs"}, loss_fn=loss_fn)
 
     run(stop_after=1)
     scaler = load_checkpoint(tmp_path / "out" / "last.pt")["scaler"]
@@ -252,7 +253,8 @@ def test_fp16_grad_scaler_backs_off_on_overflow_and_resumes_the_backed_off_state
 
 # ---------------------------------------------------------------- deferred Taylor-range check
 def test_a_compiled_step_beyond_the_taylor_range_is_redone_exactly(tmp_path, monkeypatch):
-    # engine.fit with cubs.range_check: compiled steps take the series without a branch and
+    # engine.fit with cubs.range_check (engine.for_training's redo_check): compiled steps
+    # take the series without a branch and
     # one check per step redoes out-of-range steps in eager mode (the fused kernel). Here
     # every Block 2 starts with logits around 36 (bias 6 on q and k, residual branches not
     # zero-initialised so that they vary), far beyond 7.5, where the 32-term series is badly
@@ -278,9 +280,9 @@ def test_a_compiled_step_beyond_the_taylor_range_is_redone_exactly(tmp_path, mon
                     block.qkv.bias[:2] = 6.0
         check = cubs.range_check(model)
         cfg = engine.FitConfig(epochs=1, lr=0.05, warmup_epochs=1, patience=100, compile=compiled)
-        fitted = engine.fit(model, train, engine.classification_step(), lambda m: {"holdout_acc": 0.0},
-                            cfg, tmp_path / name, rt, meta={"task": "test", "model": "cubs"},
-                            redo_check=check if redo else (lambda: False))
+        fitted = fit(model, train, lambda m: {"holdout_acc": 0.0}, cfg, tmp_path / name, rt,
+                     {"task": "test", "model": "cubs"}, loss_fn=nn.CrossEntropyLoss(),
+                     redo_check=check if redo else (lambda: False))
         return torch.cat([p.detach().flatten() for p in model.parameters()]), fitted["history"][0]
 
     eager, _ = run("eager", compiled=False, redo=None)

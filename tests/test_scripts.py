@@ -71,17 +71,16 @@ def test_t3_starts_from_t2s_initial_tensors_at_the_same_seed(tmp_path, monkeypat
     # as it is built, and the run stops there.
     import t2_resnet18
     import t3_cubs
-    from common import networks
 
     class Built(Exception):
         pass
 
     built = {}
-    for script in (t2_resnet18, t3_cubs):
-        def capture(meta, name=script.__name__):
-            built[name] = networks.build_model(meta).state_dict()
+    for script, builder in ((t2_resnet18, "ResNet18"), (t3_cubs, "cubs_resnet18")):
+        def capture(*args, name=script.__name__, build=getattr(script, builder), **kwargs):
+            built[name] = build(*args, **kwargs).state_dict()
             raise Built
-        monkeypatch.setattr(script, "build_model", capture)
+        monkeypatch.setattr(script, builder, capture)
         with pytest.raises(Built):
             script.main(["--smoke", "--backend", "torch", "--seed", "3", "--out", str(tmp_path)])  # one data set
     vanilla, cubs = built["t2_resnet18"], built["t3_cubs"]
@@ -90,17 +89,17 @@ def test_t3_starts_from_t2s_initial_tensors_at_the_same_seed(tmp_path, monkeypat
 
 
 def test_t3_holdout_ties_go_to_the_spec_order_and_are_reported(tmp_path):
-    import t3_cubs
+    from common.placements import compare_runs, write_comparison
     base = {"variant": "plain", "test_top5": 0.9, "params": 1, "best_epoch": 1, "epochs_run": 1,
             "num_classes": 10, "width": 16, "image_size": 32}
     for placement, holdout, test in (("parallel", 0.88, 0.90), ("reverse", 0.88, 0.80), ("serial", 0.86, 0.95)):
         (tmp_path / f"{placement}_plain").mkdir()
         (tmp_path / f"{placement}_plain" / "results.json").write_text(json.dumps(
             {**base, "placement": placement, "holdout_acc": holdout, "test_acc": test}))
-    c = t3_cubs.compare_runs(tmp_path, tmp_path / "no_t2.json")
+    c = compare_runs(tmp_path, tmp_path / "no_t2.json")
     assert [r["placement"] for r in c["runs"]] == ["serial", "reverse", "parallel"]
     assert c["selected"]["placement"] == "reverse"  # tied with parallel, earlier in the spec; never by test
-    t3_cubs.write_comparison(c, tmp_path)
+    write_comparison(c, tmp_path)
     assert ("**reverse** (reverse, parallel tie on holdout; ties go in the order "
             "serial > reverse > parallel)") in (tmp_path / "placements.md").read_text()
 

@@ -1,0 +1,131 @@
+"""common/checkpoint.py: atomic saves, weights_only loads, compatibility checks, RNG states,
+and where a run resumes from (RunCheckpoints)."""
+import os
+import pickle
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+
+from common.checkpoint import (CheckpointError, check_compatible, load_checkpoint,
+                               load_model_state, rng_state, save_checkpoint, set_rng_state)
+from tests.test_engine import _run_fit, tiny_splits  # noqa: F401 (a fixture)
+
+
+def test_atomic_save_survives_a_crash_mid_write(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+
+    def crash(obj, f, *a, **k):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed mid-save")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    state = load_checkpoint(path)
+    assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(3))
+    assert sorted(os.listdir(tmp_path)) == ["last.pt"]  # no temporary file left behind
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED_BY_CHECKPOINT",))
+
+
+def test_crafted_pickle_is_refused_without_running_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        torch.save({"model": _Payload()}, f, pickle_module=pickle)
+    with pytest.raises(CheckpointError, match="not a plain-tensor checkpoint"):
+        load_checkpoint(path)
+    assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
+
+
+class _CallsPrint:
+    def __reduce__(self):
+        return (print, ("ran",))
+
+
+def test_random_bytes_are_unreadable_and_a_pickled_function_is_refused_as_code(tmp_path):
+    noise = tmp_path / "random.pt"
+    noise.write_bytes(random.Random(1).randbytes(2048))
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(noise)
+    assert str(error.value).startswith(f"{noise} is not a readable PyTorch checkpoint (2048 bytes; ")
+    assert "weights_only" not in str(error.value) and "code" not in str(error.value)
+    printed = tmp_path / "print.pt"
+    torch.save({"model": _CallsPrint()}, printed)  # an allowed module, a function not allowed
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(printed)
+    assert str(error.value) == (f"{printed} is not a plain-tensor checkpoint (weights_only load refused "
+                                "it; it may contain code). Not loading it. Details: Unsupported global: "
+                                "GLOBAL print was not an allowed global by default.")
+
+
+def test_truncated_checkpoint_gives_a_clear_error(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"w": torch.ones(1000)}, path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="is not a readable PyTorch checkpoint"):
+        load_checkpoint(path)
+
+
+def test_incompatible_checkpoint_names_the_mismatch(tmp_path):
+    with pytest.raises(CheckpointError, match="num_classes: checkpoint has 200, this run has 10"):
+        check_compatible({"model": "resnet18", "num_classes": 200},
+                         {"model": "resnet18", "num_classes": 10}, tmp_path / "last.pt")
+    small, big = nn.Linear(4, 2), nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(CheckpointError, match="missing"):
+        load_model_state(big, small.state_dict(), "x.pt")
+    with pytest.raises(CheckpointError, match=r"another shape.*weight \(2, 4\) vs \(3, 4\)"):
+        load_model_state(nn.Linear(4, 3), small.state_dict(), "x.pt")
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+    save_checkpoint({"rng": rng_state()}, tmp_path / "r.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    set_rng_state(load_checkpoint(tmp_path / "r.pt")["rng"])
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]
+
+
+
+# ---------------------------------------------------------------- resuming a run
+def test_a_damaged_last_checkpoint_resumes_from_its_predecessor(tiny_splits, tmp_path, capsys):
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=3)
+    assert load_checkpoint(tmp_path / "last.prev.pt")["epoch"] == 2
+    (tmp_path / "last.pt").write_bytes(b"")  # e.g. a cloud-drive sync gone wrong
+    straight, _ = _run_fit(tiny_splits, tmp_path / "straight", "torch", epochs=4)
+    resumed, result = _run_fit(tiny_splits, tmp_path, "torch", epochs=4)
+    printed = capsys.readouterr().out
+    assert "last.pt is not a readable PyTorch checkpoint (0 bytes; truncated, damaged or not a checkpoint at all): the file is empty" in printed
+    assert "resuming from" in printed and "last.prev.pt" in printed
+    assert result["finished"] and result["epochs_run"] == 4
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_no_readable_checkpoint_names_every_file_and_the_way_on(tiny_splits, tmp_path):
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=1)
+    for name in ("last.pt", "last.prev.pt", "best.pt"):
+        if (tmp_path / name).exists():
+            (tmp_path / name).write_bytes((tmp_path / name).read_bytes()[:300])
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint.*last\.pt.*best\.pt.*--fresh"):
+        _run_fit(tiny_splits, tmp_path, "torch", epochs=4)
+
+
+def test_a_best_checkpoint_that_misses_the_recorded_best_epoch_is_refused(tiny_splits, tmp_path):
+    # best.pt is written before last.pt, so it always holds the best epoch last.pt records;
+    # if it does not (replaced by hand, say), testing it would score other weights.
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=2)
+    assert load_checkpoint(tmp_path / "last.pt")["early_stopping"]["best_epoch"] + 1 == 2
+    save_checkpoint(load_checkpoint(tmp_path / "last.prev.pt"), tmp_path / "best.pt")  # epoch 1
+    with pytest.raises(CheckpointError, match="best.pt holds epoch 1 but the run's best holdout epoch is 2"):
+        _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=0)
