@@ -42,7 +42,8 @@ from common.checkpoint import load_checkpoint
 from common.cubs import CUBSBlock1Plus, CUBSBlock2Plus, cubs_resnet18
 from common.diagnostics import diagnostics, gamma_values
 from common.datasets import load_tiny_imagenet
-from common.loader import ImageLoader
+from common.evaluate import evaluate_classifier
+from common.loader import ImageLoader, LoaderSettings
 from common.models import ResNet18
 from common.plots import finish_epoch_axes
 
@@ -82,30 +83,37 @@ def build(name: str) -> torch.nn.Module:
 def train(name: str, splits, out: Path, seed: int, warmup: float) -> None:
     torch.manual_seed(seed)
     rt = runtime.Runtime(torch.device("cpu"))
-    loader = ImageLoader(splits.train.files, splits.train.labels, batch_size=BATCH, train=True,
-                         image_size=SIZE, backend="torch", workers=0, seed=5 + seed)
-    holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, batch_size=64, train=False,
-                          image_size=SIZE, backend="torch", workers=0)
+    loader = ImageLoader(splits.train.files, splits.train.labels, LoaderSettings(batch_size=BATCH, train=True,
+                         image_size=SIZE, backend="torch", workers=0, seed=5 + seed))
+    holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, LoaderSettings(batch_size=64, train=False,
+                          image_size=SIZE, backend="torch", workers=0))
     cfg = engine.FitConfig(epochs=EPOCHS, lr=LR, warmup_epochs=warmup, patience=100, fresh=True)
     with torch.random.fork_rng():  # the diagnostics batch must not move the training RNG
         batch = list(holdout.epoch())[0]  # a whole pass: never leave an epoch half-read
     model = build(name)
     trace: list[dict] = []  # plus only: every scale before each step, and the step's loss
-    classify = engine.classification_step(0.1)
+    ce = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     is_plus = bool(gamma_values(model))
 
-    def step(m, images, labels):
-        loss, correct = classify(m, images, labels)
+    def loss_fn(logits, labels):
+        loss = ce(logits, labels)
         if is_plus:
             trace.append({"loss": loss.item(), "gamma": gamma_values(model)})
-        return loss, correct
+        return loss
 
     def evaluate(m):
-        metrics = {f"holdout_{k}": v for k, v in engine.evaluate_classifier(m, holdout, rt).items()}
+        metrics = {f"holdout_{k}": v for k, v in evaluate_classifier(m, holdout, rt).items()}
         return {**metrics, "diagnostics": diagnostics(m, *batch)}
 
     start = time.time()
-    result = engine.fit(model, loader, step, evaluate, cfg, out, rt, {"task": "ablation", "model": name})
+    net = engine.for_training(model, rt)  # the scripts' recipe: SGD Nesterov, warmup + cosine
+    optimizer = torch.optim.SGD(engine.param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                momentum=0.9, nesterov=True)
+    total, warmup_steps = cfg.epochs * len(loader), max(1, round(cfg.warmup_epochs * len(loader)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: engine.warmup_cosine(s, total, warmup_steps))
+    result = engine.fit(net, loader, loss_fn, optimizer, scheduler, engine.grad_scaler(rt), evaluate,
+                        cfg, out, rt, {"task": "ablation", "model": name})
     if trace:
         (out / "gamma_steps.json").write_text(json.dumps(trace))
     history = result["history"]
@@ -126,12 +134,12 @@ def finished_runs(out: Path, pattern: str):
 
 def test_accuracy(splits, out: Path) -> None:
     rt = runtime.Runtime(torch.device("cpu"))
-    test = ImageLoader(splits.test.files, splits.test.labels, batch_size=100, train=False,
-                       image_size=SIZE, backend="torch", workers=0)
+    test = ImageLoader(splits.test.files, splits.test.labels, LoaderSettings(batch_size=100, train=False,
+                       image_size=SIZE, backend="torch", workers=0))
     for run, model, ck in finished_runs(out, "*_s*_w*"):
         last = ck["history"][-1]
         print(f"{run.name:28s} train {last['train_acc']:.3f} holdout {last['holdout_acc']:.3f} "
-              f"test {engine.evaluate_classifier(model, test, rt)['acc']:.3f}")
+              f"test {evaluate_classifier(model, test, rt)['acc']:.3f}")
 
 
 @torch.no_grad()
@@ -139,8 +147,8 @@ def plus_statistics(splits, out: Path) -> None:
     """For every finished plus run: its largest |scale| (tanh(gamma), or gamma for plusraw), the
     range of its gates and the largest |attention logit| (q . k / sqrt(8)) on the holdout
     images, in eval mode."""
-    holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, batch_size=100, train=False,
-                          image_size=SIZE, backend="torch", workers=0)
+    holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, LoaderSettings(batch_size=100, train=False,
+                          image_size=SIZE, backend="torch", workers=0))
     images = torch.cat([batch[0] for batch in holdout.epoch()])
     for run, model, ck in finished_runs(out, "*plus*_s*_w*"):
         model.eval()

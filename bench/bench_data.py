@@ -27,7 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # allow `python bench/...py`
 
-from common.loader import HAVE_DALI, MEAN, RANDOM_ASPECT, STD, ImageLoader  # noqa: E402
+from common.loader import HAVE_DALI, MEAN, RANDOM_ASPECT, STD, ImageLoader, LoaderSettings  # noqa: E402
 from common.synthetic import render_class_image  # noqa: E402
 
 
@@ -86,8 +86,8 @@ def timed(fn) -> tuple[int, float]:
 
 def bench_case(name: str, files: list[str], labels: list[int], size: int, batch_size: int,
                workers: int, epochs: int, goal: float, backends: list[str]) -> None:
-    ours = {b: ImageLoader(files, labels, batch_size=batch_size, train=True, image_size=size,
-                           workers=workers, backend=b, seed=0) for b in backends}
+    ours = {b: ImageLoader(files, labels, LoaderSettings(batch_size=batch_size, train=True, image_size=size,
+                           workers=workers, backend=b, seed=0)) for b in backends}
     base = torch.utils.data.DataLoader(
         PilFiles(files, labels, size), batch_size=batch_size, shuffle=True, drop_last=True,
         num_workers=workers, persistent_workers=workers > 0)

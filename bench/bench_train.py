@@ -11,7 +11,7 @@ since compiling is slow there; --no-compile skips it everywhere).
 
 One step is what common.engine does per batch: forward (under autocast when bf16), label-
 smoothed cross-entropy (0.1, the scripts' default) on float32 logits, backward, SGD step
-(engine.make_optimizer: Nesterov, weight decay on weights only). The model alone is
+(SGD Nesterov over engine.param_groups: weight decay on weights only). The model alone is
 compiled, as in engine.fit. Inputs are fixed random tensors already on the device, so this
 is pure model throughput. Timing: `--warmup` steps first (compiled configurations get
 COMPILE_EXTRA_WARMUP more: their first steps compile the forward and backward graphs), then
@@ -63,7 +63,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # allow `python bench/bench_train.py`
 
 from common.cubs import cubs_resnet18  # noqa: E402
-from common.engine import make_optimizer  # noqa: E402
+from common.engine import param_groups  # noqa: E402
 from common.flops import FLOP_FORMULAS  # noqa: E402
 from common.models import CustomCNN, ResNet18  # noqa: E402
 
@@ -276,7 +276,7 @@ def _build(name: str, width: int, device: torch.device, channels_last: bool,
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    optimizer = make_optimizer(model, "sgd", LR, WEIGHT_DECAY)
+    optimizer = torch.optim.SGD(param_groups(model, WEIGHT_DECAY), lr=LR, momentum=0.9, nesterov=True)
     return model, (torch.compile(model) if compile_model else model), optimizer
 
 
@@ -353,16 +353,16 @@ def bench_with_loader(best: Result, args: argparse.Namespace, device: torch.devi
     timed steps (warm-up and compile steps excluded; the device is synchronised at both ends).
     """
     from common.datasets import load_tiny_imagenet
-    from common.loader import ImageLoader
+    from common.loader import ImageLoader, LoaderSettings
 
     out = LoaderResult(best.model, best.channels_last, best.bf16, best.compile, best.batch_size,
                        synthetic_images_per_s=best.images_per_s)
     model = train_model = optimizer = None
     try:
         splits = load_tiny_imagenet(args.with_loader, holdout_per_class=0)
-        loader = ImageLoader(splits.train.files, splits.train.labels, batch_size=args.batch_size,
+        loader = ImageLoader(splits.train.files, splits.train.labels, LoaderSettings(batch_size=args.batch_size,
                              train=True, image_size=IMAGE_SIZE, device=device,
-                             workers=args.workers, backend="auto")
+                             workers=args.workers, backend="auto"))
         if len(loader) == 0:
             raise ValueError(f"{len(splits.train)} training images in {args.with_loader}: "
                              f"not one full batch of {args.batch_size}")

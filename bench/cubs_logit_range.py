@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.checkpoint import load_checkpoint  # noqa: E402
 from common.cubs import CUBSBlock1, CUBSBlock2, cubs_resnet18, naive_similarity_attention  # noqa: E402
 from common.datasets import load_tiny_imagenet  # noqa: E402
-from common.loader import ImageLoader  # noqa: E402
+from common.loader import ImageLoader, LoaderSettings  # noqa: E402
 
 
 def record_qkv(model: torch.nn.Module) -> dict[str, list[tuple[Tensor, Tensor, Tensor]]]:
@@ -70,8 +70,8 @@ def main() -> None:
     # The smoke run's own data sits beside its placement folders (t3 --smoke writes it there).
     root = args.data or args.checkpoint.resolve().parents[1] / "smoke_data" / "tiny-imagenet-200"
     split = load_tiny_imagenet(root, holdout_per_class=0).test
-    loader = ImageLoader(split.files[:args.images], split.labels[:args.images], batch_size=args.images,
-                         train=False, image_size=meta["image_size"], backend="torch", workers=0)
+    loader = ImageLoader(split.files[:args.images], split.labels[:args.images], LoaderSettings(batch_size=args.images,
+                         train=False, image_size=meta["image_size"], backend="torch", workers=0))
     seen = record_qkv(model)
     with torch.no_grad():
         for images, _ in loader.epoch():

@@ -77,12 +77,15 @@ class MemoryLoader:
         self.labels = torch.randint(0, classes, (4, batch), device=device, generator=g)
         self.batches, self.build_times = batches, []
         self.files = [""] * batches * batch
+        self.on_step = None
 
     def __len__(self) -> int:
         return self.batches
 
     def epoch(self, epoch: int = 0, start: int = 0):
         for i in range(start, self.batches):
+            if self.on_step is not None:  # each step starts when its batch arrives
+                self.on_step()
             yield self.images[i % 4], self.labels[i % 4]
 
 
@@ -91,13 +94,12 @@ def timed_fit(name: str, model: torch.nn.Module, mode: str | None, args, rt) -> 
     CUDA events at each step start."""
     loader = MemoryLoader(args.steps, args.batch, rt.device)
     events: list = []
-    base = engine.classification_step(0.1)
 
-    def step(m, images, labels):
+    def step_start():
         event = new_event(rt)
         event.record()
         events.append(event)
-        return base(m, images, labels)
+    loader.on_step = step_start
 
     def evaluate(m):
         m.eval()
@@ -108,9 +110,15 @@ def timed_fit(name: str, model: torch.nn.Module, mode: str | None, args, rt) -> 
     cfg = engine.FitConfig(epochs=2, lr=0.05, warmup_epochs=1, patience=10, compile=mode is not None,
                            compile_mode=mode or "default", fresh=True)
     t0 = time.perf_counter()
+    net = engine.for_training(model, rt, cfg.compile, cfg.compile_mode, redo_check=cubs.range_check(model))
+    optimizer = torch.optim.SGD(engine.param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=0.9,
+                                nesterov=True)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: engine.warmup_cosine(
+        s, cfg.epochs * len(loader), max(1, round(cfg.warmup_epochs * len(loader)))))
     with tempfile.TemporaryDirectory() as out:
-        fitted = engine.fit(model, loader, step, evaluate, cfg, out, rt, {"task": "diagnose", "model": name},
-                            redo_check=cubs.range_check(model))
+        fitted = engine.fit(net, loader, torch.nn.CrossEntropyLoss(label_smoothing=0.1), optimizer,
+                            scheduler, engine.grad_scaler(rt), evaluate, cfg, out, rt,
+                            {"task": "diagnose", "model": name})
     wall = time.perf_counter() - t0
     sync(rt)
     ms = [a.elapsed_time(b) for a, b in zip(events, events[1:])]

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.datasets import load_cars196, load_tiny_imagenet  # noqa: E402
-from common.loader import ImageLoader  # noqa: E402
+from common.loader import ImageLoader, LoaderSettings  # noqa: E402
 
 
 def images_per_second(loader: ImageLoader, min_batches: int, device: torch.device) -> tuple[float, int]:
@@ -61,9 +61,9 @@ def main() -> None:
                ("cars 224px train", cars.train, 224, None, args.cars_batch, "auto"),
                ("cars 224px eval", cars.test, 224, 256, args.cars_batch, "auto"))
     for name, split, size, resize, batch, backend in streams:
-        loader = ImageLoader(split.files, split.labels, batch_size=batch, train=resize is None,
+        loader = ImageLoader(split.files, split.labels, LoaderSettings(batch_size=batch, train=resize is None,
                              image_size=size, eval_resize=resize, device=device,
-                             workers=args.workers, backend=backend)
+                             workers=args.workers, backend=backend))
         rate, n = images_per_second(loader, args.min_batches, device)
         print(f"loader {name:18s} {describe(loader):16s} {rate:10.0f} images/s ({n} images timed, "
               f"{len(split.files)} files, batch {batch}, builds {sum(loader.build_times):.1f} s)", flush=True)

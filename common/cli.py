@@ -21,7 +21,7 @@ from common import task_data
 from common.datasets import DatasetSplits
 from common.runtime import Runtime
 from common.schema import DataRecipe, FitConfig
-from common.task_data import LoaderSettings
+from common.loader import LoaderSettings
 
 
 def positive_int(text: str) -> int:

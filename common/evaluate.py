@@ -22,6 +22,7 @@ thread count the figures equal the run's results.json to the last digit
 """
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -199,11 +200,9 @@ def _shard_of(loader, rt: Runtime):
     key = (rt.rank, rt.world_size)
     cached = _shards.get(loader)
     if cached is None or cached[0] != key:
-        shard = type(loader)(loader.files, loader.labels, batch_size=loader.batch_size,
-                             train=False, image_size=loader.image_size, device=loader.device,
-                             eval_resize=loader.eval_resize, workers=loader.workers,
-                             backend=loader.backend, shard_id=rt.rank, num_shards=rt.world_size,
-                             reader_processes=loader.reader_processes)
+        shard = type(loader)(loader.files, loader.labels, dataclasses.replace(
+            loader.settings, train=False, backend=loader.backend, shard_id=rt.rank,
+            num_shards=rt.world_size))
         cached = _shards[loader] = (key, shard)
     return cached[1]
 

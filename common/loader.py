@@ -1,6 +1,6 @@
 """Batch-by-batch image loading: a DALI pipeline (GPU decode + augment) with a torch fallback.
 
-`ImageLoader(files, labels, ...)` yields `(images, labels)` per batch:
+`ImageLoader(files, labels, LoaderSettings(batch_size, image_size, ...))` yields `(images, labels)` per batch:
     images: B x 3 x S x S float32, normalised with the ImageNet mean/std, on `device`
     labels: B int64, on `device`
 Which images form each batch comes from `common.sampling` (a pure function of seed, epoch
@@ -31,6 +31,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -76,6 +77,29 @@ def _first_bad_image(files: Sequence[str]) -> str | None:
     return next((f for f in files if decode_problem(f) is not None), None)
 
 
+@dataclass(frozen=True)
+class LoaderSettings:
+    """How an ImageLoader turns files into batches. A run's loaders share most of these
+    (task_data builds each with dataclasses.replace); an evaluation shard is the same
+    settings with another shard_id / num_shards."""
+    batch_size: int  # per process
+    image_size: int  # S: training crop and evaluation size, pixels
+    train: bool = False  # augmented, reshuffled, full batches; else every image once, in order
+    device: torch.device | str = "cpu"
+    eval_resize: int | None = None  # evaluation: resize to this, then centre-crop S
+    random_area: tuple[float, float] = RANDOM_AREA  # training crops keep this share of the area
+    color_jitter: float = 0.0  # brightness / contrast / saturation range of training images
+    seed: int = 0  # batch order and augmentation
+    shard_id: int = 0  # this process's shard of the file list ...
+    num_shards: int = 1  # ... of this many (DDP ranks)
+    workers: int = 2  # DALI decoding threads / DataLoader worker processes
+    backend: str = "auto"  # auto (DALI if importable), dali, torch or cache
+    classes_per_batch: int | None = None  # P x K batches of P classes (train only)
+    # Processes reading encoded bytes for DALI; default: up to 4 on CUDA (where Python file
+    # reading would otherwise stall the GPU), none on CPU.
+    reader_processes: int | None = None
+
+
 class ImageLoader:
     """Loads `files` (with integer `labels`) batch by batch, decoded and augmented.
 
@@ -84,33 +108,24 @@ class ImageLoader:
     exactly once, in order, the last batch possibly short.
     """
 
-    def __init__(self, files: Sequence[str], labels: Sequence[int], *, batch_size: int,
-                 train: bool, image_size: int, device: torch.device | str = "cpu",
-                 eval_resize: int | None = None, random_area: tuple[float, float] = RANDOM_AREA,
-                 color_jitter: float = 0.0, seed: int = 0, shard_id: int = 0,
-                 num_shards: int = 1, workers: int = 2, backend: str = "auto",
-                 classes_per_batch: int | None = None,
-                 reader_processes: int | None = None) -> None:
+    def __init__(self, files: Sequence[str], labels: Sequence[int], settings: LoaderSettings) -> None:
         if len(files) != len(labels):
             raise ValueError(f"{len(files)} files but {len(labels)} labels")
         if len(files) == 0:
             raise ValueError("no images to load")
-        self.files, self.labels = list(files), np.asarray(labels, dtype=np.int64)
-        self.batch_size, self.train, self.image_size = batch_size, train, image_size
-        self.device = torch.device(device)
-        self.eval_resize, self.random_area, self.color_jitter = eval_resize, random_area, color_jitter
-        self.seed, self.shard_id, self.num_shards = seed, shard_id, num_shards
-        self.workers = workers
-        self.classes_per_batch = classes_per_batch
-        # Processes reading encoded bytes for DALI; default: up to 4 on CUDA (where Python
-        # file reading would otherwise stall the GPU), none on CPU.
-        self.reader_processes = reader_processes
-        if classes_per_batch is not None and batch_size % classes_per_batch:
-            raise ValueError(f"batch size {batch_size} is not a multiple of P={classes_per_batch}")
-        self._plan = _BatchPlan(self.labels, batch_size, train, classes_per_batch, seed,
-                                shard_id, num_shards)
-        self.backend = _pick_backend(backend)
-        if self.backend == "cache" and (color_jitter > 0 or eval_resize):
+        self.files, self.labels, self.settings = list(files), np.asarray(labels, dtype=np.int64), settings
+        s = settings
+        self.batch_size, self.train, self.image_size = s.batch_size, s.train, s.image_size
+        self.device = torch.device(s.device)
+        self.eval_resize, self.random_area, self.color_jitter = s.eval_resize, s.random_area, s.color_jitter
+        self.seed, self.shard_id, self.num_shards = s.seed, s.shard_id, s.num_shards
+        self.workers, self.classes_per_batch, self.reader_processes = s.workers, s.classes_per_batch, s.reader_processes
+        if s.classes_per_batch is not None and s.batch_size % s.classes_per_batch:
+            raise ValueError(f"batch size {s.batch_size} is not a multiple of P={s.classes_per_batch}")
+        self._plan = _BatchPlan(self.labels, s.batch_size, s.train, s.classes_per_batch, s.seed,
+                                s.shard_id, s.num_shards)
+        self.backend = _pick_backend(s.backend)
+        if self.backend == "cache" and (s.color_jitter > 0 or s.eval_resize):
             raise ValueError("backend 'cache' does no colour jitter or eval_resize; use dali or torch")
         self._dali_iter = None
         self._dali_next = None  # (epoch, start) the built DALI pipeline will produce next

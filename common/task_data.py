@@ -1,7 +1,7 @@
 """Every dataset and loader a task script needs, from plain values (no argparse here).
 
     splits = tiny_imagenet(data_dir, out, rt, holdout_per_class=10, seed=0)  # or cars196(...)
-    settings = LoaderSettings(batch_size=256, image_size=64, workers=4, backend="auto", seed=0)
+    settings = LoaderSettings(batch_size=256, image_size=64, workers=4, backend="auto", seed=0)  # common/loader.py
     loaders = classifier_loaders(splits, settings, rt)  # train / holdout / test, this rank's shard
     test_all = whole_split_loader(splits.test, settings, rt)              # every image, any rank
     pk = pk_loader(splits.train, settings, rt, classes_per_batch=32, images_per_class=4)
@@ -12,32 +12,20 @@ SMOKE_CARS196), made once by rank 0.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from common.datasets import DatasetSplits, ImageList, find_tiny_imagenet, load_cars196, load_tiny_imagenet
 from common.image_check import CACHE_NAME, check_images
-from common.loader import ImageLoader
+from common.loader import ImageLoader, LoaderSettings
 from common.runtime import Runtime
 
 # The --smoke datasets: small enough for a CPU, learnable in a few epochs (tests/test_scripts.py).
 SMOKE_TINY_IMAGENET = dict(num_classes=10, train_per_class=45, val_per_class=10, seed=1234)
 SMOKE_CARS196 = dict(layout="cars_annos", num_classes=16, per_class=24, image_size=(128, 96),
                      seed=1234)
-
-
-@dataclass(frozen=True)
-class LoaderSettings:
-    """How files become batches; shared by the loaders of one run."""
-    batch_size: int  # per process
-    image_size: int  # training crop and evaluation size, pixels
-    workers: int  # DALI decoding threads / DataLoader worker processes
-    backend: str  # "auto" (DALI if importable), "dali" or "torch"
-    seed: int  # batch order and augmentation
-    color_jitter: float = 0.0  # brightness / contrast / saturation range of training images
-    eval_resize: int | None = None  # evaluation: resize to this, then centre-crop image_size
 
 
 @dataclass
@@ -137,11 +125,12 @@ def pk_loader(split: ImageList, s: LoaderSettings, rt: Runtime, *, classes_per_b
 def _loader(split: ImageList, s: LoaderSettings, rt: Runtime, *, train: bool, sharded: bool = True,
             batch_size: int | None = None, classes_per_batch: int | None = None) -> ImageLoader:
     shards = dict(shard_id=rt.rank, num_shards=rt.world_size) if sharded else {}
-    augment = dict(seed=s.seed, color_jitter=s.color_jitter) if train else dict(eval_resize=s.eval_resize)
-    return ImageLoader(split.files, split.labels, batch_size=batch_size or s.batch_size, train=train,
-                       image_size=s.image_size, device=rt.device, workers=s.workers,
-                       backend=_backend(s, len(split.files), rt), classes_per_batch=classes_per_batch,
-                       **shards, **augment)
+    # training draws augmentations (seed, colour jitter); evaluation may resize then crop
+    augment = dict(eval_resize=None) if train else dict(seed=0, color_jitter=0.0)
+    return ImageLoader(split.files, split.labels, replace(
+        s, batch_size=batch_size or s.batch_size, train=train, device=rt.device,
+        backend=_backend(s, len(split.files), rt), classes_per_batch=classes_per_batch,
+        **shards, **augment))
 
 
 def _backend(s: LoaderSettings, images: int, rt: Runtime) -> str:

@@ -30,7 +30,7 @@ from common.evaluate import evaluate_classifier
 from tests.conftest import fit
 from common.cubs import cubs_resnet18
 from common.datasets import load_tiny_imagenet
-from common.loader import ImageLoader
+from common.loader import ImageLoader, LoaderSettings
 from common.models import ResNet18
 from common.synthetic import make_tiny_imagenet
 
@@ -46,10 +46,10 @@ def _train(build, splits, out, seed: int) -> tuple[float, float, float]:
     averaged over the epochs) of the model build() returns, at `seed`."""
     torch.manual_seed(seed)
     rt = runtime.Runtime(torch.device("cpu"))
-    train = ImageLoader(splits.train.files, splits.train.labels, batch_size=32, train=True,
-                        image_size=SIZE, backend="torch", workers=0, seed=5 + seed)
-    holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, batch_size=140,
-                          train=False, image_size=SIZE, backend="torch", workers=0)
+    train = ImageLoader(splits.train.files, splits.train.labels, LoaderSettings(batch_size=32, train=True,
+                        image_size=SIZE, backend="torch", workers=0, seed=5 + seed))
+    holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, LoaderSettings(batch_size=140,
+                          train=False, image_size=SIZE, backend="torch", workers=0))
     model = build()
     untrained = evaluate_classifier(model, holdout, rt)["acc"]
     cfg = engine.FitConfig(epochs=EPOCHS, lr=0.2, warmup_epochs=1, patience=100)

@@ -9,7 +9,7 @@ import torch
 
 from bench import loader_alone
 from common.datasets import load_tiny_imagenet
-from common.loader import ImageLoader
+from common.loader import ImageLoader, LoaderSettings
 from common.synthetic import make_cars196, make_tiny_imagenet
 from tests.conftest import ROOT
 
@@ -17,8 +17,8 @@ from tests.conftest import ROOT
 def test_images_per_second_counts_every_timed_image_but_the_clock_starting_batch(tmp_path):
     root = make_tiny_imagenet(tmp_path, num_classes=3, train_per_class=12, val_per_class=1, image_size=16)
     split = load_tiny_imagenet(root, holdout_per_class=0).train  # 36 images
-    loader = ImageLoader(split.files, split.labels, batch_size=8, train=True, image_size=16,
-                         backend="torch", workers=0)
+    loader = ImageLoader(split.files, split.labels, LoaderSettings(batch_size=8, train=True, image_size=16,
+                         backend="torch", workers=0))
     assert len(loader) == 4  # the short last training batch is dropped
     rate, n = loader_alone.images_per_second(loader, min_batches=6, device=torch.device("cpu"))
     # 7 batches needed (6 + the one that starts the clock) -> 2 epochs of 4 -> 7 timed batches

@@ -12,7 +12,7 @@ import torch.nn as nn
 from common import engine, evaluate, runtime
 from common.checkpoint import CheckpointError, load_checkpoint
 from common.datasets import load_tiny_imagenet
-from common.loader import ImageLoader
+from common.loader import ImageLoader, LoaderSettings
 from common.synthetic import make_tiny_imagenet
 from common import plots
 from tests.conftest import fit
@@ -91,10 +91,10 @@ class _SmallNet(nn.Module):
 def _run_fit(splits, out, backend, epochs=4, stop_after=None, step_log=None, amp_dtype=None, **cfg):
     torch.manual_seed(0)
     rt = runtime.Runtime(torch.device("cpu"), amp_dtype=amp_dtype)
-    train = ImageLoader(splits.train.files, splits.train.labels, batch_size=8, train=True,
-                        image_size=16, backend=backend, workers=0, seed=5)
-    holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, batch_size=8,
-                          train=False, image_size=16, backend=backend, workers=0)
+    train = ImageLoader(splits.train.files, splits.train.labels, LoaderSettings(batch_size=8, train=True,
+                        image_size=16, backend=backend, workers=0, seed=5))
+    holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, LoaderSettings(batch_size=8,
+                          train=False, image_size=16, backend=backend, workers=0))
     model = _SmallNet()
     ce, factor = torch.nn.CrossEntropyLoss(label_smoothing=0.1), cfg.pop("loss_factor", 1.0)
 
@@ -181,8 +181,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_splits, tmp_p
 
 def test_embed_runs_in_eval_mode_in_order_and_leaves_batchnorm_alone(tiny_splits):
     rt = runtime.Runtime(torch.device("cpu"))
-    loader = ImageLoader(tiny_splits.test.files, tiny_splits.test.labels, batch_size=5,
-                         train=False, image_size=16, backend="torch", workers=0)
+    loader = ImageLoader(tiny_splits.test.files, tiny_splits.test.labels, LoaderSettings(batch_size=5,
+                         train=False, image_size=16, backend="torch", workers=0))
     model = _SmallNet()
     model.train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -207,8 +207,8 @@ def _train_and_test(splits, out):
     from common.task_data import Loaders
     torch.manual_seed(0)
     rt = runtime.Runtime(torch.device("cpu"))
-    loaders = Loaders(*(ImageLoader(s.files, s.labels, batch_size=8, train=train, image_size=16,
-                                    backend="torch", workers=0, seed=5)
+    loaders = Loaders(*(ImageLoader(s.files, s.labels, LoaderSettings(batch_size=8, train=train, image_size=16,
+                                    backend="torch", workers=0, seed=5))
                         for s, train in ((splits.train, True), (splits.holdout, False),
                                          (splits.test, False))))
     cfg = engine.FitConfig(epochs=3, lr=0.05, weight_decay=5e-4, optimizer="sgd", warmup_epochs=1.0,

@@ -20,7 +20,7 @@ from common.checkpoint import load_checkpoint
 from common.cubs import PLACEMENTS, VARIANTS, CUBSBlock2, cubs_resnet18, fused_attention, naive_attention
 from common.datasets import load_tiny_imagenet
 from common.evaluate import holdout_scorer
-from common.loader import ImageLoader
+from common.loader import ImageLoader, LoaderSettings
 from common.loss import multi_similarity_loss
 from common.models import CustomCNN, EmbeddingNet, MixBlock, ResNet18
 from common.synthetic import make_tiny_imagenet
@@ -219,10 +219,10 @@ def test_fp16_grad_scaler_backs_off_on_overflow_and_resumes_the_backed_off_state
                               image_size=16, seed=1)
     splits = load_tiny_imagenet(root, holdout_per_class=2)  # 30 train images: 3 batches of 8
     rt = runtime.Runtime(torch.device("cpu"), amp_dtype=torch.float16)
-    train = ImageLoader(splits.train.files, splits.train.labels, batch_size=8, train=True,
-                        image_size=16, backend="torch", workers=0, seed=1)
-    holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, batch_size=8, train=False,
-                          image_size=16, backend="torch", workers=0)
+    train = ImageLoader(splits.train.files, splits.train.labels, LoaderSettings(batch_size=8, train=True,
+                        image_size=16, backend="torch", workers=0, seed=1))
+    holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, LoaderSettings(batch_size=8, train=False,
+                          image_size=16, backend="torch", workers=0))
     calls = []
     ce = nn.CrossEntropyLoss(label_smoothing=0.1)
 
@@ -266,8 +266,8 @@ def test_a_compiled_step_beyond_the_taylor_range_is_redone_exactly(tmp_path, mon
                               image_size=16, seed=1)
     splits = load_tiny_imagenet(root, holdout_per_class=1)  # 15 train images: 3 batches of 4
     rt = runtime.Runtime(torch.device("cpu"), amp_dtype=None)
-    train = ImageLoader(splits.train.files, splits.train.labels, batch_size=4, train=True,
-                        image_size=16, backend="torch", workers=0, seed=1)
+    train = ImageLoader(splits.train.files, splits.train.labels, LoaderSettings(batch_size=4, train=True,
+                        image_size=16, backend="torch", workers=0, seed=1))
 
     def run(name: str, compiled: bool, redo: bool | None) -> tuple[torch.Tensor, dict]:
         torch.manual_seed(0)

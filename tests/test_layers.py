@@ -1,7 +1,8 @@
 """The layers of common/, read from the import statements of every module (nested imports
 included): data knows no models, models know no files or training loop, loss and recall
-take tensors only, plots know no models or data, nothing in common/ imports a task
-script, and no two modules import each other, directly or through others."""
+take tensors only, plots know no models or data, the training loop draws no figures and
+knows no CUBS diagnostics, nothing in common/ imports a task script, and no two modules
+import each other, directly or through others. Also: no function over 80 lines."""
 import ast
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 COMMON = Path(__file__).resolve().parents[1] / "common"
 DATA = {"datasets", "synthetic", "sampling", "loader", "task_data", "image_check"}
 MODELS = {"models", "cubs", "networks"}
-TRAINING = {"engine", "train_classifier", "init_weights", "diagnostics", "evaluate", "cli"}
+TRAINING = {"engine", "init_weights", "diagnostics", "evaluate", "cli"}
 PLOTS_AND_REPORTS = {"plots", "formats", "placements", "runs_folder", "architecture", "recipes",
                      "report", "report_pdf", "archive"}
 
@@ -88,6 +89,30 @@ def test_settings_and_reports_do_not_reach_into_the_loop_or_the_loader():
         assert not {"loader", "engine"} & common_imports(module), module
 
 
+def reachable(module: str) -> set[str]:
+    """Every module (common/ or not) that importing common/<module> can load, through the
+    common/ modules it imports, nested imports included."""
+    modules = {p.stem for p in COMMON.glob("*.py")}
+    seen, todo = set(), [module]
+    while todo:
+        for name in common_imports(todo.pop()) - seen:
+            seen.add(name)
+            if name in modules:
+                todo.append(name)
+    return seen
+
+
+@pytest.mark.parametrize("module", ["engine", "evaluate", "checkpoint"])
+def test_the_training_loop_draws_no_figures_and_knows_no_cubs_diagnostics(module):
+    # curves.png is drawn by the script's on_epoch (plots.curves_png); T2, T3 and T4 pass
+    # diagnostics to evaluate.holdout_scorer, so T1 never loads the CUBS blocks.
+    assert not {"plots", "matplotlib", "diagnostics", "cubs"} & reachable(module), module
+
+
+def test_the_import_closure_is_read_through_nested_modules():
+    assert {"plots", "matplotlib", "formats"} <= reachable("placements")
+
+
 def import_graph() -> dict[str, set[str]]:
     """common/ module -> the common/ modules it imports."""
     modules = {p.stem for p in COMMON.glob("*.py")}
@@ -134,3 +159,36 @@ def test_no_import_cycles_in_common():
 
 def test_nothing_in_common_imports_the_report_command():
     assert not [m for m, imported in import_graph().items() if "report" in imported]
+
+
+# ---------------------------------------------------------------- function length
+MAX_FUNCTION_LINES = 80
+# Functions allowed over MAX_FUNCTION_LINES, by "file:name" (none at present).
+LONG_FUNCTIONS: set[str] = set()
+
+
+def long_functions(paths, root: Path = COMMON.parent) -> dict[str, int]:
+    """{"file:function": lines} of every function (methods and nested ones included) longer
+    than MAX_FUNCTION_LINES, from its first decorator to its last line."""
+    found = {}
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - min([node.lineno] + [d.lineno for d in node.decorator_list]) + 1
+                if lines > MAX_FUNCTION_LINES:
+                    found[f"{path.relative_to(root)}:{node.name}"] = lines
+    return found
+
+
+def test_no_function_in_the_scripts_or_common_is_over_80_lines():
+    paths = sorted(COMMON.parent.glob("t[1-4]_*.py")) + sorted(COMMON.glob("*.py"))
+    assert len(paths) > 30
+    too_long = {k: v for k, v in long_functions(paths).items() if k not in LONG_FUNCTIONS}
+    assert not too_long, f"split these functions (lines): {too_long}"
+
+
+def test_long_functions_counts_from_the_decorator_to_the_last_line(tmp_path):
+    body = "\n".join(f"        x{i} = {i}" for i in range(MAX_FUNCTION_LINES - 1))
+    (tmp_path / "m.py").write_text(f"class C:\n    @staticmethod\n    def f():\n{body}\n\n\n"
+                                   f"def g():\n    pass\n")
+    assert long_functions([tmp_path / "m.py"], tmp_path) == {"m.py:f": MAX_FUNCTION_LINES + 1}

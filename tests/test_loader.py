@@ -18,7 +18,7 @@ from PIL import Image
 from common import loader as loader_module
 from common.datasets import load_cars196, load_tiny_imagenet
 from common.errors import ImageDecodeError
-from common.loader import MEAN, STD, ImageLoader
+from common.loader import MEAN, STD, ImageLoader, LoaderSettings
 from common.synthetic import make_cars196, make_tiny_imagenet, render_class_image
 
 BACKENDS = ["dali", "torch"]
@@ -44,7 +44,7 @@ def _backend_params():
 
 def make(files, labels, backend, **kw):
     kw.setdefault("workers", 2 if backend == "dali" else 0)  # DALI: threads; torch: in-process
-    return ImageLoader(files, labels, backend=backend, **kw)
+    return ImageLoader(files, labels, LoaderSettings(backend=backend, **kw))
 
 
 def collect(loader, epoch=0, start=0):
@@ -341,8 +341,8 @@ def test_class_balanced_p_by_k(tiny, backend):
 
 def test_torch_fallback_independent_of_worker_count(tiny):
     train = tiny.train
-    out = [collect(ImageLoader(train.files[:16], train.labels[:16], batch_size=8, train=True,
-                               image_size=32, seed=4, workers=w, backend="torch"), 1)
+    out = [collect(ImageLoader(train.files[:16], train.labels[:16], LoaderSettings(batch_size=8, train=True,
+                               image_size=32, seed=4, workers=w, backend="torch")), 1)
            for w in (0, 2)]
     assert all(torch.equal(a, b) for a, b in zip(out[0][0], out[1][0]))
     assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1]))
@@ -371,8 +371,8 @@ def test_corrupt_jpeg_raises_value_error_naming_file(corrupt_files, backend, tra
 
 def test_corrupt_jpeg_torch_workers_still_value_error(corrupt_files):
     files, bad = corrupt_files
-    loader = ImageLoader(files, np.arange(len(files)), batch_size=4, train=False, image_size=32,
-                         backend="torch", workers=1)
+    loader = ImageLoader(files, np.arange(len(files)), LoaderSettings(batch_size=4, train=False, image_size=32,
+                         backend="torch", workers=1))
     with pytest.raises(ImageDecodeError) as err:
         for _ in loader.epoch(0):
             pass
@@ -384,8 +384,8 @@ def test_corrupt_jpeg_torch_workers_still_value_error(corrupt_files):
 
 @needs_dali
 def test_auto_picks_dali_when_importable(tiny):
-    loader = ImageLoader(tiny.test.files, tiny.test.labels, batch_size=4, train=False,
-                         image_size=64, backend="auto")
+    loader = ImageLoader(tiny.test.files, tiny.test.labels, LoaderSettings(batch_size=4, train=False,
+                         image_size=64, backend="auto"))
     assert loader.backend == "dali"
 
 
@@ -394,25 +394,25 @@ def test_auto_falls_back_to_torch_and_logs_once(tiny, monkeypatch, caplog):
     monkeypatch.setattr(loader_module, "_fallback_logged", False)
     test = tiny.test
     with caplog.at_level(logging.WARNING, logger="common.loader"):
-        loaders = [ImageLoader(test.files, test.labels, batch_size=8, train=False, image_size=64,
-                               backend="auto", workers=0) for _ in range(3)]
+        loaders = [ImageLoader(test.files, test.labels, LoaderSettings(batch_size=8, train=False, image_size=64,
+                               backend="auto", workers=0)) for _ in range(3)]
     assert all(ld.backend == "torch" for ld in loaders)
     warnings = [r for r in caplog.records if r.name == "common.loader" and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "nvidia.dali" in warnings[0].getMessage()
     assert torch.cat(collect(loaders[0])[1]).tolist() == list(test.labels)
     with pytest.raises(ImportError, match="nvidia.dali"):
-        ImageLoader(test.files, test.labels, batch_size=8, train=False, image_size=64, backend="dali")
+        ImageLoader(test.files, test.labels, LoaderSettings(batch_size=8, train=False, image_size=64, backend="dali"))
 
 
 def test_bad_arguments_raise_value_error(tiny):
     test = tiny.test
     with pytest.raises(ValueError, match="backend"):
-        ImageLoader(test.files, test.labels, batch_size=8, train=False, image_size=64, backend="gpu")
+        ImageLoader(test.files, test.labels, LoaderSettings(batch_size=8, train=False, image_size=64, backend="gpu"))
     with pytest.raises(ValueError, match="labels"):
-        ImageLoader(test.files, test.labels[:-1], batch_size=8, train=False, image_size=64)
+        ImageLoader(test.files, test.labels[:-1], LoaderSettings(batch_size=8, train=False, image_size=64))
     with pytest.raises(ValueError, match="multiple of P"):
-        ImageLoader(test.files, test.labels, batch_size=10, train=True, image_size=64,
-                    classes_per_batch=3)
+        ImageLoader(test.files, test.labels, LoaderSettings(batch_size=10, train=True, image_size=64,
+                    classes_per_batch=3))
 
 
 # ---------------------------------------------------------------- backend "cache"
