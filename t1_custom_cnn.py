@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> dict:
     # -- data, as T2: the train split less a stratified holdout; the labelled val split as
     # test; train batches random-resized-cropped (area 25-100 %) and flipped, test images
     # as they are; ImageNet mean/std normalisation.
-    splits = cli.tiny_imagenet_splits(args, rt)  # --smoke: generated, task_data.SMOKE_TINY_IMAGENET
+    splits = task_data.tiny_imagenet(  # --smoke: generated (task_data.SMOKE_TINY_IMAGENET)
+        args.data_dir, args.out, rt, holdout_per_class=args.holdout_per_class, seed=args.seed,
+        check=args.check_images, download=not args.no_download, smoke=args.smoke,
+        smoke_image_size=args.image_size)
     loaders = task_data.classifier_loaders(splits, cli.loader_settings(args), rt)
 
     # -- model: CustomCNN (common/models.py, its docstring explains each choice): chains of

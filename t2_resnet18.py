@@ -45,7 +45,10 @@ def main(argv: list[str] | None = None) -> dict:
     # is the test split. Training batches: random-resized crop (area 25-100 %, aspect
     # 3/4-4/3) + horizontal flip; evaluation: the image as it is. Normalised with ImageNet's
     # mean and std.
-    splits = cli.tiny_imagenet_splits(args, rt)  # --smoke: generated, task_data.SMOKE_TINY_IMAGENET
+    splits = task_data.tiny_imagenet(  # --smoke: generated (task_data.SMOKE_TINY_IMAGENET)
+        args.data_dir, args.out, rt, holdout_per_class=args.holdout_per_class, seed=args.seed,
+        check=args.check_images, download=not args.no_download, smoke=args.smoke,
+        smoke_image_size=args.image_size)
     loaders = task_data.classifier_loaders(splits, cli.loader_settings(args), rt)
 
     # -- model: ResNet-18 (common/models.py) with the CIFAR-style stem: a 3x3 conv, stride 1,

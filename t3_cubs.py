@@ -81,7 +81,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     # -- data, shared by every run: as T2 (Tiny ImageNet minus a stratified holdout; test =
     # the labelled val split; random-resized crop + flip for training)
-    splits = cli.tiny_imagenet_splits(args, rt)  # --smoke: generated, task_data.SMOKE_TINY_IMAGENET
+    splits = task_data.tiny_imagenet(  # --smoke: generated (task_data.SMOKE_TINY_IMAGENET)
+        args.data_dir, args.out, rt, holdout_per_class=args.holdout_per_class, seed=args.seed,
+        check=args.check_images, download=not args.no_download, smoke=args.smoke,
+        smoke_image_size=args.image_size)
     loaders = task_data.classifier_loaders(splits, cli.loader_settings(args), rt)
 
     # -- one training run per (placement, variant), same seed and recipe

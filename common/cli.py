@@ -17,9 +17,6 @@ from typing import Any
 
 from common.errors import ConfigError, Interrupted, UserError
 from common.image_check import CHECK_MODES
-from common import task_data
-from common.datasets import DatasetSplits
-from common.runtime import Runtime
 from common.schema import DataRecipe, FitConfig
 from common.loader import LoaderSettings
 
@@ -260,15 +257,6 @@ def fit_config(args: argparse.Namespace, cuda: bool, compile_on_cuda: bool = Tru
                      compile_mode=args.compile_mode,
                      grad_clip=args.grad_clip, fresh=args.fresh,
                      stop_after_epoch=args.stop_after_epoch)
-
-
-def tiny_imagenet_splits(args: argparse.Namespace, rt: Runtime) -> DatasetSplits:
-    """task_data.tiny_imagenet with the values of --data-dir, --out, --holdout-per-class,
-    --seed, --check-images, --no-download, --smoke and (for the generated data) --image-size."""
-    return task_data.tiny_imagenet(args.data_dir, args.out, rt, holdout_per_class=args.holdout_per_class,
-                                   seed=args.seed, check=args.check_images,
-                                   download=not args.no_download, smoke=args.smoke,
-                                   smoke_image_size=args.image_size)
 
 
 def loader_settings(args: argparse.Namespace, eval_resize: int | None = None) -> LoaderSettings:
