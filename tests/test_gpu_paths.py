@@ -17,12 +17,13 @@ from torch import nn
 
 from common import cubs, engine, runtime
 from common.checkpoint import load_checkpoint
-from common.cubs import PLACEMENTS, VARIANTS, CUBSBlock2, cubs_resnet18, fused_attention, naive_attention
+from common.cubs import PLACEMENTS, VARIANTS, CUBSBlock2, cubs_resnet18, fused_attention
 from common.datasets import load_tiny_imagenet
 from common.loader import ImageLoader
 from common.loss import multi_similarity_loss
 from common.models import CustomCNN, EmbeddingNet, MixBlock, ResNet18
 from common.synthetic import make_tiny_imagenet
+from tests.reference import naive_attention
 
 # Small enough for CI, large enough that every stage runs: width 8, 32 x 32 inputs, batch 2;
 # d = 64 is the smallest Block 1 inner size the plus variant accepts (2 tokens x 4 heads x 8).
