@@ -146,8 +146,8 @@ def test_compiled_similarity_attention_takes_either_branch_without_recompiling()
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_guard_takes_the_cuda_layout_of_the_fused_branch(backend, monkeypatch):
     # On CUDA the fused branch pads the head dim to 8, so its slice has stride 8; torch.cond
-    # wants both branches' outputs alike (torch 2.11 on an H200 refused the strided one,
-    # 2026-12-04). Here the CPU runs that CUDA branch, compiled as the scripts compile it.
+    # wants both branches' outputs alike (on CUDA it refuses the strided one). Here the CPU
+    # runs that CUDA branch, compiled as the scripts compile it.
     fused = cubs.fused_attention
     monkeypatch.setattr(cubs, "fused_attention", lambda *a, **kw: fused(*a, **{**kw, "pad_head_dim": True}))
     compiled = torch.compile(similarity_attention, backend=backend, fullgraph=True)
@@ -491,8 +491,8 @@ def _unbounded(module: nn.Module) -> nn.Module:
                          ids=["block1_plus", "block2_plus"])
 def test_plus_gate_stays_in_0_2_however_large_gamma_grows(block):
     # The modulation's scale is tanh(gamma): the gate is in (0, 2), so it never flips the sign
-    # of a residual branch. Without the bound (the variant before) the same weights give
-    # negative gates as soon as |gamma| > 1, which training reached (docs/cubs.md, plusraw).
+    # of a residual branch. Without the bound (the ablation's plusraw) the same weights give
+    # negative gates as soon as |gamma| > 1, which training reached (docs/cubs.md).
     block = _double_with_random_weights(block)
     x = torch.randn(3, 6, 9, 11, dtype=f64, generator=torch.Generator().manual_seed(5)) * 4
     with torch.no_grad():
