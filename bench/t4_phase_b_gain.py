@@ -6,7 +6,8 @@ classes of a generated Cars196? Runs the real t4_retrieval.py per seed and print
     python -m bench.t4_phase_b_gain --gen texture=60 hue_jitter=0.2 --repo /tmp/snapshot
 
 Each settings writes a dataset once (make_cars196: the smoke dataset's values, overridden
-by --gen's keywords; cached in --work) and runs `t4_retrieval.py --data-dir ... --init
+by --gen's keywords, of which hue_jitter and texture are bench/synthetic_options.py's; cached
+in --work) and runs `t4_retrieval.py --data-dir ... --init
 scratch` per seed with every value its --smoke mode sets, passed explicitly (SMOKE_FLAGS),
 then --t4's flags. The dataset seed stays 1234 as in the smoke run; --seeds is t4's --seed
 (init, batch order, holdout). Runs land in --work/<settings>/seed<N>/ and are reused when
