@@ -33,7 +33,8 @@ The q, k, v biases of both plain blocks start at 1 (RELU_BIAS_INIT).
 Variant "plus" (CUBSBlock1Plus, CUBSBlock2Plus), h heads of e = 8 dims:
   gating y = x * (1 + tanh(gamma) * (2 sigmoid(z) - 1)) with a learnable scalar gamma = 0 at
   init, so every block, and a CUBS ResNet, starts exactly as the vanilla network; the tanh
-  keeps the multiplier in (0, 2) (PlusGateBlock.effective_gamma). Logits are 8-dim dot products with SDPA's default scale 1/sqrt(8); q, k, v are linear (no ReLU), so
+  keeps the multiplier in (0, 2) (PlusGateBlock.effective_gamma). Logits are 8-dim dot
+  products with SDPA's default scale 1/sqrt(8); q, k, v are linear (no ReLU), so
   similarities may be negative.
   Block 1 plus: q, k, v = Linear_{C->d}(g) (B x d) read as L = d / (8h) tokens of h*8 dims,
     i.e. B x h x L x 8; a = fused_attention -> B x d; z = Linear_{d->C}(a) + g.
@@ -342,7 +343,7 @@ class CUBSBlock1Plus(PlusGateBlock):
         b, d = g.shape[0], self.out_proj.in_features                           # d = 8h * L
 
         def heads(t: Tensor) -> Tensor:  # B x d -> B x h x L x 8, L = d / (8h) tokens
-            return t.view(b, -1, self.heads, HEAD_DIM).transpose(1, 2)
+            return t.view(b, -1, self.heads, HEAD_DIM).transpose(1, 2)     # via B x L x h x 8
 
         q, k, v = (heads(proj(g)) for proj in (self.q_proj, self.k_proj, self.v_proj))  # B x h x L x 8
         a = fused_attention(q, k, v).transpose(1, 2).reshape(b, d)             # B x d
@@ -371,12 +372,12 @@ class CUBSBlock2Plus(PlusGateBlock):
         """B x C x H x W -> the spatial gate, B x 1 x H x W, in (0, 2)."""
         b, _, h, w = x.shape                                                    # N = H * W
         context = x                                                             # B x C x H x W: M = N
-        if self.kv_grid is not None and (h > self.kv_grid or w > self.kv_grid):
+        if self.kv_grid is not None and (h > self.kv_grid or w > self.kv_grid):  # pool to the grid
             grid = (min(h, self.kv_grid), min(w, self.kv_grid))                 # H' x W', M = H'W'
             context = F.adaptive_avg_pool2d(x, grid)                            # B x C x H' x W'
 
         def heads(t: Tensor) -> Tensor:  # B x 8h x H' x W' -> B x h x H'W' x 8
-            return t.flatten(2).view(b, self.heads, HEAD_DIM, -1).transpose(2, 3)
+            return t.flatten(2).view(b, self.heads, HEAD_DIM, -1).transpose(2, 3)  # via B x h x 8 x H'W'
 
         q = heads(self.q_proj(x))                                               # B x h x N x 8
         k, v = (heads(t) for t in self.kv_proj(context).chunk(2, dim=1))       # B x h x M x 8
