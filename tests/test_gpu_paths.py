@@ -261,6 +261,9 @@ def test_a_compiled_step_beyond_the_taylor_range_is_redone_exactly(tmp_path, mon
     # compiled run without the redo must not.
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, mode=None: compile_(model, backend="aot_eager"))
+    # The tests above compile the same forward methods many times: past Dynamo's recompile
+    # limit a frame silently runs eagerly, and no compiled step would be checked here.
+    torch._dynamo.reset()
     root = make_tiny_imagenet(tmp_path / "data", num_classes=3, train_per_class=6, val_per_class=1,
                               image_size=16, seed=1)
     splits = load_tiny_imagenet(root, holdout_per_class=1)  # 15 train images: 3 batches of 4
