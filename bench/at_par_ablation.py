@@ -31,15 +31,17 @@ import json
 import math
 import textwrap
 import time
+import types
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from bench.synthetic_options import hue_jitter
 from common import cubs, engine, runtime, synthetic
 from common.checkpoint import load_checkpoint
-from common.cubs import CUBSBlock1Plus, CUBSBlock2Plus, cubs_resnet18
+from common.cubs import CUBSBlock1Plus, CUBSBlock2Plus, PlusGateBlock, cubs_resnet18
 from common.diagnostics import diagnostics, gamma_values
 from common.datasets import load_tiny_imagenet
 from common.evaluate import evaluate_classifier
@@ -59,11 +61,22 @@ def make_data(root: Path, test_per_class: int = 10) -> Path:
         original = synthetic.class_style
         synthetic.class_style = lambda class_id: original(STYLES[class_id])
         try:
-            synthetic.make_tiny_imagenet(root, num_classes=CLASSES, train_per_class=PER_CLASS,
-                                         val_per_class=test_per_class, image_size=SIZE, seed=11, hue_jitter=0.2)
+            with hue_jitter(0.2):
+                synthetic.make_tiny_imagenet(root, num_classes=CLASSES, train_per_class=PER_CLASS,
+                                             val_per_class=test_per_class, image_size=SIZE, seed=11)
         finally:
             synthetic.class_style = original
     return root / "tiny-imagenet-200"
+
+
+def unbounded(model: torch.nn.Module) -> torch.nn.Module:
+    """`plusraw`: every plus block of `model` scales its modulation by gamma itself instead of
+    tanh(gamma), so its gate may leave (0, 2) once |gamma| > 1 (the plus variant before the bound)."""
+    for block in model.modules():
+        if isinstance(block, PlusGateBlock):
+            # A method of the block: a copy of the model gets one bound to its own gamma.
+            block.effective_gamma = types.MethodType(lambda self: self.gamma, block)
+    return model
 
 
 def build(name: str) -> torch.nn.Module:
@@ -72,10 +85,7 @@ def build(name: str) -> torch.nn.Module:
     placement, gate = name.split("-")
     if gate in ("plus", "plusraw"):
         model = cubs_resnet18(CLASSES, width=WIDTH, d=64, placement=placement, variant="plus")
-        for block in model.modules():
-            if isinstance(block, (CUBSBlock1Plus, CUBSBlock2Plus)):
-                block.bound_gamma = gate != "plusraw"
-        return model
+        return unbounded(model) if gate == "plusraw" else model
     return cubs_resnet18(CLASSES, width=WIDTH, d=64, placement=placement,
                          gate_logit=None if gate == "none" else float(gate))
 

@@ -36,8 +36,9 @@ from torch import Tensor, nn
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # allow `python bench/bench_cubs.py`
 
-from common.cubs import CUBSBlock2, CUBSBlock2Plus, cubs_resnet18, naive_similarity_attention  # noqa: E402
+from common.cubs import CUBSBlock2, CUBSBlock2Plus, cubs_resnet18  # noqa: E402
 from common.models import ResNet18  # noqa: E402
+from tests.reference import naive_similarity_attention  # noqa: E402
 
 MIB = 2**20
 

@@ -24,9 +24,10 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.checkpoint import load_checkpoint  # noqa: E402
-from common.cubs import CUBSBlock1, CUBSBlock2, cubs_resnet18, naive_similarity_attention  # noqa: E402
+from common.cubs import CUBSBlock1, CUBSBlock2, cubs_resnet18  # noqa: E402
 from common.datasets import load_tiny_imagenet  # noqa: E402
 from common.loader import ImageLoader, LoaderSettings  # noqa: E402
+from tests.reference import naive_similarity_attention  # noqa: E402
 
 
 def record_qkv(model: torch.nn.Module) -> dict[str, list[tuple[Tensor, Tensor, Tensor]]]:

@@ -6,7 +6,8 @@ classes of a generated Cars196? Runs the real t4_retrieval.py per seed and print
     python -m bench.t4_phase_b_gain --gen texture=60 hue_jitter=0.2 --repo /tmp/snapshot
 
 Each settings writes a dataset once (make_cars196: the smoke dataset's values, overridden
-by --gen's keywords; cached in --work) and runs `t4_retrieval.py --data-dir ... --init
+by --gen's keywords, of which hue_jitter and texture are bench/synthetic_options.py's; cached
+in --work) and runs `t4_retrieval.py --data-dir ... --init
 scratch` per seed with every value its --smoke mode sets, passed explicitly (SMOKE_FLAGS),
 then --t4's flags. The dataset seed stays 1234 as in the smoke run; --seeds is t4's --seed
 (init, batch order, holdout). Runs land in --work/<settings>/seed<N>/ and are reused when
@@ -79,6 +80,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import hashlib
 import json
 import os
@@ -96,6 +98,8 @@ sys.path.insert(0, str(ROOT))  # allow `python bench/t4_phase_b_gain.py`
 
 from common.datasets import load_cars196  # noqa: E402
 from common.recall import recall_at_k  # noqa: E402
+from bench.synthetic_options import hue_jitter, texture  # noqa: E402
+from common import synthetic  # noqa: E402
 from common.synthetic import make_cars196  # noqa: E402
 
 # What `t4_retrieval.py --smoke` sets (common/cli.py::apply_smoke + t4's smoke dict), as flags.
@@ -117,6 +121,14 @@ def parse_gen(items: list[str]) -> dict:
         except (ValueError, SyntaxError):
             out[key] = value
     return out
+
+
+def make_data(root: Path, gen: dict) -> None:
+    """make_cars196 with gen's keywords; hue_jitter and texture through bench/synthetic_options.py."""
+    gen = dict(gen)
+    jitter, amplitude = gen.pop("hue_jitter", synthetic.HUE_JITTER), gen.pop("texture", 0)
+    with hue_jitter(jitter), texture(amplitude, gen["seed"]) if amplitude else contextlib.nullcontext():
+        make_cars196(root, layout="cars_annos", **gen)
 
 
 def settings_key(gen: dict, t4_flags: list[str]) -> str:
@@ -181,7 +193,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     work = Path(args.work) / key
     data_root = Path(args.work) / ("data_" + settings_key(gen, []))
     if not (data_root / "cars_annos.mat").is_file():
-        make_cars196(data_root, layout="cars_annos", **gen)
+        make_data(data_root, gen)
     work.mkdir(parents=True, exist_ok=True)
     (work / "settings.json").write_text(json.dumps({"gen": gen, "t4": args.t4,
                                                     "compare_mining": args.compare_mining}))

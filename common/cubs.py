@@ -28,13 +28,13 @@ CUBS Block 2, spatial attention (CUBSBlock2):
   a = similarity_attention(q, k, v)               B x N      (N x N logits, never stored)
   gate = sigmoid(a).view(B, 1, H, W)
   y = x * gate
-The q, k, v biases of both plain blocks start at 1 (RELU_BIAS_INIT, reason there).
+The q, k, v biases of both plain blocks start at 1 (RELU_BIAS_INIT).
 
 Variant "plus" (CUBSBlock1Plus, CUBSBlock2Plus), h heads of e = 8 dims:
   gating y = x * (1 + tanh(gamma) * (2 sigmoid(z) - 1)) with a learnable scalar gamma = 0 at
   init, so every block, and a CUBS ResNet, starts exactly as the vanilla network; the tanh
-  keeps the multiplier in (0, 2) (BOUND_PLUS_GAMMA). Logits are
-  8-dim dot products with SDPA's default scale 1/sqrt(8); q, k, v are linear (no ReLU), so
+  keeps the multiplier in (0, 2) (PlusGateBlock.effective_gamma). Logits are 8-dim dot
+  products with SDPA's default scale 1/sqrt(8); q, k, v are linear (no ReLU), so
   similarities may be negative.
   Block 1 plus: q, k, v = Linear_{C->d}(g) (B x d) read as L = d / (8h) tokens of h*8 dims,
     i.e. B x h x L x 8; a = fused_attention -> B x d; z = Linear_{d->C}(a) + g.
@@ -72,33 +72,14 @@ from common.models import ResNet18
 
 PLACEMENTS = ("serial", "reverse", "parallel")
 VARIANTS = ("plain", "plus")
-# q, k, v biases of the plain blocks. Inside a ResNet with zero-init residual BNs the block
-# input is ~0 for the first steps, so q, k, v = ReLU(bias). PyTorch's default bias init is
-# signed: half the units would start at ReLU(negative) = 0 with no gradient, and a Block 2
-# map is a single unit, so a dead q, k or v freezes that block's spatial attention to a
-# constant gate (seen in 6-7 of 8 blocks after a --smoke run). Starting at 1 keeps every unit
-# in its linear range while |w . x| < 1; the network can still learn to switch units off.
+# Plain blocks' q, k, v biases: every ReLU unit starts positive; one at 0 gets no gradient (docs/cubs.md).
 RELU_BIAS_INIT = 1.0
-# Initial logit of the plain blocks' sigmoid gates (Block 1: out_proj's bias, with its weight
-# at 0; Block 2: v's bias, so a = sum softmax * v starts at about this value). The gates sit
-# on the residual branch, before the addition: a gate of 0.5 halves the branch and its
-# gradient, and serial / reverse multiply two of them (measured in docs/cubs.md: the
-# residual branches then learn far slower than vanilla ResNet-18's). sigmoid(3) = 0.95
-# starts them nearly open; the network closes what it does not need. None: PyTorch's
-# default init for out_proj and RELU_BIAS_INIT for v, the init before this was measured.
+# Plain gates' initial logit: open (0.95), as a gate scales its residual branch's gradient (docs/cubs.md).
 GATE_LOGIT_INIT = 3.0
-# Plus blocks scale their modulation by tanh(gamma), not gamma: |tanh(gamma)| < 1 keeps the
-# gate 1 + tanh(gamma) * tanh(z / 2) in (0, 2), so it can damp or amplify a channel or a
-# position but never flip the sign of a residual branch. Unbounded, |gamma| passed 1 in 3
-# of 5 seeds of the at-par ablation (growing steadily, at most 0.07 per step) and one gate
-# reached -0.05 (docs/cubs.md). tanh'(0) = 1, so the start is the same. A block's
-# bound_gamma attribute (default: this) switches it off for that ablation.
-BOUND_PLUS_GAMMA = True
 HEAD_DIM = 8  # plus variant; also the head-dim multiple the CUDA fused kernels want
-# The plain blocks' exp(q k) by its Taylor series: 32 terms are exact to fp32 rounding for
-# logits up to 7.5 (7.5^32 / 32! = 3.8e-8 < 2^-24); larger logits take the fused kernel.
+# exp(q k) by 32 Taylor terms: below fp32 rounding for logits up to 7.5 (7.5^32 / 32! < 2^-24).
 TAYLOR_TERMS = 32
-TAYLOR_MAX_LOGIT = 7.5
+TAYLOR_MAX_LOGIT = 7.5  # beyond it (or for a negative q or k), the fused kernel
 
 
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
@@ -127,13 +108,6 @@ def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
         q, k, v = (F.pad(t, (0, pad)) for t in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     return out[..., :head_dim] if pad else out
-
-
-def naive_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
-    """Reference for fused_attention that materialises the L x L matrix (tests/bench only)."""
-    if scale is None:
-        scale = 1.0 / math.sqrt(q.shape[-1])
-    return torch.softmax(q @ k.transpose(-2, -1) * scale, dim=-1) @ v
 
 
 def similarity_attention(q: Tensor, k: Tensor, v: Tensor,
@@ -187,9 +161,9 @@ def taylor_similarity_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     s = q.amax(dim=1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)           # B x 1
     key_terms = (k * (s / TAYLOR_MAX_LOGIT))[..., None].pow(n) * coeff              # B x L x p
     # a_i = c + sum_j w_ij (v_j - c) / sum_j w_ij for any c. With c = mean(v) the sums are
-    # of small signed terms and a_i - c is what is rounded: 30x less error in a and 100x in
-    # its q gradient than with c = 0 (docs/cubs.md). c is a constant to autograd: the exact
-    # derivative of a through c is 1 - sum_j w_ij / sum_j w_ij = 0.
+    # of small signed terms and a_i - c is what is rounded, so a and its q gradient lose far
+    # less to rounding than with c = 0 (docs/cubs.md, "Numerics"). c is a constant to
+    # autograd: the exact derivative of a through c is 1 - sum_j w_ij / sum_j w_ij = 0.
     c = v.mean(dim=1, keepdim=True).detach()                                        # B x 1
     moment_v = ((v - c)[..., None] * key_terms).sum(dim=1, keepdim=True)            # B x 1 x p
     moment_1 = key_terms.sum(dim=1, keepdim=True)                                   # B x 1 x p
@@ -209,12 +183,6 @@ def _fused_similarity_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return out[:, 0, :, 0].contiguous()
 
 
-def naive_similarity_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Same as similarity_attention, materialising S = q k^T (B x L x L); tests/bench only."""
-    similarity = q[:, :, None] * k[:, None, :]
-    return (torch.softmax(similarity, dim=-1) @ v[:, :, None])[:, :, 0]
-
-
 def check_plus_d(d: int, heads: int = 4) -> None:
     """Block 1 plus reads d as L = d / (8 heads) tokens per head. With L = 1 the softmax over
     one key is the constant 1 and q, k learn nothing, so at least two tokens are required."""
@@ -228,7 +196,7 @@ def check_plus_d(d: int, heads: int = 4) -> None:
 
 def _identity_preserving_gate(logit: Tensor, scale: Tensor) -> Tensor:
     # 1 + scale * (2 sigmoid(logit) - 1); 2 sigmoid(z) - 1 == tanh(z / 2), one op.
-    # scale = tanh(gamma) (see BOUND_PLUS_GAMMA). With gamma == 0 this is exactly 1, so
+    # scale = PlusGateBlock.effective_gamma(). With gamma == 0 this is exactly 1, so
     # x * gate is x bit for bit.
     return 1 + scale * torch.tanh(logit / 2)
 
@@ -289,17 +257,17 @@ def range_check(model: nn.Module) -> Callable[[], bool]:
 
 class PlusGateBlock(GateBlock):
     """The plus variant's gate, 1 + tanh(gamma) * tanh(z / 2) in (0, 2): a learnable scalar
-    gamma = 0 at init makes the block the identity (BOUND_PLUS_GAMMA for the tanh)."""
+    gamma = 0 at init makes the block the identity."""
 
     def add_gamma(self) -> None:
         """Register gamma; subclasses call it last, so that the parameter order (and with it
         the optimiser state of a saved run) is that of the projections, then gamma."""
         self.gamma = nn.Parameter(torch.zeros(()))
-        self.bound_gamma = BOUND_PLUS_GAMMA
 
     def effective_gamma(self) -> Tensor:
-        """The modulation's scale: gate = 1 + effective_gamma * tanh(z / 2), |.| < 1 when bounded."""
-        return torch.tanh(self.gamma) if self.bound_gamma else self.gamma
+        """The modulation's scale, tanh(gamma): |.| < 1 keeps the gate in (0, 2), so a block
+        never flips the sign of its residual branch (docs/cubs.md, "Variant plus")."""
+        return torch.tanh(self.gamma)
 
 
 class CUBSBlock1(SimilarityGateBlock):
@@ -350,10 +318,10 @@ class CUBSBlock2(SimilarityGateBlock):
 
     def gate(self, x: Tensor) -> Tensor:
         """B x C x H x W -> the spatial gate, B x 1 x H x W, in (0, 1)."""
-        b, _, h, w = x.shape
-        q, k, v = F.relu(self.qkv(x)).flatten(2).unbind(1)                  # B x N each
-        a = similarity_attention(q, k, v, self.deferred_flag())             # B x N
-        return torch.sigmoid(a).view(b, 1, h, w)
+        b, _, h, w = x.shape                                                    # N = H * W
+        q, k, v = F.relu(self.qkv(x)).flatten(2).unbind(1)                      # B x N each
+        a = similarity_attention(q, k, v, self.deferred_flag())                 # B x N
+        return torch.sigmoid(a).view(b, 1, h, w)                                # B x 1 x H x W
 
 
 class CUBSBlock1Plus(PlusGateBlock):
@@ -370,12 +338,12 @@ class CUBSBlock1Plus(PlusGateBlock):
         self.add_gamma()
 
     def gate(self, x: Tensor) -> Tensor:
-        """B x C x H x W -> the channel gate, B x C x 1 x 1, in (0, 2) (bounded gamma)."""
+        """B x C x H x W -> the channel gate, B x C x 1 x 1, in (0, 2)."""
         g = x.mean(dim=(2, 3))                                                  # B x C
-        b, d = g.shape[0], self.out_proj.in_features
+        b, d = g.shape[0], self.out_proj.in_features                           # d = 8h * L
 
         def heads(t: Tensor) -> Tensor:  # B x d -> B x h x L x 8, L = d / (8h) tokens
-            return t.view(b, -1, self.heads, HEAD_DIM).transpose(1, 2)
+            return t.view(b, -1, self.heads, HEAD_DIM).transpose(1, 2)     # via B x L x h x 8
 
         q, k, v = (heads(proj(g)) for proj in (self.q_proj, self.k_proj, self.v_proj))  # B x h x L x 8
         a = fused_attention(q, k, v).transpose(1, 2).reshape(b, d)             # B x d
@@ -401,14 +369,15 @@ class CUBSBlock2Plus(PlusGateBlock):
         self.add_gamma()
 
     def gate(self, x: Tensor) -> Tensor:
-        """B x C x H x W -> the spatial gate, B x 1 x H x W, in (0, 2) (bounded gamma)."""
-        b, _, h, w = x.shape
-        context = x
-        if self.kv_grid is not None and (h > self.kv_grid or w > self.kv_grid):
-            context = F.adaptive_avg_pool2d(x, (min(h, self.kv_grid), min(w, self.kv_grid)))
+        """B x C x H x W -> the spatial gate, B x 1 x H x W, in (0, 2)."""
+        b, _, h, w = x.shape                                                    # N = H * W
+        context = x                                                             # B x C x H x W: M = N
+        if self.kv_grid is not None and (h > self.kv_grid or w > self.kv_grid):  # pool to the grid
+            grid = (min(h, self.kv_grid), min(w, self.kv_grid))                 # H' x W', M = H'W'
+            context = F.adaptive_avg_pool2d(x, grid)                            # B x C x H' x W'
 
         def heads(t: Tensor) -> Tensor:  # B x 8h x H' x W' -> B x h x H'W' x 8
-            return t.flatten(2).view(b, self.heads, HEAD_DIM, -1).transpose(2, 3)
+            return t.flatten(2).view(b, self.heads, HEAD_DIM, -1).transpose(2, 3)  # via B x h x 8 x H'W'
 
         q = heads(self.q_proj(x))                                               # B x h x N x 8
         k, v = (heads(t) for t in self.kv_proj(context).chunk(2, dim=1))       # B x h x M x 8

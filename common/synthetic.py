@@ -35,6 +35,9 @@ _HUE_NAMES = ("red", "orange", "yellow", "lime", "green", "teal",
 _SCENE_SATURATION = (0.5, 0.9)
 _SCENE_VALUE = (0.45, 0.85)
 _GRAYSCALE_EVERY = 17  # every 17th image is saved as a single-channel JPEG
+# Each object's hue is its class hue +- this (0-1 wheel): colour alone gives the class away, so the
+# smoke runs learn in a few epochs (bench/synthetic_options.py widens it for the ablations).
+HUE_JITTER = 0.02
 _JPEG_QUALITY = 90
 
 
@@ -65,14 +68,8 @@ def render_class_image(class_id: int, rng: np.random.Generator, size: tuple[int,
 
 
 def make_tiny_imagenet(root: str | Path, num_classes: int = 10, train_per_class: int = 40,
-                       val_per_class: int = 10, image_size: int = 64, seed: int = 0,
-                       hue_jitter: float = 0.02) -> Path:
+                       val_per_class: int = 10, image_size: int = 64, seed: int = 0) -> Path:
     """Write a miniature Tiny ImageNet to ``root/tiny-imagenet-200`` and return that folder.
-
-    hue_jitter: each image's hue is its class hue +- this (on a 0-1 wheel). At the default
-    the colour alone gives the class away and a network that only pools colours learns it;
-    at 0.2 colour is a weak cue and the class must be read from shape and pattern, which
-    takes the convolutional depth (residual branches) of the network, as real images do.
 
     Layout as in the official zip: wnids.txt, words.txt (with extra unrelated wnids, like
     the real one), train/<wnid>/images/*.JPEG with <wnid>_boxes.txt, val/images/*.JPEG with
@@ -97,7 +94,7 @@ def make_tiny_imagenet(root: str | Path, num_classes: int = 10, train_per_class:
         box_lines = []
         for i in range(train_per_class):
             name = f"{wnid}_{i}.JPEG"
-            box = _write_jpeg(images_dir / name, class_id, rng, size, counter, hue_jitter=hue_jitter)
+            box = _write_jpeg(images_dir / name, class_id, rng, size, counter)
             counter += 1
             box_lines.append(f"{name}\t" + "\t".join(map(str, box)))
         (dataset / "train" / wnid / f"{wnid}_boxes.txt").write_text("\n".join(box_lines) + "\n")
@@ -111,7 +108,7 @@ def make_tiny_imagenet(root: str | Path, num_classes: int = 10, train_per_class:
     annotation_lines = []
     for i, class_id in enumerate(val_classes.tolist()):
         name = f"val_{i}.JPEG"
-        box = _write_jpeg(val_dir / name, class_id, rng, size, counter, hue_jitter=hue_jitter)
+        box = _write_jpeg(val_dir / name, class_id, rng, size, counter)
         counter += 1
         annotation_lines.append(f"{name}\t{wnids[class_id]}\t" + "\t".join(map(str, box)))
     (dataset / "val" / "val_annotations.txt").write_text("".join(f"{line}\n" for line in annotation_lines))
@@ -128,8 +125,7 @@ def make_tiny_imagenet(root: str | Path, num_classes: int = 10, train_per_class:
 
 
 def make_cars196(root: str | Path, layout: str = "cars_annos", num_classes: int = 8,
-                 per_class: int = 12, image_size: tuple[int, int] = (160, 120), seed: int = 0,
-                 hue_jitter: float = 0.02, texture: float = 0.0) -> Path:
+                 per_class: int = 12, image_size: tuple[int, int] = (160, 120), seed: int = 0) -> Path:
     """Write a miniature Cars196 and return the root to pass to ``load_cars196``.
 
     ``layout="cars_annos"`` writes ``root/cars_annos.mat`` + ``root/car_ims/*.jpg``;
@@ -140,14 +136,6 @@ def make_cars196(root: str | Path, layout: str = "cars_annos", num_classes: int 
     (width, height). Both layouts hold identical images for the same seed. The .mat files
     are written after the images, so their presence means the dataset is complete. Each
     object is drawn on a random saturated scene (see the module docstring).
-
-    hue_jitter: each object's hue is its class hue +- this (as in make_tiny_imagenet); at
-    0.2 colour is a weak class cue and the class must be read from shape and pattern too.
-    texture: amplitude (pixel levels) of a grey grating added to each scene, of random
-    orientation, frequency and phase: a class-independent nuisance in the edge and texture
-    channels of a network's pooled features. Its random values come from a stream of their
-    own, so objects and scenes stay those of texture=0 (the default, which adds none).
-    Neither option showed Phase B beating Phase A in T4 (bench/t4_phase_b_gain.py).
     """
     if layout not in ("cars_annos", "torchvision"):
         raise ValueError(f"layout must be 'cars_annos' or 'torchvision', got {layout!r}")
@@ -176,11 +164,9 @@ def make_cars196(root: str | Path, layout: str = "cars_annos", num_classes: int 
     for folder in {p.split("/")[0] for p in relative_paths}:
         (dataset / folder).mkdir(parents=True, exist_ok=True)
 
-    texture_rng = np.random.default_rng([seed, 1])
     records = []
     for counter, (class_id, relative_path) in enumerate(zip(class_ids.tolist(), relative_paths)):
-        box = _write_jpeg(dataset / relative_path, class_id, rng, image_size, counter, scene=True,
-                          hue_jitter=hue_jitter, texture=texture, texture_rng=texture_rng)
+        box = _write_jpeg(dataset / relative_path, class_id, rng, image_size, counter, scene=True)
         # The real .mat files hold 1-based pixel boxes and 1-based class ids as small uints.
         records.append({"relative_im_path": relative_path, "fname": relative_path.split("/")[1],
                         "bbox": [b + 1 for b in box], "class": class_id + 1})
@@ -205,29 +191,15 @@ def make_cars196(root: str | Path, layout: str = "cars_annos", num_classes: int 
 
 
 def _render_with_box(class_id: int, rng: np.random.Generator, size: tuple[int, int],
-                     scene: bool = False, hue_jitter: float = 0.02,
-                     texture: float = 0.0, texture_rng: np.random.Generator | None = None,
-                     ) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+                     scene: bool = False) -> tuple[np.ndarray, tuple[int, int, int, int]]:
     """Draw one class image; also return the shape's box (x0, y0, x1, y1), 0-based, inclusive.
 
     scene: a saturated background of a random hue (see make_cars196) instead of a greyish tint.
-    texture: amplitude of a random grey grating on the background (see make_cars196), its
-    random values drawn from texture_rng (default: rng, after all other draws).
     """
     width, height = size
     shape, hue, frequency = class_style(class_id)
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
-
-    # Background: a random tint with smooth blotches and pixel noise, so a single pixel or
-    # the mean colour alone does not give the class away.
-    if scene:
-        tint = 255.0 * np.array(colorsys.hsv_to_rgb(rng.uniform(0.0, 1.0), rng.uniform(*_SCENE_SATURATION),
-                                                    rng.uniform(*_SCENE_VALUE)))
-    else:
-        tint = rng.uniform(70, 180) + rng.normal(0.0, 20.0, size=3)
-    blotches = _upsample_bilinear(rng.normal(0.0, 25.0, size=(4, 4, 3)).astype(np.float32), height, width)
-    noise = rng.standard_normal((height, width, 3), dtype=np.float32)
-    background = tint.astype(np.float32) + blotches + 10.0 * noise
+    background, noise = _background(rng, size, scene)  # H x W x 3 each
 
     short_side = min(width, height)
     radius = rng.uniform(0.2, 0.34) * short_side
@@ -240,20 +212,12 @@ def _render_with_box(class_id: int, rng: np.random.Generator, size: tuple[int, i
     v = (-(xs - cx) * sin + (ys - cy) * cos) / radius
     mask, dark = _shape_mask(shape, frequency, u, v)
 
-    jittered_hue = (hue + rng.uniform(-hue_jitter, hue_jitter)) % 1.0
+    jittered_hue = (hue + rng.uniform(-HUE_JITTER, HUE_JITTER)) % 1.0
     colour = 255.0 * np.array(colorsys.hsv_to_rgb(jittered_hue, rng.uniform(0.7, 1.0), rng.uniform(0.75, 1.0)),
                               dtype=np.float32)
     shading = (1.0 + 0.15 * np.clip(v, -1.0, 1.0)) * np.where(dark, 0.4, 1.0)  # light from one side
     foreground = colour * shading[..., None]
     foreground = foreground + 12.0 * noise
-
-    if texture > 0:
-        texture_rng = rng if texture_rng is None else texture_rng
-        grating_angle = texture_rng.uniform(0.0, np.pi)
-        cycles = texture_rng.uniform(3.0, 10.0) / short_side  # 3-10 periods across the short side
-        phase = texture_rng.uniform(0.0, 2.0 * np.pi)
-        along = xs * np.cos(grating_angle) + ys * np.sin(grating_angle)
-        background = background + (texture * np.sin(2.0 * np.pi * cycles * along + phase))[..., None]
     image = np.where(mask[..., None], foreground, background)
     image = np.clip(image, 0, 255).astype(np.uint8)
     if mask.any():
@@ -262,6 +226,22 @@ def _render_with_box(class_id: int, rng: np.random.Generator, size: tuple[int, i
     else:  # only for images too small to hold the shape
         box = (0, 0, width - 1, height - 1)
     return image, box
+
+
+def _background(rng: np.random.Generator, size: tuple[int, int], scene: bool) -> tuple[np.ndarray, np.ndarray]:
+    """An image's background and its pixel noise (which the object shares), H x W x 3 float32
+    each, ``size`` (width, height): a random tint (see _render_with_box's scene) with smooth
+    blotches and the noise, so that a single pixel or the mean colour alone does not give the
+    class away."""
+    width, height = size
+    if scene:
+        tint = 255.0 * np.array(colorsys.hsv_to_rgb(rng.uniform(0.0, 1.0), rng.uniform(*_SCENE_SATURATION),
+                                                    rng.uniform(*_SCENE_VALUE)))
+    else:
+        tint = rng.uniform(70, 180) + rng.normal(0.0, 20.0, size=3)
+    blotches = _upsample_bilinear(rng.normal(0.0, 25.0, size=(4, 4, 3)).astype(np.float32), height, width)
+    noise = rng.standard_normal((height, width, 3), dtype=np.float32)
+    return tint.astype(np.float32) + blotches + 10.0 * noise, noise
 
 
 def _shape_mask(shape: str, frequency: int, u: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -306,11 +286,9 @@ def _upsample_bilinear(grid: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _write_jpeg(path: Path, class_id: int, rng: np.random.Generator, size: tuple[int, int],
-                counter: int, scene: bool = False, hue_jitter: float = 0.02,
-                texture: float = 0.0, texture_rng: np.random.Generator | None = None,
-                ) -> tuple[int, int, int, int]:
+                counter: int, scene: bool = False) -> tuple[int, int, int, int]:
     """Render and save one JPEG (single-channel for every 17th counter); return its box."""
-    image, box = _render_with_box(class_id, rng, size, scene, hue_jitter, texture, texture_rng)
+    image, box = _render_with_box(class_id, rng, size, scene)
     picture = Image.fromarray(image)
     if counter % _GRAYSCALE_EVERY == 0:
         picture = picture.convert("L")

@@ -4,16 +4,17 @@ fast as vanilla ResNet-18 on the same data, seed and budget.
 Paired: at one seed the CUBS network starts from exactly vanilla's tensors (ResNet18 draws
 its attention modules last) and sees the same batches, so the two runs differ only by what
 the attention does. Generated Tiny ImageNet layout, 16x16, width 8, CPU, 7 classes whose
-colour is only a weak cue (hue_jitter 0.2), so the class must be read from shape. Per seed:
+colour is only a weak cue (bench/synthetic_options.py's hue_jitter 0.2), so the class must be
+read from shape. Per seed:
   - holdout accuracy (the assignment's measure, 140 images): CUBS within AT_PAR_MARGIN of
     vanilla, and both LEARNED_MARGIN above the untrained network;
   - learning speed: the training loss averaged over every step of every epoch (all 420
     training images, 8 times: far less noisy than 140 holdout images), averaged over the
     seeds, at most LOSS_MARGIN above vanilla's.
-Measured (2-core development VM, 2026-11-29, one thread), CUBS minus vanilla at seeds 0, 1, 2,
-train loss / holdout points:
+What the margins separate (one thread), CUBS minus vanilla at seeds 0, 1, 2, train loss /
+holdout points:
     serial, open gates (the default init)     +0.006 -0.002 -0.005  /  -3.6 +3.6 +0.7
-    serial, PyTorch's default init (before)   +0.023 +0.014 +0.033  /  -3.6 -0.7 -6.4
+    serial, PyTorch's default init            +0.023 +0.014 +0.033  /  -3.6 -0.7 -6.4
     serial, Block 1 gates closed (logit -4)   +0.035 +0.020 +0.050  /  -7.9 -1.4 -10.7
 Holdout accuracy at this budget cannot tell the old init from the new one (the larger
 ablation of docs/cubs.md can: 5.1 test points on 2,000 images); the training loss can:
@@ -25,6 +26,7 @@ import statistics
 import pytest
 import torch
 
+from bench.synthetic_options import hue_jitter
 from common import engine, runtime
 from common.evaluate import evaluate_classifier
 from tests.conftest import fit
@@ -68,8 +70,9 @@ def one_thread():
 
 
 def test_cubs_serial_plain_learns_at_par_with_vanilla_resnet18(tmp_path, one_thread, monkeypatch):
-    root = make_tiny_imagenet(tmp_path / "data", num_classes=CLASSES, train_per_class=60,
-                              val_per_class=1, image_size=SIZE, seed=21, hue_jitter=HUE_JITTER)
+    with hue_jitter(HUE_JITTER):
+        root = make_tiny_imagenet(tmp_path / "data", num_classes=CLASSES, train_per_class=60,
+                                  val_per_class=1, image_size=SIZE, seed=21)
     splits = load_tiny_imagenet(root, holdout_per_class=20, seed=0)
     loss_gaps = []
     for seed in SEEDS:

@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import types
 
 import pytest
 import torch
@@ -18,13 +19,13 @@ from common.cubs import (
     CUBSBlock1Plus,
     CUBSBlock2,
     CUBSBlock2Plus,
+    PlusGateBlock,
     cubs_resnet18,
     fused_attention,
-    naive_attention,
-    naive_similarity_attention,
     similarity_attention,
 )
 from common.models import ResNet18
+from tests.reference import naive_attention, naive_similarity_attention
 
 f64 = torch.float64
 
@@ -145,8 +146,8 @@ def test_compiled_similarity_attention_takes_either_branch_without_recompiling()
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_guard_takes_the_cuda_layout_of_the_fused_branch(backend, monkeypatch):
     # On CUDA the fused branch pads the head dim to 8, so its slice has stride 8; torch.cond
-    # wants both branches' outputs alike (torch 2.11 on an H200 refused the strided one,
-    # 2026-12-04). Here the CPU runs that CUDA branch, compiled as the scripts compile it.
+    # wants both branches' outputs alike (on CUDA it refuses the strided one). Here the CPU
+    # runs that CUDA branch, compiled as the scripts compile it.
     fused = cubs.fused_attention
     monkeypatch.setattr(cubs, "fused_attention", lambda *a, **kw: fused(*a, **{**kw, "pad_head_dim": True}))
     compiled = torch.compile(similarity_attention, backend=backend, fullgraph=True)
@@ -477,12 +478,21 @@ def test_plus_attention_is_the_identity_at_init_and_only_gamma_gets_a_gradient()
         assert (p.grad.abs().sum() > 0) == name.endswith("gamma"), name
 
 
+def _unbounded(module: nn.Module) -> nn.Module:
+    """`module` with every plus block's scale gamma itself instead of tanh(gamma): the variant
+    before the bound, as bench/at_par_ablation.py's `plusraw` builds it."""
+    for block in module.modules():
+        if isinstance(block, PlusGateBlock):
+            block.effective_gamma = types.MethodType(lambda self: self.gamma, block)
+    return module
+
+
 @pytest.mark.parametrize("block", [CUBSBlock1Plus(6, d=32, heads=2), CUBSBlock2Plus(6, heads=2)],
                          ids=["block1_plus", "block2_plus"])
 def test_plus_gate_stays_in_0_2_however_large_gamma_grows(block):
     # The modulation's scale is tanh(gamma): the gate is in (0, 2), so it never flips the sign
-    # of a residual branch. Without the bound (the variant before) the same weights give
-    # negative gates as soon as |gamma| > 1, which training reached (docs/cubs.md, plusraw).
+    # of a residual branch. Without the bound (the ablation's plusraw) the same weights give
+    # negative gates as soon as |gamma| > 1, which training reached (docs/cubs.md).
     block = _double_with_random_weights(block)
     x = torch.randn(3, 6, 9, 11, dtype=f64, generator=torch.Generator().manual_seed(5)) * 4
     with torch.no_grad():
@@ -490,8 +500,7 @@ def test_plus_gate_stays_in_0_2_however_large_gamma_grows(block):
     bounded = block.gate(x)
     assert bounded.min() > 0 and bounded.max() < 2
     torch.testing.assert_close(block.effective_gamma(), torch.tanh(torch.tensor(-3.0, dtype=f64)))
-    block.bound_gamma = False
-    assert block.gate(x).min() < 0
+    assert _unbounded(block).gate(x).min() < 0
 
 
 def test_bounded_gamma_starts_exactly_like_the_unbounded_one():
@@ -501,9 +510,8 @@ def test_bounded_gamma_starts_exactly_like_the_unbounded_one():
     for bound in (True, False):
         torch.manual_seed(11)
         attention = CUBSAttention(8, "serial", "plus", d=64)
-        for m in attention.modules():
-            if hasattr(m, "bound_gamma"):
-                m.bound_gamma = bound
+        if not bound:
+            _unbounded(attention)
         x = torch.randn(2, 8, 16, 16)
         y = attention(x)
         assert torch.equal(y, x)

@@ -1,4 +1,4 @@
-"""The code paths the scripts take only on a GPU, run on the CPU (issue 11, part 1).
+"""The code paths the scripts take only on a GPU, run on the CPU.
 
 torch.compile (inductor builds of every CUBS residual block and of CustomCNN's MixBlock,
 Dynamo's whole-graph capture of every network), bf16 autocast with channels_last for every network, fp16 with a GradScaler that
@@ -17,7 +17,7 @@ from torch import nn
 
 from common import cubs, engine, runtime
 from common.checkpoint import load_checkpoint
-from common.cubs import PLACEMENTS, VARIANTS, CUBSBlock2, cubs_resnet18, fused_attention, naive_attention
+from common.cubs import PLACEMENTS, VARIANTS, CUBSBlock2, cubs_resnet18, fused_attention
 from common.datasets import load_tiny_imagenet
 from common.evaluate import holdout_scorer
 from common.loader import ImageLoader, LoaderSettings
@@ -25,6 +25,7 @@ from common.loss import multi_similarity_loss
 from common.models import CustomCNN, EmbeddingNet, MixBlock, ResNet18
 from common.synthetic import make_tiny_imagenet
 from tests.conftest import fit
+from tests.reference import naive_attention
 
 # Small enough for CI, large enough that every stage runs: width 8, 32 x 32 inputs, batch 2;
 # d = 64 is the smallest Block 1 inner size the plus variant accepts (2 tokens x 4 heads x 8).
@@ -164,10 +165,10 @@ def test_whole_network_is_captured_as_one_graph_forward_and_backward(name):
 def test_every_network_trains_under_bf16_autocast_with_channels_last_close_to_fp32():
     # The CUDA recipe (engine.fit on bf16 GPUs) with CPU autocast. Eval mode: batch-2
     # BatchNorm statistics would amplify rounding differences; the ops' dtypes are the same.
-    # bf16 keeps 8 bits (relative rounding 2^-9 = 0.2% per op). Measured over seeds 0 and 1
-    # (2026-11-29), relative L2 distance to fp32: outputs 0.2-1.2%; whole gradient vector
-    # 0.4-6% for the residual networks, 14-18% for CustomCNN, whose 36 convolutions have no
-    # identity path, so the backward pass compounds the rounding through every one of them.
+    # bf16 keeps 8 bits (relative rounding 2^-9 = 0.2% per op). Over seeds 0 and 1, relative
+    # L2 distance to fp32: outputs 0.2-1.2%; whole gradient vector 0.4-6% for the residual
+    # networks, 14-18% for CustomCNN, whose 36 convolutions have no identity path, so the
+    # backward pass compounds the rounding through every one of them.
     # Bounds at ~2x the worst: 3% / 12% / 35%. A wrong dtype or layout path (garbage,
     # NaN, a lost autocast) lands far above them.
     torch.manual_seed(0)
@@ -194,9 +195,9 @@ def test_every_network_trains_under_bf16_autocast_with_channels_last_close_to_fp
 
 
 def test_ms_loss_similarity_is_fp32_under_autocast():
-    # T4 computes the loss inside autocast. With S = x x^T as a bf16 matmul (the code before
-    # issue 11) this batch's loss moved by 1.4e-4 (S near 1 rounded by up to 2^-9, times
-    # beta = 50); with S in fp32 only fp32 reordering remains (bound 1e-6).
+    # T4 computes the loss inside autocast. With S = x x^T as a bf16 matmul this batch's
+    # loss moves by 1.4e-4 (S near 1 rounded by up to 2^-9, times beta = 50); with S in
+    # fp32 only fp32 reordering remains (bound 1e-6).
     torch.manual_seed(0)
     labels = torch.arange(8).repeat_interleave(4)
     embeddings = torch.randn(8, 16)[labels] + torch.randn(32, 16)  # 8 classes x 4, overlapping
@@ -262,6 +263,9 @@ def test_a_compiled_step_beyond_the_taylor_range_is_redone_exactly(tmp_path, mon
     # compiled run without the redo must not.
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, mode=None: compile_(model, backend="aot_eager"))
+    # The tests above compile the same forward methods many times: past Dynamo's recompile
+    # limit a frame silently runs eagerly, and no compiled step would be checked here.
+    torch._dynamo.reset()
     root = make_tiny_imagenet(tmp_path / "data", num_classes=3, train_per_class=6, val_per_class=1,
                               image_size=16, seed=1)
     splits = load_tiny_imagenet(root, holdout_per_class=1)  # 15 train images: 3 batches of 4

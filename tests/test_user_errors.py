@@ -36,7 +36,7 @@ def test_bad_images_in_any_split_stop_the_run_before_epoch_1(tiny: Path, tmp_pat
     train = sorted((tiny / "train").glob("*/images/*.JPEG"))[4]
     val_bytes, train_bytes = val.read_bytes(), train.read_bytes()
     try:
-        val.write_bytes(val_bytes[: len(val_bytes) // 2])  # truncated: found only after training before
+        val.write_bytes(val_bytes[: len(val_bytes) // 2])  # truncated: must be found before training
         train.write_text("not an image\n")  # a text file named .JPEG
         proc = run_script("t2_resnet18.py", "--data-dir", str(tiny), "--device", "cpu", "--workers", "0",
                           "--out", str(tmp_path / "out"), "--holdout-per-class", "1", check=False)

@@ -1,12 +1,14 @@
-"""make_cars196's optional content parameters (hue_jitter, texture) used by
-bench/t4_phase_b_gain.py: they change only what they say, and draw their random values so
-that the objects (class, place, size, angle) stay those of the default images."""
+"""bench/synthetic_options.py, the generator options of the ablations (hue_jitter, texture):
+they change only what they say, draw their random values so that the objects (class, place,
+size, angle) stay those of the default images, and leave the generator as it was."""
 import colorsys
 from pathlib import Path
 
 import numpy as np
 import scipy.io
 
+from bench.synthetic_options import hue_jitter, texture
+from common import synthetic
 from common.synthetic import _render_with_box, class_style, make_cars196
 
 SIZE = (96, 72)
@@ -17,20 +19,27 @@ def _boxes(root: Path) -> list[tuple[int, ...]]:
     return [tuple(int(r[k][0, 0]) for k in ("bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2")) for r in a]
 
 
+def _images(root: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted((root / "car_ims").glob("*.jpg"))}
+
+
 def test_options_keep_the_objects_and_change_the_pixels(tmp_path: Path) -> None:
     settings = dict(num_classes=4, per_class=3, image_size=SIZE, seed=5)
     default = make_cars196(tmp_path / "default", **settings)
-    for name, option in (("textured", dict(texture=40.0)), ("jittered", dict(hue_jitter=0.5))):
-        other = make_cars196(tmp_path / name, **settings, **option)
+    for name, option in (("textured", texture(40.0, seed=5)), ("jittered", hue_jitter(0.5))):
+        with option:
+            other = make_cars196(tmp_path / name, **settings)
         assert _boxes(other) == _boxes(default)  # same objects in the same places
-        images = sorted((default / "car_ims").glob("*.jpg"))
-        assert all((default / "car_ims" / f.name).read_bytes() != (other / "car_ims" / f.name).read_bytes()
-                   for f in images), name
+        assert all(a != b for a, b in zip(_images(default).values(), _images(other).values())), name
+    # Out of the blocks the generator is the default one again.
+    assert _images(make_cars196(tmp_path / "after", **settings)) == _images(default)
+    assert synthetic.HUE_JITTER == 0.02
 
 
 def test_texture_adds_a_grey_grating_to_the_background_only() -> None:
     plain, box = _render_with_box(0, np.random.default_rng(0), SIZE, scene=True)  # a disc
-    textured, box_t = _render_with_box(0, np.random.default_rng(0), SIZE, scene=True, texture=40.0)
+    with texture(40.0, seed=0):
+        textured, box_t = _render_with_box(0, np.random.default_rng(0), SIZE, scene=True)
     assert box_t == box
     diff = textured.astype(int) - plain.astype(int)
     x0, y0, x1, y1 = box
@@ -45,9 +54,8 @@ def test_texture_adds_a_grey_grating_to_the_background_only() -> None:
     assert np.abs(d).max() <= 41 and 20 < np.sqrt((d.astype(float) ** 2).mean()) < 35
 
 
-def _object_hue(class_id: int, seed: int, hue_jitter: float) -> float:
-    image, (x0, y0, x1, y1) = _render_with_box(class_id, np.random.default_rng(seed), (160, 120),
-                                               scene=True, hue_jitter=hue_jitter)
+def _object_hue(class_id: int, seed: int) -> float:
+    image, (x0, y0, x1, y1) = _render_with_box(class_id, np.random.default_rng(seed), (160, 120), scene=True)
     cy, cx = (y0 + y1) // 2, (x0 + x1) // 2
     r, g, b = image[cy - 2:cy + 3, cx - 2:cx + 3].reshape(-1, 3).mean(0) / 255  # inside a disc
     return colorsys.rgb_to_hsv(r, g, b)[0]
@@ -56,7 +64,8 @@ def _object_hue(class_id: int, seed: int, hue_jitter: float) -> float:
 def test_hue_jitter_spreads_the_object_hue_around_the_class_hue() -> None:
     class_hue = class_style(0)[1]  # a disc: its box centre lies on the object
     wheel = lambda h: min(abs(h - class_hue), 1 - abs(h - class_hue))  # noqa: E731
-    default = [wheel(_object_hue(0, s, 0.02)) for s in range(12)]
-    spread = [wheel(_object_hue(0, s, 0.5)) for s in range(12)]
+    default = [wheel(_object_hue(0, s)) for s in range(12)]
+    with hue_jitter(0.5):
+        spread = [wheel(_object_hue(0, s)) for s in range(12)]
     assert max(default) < 0.06, default  # 0.02 of jitter plus pixel noise
     assert max(spread) > 0.25, spread  # uniform on the wheel: 12 draws leave [-0.25, 0.25]

@@ -1,0 +1,94 @@
+"""common/placements.py: T3's comparison of finished placement runs (selection by holdout, the
+at-par rule against vanilla ResNet-18, plus vs plain) and its Markdown, on hand-written
+results.json files."""
+import json
+from pathlib import Path
+
+import pytest
+
+from common import placements
+from common.placements import compare_runs, comparison_lines, write_comparison
+
+SETUP = {"num_classes": 10, "width": 16, "image_size": 32}
+
+
+def _results(out: Path, placement: str, variant: str, holdout: float, test: float) -> None:
+    """One finished T3 run's results.json, as t3_cubs.py writes it (the keys compare_runs reads)."""
+    folder = out / f"{placement}_{variant}"
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({
+        "placement": placement, "variant": variant, "holdout_acc": holdout, "test_acc": test,
+        "test_top5": 0.9, "params": 1234, "best_epoch": 2, "epochs_run": 3, **SETUP}))
+
+
+def _vanilla(path: Path, test: float, **setup) -> Path:
+    path.write_text(json.dumps({"test_acc": test, "holdout_acc": 0.5, **SETUP, **setup}))
+    return path
+
+
+def test_selection_is_by_holdout_among_plain_runs_and_ties_go_in_spec_order(tmp_path):
+    # Test accuracy never selects (parallel has the best); plus is never the selected placement.
+    for placement, variant, holdout, test in (("parallel", "plain", 0.70, 0.95), ("serial", "plus", 0.90, 0.50),
+                                              ("reverse", "plain", 0.70, 0.60), ("serial", "plain", 0.65, 0.99)):
+        _results(tmp_path, placement, variant, holdout, test)
+    c = compare_runs(tmp_path, tmp_path / "no_t2.json")
+    assert [(r["placement"], r["variant"]) for r in c["runs"]] == [
+        ("serial", "plain"), ("serial", "plus"), ("reverse", "plain"), ("parallel", "plain")]
+    assert (c["selected"]["placement"], c["selected"]["variant"]) == ("reverse", "plain")
+    assert (c["best_overall"]["placement"], c["best_overall"]["variant"]) == ("serial", "plus")
+    text = "\n".join(comparison_lines(c))
+    assert "**reverse** (reverse, parallel tie on holdout; ties go in the order serial > reverse > parallel)" in text
+    assert "Best run over all variants by holdout: serial (plus)" in text
+    assert c["at_par"] is None and "run t2_resnet18.py first" in c["vanilla_note"]
+    assert "**At-par check: not made** (no T2 result at" in text
+
+
+@pytest.mark.parametrize("vanilla_test, selected_test, holds", [
+    (0.615, 0.6, True), (0.625, 0.6, False), (0.59, 0.6, True),
+    (0.60, 0.58, True),  # exactly 2 points, though 100 * (0.60 - 0.58) > 2 in floats
+    (0.6002, 0.58, False)])
+def test_at_par_rule_allows_two_points_below_vanilla(tmp_path, vanilla_test, selected_test, holds):
+    _results(tmp_path, "serial", "plain", 0.7, selected_test)
+    c = compare_runs(tmp_path, _vanilla(tmp_path / "t2.json", vanilla_test))
+    gap = 100 * (vanilla_test - selected_test)
+    assert c["at_par"]["holds"] == holds and c["at_par"]["points_below_vanilla"] == pytest.approx(gap)
+    assert c["vanilla"]["test_acc"] == vanilla_test
+    text = "\n".join(comparison_lines(c))
+    assert f"**At-par check: {'holds' if holds else 'does NOT hold'}.**" in text
+    assert f"{abs(gap):.2f} points {'below' if gap >= 0 else 'above'} vanilla ResNet-18" in text
+    assert placements.table_rows(c)[-1][0] == "vanilla ResNet-18 (T2)"
+
+
+def test_a_vanilla_run_of_another_setup_is_not_compared(tmp_path):
+    _results(tmp_path, "serial", "plain", 0.7, 0.6)
+    c = compare_runs(tmp_path, _vanilla(tmp_path / "t2.json", 0.9, width=64))
+    assert c["vanilla"] is None and c["at_par"] is None
+    assert "trained in another setup" in c["vanilla_note"]
+    assert all(row[0] != "vanilla ResNet-18 (T2)" for row in placements.table_rows(c))
+
+
+def test_plus_vs_plain_pairs_each_placement_trained_with_both(tmp_path):
+    for placement, variant, test in (("serial", "plain", 0.60), ("serial", "plus", 0.625), ("reverse", "plain", 0.5)):
+        _results(tmp_path, placement, variant, 0.7, test)
+    c = compare_runs(tmp_path, tmp_path / "no_t2.json")
+    [pair] = c["plus_vs_plain"]
+    assert pair["placement"] == "serial" and pair["gain_points"] == pytest.approx(2.5)
+    assert any(line.startswith("| serial | 0.6000 | 0.6250 | +2.50") for line in comparison_lines(c))
+
+
+def test_without_a_plain_run_nothing_is_selected(tmp_path):
+    _results(tmp_path, "serial", "plus", 0.7, 0.6)
+    c = compare_runs(tmp_path, _vanilla(tmp_path / "t2.json", 0.6))
+    assert c["selected"] is None and c["at_par"] is None
+    assert "No plain-variant run: no placement selected." in comparison_lines(c)
+    assert "Plus vs plain: not run (train with `--variant both`)." in comparison_lines(c)
+
+
+def test_write_comparison_writes_the_json_the_markdown_and_the_figure(tmp_path, capsys):
+    _results(tmp_path, "serial", "plain", 0.7, 0.6)
+    c = compare_runs(tmp_path, _vanilla(tmp_path / "t2.json", 0.61))
+    write_comparison(c, tmp_path)
+    assert json.loads((tmp_path / "placements.json").read_text()) == c
+    markdown = (tmp_path / "placements.md").read_text()
+    assert markdown == "\n".join(comparison_lines(c)).rstrip() + "\n" == capsys.readouterr().out
+    assert (tmp_path / "placements.png").stat().st_size > 0
