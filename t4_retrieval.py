@@ -18,25 +18,22 @@ curves.png), results.json, retrieval.png.
 """
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.optim.lr_scheduler import LambdaLR
 
-from common import cli, engine, evaluate, runtime, task_data
+from common import cli, engine, evaluate, plots, runtime, task_data
 from common.cubs import PLACEMENTS, VARIANTS, cubs_resnet18
 from common.diagnostics import diagnostics
 from common.errors import ConfigError
 from common.files import write_json
-from common.init_weights import INIT_CHOICES, load_initial_weights
+from common.init_weights import INIT_CHOICES, load_initial_weights, t3_selection
 from common.loss import MINING_CHOICES, multi_similarity_loss
 from common.models import EmbeddingNet, count_parameters
-from common.plots import curves_png, plot_retrieval
-from common.recall import nearest_neighbours, recall_at_k
+from common.recall import recall_at_k
 from common.runtime import describe_device
 from common.schema import FitConfig, RetrievalResults
 
@@ -119,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     rt = runtime.setup_runtime(args.device, args.seed)
     out = Path(args.out)
-    placement, variant, t3_best = t3_selection(args)
+    placement, variant, t3_best = t3_selection(args.t3_results, args.placement, args.variant)
     data = load_data(args, rt, out)
 
     # -- model: CUBS-ResNet-18 (T3's network) with the ImageNet stem (7x7 stride 2 + max-pool)
@@ -183,19 +180,20 @@ def load_data(args: argparse.Namespace, rt: runtime.Runtime, out: Path) -> Simpl
                                      images_per_class=args.images_per_class))
 
 
-def training_parts(model: torch.nn.Module, cfg: FitConfig, steps_per_epoch: int,
-                   rt: runtime.Runtime) -> tuple:
-    """(net, optimizer, scheduler, scaler) of one phase, as T2's: SGD Nesterov or AdamW with
-    weight decay on weights only; LR per step, linear warmup then cosine to 0; a loss
-    scaler for fp16 autocast only. No torch.compile by default: at 224 px its build costs
-    more than it saves in T4's phases (--compile turns it on)."""
+def fit_phase(model: torch.nn.Module, loader, loss_fn, evaluate, cfg: FitConfig, run_dir: Path,
+              rt: runtime.Runtime, meta: dict, **fit_kw) -> dict:
+    """engine.fit of one phase with T2's step: SGD Nesterov or AdamW with weight decay on
+    weights only; LR per step, linear warmup then cosine to 0; a loss scaler for fp16
+    autocast only. No torch.compile by default: at 224 px its build costs more than it
+    saves in T4's phases (--compile turns it on). curves.png after each epoch."""
     net = engine.for_training(model, rt, cfg.compile, cfg.compile_mode)
     groups = engine.param_groups(model, cfg.weight_decay)
     optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True) \
         if cfg.optimizer == "sgd" else torch.optim.AdamW(groups, lr=cfg.lr)
-    warmup = max(1, round(cfg.warmup_epochs * steps_per_epoch))
-    scheduler = LambdaLR(optimizer, lambda s: engine.warmup_cosine(s, cfg.epochs * steps_per_epoch, warmup))
-    return net, optimizer, scheduler, engine.grad_scaler(rt)
+    steps, warmup = len(loader), max(1, round(cfg.warmup_epochs * len(loader)))
+    scheduler = LambdaLR(optimizer, lambda s: engine.warmup_cosine(s, cfg.epochs * steps, warmup))
+    return engine.fit(net, loader, loss_fn, optimizer, scheduler, engine.grad_scaler(rt), evaluate,
+                      cfg, run_dir, rt, meta, on_epoch=plots.curves_png(run_dir, meta), **fit_kw)
 
 
 def phase_a(model: torch.nn.Module, data: SimpleNamespace, args: argparse.Namespace,
@@ -203,12 +201,11 @@ def phase_a(model: torch.nn.Module, data: SimpleNamespace, args: argparse.Namesp
     """Phase A: label-smoothed cross-entropy over the 98 training classes, early stopping on
     holdout accuracy; then Recall@K of best.pt's pooled features. Returns fit's summary plus
     test_recall; the model keeps best.pt's weights."""
-    cfg = cli.fit_config(args, cuda=rt.cuda, compile_on_cuda=False)
-    train, run_dir = data.loaders.train, out / "phase_a"
-    fitted = engine.fit(*_with_net(training_parts(model, cfg, len(train), rt), train,
-                                   torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)),
-                        evaluate.holdout_scorer(data.loaders.holdout, rt, diagnostics), cfg,
-                        run_dir, rt, meta, on_epoch=curves_png(run_dir, meta))
+    run_dir = out / "phase_a"
+    fitted = fit_phase(model, data.loaders.train,
+                       torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
+                       evaluate.holdout_scorer(data.loaders.holdout, rt, diagnostics),
+                       cli.fit_config(args, cuda=rt.cuda, compile_on_cuda=False), run_dir, rt, meta)
     if not fitted["finished"]:
         return fitted
     evaluate.load_best(model, run_dir, fitted["best_epoch"])
@@ -224,7 +221,6 @@ def phase_b(model: torch.nn.Module, mining: str, data: SimpleNamespace, args: ar
     network trained from `model`'s weights with the Multi-Similarity loss (`mining`) on
     P x K batches; --embed-* settings (AdamW, warmup, cosine); early stopping on holdout
     Recall@1. Returns fit's summary plus the test embeddings and Recall@K."""
-    pk_train = data.pk_train
     cfg = dataclasses.replace(cli.fit_config(args, cuda=rt.cuda, compile_on_cuda=False),
                               epochs=args.embed_epochs, lr=args.embed_lr,
                               optimizer=args.embed_optimizer, weight_decay=args.embed_weight_decay,
@@ -239,9 +235,8 @@ def phase_b(model: torch.nn.Module, mining: str, data: SimpleNamespace, args: ar
     meta_b = {**meta, "phase": "b", "mining": mining,
               **{k: getattr(args, k) for k in ("embedding_dim", "classes_per_batch",
                                                "images_per_class", "alpha", "beta", "lam", "epsilon")}}
-    fitted = engine.fit(*_with_net(training_parts(embedder, cfg, len(pk_train), rt), pk_train, loss_fn),
-                        holdout_r1, cfg, run_dir, rt, meta_b, score_key="holdout_r1", top1=False,
-                        on_epoch=curves_png(run_dir, meta_b))
+    fitted = fit_phase(embedder, data.pk_train, loss_fn, holdout_r1, cfg, run_dir, rt, meta_b,
+                       score_key="holdout_r1", top1=False)
     if not fitted["finished"]:
         return fitted
     evaluate.load_best(embedder, run_dir, fitted["best_epoch"])
@@ -251,12 +246,6 @@ def phase_b(model: torch.nn.Module, mining: str, data: SimpleNamespace, args: ar
     if rt.is_main:
         print(f"Phase B ({mining} mining) test " + fmt(fitted["test_recall"]))
     return fitted
-
-
-def _with_net(parts: tuple, loader, loss_fn) -> tuple:
-    """fit's first six arguments: (net, loader, loss_fn, optimizer, scheduler, scaler)."""
-    net, optimizer, scheduler, scaler = parts
-    return net, loader, loss_fn, optimizer, scheduler, scaler
 
 
 def write_results(model: torch.nn.Module, meta: dict, init: dict, recall_init: dict, a: dict, b: dict,
@@ -279,7 +268,7 @@ def write_results(model: torch.nn.Module, meta: dict, init: dict, recall_init: d
         mining_comparison=list(phase_b.values()), device=describe_device(rt),
         loader=data.loaders.train.backend, finished=True, args=cli.flags(args))
     write_json(results, out / "results.json")
-    draw_retrieval(*b[args.mining]["embeddings"], test.files, out / "retrieval.png", seed=args.seed,
+    plots.retrieval_grid(*b[args.mining]["embeddings"], test.files, out / "retrieval.png", seed=args.seed,
                    embedding=f"the Phase B embedding (Multi-Similarity loss, {args.mining} mining)")
     print(f"Recall@K on {len(test.files)} test images of unseen classes "
           f"(R@1 chance {chance:.3f}):\n  before (Phase A) {fmt(a['test_recall'])}\n"
@@ -302,39 +291,8 @@ def evaluate_saved(model, meta: dict, args, test_all, rt) -> dict:
     return evaluate.evaluate_checkpoint(model, saved, meta, rt, score, test_all.backend)
 
 
-def t3_selection(args) -> tuple[str, str, Path | None]:
-    """(placement, variant, T3 best.pt or None): flags win, then T3's choice, then serial/plain."""
-    chosen, best = {}, None
-    path = Path(args.t3_results)
-    if path.is_file():
-        chosen = json.loads(path.read_text())["best_overall"]
-        best = path.parent / f"{chosen['placement']}_{chosen['variant']}" / "best.pt"
-    placement = args.placement or chosen.get("placement", "serial")
-    variant = args.variant or chosen.get("variant", "plain")
-    if best is not None and (placement, variant) != (chosen["placement"], chosen["variant"]):
-        best = path.parent / f"{placement}_{variant}" / "best.pt"
-    return placement, variant, best if best is not None and best.is_file() else None
-
-
 def fmt(recall: dict) -> str:
     return "  ".join(f"R@{k} {v:.4f}" for k, v in recall.items())
-
-
-def draw_retrieval(embeddings, labels, files, path: Path, seed: int, embedding: str,
-                   queries: int = 6) -> None:
-    """A few random test queries and their top-8 neighbours (green = same class); the title
-    names the `embedding` the neighbours come from."""
-    k = min(8, len(files) - 1)
-    rng = np.random.default_rng(seed)
-    picks = rng.choice(len(files), size=min(queries, len(files)), replace=False)
-    nn_idx = nearest_neighbours(embeddings, k)[torch.as_tensor(picks, device=embeddings.device)].cpu()
-    labels = labels.cpu()
-    thumb = lambda i: np.asarray(Image.open(files[i]).convert("RGB").resize((96, 72)))  # noqa: E731
-    plot_retrieval(np.stack([thumb(i) for i in picks]),
-                   np.stack([[thumb(j) for j in row.tolist()] for row in nn_idx]),
-                   (labels[nn_idx] == labels[torch.as_tensor(picks)][:, None]).numpy(), path,
-                   title=f"T4 retrieval with {embedding}: {len(picks)} random test queries (classes "
-                         f"unseen in training) and their {k} nearest test images by cosine similarity")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ ResNet-18, loaded tensor by tensor where names and shapes match (the CUBS and em
 parameters of a ResNet-18 state dict are skipped, and said so)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +58,20 @@ def load_initial_weights(model: torch.nn.Module, init: str, *, t3_best: Path | N
         if len(skipped) > 12:
             print(f"  ... and {len(skipped) - 12} more (listed in results.json)")
     return {"init": init, "init_source": source, "init_loaded": len(loaded), "init_skipped": skipped}
+
+
+def t3_selection(t3_results: str | Path, placement: str | None = None,
+                 variant: str | None = None) -> tuple[str, str, Path | None]:
+    """T4's network: (placement, variant, T3's best.pt of it or None). The flags (placement,
+    variant) win, then T3's choice (`best_overall` in t3_results, placements.json), then
+    serial / plain."""
+    chosen, best = {}, None
+    path = Path(t3_results)
+    if path.is_file():
+        chosen = json.loads(path.read_text())["best_overall"]
+        best = path.parent / f"{chosen['placement']}_{chosen['variant']}" / "best.pt"
+    placement = placement or chosen.get("placement", "serial")
+    variant = variant or chosen.get("variant", "plain")
+    if best is not None and (placement, variant) != (chosen["placement"], chosen["variant"]):
+        best = path.parent / f"{placement}_{variant}" / "best.pt"
+    return placement, variant, best if best is not None and best.is_file() else None

@@ -312,3 +312,25 @@ def curves_png(out: str | Path, meta: dict) -> Callable[[Sequence[dict]], None]:
     def draw(history: Sequence[dict]) -> None:
         plot_curves(history, Path(out) / "curves.png", run_title(meta))
     return draw
+
+
+def retrieval_grid(embeddings, labels, files: Sequence[str], path: str | Path, seed: int, embedding: str,
+                   queries: int = 6) -> None:
+    """T4's retrieval.png: a few random test queries and their top-8 neighbours by cosine
+    similarity of `embeddings` (N x D, L2-normalised; green = same class of `labels`), as
+    thumbnails of `files`; the title names the `embedding` the neighbours come from."""
+    import torch
+    from PIL import Image
+
+    from common.recall import nearest_neighbours
+    k = min(8, len(files) - 1)
+    rng = np.random.default_rng(seed)
+    picks = rng.choice(len(files), size=min(queries, len(files)), replace=False)
+    nn_idx = nearest_neighbours(embeddings, k)[torch.as_tensor(picks, device=embeddings.device)].cpu()
+    labels = labels.cpu()
+    thumb = lambda i: np.asarray(Image.open(files[i]).convert("RGB").resize((96, 72)))  # noqa: E731
+    plot_retrieval(np.stack([thumb(i) for i in picks]),
+                   np.stack([[thumb(j) for j in row.tolist()] for row in nn_idx]),
+                   (labels[nn_idx] == labels[torch.as_tensor(picks)][:, None]).numpy(), path,
+                   title=f"T4 retrieval with {embedding}: {len(picks)} random test queries (classes "
+                         f"unseen in training) and their {k} nearest test images by cosine similarity")
