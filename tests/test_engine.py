@@ -270,7 +270,7 @@ def test_a_kill_after_any_write_then_a_rerun_gives_the_uninterrupted_results(tin
 @pytest.mark.parametrize("backend", ["cache", pytest.param("dali", marks=pytest.mark.skipif(
     not __import__("common.loader", fromlist=["HAVE_DALI"]).HAVE_DALI, reason="nvidia.dali not importable"))])
 def test_metrics_record_the_first_step_and_the_loader_builds_it_waited_for(tiny_splits, tmp_path, backend):
-    # Start-up costs in view (issue 20): epoch 1 waits for the loader's build (the cache
+    # Start-up costs in view: epoch 1 waits for the loader's build (the cache
     # fill, or a DALI pipeline) inside its first step; epoch 2 reuses what was built.
     _, result = _run_fit(tiny_splits, tmp_path, backend, epochs=2)
     first, second = result["history"]

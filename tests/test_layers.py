@@ -4,6 +4,8 @@ take tensors only, plots know no models or data, the training loop draws no figu
 knows no CUBS diagnostics, nothing in common/ imports a task script, and no two modules
 import each other, directly or through others. Also: no function over 80 lines."""
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -192,3 +194,25 @@ def test_long_functions_counts_from_the_decorator_to_the_last_line(tmp_path):
     (tmp_path / "m.py").write_text(f"class C:\n    @staticmethod\n    def f():\n{body}\n\n\n"
                                    f"def g():\n    pass\n")
     assert long_functions([tmp_path / "m.py"], tmp_path) == {"m.py:f": MAX_FUNCTION_LINES + 1}
+
+
+# ---------------------------------------------------------------- what a task script pulls in
+SCRIPTS = sorted(COMMON.parent.glob("t[1-4]_*.py"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
+def test_scripts_build_their_networks_themselves(script):
+    # networks.build_model (a network from its name in a meta) is for the report and for
+    # rebuilding a saved run; a script shows the constructor it trains.
+    assert "networks" not in imported_names(script.read_text())
+
+
+def test_t3_loads_at_most_16_common_modules():
+    # What a reader (or a Colab cell) takes in with T3: the comparison of placements and
+    # its figures load when they are drawn, the smoke data generator only with --smoke.
+    code = "import sys, t3_cubs; print(sorted(m for m in sys.modules if m.startswith('common.')))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=COMMON.parent, capture_output=True,
+                         text=True, check=True).stdout
+    loaded = ast.literal_eval(out.strip())
+    assert len(loaded) <= 16, loaded
+    assert not {"common.plots", "common.networks", "common.synthetic"} & set(loaded)
