@@ -95,8 +95,9 @@ def train(name: str, splits, out: Path, seed: int, warmup: float) -> None:
     rt = runtime.Runtime(torch.device("cpu"))
     loader = ImageLoader(splits.train.files, splits.train.labels, LoaderSettings(batch_size=BATCH, train=True,
                          image_size=SIZE, backend="torch", workers=0, seed=5 + seed))
-    holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, LoaderSettings(batch_size=64, train=False,
-                          image_size=SIZE, backend="torch", workers=0))
+    holdout = ImageLoader(splits.holdout.files, splits.holdout.labels,
+                          LoaderSettings(batch_size=64, train=False,
+                                         image_size=SIZE, backend="torch", workers=0))
     cfg = engine.FitConfig(epochs=EPOCHS, lr=LR, warmup_epochs=warmup, patience=100, fresh=True)
     with torch.random.fork_rng():  # the diagnostics batch must not move the training RNG
         batch = list(holdout.epoch())[0]  # a whole pass: never leave an epoch half-read
@@ -157,8 +158,9 @@ def plus_statistics(splits, out: Path) -> None:
     """For every finished plus run: its largest |scale| (tanh(gamma), or gamma for plusraw), the
     range of its gates and the largest |attention logit| (q . k / sqrt(8)) on the holdout
     images, in eval mode."""
-    holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, LoaderSettings(batch_size=100, train=False,
-                          image_size=SIZE, backend="torch", workers=0))
+    holdout = ImageLoader(splits.holdout.files, splits.holdout.labels,
+                          LoaderSettings(batch_size=100, train=False,
+                                         image_size=SIZE, backend="torch", workers=0))
     images = torch.cat([batch[0] for batch in holdout.epoch()])
     for run, model, ck in finished_runs(out, "*plus*_s*_w*"):
         model.eval()

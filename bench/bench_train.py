@@ -360,9 +360,10 @@ def bench_with_loader(best: Result, args: argparse.Namespace, device: torch.devi
     model = train_model = optimizer = None
     try:
         splits = load_tiny_imagenet(args.with_loader, holdout_per_class=0)
-        loader = ImageLoader(splits.train.files, splits.train.labels, LoaderSettings(batch_size=args.batch_size,
-                             train=True, image_size=IMAGE_SIZE, device=device,
-                             workers=args.workers, backend="auto"))
+        loader = ImageLoader(splits.train.files, splits.train.labels,
+                             LoaderSettings(batch_size=args.batch_size,
+                                            train=True, image_size=IMAGE_SIZE, device=device,
+                                            workers=args.workers, backend="auto"))
         if len(loader) == 0:
             raise ValueError(f"{len(splits.train)} training images in {args.with_loader}: "
                              f"not one full batch of {args.batch_size}")

@@ -71,8 +71,9 @@ def main() -> None:
     # The smoke run's own data sits beside its placement folders (t3 --smoke writes it there).
     root = args.data or args.checkpoint.resolve().parents[1] / "smoke_data" / "tiny-imagenet-200"
     split = load_tiny_imagenet(root, holdout_per_class=0).test
-    loader = ImageLoader(split.files[:args.images], split.labels[:args.images], LoaderSettings(batch_size=args.images,
-                         train=False, image_size=meta["image_size"], backend="torch", workers=0))
+    loader = ImageLoader(split.files[:args.images], split.labels[:args.images],
+                         LoaderSettings(batch_size=args.images,
+                                        train=False, image_size=meta["image_size"], backend="torch", workers=0))
     seen = record_qkv(model)
     with torch.no_grad():
         for images, _ in loader.epoch():

@@ -223,7 +223,8 @@ def load_best(model: torch.nn.Module, out: str | Path, best_epoch: int | None = 
 
 
 def test_best(model: torch.nn.Module, loaders, fitted: dict[str, Any], meta: schema.CheckpointMeta,
-              out: str | Path, rt: Runtime, flags: dict[str, Any]) -> schema.ClassifierResults | dict[str, Any]:
+              out: str | Path, rt: Runtime,
+              flags: dict[str, Any]) -> schema.ClassifierResults | dict[str, Any]:
     """After engine.fit: load best.pt (the best holdout epoch), test it once, write
     results.json (rank 0) and return it; {"finished": False} when the run stopped early on
     purpose (--stop-after-epoch). `flags`: every command-line value, kept in results.json."""

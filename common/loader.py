@@ -119,7 +119,8 @@ class ImageLoader:
         self.device = torch.device(s.device)
         self.eval_resize, self.random_area, self.color_jitter = s.eval_resize, s.random_area, s.color_jitter
         self.seed, self.shard_id, self.num_shards = s.seed, s.shard_id, s.num_shards
-        self.workers, self.classes_per_batch, self.reader_processes = s.workers, s.classes_per_batch, s.reader_processes
+        self.workers, self.classes_per_batch = s.workers, s.classes_per_batch
+        self.reader_processes = s.reader_processes
         if s.classes_per_batch is not None and s.batch_size % s.classes_per_batch:
             raise ValueError(f"batch size {s.batch_size} is not a multiple of P={s.classes_per_batch}")
         self._plan = _BatchPlan(self.labels, s.batch_size, s.train, s.classes_per_batch, s.seed,

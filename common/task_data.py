@@ -1,7 +1,7 @@
 """Every dataset and loader a task script needs, from plain values (no argparse here).
 
     splits = tiny_imagenet(data_dir, out, rt, holdout_per_class=10, seed=0)  # or cars196(...)
-    settings = LoaderSettings(batch_size=256, image_size=64, workers=4, backend="auto", seed=0)  # common/loader.py
+    settings = LoaderSettings(batch_size=256, image_size=64, workers=4, seed=0)  # common/loader.py
     loaders = classifier_loaders(splits, settings, rt)  # train / holdout / test, this rank's shard
     test_all = whole_split_loader(splits.test, settings, rt)              # every image, any rank
     pk = pk_loader(splits.train, settings, rt, classes_per_batch=32, images_per_class=4)

@@ -207,8 +207,9 @@ def _train_and_test(splits, out):
     from common.task_data import Loaders
     torch.manual_seed(0)
     rt = runtime.Runtime(torch.device("cpu"))
-    loaders = Loaders(*(ImageLoader(s.files, s.labels, LoaderSettings(batch_size=8, train=train, image_size=16,
-                                    backend="torch", workers=0, seed=5))
+    loaders = Loaders(*(ImageLoader(s.files, s.labels,
+                                    LoaderSettings(batch_size=8, train=train, image_size=16,
+                                                   backend="torch", workers=0, seed=5))
                         for s, train in ((splits.train, True), (splits.holdout, False),
                                          (splits.test, False))))
     cfg = engine.FitConfig(epochs=3, lr=0.05, weight_decay=5e-4, optimizer="sgd", warmup_epochs=1.0,

@@ -222,8 +222,9 @@ def test_fp16_grad_scaler_backs_off_on_overflow_and_resumes_the_backed_off_state
     rt = runtime.Runtime(torch.device("cpu"), amp_dtype=torch.float16)
     train = ImageLoader(splits.train.files, splits.train.labels, LoaderSettings(batch_size=8, train=True,
                         image_size=16, backend="torch", workers=0, seed=1))
-    holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, LoaderSettings(batch_size=8, train=False,
-                          image_size=16, backend="torch", workers=0))
+    holdout = ImageLoader(splits.holdout.files, splits.holdout.labels,
+                          LoaderSettings(batch_size=8, train=False,
+                                         image_size=16, backend="torch", workers=0))
     calls = []
     ce = nn.CrossEntropyLoss(label_smoothing=0.1)
 

@@ -371,8 +371,9 @@ def test_corrupt_jpeg_raises_value_error_naming_file(corrupt_files, backend, tra
 
 def test_corrupt_jpeg_torch_workers_still_value_error(corrupt_files):
     files, bad = corrupt_files
-    loader = ImageLoader(files, np.arange(len(files)), LoaderSettings(batch_size=4, train=False, image_size=32,
-                         backend="torch", workers=1))
+    loader = ImageLoader(files, np.arange(len(files)),
+                         LoaderSettings(batch_size=4, train=False, image_size=32,
+                                        backend="torch", workers=1))
     with pytest.raises(ImageDecodeError) as err:
         for _ in loader.epoch(0):
             pass
@@ -394,20 +395,23 @@ def test_auto_falls_back_to_torch_and_logs_once(tiny, monkeypatch, caplog):
     monkeypatch.setattr(loader_module, "_fallback_logged", False)
     test = tiny.test
     with caplog.at_level(logging.WARNING, logger="common.loader"):
-        loaders = [ImageLoader(test.files, test.labels, LoaderSettings(batch_size=8, train=False, image_size=64,
-                               backend="auto", workers=0)) for _ in range(3)]
+        loaders = [ImageLoader(test.files, test.labels,
+                               LoaderSettings(batch_size=8, train=False, image_size=64,
+                                              backend="auto", workers=0)) for _ in range(3)]
     assert all(ld.backend == "torch" for ld in loaders)
     warnings = [r for r in caplog.records if r.name == "common.loader" and r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "nvidia.dali" in warnings[0].getMessage()
     assert torch.cat(collect(loaders[0])[1]).tolist() == list(test.labels)
     with pytest.raises(ImportError, match="nvidia.dali"):
-        ImageLoader(test.files, test.labels, LoaderSettings(batch_size=8, train=False, image_size=64, backend="dali"))
+        ImageLoader(test.files, test.labels,
+                    LoaderSettings(batch_size=8, train=False, image_size=64, backend="dali"))
 
 
 def test_bad_arguments_raise_value_error(tiny):
     test = tiny.test
     with pytest.raises(ValueError, match="backend"):
-        ImageLoader(test.files, test.labels, LoaderSettings(batch_size=8, train=False, image_size=64, backend="gpu"))
+        ImageLoader(test.files, test.labels,
+                    LoaderSettings(batch_size=8, train=False, image_size=64, backend="gpu"))
     with pytest.raises(ValueError, match="labels"):
         ImageLoader(test.files, test.labels[:-1], LoaderSettings(batch_size=8, train=False, image_size=64))
     with pytest.raises(ValueError, match="multiple of P"):
