@@ -162,6 +162,7 @@ def train_one_epoch(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.o
         with autocast(rt):
             outputs = net.step(images)
             loss = loss_fn(outputs.float(), labels)
+        correct = (outputs.argmax(1) == labels).sum() if top1 else None  # before a graph replay
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if net.redo_check is not None and _agree_any(net.redo_check(), rt):
@@ -169,6 +170,7 @@ def train_one_epoch(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.o
             with autocast(rt):
                 outputs = net.eager(images)
                 loss = loss_fn(outputs.float(), labels)
+            correct = (outputs.argmax(1) == labels).sum() if top1 else None
             scaler.scale(loss).backward()
             redone += 1
         if grad_clip > 0:
@@ -177,7 +179,7 @@ def train_one_epoch(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.o
         scaler.step(optimizer)  # skipped (and the scale lowered) if fp16 gradients overflowed
         scaler.update()
         scheduler.step()
-        meter.add(loss, (outputs.argmax(1) == labels).sum() if top1 else None, len(labels))
+        meter.add(loss, correct, len(labels))
         step += 1
         if step == start + 1:  # start-up cost (loader build, compile) in view
             first_step_s = meter.elapsed(sync=True)
