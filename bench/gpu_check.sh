@@ -183,7 +183,7 @@ for name, run in (("T3 cubs serial plain", out / "t3" / "serial_plain"), ("T2 re
     held = r.get("holdout_acc", r.get("holdout_r1", float("nan")))
     summary["runs"][name] = {"loader": backend, **{k: r.get(k) for k in (
         "images_per_s", "data_wait_share", "epoch_time_s", "peak_mem_gib", "train_images",
-        "exact_redo_steps")},
+        "exact_redo_steps", "slowest_step_s", "compiled_graphs")},
         "holdout": held, "first_epoch_s": first["epoch_time_s"], "first_step_s": first.get("first_step_s"),
         "loader_builds_s": first.get("loader_builds_s")}
     builds = sum(first.get("loader_builds_s") or [])

@@ -4,7 +4,7 @@
     python bench/gpu_diagnose.py --device cpu --steps 3 --batch 4 --width 8   # a dry run
 
 Runs common.engine.fit (the loop every script runs: autocast, channels_last, compile,
-checkpoints, holdout pass) on an in-memory loader of random 64 px images already on the
+checkpoints, a holdout pass with the scripts' diagnostics) on an in-memory loader of random 64 px images already on the
 GPU, so no step waits for data and the figures are the model's and the loop's alone:
   t3_compiled   T3 serial plain (common/cubs.py), torch.compile, with the Taylor-range check
                 deferred to one read per step (cubs.range_check, as t3_cubs.py trains)
@@ -41,6 +41,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import cubs, engine, runtime  # noqa: E402
 from common.cubs import cubs_resnet18  # noqa: E402
+from common.diagnostics import diagnostics  # noqa: E402
 from common.models import CustomCNN, ResNet18  # noqa: E402
 
 # Seconds a part is expected to need on an H200 (compiles dominate); a part starts only
@@ -102,9 +103,17 @@ def timed_fit(name: str, model: torch.nn.Module, mode: str | None, args, rt) -> 
     loader.on_step = step_start
 
     def evaluate(m):
+        # channels_last on CUDA only, as the scripts: on the CPU (torch 2.14.1) the backward
+        # pass of a channels_last 1x1 stride-2 conv with 8 -> 16 channels (ResNet-18's first
+        # shortcut at --width 8) corrupts the heap.
+        images = runtime.to_device(loader.images[0][:64], rt)
         m.eval()
         with torch.no_grad(), runtime.autocast(rt):
-            m(loader.images[0][:64].contiguous(memory_format=torch.channels_last))
+            m(images)
+        # As the scripts' holdout scorer: gate statistics and branch gradient norms, eager,
+        # between the compiled epochs (an H200 run of T3 as CUDA graphs was 2.2x slower in
+        # its second epoch than after the compile in its first; this is what ran in between).
+        diagnostics(m, images, loader.labels[0][:64])
         return {"holdout_acc": 0.0}
 
     cfg = engine.FitConfig(epochs=2, lr=0.05, warmup_epochs=1, patience=10, compile=mode is not None,
@@ -132,6 +141,8 @@ def timed_fit(name: str, model: torch.nn.Module, mode: str | None, args, rt) -> 
             "epoch2_step_ms_p90": round(sorted(second)[int(0.9 * len(second))], 2),
             "images_per_s": round(args.batch / median * 1000),
             "exact_redo_steps": [h.get("exact_redo_steps") for h in history],
+            "compiled_graphs": [h.get("compiled_graphs") for h in history],
+            "slowest_step_s": [round(h["slowest_step_s"], 3) for h in history],
             "peak_mem_gib": round(history[-1].get("peak_mem_gib", float("nan")), 2)}
 
 
@@ -267,12 +278,14 @@ def main() -> None:
     parts = summary["parts"]
     print(f"\n{summary['device']}, torch {summary['torch']}, batch {args.batch}, "
           f"{args.steps} steps per epoch, in-memory data")
-    print(f"{'run':16s} {'step ms':>8s} {'p90':>7s} {'img/s':>8s} {'epoch1 s':>9s} {'epoch2 s':>9s} {'GiB':>6s}")
+    print(f"{'run':16s} {'step ms':>8s} {'p90':>7s} {'img/s':>8s} {'epoch1 s':>9s} {'epoch2 s':>9s} "
+          f"{'GiB':>6s} {'slowest s (2)':>13s} {'graphs (2)':>10s}")
     for name in ("t2_compiled", "t2_graphs", "t3_compiled", "t3_graphs", "t1_compiled", "t1_graphs"):
         r = parts.get(name)
         if isinstance(r, dict):
             print(f"{name:16s} {r['epoch2_step_ms_median']:8.2f} {r['epoch2_step_ms_p90']:7.2f} "
-                  f"{r['images_per_s']:8d} {r['epoch_s'][0]:9.1f} {r['epoch_s'][1]:9.2f} {r['peak_mem_gib']:6.2f}")
+                  f"{r['images_per_s']:8d} {r['epoch_s'][0]:9.1f} {r['epoch_s'][1]:9.2f} {r['peak_mem_gib']:6.2f} "
+                  f"{r['slowest_step_s'][-1]:13.3f} {r['compiled_graphs'][-1]!s:>10s}")
     for t3, t2 in (("t3_compiled", "t2_compiled"), ("t3_graphs", "t2_graphs"), ("t3_graphs", "t2_compiled")):
         if isinstance(parts.get(t3), dict) and isinstance(parts.get(t2), dict):
             print(f"{t3} / {t2} step time: "

@@ -155,6 +155,7 @@ def train_one_epoch(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.o
     bar = tqdm(total=len(loader), initial=start, desc=f"epoch {epoch + 1}/{epochs}", leave=False,
                disable=not (rt.is_main and _interactive()), mininterval=2, dynamic_ncols=True)
     builds_before, step, redone, first_step_s = len(loader.build_times), start, 0, None
+    graphs_before, step_end, slowest_step_s = _compiled_graphs(), meter.elapsed(), 0.0
     for images, labels in meter.timed(loader.epoch(epoch, start)):
         images, labels = to_device(images, rt), labels.to(rt.device, non_blocking=True)
         if net.graphs:
@@ -183,6 +184,8 @@ def train_one_epoch(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.o
         step += 1
         if step == start + 1:  # start-up cost (loader build, compile) in view
             first_step_s = meter.elapsed(sync=True)
+        step_start, step_end = step_end, meter.elapsed()
+        slowest_step_s = max(slowest_step_s, step_end - step_start)
         bar.update(1)
         if _stop_requested(step, meter, signals or [], rt, epoch, bar):
             bar.close()
@@ -192,8 +195,19 @@ def train_one_epoch(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.o
             # this process's first step (its first batch's wait included) and the loader
             # builds (DALI pipelines, the device cache) it waited for
             "first_step_s": first_step_s, "loader_builds_s": loader.build_times[builds_before:],
+            # a one-time stall inside the epoch (a recompile, a CUDA graph recording) shows in
+            # its slowest step (host time, its data wait included) and in the graphs compiled
+            "slowest_step_s": slowest_step_s,
+            **({"compiled_graphs": _compiled_graphs() - graphs_before}
+               if net.step is not net.eager else {}),
             **({"exact_redo_steps": redone} if net.redo_check is not None else {}),
             **({"peak_mem_gib": torch.cuda.max_memory_allocated(rt.device) / 2**30} if rt.cuda else {})}
+
+
+def _compiled_graphs() -> int:
+    """Graphs torch.compile has compiled in this process so far, recompiles included."""
+    from torch._dynamo.utils import counters  # Dynamo's own tally; no public equivalent
+    return counters["stats"]["unique_graphs"]
 
 
 class _Meter:

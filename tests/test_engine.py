@@ -279,5 +279,39 @@ def test_metrics_record_the_first_step_and_the_loader_builds_it_waited_for(tiny_
     assert first["first_step_s"] >= first["loader_builds_s"][0]
     assert second["loader_builds_s"] == []  # DALI's train pipeline runs on into epoch 2
     assert 0 < second["first_step_s"] < second["epoch_time_s"]
+    # The build is waited for inside epoch 1's first step, which is then its slowest.
+    assert first["slowest_step_s"] >= first["loader_builds_s"][0]
+    assert 0 < second["slowest_step_s"] < second["epoch_time_s"]
+    assert "compiled_graphs" not in first  # not compiled: nothing to count
     on_disk = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert on_disk[0]["first_step_s"] == first["first_step_s"]
+
+
+def test_metrics_count_the_graphs_compiled_in_each_epoch_and_its_slowest_step(tiny_splits, tmp_path,
+                                                                               monkeypatch):
+    # A one-time stall inside an epoch must be visible in metrics.jsonl: here the evaluation
+    # after epoch 2 drops Dynamo's compiled code, so epoch 3 compiles again in its first
+    # step, as after a failed guard.
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, mode=None: compile_(model, backend="aot_eager"))
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    rt = runtime.Runtime(torch.device("cpu"), amp_dtype=None)
+    train = ImageLoader(tiny_splits.train.files, tiny_splits.train.labels, LoaderSettings(
+        batch_size=8, train=True, image_size=16, backend="torch", workers=0, seed=5))
+    evaluations: list[int] = []
+
+    def evaluate_then_drop_the_compiled_code(m):
+        evaluations.append(len(evaluations) + 1)
+        if len(evaluations) == 2:
+            torch._dynamo.reset()
+        return {"holdout_acc": 0.0}
+    config = engine.FitConfig(epochs=3, lr=0.05, warmup_epochs=1, patience=100, compile=True)
+    history = fit(_SmallNet(), train, evaluate_then_drop_the_compiled_code, config, tmp_path, rt,
+                  {"task": "test", "model": "small"})["history"]
+    assert evaluations == [1, 2, 3]
+    assert [h["compiled_graphs"] for h in history] == [1, 0, 1]
+    for h in history:
+        mean_step_s = h["epoch_time_s"] / (h["train_images"] / 8)
+        assert mean_step_s <= h["slowest_step_s"] <= h["epoch_time_s"]
+    assert history[2]["slowest_step_s"] > 3 * history[1]["slowest_step_s"]
