@@ -456,6 +456,32 @@ def test_cache_train_crops_are_the_boxes_resized_and_flipped(tiny):
             torch.testing.assert_close(image, expected, rtol=0, atol=1e-4)
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_cache_output_does_not_depend_on_how_many_batches_are_augmented_per_call(tiny, monkeypatch, train):
+    # On CUDA one call augments several batches: every batch, with a chunk of 1 batch (the
+    # CPU's), of 4 (the last one short) or of the whole epoch, and resumed inside a chunk,
+    # is the same bit for bit.
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert loader_module.cache_batches_per_call(cuda, 256, 64) == 10  # 12 MiB per batch
+    assert loader_module.cache_batches_per_call(cuda, 256, 224) == 1
+    assert loader_module.cache_batches_per_call(cpu, 256, 64) == 1
+    n = len(tiny.train.files)
+    loader = make(tiny.train.files, np.arange(n), "cache", batch_size=8, train=train, image_size=64, seed=3)
+    runs = {}
+    for batches_per_call in (1, 4, 1000):
+        monkeypatch.setattr(loader_module, "cache_batches_per_call", lambda *_, k=batches_per_call: k)
+        runs[batches_per_call] = collect(loader, epoch=1)
+        resumed = collect(loader, epoch=1, start=5)
+        for a, b in zip(runs[batches_per_call][0][5:], resumed[0], strict=True):
+            assert torch.equal(a, b)
+    assert len(runs[1][0]) == len(loader) > 5 and len(loader) % 4  # chunks of 4 end short
+    for batches_per_call in (4, 1000):
+        for a, b in zip(runs[1][0], runs[batches_per_call][0], strict=True):
+            assert torch.equal(a, b)
+        for a, b in zip(runs[1][1], runs[batches_per_call][1], strict=True):
+            assert torch.equal(a, b)
+
+
 def test_cache_train_batches_follow_the_plan_and_resume_mid_epoch(tiny):
     n = len(tiny.train.files)
     loader = make(tiny.train.files, np.arange(n), "cache", batch_size=8, train=True, image_size=64, seed=3)
