@@ -19,7 +19,8 @@
 #    first epoch includes torch.compile's build) and T4 (2 + 2 epochs, --init scratch), each
 #    as a user runs it, with the default loader (the device cache for T1-T3, DALI for T4);
 # 3. measures the loaders alone (bench/loader_alone.py) with what time is left.
-# The summary takes each run's second epoch from its metrics.jsonl (T4: Phase A's).
+# The summary takes each run's second epoch from its metrics.jsonl (T4: Phase A's), and
+# counts the recompiles and CUDA graph (re-)recordings in its log, with the first reasons.
 # README's Performance section quotes it. The model and loop alone, without data:
 # python3 bench/gpu_diagnose.py (< 5 minutes).
 set -uo pipefail
@@ -127,8 +128,11 @@ run() {
   rm -rf "${OUT:?}/$name"  # never summarise an earlier run's files
   if [ "$cap" -lt 30 ]; then log "$name skipped: ${cap} s left of GPU_CHECK_SECONDS=$TOTAL"; return; fi
   log "$name: $* (at most $cap s)"
-  # -k: fit() acts on SIGTERM only between steps (compilation can take a minute)
-  timeout -k 15 "$cap" python3 "$@" --data-dir "$DATA" --out "$OUT/$name" --workers 8 > "$OUT/$name.log" 2>&1
+  # -k: fit() acts on SIGTERM only between steps (compilation can take a minute).
+  # TORCH_LOGS: each recompile and each CUDA graph (re-)recording, with its reason, goes to
+  # the log (the summary counts them).
+  TORCH_LOGS=${TORCH_LOGS:-recompiles,cudagraphs} timeout -k 15 "$cap" python3 "$@" --data-dir "$DATA" \
+      --out "$OUT/$name" --workers 8 > "$OUT/$name.log" 2>&1
   grep -v "it/s" "$OUT/$name.log" | tail -n 4
 }
 # Most important first; KEEP leaves the later steps their minimum.
@@ -164,8 +168,24 @@ loader = out / "loader.txt"
 summary["loaders_alone"] = [l for l in loader.read_text().splitlines() if l.startswith("loader ")] if loader.exists() else []
 print(f"{'run':22s} {'loader':>7s} {'images/s':>9s} {'data wait':>9s} {'epoch s':>8s} {'1st step s':>10s} "
       f"{'builds s':>9s} {'GiB':>5s} {'holdout':>8s}")
+
+
+def torch_log_events(log: Path) -> dict:
+    """Counts of recompiles and CUDA graph recordings in a run's log, and the first reasons."""
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    events = {}
+    for key, marker in (("recompiles", "Recompiling function"), ("graph_recordings", "Recording function="),
+                        ("graph_rerecordings", "Re-recording function=")):
+        hits = [i for i, line in enumerate(lines) if marker in line]
+        events[key] = len(hits)
+        if hits and key != "graph_recordings":  # the line after a recompile's holds its reason
+            events[key + "_first"] = " | ".join(lines[hits[0]:hits[0] + 3])[:400]
+    return events
+
+
 for name, run in (("T3 cubs serial plain", out / "t3" / "serial_plain"), ("T2 resnet18", out / "t2"),
                   ("T1 custom cnn", out / "t1"), ("T4 phase A", out / "t4" / "phase_a")):
+    events = torch_log_events(out / (run.relative_to(out).parts[0] + ".log"))
     path = run / "metrics.jsonl"
     records = [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
     backend = "?"
@@ -176,7 +196,8 @@ for name, run in (("T3 cubs serial plain", out / "t3" / "serial_plain"), ("T2 re
     second = [r for r in records if r["epoch"] == 2]
     if not second:
         print(f"{name:22s} no second epoch ({len(records)} epoch(s) finished)")
-        summary["runs"][name] = {"epochs_finished": len(records), "first_epoch": records[0] if records else None}
+        summary["runs"][name] = {"epochs_finished": len(records), "first_epoch": records[0] if records else None,
+                                 **events}
         continue
     r = second[0]
     first = records[0]
@@ -185,11 +206,14 @@ for name, run in (("T3 cubs serial plain", out / "t3" / "serial_plain"), ("T2 re
         "images_per_s", "data_wait_share", "epoch_time_s", "peak_mem_gib", "train_images",
         "exact_redo_steps", "slowest_step_s", "compiled_graphs")},
         "holdout": held, "first_epoch_s": first["epoch_time_s"], "first_step_s": first.get("first_step_s"),
-        "loader_builds_s": first.get("loader_builds_s")}
+        "loader_builds_s": first.get("loader_builds_s"), **events}
     builds = sum(first.get("loader_builds_s") or [])
     print(f"{name:22s} {backend:>7s} {r['images_per_s']:9.0f} {r['data_wait_share']:9.1%} "
           f"{r['epoch_time_s']:8.2f} {first.get('first_step_s') or float('nan'):10.1f} {builds:9.1f} "
           f"{r.get('peak_mem_gib', float('nan')):5.1f} {held:8.4f}")
+    if events["recompiles"] or events["graph_rerecordings"]:
+        print(f"{'':22s} {events['recompiles']} recompile(s), {events['graph_rerecordings']} CUDA graph "
+              f"re-recording(s) of {events['graph_recordings']} recording(s) (summary.json: the first reasons)")
 for line in summary["loaders_alone"]:
     print(line)
 (out / "summary.json").write_text(json.dumps(summary, indent=1))
