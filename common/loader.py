@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,7 +39,7 @@ import torch
 from PIL import Image
 
 from common import sampling
-from common.errors import ImageDecodeError, MissingPackageError
+from common.errors import ConfigError, ImageDecodeError, MissingPackageError
 from common.image_check import decode_problem
 from common.schema import RANDOM_AREA, RANDOM_ASPECT
 
@@ -278,6 +279,16 @@ class ImageLoader:
             # From a worker process the message carries the worker's whole traceback; its
             # last line is ours: "...ImageDecodeError: cannot decode image PATH: ...".
             raise ImageDecodeError(str(err).strip().splitlines()[-1].split("ImageDecodeError: ", 1)[-1]) from None
+        except RuntimeError as err:
+            if "exited unexpectedly" not in str(err):
+                raise
+            batch_mb = self.batch_size * 3 * self.image_size ** 2 * 4 / 2**20
+            raise ConfigError(
+                f"a loader worker process died ({err}). Workers hand each batch over through "
+                f"shared memory (/dev/shm, {_shm_size()} here; {self.workers} workers x 2 batches "
+                f"of {batch_mb:.1f} MB in flight), and in a container it is often too small. Run "
+                f"with --workers 0, give the container more (docker run --shm-size=8g), or "
+                f"install nvidia-dali-cuda120, which does not use it") from err
 
 
 class _BatchPlan:
@@ -362,6 +373,13 @@ if HAVE_DALI:
         if decode_device == "mixed":
             labels = labels.gpu()
         return images, labels
+
+
+def _shm_size() -> str:
+    try:
+        return f"{shutil.disk_usage('/dev/shm').total / 2**20:.0f} MB"
+    except OSError:
+        return "size unknown"
 
 
 def cache_batches_per_call(device: torch.device, batch_size: int, image_size: int) -> int:

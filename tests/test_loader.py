@@ -381,6 +381,26 @@ def test_corrupt_jpeg_torch_workers_still_value_error(corrupt_files):
     assert str(err.value) == f"cannot decode image {bad}: corrupt or not a JPEG/PNG"
 
 
+@pytest.mark.parametrize("message, expected", [
+    ("DataLoader worker (pid(s) 4242) exited unexpectedly", "ConfigError"),
+    ("CUDA out of memory", "RuntimeError"),
+])
+def test_a_dead_torch_worker_names_shared_memory_and_the_remedies(tiny, monkeypatch, message, expected):
+    # A worker killed by a bus error (a container's 64 MB /dev/shm) surfaces in the main
+    # process as this RuntimeError; any other RuntimeError passes through unchanged.
+    def die(self, index):
+        raise RuntimeError(message)
+    monkeypatch.setattr(loader_module._AugmentedFiles, "__getitem__", die)
+    loader = make(tiny.train.files, np.arange(len(tiny.train.files)), "torch", batch_size=8,
+                  train=True, image_size=64, workers=0)
+    with pytest.raises(Exception) as err:
+        next(loader.epoch(0))
+    assert type(err.value).__name__ == expected and message in str(err.value)
+    if expected == "ConfigError":
+        assert "/dev/shm" in str(err.value) and "--workers 0" in str(err.value)
+        assert "0 workers x 2 batches of 0.4 MB" in str(err.value)  # 8 x 3 x 64 x 64 x 4 B
+
+
 # ---- backend choice ----
 
 @needs_dali
