@@ -21,9 +21,9 @@ from (seed, epoch, image index), so its output does not depend on the worker cou
 N x S x S x 3 uint8 tensor on `device` (Tiny ImageNet: 1.2 GB) and augments there, on CUDA
 a few batches per call (CACHE_CHUNK_BYTES of output): random-resized crop + flip by one
 `grid_sample` (bilinear; the crop, at most S x S, is enlarged to S x S), normalise. No
-process or thread feeds the GPU, so steps never wait for data. Crop boxes and flips come from (seed, epoch, shard), drawn for
-every image at once. It takes images as S x S (resized once when they are not) and does no
-colour jitter or eval_resize.
+process or thread feeds the GPU, so steps never wait for data. Crop boxes and flips come
+from (seed, epoch, shard), drawn for every image at once. It takes images as S x S
+(resized once when they are not) and does no colour jitter or eval_resize.
 """
 from __future__ import annotations
 
@@ -385,8 +385,8 @@ def _shm_size() -> str:
 def cache_batches_per_call(device: torch.device, batch_size: int, image_size: int) -> int:
     """How many batches backend "cache" augments per call. CUDA: CACHE_CHUNK_BYTES of output
     (each image's result does not depend on its neighbours), so the ~20 small kernels of a
-    call are launched once per chunk, not once per step. The CPU launches nothing, and a
-    large new buffer there costs page faults (2.6x slower at 50 batches per call): 1."""
+    call are launched once per chunk, not once per step. The CPU launches nothing, and there
+    50 batches per call ran 2.6x slower than one (a large new buffer each call): 1."""
     if device.type != "cuda":
         return 1
     return max(1, CACHE_CHUNK_BYTES // (batch_size * 3 * image_size ** 2 * 4))
