@@ -14,8 +14,10 @@ Shared kernels
       a_i = sum_j softmax_j(q_i k_j) v_j. With scalar q, k the exponential separates,
       exp(q_i k_j) = sum_n q_i^n k_j^n / n!, so a_i = sum_n q_i^n M_n / sum_n q_i^n L_n with
       the moments M_n = sum_j v_j k_j^n / n!, L_n = sum_j k_j^n / n!: O(L p), not O(L^2)
-      (taylor_similarity_attention, p = 32 terms, exact to fp32 rounding while every logit
+      (taylor_similarity_attention, p <= 33 terms, exact to fp32 rounding while every logit
       is in [0, 7.5]; beyond that, fused_attention; derivation and bound in docs/cubs.md).
+      Eager mode runs the series as batched matmuls with a written-out backward
+      (_TaylorRatio); torch.compile gets products and sums it fuses (_taylor_ratio_by_sums).
 
 CUBS Block 1, channel attention (CUBSBlock1, d = 512 by default):
   g = avgpool(x)                                  B x C
@@ -77,9 +79,21 @@ RELU_BIAS_INIT = 1.0
 # Plain gates' initial logit: open (0.95), as a gate scales its residual branch's gradient (docs/cubs.md).
 GATE_LOGIT_INIT = 3.0
 HEAD_DIM = 8  # plus variant; also the head-dim multiple the CUDA fused kernels want
-# exp(q k) by 32 Taylor terms: below fp32 rounding for logits up to 7.5 (7.5^32 / 32! < 2^-24).
-TAYLOR_TERMS = 32
-TAYLOR_MAX_LOGIT = 7.5  # beyond it (or for a negative q or k), the fused kernel
+TAYLOR_MAX_LOGIT = 7.5  # the Taylor series up to this logit; beyond it (or for a negative q or k), the fused kernel
+
+
+def taylor_terms(largest_logit: float) -> int:
+    """Fewest Taylor terms p of exp for logits in [0, X], X = largest_logit, such that the
+    series and its derivative (the first p - 1 terms) both miss less than fp32's rounding,
+    X^(p-1) / (p-1)! < 2^-24 (docs/cubs.md, "Error bound"). 33 at 7.5, 16 at 2, 2 at 0."""
+    terms, remainder = 2, largest_logit                  # X^(p-1) / (p-1)! for p = 2
+    while remainder >= 2.0 ** -24:
+        remainder *= largest_logit / terms
+        terms += 1
+    return terms
+
+
+TAYLOR_TERMS = taylor_terms(TAYLOR_MAX_LOGIT)  # 33: what compiled code always uses (static shapes)
 
 
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None,
@@ -118,7 +132,10 @@ def similarity_attention(q: Tensor, k: Tensor, v: Tensor,
     q_i k_j lies in [0, TAYLOR_MAX_LOGIT] (q, k >= 0, as the plain blocks' ReLUs make them),
     by the truncated Taylor series of exp in O(L p) (taylor_similarity_attention, error
     below fp32 rounding); otherwise by fused_attention, exact for any logit. The branch
-    is torch.cond under torch.compile, so a compiled network never recompiles on it.
+    is torch.cond under torch.compile, so a compiled network never recompiles on it; in
+    eager mode it is a Python if on the batch's largest logit, which also sets how many
+    terms the series needs (taylor_terms: 13 for the logits of about 1 seen in training,
+    docs/cubs.md, instead of TAYLOR_TERMS = 33 for the whole range).
 
     out_of_range (a bool scalar, under torch.compile only): take the series without a
     branch and write into it whether the range was left. Each torch.cond reads its
@@ -140,39 +157,104 @@ def similarity_attention(q: Tensor, k: Tensor, v: Tensor,
                               lambda qkv: _fused_similarity_attention(*qkv.unbind(0)),
                               (torch.stack((q, k, v)),))
         # Eager: one host sync; torch.cond outside compile would trace both branches per call.
-        if in_range:
-            return taylor_similarity_attention(q, k, v)
+        largest = float(torch.where(in_range, largest_logit.detach(), math.inf))
+        if largest <= TAYLOR_MAX_LOGIT:
+            return taylor_similarity_attention(q, k, v, largest)
         return _fused_similarity_attention(q, k, v)
 
 
-def taylor_similarity_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """similarity_attention by exp(x) = sum_{n<p} x^n / n!, p = TAYLOR_TERMS (docs/cubs.md).
+def taylor_similarity_attention(q: Tensor, k: Tensor, v: Tensor,
+                                largest_logit: float = TAYLOR_MAX_LOGIT) -> Tensor:
+    """similarity_attention by exp(x) = sum_{n<p} x^n / n!, p = taylor_terms(X) (docs/cubs.md).
 
-    B x L each -> B x L. Requires q, k >= 0 and max q * max k <= TAYLOR_MAX_LOGIT per
-    sample (similarity_attention checks it); then every term is >= 0 (no cancellation)
-    and each weight exp(q_i k_j) is underestimated by a factor in [1 - d, 1], d =
-    TAYLOR_MAX_LOGIT^p / p! < 2^-24, so |a_i - exact| <= d / (1 - d) * (max v - min v).
+    B x L each -> B x L. Requires q, k >= 0 and max q * max k <= X = largest_logit <=
+    TAYLOR_MAX_LOGIT for every sample (similarity_attention checks it); then every term is
+    >= 0 (no cancellation) and each weight exp(q_i k_j) is underestimated by a factor in
+    [1 - d, 1], d = X^p / p! < 2^-24, so |a_i - exact| <= d / (1 - d) * (max v - min v).
     Sums over L (the moments, B x p) and over p (each query), instead of L x L logits.
     """
-    n = torch.arange(TAYLOR_TERMS, device=q.device, dtype=q.dtype)                 # p
-    coeff = torch.exp(n * math.log(TAYLOR_MAX_LOGIT) - torch.lgamma(n + 1))        # p: X^n / n!
+    terms = taylor_terms(largest_logit)
+    scale = max(largest_logit, 1e-30)  # > 0 for the logarithm; any X >= the largest logit works
+    n = torch.arange(terms, device=q.device, dtype=q.dtype)                         # p
+    coeff = torch.exp(n * math.log(scale) - torch.lgamma(n + 1))                    # p: X^n / n!
     # q_i k_j = (q_i / s) (k_j s / X) X with s = max_i q_i: both factors in [0, 1], so no
     # power over- or underflows before the coefficient; s > 0 keeps an all-zero q exact.
-    s = q.amax(dim=1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)           # B x 1
-    key_terms = (k * (s / TAYLOR_MAX_LOGIT))[..., None].pow(n) * coeff              # B x L x p
+    # a does not depend on s, so s is a constant to autograd (its exact derivative is 0).
+    s = q.detach().amax(dim=1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)  # B x 1
     # a_i = c + sum_j w_ij (v_j - c) / sum_j w_ij for any c. With c = mean(v) the sums are
     # of small signed terms and a_i - c is what is rounded, so a and its q gradient lose far
     # less to rounding than with c = 0 (docs/cubs.md, "Numerics"). c is a constant to
     # autograd: the exact derivative of a through c is 1 - sum_j w_ij / sum_j w_ij = 0.
-    c = v.mean(dim=1, keepdim=True).detach()                                        # B x 1
-    moment_v = ((v - c)[..., None] * key_terms).sum(dim=1, keepdim=True)            # B x 1 x p
+    c = v.detach().mean(dim=1, keepdim=True)                                        # B x 1
+    query, key, value = q / s, k * (s / scale), v - c                               # B x L each
+    if torch.compiler.is_compiling():
+        return c + _taylor_ratio_by_sums(query, key, value, coeff)
+    return c + _TaylorRatio.apply(query, key, value, coeff)
+
+
+def _taylor_ratio_by_sums(query: Tensor, key: Tensor, value: Tensor, coeff: Tensor) -> Tensor:
+    """r_i = sum_n query_i^n M_n / sum_n query_i^n L_n, M_n = coeff_n sum_j value_j key_j^n,
+    L_n = coeff_n sum_j key_j^n. B x L each, coeff p -> B x L. The form for torch.compile:
+    products and sums, so that each sum becomes one kernel that computes its powers in
+    registers and no B x L x p tensor is stored; autograd derives the backward."""
+    n = torch.arange(coeff.numel(), device=query.device, dtype=query.dtype)          # p
+    key_terms = key[..., None].pow(n) * coeff                                       # B x L x p
+    moment_v = (value[..., None] * key_terms).sum(dim=1, keepdim=True)              # B x 1 x p
     moment_1 = key_terms.sum(dim=1, keepdim=True)                                   # B x 1 x p
-    query_powers = (q / s)[..., None].pow(n)                                        # B x L x p
-    # Products and sums, not matmuls: under torch.compile each sum becomes one kernel that
-    # computes its powers in registers, so no B x L x p tensor is stored (eager stores them).
+    query_powers = query[..., None].pow(n)                                          # B x L x p
     numerator = (query_powers * moment_v).sum(dim=-1)                               # B x L
     denominator = (query_powers * moment_1).sum(dim=-1)                             # B x L, >= L
-    return c + numerator / denominator
+    return numerator / denominator
+
+
+def _powers(x: Tensor, p: int) -> Tensor:
+    """B x L -> B x L x p: x^0, ..., x^(p-1), by doubling: log2(p) products, not p pows."""
+    out = torch.stack((torch.ones_like(x), x), dim=-1)[..., :p]                     # B x L x 2
+    while out.shape[-1] < p:
+        w = out.shape[-1]                                                           # x^w times x^0..
+        out = torch.cat((out, out[..., :p - w] * (out[..., -1:] * x[..., None])), dim=-1)
+    return out
+
+
+class _TaylorRatio(torch.autograd.Function):
+    """_taylor_ratio_by_sums for eager mode, where every B x L x p tensor is stored anyway:
+    the sums over L and over p as batched matmuls, and the backward written out (matmuls
+    too), which took a layer-1 block's similarity (B = 4, L = 4096) from 8.5-11 ms to 4 ms
+    forward + backward on 2 CPU cores (docs/cubs.md, "Cost"). Same function, so the same
+    error bound; tests compare both forms with float64 naive attention.
+
+    Backward, with D_i = sum_n Q_in L_n, N_i = sum_n Q_in M_n, r_i = N_i / D_i, Q_in =
+    query_i^n, K_jn = key_j^n and g_i the upstream gradient:
+      dN_i = g_i / D_i,  dD_i = -g_i r_i / D_i
+      d query_i = sum_n n query_i^(n-1) (M_n dN_i + L_n dD_i)
+      dM_n = sum_i Q_in dN_i,  dL_n = sum_i Q_in dD_i
+      d value_j = sum_n coeff_n K_jn dM_n
+      d key_j = sum_n coeff_n n key_j^(n-1) (value_j dM_n + dL_n)
+    """
+
+    @staticmethod
+    def forward(ctx, query: Tensor, key: Tensor, value: Tensor, coeff: Tensor) -> Tensor:
+        p = coeff.numel()
+        key_powers, query_powers = _powers(key, p), _powers(query, p)                # B x L x p
+        value_and_one = torch.stack((value, torch.ones_like(value)), dim=-1)         # B x L x 2
+        moments = key_powers.transpose(1, 2) @ value_and_one * coeff[:, None]       # B x p x 2: M, L
+        sums = query_powers @ moments                                               # B x L x 2: N, D
+        ctx.save_for_backward(query_powers, key_powers, value_and_one, moments, sums, coeff)
+        return sums[..., 0] / sums[..., 1]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        query_powers, key_powers, value_and_one, moments, sums, coeff = ctx.saved_tensors
+        n = torch.arange(1, coeff.numel(), device=grad.device, dtype=grad.dtype)[:, None]  # (p-1) x 1
+        d_numerator = grad / sums[..., 1]                                           # B x L
+        d_sums = torch.stack((d_numerator, -d_numerator * sums[..., 0] / sums[..., 1]), dim=-1)  # B x L x 2
+        # d/dx of sum_n x^n a_n is sum_{n>=1} x^(n-1) n a_n: the powers up to p-2 times n a_n.
+        d_query = ((query_powers[..., :-1] @ (n * moments[:, 1:])) * d_sums).sum(dim=-1)
+        d_moments = query_powers.transpose(1, 2) @ d_sums * coeff[:, None]          # B x p x 2: coeff dM, coeff dL
+        d_value = (key_powers @ d_moments[..., :1])[..., 0]
+        d_key = ((key_powers[..., :-1] @ (n * d_moments[:, 1:])) * value_and_one).sum(dim=-1)
+        return d_query, d_key, d_value, None
 
 
 def _fused_similarity_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

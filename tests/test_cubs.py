@@ -66,9 +66,19 @@ def _paths_taken(q, k, v):
 
 
 def test_taylor_error_bound_is_below_fp32_rounding():
-    # Each weight exp(q_i k_j) is underestimated by at most (X^p / p!) of itself.
-    bound = cubs.TAYLOR_MAX_LOGIT ** cubs.TAYLOR_TERMS / math.factorial(cubs.TAYLOR_TERMS)
-    assert bound < 2.0 ** -24
+    # Each weight exp(q_i k_j) is underestimated by at most (X^p / p!) of itself, and each
+    # weight's derivative (the first p - 1 terms) by at most X^(p-1) / (p-1)!.
+    x, p = cubs.TAYLOR_MAX_LOGIT, cubs.TAYLOR_TERMS
+    assert x ** (p - 1) / math.factorial(p - 1) < 2.0 ** -24 <= x ** (p - 2) / math.factorial(p - 2)
+
+
+@pytest.mark.parametrize("largest_logit", [0.0, 1e-12, 0.01, 0.5, 1.0, 1.14, 2.0, 4.0, 7.4, 7.5])
+def test_taylor_terms_is_the_fewest_that_meet_the_bound(largest_logit):
+    # Brute force with exact factorials: the first p >= 2 with X^(p-1) / (p-1)! < 2^-24.
+    expected = next(p for p in range(2, 100)
+                    if largest_logit ** (p - 1) / math.factorial(p - 1) < 2.0 ** -24)
+    assert cubs.taylor_terms(largest_logit) == expected
+    assert cubs.taylor_terms(largest_logit) <= cubs.TAYLOR_TERMS == 33
 
 
 # Logit ranges on both sides of TAYLOR_MAX_LOGIT (7.5): 0.01-7.4 take the Taylor series,
@@ -179,6 +189,38 @@ def test_deferred_range_check_flags_exactly_the_steps_the_series_cannot_take():
     assert check() is False
     assert cubs.range_check(ResNet18(10, width=8))() is False  # no plain blocks
     assert "out_of_range" not in block.state_dict()
+
+
+@pytest.mark.parametrize("form", ["eager matmuls", "compiled sums"])
+@pytest.mark.parametrize("largest_logit", [0.01, 1.0, 7.4])
+def test_both_forms_of_the_series_match_float64_naive(form, largest_logit, monkeypatch):
+    # Eager mode runs _TaylorRatio (written-out backward), torch.compile traces
+    # _taylor_ratio_by_sums; here both run eagerly on the same inputs.
+    if form == "compiled sums":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    generator = torch.Generator().manual_seed(int(largest_logit * 100) + 11)
+    q, k, v, upstream = _plain_inputs(3, 1001, largest_logit, 0.6, generator)
+    errors = _relative_errors(cubs.taylor_similarity_attention, q, k, v, upstream)
+    assert errors[0] < 1e-7 and max(errors[1:]) < 5e-6, errors
+
+
+def test_taylor_ratio_backward_passes_gradcheck_and_equals_the_sums_form():
+    generator = torch.Generator().manual_seed(12)
+    # In [0, 1] as taylor_similarity_attention scales them, with exact zeros; value signed.
+    query, key = (torch.rand(2, 23, dtype=f64, generator=generator) for _ in range(2))
+    query[0, :5] = 0
+    key[1, 3:9] = 0
+    value = torch.randn(2, 23, dtype=f64, generator=generator)
+    n = torch.arange(cubs.TAYLOR_TERMS, dtype=f64)
+    coeff = torch.exp(n * math.log(cubs.TAYLOR_MAX_LOGIT) - torch.lgamma(n + 1))
+    inputs = [t.requires_grad_() for t in (query, key, value)]
+    assert torch.autograd.gradcheck(lambda *t: cubs._TaylorRatio.apply(*t, coeff), inputs)
+    upstream = torch.randn(2, 23, dtype=f64, generator=generator)
+    eager = cubs._TaylorRatio.apply(*inputs, coeff)
+    sums = cubs._taylor_ratio_by_sums(*inputs, coeff)
+    for a, b in zip([eager, *torch.autograd.grad(eager, inputs, upstream)],
+                    [sums, *torch.autograd.grad(sums, inputs, upstream)]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 def test_similarity_attention_passes_gradcheck():
