@@ -6,8 +6,10 @@ the model is rebuilt with the run's settings (common/networks.py) and counted.
 Counted: conv / linear / BatchNorm layers, CUBS attention blocks (Block 1 and Block 2
 modules), squeeze-excitation gates, parameters, and forward GFLOPs for one image at the run's
 input size. FlopCounterMode counts a multiply-add as 2 FLOPs and only convolutions, matrix
-products and attention kernels; BatchNorm, activations, pooling, softmax and the plain CUBS
-blocks' Taylor-series similarity (elementwise products and sums) are not counted.
+products and attention kernels; BatchNorm, activations, pooling and softmax are not counted.
+The plain CUBS blocks' Taylor-series similarity is counted as eager mode runs it, two batched
+matmuls of 8 N p FLOPs per block, p set by the logits (common/cubs.py, taylor_terms): 0.03 %
+of the serial plain network at 64 px (under torch.compile the same sums are elementwise).
 """
 from __future__ import annotations
 

@@ -143,9 +143,9 @@ def section_architectures(summaries: Summaries) -> list[str]:
                     "SE gates", "params (results.json)", "params (rebuilt)", "GFLOPs / image"], rows)
     lines += ["Layer counts, rebuilt parameter counts and GFLOPs are computed by this report from "
               "the model rebuilt with the run's settings (GFLOPs: one forward pass of one image, "
-              "torch.utils.flop_counter, multiply-add = 2 FLOPs; conv, matmul and attention kernels only: "
-              "elementwise work, the plain CUBS blocks' Taylor-series similarity included, is not "
-              "counted). "
+              "torch.utils.flop_counter, multiply-add = 2 FLOPs; conv, matmul and attention kernels only, "
+              "elementwise work is not counted; the plain CUBS blocks' Taylor-series similarity "
+              "is counted as the batched matmuls of eager mode). "
               "CUBS attention blocks counts Block 1 and Block 2 modules (two per residual block).",
               ""]
     return lines
