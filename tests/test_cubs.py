@@ -264,6 +264,26 @@ def test_zero_padding_the_head_dim_leaves_attention_unchanged():
     assert torch.all(out[..., 1:] == 0)
 
 
+@pytest.mark.parametrize("form", ["padded_pointwise_conv", "channel_matmul"])
+def test_both_forms_of_the_pointwise_projection_are_conv2d_in_values_and_gradients(form):
+    # Block 2's q, k, v projection runs padded on CUDA and as an einsum elsewhere; both
+    # forms are checked here on the CPU against conv2d, with 3 outputs and an odd C.
+    generator = torch.Generator().manual_seed(5)
+    x, weight, bias = (torch.randn(*shape, dtype=f64, generator=generator, requires_grad=True)
+                       for shape in ((2, 5, 7, 6), (3, 5, 1, 1), (3,)))
+    out = getattr(cubs, form)(x, weight, bias)
+    expected = F.conv2d(x, weight, bias)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    upstream = torch.randn(expected.shape, dtype=f64, generator=generator)
+    for got, want in zip(torch.autograd.grad(out, (x, weight, bias), upstream),
+                         torch.autograd.grad(expected, (x, weight, bias), upstream)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # Same parameters as the nn.Conv2d it replaces, so checkpoints load either way.
+    conv = nn.Conv2d(5, 3, 1)
+    assert {k: v.shape for k, v in cubs.PointwiseConv2d(5, 3).state_dict().items()} == \
+        {k: v.shape for k, v in conv.state_dict().items()}
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fused_attention_on_cuda_matches_naive():
     generator = torch.Generator().manual_seed(4)

@@ -422,16 +422,17 @@ def test_report_of_the_four_smoke_runs_quotes_every_number(smoke_runs, smoke_rep
 
 
 def test_flop_count_includes_the_fused_attention_and_leaves_out_elementwise_work():
-    # 1 x 3 x 8 x 8 zero input, N = 64 positions. Plain Block 2: the 1x1 conv as executed,
-    # its 3 outputs padded to 8 (2*3*64*8 = 3072 FLOPs, bias not counted), plus the eager
-    # Taylor similarity's two batched matmuls, (p x N)(N x 2) and (N x p)(p x 2): 8*N*p, with
-    # p = taylor_terms of the largest logit. On a zero input q, k, v are the conv's biases,
-    # so the logit is q_bias * k_bias: 1 at init (p = 12), 2 with q's bias doubled (p = 16).
+    # 1 x 3 x 8 x 8 zero input, N = 64 positions. Plain Block 2: the 1x1 projection as the
+    # CPU runs it, a 3 x 3 by 3 x 64 matmul (2*3*3*64 = 1152 FLOPs, bias not counted), plus
+    # the eager Taylor similarity's two batched matmuls, (p x N)(N x 2) and (N x p)(p x 2):
+    # 8*N*p, p = taylor_terms of the largest logit. On a zero input q, k, v are the
+    # projection's biases, so the logit is q_bias * k_bias: 1 at init (p = 12), 2 with q's
+    # bias doubled (p = 16).
     block = CUBSBlock2(3)
-    assert forward_flops(block, 8) == 3072 + 8 * 64 * taylor_terms(RELU_BIAS_INIT ** 2) == 3072 + 8 * 64 * 12
+    assert forward_flops(block, 8) == 1152 + 8 * 64 * taylor_terms(RELU_BIAS_INIT ** 2) == 1152 + 8 * 64 * 12
     with torch.no_grad():
         block.qkv.bias[0] = 2 * RELU_BIAS_INIT
-    assert forward_flops(block, 8) == 3072 + 8 * 64 * 16
+    assert forward_flops(block, 8) == 1152 + 8 * 64 * 16
     # Plus Block 2 runs the CPU fused attention kernel (FLOP_FORMULAS): 4 heads of 8 dims,
     # 64 queries over 8 x 8 = 64 keys: 2 * (2*64*64*8) * 4 = 524288, plus the convs
     # q 3 -> 32, kv 3 -> 64 (on 64 pooled cells), out 32 -> 1: 2*64*(3*32 + 3*64 + 32*1).
