@@ -7,9 +7,10 @@ Counted: conv / linear / BatchNorm layers, CUBS attention blocks (Block 1 and Bl
 modules), squeeze-excitation gates, parameters, and forward GFLOPs for one image at the run's
 input size. FlopCounterMode counts a multiply-add as 2 FLOPs and only convolutions, matrix
 products and attention kernels; BatchNorm, activations, pooling and softmax are not counted.
-The plain CUBS blocks' Taylor-series similarity is counted as eager mode runs it, two batched
-matmuls of 8 N p FLOPs per block, p set by the logits (common/cubs.py, taylor_terms): 0.03 %
-of the serial plain network at 64 px (under torch.compile the same sums are elementwise).
+The plain CUBS blocks' Taylor-series similarity is counted as eager mode on the CPU runs it:
+two batched matmuls, 8 L p FLOPs per block together (L positions or descriptor entries, p
+terms set by the logits: common/cubs.py, taylor_terms), 0.03 % of the serial plain network
+at 64 px (compiled, or on CUDA, the same sums are elementwise and not counted).
 """
 from __future__ import annotations
 

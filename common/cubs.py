@@ -85,7 +85,10 @@ TAYLOR_MAX_LOGIT = 7.5  # the Taylor series up to this logit; beyond it (or for 
 def taylor_terms(largest_logit: float) -> int:
     """Fewest Taylor terms p of exp for logits in [0, X], X = largest_logit, such that the
     series and its derivative (the first p - 1 terms) both miss less than fp32's rounding,
-    X^(p-1) / (p-1)! < 2^-24 (docs/cubs.md, "Error bound"). 33 at 7.5, 16 at 2, 2 at 0."""
+    X^(p-1) / (p-1)! < 2^-24 (docs/cubs.md, "Error bound"). 33 at 7.5, 16 at 2, 12 at 1, 2 at 0."""
+    if not 0 <= largest_logit <= TAYLOR_MAX_LOGIT:
+        raise ValueError(f"the Taylor series is used for logits in [0, {TAYLOR_MAX_LOGIT}], "
+                         f"got a largest logit of {largest_logit}")
     terms, remainder = 2, largest_logit                  # X^(p-1) / (p-1)! for p = 2
     while remainder >= 2.0 ** -24:
         remainder *= largest_logit / terms
@@ -134,7 +137,7 @@ def similarity_attention(q: Tensor, k: Tensor, v: Tensor,
     below fp32 rounding); otherwise by fused_attention, exact for any logit. The branch
     is torch.cond under torch.compile, so a compiled network never recompiles on it; in
     eager mode it is a Python if on the batch's largest logit, which also sets how many
-    terms the series needs (taylor_terms: 13 for the logits of about 1 seen in training,
+    terms the series needs (taylor_terms: 12-13 for the logits of about 1 seen in training,
     docs/cubs.md, instead of TAYLOR_TERMS = 33 for the whole range).
 
     out_of_range (a bool scalar, under torch.compile only): take the series without a
@@ -186,8 +189,11 @@ def taylor_similarity_attention(q: Tensor, k: Tensor, v: Tensor,
     # less to rounding than with c = 0 (docs/cubs.md, "Numerics"). c is a constant to
     # autograd: the exact derivative of a through c is 1 - sum_j w_ij / sum_j w_ij = 0.
     c = v.detach().mean(dim=1, keepdim=True)                                        # B x 1
-    query, key, value = q / s, k * (s / scale), v - c                               # B x L each
-    if torch.compiler.is_compiling():
+    # k s first: k_j s <= X, where s / X alone can overflow when X is tiny.
+    query, key, value = q / s, k * s / scale, v - c                                 # B x L each
+    # _TaylorRatio's matmuls would run in TF32 on CUDA (runtime.setup_runtime allows it),
+    # so CUDA takes the sums, compiled or not.
+    if torch.compiler.is_compiling() or q.is_cuda:
         return c + _taylor_ratio_by_sums(query, key, value, coeff)
     return c + _TaylorRatio.apply(query, key, value, coeff)
 
@@ -208,8 +214,9 @@ def _taylor_ratio_by_sums(query: Tensor, key: Tensor, value: Tensor, coeff: Tens
 
 
 def _powers(x: Tensor, p: int) -> Tensor:
-    """B x L -> B x p x L: x^0, ..., x^(p-1), p >= 2, by doubling (log2 p products, not p
-    pows), each power a contiguous row: 5x faster than stacking them last at L = 4096."""
+    """B x L -> B x p x L: x^0, ..., x^(p-1), p >= 2, by doubling: about log2 p multiplies
+    of growing blocks of rows instead of p pows; each power a contiguous row, 5x faster to
+    build at L = 4096 than stacking the powers last."""
     out = x.new_empty(x.shape[0], p, x.shape[1])
     out[:, 0] = 1
     out[:, 1] = x
@@ -222,11 +229,13 @@ def _powers(x: Tensor, p: int) -> Tensor:
 
 
 class _TaylorRatio(torch.autograd.Function):
-    """_taylor_ratio_by_sums for eager mode, where every B x L x p tensor is stored anyway:
-    the sums over L and over p as batched matmuls, and the backward written out (matmuls
-    too), which took a layer-1 block's similarity (B = 4, L = 4096) from 8.5-11 ms to 4 ms
-    forward + backward on 2 CPU cores (docs/cubs.md, "Cost"). Same function, so the same
-    error bound; tests compare both forms with float64 naive attention.
+    """_taylor_ratio_by_sums for eager mode on the CPU, where autograd would store every
+    power anyway: the powers as B x p x L tensors, the sums over L and over p as batched
+    matmuls, and the backward written out (matmuls too), which took a layer-1 block's
+    similarity (B = 4, L = 4096) from 8.5-11 ms to 4 ms forward + backward on 2 CPU cores
+    (docs/cubs.md, "Two forms of the same sums"). Same function and truncation, so the same
+    error bound; only the rounding differs (powers by doubling: up to about 20 ulps at
+    n = 32, against 1 for pow). Tests compare both forms with float64 naive attention.
 
     Backward, with D_i = sum_n Q_in L_n, N_i = sum_n Q_in M_n, r_i = N_i / D_i, Q_in =
     query_i^n, K_jn = key_j^n and g_i the upstream gradient:
@@ -250,16 +259,19 @@ class _TaylorRatio(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
-        query_powers, key_powers, value_and_one, moments, sums, coeff = ctx.saved_tensors
-        n = torch.arange(1, coeff.numel(), device=grad.device, dtype=grad.dtype)[:, None]  # (p-1) x 1
-        d_numerator = grad / sums[..., 1]                                           # B x L
-        d_sums = torch.stack((d_numerator, -d_numerator * sums[..., 0] / sums[..., 1]), dim=-1)  # B x L x 2
-        # d/dx of sum_n x^n a_n is sum_{n>=1} x^(n-1) n a_n: the powers up to p-2 times n a_n.
-        d_query = ((query_powers[:, :-1].transpose(1, 2) @ (n * moments[:, 1:])) * d_sums).sum(dim=-1)
-        d_moments = query_powers @ d_sums * coeff[:, None]                          # B x p x 2: coeff dM, coeff dL
-        d_value = (key_powers.transpose(1, 2) @ d_moments[..., :1])[..., 0]
-        d_key = ((key_powers[:, :-1].transpose(1, 2) @ (n * d_moments[:, 1:])) * value_and_one).sum(dim=-1)
-        return d_query, d_key, d_value, None
+        # In fp32 even when backward() is called inside an autocast region.
+        with torch.autocast(grad.device.type, enabled=False):
+            query_powers, key_powers, value_and_one, moments, sums, coeff = ctx.saved_tensors
+            n = torch.arange(1, coeff.numel(), device=grad.device, dtype=grad.dtype)[:, None]  # p-1 x 1
+            d_numerator = grad / sums[..., 1]                                           # B x L
+            d_denominator = -d_numerator * sums[..., 0] / sums[..., 1]                  # B x L
+            d_sums = torch.stack((d_numerator, d_denominator), dim=-1)                  # B x L x 2
+            # d/dx of sum_n x^n a_n is sum_{n>=1} x^(n-1) n a_n: the powers up to p-2 times n a_n.
+            d_query = ((query_powers[:, :-1].transpose(1, 2) @ (n * moments[:, 1:])) * d_sums).sum(-1)
+            d_moments = query_powers @ d_sums * coeff[:, None]              # B x p x 2: coeff dM, coeff dL
+            d_value = (key_powers.transpose(1, 2) @ d_moments[..., :1])[..., 0]
+            d_key = ((key_powers[:, :-1].transpose(1, 2) @ (n * d_moments[:, 1:])) * value_and_one).sum(-1)
+            return d_query, d_key, d_value, None
 
 
 def _fused_similarity_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -291,7 +303,8 @@ def _identity_preserving_gate(logit: Tensor, scale: Tensor) -> Tensor:
 def _channel_means(x: Tensor) -> Tensor:
     """B x C x H x W -> B x C, the global average pool, as a sum scaled afterwards: mean's
     backward writes a B x C x H x W quotient, sum's is a broadcast view (about 1 ms less per
-    layer-1 block, forward + backward at batch 8 on 2 CPU cores)."""
+    layer-1 block, forward + backward at batch 8 on 2 CPU cores). One rounding more than
+    mean, harmless."""
     return x.sum(dim=(2, 3)) / (x.shape[2] * x.shape[3])
 
 

@@ -194,14 +194,54 @@ def test_deferred_range_check_flags_exactly_the_steps_the_series_cannot_take():
 @pytest.mark.parametrize("form", ["eager matmuls", "compiled sums"])
 @pytest.mark.parametrize("largest_logit", [0.01, 1.0, 7.4])
 def test_both_forms_of_the_series_match_float64_naive(form, largest_logit, monkeypatch):
-    # Eager mode runs _TaylorRatio (written-out backward), torch.compile traces
-    # _taylor_ratio_by_sums; here both run eagerly on the same inputs.
+    # Eager mode on the CPU runs _TaylorRatio (written-out backward) with the term count of
+    # the batch's largest logit; torch.compile traces _taylor_ratio_by_sums with all 33
+    # terms. Here both run eagerly on the same inputs, each with its own term count.
     if form == "compiled sums":
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        attention = cubs.taylor_similarity_attention
+    else:
+        attention = lambda q, k, v: cubs.taylor_similarity_attention(  # noqa: E731
+            q, k, v, float((q.amax(1) * k.amax(1)).amax().detach()))
     generator = torch.Generator().manual_seed(int(largest_logit * 100) + 11)
     q, k, v, upstream = _plain_inputs(3, 1001, largest_logit, 0.6, generator)
-    errors = _relative_errors(cubs.taylor_similarity_attention, q, k, v, upstream)
+    errors = _relative_errors(attention, q, k, v, upstream)
     assert errors[0] < 1e-7 and max(errors[1:]) < 5e-6, errors
+
+
+@pytest.mark.parametrize("form", ["eager matmuls", "compiled sums"])
+def test_series_is_exact_for_a_large_q_against_an_all_zero_k(form, monkeypatch):
+    # Every logit is 0, so a = mean v. The scaling k s / X must not form s / X first:
+    # with X floored at 1e-30 and s = 1e10 that quotient overflows fp32 (inf * 0 = nan).
+    if form == "compiled sums":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    q = torch.full((2, 5), 1e10)
+    k = torch.zeros(2, 5)
+    v = torch.arange(10.0).view(2, 5)
+    out = cubs.taylor_similarity_attention(q, k, v, 0.0)
+    torch.testing.assert_close(out, v.mean(1, keepdim=True).expand(2, 5), rtol=0, atol=1e-6)
+
+
+def test_taylor_terms_refuses_logits_outside_the_series_range():
+    for bad in (-0.1, cubs.TAYLOR_MAX_LOGIT + 0.01, math.inf, math.nan):
+        with pytest.raises(ValueError, match="largest logit"):
+            cubs.taylor_terms(bad)
+
+
+def test_taylor_ratio_backward_stays_fp32_inside_autocast():
+    # backward() called within a bf16 autocast region must give the fp32 gradients.
+    generator = torch.Generator().manual_seed(4)
+    query, key, value, upstream = (torch.rand(2, 300, generator=generator) for _ in range(4))
+    n = torch.arange(12, dtype=torch.float32)
+    coeff = torch.exp(-torch.lgamma(n + 1))                                         # X = 1
+    inputs = [t.requires_grad_() for t in (query, key, value)]
+    outside = torch.autograd.grad(cubs._TaylorRatio.apply(*inputs, coeff), inputs, upstream)
+    out = cubs._TaylorRatio.apply(*inputs, coeff)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = torch.autograd.grad(out, inputs, upstream)
+    for a, b in zip(inside, outside):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_taylor_ratio_backward_passes_gradcheck_and_equals_the_sums_form():
@@ -292,6 +332,16 @@ def test_fused_attention_on_cuda_matches_naive():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = fused_attention(q, k, v, 1.0)
     torch.testing.assert_close(out.double(), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_similarity_attention_on_cuda_keeps_fp32_accuracy_with_tf32_matmuls_allowed(monkeypatch):
+    # runtime.setup_runtime allows TF32 matmuls on CUDA; the series must not run in them.
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    generator = torch.Generator().manual_seed(6)
+    q, k, v, upstream = (t.cuda() for t in _plain_inputs(3, 1001, 1.0, 0.6, generator))
+    errors = _relative_errors(similarity_attention, q, k, v, upstream)
+    assert errors[0] < 1e-7 and max(errors[1:]) < 5e-6, errors
 
 
 @pytest.mark.parametrize("make_block", [lambda: CUBSBlock1(8, d=16), lambda: CUBSBlock2(8),
