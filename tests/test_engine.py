@@ -311,7 +311,9 @@ def test_metrics_count_the_graphs_compiled_in_each_epoch_and_its_slowest_step(ti
                   {"task": "test", "model": "small"})["history"]
     assert evaluations == [1, 2, 3]
     assert [h["compiled_graphs"] for h in history] == [1, 0, 1]
+    # Not bounded below by epoch_time_s / steps: the epoch's time also counts what comes
+    # before its first batch and after its last, so with steps of equal length that mean
+    # can exceed the slowest step (it did, by 0.6 %, on a 2-core CI machine).
     for h in history:
-        mean_step_s = h["epoch_time_s"] / (h["train_images"] / 8)
-        assert mean_step_s <= h["slowest_step_s"] <= h["epoch_time_s"]
+        assert 0 < h["slowest_step_s"] <= h["epoch_time_s"]
     assert history[2]["slowest_step_s"] > 3 * history[1]["slowest_step_s"]
