@@ -15,6 +15,7 @@ placement is selected by HOLDOUT accuracy (never test), test accuracies are repo
 if a matching T2 result exists the "at most 2 points below vanilla ResNet-18" rule is
 checked. Writes placements.json, placements.md and placements.png in --out.
 """
+import argparse
 from pathlib import Path
 
 import torch
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="plain = the specified blocks; plus = our identity-preserving "
                              "multi-head variant; both = train and compare the two")
     parser.add_argument("--d", type=cli.positive_int, help="Block 1 similarity size")
-    parser.add_argument("--gate-init", type=_gate_logit,
+    parser.add_argument("--gate-init", type=gate_logit,
                         help="initial logit of the plain blocks' sigmoid gates; 'pytorch' = "
                              "PyTorch's default init")
     parser.add_argument("--vanilla-results", default="runs/t2/results.json",
@@ -163,8 +164,14 @@ def _curves(out: Path, meta: dict):
     return draw
 
 
-def _gate_logit(text: str) -> float | None:
-    return None if text == "pytorch" else float(text)
+def gate_logit(text: str) -> float | None:
+    """--gate-init: a finite number, or "pytorch" (None)."""
+    if text == "pytorch":
+        return None
+    try:
+        return cli.finite_float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number or 'pytorch', got {text!r}") from None
 
 
 if __name__ == "__main__":

@@ -107,6 +107,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--lam", type=cli.finite_float, help="MS loss: similarity margin lambda")
     a("--epsilon", type=cli.nonnegative_float, help="mining margin of the ms and semihard mining")
     args = cli.parse(p, argv, smoke=SMOKE)
+    if args.backend == "cache":  # it holds S x S images; T4 evaluates centre crops of 256 px ones
+        p.error("--backend cache cannot make T4's evaluation images (resize the shorter side, "
+                "then centre crop); use --backend dali, torch or auto")
+    if args.init_weights and args.init != "imagenet":
+        p.error(f"--init-weights is read only with --init imagenet, not --init {args.init}")
     if args.images_per_class < 2:
         p.error(f"--images-per-class must be >= 2 (each image needs a positive), got {args.images_per_class}")
     return args

@@ -191,6 +191,10 @@ class RunProgress:
 
 # Config fields that only steer this process, not what the run computes.
 _PROCESS_ONLY = {"compile", "compile_mode", "fresh", "stop_after_epoch"}
+# What a run leaves in its folder: --fresh removes it all, so that neither a resume (which
+# takes the newest state on disk) nor the report can mix the old run with the new one.
+RUN_FILES = ("last.pt", "last.prev.pt", "best.pt", "metrics.jsonl", "results.json", "eval.json",
+             "curves.png")
 
 
 class RunCheckpoints:
@@ -217,6 +221,18 @@ class RunCheckpoints:
                 save_checkpoint(full, path, keep_previous=path == self.last)
         if self.rt.world_size > 1:
             dist.barrier()  # nobody reads best.pt / last.pt before rank 0 has written it
+
+    def discard(self) -> None:
+        """Delete the RUN_FILES of an earlier run in `out` (--fresh): a new run killed before
+        its first save would otherwise resume, or report, the old one."""
+        if self.rt.is_main:
+            removed = [name for name in RUN_FILES if (self.out / name).is_file()]
+            for name in removed:
+                (self.out / name).unlink()
+            if removed:
+                print(f"--fresh: removed the earlier run's {', '.join(removed)} from {self.out}")
+        if self.rt.world_size > 1:
+            dist.barrier()
 
     def resume(self) -> RunProgress:
         """Load the newest readable state (see resume_point) into the owners and return its
@@ -265,9 +281,15 @@ def resume_point(out: Path, verbose: bool) -> tuple[Path, dict[str, Any]] | None
     readable, problems = [], []
     for path in paths:
         try:
-            readable.append((path, load_checkpoint(path)))
+            ck = load_checkpoint(path)
         except CheckpointError as err:  # printed below: nothing is skipped silently
             problems.append(str(err))
+            continue
+        if "config" in ck and "finished" in ck:
+            readable.append((path, ck))
+        else:
+            problems.append(f"{path} holds weights only (an inference copy, e.g. from the "
+                            f"submission archive): a run cannot resume from it")
     if not readable:
         raise CheckpointError("no usable checkpoint to resume from: " + "; ".join(problems)
                               + ". --fresh starts over (or use another --out).")

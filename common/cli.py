@@ -131,7 +131,8 @@ def training_parser(description: str, *, out: str, recipe: Mapping[str, Any],
     a("--check-images", choices=CHECK_MODES, default="quick",
       help="before training, check every image file: quick = both ends of each (signature, end "
            "marker, size), full = decode each with PIL, off = skip")
-    a("--fresh", action="store_true", help="ignore checkpoints in --out and start over")
+    a("--fresh", action="store_true",
+      help="delete the earlier run's checkpoints and results in --out and start over")
     if downloads:
         a("--no-download", action="store_true", help="never download the dataset")
     a("--evaluate", metavar="PATH", default=None,
@@ -178,6 +179,9 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None, *,
                          f"--data-dir {args.data_dir}: drop --data-dir for a smoke run, or drop "
                          f"--smoke to train on that folder")
         apply_smoke(args, smoke)
+    if getattr(args, "backend", None) == "cache" and getattr(args, "color_jitter", None):
+        parser.error(f"--backend cache does no colour jitter (--color-jitter {args.color_jitter}): "
+                     f"use --color-jitter 0, or --backend dali, torch or auto")
     check_out_dir(args.out)
     return args
 

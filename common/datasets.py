@@ -293,11 +293,13 @@ def _read_val_annotations(root: Path, label_of: dict[str, int]) -> tuple[list[st
 
 def _carve_holdout(full: ImageList, per_class: int, seed: int, root: Path) -> tuple[ImageList, ImageList]:
     """Split a train list into (train, holdout) lists with the same classes."""
-    try:
-        train_idx, holdout_idx = holdout_split(full.labels, per_class, seed)
-    except ValueError as error:
-        raise DatasetError(f"holdout_per_class={per_class} is too large for the train split in {root}: "
-                         f"{error}") from error
+    present, counts = np.unique(np.asarray(full.labels, dtype=np.int64), return_counts=True)
+    if counts.size and counts.min() <= per_class:  # named here: the flag and the class's name
+        smallest = int(present[np.argmin(counts)])
+        raise DatasetError(f"--holdout-per-class {per_class} is too large for the train split in "
+                           f"{root}: class '{full.classes[smallest]}' has {counts.min()} images, "
+                           f"and at least one must stay in train")
+    train_idx, holdout_idx = holdout_split(full.labels, per_class, seed)
 
     def subset(indices: list[int]) -> ImageList:
         return ImageList([full.files[i] for i in indices], [full.labels[i] for i in indices], full.classes)

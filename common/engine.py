@@ -297,6 +297,8 @@ def fit(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.optim.Optimiz
     stopper = EarlyStopping(cfg.patience, cfg.min_delta)
     run = RunCheckpoints(Path(out), rt, meta, asdict(cfg), model=net.module, optimizer=optimizer,
                          scheduler=scheduler, scaler=scaler, early_stopping=stopper)
+    if cfg.fresh:
+        run.discard()
     progress = RunProgress() if cfg.fresh else run.resume()
     epochs_here = 0
     with _recorded_signals() as signals:
@@ -339,6 +341,16 @@ def fit(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.optim.Optimiz
                 if stopper.should_stop:
                     print(f"early stopping: {score_key} has not improved for {cfg.patience} epochs "
                           f"(best {stopper.best_score:.4f} at epoch {stopper.best_epoch + 1})")
+        # A signal during the last holdout pass or save is seen by no training step: stop
+        # here, with everything saved, instead of going on to the test pass or the next run.
+        if _agree(bool(signals), True, rt)[0]:
+            stop = Interrupted(signals[0] if signals else signal.SIGINT, progress.epoch,
+                               progress.step, progress.partial or {})
+            if rt.is_main:
+                state = "the finished run" if progress.finished else f"epoch {progress.epoch}"
+                print(f"\n{stop.name}: {run.last} holds {state}; rerun the same command to go on",
+                      flush=True)
+            raise stop
     return _summary(progress, stopper, cfg.epochs)
 
 
@@ -406,9 +418,11 @@ def _interactive() -> bool:
 
 def _check_finite(loss: float, epoch: int, step: int) -> None:
     if not math.isfinite(loss):
+        # The learning rate and clipping are part of the recipe, which a resume must keep.
         raise NonFiniteLoss(f"training loss became {loss} in epoch {epoch + 1} by batch {step}; "
-                            f"stopped without saving. The last good checkpoint is last.pt in "
-                            f"--out (if any). Try a lower --lr or --grad-clip 1.0.")
+                            f"stopped without saving, so last.pt in --out (if any) still holds "
+                            f"the last good epoch. Train again with a lower learning rate or "
+                            f"--grad-clip 1.0, adding --fresh (or another --out to keep this run).")
 
 
 def _write_metrics(history: list[dict], run: RunCheckpoints, rt: Runtime,

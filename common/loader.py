@@ -131,7 +131,9 @@ class ImageLoader:
                                 s.shard_id, s.num_shards)
         self.backend = _pick_backend(s.backend)
         if self.backend == "cache" and (s.color_jitter > 0 or s.eval_resize):
-            raise ValueError("backend 'cache' does no colour jitter or eval_resize; use dali or torch")
+            raise ConfigError("--backend cache does no colour jitter (--color-jitter) and no "
+                              "resize-then-centre-crop evaluation (T4's Cars images); use "
+                              "--backend dali, torch or auto")
         self._dali_iter = None
         self._dali_next = None  # (epoch, start) the built DALI pipeline will produce next
         self._cache: torch.Tensor | None = None  # backend "cache": N x S x S x 3 uint8 on device

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common.checkpoint import (CheckpointError, check_compatible, load_checkpoint,
+from common.checkpoint import (CheckpointError, check_compatible, inference_state, load_checkpoint,
                                load_model_state, rng_state, save_checkpoint, set_rng_state)
 from tests.test_engine import _run_fit, tiny_splits  # noqa: F401 (a fixture)
 
@@ -119,6 +119,19 @@ def test_no_readable_checkpoint_names_every_file_and_the_way_on(tiny_splits, tmp
             (tmp_path / name).write_bytes((tmp_path / name).read_bytes()[:300])
     with pytest.raises(CheckpointError, match=r"no usable checkpoint.*last\.pt.*best\.pt.*--fresh"):
         _run_fit(tiny_splits, tmp_path, "torch", epochs=4)
+
+
+def test_a_weights_only_copy_is_named_and_never_resumed_from(tiny_splits, tmp_path):
+    # The submission archive's best.pt holds weights, meta and epoch only; put back into
+    # --out alone, it must be refused by name (it once raised KeyError: 'finished').
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=2)
+    best = load_checkpoint(tmp_path / "best.pt")
+    for name in ("last.pt", "last.prev.pt"):
+        (tmp_path / name).unlink()
+    save_checkpoint(inference_state(best), tmp_path / "best.pt")
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint to resume from: \S*best\.pt holds "
+                                              r"weights only .*a run cannot resume from it.*--fresh"):
+        _run_fit(tiny_splits, tmp_path, "torch", epochs=2)
 
 
 def test_a_best_checkpoint_that_misses_the_recorded_best_epoch_is_refused(tiny_splits, tmp_path):

@@ -132,7 +132,8 @@ def test_tiny_errors_name_the_path_and_the_layout(tiny: Path, tmp_path: Path) ->
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match=re.escape(f"missing {empty / 'wnids.txt'}")):
         load_tiny_imagenet(empty)
-    with pytest.raises(ValueError, match=re.escape(f"too large for the train split in {tiny}")):
+    with pytest.raises(ValueError, match=re.escape(f"--holdout-per-class {TINY_TRAIN} is too large for "
+                                                   f"the train split in {tiny}: class '") + f"[^']+' has {TINY_TRAIN} images"):
         load_tiny_imagenet(tiny, holdout_per_class=TINY_TRAIN)
 
 

@@ -3,6 +3,7 @@ loss scaling, a kill after any write, non-finite losses, the per-epoch metrics."
 import json
 import math
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 import torch.nn as nn
 
 from common import engine, evaluate, runtime
-from common.checkpoint import CheckpointError, load_checkpoint
+from common.checkpoint import RUN_FILES, CheckpointError, load_checkpoint
+from common.errors import Interrupted
 from common.datasets import load_tiny_imagenet
 from common.loader import ImageLoader, LoaderSettings
 from common.synthetic import make_tiny_imagenet
@@ -168,10 +170,53 @@ def test_resume_with_another_recipe_is_refused_with_the_differences_named(tiny_s
     assert result["finished"] and result["epochs_run"] == 3
 
 
+def test_fresh_deletes_the_earlier_run_so_that_a_killed_fresh_run_never_resumes_it(tiny_splits, tmp_path):
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=2)  # a finished run ...
+    for name in ("results.json", "eval.json"):  # ... with what the script and --evaluate write
+        (tmp_path / name).write_text("{}")
+    _, nothing = _run_fit(tiny_splits, tmp_path, "torch", epochs=3, fresh=True, stop_after=0)
+    assert nothing["epochs_run"] == 0
+    assert [name for name in RUN_FILES if (tmp_path / name).exists()] == []
+    # A fresh run with another recipe, killed after its first epoch: the rerun resumes it.
+    # (Before, the old finished last.pt, rotated to last.prev.pt, won the resume and was
+    # refused for its other epoch count.)
+    (tmp_path / "results.json").write_text("{}")
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=2)
+    _, killed = _run_fit(tiny_splits, tmp_path, "torch", epochs=3, fresh=True, stop_after=1)
+    assert not (tmp_path / "results.json").exists()
+    _, rerun = _run_fit(tiny_splits, tmp_path, "torch", epochs=3)
+    assert rerun["finished"] and rerun["epochs_run"] == 3
+    assert rerun["history"][0] == killed["history"][0]
+
+
+def test_a_signal_during_the_last_holdout_pass_stops_the_finished_run(tiny_splits, tmp_path):
+    # No training step comes after the last epoch's evaluation to see the signal; fit must
+    # not return as if nothing happened (the script would go on to its test pass).
+    torch.manual_seed(0)
+    rt = runtime.Runtime(torch.device("cpu"), amp_dtype=None)
+    train = ImageLoader(tiny_splits.train.files, tiny_splits.train.labels, LoaderSettings(
+        batch_size=8, train=True, image_size=16, backend="torch", workers=0, seed=5))
+    evaluations: list[int] = []
+
+    def evaluate_with_ctrl_c_in_the_last(m):
+        evaluations.append(1)
+        if len(evaluations) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # recorded by fit's handler, not raised
+        return {"holdout_acc": 0.5}
+    config = engine.FitConfig(epochs=2, lr=0.05, warmup_epochs=1, patience=100)
+    with pytest.raises(Interrupted) as stop:
+        fit(_SmallNet(), train, evaluate_with_ctrl_c_in_the_last, config, tmp_path, rt,
+            {"task": "test", "model": "small"})
+    assert stop.value.signum == signal.SIGINT
+    saved = load_checkpoint(tmp_path / "last.pt")
+    assert saved["finished"] and saved["epoch"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_splits, tmp_path, monkeypatch):
     _run_fit(tiny_splits, tmp_path, "torch", epochs=3, stop_after=1)
     before = load_checkpoint(tmp_path / "last.pt")
-    with pytest.raises(engine.NonFiniteLoss, match="loss became nan"):
+    with pytest.raises(engine.NonFiniteLoss, match="loss became nan.*last good epoch.*--fresh"):
         _run_fit(tiny_splits, tmp_path, "torch", epochs=3, loss_factor=float("nan"))
     after = load_checkpoint(tmp_path / "last.pt")
     assert after["epoch"] == before["epoch"] == 1

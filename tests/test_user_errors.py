@@ -4,6 +4,7 @@ download. Each runs the script as a user would (a subprocess) and fails in secon
 
 from __future__ import annotations
 
+import importlib
 import random
 import subprocess
 import sys
@@ -111,6 +112,25 @@ def test_non_finite_lr_is_refused_by_argparse(tmp_path: Path) -> None:
     proc = run_script("t1_custom_cnn.py", "--smoke", "--lr", "inf", "--out", str(tmp_path / "out"),
                       check=False)
     assert_one_usage_error_line(proc, "error: argument --lr: must be a finite number, got 'inf'")
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("t3_cubs", ["--gate-init", "nan"], "argument --gate-init: must be a finite number, got 'nan'"),
+    ("t3_cubs", ["--gate-init", "open"], "argument --gate-init: must be a number or 'pytorch', got 'open'"),
+    ("t2_resnet18", ["--backend", "cache", "--color-jitter", "0.2"],
+     "error: --backend cache does no colour jitter (--color-jitter 0.2)"),
+    ("t4_retrieval", ["--backend", "cache"], "error: --backend cache cannot make T4's evaluation images"),
+    ("t4_retrieval", ["--init-weights", "resnet18.pth"],
+     "error: --init-weights is read only with --init imagenet, not --init auto"),
+])
+def test_flags_that_cannot_work_are_refused_before_anything_runs(script, flags, message, tmp_path, capsys):
+    # In-process: argparse's refusal comes before any import of data or model work.
+    with pytest.raises(SystemExit) as exit_:
+        importlib.import_module(script).main(["--smoke", "--out", str(tmp_path / "out"), *flags])
+    assert exit_.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], errors
+    assert not (tmp_path / "out").exists()
 
 
 def test_random_bytes_checkpoint_is_named_as_unreadable_without_unsafe_advice(tmp_path: Path) -> None:
