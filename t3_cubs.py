@@ -22,8 +22,10 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from common import cli, engine, evaluate, runtime, task_data
+from common.checkpoint import discard_run
 from common.cubs import GATE_LOGIT_INIT, PLACEMENTS, VARIANTS, check_plus_d, cubs_resnet18, range_check
 from common.diagnostics import diagnostics
+from common.files import remove_files
 
 # The recipe: the defaults of `python t3_cubs.py`. Each is a flag (--lr 0.1, ...). The
 # training settings are T2's (tests/test_scripts.py checks it), so that the at-par rule
@@ -79,6 +81,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.evaluate and (args.placement == "all" or args.variant == "both"):
         parser.error("--evaluate takes the checkpoint's one --placement and one --variant, not all/both")
     rt = runtime.setup_runtime(args.device, args.seed)
+    placements = PLACEMENTS if args.placement == "all" else [args.placement]
+    variants = VARIANTS if args.variant == "both" else [args.variant]
+    if args.fresh and not args.evaluate and rt.is_main:
+        # Every run of this command now, not each as it starts: a rerun after a kill must
+        # not resume a later placement's old run. The comparison is redone at the end.
+        for placement in placements:
+            for variant in variants:
+                discard_run(Path(args.out) / f"{placement}_{variant}")
+        remove_files(args.out, ("placements.json", "placements.md", "placements.png"))
 
     # -- data, shared by every run: as T2 (Tiny ImageNet minus a stratified holdout; test =
     # the labelled val split; random-resized crop + flip for training)
@@ -89,8 +100,6 @@ def main(argv: list[str] | None = None) -> dict:
     loaders = task_data.classifier_loaders(splits, cli.loader_settings(args), rt)
 
     # -- one training run per (placement, variant), same seed and recipe
-    placements = PLACEMENTS if args.placement == "all" else [args.placement]
-    variants = VARIANTS if args.variant == "both" else [args.variant]
     for placement in placements:
         for variant in variants:
             result = train_and_test(args, rt, loaders, len(splits.train.classes), placement, variant)

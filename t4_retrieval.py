@@ -26,10 +26,11 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from common import cli, engine, evaluate, plots, runtime, task_data
+from common.checkpoint import discard_run
 from common.cubs import PLACEMENTS, VARIANTS, cubs_resnet18
 from common.diagnostics import diagnostics
 from common.errors import ConfigError
-from common.files import write_json
+from common.files import remove_files, write_json
 from common.init_weights import INIT_CHOICES, load_initial_weights, t3_selection
 from common.loss import MINING_CHOICES, multi_similarity_loss
 from common.models import EmbeddingNet, count_parameters
@@ -134,6 +135,10 @@ def main(argv: list[str] | None = None) -> dict:
                 image_size=args.image_size)
     if args.evaluate:  # --evaluate PATH: Recall@K of a saved Phase A or Phase B checkpoint
         return evaluate_saved(model, meta, args, data.test_all, rt)
+    if args.fresh and rt.is_main:  # every phase now: a rerun after a kill must not resume an old one
+        for phase in ["phase_a", *(f"phase_b_{mining}" for mining in MINING_CHOICES)]:
+            discard_run(out / phase)
+        remove_files(out, ("results.json", "retrieval.png"))
     init = load_initial_weights(model, args.init, t3_best=t3_best, t3_results=args.t3_results,
                                 init_weights=args.init_weights, verbose=rt.is_main)
     meta = {**meta, "init": init["init"], **cli.data_recipe(args)}

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from common.errors import UserError
-from common.files import atomic_file, previous_path
+from common.files import atomic_file, previous_path, remove_files
 from common.runtime import Runtime
 from common.schema import CheckpointMeta
 
@@ -197,6 +197,14 @@ RUN_FILES = ("last.pt", "last.prev.pt", "best.pt", "metrics.jsonl", "results.jso
              "curves.png")
 
 
+def discard_run(folder: Path) -> None:
+    """--fresh: delete the RUN_FILES of an earlier run in `folder`, saying so. A new run
+    killed before its first save would otherwise resume, or report, the old one."""
+    removed = remove_files(folder, RUN_FILES)
+    if removed:
+        print(f"--fresh: removed the earlier run's {', '.join(removed)} from {folder}")
+
+
 class RunCheckpoints:
     """last.pt and best.pt in `out`: each holds the full state of the run (the state_dict of
     every object in `owners`: model, optimizer, scheduler, scaler, early_stopping), every
@@ -223,14 +231,9 @@ class RunCheckpoints:
             dist.barrier()  # nobody reads best.pt / last.pt before rank 0 has written it
 
     def discard(self) -> None:
-        """Delete the RUN_FILES of an earlier run in `out` (--fresh): a new run killed before
-        its first save would otherwise resume, or report, the old one."""
+        """--fresh: discard_run(out) on rank 0."""
         if self.rt.is_main:
-            removed = [name for name in RUN_FILES if (self.out / name).is_file()]
-            for name in removed:
-                (self.out / name).unlink()
-            if removed:
-                print(f"--fresh: removed the earlier run's {', '.join(removed)} from {self.out}")
+            discard_run(self.out)
         if self.rt.world_size > 1:
             dist.barrier()
 

@@ -182,6 +182,8 @@ def find_tiny_imagenet(data_dir: str | Path, download: bool = True, url: str = T
                                 f"{how_to_get_it}") from error
         raise
 
+    for stale in data_dir.glob(".tiny-imagenet-extract-*"):  # a kill mid-extraction skips `finally`
+        shutil.rmtree(stale, ignore_errors=True)
     temporary = Path(tempfile.mkdtemp(prefix=".tiny-imagenet-extract-", dir=data_dir))
     try:
         safe_extract_zip(zip_path, temporary)

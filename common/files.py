@@ -4,13 +4,14 @@ half of one. Every file a run or the report writes goes through `atomic_file`.
     with atomic_file(path) as tmp: ...   # write tmp (a Path next to path); then synced and renamed
     write_json(data, path)               # indented JSON, atomically
     write_text(path, text)
+    remove_files(folder, names)          # a run's old outputs, for --fresh
 """
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -58,3 +59,11 @@ def write_text(path: str | Path, text: str) -> None:
 def write_json(data: Any, path: str | Path) -> None:
     """Indented JSON; values JSON cannot hold (paths, dtypes) are written as their str()."""
     write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def remove_files(folder: str | Path, names: Sequence[str]) -> list[str]:
+    """Delete each of `names` that is a file in `folder`; returns the names deleted."""
+    removed = [name for name in names if (Path(folder) / name).is_file()]
+    for name in removed:
+        (Path(folder) / name).unlink()
+    return removed

@@ -46,6 +46,7 @@ from pathlib import Path
 from common import archive
 from common.architecture import Summaries, architectures
 from common.errors import UserError
+from common.files import atomic_file, write_text
 from common.formats import (fmt_1, fmt_acc, fmt_count, fmt_epochs, fmt_gflops, fmt_points,
                             fmt_setting, table)
 from common.networks import model_name
@@ -85,7 +86,8 @@ class Figures:
         if not src.is_file():
             return [f"*{src.name} not found in `{src.parent}`.*", ""]
         dst = self.path(name)
-        shutil.copyfile(src, dst)
+        with atomic_file(dst) as tmp:
+            shutil.copyfile(src, tmp)
         return self.link(dst, alt)
 
 
@@ -354,7 +356,7 @@ def build_report(runs_dir: str | Path, out: str | Path | None = None) -> Path:
     runs = collect(runs_dir)
     summaries = architectures(runs)  # rebuilds every model: once, for both reports
     figs = Figures(out)
-    out.write_text(render(runs, summaries, figs))
+    write_text(out, render(runs, summaries, figs))
     write_pdf(runs, summaries, out.with_suffix(".pdf"), figs.folder)
     return out
 

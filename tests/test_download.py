@@ -38,6 +38,7 @@ def zip_with(path: Path, members: dict[str, bytes], symlink: str | None = None) 
 def test_download_extracts_verifies_and_cleans_up(tiny_zip: tuple[Path, str], tmp_path: Path) -> None:
     archive, md5 = tiny_zip
     data_dir = tmp_path / "data"
+    (data_dir / ".tiny-imagenet-extract-killed" / "tiny-imagenet-200").mkdir(parents=True)  # a SIGKILL's leftover
     found = find_tiny_imagenet(data_dir, url=archive.as_uri(), md5=md5)
     assert found == data_dir.resolve() / "tiny-imagenet-200"
     assert [p.name for p in data_dir.iterdir()] == ["tiny-imagenet-200"]  # no zip, no temp folder

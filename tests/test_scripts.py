@@ -164,6 +164,28 @@ def test_rerunning_a_finished_command_does_not_retrain(runs):
     assert after["test_acc"] == json.loads(before)["test_acc"]
 
 
+def test_fresh_clears_the_earlier_run_and_the_summaries_that_describe_it(runs, tmp_path):
+    # --fresh killed before its first save (--stop-after-epoch 0): nothing of the earlier run
+    # may be left for a rerun to resume or for the report and archive to show as current.
+    shutil.copytree(runs / "t3", tmp_path / "t3")
+    t3 = tmp_path / "t3"
+    proc = run("t3_cubs.py", "--smoke", "--placement", "serial", "--out", str(t3), "--fresh",
+               "--stop-after-epoch", "0")
+    assert (f"--fresh: removed the earlier run's last.pt, last.prev.pt, best.pt, metrics.jsonl, "
+            f"results.json, curves.png from {t3 / 'serial_plain'}") in proc.stdout
+    assert [p.name for p in (t3 / "serial_plain").iterdir()] == []
+    assert [p.name for p in t3.glob("placements.*")] == []  # redone when the runs finish
+    assert (t3 / "reverse_plain" / "best.pt").is_file()  # runs this command does not train stay
+
+    shutil.copytree(runs / "t4", tmp_path / "t4")
+    t4 = tmp_path / "t4"
+    run("t4_retrieval.py", "--smoke", "--out", str(t4), "--init", "scratch", "--fresh",
+        "--stop-after-epoch", "0")
+    assert [p.name for p in t4.glob("*.*")] == []
+    # Phase B's too, though the run stopped in Phase A: a rerun must not resume them.
+    assert [p.name for p in t4.glob("phase_*/*")] == []
+
+
 # The kill tests train a narrower T2 for 3 epochs: what they check (resume, epoch records)
 # does not depend on the size.
 SMALL_T2 = ("--smoke", "--epochs", "3", "--width", "8")
