@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     from common.placements import compare_runs, write_comparison
     if not rt.is_main:
         return {}
-    comparison = compare_runs(Path(args.out), Path(args.vanilla_results))
+    comparison = compare_runs(Path(args.out), Path(args.vanilla_results), cli.flags(args))
     write_comparison(comparison, Path(args.out))
     return comparison
 

@@ -23,14 +23,38 @@ from common.formats import fmt_acc, fmt_count, fmt_epochs, fmt_points, table
 from common.plots import plot_bars
 
 AT_PAR_POINTS = 2.0  # the assignment: at most 2 points below vanilla ResNet-18
+# The flags (results.json "args") that set what a T2 or T3 run computes; the others steer the
+# process or name the run. Runs that differ in one are different experiments: never compared.
+RECIPE_FLAGS = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "warmup_epochs",
+                "label_smoothing", "patience", "min_delta", "grad_clip", "holdout_per_class",
+                "image_size", "color_jitter", "width", "seed", "smoke")
+CUBS_FLAGS = ("d", "gate_init")  # T3 only: not compared with T2
 TABLE_HEADER = ["placement", "variant", "holdout top-1", "test top-1", "test top-5", "params",
                 "best epoch / epochs run", "selection"]
 
 
-def compare_runs(out: Path, vanilla_path: Path) -> dict:
+def recipe_differences(args: Mapping[str, Any], reference: Mapping[str, Any],
+                       flags: tuple[str, ...] = RECIPE_FLAGS + CUBS_FLAGS) -> list[str]:
+    """The recipe flags in which `args` differ from `reference` (both a results.json's
+    "args"), as "epochs 5 instead of 60"; flags missing from `reference` are not compared."""
+    return [f"{k} {args.get(k)} instead of {reference[k]}" for k in flags
+            if k in reference and args.get(k) != reference[k]]
+
+
+def compare_runs(out: Path, vanilla_path: Path, recipe: Mapping[str, Any] | None = None) -> dict:
     """Compare every finished run under `out` (its <placement>_<variant>/results.json) and,
-    if `vanilla_path` holds a T2 result of the same setup, check the at-par rule."""
-    runs = [json.loads(p.read_text()) for p in out.glob("*_*/results.json")]
+    if `vanilla_path` holds a T2 result of the same setup and recipe, check the at-par rule.
+
+    recipe: the args of the command that compares (t3_cubs.py's); a run trained with other
+    recipe flags is listed under "other_recipe" and neither compared nor selected."""
+    runs, other_recipe = [], []
+    for path in sorted(out.glob("*_*/results.json")):
+        run = json.loads(path.read_text())
+        differences = recipe_differences(run.get("args", {}), recipe or {})
+        if differences:
+            other_recipe.append({"run": path.parent.name, "differences": differences})
+        else:
+            runs.append(run)
     rows = [{k: r[k] for k in ("placement", "variant", "holdout_acc", "test_acc", "test_top5",
                                "params", "best_epoch", "epochs_run", "num_classes", "width",
                                "image_size")} for r in runs]
@@ -39,11 +63,11 @@ def compare_runs(out: Path, vanilla_path: Path) -> dict:
     rows.sort(key=lambda r: (PLACEMENTS.index(r["placement"]), VARIANTS.index(r["variant"])))
     plain = [r for r in rows if r["variant"] == "plain"]
     selected = max(plain, key=lambda r: r["holdout_acc"]) if plain else None
-    best_overall = max(rows, key=lambda r: r["holdout_acc"])
+    best_overall = max(rows, key=lambda r: r["holdout_acc"]) if rows else None
     comparison = {"selected_by": "holdout_acc", "tie_break": " > ".join(PLACEMENTS),
                   "runs": rows, "selected": selected,
                   "best_overall": best_overall, "vanilla": None, "at_par": None,
-                  "plus_vs_plain": []}
+                  "plus_vs_plain": [], "other_recipe": other_recipe}
     by_key = {(r["placement"], r["variant"]): r for r in rows}
     for placement in PLACEMENTS:
         if (placement, "plain") in by_key and (placement, "plus") in by_key:
@@ -54,11 +78,17 @@ def compare_runs(out: Path, vanilla_path: Path) -> dict:
                 "gain_points": 100 * (b["test_acc"] - a["test_acc"])})
 
     vanilla = json.loads(vanilla_path.read_text()) if vanilla_path.is_file() else None
-    same_setup = vanilla and all(vanilla.get(k) == best_overall[k]
-                                 for k in ("num_classes", "width", "image_size"))
-    if vanilla and not same_setup:
+    same_setup = vanilla and selected and all(vanilla.get(k) == selected[k]
+                                              for k in ("num_classes", "width", "image_size"))
+    # The at-par rule compares two networks trained the same way, not two recipes.
+    other_t2_recipe = recipe_differences(vanilla.get("args", {}), recipe or {}, RECIPE_FLAGS) if vanilla else []
+    if vanilla and selected and not same_setup:
         comparison["vanilla_note"] = (f"{vanilla_path} was trained in another setup "
                                       f"(classes/width/image size differ): not compared")
+    elif vanilla and other_t2_recipe:
+        comparison["vanilla_note"] = (f"{vanilla_path} was trained with another recipe than "
+                                      f"these runs ({', '.join(other_t2_recipe)}): not compared")
+        same_setup = False
     elif not vanilla:
         comparison["vanilla_note"] = f"no T2 result at {vanilla_path}: run t2_resnet18.py first"
     if same_setup and selected:
@@ -94,7 +124,7 @@ def comparison_lines(c: Mapping[str, Any]) -> list[str]:
     """The comparison as Markdown lines: the table of runs (and vanilla ResNet-18), the
     selected placement, the at-par check and plus vs plain. `c` is a placements.json."""
     return (table(TABLE_HEADER, table_rows(c)) + selection_lines(c) + at_par_lines(c)
-            + plus_vs_plain_lines(c))
+            + plus_vs_plain_lines(c) + other_recipe_lines(c))
 
 
 def _key(r: Mapping[str, Any]) -> tuple[Any, Any]:
@@ -159,3 +189,12 @@ def plus_vs_plain_lines(c: Mapping[str, Any]) -> list[str]:
         ["placement", "plain test top-1", "plus test top-1", "gain (points)"],
         [[p.get("placement"), fmt_acc(p.get("plain_test_acc")), fmt_acc(p.get("plus_test_acc")),
           fmt_points(p.get("gain_points"))] for p in pairs])
+
+
+def other_recipe_lines(c: Mapping[str, Any]) -> list[str]:
+    """The runs in the folder that were left out: trained with another recipe."""
+    left_out = c.get("other_recipe") or []
+    if not left_out:
+        return []
+    return ["Left out of this comparison, trained with another recipe than the runs above:", ""] + [
+        f"- {r.get('run')}: {', '.join(r.get('differences', []))}" for r in left_out] + [""]

@@ -12,18 +12,61 @@ from common.placements import compare_runs, comparison_lines, write_comparison
 SETUP = {"num_classes": 10, "width": 16, "image_size": 32}
 
 
-def _results(out: Path, placement: str, variant: str, holdout: float, test: float) -> None:
+RECIPE = {"epochs": 60, "lr": 0.2, "seed": 0, "width": 16, "image_size": 32, "smoke": False,
+          "d": 512, "gate_init": 3.0}
+
+
+def _results(out: Path, placement: str, variant: str, holdout: float, test: float, **args) -> None:
     """One finished T3 run's results.json, as t3_cubs.py writes it (the keys compare_runs reads)."""
     folder = out / f"{placement}_{variant}"
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps({
         "placement": placement, "variant": variant, "holdout_acc": holdout, "test_acc": test,
-        "test_top5": 0.9, "params": 1234, "best_epoch": 2, "epochs_run": 3, **SETUP}))
+        "test_top5": 0.9, "params": 1234, "best_epoch": 2, "epochs_run": 3, **SETUP,
+        "args": {**RECIPE, "out": str(out), "placement": placement, "variant": variant, **args}}))
 
 
-def _vanilla(path: Path, test: float, **setup) -> Path:
-    path.write_text(json.dumps({"test_acc": test, "holdout_acc": 0.5, **SETUP, **setup}))
+def _vanilla(path: Path, test: float, args: dict | None = None, **setup) -> Path:
+    t2_args = {k: v for k, v in RECIPE.items() if k not in ("d", "gate_init")}
+    path.write_text(json.dumps({"test_acc": test, "holdout_acc": 0.5, **SETUP, **setup,
+                                "args": {**t2_args, **(args or {})}}))
     return path
+
+
+def test_recipe_flags_are_every_flag_that_changes_what_a_run_computes():
+    # Kept in step with the schema: a new training setting must be compared too.
+    from dataclasses import fields
+    from common.checkpoint import _PROCESS_ONLY
+    from common.schema import DataRecipe, FitConfig
+    training = {f.name for f in fields(FitConfig)} - _PROCESS_ONLY
+    assert set(placements.RECIPE_FLAGS) == training | set(DataRecipe.__annotations__) | {
+        "image_size", "width", "smoke"}
+
+
+def test_runs_of_another_recipe_are_left_out_and_named(tmp_path):
+    # An earlier short trial of reverse (5 epochs) beside today's 60-epoch runs: its better
+    # holdout score must not win the selection, and it must not vanish silently either.
+    _results(tmp_path, "serial", "plain", 0.60, 0.6)
+    _results(tmp_path, "reverse", "plain", 0.90, 0.9, epochs=5, gate_init=0.0)
+    _results(tmp_path, "parallel", "plain", 0.70, 0.7)
+    c = compare_runs(tmp_path, _vanilla(tmp_path / "t2.json", 0.61), RECIPE)
+    assert [r["placement"] for r in c["runs"]] == ["serial", "parallel"]
+    assert c["selected"]["placement"] == "parallel" and c["best_overall"]["placement"] == "parallel"
+    assert c["other_recipe"] == [{"run": "reverse_plain",
+                                  "differences": ["epochs 5 instead of 60", "gate_init 0.0 instead of 3.0"]}]
+    assert c["at_par"]["holds"]  # vanilla has the same recipe
+    text = "\n".join(comparison_lines(c))
+    assert "- reverse_plain: epochs 5 instead of 60, gate_init 0.0 instead of 3.0" in text
+    # Without a recipe (a placements.json of an older version, the report), nothing is left out.
+    assert len(compare_runs(tmp_path, tmp_path / "no_t2.json")["runs"]) == 3
+
+
+def test_a_vanilla_run_of_another_recipe_is_not_compared(tmp_path):
+    _results(tmp_path, "serial", "plain", 0.7, 0.6)
+    c = compare_runs(tmp_path, _vanilla(tmp_path / "t2.json", 0.9, {"lr": 0.1, "seed": 1}), RECIPE)
+    assert c["vanilla"] is None and c["at_par"] is None
+    assert c["vanilla_note"] == (f"{tmp_path / 't2.json'} was trained with another recipe than these runs "
+                                 f"(lr 0.1 instead of 0.2, seed 1 instead of 0): not compared")
 
 
 def test_selection_is_by_holdout_among_plain_runs_and_ties_go_in_spec_order(tmp_path):

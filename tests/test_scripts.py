@@ -45,22 +45,21 @@ def test_t2_smoke_learns_and_writes_everything(runs):
     _check_classifier_run(runs / "t2", "t2", "resnet18")
 
 
-def test_t3_all_placements_selects_by_holdout_and_compares_with_vanilla(runs):
+def test_t3_all_placements_selects_by_holdout_and_checks_vanillas_recipe(runs):
     c = json.loads((runs / "t3" / "placements.json").read_text())
     assert sorted(r["placement"] for r in c["runs"]) == ["parallel", "reverse", "serial"]
     for r in c["runs"]:
         _check_classifier_run(runs / "t3" / f"{r['placement']}_plain", "t3",
                               f"cubs_resnet18_{r['placement']}_plain")
-    assert c["selected_by"] == "holdout_acc"
+    assert c["selected_by"] == "holdout_acc" and c["other_recipe"] == []
     assert c["selected"]["holdout_acc"] == max(r["holdout_acc"] for r in c["runs"])
-    vanilla = json.loads((runs / "t2" / "results.json").read_text())
-    assert c["vanilla"]["test_acc"] == vanilla["test_acc"]
-    gap = 100 * (vanilla["test_acc"] - c["selected"]["test_acc"])
-    assert c["at_par"]["points_below_vanilla"] == pytest.approx(gap)
-    assert c["at_par"]["holds"] == (gap <= 2.0)
+    # The fixture trains T3 for 2 epochs and T2 for the smoke default of 8: two recipes,
+    # so the at-par rule is not applied (common/placements.py; the rule is tested there).
+    assert c["vanilla"] is None and c["at_par"] is None
+    assert "trained with another recipe than these runs (epochs 8 instead of 2)" in c["vanilla_note"]
     table = (runs / "t3" / "placements.md").read_text()
     assert f"Selected by holdout accuracy: **{c['selected']['placement']}**" in table
-    assert ("does NOT hold" in table) != c["at_par"]["holds"]
+    assert "**At-par check: not made**" in table
     assert (runs / "t3" / "placements.png").stat().st_size > 0
 
 
