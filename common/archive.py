@@ -116,9 +116,10 @@ def report_files(report_md: Path) -> list[tuple[str, Path]]:
     return files
 
 
-def model_files(chosen: Chosen) -> tuple[list[tuple[str, Path]], list[str]]:
-    """Each task's best checkpoint with its results.json, as (name in zip, file), and one
-    line per task saying what was taken (or that the task was not run)."""
+def model_files(chosen: Chosen) -> tuple[list[tuple[str, Path, int | None]], list[str]]:
+    """Each task's best checkpoint with its results.json, as (name in zip, file, the best
+    epoch results.json reports for a checkpoint, else None), and one line per task saying
+    what was taken (or that the task was not run)."""
     files, notes = [], []
     for task, run in chosen.runs.items():
         if run is None:
@@ -129,26 +130,35 @@ def model_files(chosen: Chosen) -> tuple[list[tuple[str, Path]], list[str]]:
         if task == "t3" and chosen.placements is not None:
             name = chosen.placements[0]
             placements = run.path.parent / "placements.json"
-            files.append((_in_runs(f"{name}/placements.json"), placements))
+            files.append((_in_runs(f"{name}/placements.json"), placements, None))
             picked += f" (selected in {name}/placements.json)"
+        best_epoch = run.results.get("best_epoch")
         if task == "t4":
             mining = (run.results.get("phase_b") or {}).get("mining")
+            best_epoch = (run.results.get("phase_b") or {}).get("best_epoch")
             best = run.path / f"phase_b_{mining}" / "best.pt"
             picked += f", Phase B ({mining} mining)"
         if not best.is_file():
             raise ArchiveError(f"{task.upper()}'s best model {best} not found: rerun the task "
                                "(it resumes), or remove the run folder")
-        files += [(_in_runs(f"{run.name}/results.json"), run.path / "results.json"),
-                  (_in_runs(f"{run.name}/{best.relative_to(run.path).as_posix()}"), best)]
+        files += [(_in_runs(f"{run.name}/results.json"), run.path / "results.json", None),
+                  (_in_runs(f"{run.name}/{best.relative_to(run.path).as_posix()}"), best, best_epoch)]
         notes.append(f"{task.upper()}: {picked}")
     return files, notes
 
 
-def inference_bytes(checkpoint: Path) -> bytes:
+def inference_bytes(checkpoint: Path, best_epoch: int | None = None) -> bytes:
     """The archive's copy of a training checkpoint: its inference state, serialised as
-    torch.save writes it (so it loads with weights_only=True like any other)."""
+    torch.save writes it (so it loads with weights_only=True like any other). best_epoch:
+    the epoch the run's results.json reports for it; another epoch is refused, as the zip
+    would pair those results with other weights."""
+    state = inference_state(load_checkpoint(checkpoint))
+    if best_epoch is not None and state.get("epoch") != best_epoch:
+        raise ArchiveError(f"{checkpoint} holds epoch {state.get('epoch')}, but results.json beside "
+                           f"it reports the best epoch {best_epoch}: the run was changed after it "
+                           f"finished; rerun the task (it resumes) to make them agree")
     buffer = io.BytesIO()
-    torch.save(inference_state(load_checkpoint(checkpoint)), buffer)
+    torch.save(state, buffer)
     return buffer.getvalue()
 
 
@@ -204,7 +214,7 @@ def build_archive(runs_dir: str | Path, report_md: str | Path, dest: str | Path,
     models, notes = model_files(choose_runs(runs))
     # The hand-in needs the model that gave the reported numbers, not the optimizer state
     # that resuming needs (half or more of a training checkpoint).
-    models = [(n, inference_bytes(p) if p.suffix == ".pt" else p) for n, p in models]
+    models = [(n, inference_bytes(p, epoch) if p.suffix == ".pt" else p) for n, p, epoch in models]
     notes.append("each best.pt in the archive: weights, meta and epoch only (--evaluate reads "
                  "them); the training checkpoints in the runs folder keep what resuming needs")
     top = dest.stem  # one folder inside the zip

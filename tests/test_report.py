@@ -730,7 +730,7 @@ def test_archive_of_the_smoke_runs_holds_code_report_and_best_models(smoke_runs,
 def test_archive_command_writes_report_and_zip_and_refuses_a_missing_model(tmp_path, capsys):
     runs = tmp_path / "runs"
     write(runs / "t2" / "results.json", classifier("t2", "resnet18", 0.456789, 0.51234))
-    torch.save({"model": {"w": torch.arange(3.0)}}, runs / "t2" / "best.pt")
+    torch.save({"model": {"w": torch.arange(3.0)}, "epoch": 2}, runs / "t2" / "best.pt")
     dest = tmp_path / "out" / "Assignment2.zip"
     report.main([str(runs), "--archive", str(dest)])
     out = capsys.readouterr().out
@@ -742,6 +742,14 @@ def test_archive_command_writes_report_and_zip_and_refuses_a_missing_model(tmp_p
     assert {n for n in names if n.startswith("Assignment2/runs/")} == {
         "Assignment2/runs/t2/best.pt", "Assignment2/runs/t2/results.json"}
     before = dest.read_bytes()
+    # A best.pt of another epoch than results.json reports (a run changed after it finished)
+    # would pair those numbers with other weights in the zip: refused.
+    torch.save({"model": {"w": torch.zeros(3)}, "epoch": 5}, runs / "t2" / "best.pt")
+    with pytest.raises(SystemExit) as exit_:
+        report.main([str(runs), "--archive", str(dest)])
+    assert str(exit_.value.code).startswith(f"error: {runs / 't2' / 'best.pt'} holds epoch 5, but "
+                                            f"results.json beside it reports the best epoch 2")
+    assert dest.read_bytes() == before
     (runs / "t2" / "best.pt").unlink()
     (runs / "REPORT.md").unlink()
     with pytest.raises(SystemExit) as exit_:
