@@ -212,6 +212,9 @@ def build_archive(runs_dir: str | Path, report_md: str | Path, dest: str | Path,
     runs = collect(runs_dir)
     check_runs(runs, allow_smoke)
     models, notes = model_files(choose_runs(runs))
+    notes += [f"warning: unfinished run {name} (no results.json) is not in the archive: rerun "
+              f"its command to finish it" for name, _ in runs.unfinished]
+    notes += [f"warning: {problem}" for problem in runs.problems]
     # The hand-in needs the model that gave the reported numbers, not the optimizer state
     # that resuming needs (half or more of a training checkpoint).
     models = [(n, inference_bytes(p, epoch) if p.suffix == ".pt" else p) for n, p, epoch in models]

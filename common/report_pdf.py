@@ -528,7 +528,23 @@ def header(runs: RunsFolder, chosen: Chosen) -> list[Flowable]:
     smoke = [r.name for r in shown if r.smoke]
     if smoke:
         out.append(Paragraph(html.escape(f"SMOKE: {SMOKE_BANNER} ({', '.join(smoke)})."), WARN))
+    left_out = _not_reported(runs)
+    if left_out:
+        out.append(Paragraph(html.escape(f"NOT REPORTED: {left_out}."), WARN))
     return out
+
+
+def _not_reported(runs: RunsFolder) -> str:
+    """Runs in the folder that no table shows: unfinished ones and unreadable files (a task
+    that has only those reads "not run yet" below); "" if there are none."""
+    parts = []
+    if runs.unfinished:
+        names = [name for name, _ in runs.unfinished]
+        parts.append("unfinished (metrics.jsonl, no results.json yet; rerun the command to "
+                     f"finish): {', '.join(names[:6])}" + (f" and {len(names) - 6} more" if len(names) > 6 else ""))
+    if runs.problems:
+        parts.append(f"{len(runs.problems)} file(s) that could not be read (REPORT.md names them)")
+    return "; ".join(parts)
 
 
 def story(runs: RunsFolder, summaries: Summaries, figures: Path, scale: float) -> list[Flowable]:

@@ -633,7 +633,15 @@ def test_pdf_marks_missing_tasks_not_run(tmp_path):
         assert f"{title}: not run yet" in text  # the networks
     assert "T4: not run yet" in text and "5 T4: Cars196 retrieval on unseen classes, mining " \
         "comparison not run yet" in text
-    assert "SMOKE" not in text
+    assert "SMOKE" not in text and "NOT REPORTED" not in text
+    # A killed T1 run and an unreadable T3 results.json: said at the top, not only "not run yet".
+    write(tmp_path / "t1" / "metrics.jsonl", history(2))
+    (tmp_path / "t3" / "serial_plain").mkdir(parents=True)
+    (tmp_path / "t3" / "serial_plain" / "results.json").write_text("{ cut sho")
+    pages, text = pdf_text(report.build_report(tmp_path).with_suffix(".pdf"))
+    assert pages <= 2 and " ".join(text.split()).count("NOT REPORTED: unfinished (metrics.jsonl, no results.json "
+                                                       "yet; rerun the command to finish): t1; 1 file(s) that "
+                                                       "could not be read (REPORT.md names them).") == 1
 
 
 def crowd(root: Path) -> dict:
@@ -731,9 +739,12 @@ def test_archive_command_writes_report_and_zip_and_refuses_a_missing_model(tmp_p
     runs = tmp_path / "runs"
     write(runs / "t2" / "results.json", classifier("t2", "resnet18", 0.456789, 0.51234))
     torch.save({"model": {"w": torch.arange(3.0)}, "epoch": 2}, runs / "t2" / "best.pt")
+    write(runs / "t1" / "metrics.jsonl", history(2))  # killed before it finished
     dest = tmp_path / "out" / "Assignment2.zip"
     report.main([str(runs), "--archive", str(dest)])
     out = capsys.readouterr().out
+    assert ("warning: unfinished run t1 (no results.json) is not in the archive: rerun its "
+            "command to finish it") in out
     for task in ("T1", "T3", "T4"):
         assert f"warning: {task} not run: no model of it in the archive" in out
     with zipfile.ZipFile(dest) as zf:
