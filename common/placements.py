@@ -174,10 +174,18 @@ def at_par_lines(c: Mapping[str, Any]) -> list[str]:
         return [f"**At-par check: not made** ({note}).", ""]
     verdict = "holds" if at_par.get("holds") else "does NOT hold"
     gap = float(at_par.get("points_below_vanilla", 0.0))
-    return [f"**At-par check: {verdict}.** Rule: {at_par.get('rule')}. The selected design is "
-            f"{abs(gap):.2f} points {'below' if gap >= 0 else 'above'} vanilla ResNet-18 "
-            f"(vanilla test top-1 {fmt_acc(vanilla.get('test_acc'))} from "
-            f"`{vanilla.get('source', '?')}`).", ""]
+    lines = [f"**At-par check: {verdict}.** Rule: {at_par.get('rule')}. The selected design is "
+             f"{abs(gap):.2f} points {'below' if gap >= 0 else 'above'} vanilla ResNet-18 "
+             f"(vanilla test top-1 {fmt_acc(vanilla.get('test_acc'))} from "
+             f"`{vanilla.get('source', '?')}`).", ""]
+    # T2 rerun after T3 finished: this verdict is of the earlier T2 result.
+    source = Path(vanilla.get("source", ""))
+    now = json.loads(source.read_text()).get("test_acc") if source.is_file() else None
+    if now is not None and now != vanilla.get("test_acc"):
+        lines += [f"**This check is out of date:** `{source}` now reports vanilla test top-1 "
+                  f"{fmt_acc(now)}. Rerun the t3_cubs.py command (finished runs are not "
+                  f"retrained) to redo it.", ""]
+    return lines
 
 
 def plus_vs_plain_lines(c: Mapping[str, Any]) -> list[str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from common import placements
-from common.placements import compare_runs, comparison_lines, write_comparison
+from common.placements import at_par_lines, compare_runs, comparison_lines, write_comparison
 
 SETUP = {"num_classes": 10, "width": 16, "image_size": 32}
 
@@ -59,6 +59,15 @@ def test_runs_of_another_recipe_are_left_out_and_named(tmp_path):
     assert "- reverse_plain: epochs 5 instead of 60, gate_init 0.0 instead of 3.0" in text
     # Without a recipe (a placements.json of an older version, the report), nothing is left out.
     assert len(compare_runs(tmp_path, tmp_path / "no_t2.json")["runs"]) == 3
+
+
+def test_an_at_par_check_against_a_t2_result_that_changed_since_says_so(tmp_path):
+    _results(tmp_path, "serial", "plain", 0.7, 0.6)
+    c = compare_runs(tmp_path, _vanilla(tmp_path / "t2.json", 0.61), RECIPE)
+    assert not any("out of date" in line for line in at_par_lines(c))
+    _vanilla(tmp_path / "t2.json", 0.65)  # T2 rerun after T3 finished
+    assert (f"**This check is out of date:** `{tmp_path / 't2.json'}` now reports vanilla test top-1 "
+            f"0.6500. Rerun the t3_cubs.py command (finished runs are not retrained) to redo it.") in at_par_lines(c)
 
 
 def test_a_vanilla_run_of_another_recipe_is_not_compared(tmp_path):
