@@ -24,7 +24,7 @@ RECIPE = dict(
     batch_size=256,  # per process (per GPU); scale lr with it
     lr=0.2,  # peak learning rate, reached after the warmup
     optimizer="sgd",  # SGD, Nesterov momentum 0.9
-    weight_decay=5e-4,  # conv / linear weights only: no decay on biases, BatchNorm, SE gates
+    weight_decay=5e-4,  # conv / linear weights only: no decay on biases and BatchNorm
     warmup_epochs=2,  # ramps the LR up while the BatchNorm statistics are still settling
     label_smoothing=0.1,  # 200 classes, several nearly alike: overconfidence is not rewarded
     patience=15,  # early stopping after 15 epochs without a better holdout accuracy
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # -- the step, as T2's: the network on the device (channels_last, torch.compile and
     # DDP where they apply); label-smoothed cross-entropy (fp32 logits); SGD Nesterov or
-    # AdamW, no weight decay on biases, BatchNorm and SE gates; LR per step, linear warmup
+    # AdamW, no weight decay on biases and BatchNorm; LR per step, linear warmup
     # then cosine to 0; a loss scaler for fp16 autocast only.
     cfg = cli.fit_config(args, cuda=rt.cuda)
     net = engine.for_training(model, rt, cfg.compile, cfg.compile_mode)

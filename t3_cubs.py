@@ -35,7 +35,7 @@ RECIPE = dict(
     batch_size=256,  # per process (per GPU); the LR below goes with it: scale the two together
     lr=0.2,  # peak LR after warmup
     optimizer="sgd",  # SGD with Nesterov momentum 0.9
-    weight_decay=5e-4,  # on conv / linear weights only, not on biases, BatchNorm and gates
+    weight_decay=5e-4,  # on conv / linear weights only, not on biases, BatchNorm, plus's gamma
     warmup_epochs=2,  # linear warmup: the first large-LR steps come while BN statistics settle
     label_smoothing=0.1,  # 200 classes with look-alikes (dog breeds): no reward for overconfidence
     patience=15,  # early stopping: epochs without a better holdout accuracy
@@ -140,7 +140,7 @@ def train_and_test(args, rt: runtime.Runtime, loaders: task_data.Loaders, num_cl
         print(f"== placement {placement}, variant {variant}")
 
     # -- the step, T2's: label-smoothed cross-entropy; SGD Nesterov (or AdamW) with weight
-    # decay on conv / linear weights only (not biases, BatchNorm, gates); LR per step,
+    # decay on conv / linear weights only (not biases, BatchNorm, plus's gamma); LR per step,
     # linear warmup then cosine to 0; loss scaling under fp16 only. The redo check: with
     # CUDA graphs a step whose logits left the Taylor range is redone in eager mode.
     cfg = cli.fit_config(args, cuda=rt.cuda)

@@ -31,7 +31,7 @@ from common.cubs import PLACEMENTS, VARIANTS, cubs_resnet18
 from common.diagnostics import diagnostics
 from common.errors import ConfigError
 from common.files import remove_files, write_json
-from common.init_weights import INIT_CHOICES, load_initial_weights, t3_selection
+from common.init_weights import INIT_CHOICES, load_initial_weights, t3_block1_size, t3_selection
 from common.loss import MINING_CHOICES, multi_similarity_loss
 from common.models import EmbeddingNet, count_parameters
 from common.recall import recall_at_k
@@ -128,11 +128,13 @@ def main(argv: list[str] | None = None) -> dict:
     # -- model: CUBS-ResNet-18 (T3's network) with the ImageNet stem (7x7 stride 2 + max-pool)
     # for 224 px, initialised as --init says
     num_classes = len(data.splits.train.classes)
+    d = t3_block1_size(args.init, t3_best, args.width) or 512  # T3's, so that its Block 1s load
     model = cubs_resnet18(num_classes, stem="imagenet", placement=placement, variant=variant,
-                          width=args.width)
+                          width=args.width, d=d)
+    # d only when not the default: checkpoints written before T4 followed T3's d still resume.
     meta = dict(task="t4", model=f"cubs_resnet18_{placement}_{variant}", placement=placement,
                 variant=variant, num_classes=num_classes, width=args.width,
-                image_size=args.image_size)
+                image_size=args.image_size, **({"d": d} if d != 512 else {}))
     if args.evaluate:  # --evaluate PATH: Recall@K of a saved Phase A or Phase B checkpoint
         return evaluate_saved(model, meta, args, data.test_all, rt)
     if args.fresh and rt.is_main:  # every phase now: a rerun after a kill must not resume an old one

@@ -51,8 +51,9 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # ---------------------------------------------------------------- what the script builds
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """The optimiser's two groups: weight decay on weights (conv, linear: ndim > 1), none on
-    biases, norms and gates (1-d tensors), which decay would only pull towards 0."""
+    """The optimiser's two groups: weight decay on weights (conv, linear: ndim > 1, the gates'
+    projections included), none on biases, norms and the plus blocks' gate scale gamma (0-d
+    and 1-d tensors), which decay would only pull towards 0."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     return [{"params": decay, "weight_decay": weight_decay},

@@ -75,3 +75,18 @@ def t3_selection(t3_results: str | Path, placement: str | None = None,
     if best is not None and (placement, variant) != (chosen["placement"], chosen["variant"]):
         best = path.parent / f"{placement}_{variant}" / "best.pt"
     return placement, variant, best if best is not None and best.is_file() else None
+
+
+def t3_block1_size(init: str, t3_best: Path | None, width: int) -> int | None:
+    """Block 1's d of the T3 run T4 starts from (--init t3, or auto with a T3 best.pt), read
+    from the results.json beside its best.pt, so that every Block 1 tensor loads; None when
+    T4 does not start from T3 (the network's default d). A T3 run of another width would
+    load nothing but its norms' shapes: refused."""
+    results = t3_best.parent / "results.json" if t3_best is not None else None
+    if init not in ("auto", "t3") or results is None or not results.is_file():
+        return None
+    run = json.loads(results.read_text())
+    if run.get("width", width) != width:
+        raise ConfigError(f"--init {init} starts from the T3 run in {t3_best.parent}, of width "
+                          f"{run['width']}; pass --width {run['width']}, or --init scratch")
+    return run.get("d")

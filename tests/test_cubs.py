@@ -99,13 +99,18 @@ def test_similarity_attention_matches_float64_naive_in_values_and_every_gradient
     assert max(errors[1:]) < 1e-4, errors
 
 
-def test_taylor_path_is_at_least_as_accurate_as_the_fused_kernel():
+# Relative errors (a, dq, dk, dv) against float64 of PyTorch's fused CPU kernel on the inputs
+# below (AMD EPYC VM, 2026-12-05): 9.6e-8, 1.4e-5, 1.1e-6, 1.5e-6; the Taylor path's: 2.5e-8,
+# 8.8e-7, 2.2e-7, 1.0e-6. Fixed bounds at the fused kernel's level, not its error on the CPU
+# at hand: its vectorised exp differs by instruction set.
+FUSED_LEVEL = (1e-7, 5e-6, 5e-6, 5e-6)
+
+
+def test_taylor_path_is_as_accurate_as_the_fused_kernel():
     generator = torch.Generator().manual_seed(5)
     q, k, v, upstream = _plain_inputs(4, 4096, 4.0, 0.4, generator)
     taylor = _relative_errors(cubs.taylor_similarity_attention, q, k, v, upstream)
-    fused = _relative_errors(cubs._fused_similarity_attention, q, k, v, upstream)
-    for t, f in zip(taylor, fused):
-        assert t <= 2 * f, (taylor, fused)
+    assert all(t < bound for t, bound in zip(taylor, FUSED_LEVEL)), taylor
 
 
 def test_similarity_attention_in_float64_is_exact_to_float64_rounding():
@@ -673,7 +678,7 @@ def test_state_dicts_of_different_placements_or_variants_do_not_load_strictly():
     configurations = list(itertools.product(PLACEMENTS, VARIANTS))
     models = {c: CUBSAttention(8, *c, d=64) for c in configurations}
     for source, target in itertools.permutations(configurations, 2):
-        with pytest.raises(RuntimeError):
+        with pytest.raises(RuntimeError, match="Error\\(s\\) in loading state_dict"):
             models[target].load_state_dict(models[source].state_dict(), strict=True)
     for c in configurations:  # each loads into a fresh model of its own kind
         CUBSAttention(8, *c, d=64).load_state_dict(models[c].state_dict(), strict=True)

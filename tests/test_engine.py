@@ -4,6 +4,7 @@ import json
 import math
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,35 @@ def test_warmup_cosine_values_at_known_steps():
     assert f(55, 100, 10) == pytest.approx(0.5)          # halfway through the decay
     assert f(100, 100, 10) == pytest.approx(0.0, abs=1e-12)
     assert f(77, 100, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 67 / 90)))
+
+
+def test_weight_decay_goes_to_every_weight_matrix_and_kernel_and_nothing_else():
+    from common.cubs import cubs_resnet18
+    model = cubs_resnet18(10, variant="plus", width=8, d=64)
+    decay, no_decay = engine.param_groups(model, 5e-4)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (5e-4, 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters()
+                                                      if n.endswith("weight") and p.ndim > 1}
+    undecayed = {names[id(p)] for p in no_decay["params"]}
+    assert undecayed == {n for n, _ in model.named_parameters()} - {names[id(p)] for p in decay["params"]}
+    assert {n.rsplit(".", 1)[-1] for n in undecayed} == {"bias", "weight", "gamma"}  # BN weights: 1-d
+    assert all(model.get_parameter(n).ndim <= 1 for n in undecayed)
+
+
+def test_early_stopping_inside_fit_stops_reports_and_keeps_the_best_epoch(tiny_splits, tmp_path):
+    torch.manual_seed(0)
+    rt = runtime.Runtime(torch.device("cpu"), amp_dtype=None)
+    train = ImageLoader(tiny_splits.train.files, tiny_splits.train.labels, LoaderSettings(
+        batch_size=8, train=True, image_size=16, backend="torch", workers=0, seed=5))
+    scores = iter([0.5, 0.7, 0.6, 0.7, 0.9])  # best at epoch 2; epochs 3 and 4 do not beat it
+    config = engine.FitConfig(epochs=5, lr=0.05, warmup_epochs=1, patience=2)
+    result = fit(_SmallNet(), train, lambda m: {"holdout_acc": next(scores)}, config, tmp_path, rt,
+                 {"task": "test", "model": "small"})
+    assert (result["epochs_run"], result["best_epoch"], result["best_score"]) == (4, 2, 0.7)
+    assert result["stopped_early"] and result["finished"]
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 2
+    assert load_checkpoint(tmp_path / "last.pt")["finished"]
 
 
 def test_early_stopping_fires_after_patience_epochs_without_improvement():
@@ -332,6 +362,9 @@ def test_metrics_record_the_first_step_and_the_loader_builds_it_waited_for(tiny_
     assert on_disk[0]["first_step_s"] == first["first_step_s"]
 
 
+STALL_S = 0.25
+
+
 def test_metrics_count_the_graphs_compiled_in_each_epoch_and_its_slowest_step(tiny_splits, tmp_path,
                                                                                monkeypatch):
     # A one-time stall inside an epoch must be visible in metrics.jsonl: here the evaluation
@@ -345,15 +378,22 @@ def test_metrics_count_the_graphs_compiled_in_each_epoch_and_its_slowest_step(ti
     train = ImageLoader(tiny_splits.train.files, tiny_splits.train.labels, LoaderSettings(
         batch_size=8, train=True, image_size=16, backend="torch", workers=0, seed=5))
     evaluations: list[int] = []
+    stall = []  # the first step after the second evaluation also sleeps STALL_S: a known stall
 
     def evaluate_then_drop_the_compiled_code(m):
         evaluations.append(len(evaluations) + 1)
         if len(evaluations) == 2:
             torch._dynamo.reset()
+            stall.append(True)
         return {"holdout_acc": 0.0}
+
+    def loss_with_a_stall(logits, y):
+        if stall:
+            time.sleep(stall.pop() * STALL_S)
+        return torch.nn.functional.cross_entropy(logits, y)
     config = engine.FitConfig(epochs=3, lr=0.05, warmup_epochs=1, patience=100, compile=True)
     history = fit(_SmallNet(), train, evaluate_then_drop_the_compiled_code, config, tmp_path, rt,
-                  {"task": "test", "model": "small"})["history"]
+                  {"task": "test", "model": "small"}, loss_fn=loss_with_a_stall)["history"]
     assert evaluations == [1, 2, 3]
     assert [h["compiled_graphs"] for h in history] == [1, 0, 1]
     # Not bounded below by epoch_time_s / steps: the epoch's time also counts what comes
@@ -361,4 +401,5 @@ def test_metrics_count_the_graphs_compiled_in_each_epoch_and_its_slowest_step(ti
     # can exceed the slowest step (it did, by 0.6 %, on a 2-core CI machine).
     for h in history:
         assert 0 < h["slowest_step_s"] <= h["epoch_time_s"]
-    assert history[2]["slowest_step_s"] > 3 * history[1]["slowest_step_s"]
+    # A lower bound only: a slower machine makes it truer (no bound on the other epochs).
+    assert history[2]["slowest_step_s"] >= STALL_S

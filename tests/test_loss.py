@@ -279,5 +279,5 @@ def test_bad_mining_name_lists_choices():
 ])
 def test_shape_mismatch_raises(emb_shape, labels_shape):
     labels = torch.zeros(labels_shape, dtype=torch.long)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"(labels must be \(B,\) with B = \d+|embeddings must be \(B, D\)), got shape"):
         multi_similarity_loss(torch.randn(emb_shape), labels)

@@ -141,25 +141,28 @@ def test_returns_python_floats_for_the_requested_ks_only():
 
 # --- validation -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("ks", [(0,), (-1,), (5,), (6,), (1.0,), (True,), ()])
-def test_bad_ks_raise(ks):
+@pytest.mark.parametrize("ks, message", [
+    *(((k,), rf"k must satisfy 0 < k < N = 5 \(self is excluded\), got {k}") for k in (0, -1, 5, 6)),
+    ((1.0,), "k must be an int, got 1.0"), ((True,), "k must be an int, got True"),
+    ((), "ks must not be empty")])
+def test_bad_ks_raise(ks, message):
     emb = torch.randn(5, 3)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=message):
         recall_at_k(emb, torch.arange(5), ks=ks)
 
 
-@pytest.mark.parametrize("emb,labels", [
-    (torch.randn(5, 3), torch.arange(4)),
-    (torch.randn(5, 3), torch.zeros(5, 1, dtype=torch.long)),
-    (torch.randn(5), torch.arange(5)),
-    (torch.ones(5, 3, dtype=torch.long), torch.arange(5)),
+@pytest.mark.parametrize("emb,labels,message", [
+    (torch.randn(5, 3), torch.arange(4), r"labels must be \(N,\) with N = 5, got shape \(4,\)"),
+    (torch.randn(5, 3), torch.zeros(5, 1, dtype=torch.long), r"labels must be \(N,\) with N = 5, got shape \(5, 1\)"),
+    (torch.randn(5), torch.arange(5), r"embeddings must be \(N, D\), got shape \(5,\)"),
+    (torch.ones(5, 3, dtype=torch.long), torch.arange(5), "embeddings must be floating point, got torch.int64"),
 ])
-def test_bad_shapes_raise(emb, labels):
-    with pytest.raises(ValueError):
+def test_bad_shapes_raise(emb, labels, message):
+    with pytest.raises(ValueError, match=message):
         recall_at_k(emb, labels, ks=(1,))
 
 
 @pytest.mark.parametrize("chunk", [0, -3, 2.5])
 def test_bad_chunk_size_raises(chunk):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f"chunk_size must be a positive int, got {chunk}"):
         nearest_neighbours(torch.randn(5, 3), 2, chunk_size=chunk)

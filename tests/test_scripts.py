@@ -18,16 +18,19 @@ import torch
 from tests.conftest import ROOT
 from tests.conftest import run_script as run
 
-CHANCE_TOP1 = 0.10
-
 
 def _check_classifier_run(out: Path, task: str, model: str) -> dict:
     r = json.loads((out / "results.json").read_text())
     assert r["task"] == task and r["model"] == model and r["finished"]
     assert r["test_images"] == 100 and r["params"] > 0 and r["device"] == "cpu"
-    assert r["test_acc"] >= 3 * CHANCE_TOP1, f"no learning: test acc {r['test_acc']}"
-    assert r["holdout_acc"] >= 3 * CHANCE_TOP1
+    # Bars from chance, not from one machine's run: T1 on one thread reached 0.35 / 0.32 on
+    # the AMD VM and 0.58 on two threads (the sums run in another order). A network at chance
+    # (0.1) scores >= 0.22 of 100 test images with probability 3e-4, >= 12 of 50 holdout
+    # images with 3e-3.
+    assert r["test_acc"] >= 0.22, f"no learning: test acc {r['test_acc']}"
+    assert r["holdout_acc"] >= 0.24
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert [h["epoch"] for h in history] == list(range(1, r["epochs_run"] + 1))
     assert 1 <= r["best_epoch"] <= r["epochs_run"] <= r["args"]["epochs"]
     best = max(history, key=lambda h: h["holdout_acc"])
@@ -129,6 +132,11 @@ def test_t4_smoke_phase_a_beats_the_network_it_started_from(runs):
     r = json.loads((runs / "t4" / "results.json").read_text())
     t3 = json.loads((runs / "t3" / "placements.json").read_text())["best_overall"]
     assert (r["placement"], r["variant"]) == (t3["placement"], t3["variant"])
+    # --init auto starts from that T3 run: every tensor but the 3x3 stem and the classifier
+    assert r["init"] == "t3" and r["init_source"].endswith(f"{t3['placement']}_{t3['variant']}/best.pt")
+    assert [s.split(":")[0] for s in r["init_skipped"]] == ["conv1.weight", "fc.weight", "fc.bias"]
+    t3_state = torch.load(runs / "t3" / f"{t3['placement']}_{t3['variant']}" / "best.pt", weights_only=True)["model"]
+    assert r["init_loaded"] == len(t3_state) - 3
     assert r["test_classes"] == 8 and r["train_classes"] == 8
     assert r["recall_at_1_chance"] == pytest.approx(23 / 191)  # 8 x 24 images: 23 of 191 others match
     start, a = r["init_test_recall"]["1"], r["phase_a"]["test_recall"]["1"]
@@ -137,6 +145,25 @@ def test_t4_smoke_phase_a_beats_the_network_it_started_from(runs):
     assert r["phase_b"] == next(m for m in r["mining_comparison"] if m["mining"] == "ms")
     assert (runs / "t4" / "retrieval.png").stat().st_size > 0
     assert (runs / "t4" / "phase_b_ms" / "curves.png").stat().st_size > 0
+
+
+def test_t4_builds_t3s_block1_size_so_that_every_t3_tensor_loads(tmp_path):
+    # T4 has no --d: a T3 run trained with --d 64 must not lose its 16 Block 1s to shape
+    # mismatches (they were skipped, and only listed).
+    from common.checkpoint import save_checkpoint
+    from common.cubs import cubs_resnet18
+    from common.errors import ConfigError
+    from common.init_weights import load_initial_weights, t3_block1_size
+    best = tmp_path / "serial_plain" / "best.pt"
+    save_checkpoint({"model": cubs_resnet18(10, width=8, d=64).state_dict()}, best)
+    (best.parent / "results.json").write_text(json.dumps({"d": 64, "width": 8}))
+    d = t3_block1_size("auto", best, width=8)
+    assert d == 64 and t3_block1_size("scratch", best, width=8) is None
+    t4 = cubs_resnet18(8, stem="imagenet", width=8, d=d)
+    init = load_initial_weights(t4, "auto", t3_best=best, t3_results="unused", verbose=False)
+    assert [s.split(":")[0] for s in init["init_skipped"]] == ["conv1.weight", "fc.weight", "fc.bias"]
+    with pytest.raises(ConfigError, match=f"T3 run in {best.parent}, of width 8; pass --width 8, or --init scratch"):
+        t3_block1_size("t3", best, width=64)
 
 
 # Every mining's Phase B keeps what Phase A learned: R@1 at least the untrained network's
@@ -205,11 +232,15 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
 
 def test_sigkill_mid_run_then_rerun_completes(tmp_path):
     proc = _start(tmp_path)
-    _wait_for(tmp_path / "last.pt", proc)
-    time.sleep(0.5)  # into the next epoch
+    _wait_for(tmp_path / "last.pt", proc)  # epoch 1 saved; two more to go (over a second)
     proc.kill()
-    proc.wait()
-    run("t2_resnet18.py", *SMALL_T2, "--out", str(tmp_path))
+    assert proc.wait() == -signal.SIGKILL  # killed mid-run, not finished before the kill
+    # (a kill between last.pt's two renames leaves last.prev.pt alone: either may be there)
+    saved = [torch.load(tmp_path / name, weights_only=True) for name in ("last.pt", "last.prev.pt")
+             if (tmp_path / name).exists()]
+    assert saved and not any(ck["finished"] for ck in saved)
+    rerun = run("t2_resnet18.py", *SMALL_T2, "--out", str(tmp_path))
+    assert "resuming from" in rerun.stdout
     history = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert json.loads((tmp_path / "results.json").read_text())["epochs_run"] == 3
