@@ -535,15 +535,18 @@ def header(runs: RunsFolder, chosen: Chosen) -> list[Flowable]:
 
 
 def _not_reported(runs: RunsFolder) -> str:
-    """Runs in the folder that no table shows: unfinished ones and unreadable files (a task
-    that has only those reads "not run yet" below); "" if there are none."""
+    """Runs in the folder that no table shows: unfinished ones, and the problems collect()
+    met (unreadable files, a placements.json whose selected run is gone); a task that has
+    only those reads "not run yet" below. "" if there are none."""
     parts = []
     if runs.unfinished:
         names = [name for name, _ in runs.unfinished]
         parts.append("unfinished (metrics.jsonl, no results.json yet; rerun the command to "
                      f"finish): {', '.join(names[:6])}" + (f" and {len(names) - 6} more" if len(names) > 6 else ""))
     if runs.problems:
-        parts.append(f"{len(runs.problems)} file(s) that could not be read (REPORT.md names them)")
+        n = len(runs.problems)
+        parts.append(f"{n} problem{'s' if n > 1 else ''} reading the runs folder (REPORT.md lists "
+                     f"{'them' if n > 1 else 'it'})")
     return "; ".join(parts)
 
 

@@ -141,9 +141,25 @@ def collect(root: str | Path) -> RunsFolder:
         if "metrics.jsonl" in files and "results.json" not in files and folder.parent not in t4_dirs:
             found.unfinished.append((rel_name(folder, root),
                                      read_jsonl(folder / "metrics.jsonl", found.problems)))
+    for name, data in found.placements:  # written after its runs: the one it selects must be there
+        selected = selected_folder(name, data)
+        if selected is not None and found.run_at(selected) is None:
+            found.problems.append(f"{root / name / 'placements.json'} selects {selected}, which has "
+                                  f"no readable results.json: rerun t3_cubs.py (finished runs "
+                                  f"are not retrained) to redo the comparison")
     found.classifiers.sort(key=lambda r: (r.task, r.name))
     found.retrievals.sort(key=lambda r: r.name)
     return found
+
+
+def selected_folder(name: str, placements: dict) -> str | None:
+    """The run a placements.json in folder `name` selects ("selected", else "best_overall"),
+    as a run name of the runs folder; None if it selects none."""
+    pick = placements.get("selected") or placements.get("best_overall")
+    if not pick:
+        return None
+    folder = f"{pick.get('placement')}_{pick.get('variant')}"
+    return folder if name == "." else f"{name}/{folder}"
 
 
 # ---------------------------------------------------------------- choosing one run per task
@@ -175,10 +191,8 @@ def choose_runs(runs: RunsFolder) -> Chosen:
         any(r.smoke for r in runs.placement_runs(p[0])), p[0], "t3"))
     chosen["t3"] = None
     if placements is not None:
-        name, data = placements
-        pick = data.get("selected") or data.get("best_overall") or {}
-        folder = f"{pick.get('placement')}_{pick.get('variant')}"
-        chosen["t3"] = runs.run_at(folder if name == "." else f"{name}/{folder}")
+        selected = selected_folder(*placements)
+        chosen["t3"] = runs.run_at(selected) if selected is not None else None
     elif runs.of_task("t3"):  # t3_cubs.py writes placements.json after its last run
         chosen["t3"] = min(runs.of_task("t3"), key=lambda r: _preference(r.smoke, r.name, "t3"))
     return Chosen({t: chosen[t] for t in TASKS}, placements)

@@ -512,6 +512,7 @@ def test_pdf_of_the_four_smoke_runs_fits_two_pages_and_quotes_the_json(smoke_run
     assert "serial y = B2(B1(x)), reverse y = B1(B2(x)), parallel y = B1(x) + B2(x)" in text
     assert f"SMOKE: {runs_folder.SMOKE_BANNER}" in text
     assert "not run yet" not in text and "could not be read" not in text  # every task ran
+    assert "NOT REPORTED" not in text
     assert sum(len(p.images) for p in PdfReader(pdf).pages) == 3  # 2 curve figures + retrieval
 
 
@@ -640,8 +641,22 @@ def test_pdf_marks_missing_tasks_not_run(tmp_path):
     (tmp_path / "t3" / "serial_plain" / "results.json").write_text("{ cut sho")
     pages, text = pdf_text(report.build_report(tmp_path).with_suffix(".pdf"))
     assert pages <= 2 and " ".join(text.split()).count("NOT REPORTED: unfinished (metrics.jsonl, no results.json "
-                                                       "yet; rerun the command to finish): t1; 1 file(s) that "
-                                                       "could not be read (REPORT.md names them).") == 1
+                                                       "yet; rerun the command to finish): t1; 1 problem "
+                                                       "reading the runs folder (REPORT.md lists it).") == 1
+
+
+def test_a_placements_json_whose_selected_run_is_gone_is_a_named_problem(tmp_path):
+    data = make_runs(tmp_path)
+    selected = data["placements"]["selected"]
+    folder = f"t3/{selected['placement']}_{selected['variant']}"
+    (tmp_path / folder / "results.json").unlink()  # deleted by hand after T3 finished
+    runs = runs_folder.collect(tmp_path)
+    assert runs_folder.choose_runs(runs).runs["t3"] is None
+    assert runs.problems == [f"{tmp_path / 't3' / 'placements.json'} selects {folder}, which has no "
+                             f"readable results.json: rerun t3_cubs.py (finished runs are not "
+                             f"retrained) to redo the comparison"]
+    _, text = pdf_text(report.build_report(tmp_path).with_suffix(".pdf"))
+    assert "1 problem reading the runs folder (REPORT.md lists it)" in " ".join(text.split())
 
 
 def crowd(root: Path) -> dict:
@@ -681,6 +696,7 @@ def test_pdf_fits_two_pages_with_every_table_full(tmp_path, monkeypatch):
     check_pdf_retrieval(text, "t4", data["t4"])
     assert "REPORT.md also lists smoke/t2." in text
     assert "not run" not in text and "could not be read" not in text  # plus vs plain too
+    assert "NOT REPORTED" not in text
 
 
 # ---------------------------------------------------------------- the submission archive
