@@ -83,13 +83,6 @@ def main(argv: list[str] | None = None) -> dict:
     rt = runtime.setup_runtime(args.device, args.seed)
     placements = PLACEMENTS if args.placement == "all" else [args.placement]
     variants = VARIANTS if args.variant == "both" else [args.variant]
-    if args.fresh and not args.evaluate and rt.is_main:
-        # Every run of this command now, not each as it starts: a rerun after a kill must
-        # not resume a later placement's old run. The comparison is redone at the end.
-        for placement in placements:
-            for variant in variants:
-                discard_run(Path(args.out) / f"{placement}_{variant}")
-        remove_files(args.out, ("placements.json", "placements.md", "placements.png"))
 
     # -- data, shared by every run: as T2 (Tiny ImageNet minus a stratified holdout; test =
     # the labelled val split; random-resized crop + flip for training)
@@ -98,6 +91,14 @@ def main(argv: list[str] | None = None) -> dict:
         check=args.check_images, download=not args.no_download, smoke=args.smoke,
         smoke_image_size=args.image_size)
     loaders = task_data.classifier_loaders(splits, cli.loader_settings(args), rt)
+    if args.fresh and not args.evaluate and rt.is_main:
+        # Every run of this command now (the data is there), not each as it starts: a rerun
+        # after a kill must not resume a later placement's old run. The comparison is
+        # redone at the end.
+        for placement in placements:
+            for variant in variants:
+                discard_run(Path(args.out) / f"{placement}_{variant}")
+        remove_files(args.out, ("placements.json", "placements.md", "placements.png"))
 
     # -- one training run per (placement, variant), same seed and recipe
     for placement in placements:

@@ -128,7 +128,10 @@ def main(argv: list[str] | None = None) -> dict:
     # -- model: CUBS-ResNet-18 (T3's network) with the ImageNet stem (7x7 stride 2 + max-pool)
     # for 224 px, initialised as --init says
     num_classes = len(data.splits.train.classes)
-    d = t3_block1_size(args.init, t3_best, args.width) or 512  # T3's, so that its Block 1s load
+    if args.evaluate:  # the network the checkpoint was trained as, whatever T3 holds now
+        d = evaluate.load(args.evaluate)[1]["meta"].get("d", 512)
+    else:
+        d = t3_block1_size(args.init, t3_best, args.width) or 512  # T3's, so that its Block 1s load
     model = cubs_resnet18(num_classes, stem="imagenet", placement=placement, variant=variant,
                           width=args.width, d=d)
     # d only when not the default: checkpoints written before T4 followed T3's d still resume.
@@ -137,12 +140,12 @@ def main(argv: list[str] | None = None) -> dict:
                 image_size=args.image_size, **({"d": d} if d != 512 else {}))
     if args.evaluate:  # --evaluate PATH: Recall@K of a saved Phase A or Phase B checkpoint
         return evaluate_saved(model, meta, args, data.test_all, rt)
-    if args.fresh and rt.is_main:  # every phase now: a rerun after a kill must not resume an old one
+    init = load_initial_weights(model, args.init, t3_best=t3_best, t3_results=args.t3_results,
+                                init_weights=args.init_weights, verbose=rt.is_main)
+    if args.fresh and rt.is_main:  # every phase, once nothing can fail before training starts
         for phase in ["phase_a", *(f"phase_b_{mining}" for mining in MINING_CHOICES)]:
             discard_run(out / phase)
         remove_files(out, ("results.json", "retrieval.png"))
-    init = load_initial_weights(model, args.init, t3_best=t3_best, t3_results=args.t3_results,
-                                init_weights=args.init_weights, verbose=rt.is_main)
     meta = {**meta, "init": init["init"], **cli.data_recipe(args)}
     if rt.is_main:
         print(f"CUBS-ResNet-18 ({placement}, {variant}), {count_parameters(model) / 1e6:.2f}M params, "

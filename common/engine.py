@@ -323,7 +323,7 @@ def fit(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.optim.Optimiz
                 run.save(progress, run.last)
                 if rt.is_main:
                     print(f"\n{stop.name}: saved {run.last} at epoch {stop.epoch + 1}, batch {stop.step}; "
-                          f"rerun the same command to resume", flush=True)
+                          f"{_how_to_go_on(cfg)}", flush=True)
                 raise
             progress.train_time_s += time.perf_counter() - t0
             epochs_here += 1
@@ -349,10 +349,15 @@ def fit(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.optim.Optimiz
                                progress.step, progress.partial or {})
             if rt.is_main:
                 state = "the finished run" if progress.finished else f"epoch {progress.epoch}"
-                print(f"\n{stop.name}: {run.last} holds {state}; rerun the same command to go on",
-                      flush=True)
+                print(f"\n{stop.name}: {run.last} holds {state}; {_how_to_go_on(cfg)}", flush=True)
             raise stop
     return _summary(progress, stopper, cfg.epochs)
+
+
+def _how_to_go_on(cfg: FitConfig) -> str:
+    # Rerunning a command that holds --fresh (a notebook cell, say) would delete what was saved.
+    return ("rerun the command without --fresh to resume" if cfg.fresh
+            else "rerun the same command to resume")
 
 
 def _evaluate_as_one(evaluate, model: torch.nn.Module, rt: Runtime) -> dict[str, Any]:

@@ -93,7 +93,8 @@ def compare_runs(out: Path, vanilla_path: Path, recipe: Mapping[str, Any] | None
         comparison["vanilla_note"] = f"no T2 result at {vanilla_path}: run t2_resnet18.py first"
     if same_setup and selected:
         comparison["vanilla"] = {"test_acc": vanilla["test_acc"],
-                                 "holdout_acc": vanilla["holdout_acc"], "source": str(vanilla_path)}
+                                 "holdout_acc": vanilla["holdout_acc"], "source": str(vanilla_path),
+                                 "source_abs": str(vanilla_path.resolve())}
         gap = 100 * (vanilla["test_acc"] - selected["test_acc"])
         # Rounded first: 100 * (0.60 - 0.58) is 2.0000000000000018 in floats, and a gap of
         # exactly 2 points meets the rule (accuracies are counts over at most 10^4 images).
@@ -178,11 +179,15 @@ def at_par_lines(c: Mapping[str, Any]) -> list[str]:
              f"{abs(gap):.2f} points {'below' if gap >= 0 else 'above'} vanilla ResNet-18 "
              f"(vanilla test top-1 {fmt_acc(vanilla.get('test_acc'))} from "
              f"`{vanilla.get('source', '?')}`).", ""]
-    # T2 rerun after T3 finished: this verdict is of the earlier T2 result.
-    source = Path(vanilla.get("source", ""))
-    now = json.loads(source.read_text()).get("test_acc") if source.is_file() else None
+    # T2 rerun after T3 finished: this verdict is of the earlier T2 result. The absolute
+    # path: "source" is relative to where t3_cubs.py ran, not to where the report is built.
+    source = Path(vanilla["source_abs"]) if vanilla.get("source_abs") else None
+    try:
+        now = json.loads(source.read_text()).get("test_acc") if source and source.is_file() else None
+    except (OSError, ValueError, AttributeError):  # unreadable now: the report lists such files
+        now = None
     if now is not None and now != vanilla.get("test_acc"):
-        lines += [f"**This check is out of date:** `{source}` now reports vanilla test top-1 "
+        lines += [f"**This check is out of date:** `{vanilla.get('source')}` now reports vanilla test top-1 "
                   f"{fmt_acc(now)}. Rerun the t3_cubs.py command (finished runs are not "
                   f"retrained) to redo it.", ""]
     return lines

@@ -70,6 +70,24 @@ def test_an_at_par_check_against_a_t2_result_that_changed_since_says_so(tmp_path
             f"0.6500. Rerun the t3_cubs.py command (finished runs are not retrained) to redo it.") in at_par_lines(c)
 
 
+def test_the_out_of_date_check_reads_t2_where_t3_read_it_not_from_the_reports_folder(tmp_path, monkeypatch):
+    # t3_cubs.py gets --vanilla-results runs/t2/results.json, relative to where it runs; the
+    # report may be built elsewhere, beside another runs/t2/results.json.
+    (tmp_path / "project" / "runs" / "t2").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "runs" / "t2").mkdir(parents=True)
+    _results(tmp_path / "project" / "runs" / "t3", "serial", "plain", 0.7, 0.6)
+    monkeypatch.chdir(tmp_path / "project")
+    _vanilla(Path("runs/t2/results.json"), 0.61)
+    c = compare_runs(Path("runs/t3"), Path("runs/t2/results.json"), RECIPE)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    _vanilla(Path("runs/t2/results.json"), 0.30)  # another project's T2
+    assert not any("out of date" in line for line in at_par_lines(c))
+    _vanilla(tmp_path / "project" / "runs" / "t2" / "results.json", 0.65)
+    assert any("`runs/t2/results.json` now reports vanilla test top-1 0.6500" in line for line in at_par_lines(c))
+    (tmp_path / "project" / "runs" / "t2" / "results.json").write_text("{ cut")  # unreadable: no crash
+    assert not any("out of date" in line for line in at_par_lines(c))
+
+
 def test_a_vanilla_run_of_another_recipe_is_not_compared(tmp_path):
     _results(tmp_path, "serial", "plain", 0.7, 0.6)
     c = compare_runs(tmp_path, _vanilla(tmp_path / "t2.json", 0.9, {"lr": 0.1, "seed": 1}), RECIPE)

@@ -205,6 +205,11 @@ def test_fresh_clears_the_earlier_run_and_the_summaries_that_describe_it(runs, t
 
     shutil.copytree(runs / "t4", tmp_path / "t4")
     t4 = tmp_path / "t4"
+    # A command that fails before training (here: no T3 run to start from) deletes nothing.
+    failed = run("t4_retrieval.py", "--smoke", "--out", str(t4), "--init", "t3", "--fresh",
+                 "--t3-results", str(tmp_path / "none" / "placements.json"), check=False)
+    assert failed.returncode == 1 and "--init t3 needs a T3 best.pt" in failed.stderr
+    assert (t4 / "results.json").is_file() and (t4 / "phase_a" / "best.pt").is_file()
     run("t4_retrieval.py", "--smoke", "--out", str(t4), "--init", "scratch", "--fresh",
         "--stop-after-epoch", "0")
     assert [p.name for p in t4.glob("*.*")] == []
