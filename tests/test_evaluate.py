@@ -98,3 +98,30 @@ def test_a_run_folder_stands_for_its_best_pt_and_a_bare_state_dict_is_refused(tm
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "weights.pt")
     with pytest.raises(CheckpointError, match="lacks the 'model', 'meta' and 'epoch' entries"):
         evaluate.load(tmp_path / "weights.pt")
+
+
+def test_t4_evaluate_builds_the_checkpoints_block1_size_not_t3s(runs, tmp_path):
+    # T4 has no --d: it trains T3's. A T4 checkpoint of d = 64 must be scored as a d = 64
+    # network while the T3 run beside it (the smoke runs, d = 512) says otherwise.
+    import t4_retrieval
+    from common.checkpoint import save_checkpoint
+    from common.cubs import cubs_resnet18
+    ck = torch.load(runs / "t4" / "phase_a" / "best.pt", weights_only=True)
+    meta = ck["meta"]
+    assert "d" not in meta  # trained with T3's default of 512
+    torch.manual_seed(0)
+    model = cubs_resnet18(meta["num_classes"], stem="imagenet", placement=meta["placement"],
+                          variant=meta["variant"], width=meta["width"], d=64)
+    save_checkpoint({"model": model.state_dict(), "meta": {**meta, "d": 64}, "epoch": 1},
+                    tmp_path / "d64.pt")
+    args = ["--smoke", "--out", str(runs / "t4"), "--t3-results", str(runs / "t3" / "placements.json")]
+
+    got = t4_retrieval.main([*args, "--evaluate", str(tmp_path / "d64.pt")])
+
+    assert got["d"] == 64 and got["epoch"] == 1 and list(got["test_recall"]) == [1, 2, 4, 8]
+    written = json.loads((tmp_path / "eval.json").read_text())
+    assert written["test_recall"] == {str(k): v for k, v in got["test_recall"].items()}
+    # The control: the same weights under a meta without d are refused, shapes named.
+    save_checkpoint({"model": model.state_dict(), "meta": meta, "epoch": 1}, tmp_path / "no_d.pt")
+    with pytest.raises(CheckpointError, match=r"k_proj.bias \(64,\) vs \(512,\)"):
+        t4_retrieval.main([*args, "--evaluate", str(tmp_path / "no_d.pt")])
