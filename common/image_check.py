@@ -5,7 +5,9 @@ Two depths:
     quick  each file's two ends: nonzero size, a JPEG or PNG signature at the start, and
            the format's end marker at the end (JPEG end-of-image FF D9, PNG IEND chunk).
            Catches empty, truncated and non-image files (a text file named .JPEG) by reading
-           about 1 KiB per file.
+           about 1 KiB per file. A JPEG or PNG whose end looks wrong is then decoded in
+           full, so one with bytes after its end marker (some cameras append a trailer)
+           passes if it decodes.
     full   decodes every file with PIL: also finds damage in the middle of a file.
 A passed check is remembered in a small JSON file (the first writable of the `cache`
 paths), keyed by every file's path, size and modification time, so a rerun on the same
@@ -60,6 +62,8 @@ def check_images(files: Sequence[str], mode: str = "quick", cache: Sequence[Path
     if not problems:
         check = quick_problem if mode == "quick" else decode_problem
         problems = _problems(check, files)
+    if problems and mode == "quick":  # trailing bytes or damage: a decode tells them apart
+        problems = [(f, p) for f, p in problems if not p.startswith("truncated") or decode_problem(f)]
     if problems:
         raise ImageDecodeError(_report(problems, len(files), mode, advice))
     _remember(cache, key, mode)

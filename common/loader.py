@@ -270,8 +270,14 @@ class ImageLoader:
     # ---- torch fallback ----
     def _torch_epoch(self, epoch: int, start: int):
         dataset = _AugmentedFiles(self, epoch)
+        # (position in the epoch, image index) pairs: the augmentation draws from the
+        # position, so an image that a P x K batch repeats gets two different crops.
+        plan, position = [], 0
+        for batch in self.batches(epoch):
+            plan.append([(position + j, int(i)) for j, i in enumerate(batch)])
+            position += len(batch)
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=[b.tolist() for b in self.batches(epoch)[start:]],
+            dataset, batch_sampler=plan[start:],
             num_workers=self.workers, pin_memory=self.device.type == "cuda")
         try:
             for images, labels in loader:
@@ -347,9 +353,13 @@ if HAVE_DALI:
                                            batch_info=True, parallel=parallel,
                                            dtype=[types.UINT8, types.INT64], **prefetch)
         mean, std = [255 * m for m in MEAN], [255 * s for s in STD]
+        # adjust_orientation=False: pixels as stored, EXIF Orientation ignored, as PIL's
+        # decode (the torch fallback, torchvision's loaders) leaves them; rotating on one
+        # backend only would make the figures depend on whether DALI is installed.
         if train:
             images = fn.decoders.image_random_crop(
-                jpegs, device=decode_device, output_type=types.RGB, random_area=random_area,
+                jpegs, device=decode_device, output_type=types.RGB, adjust_orientation=False,
+                random_area=random_area,
                 random_aspect_ratio=list(RANDOM_ASPECT), num_attempts=10)
             images = fn.resize(images, resize_x=size, resize_y=size)
             if color_jitter > 0:
@@ -360,10 +370,12 @@ if HAVE_DALI:
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
                                               mean=mean, std=std, mirror=fn.random.coin_flip())
         elif raw:  # the cache fill: S x S x 3 uint8, augmented later on the device
-            images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+            images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB,
+                                        adjust_orientation=False)
             images = fn.resize(images, resize_x=size, resize_y=size)
         else:
-            images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+            images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB,
+                                        adjust_orientation=False)
             if eval_resize:
                 images = fn.resize(images, resize_shorter=eval_resize)
                 images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
@@ -470,7 +482,9 @@ class _RawFiles(torch.utils.data.Dataset):
 
 
 class _AugmentedFiles(torch.utils.data.Dataset):
-    """Fallback dataset: index -> (3 x S x S float32 normalised, int64 label)."""
+    """Fallback dataset: (position in the epoch, index) -> (3 x S x S float32 normalised,
+    int64 label). Training augmentation is a function of (seed, epoch, position, shard),
+    so a resumed epoch repeats it exactly."""
 
     def __init__(self, spec: ImageLoader, epoch: int):
         self.spec, self.epoch = spec, epoch
@@ -478,9 +492,10 @@ class _AugmentedFiles(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.spec.files)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, item: tuple[int, int]):
         from torchvision.transforms.v2 import functional as F
         s = self.spec
+        position, index = item
         path = s.files[index]
         try:
             with Image.open(path) as im:
@@ -489,7 +504,7 @@ class _AugmentedFiles(torch.utils.data.Dataset):
             raise ImageDecodeError(f"cannot decode image {path}: corrupt or not a JPEG/PNG") from err
         size = [s.image_size, s.image_size]
         if s.train:
-            rng = np.random.default_rng([s.seed, self.epoch, index, s.shard_id])
+            rng = np.random.default_rng([s.seed, self.epoch, position, s.shard_id])
             top, left, h, w = random_resized_crop_box(rng, image.shape[1], image.shape[2], s.random_area)
             image = F.resized_crop(image, top, left, h, w, size, antialias=True)
             if s.color_jitter > 0:

@@ -44,6 +44,19 @@ def test_whole_jpegs_and_pngs_pass_also_with_trailing_padding(good: list[str], t
     assert check_images(files, "full") == len(files)
 
 
+def test_a_jpeg_with_a_trailer_after_its_end_marker_passes_and_a_cut_one_still_fails(
+        good: list[str], tmp_path: Path) -> None:
+    # Some cameras write data after FF D9; the quick look at the end flags such a file,
+    # and the full decode that follows clears it. A cut file fails both.
+    trailer = write(tmp_path, "trailer.jpg", encoded("JPEG") + b"SEFH" + bytes(range(200)))
+    assert quick_problem(trailer) is not None and decode_problem(trailer) is None
+    assert check_images(good + [trailer], "quick") == len(good) + 1
+    jpeg = encoded("JPEG", size=64)
+    cut = write(tmp_path, "cut.jpg", jpeg[: len(jpeg) // 2])
+    with pytest.raises(ImageDecodeError, match="cut.jpg: truncated JPEG: no end-of-image marker"):
+        check_images(good + [trailer, cut], "quick")
+
+
 def test_each_kind_of_bad_file_is_named_with_its_reason(tmp_path: Path) -> None:
     jpeg, png = encoded("JPEG"), encoded("PNG")
     cases = {

@@ -196,6 +196,29 @@ def test_normalisation_solid_colour_rgb_order(solid_png, backend, mode):
     assert np.abs(x.double().numpy() - expected[None, :, None, None]).max() < 1e-5
 
 
+@pytest.fixture(scope="module")
+def exif_rotated_jpeg(tmp_path_factory):
+    """A 90 x 60 JPEG whose EXIF Orientation (6) asks viewers to turn it to 60 x 90."""
+    y, x = np.mgrid[0:60, 0:90]
+    image = Image.fromarray(np.stack([x * 2.8, y * 4.2, np.full_like(x, 90)], -1).astype(np.uint8))
+    exif = image.getexif()
+    exif[0x0112] = 6
+    path = tmp_path_factory.mktemp("exif") / "rotated.jpg"
+    image.save(path, quality=95, exif=exif.tobytes())
+    return str(path)
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+@pytest.mark.parametrize("eval_resize", [None, 40])
+def test_exif_orientation_is_ignored_as_pil_ignores_it(exif_rotated_jpeg, backend, eval_resize):
+    # Both backends must see the same pixels: DALI's decoders would rotate by default,
+    # PIL's decode (the fallback, torchvision's loaders) does not.
+    (x,), _ = collect(make([exif_rotated_jpeg], [0], backend, batch_size=1, train=False,
+                           image_size=32, eval_resize=eval_resize))
+    ref = pil_reference(exif_rotated_jpeg, 32, eval_resize=eval_resize)
+    assert np.abs(x[0].double().numpy() - ref).max() < 0.1  # a rotation differs by ~3
+
+
 @pytest.mark.parametrize("backend", _backend_params())
 def test_grayscale_jpegs_give_three_identical_channels(tiny, cars_files, backend):
     test = tiny.test
@@ -308,7 +331,7 @@ def test_epoch_start_yields_batches_from_k_on(tiny, backend):
     part_images, part = collect(loader, 2, start=4)
     assert [y.tolist() for y in part] == [y.tolist() for y in full[4:]]
     assert [y.tolist() for y in part] == [b.tolist() for b in loader.batches(2)[4:]]
-    if backend == "torch":  # fallback augmentation is a function of (seed, epoch, index)
+    if backend == "torch":  # fallback augmentation: a function of (seed, epoch, position in the epoch)
         assert all(torch.equal(a, b) for a, b in zip(part_images, full_images[4:]))
     # eval: start skips batches too, same tensors as the full pass from there on
     test = tiny.test
@@ -337,6 +360,25 @@ def test_class_balanced_p_by_k(tiny, backend):
             assert y.tolist() == labels[idx].tolist()
             n_batches += 1
     assert n_batches == 2 * (len(labels) // (P * K))
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_an_image_a_p_by_k_batch_repeats_is_augmented_differently_each_time(tiny, backend):
+    # A class with fewer than K images is drawn with replacement (common/sampling.py). Two
+    # identical crops of one image would make a positive pair at distance 0.
+    train = tiny.train
+    files, labels = list(train.files[:9]), np.asarray(train.labels[:9])
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2])  # class 2: one image, file 8
+    loader = make(files, labels, backend, batch_size=4, train=True, image_size=32,
+                  classes_per_batch=2, seed=0)
+    repeats = 0
+    for epoch in range(4):
+        for (x, _), idx in zip(loader.epoch(epoch), loader.batches(epoch), strict=True):
+            rows = np.flatnonzero(idx == 8)
+            if len(rows) == 2:
+                repeats += 1
+                assert (x[rows[0]] - x[rows[1]]).abs().max() > 0.1, (epoch, idx)
+    assert repeats >= 2  # the plan drew class 2 in some batches
 
 
 def test_torch_fallback_independent_of_worker_count(tiny):
