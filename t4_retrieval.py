@@ -282,9 +282,10 @@ def write_results(model: torch.nn.Module, meta: dict, init: dict, recall_init: d
         phase_a=phase(a, "holdout_acc"), phase_b=phase_b[args.mining],
         mining_comparison=list(phase_b.values()), device=describe_device(rt),
         loader=data.loaders.train.backend, finished=True, args=cli.flags(args))
-    write_json(results, out / "results.json")
+    # The figure first: results.json says the command finished, so nothing may be missing then.
     plots.retrieval_grid(*b[args.mining]["embeddings"], test.files, out / "retrieval.png", seed=args.seed,
                    embedding=f"the Phase B embedding (Multi-Similarity loss, {args.mining} mining)")
+    write_json(results, out / "results.json")
     print(f"Recall@K on {len(test.files)} test images of unseen classes "
           f"(R@1 chance {chance:.3f}):\n  before (Phase A) {fmt(a['test_recall'])}\n"
           f"  after  (Phase B, {args.mining}) {fmt(b[args.mining]['test_recall'])}\n"

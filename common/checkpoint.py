@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from common.errors import UserError
-from common.files import atomic_file, previous_path, remove_files
+from common.files import atomic_file, previous_path, remove_files, remove_stale_temps
 from common.runtime import Runtime
 from common.schema import CheckpointMeta
 
@@ -200,6 +200,7 @@ RUN_FILES = ("last.pt", "last.prev.pt", "best.pt", "metrics.jsonl", "results.jso
 def discard_run(folder: Path) -> None:
     """--fresh: delete the RUN_FILES of an earlier run in `folder`, saying so. A new run
     killed before its first save would otherwise resume, or report, the old one."""
+    remove_stale_temps(folder, RUN_FILES)
     removed = remove_files(folder, RUN_FILES)
     if removed:
         print(f"--fresh: removed the earlier run's {', '.join(removed)} from {folder}")
@@ -240,6 +241,8 @@ class RunCheckpoints:
     def resume(self) -> RunProgress:
         """Load the newest readable state (see resume_point) into the owners and return its
         progress; a new RunProgress when `out` holds none."""
+        if self.rt.is_main:  # a kill mid-save left them; this process is the run's one writer
+            remove_stale_temps(self.out, RUN_FILES)
         found = resume_point(self.out, self.rt.is_main)
         if found is None:
             return RunProgress()
@@ -256,7 +259,6 @@ class RunCheckpoints:
         set_rng_state(ck["rng"][self.rt.rank % len(ck["rng"])])
         progress = RunProgress(**{f.name: ck[f.name] for f in fields(RunProgress)})
         if self.rt.is_main:
-            _check_best_checkpoint(self.best, ck)
             where = "finished run" if progress.finished else \
                 f"epoch {progress.epoch + 1}, batch {progress.step}"
             print(f"resuming from {source} ({where}); --fresh starts over")
@@ -273,12 +275,16 @@ def _check_same_recipe(saved: dict[str, Any], current: dict[str, Any], path: Pat
                               "use another --out.")
 
 
-def resume_point(out: Path, verbose: bool) -> tuple[Path, dict[str, Any]] | None:
-    """The newest readable full state among last.pt, last.prev.pt and best.pt, or None for
-    a new run. A damaged last.pt falls back to the others, saying so; best.pt holds the
-    same full state as last.pt had at the best epoch."""
-    last = out / "last.pt"
-    paths = [p for p in (last, previous_path(last), out / "best.pt") if p.exists()]
+def resume_point(out: Path, is_main: bool) -> tuple[Path, dict[str, Any]] | None:
+    """The newest readable full state among last.pt, last.prev.pt and best.pt whose best
+    holdout epoch best.pt holds, or None for a new run. best.pt holds the same full state as
+    last.pt had at the end of the best epoch; the test pass and the report read it, so a
+    state whose best epoch it misses (a best.pt damaged, or older than last.pt because a
+    cloud drive lost its newest upload) is resumed only if one of the three files was saved
+    at that best epoch's end: best.pt is then rewritten from it (rank 0; every rank picks
+    the same state before and after). Every file passed over is named."""
+    last, best = out / "last.pt", out / "best.pt"
+    paths = [p for p in (last, previous_path(last), best) if p.exists()]
     if not paths:
         return None
     readable, problems = [], []
@@ -296,20 +302,26 @@ def resume_point(out: Path, verbose: bool) -> tuple[Path, dict[str, Any]] | None
     if not readable:
         raise CheckpointError("no usable checkpoint to resume from: " + "; ".join(problems)
                               + ". --fresh starts over (or use another --out).")
-    # max() keeps the first of equal keys: last.pt, then last.prev.pt, then best.pt.
-    source, ck = max(readable, key=lambda r: (r[1]["finished"], r[1]["epoch"], r[1]["step"]))
-    if verbose and (problems or source != last):
+    on_disk = next((ck["epoch"] for path, ck in readable if path == best), None)
+    # Newest first; sort() keeps the order of equal keys: last.pt, last.prev.pt, best.pt.
+    readable.sort(key=lambda r: (r[1]["finished"], r[1]["epoch"], r[1]["step"]), reverse=True)
+    for source, ck in readable:
+        best_epoch = ck["early_stopping"]["best_epoch"] + 1  # 1-based; 0 = none yet
+        if best_epoch in (0, on_disk):
+            break
+        # A state saved at the best epoch's end (this one or an older one) is what best.pt held.
+        at_best = next((r for r in readable if r[1]["epoch"] == best_epoch and r[1]["step"] == 0), None)
+        if at_best:
+            if is_main:
+                save_checkpoint({**at_best[1], "finished": False}, best)
+                problems.append(f"rewrote {best} from {at_best[0]} (epoch {best_epoch}, the best)")
+            break
+        problems.append(f"{source} (epoch {ck['epoch']} done) records best epoch {best_epoch}, "
+                        f"which {best} does not hold")
+    else:
+        raise CheckpointError("; ".join(problems) + f". No saved state agrees with {best}, whose "
+                              f"weights the test pass would score. --fresh starts over (or use "
+                              f"another --out).")
+    if is_main and (problems or source != last):
         print("; ".join(problems + [f"resuming from {source} (epoch {ck['epoch']} done)"]))
     return source, ck
-
-
-def _check_best_checkpoint(best: Path, ck: dict[str, Any]) -> None:
-    """best.pt must hold the best holdout epoch that the resumed state records, or the test
-    score would silently come from other weights: otherwise the run is refused."""
-    best_epoch = ck["early_stopping"]["best_epoch"] + 1  # 1-based; 0 = none yet
-    if best_epoch == 0:
-        return
-    on_disk = load_checkpoint(best)["epoch"] if best.exists() else None
-    if on_disk != best_epoch:
-        raise CheckpointError(f"{best} holds epoch {on_disk} but the run's best holdout epoch is "
-                              f"{best_epoch}, whose weights are no longer on disk. --fresh starts over.")

@@ -5,6 +5,7 @@ half of one. Every file a run or the report writes goes through `atomic_file`.
     write_json(data, path)               # indented JSON, atomically
     write_text(path, text)
     remove_files(folder, names)          # a run's old outputs, for --fresh
+    remove_stale_temps(folder, names)    # what a kill mid-write left of atomic_file's temps
 """
 from __future__ import annotations
 
@@ -67,3 +68,13 @@ def remove_files(folder: str | Path, names: Sequence[str]) -> list[str]:
     for name in removed:
         (Path(folder) / name).unlink()
     return removed
+
+
+def remove_stale_temps(folder: str | Path, names: Sequence[str]) -> int:
+    """Delete the temporary files that atomic_file left for each of `names` in `folder`
+    when a kill came mid-write (a checkpoint's is as large as the checkpoint). Only for a
+    folder no other process is writing. Returns how many were deleted."""
+    stale = [p for name in names for p in Path(folder).glob(f".{name}.*.tmp") if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)

@@ -276,8 +276,10 @@ class ImageLoader:
         for batch in self.batches(epoch):
             plan.append([(position + j, int(i)) for j, i in enumerate(batch)])
             position += len(batch)
+        # Its own generator: the DataLoader otherwise draws its base seed from the global RNG,
+        # whose stream (dropout) a resumed epoch must repeat exactly.
         loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=plan[start:],
+            dataset, batch_sampler=plan[start:], generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.workers, pin_memory=self.device.type == "cuda")
         try:
             for images, labels in loader:

@@ -19,6 +19,8 @@ from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common.files import atomic_file  # noqa: E402
+
 
 def plot_curves(history: Sequence[dict], path: str | Path, title: str = "") -> None:
     """Loss (left) and accuracy / recall (right) per epoch from metrics.jsonl records.
@@ -131,8 +133,16 @@ def finish_epoch_axes(fig: Figure, axes: Sequence[Axes], path: str | Path, dpi: 
                    ncols=key_columns(len(key), fig.get_figheight(), size))
     else:
         fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
+    save_png(fig, path, dpi=dpi)
+
+
+def save_png(fig: Figure, path: str | Path, **savefig_kw: Any) -> None:
+    """fig as a PNG at `path`, atomically (a kill mid-write leaves the old file), then closed."""
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png", **savefig_kw)  # the temp name does not end in .png
+    finally:
+        plt.close(fig)
 
 
 def key_columns(entries: int, height_in: float, fontsize: float | str) -> int:
@@ -233,8 +243,7 @@ def plot_bars(names: Sequence[str], values: Sequence[float], path: str | Path, y
                   loc="upper left", fontsize=8, ncols=2)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")  # never cut off a long title or name
-    plt.close(fig)
+    save_png(fig, path, dpi=110, bbox_inches="tight")  # never cut off a long title or name
 
 
 def _wrap(text: str, width_inches: float, fontsize: float) -> str:
@@ -300,8 +309,7 @@ def plot_retrieval(query_images: np.ndarray, neighbour_images: np.ndarray,
                               label="another class")],
                loc="lower center", bbox_to_anchor=(0.5, 0.0), ncols=2, fontsize=size,
                frameon=False, borderaxespad=0.1)
-    fig.savefig(path, dpi=RETRIEVAL_DPI, bbox_inches="tight", pad_inches=0.03)
-    plt.close(fig)
+    save_png(fig, path, dpi=RETRIEVAL_DPI, bbox_inches="tight", pad_inches=0.03)
 
 
 MATCH_COLOURS = {True: "limegreen", False: "red"}

@@ -29,6 +29,23 @@ def test_atomic_save_survives_a_crash_mid_write(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["last.pt"]  # no temporary file left behind
 
 
+def test_temporary_files_a_kill_left_are_removed_on_resume_and_by_fresh(tiny_splits, tmp_path, capsys):
+    # A SIGKILL mid-save leaves atomic_file's temporary (the size of the checkpoint) behind;
+    # on a cloud drive it would take quota and upload time for good.
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=1)
+    stale = [tmp_path / ".last.pt.abc123.tmp", tmp_path / ".best.pt.x_y.tmp",
+             tmp_path / ".metrics.jsonl.q.tmp", tmp_path / ".curves.png.z.tmp"]
+    kept = [tmp_path / ".notes.txt.a.tmp", tmp_path / "last.pt.tmp"]  # not ours: left alone
+    for path in stale + kept:
+        path.write_bytes(b"half a file")
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=1)
+    assert [p for p in stale if p.exists()] == [] and all(p.exists() for p in kept)
+    assert "resuming from" in capsys.readouterr().out
+    stale[0].write_bytes(b"half a file")
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=0, fresh=True)
+    assert not stale[0].exists()
+
+
 class _Payload:
     def __reduce__(self):
         return (os.system, ("touch PWNED_BY_CHECKPOINT",))
@@ -134,11 +151,51 @@ def test_a_weights_only_copy_is_named_and_never_resumed_from(tiny_splits, tmp_pa
         _run_fit(tiny_splits, tmp_path, "torch", epochs=2)
 
 
-def test_a_best_checkpoint_that_misses_the_recorded_best_epoch_is_refused(tiny_splits, tmp_path):
-    # best.pt is written before last.pt, so it always holds the best epoch last.pt records;
-    # if it does not (replaced by hand, say), testing it would score other weights.
+def test_a_best_checkpoint_older_than_the_best_epoch_is_rewritten_from_the_state_at_that_epoch(
+        tiny_splits, tmp_path, capsys):
+    # best.pt is written before last.pt, so on a local disk it always holds the best epoch
+    # last.pt records. A cloud drive may lose its newest upload (best.pt stays at epoch 1)
+    # or damage it; last.pt, saved at the end of that best epoch, holds the same state.
     _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=2)
     assert load_checkpoint(tmp_path / "last.pt")["early_stopping"]["best_epoch"] + 1 == 2
-    save_checkpoint(load_checkpoint(tmp_path / "last.prev.pt"), tmp_path / "best.pt")  # epoch 1
-    with pytest.raises(CheckpointError, match="best.pt holds epoch 1 but the run's best holdout epoch is 2"):
+    best_at_2 = load_checkpoint(tmp_path / "best.pt")
+    for damage in ("older", "truncated"):
+        if damage == "older":
+            save_checkpoint(load_checkpoint(tmp_path / "last.prev.pt"), tmp_path / "best.pt")  # epoch 1
+        else:
+            (tmp_path / "best.pt").write_bytes((tmp_path / "best.pt").read_bytes()[:300])
+        _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=0)
+        assert f"rewrote {tmp_path / 'best.pt'} from {tmp_path / 'last.pt'} (epoch 2, the best)" \
+            in capsys.readouterr().out, damage
+        rewritten = load_checkpoint(tmp_path / "best.pt")
+        assert rewritten["epoch"] == 2 and not rewritten["finished"]
+        assert all(torch.equal(v, best_at_2["model"][k]) for k, v in rewritten["model"].items())
+    # ... and the run goes on to the weights of one that was never interrupted
+    straight, _ = _run_fit(tiny_splits, tmp_path / "straight", "torch", epochs=4)
+    resumed, result = _run_fit(tiny_splits, tmp_path, "torch", epochs=4)
+    assert result["finished"] and result["epochs_run"] == 4
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_a_state_whose_best_epoch_no_file_holds_is_passed_over_or_refused(tiny_splits, tmp_path, capsys):
+    # Edited states: last.pt saved mid-epoch 4 records best epoch 3, best.pt holds epoch 2
+    # and last.prev.pt is gone, so no file holds epoch 3's end: last.pt is passed over and
+    # the run resumes from best.pt itself, which agrees with itself.
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=3)
+    last = load_checkpoint(tmp_path / "last.pt")
+    (tmp_path / "last.prev.pt").unlink()
+    save_checkpoint({**last, "early_stopping": {**last["early_stopping"], "best_epoch": 2},
+                     "step": 1}, tmp_path / "last.pt")  # mid-epoch 4, best epoch 3 (0-based 2)
+    save_checkpoint({**load_checkpoint(tmp_path / "best.pt"), "epoch": 2,
+                     "early_stopping": {**last["early_stopping"], "best_epoch": 1}}, tmp_path / "best.pt")
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=0)
+    printed = capsys.readouterr().out
+    assert f"{tmp_path / 'last.pt'} (epoch 3 done) records best epoch 3, which {tmp_path / 'best.pt'} " \
+        f"does not hold" in printed, printed
+    assert f"resuming from {tmp_path / 'best.pt'} (epoch 2 done)" in printed
+    # with best.pt unreadable too, nothing agrees with it: refused, every file named
+    (tmp_path / "best.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"records best epoch 3, which \S*best\.pt does not hold\. "
+                                              r"No saved state agrees with \S*best\.pt.*--fresh"):
         _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=0)

@@ -243,6 +243,27 @@ def test_a_signal_during_the_last_holdout_pass_stops_the_finished_run(tiny_split
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
+def test_a_run_interrupted_mid_epoch_resumes_to_the_uninterrupted_weights_dropout_included(
+        tiny_splits, tmp_path):
+    # _SmallNet has dropout, which draws from the global RNG that last.pt saves: nothing
+    # else (the torch loader's own seed) may draw from it between the resume and the steps.
+    straight, _ = _run_fit(tiny_splits, tmp_path / "straight", "torch", epochs=2)
+
+    class CtrlCAtStep(list):
+        def append(self, labels):
+            super().append(labels)
+            if len(self) == 8:  # in epoch 2 (5 steps an epoch)
+                os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(Interrupted):
+        _run_fit(tiny_splits, tmp_path / "cut", "torch", epochs=2, step_log=CtrlCAtStep())
+    saved = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert (saved["epoch"], saved["step"]) == (1, 3)
+    resumed, result = _run_fit(tiny_splits, tmp_path / "cut", "torch", epochs=2)
+    assert result["finished"]
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_splits, tmp_path, monkeypatch):
     _run_fit(tiny_splits, tmp_path, "torch", epochs=3, stop_after=1)
     before = load_checkpoint(tmp_path / "last.pt")

@@ -381,6 +381,20 @@ def test_an_image_a_p_by_k_batch_repeats_is_augmented_differently_each_time(tiny
     assert repeats >= 2  # the plan drew class 2 in some batches
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_torch_fallback_leaves_the_global_rng_alone(tiny, workers):
+    # Dropout draws from the global RNG, which a resume restores: an epoch of the loader
+    # drawing from it too would give a resumed epoch another dropout stream.
+    train = tiny.train
+    loader = make(train.files[:16], train.labels[:16], "torch", batch_size=8, train=True,
+                  image_size=32, workers=workers)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    collect(loader, 1)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_torch_fallback_independent_of_worker_count(tiny):
     train = tiny.train
     out = [collect(ImageLoader(train.files[:16], train.labels[:16], LoaderSettings(batch_size=8, train=True,

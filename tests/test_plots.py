@@ -200,3 +200,24 @@ def test_log_axes_get_three_to_seven_plain_labels(lo: float, hi: float, figures:
         assert float(text) == pytest.approx(loc, rel=1e-3), text
     assert not any(label.get_text() for label in ax.get_yticklabels(minor=True))
     plots.plt.close(fig)
+
+
+def test_a_png_is_replaced_atomically(tmp_path: Path, monkeypatch) -> None:
+    # A kill mid-write must leave the old figure whole: a finished run never redraws it.
+    from matplotlib.figure import Figure
+    from PIL import Image
+    from common.plots import plot_bars
+    path = tmp_path / "bars.png"
+    plot_bars(["a", "b"], [0.2, 0.4], path, ylabel="acc", title="first")
+    before = path.read_bytes()
+
+    def killed(self, fname, **kw):
+        Path(fname).write_bytes(b"\x89PNG half")
+        raise KeyboardInterrupt("killed mid-write")
+    monkeypatch.setattr(Figure, "savefig", killed)
+    with pytest.raises(KeyboardInterrupt):
+        plot_bars(["a", "b"], [0.3, 0.1], path, ylabel="acc", title="second")
+    monkeypatch.undo()
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["bars.png"]
+    with Image.open(path) as image:
+        image.load()
