@@ -10,6 +10,7 @@ folder, is fsync'ed, then renamed over the target. A crash mid-save leaves the o
 """
 from __future__ import annotations
 
+import os
 import pickle
 import random
 from dataclasses import asdict, dataclass, field, fields
@@ -282,18 +283,21 @@ def resume_point(out: Path, is_main: bool) -> tuple[Path, dict[str, Any]] | None
     state whose best epoch it misses (a best.pt damaged, or older than last.pt because a
     cloud drive lost its newest upload) is resumed only if one of the three files was saved
     at that best epoch's end: best.pt is then rewritten from it (rank 0; every rank picks
-    the same state before and after). Every file passed over is named."""
+    the same state before and after). Every file passed over is named, and a state passed
+    over for its best epoch is renamed NAME.passed-over.pt, so it cannot win a later resume."""
     last, best = out / "last.pt", out / "best.pt"
     paths = [p for p in (last, previous_path(last), best) if p.exists()]
     if not paths:
         return None
-    readable, problems = [], []
+    readable, problems, on_disk = [], [], None  # on_disk: the epoch best.pt holds
     for path in paths:
         try:
             ck = load_checkpoint(path)
         except CheckpointError as err:  # printed below: nothing is skipped silently
             problems.append(str(err))
             continue
+        if path == best and isinstance(ck, dict):  # the archive's weights-only copy counts too
+            on_disk = ck.get("epoch")
         if "config" in ck and "finished" in ck:
             readable.append((path, ck))
         else:
@@ -302,9 +306,9 @@ def resume_point(out: Path, is_main: bool) -> tuple[Path, dict[str, Any]] | None
     if not readable:
         raise CheckpointError("no usable checkpoint to resume from: " + "; ".join(problems)
                               + ". --fresh starts over (or use another --out).")
-    on_disk = next((ck["epoch"] for path, ck in readable if path == best), None)
     # Newest first; sort() keeps the order of equal keys: last.pt, last.prev.pt, best.pt.
     readable.sort(key=lambda r: (r[1]["finished"], r[1]["epoch"], r[1]["step"]), reverse=True)
+    passed_over = []
     for source, ck in readable:
         best_epoch = ck["early_stopping"]["best_epoch"] + 1  # 1-based; 0 = none yet
         if best_epoch in (0, on_disk):
@@ -318,10 +322,18 @@ def resume_point(out: Path, is_main: bool) -> tuple[Path, dict[str, Any]] | None
             break
         problems.append(f"{source} (epoch {ck['epoch']} done) records best epoch {best_epoch}, "
                         f"which {best} does not hold")
+        passed_over.append(source)
     else:
         raise CheckpointError("; ".join(problems) + f". No saved state agrees with {best}, whose "
                               f"weights the test pass would score. --fresh starts over (or use "
                               f"another --out).")
+    if is_main and passed_over:
+        # Kept under another name, so that none of them wins a later resume once best.pt
+        # moves on; the run's results.json and eval.json scored the best.pt that is gone.
+        for path in passed_over:
+            os.replace(path, path.with_name(f"{path.stem}.passed-over{path.suffix}"))
+        remove_files(out, ("results.json", "eval.json"))
+        problems.append(f"renamed {', '.join(p.name for p in passed_over)} to *.passed-over.pt")
     if is_main and (problems or source != last):
         print("; ".join(problems + [f"resuming from {source} (epoch {ck['epoch']} done)"]))
     return source, ck

@@ -138,6 +138,20 @@ def test_no_readable_checkpoint_names_every_file_and_the_way_on(tiny_splits, tmp
         _run_fit(tiny_splits, tmp_path, "torch", epochs=4)
 
 
+def test_the_archives_weights_only_best_pt_of_the_right_epoch_is_accepted(tiny_splits, tmp_path, capsys):
+    # A damaged best.pt replaced by the submission archive's copy (weights, meta, epoch)
+    # of the same epoch: the test pass can score it, so the run resumes.
+    from common import archive
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=3, stop_after=2)
+    (tmp_path / "best.pt").write_bytes(archive.inference_bytes(tmp_path / "best.pt"))
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=3, stop_after=0)
+    printed = capsys.readouterr().out
+    assert "resuming from" in printed and "rewrote" not in printed and "passed over" not in printed
+    assert "config" not in load_checkpoint(tmp_path / "best.pt")  # accepted as it is
+    _, result = _run_fit(tiny_splits, tmp_path, "torch", epochs=3)
+    assert result["finished"] and result["epochs_run"] == 3
+
+
 def test_a_weights_only_copy_is_named_and_never_resumed_from(tiny_splits, tmp_path):
     # The submission archive's best.pt holds weights, meta and epoch only; put back into
     # --out alone, it must be refused by name (it once raised KeyError: 'finished').
@@ -194,6 +208,10 @@ def test_a_state_whose_best_epoch_no_file_holds_is_passed_over_or_refused(tiny_s
     assert f"{tmp_path / 'last.pt'} (epoch 3 done) records best epoch 3, which {tmp_path / 'best.pt'} " \
         f"does not hold" in printed, printed
     assert f"resuming from {tmp_path / 'best.pt'} (epoch 2 done)" in printed
+    # last.pt is kept aside, so that it cannot win the next resume once best.pt moves on
+    assert "renamed last.pt to *.passed-over.pt" in printed
+    assert (tmp_path / "last.passed-over.pt").exists() and not (tmp_path / "results.json").exists()
+    save_checkpoint(load_checkpoint(tmp_path / "last.passed-over.pt"), tmp_path / "last.pt")
     # with best.pt unreadable too, nothing agrees with it: refused, every file named
     (tmp_path / "best.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match=r"records best epoch 3, which \S*best\.pt does not hold\. "

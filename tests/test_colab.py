@@ -157,3 +157,37 @@ def test_the_wheel_gives_common_to_a_pasted_script_run_from_anywhere(tmp_path):
     assert "--placement" in done.stdout  # the script's own --help ran
     assert lines[-2].startswith(str(target))  # common came from the installed wheel
     assert lines[-1] == "False"  # scipy only where .mat files are read
+
+
+@pytest.mark.parametrize("kind", ["flat", "top_folder", "mac_zip", "after_a_cut_unzip"])
+def test_the_cars_cell_unzips_every_layout_into_the_folder_t4_reads(kind, tmp_path, monkeypatch):
+    # The cell's own code on a generated Cars196 zip: flat, under one top folder, with the
+    # __MACOSX folder a Mac adds, and with what a disconnect mid-unzip left behind.
+    import os
+    import zipfile
+
+    from common.synthetic import make_cars196
+    cell = next(source(c) for c in load_notebook()["cells"] if "CARS_ZIP =" in source(c))
+    data = make_cars196(tmp_path / "gen", num_classes=4, per_class=8, image_size=(48, 40), seed=0)
+    upload = tmp_path / "cars196.zip"
+    with zipfile.ZipFile(upload, "w") as zf:
+        for path in sorted(Path(data).rglob("*")):
+            if path.is_file():
+                name = path.relative_to(data)
+                zf.write(path, str(name if kind == "flat" else Path("cars196") / name))
+        if kind == "mac_zip":
+            zf.writestr("__MACOSX/cars196/._cars_annos.mat", b"resource fork")
+    work = tmp_path / "content"
+    (work / "data").mkdir(parents=True)
+    if kind == "after_a_cut_unzip":
+        (work / "data" / "cars196.partial" / "car_ims").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(cell.replace("/content/drive/MyDrive/cars196.zip", str(upload)), {"os": os})
+    assert sorted(p.name for p in (work / "data").iterdir()) == ["cars196"]
+    assert (work / "data" / "cars196" / "cars_annos.mat").is_file()
+    assert "Cars196 (cars_annos layout): 6 train images, 16 test images" in printed.getvalue()  # 5 held out per class
+    # T4's flag of the notebook, --data-dir data/cars196, reads the same folder
+    from common.datasets import load_cars196
+    assert len(load_cars196(work / "data" / "cars196").test.files) == 16

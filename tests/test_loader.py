@@ -219,6 +219,15 @@ def test_exif_orientation_is_ignored_as_pil_ignores_it(exif_rotated_jpeg, backen
     assert np.abs(x[0].double().numpy() - ref).max() < 0.1  # a rotation differs by ~3
 
 
+@pytest.mark.parametrize("decoder", [pytest.param("dali", marks=needs_dali), "pil"])
+def test_the_device_cache_fill_ignores_exif_orientation_too(exif_rotated_jpeg, decoder, monkeypatch):
+    if decoder == "pil":
+        monkeypatch.setattr(loader_module, "HAVE_DALI", False)
+    (x,), _ = collect(make([exif_rotated_jpeg], [0], "cache", batch_size=1, train=False,
+                           image_size=32, workers=0))
+    assert np.abs(x[0].double().numpy() - pil_reference(exif_rotated_jpeg, 32)).max() < 0.1
+
+
 @pytest.mark.parametrize("backend", _backend_params())
 def test_grayscale_jpegs_give_three_identical_channels(tiny, cars_files, backend):
     test = tiny.test

@@ -569,11 +569,11 @@ def visible_font_sizes(fig: Figure) -> list[float]:
 def test_pdf_figures_print_their_text_at_80_percent_of_body_size_and_plot_holdout_loss(
         smoke_runs, tmp_path, monkeypatch):
     saved, placed = {}, {}
-    save = Figure.savefig
+    save = plots.save_png
 
-    def spy_save(fig, path, *args, **kwargs):
+    def spy_save(fig, path, **kwargs):
         saved[Path(path).name] = (min(visible_font_sizes(fig)), fig.get_figwidth(), fig)
-        return save(fig, path, *args, **kwargs)
+        return save(fig, path, **kwargs)
 
     place = report_pdf.figure
 
@@ -581,7 +581,7 @@ def test_pdf_figures_print_their_text_at_80_percent_of_body_size_and_plot_holdou
         placed[Path(path).name] = width
         return place(path, width)
 
-    monkeypatch.setattr(Figure, "savefig", spy_save)
+    monkeypatch.setattr(plots, "save_png", spy_save)
     monkeypatch.setattr(report_pdf, "figure", spy_place)
     monkeypatch.setattr(report_pdf.plt, "close", lambda fig: None)  # keep them for reading
     report.build_report(smoke_runs, tmp_path / "REPORT.md")
