@@ -260,7 +260,8 @@ class ImageLoader:
                 raise RuntimeError(f"cache fill decoded {position} of {len(self.files)} images")
             return cache
         dataset = _RawFiles(self.files, size)
-        batches = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=self.workers)
+        batches = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=self.workers,
+                                              generator=torch.Generator())  # global RNG untouched
         position = 0
         for images in batches:
             cache[position:position + len(images)] = images.to(self.device)

@@ -390,13 +390,16 @@ def test_an_image_a_p_by_k_batch_repeats_is_augmented_differently_each_time(tiny
     assert repeats >= 2  # the plan drew class 2 in some batches
 
 
+@pytest.mark.parametrize("backend", ["torch", "cache"])
 @pytest.mark.parametrize("workers", [0, 2])
-def test_torch_fallback_leaves_the_global_rng_alone(tiny, workers):
+def test_the_torch_and_cache_loaders_leave_the_global_rng_alone(tiny, workers, backend, monkeypatch):
     # Dropout draws from the global RNG, which a resume restores: an epoch of the loader
-    # drawing from it too would give a resumed epoch another dropout stream.
+    # (or the cache fill, by PIL here) drawing from it too would give a resumed epoch
+    # another dropout stream.
+    monkeypatch.setattr(loader_module, "HAVE_DALI", False)
     train = tiny.train
-    loader = make(train.files[:16], train.labels[:16], "torch", batch_size=8, train=True,
-                  image_size=32, workers=workers)
+    loader = make(train.files[:16], train.labels[:16], backend, batch_size=8, train=True,
+                  image_size=64 if backend == "cache" else 32, workers=workers)
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
