@@ -201,7 +201,6 @@ RUN_FILES = ("last.pt", "last.prev.pt", "best.pt", "metrics.jsonl", "results.jso
 def discard_run(folder: Path) -> None:
     """--fresh: delete the RUN_FILES of an earlier run in `folder`, saying so. A new run
     killed before its first save would otherwise resume, or report, the old one."""
-    remove_stale_temps(folder, RUN_FILES)
     removed = remove_files(folder, RUN_FILES)
     if removed:
         print(f"--fresh: removed the earlier run's {', '.join(removed)} from {folder}")

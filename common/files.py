@@ -4,7 +4,7 @@ half of one. Every file a run or the report writes goes through `atomic_file`.
     with atomic_file(path) as tmp: ...   # write tmp (a Path next to path); then synced and renamed
     write_json(data, path)               # indented JSON, atomically
     write_text(path, text)
-    remove_files(folder, names)          # a run's old outputs, for --fresh
+    remove_files(folder, names)          # a run's old outputs and their temps, for --fresh
     remove_stale_temps(folder, names)    # what a kill mid-write left of atomic_file's temps
 """
 from __future__ import annotations
@@ -63,7 +63,10 @@ def write_json(data: Any, path: str | Path) -> None:
 
 
 def remove_files(folder: str | Path, names: Sequence[str]) -> list[str]:
-    """Delete each of `names` that is a file in `folder`; returns the names deleted."""
+    """Delete each of `names` that is a file in `folder`, and what a killed write left of it
+    (remove_stale_temps); returns the names deleted. For --fresh: the caller is the one
+    writer of these names in `folder`."""
+    remove_stale_temps(folder, names)
     removed = [name for name in names if (Path(folder) / name).is_file()]
     for name in removed:
         (Path(folder) / name).unlink()

@@ -195,12 +195,17 @@ def test_fresh_clears_the_earlier_run_and_the_summaries_that_describe_it(runs, t
     # may be left for a rerun to resume or for the report and archive to show as current.
     shutil.copytree(runs / "t3", tmp_path / "t3")
     t3 = tmp_path / "t3"
+    # What a kill mid-write of the comparison leaves (atomic_file's temporaries).
+    stale_t3 = [t3 / ".placements.json.k1.tmp", t3 / ".placements.png.k2.tmp"]
+    for path in stale_t3:
+        path.write_bytes(b"half a file")
     proc = run("t3_cubs.py", "--smoke", "--placement", "serial", "--out", str(t3), "--fresh",
                "--stop-after-epoch", "0")
     assert (f"--fresh: removed the earlier run's last.pt, last.prev.pt, best.pt, metrics.jsonl, "
             f"results.json, curves.png from {t3 / 'serial_plain'}") in proc.stdout
     assert [p.name for p in (t3 / "serial_plain").iterdir()] == []
     assert [p.name for p in t3.glob("placements.*")] == []  # redone when the runs finish
+    assert [p.name for p in stale_t3 if p.exists()] == []
     assert (t3 / "reverse_plain" / "best.pt").is_file()  # runs this command does not train stay
 
     shutil.copytree(runs / "t4", tmp_path / "t4")
@@ -210,9 +215,10 @@ def test_fresh_clears_the_earlier_run_and_the_summaries_that_describe_it(runs, t
                  "--t3-results", str(tmp_path / "none" / "placements.json"), check=False)
     assert failed.returncode == 1 and "--init t3 needs a T3 best.pt" in failed.stderr
     assert (t4 / "results.json").is_file() and (t4 / "phase_a" / "best.pt").is_file()
+    (t4 / ".results.json.k3.tmp").write_bytes(b"half a file")
     run("t4_retrieval.py", "--smoke", "--out", str(t4), "--init", "scratch", "--fresh",
         "--stop-after-epoch", "0")
-    assert [p.name for p in t4.glob("*.*")] == []
+    assert [p.name for p in t4.glob("*.*")] == []  # pathlib's * matches the .*.tmp names too
     # Phase B's too, though the run stopped in Phase A: a rerun must not resume them.
     assert [p.name for p in t4.glob("phase_*/*")] == []
 
