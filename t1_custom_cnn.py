@@ -8,7 +8,6 @@ Writes last.pt, best.pt, metrics.jsonl, curves.png and results.json into --out; 
 command again resumes from last.pt.
 """
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 
 from common import cli, engine, evaluate, runtime, task_data
 from common.models import CustomCNN
@@ -70,14 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = cli.fit_config(args, cuda=rt.cuda)
     net = engine.for_training(model, rt, cfg.compile, cfg.compile_mode)
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    decay_groups = engine.param_groups(model, cfg.weight_decay)
-    if cfg.optimizer == "sgd":
-        optimizer = torch.optim.SGD(decay_groups, lr=cfg.lr, momentum=0.9, nesterov=True)
-    else:
-        optimizer = torch.optim.AdamW(decay_groups, lr=cfg.lr)
-    total = cfg.epochs * len(loaders.train)
-    scheduler = LambdaLR(optimizer, lambda step: engine.warmup_cosine(
-        step, total, max(1, round(cfg.warmup_epochs * len(loaders.train)))))
+    optimizer, scheduler = engine.optimizer_and_schedule(model, cfg, len(loaders.train))
     scaler = engine.grad_scaler(rt)
 
     # -- train (holdout accuracy each epoch, early stopping), then test best.pt once and

@@ -9,7 +9,6 @@ Outputs in --out: last.pt, best.pt, metrics.jsonl, curves.png, results.json. Rer
 same command resumes from last.pt.
 """
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 
 from common import cli, engine, evaluate, runtime, task_data
 from common.diagnostics import diagnostics
@@ -68,11 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = cli.fit_config(args, cuda=rt.cuda)
     net = engine.for_training(model, rt, cfg.compile, cfg.compile_mode)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    groups = engine.param_groups(model, cfg.weight_decay)
-    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True) \
-        if cfg.optimizer == "sgd" else torch.optim.AdamW(groups, lr=cfg.lr)
-    steps, warmup = len(loaders.train), max(1, round(cfg.warmup_epochs * len(loaders.train)))
-    scheduler = LambdaLR(optimizer, lambda s: engine.warmup_cosine(s, cfg.epochs * steps, warmup))
+    optimizer, scheduler = engine.optimizer_and_schedule(model, cfg, len(loaders.train))
     scaler = engine.grad_scaler(rt)
 
     # -- train, scoring the holdout after each epoch (and the residual branches' gradient

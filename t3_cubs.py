@@ -19,7 +19,6 @@ import argparse
 from pathlib import Path
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 
 from common import cli, engine, evaluate, runtime, task_data
 from common.checkpoint import discard_run
@@ -148,13 +147,7 @@ def train_and_test(args, rt: runtime.Runtime, loaders: task_data.Loaders, num_cl
     net = engine.for_training(model, rt, cfg.compile, cfg.compile_mode, redo_check=range_check(
         model) if cfg.compile_mode == "reduce-overhead" else None)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    params = engine.param_groups(model, cfg.weight_decay)
-    optimizer = (torch.optim.AdamW(params, lr=cfg.lr) if cfg.optimizer == "adamw" else
-                 torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True))
-    steps_per_epoch = len(loaders.train)
-    warmup_steps = max(1, round(cfg.warmup_epochs * steps_per_epoch))
-    scheduler = LambdaLR(optimizer, lambda step: engine.warmup_cosine(
-        step, cfg.epochs * steps_per_epoch, warmup_steps))
+    optimizer, scheduler = engine.optimizer_and_schedule(model, cfg, len(loaders.train))
     scaler = engine.grad_scaler(rt)
 
     # -- train (holdout accuracy, gate statistics and branch gradient norms after each

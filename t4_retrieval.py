@@ -23,7 +23,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 
 from common import cli, engine, evaluate, plots, runtime, task_data
 from common.checkpoint import discard_run
@@ -202,11 +201,7 @@ def fit_phase(model: torch.nn.Module, loader, loss_fn, evaluate, cfg: FitConfig,
     autocast only. No torch.compile by default: at 224 px its build costs more than it
     saves in T4's phases (--compile turns it on). curves.png after each epoch."""
     net = engine.for_training(model, rt, cfg.compile, cfg.compile_mode)
-    groups = engine.param_groups(model, cfg.weight_decay)
-    optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True) \
-        if cfg.optimizer == "sgd" else torch.optim.AdamW(groups, lr=cfg.lr)
-    steps, warmup = len(loader), max(1, round(cfg.warmup_epochs * len(loader)))
-    scheduler = LambdaLR(optimizer, lambda s: engine.warmup_cosine(s, cfg.epochs * steps, warmup))
+    optimizer, scheduler = engine.optimizer_and_schedule(model, cfg, len(loader))
     return engine.fit(net, loader, loss_fn, optimizer, scheduler, engine.grad_scaler(rt), evaluate,
                       cfg, run_dir, rt, meta, on_epoch=plots.curves_png(run_dir, meta), **fit_kw)
 

@@ -118,11 +118,7 @@ def train(name: str, splits, out: Path, seed: int, warmup: float) -> None:
 
     start = time.time()
     net = engine.for_training(model, rt)  # the scripts' recipe: SGD Nesterov, warmup + cosine
-    optimizer = torch.optim.SGD(engine.param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                momentum=0.9, nesterov=True)
-    total, warmup_steps = cfg.epochs * len(loader), max(1, round(cfg.warmup_epochs * len(loader)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: engine.warmup_cosine(s, total, warmup_steps))
+    optimizer, scheduler = engine.optimizer_and_schedule(model, cfg, len(loader))
     result = engine.fit(net, loader, loss_fn, optimizer, scheduler, engine.grad_scaler(rt), evaluate,
                         cfg, out, rt, {"task": "ablation", "model": name})
     if trace:

@@ -120,10 +120,7 @@ def timed_fit(name: str, model: torch.nn.Module, mode: str | None, args, rt) -> 
                            compile_mode=mode or "default", fresh=True)
     t0 = time.perf_counter()
     net = engine.for_training(model, rt, cfg.compile, cfg.compile_mode, redo_check=cubs.range_check(model))
-    optimizer = torch.optim.SGD(engine.param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=0.9,
-                                nesterov=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: engine.warmup_cosine(
-        s, cfg.epochs * len(loader), max(1, round(cfg.warmup_epochs * len(loader)))))
+    optimizer, scheduler = engine.optimizer_and_schedule(model, cfg, len(loader))
     with tempfile.TemporaryDirectory() as out:
         fitted = engine.fit(net, loader, torch.nn.CrossEntropyLoss(label_smoothing=0.1), optimizer,
                             scheduler, engine.grad_scaler(rt), evaluate, cfg, out, rt,

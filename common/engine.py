@@ -2,10 +2,8 @@
 epoch in `train_one_epoch`, the epochs in `fit`. The script builds what it trains with:
 
     net = engine.for_training(model, rt, compile=cfg.compile, mode=cfg.compile_mode)
-    optimizer = torch.optim.SGD(engine.param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                momentum=0.9, nesterov=True)
-    scheduler = LambdaLR(optimizer, lambda s: engine.warmup_cosine(s, total_steps, warmup_steps))
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.amp_dtype == torch.float16)
+    optimizer, scheduler = engine.optimizer_and_schedule(model, cfg, steps_per_epoch=len(loader))
+    scaler = engine.grad_scaler(rt)
     fitted = engine.fit(net, loader, loss_fn, optimizer, scheduler, scaler, evaluate, cfg, out, rt, meta)
 
 `fit` trains until `cfg.epochs` or early stopping and leaves in `out/`:
@@ -66,6 +64,23 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int) -> float:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def optimizer_and_schedule(model: torch.nn.Module, cfg: FitConfig, steps_per_epoch: int
+                           ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The recipe's optimiser on param_groups(model, cfg.weight_decay): SGD with Nesterov
+    momentum 0.9, or AdamW (cfg.optimizer); and its schedule, stepped once per batch:
+    warmup_cosine over cfg.epochs, warming up for cfg.warmup_epochs (at least one step)."""
+    groups = param_groups(model, cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True)
+    elif cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    else:
+        raise ValueError(f"cfg.optimizer must be 'sgd' or 'adamw', got {cfg.optimizer!r}")
+    total, warmup = cfg.epochs * steps_per_epoch, max(1, round(cfg.warmup_epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, total, warmup))
+    return optimizer, scheduler
 
 
 @dataclass

@@ -90,14 +90,10 @@ def fit(model, loader, evaluate, cfg, out, rt, meta, loss_fn=None, redo_check=No
     """engine.fit with the task scripts' recipe (SGD Nesterov, weight decay groups, warmup +
     cosine per step, a GradScaler for fp16); loss_fn: label-smoothed (0.1) cross-entropy."""
     import torch
-    from torch.optim.lr_scheduler import LambdaLR
 
     from common import engine
     net = engine.for_training(model, rt, cfg.compile, cfg.compile_mode, redo_check=redo_check)
-    opt = torch.optim.SGD(engine.param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=0.9,
-                          nesterov=True)
-    n, warm = len(loader), max(1, round(cfg.warmup_epochs * len(loader)))
-    sched = LambdaLR(opt, lambda s: engine.warmup_cosine(s, cfg.epochs * n, warm))
+    opt, sched = engine.optimizer_and_schedule(model, cfg, len(loader))
     loss_fn = loss_fn or torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     return engine.fit(net, loader, loss_fn, opt, sched, engine.grad_scaler(rt), evaluate, cfg, out,
                       rt, meta, **kw)

@@ -32,6 +32,29 @@ def test_warmup_cosine_values_at_known_steps():
     assert f(77, 100, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 67 / 90)))
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_optimizer_and_schedule_give_the_recipes_optimiser_and_lr_at_every_step(optimizer):
+    # 3 epochs of 10 steps, warmup 0.25 epochs -> round(2.5) = 2 steps (banker's rounding).
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    cfg = engine.FitConfig(epochs=3, lr=0.2, weight_decay=1e-3, optimizer=optimizer, warmup_epochs=0.25)
+    opt, sched = engine.optimizer_and_schedule(model, cfg, steps_per_epoch=10)
+    if optimizer == "sgd":
+        assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9 and opt.defaults["nesterov"]
+    else:
+        assert type(opt) is torch.optim.AdamW
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-3, 0.0]
+    assert [len(g["params"]) for g in opt.param_groups] == [1, 3]  # Linear weight | biases, BN
+    lrs = []
+    for _ in range(30):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [0.2 * engine.warmup_cosine(s, 30, 2) for s in range(30)]
+    assert lrs == pytest.approx(expected) and lrs[:3] == pytest.approx([0.1, 0.2, 0.2])
+    with pytest.raises(ValueError, match="'sgd' or 'adamw', got 'adam'"):
+        engine.optimizer_and_schedule(model, engine.FitConfig(optimizer="adam"), 10)
+
+
 def test_weight_decay_goes_to_every_weight_matrix_and_kernel_and_nothing_else():
     from common.cubs import cubs_resnet18
     model = cubs_resnet18(10, variant="plus", width=8, d=64)
