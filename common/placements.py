@@ -109,12 +109,12 @@ def write_comparison(c: Mapping[str, Any], out: Path) -> None:
     write_json(c, out / "placements.json")
     write_text(out / "placements.md", text)
     names = [f"{r['placement']}\n{r['variant']}" for r in c["runs"]]
-    values = [r["test_acc"] for r in c["runs"]]
+    runs = c["runs"] + ([c["vanilla"]] if c["vanilla"] else [])
     if c["vanilla"]:
         names.append("vanilla\nResNet-18")
-        values.append(c["vanilla"]["test_acc"])
+    series = {"holdout (selects)": [r["holdout_acc"] for r in runs], "test": [r["test_acc"] for r in runs]}
     sel = c["selected"]
-    plot_bars(names, values, out / "placements.png", ylabel="test accuracy",
+    plot_bars(names, series, out / "placements.png", ylabel="top-1 accuracy",
               title="CUBS placements (selected by holdout accuracy)",
               highlight=f"{sel['placement']}\n{sel['variant']}" if sel else None)
     print(text, end="")

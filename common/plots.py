@@ -218,29 +218,39 @@ def run_title(meta: dict) -> str:
     return f"{task}: {model}" if task else model
 
 
-def plot_bars(names: Sequence[str], values: Sequence[float], path: str | Path, ylabel: str,
-              title: str = "", highlight: str | None = None,
+BAR_COLOURS = ("tab:blue", "tab:orange", "tab:green")
+
+
+def plot_bars(names: Sequence[str], series: Mapping[str, Sequence[float]], path: str | Path,
+              ylabel: str, title: str = "", highlight: str | None = None,
               highlight_label: str = "selected") -> None:
-    """One bar per name with its value printed on top. The bar named `highlight` is drawn in
-    another colour, hatched, with a bold name, and a legend says what that means."""
-    width = max(5.5, 1.6 + 1.3 * len(names))
+    """A group of bars per name, one bar per series (e.g. holdout and test accuracy, each in
+    its colour, with a key), each value printed on top. The group named `highlight` is
+    hatched with a black edge and a bold name, and the key says what that means."""
+    width = max(5.5, 1.6 + (0.9 + 0.4 * len(series)) * len(names))
     fig, ax = plt.subplots(figsize=(width, 3.8))
     chosen = [n == highlight for n in names]
-    bars = ax.bar(names, values, color=["tab:orange" if c else "tab:blue" for c in chosen],
-                  edgecolor=["black" if c else "none" for c in chosen], linewidth=1.5)
-    for bar, v, c in zip(bars, values, chosen):
-        bar.set_hatch("//" if c else None)
-        ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{v:.3f}",
-                ha="center", va="bottom", fontsize=9, fontweight="bold" if c else "normal")
+    x, bar_width = np.arange(len(names)), 0.8 / len(series)
+    for i, (label, values) in enumerate(series.items()):
+        offsets = x + (i - (len(series) - 1) / 2) * bar_width
+        bars = ax.bar(offsets, values, bar_width, color=BAR_COLOURS[i], label=label,
+                      edgecolor=["black" if c else "none" for c in chosen], linewidth=1.5)
+        for bar, v, c in zip(bars, values, chosen):
+            bar.set_hatch("//" if c else None)
+            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{v:.3f}", ha="center",
+                    va="bottom", fontsize=8 if len(series) > 1 else 9, fontweight="bold" if c else "normal")
+    ax.set_xticks(x, names)
     for label, c in zip(ax.get_xticklabels(), chosen):
         label.set_fontweight("bold" if c else "normal")
-    ax.set(ylabel=ylabel, ylim=(0, max(1e-9, max(values)) * 1.3))
+    top = max(max(values) for values in series.values())
+    ax.set(ylabel=ylabel, ylim=(0, max(1e-9, top) * 1.3))
     if title:
         ax.set_title(_wrap(title, width, 12), fontsize=12)
+    handles = [Patch(facecolor=colour, label=label) for colour, label in zip(BAR_COLOURS, series)]
     if any(chosen):
-        ax.legend(handles=[Patch(facecolor="tab:orange", edgecolor="black", hatch="//", label=highlight_label),
-                           Patch(facecolor="tab:blue", label="other")],
-                  loc="upper left", fontsize=8, ncols=2)
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label=highlight_label))
+    if len(handles) > 1:
+        ax.legend(handles=handles, loc="upper left", fontsize=8, ncols=len(handles))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     save_png(fig, path, dpi=110, bbox_inches="tight")  # never cut off a long title or name

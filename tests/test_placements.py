@@ -154,10 +154,19 @@ def test_without_a_plain_run_nothing_is_selected(tmp_path):
     assert "Plus vs plain: not run (train with `--variant both`)." in comparison_lines(c)
 
 
-def test_write_comparison_writes_the_json_the_markdown_and_the_figure(tmp_path, capsys):
+def test_write_comparison_writes_the_json_the_markdown_and_the_figure(tmp_path, capsys, monkeypatch):
     _results(tmp_path, "serial", "plain", 0.7, 0.6)
+    _results(tmp_path, "parallel", "plain", 0.72, 0.58)
     c = compare_runs(tmp_path, _vanilla(tmp_path / "t2.json", 0.61))
+    drawn = {}
+    draw = placements.plot_bars
+    monkeypatch.setattr(placements, "plot_bars", lambda *a, **kw: drawn.update(a=a, kw=kw) or draw(*a, **kw))
     write_comparison(c, tmp_path)
+    # The figure shows the score that selects (holdout) beside the test score, vanilla too.
+    names, series = drawn["a"][:2]
+    assert names == ["serial\nplain", "parallel\nplain", "vanilla\nResNet-18"]
+    assert series == {"holdout (selects)": [0.7, 0.72, 0.5], "test": [0.6, 0.58, 0.61]}
+    assert drawn["kw"]["highlight"] == "parallel\nplain"
     assert json.loads((tmp_path / "placements.json").read_text()) == c
     markdown = (tmp_path / "placements.md").read_text()
     assert markdown == "\n".join(comparison_lines(c)).rstrip() + "\n" == capsys.readouterr().out

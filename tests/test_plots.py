@@ -68,17 +68,23 @@ def test_classifier_curves_keep_the_accuracy_panel(figures: list, tmp_path: Path
         "holdout accuracy", "holdout top-5 accuracy", "train accuracy"]
 
 
-def test_bars_mark_the_highlight_and_say_so(figures: list, tmp_path: Path) -> None:
+def test_bars_group_the_series_mark_the_highlight_and_say_so(figures: list, tmp_path: Path) -> None:
     title = "CUBS placements (selected by holdout accuracy), a title longer than the figure is wide"
-    plots.plot_bars(["serial\nplain", "reverse\nplain"], [0.5, 0.4], tmp_path / "bars.png",
-                    ylabel="test accuracy", title=title, highlight="reverse\nplain")
+    series = {"holdout": [0.5, 0.6, 0.55], "test": [0.45, 0.4, 0.7]}
+    plots.plot_bars(["serial\nplain", "reverse\nplain", "vanilla"], series, tmp_path / "bars.png",
+                    ylabel="top-1 accuracy", title=title, highlight="reverse\nplain")
     ax = figures[0].axes[0]
-    normal, chosen = ax.patches[:2]
-    assert chosen.get_facecolor() == to_rgba("tab:orange") and chosen.get_hatch() == "//"
-    assert normal.get_facecolor() == to_rgba("tab:blue") and not normal.get_hatch()
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["selected", "other"]
+    bars = ax.patches[:6]  # the holdout bars, then the test bars
+    assert [b.get_height() for b in bars] == [0.5, 0.6, 0.55, 0.45, 0.4, 0.7]
+    assert [b.get_facecolor() for b in bars] == [to_rgba("tab:blue")] * 3 + [to_rgba("tab:orange")] * 3
+    assert [b.get_hatch() or "" for b in bars] == ["", "//", ""] * 2  # the highlighted group, both bars
+    centres = [b.get_x() + b.get_width() / 2 for b in bars]
+    assert centres[0] < centres[3] < centres[1] < centres[4] < centres[2] < centres[5]  # side by side
+    assert [t.get_text() for t in ax.texts] == ["0.500", "0.600", "0.550", "0.450", "0.400", "0.700"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["holdout", "test", "selected"]
     assert ax.get_title().replace("\n", " ") == title and "\n" in ax.get_title()  # wrapped, not cut off
-    assert [t.get_fontweight() for t in ax.get_xticklabels()] == ["normal", "bold"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["serial\nplain", "reverse\nplain", "vanilla"]
+    assert [t.get_fontweight() for t in ax.get_xticklabels()] == ["normal", "bold", "normal"]
 
 
 def test_retrieval_grid_has_a_title_and_a_key(figures: list, tmp_path: Path) -> None:
@@ -208,7 +214,7 @@ def test_a_png_is_replaced_atomically(tmp_path: Path, monkeypatch) -> None:
     from PIL import Image
     from common.plots import plot_bars
     path = tmp_path / "bars.png"
-    plot_bars(["a", "b"], [0.2, 0.4], path, ylabel="acc", title="first")
+    plot_bars(["a", "b"], {"acc": [0.2, 0.4]}, path, ylabel="acc", title="first")
     before = path.read_bytes()
 
     def killed(self, fname, **kw):
@@ -216,7 +222,7 @@ def test_a_png_is_replaced_atomically(tmp_path: Path, monkeypatch) -> None:
         raise KeyboardInterrupt("killed mid-write")
     monkeypatch.setattr(Figure, "savefig", killed)
     with pytest.raises(KeyboardInterrupt):
-        plot_bars(["a", "b"], [0.3, 0.1], path, ylabel="acc", title="second")
+        plot_bars(["a", "b"], {"acc": [0.3, 0.1]}, path, ylabel="acc", title="second")
     monkeypatch.undo()
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["bars.png"]
     with Image.open(path) as image:
