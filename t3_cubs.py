@@ -7,8 +7,9 @@
 
 The blocks (common/cubs.py, specification in docs/cubs.md, summary in README): Block 1
 gates channels through a self-similarity of the pooled channel descriptor, Block 2 gates
-positions through a self-similarity of the positions; both attention maps go through a
-fused kernel and are never materialised. Each (placement, variant) trains with the same
+positions through a self-similarity of the positions; both similarities are computed
+exactly by a Taylor series in O(N p) (a fused attention kernel beyond its range) and the
+N x N maps are never materialised. Each (placement, variant) trains with the same
 seed and recipe as T2, from T2's initial tensors (the blocks are drawn after them), into
 --out/<placement>_<variant>/. Afterwards every finished run under --out is compared: the
 placement is selected by HOLDOUT accuracy (never test), test accuracies are reported, and
@@ -27,7 +28,7 @@ from common.diagnostics import diagnostics
 from common.files import remove_files
 
 # The recipe: the defaults of `python t3_cubs.py`. Each is a flag (--lr 0.1, ...). The
-# training settings are T2's (tests/test_scripts.py checks it), so that the at-par rule
+# training settings are T2's (tests/test_schema.py checks it), so that the at-par rule
 # compares the networks, not two recipes.
 RECIPE = dict(
     epochs=60,  # length of the cosine schedule; early stopping may end the run sooner

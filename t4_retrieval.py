@@ -8,8 +8,9 @@ metric learning with the Multi-Similarity loss.
 
 Split by class id: classes 1-98 train (a stratified holdout of their images drives early
 stopping), 99-196 test (never seen in training). Network: CUBS-ResNet-18 with the ImageNet
-stem at 224 px and the placement/variant of T3's best run by holdout over all variants
-(`best_overall` in runs/t3/placements.json), else --placement. Phase A trains it as a 98-way classifier (cross-entropy), then embeds the test
+stem at 224 px, of the placement/variant that --placement/--variant name, else of T3's best
+run by holdout over all variants (`best_overall` in runs/t3/placements.json), else serial
+plain. Phase A trains it as a 98-way classifier (cross-entropy), then embeds the test
 images (pooled features, L2-normalised) and reports Recall@1,2,4,8. Phase B replaces the
 classifier by a 512-d L2-normalised linear embedding, trains the whole network from the
 Phase A weights with the Multi-Similarity loss on P x K class-balanced batches, and reports
@@ -43,7 +44,9 @@ KS = (1, 2, 4, 8)
 RECIPE = dict(
     # Phase A: the CUBS network as a 98-way classifier (the shared training flags)
     epochs=30,  # length of the cosine schedule; classes 1-98 hold 8,054 images
-    batch_size=128,  # per process; a 224 px image takes 12x the activations of T2's 64 px one
+    batch_size=128,  # per process: about 59 steps an epoch on the 7,564 training images (8,054 less
+                     # the holdout); the ImageNet stem makes a 224 px image's activations
+                     # about those of T2's 64 px one (layer1 at 56 x 56)
     lr=0.1,  # peak LR after warmup (SGD, Nesterov momentum 0.9)
     optimizer="sgd",
     weight_decay=5e-4,  # on conv / linear weights only

@@ -1,6 +1,6 @@
 """torch.compile (inductor, CPU) of every network a script trains: compile time and the
-distance to eager, forward + backward. The CI tests build each CUBS residual block and a
-MixBlock under inductor and capture the whole networks with Dynamo (tests/test_gpu_paths.py);
+distance to eager, forward + backward. The CI tests build two CUBS residual blocks (serial plain, parallel plus)
+and a MixBlock under inductor and capture the whole networks with Dynamo (tests/test_gpu_paths.py);
 whole-network inductor builds take 13-97 s each on 2 cores (all ten: 10 min on 2026-11-29,
 this project's 2-core VM, fresh cache), so they are here.
 

@@ -1,6 +1,7 @@
 """CPU timings of recall_at_k and multi_similarity_loss against their goals (no assertions).
 
-Shapes: recall on (8041, 512) random embeddings with 98 classes (Cars196 test split size);
+Shapes: recall on (8041, 512) random embeddings with 98 classes (about Cars196's test split:
+8,131 images of classes 99-196);
 loss forward + backward on a (256, 512) batch, mining "ms". Run: python -m bench.bench_retrieval
 """
 

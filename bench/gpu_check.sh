@@ -22,7 +22,7 @@
 # The summary takes each run's second epoch from its metrics.jsonl (T4: Phase A's), and
 # counts the recompiles and CUDA graph (re-)recordings in its log, with the first reasons.
 # README's Performance section quotes it. The model and loop alone, without data:
-# python3 bench/gpu_diagnose.py (< 5 minutes).
+# python3 bench/gpu_diagnose.py (< 7 minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_check}

@@ -6,9 +6,11 @@
 Runs common.engine.fit (the loop every script runs: autocast, channels_last, compile,
 checkpoints, a holdout pass with the scripts' diagnostics) on an in-memory loader of random 64 px images already on the
 GPU, so no step waits for data and the figures are the model's and the loop's alone:
-  t3_compiled   T3 serial plain (common/cubs.py), torch.compile, with the Taylor-range check
-                deferred to one read per step (cubs.range_check, as t3_cubs.py trains)
-  t3_graphs     the same with mode="reduce-overhead": each step replayed as CUDA graphs
+  t3_compiled   T3 serial plain (common/cubs.py), torch.compile, as t3_cubs.py trains it:
+                each plain block checks the Taylor range with a torch.cond
+  t3_graphs     the same with mode="reduce-overhead": each step replayed as CUDA graphs, the
+                range check deferred to one read per step (cubs.range_check), as
+                t3_cubs.py --compile-mode reduce-overhead
   t2_compiled   T2's ResNet-18, compiled: the reference
   t2_graphs     the same as CUDA graphs
   t1_compiled   T1's CustomCNN, compiled (its first step includes the compile)
@@ -119,7 +121,10 @@ def timed_fit(name: str, model: torch.nn.Module, mode: str | None, args, rt) -> 
     cfg = engine.FitConfig(epochs=2, lr=0.05, warmup_epochs=1, patience=10, compile=mode is not None,
                            compile_mode=mode or "default", fresh=True)
     t0 = time.perf_counter()
-    net = engine.for_training(model, rt, cfg.compile, cfg.compile_mode, redo_check=cubs.range_check(model))
+    # As t3_cubs.py: the range check deferred to one read per step under CUDA graphs only;
+    # compiled otherwise, each plain block keeps its torch.cond.
+    redo_check = cubs.range_check(model) if mode == "reduce-overhead" else None
+    net = engine.for_training(model, rt, cfg.compile, cfg.compile_mode, redo_check=redo_check)
     optimizer, scheduler = engine.optimizer_and_schedule(model, cfg, len(loader))
     with tempfile.TemporaryDirectory() as out:
         fitted = engine.fit(net, loader, torch.nn.CrossEntropyLoss(label_smoothing=0.1), optimizer,
@@ -168,11 +173,11 @@ def range_check_under_graphs(rt) -> list[dict]:
 
 
 def profile_compiled(model: torch.nn.Module, args, rt) -> dict:
-    """5 training steps of a compiled model (with the loop's per-step range check): wall
-    and GPU-busy milliseconds per step, kernels per step, the top 15 kernels by time."""
+    """5 training steps of a compiled model as t3_cubs.py compiles it by default (each plain
+    block's torch.cond): wall and GPU-busy milliseconds per step, kernels per step, the top
+    15 kernels by time."""
     from torch.profiler import ProfilerActivity, profile
     model.train()  # as engine.fit trains it (its last holdout pass left it in eval mode)
-    check = cubs.range_check(model)
     compiled = torch.compile(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     x = runtime.to_device(torch.randn(args.batch, 3, 64, 64), rt)
@@ -183,7 +188,6 @@ def profile_compiled(model: torch.nn.Module, args, rt) -> dict:
             loss = torch.nn.functional.cross_entropy(compiled(x).float(), y)
         opt.zero_grad()
         loss.backward()
-        check()
         opt.step()
 
     train_step()

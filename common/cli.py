@@ -96,7 +96,7 @@ def training_parser(description: str, *, out: str, recipe: Mapping[str, Any],
     a("--batch-size", type=positive_int, default=None, help="per process (per GPU under torchrun)")
     a("--lr", type=positive_float, default=None, help="peak learning rate after warmup")
     a("--weight-decay", type=nonnegative_float, default=None,
-      help="not applied to biases, norm layers and gates")
+      help="on conv and linear weights only: not on biases, norm layers or plus's gamma")
     a("--optimizer", choices=["sgd", "adamw"], default=None, help="sgd = SGD, Nesterov 0.9")
     a("--warmup-epochs", type=nonnegative_float, default=None, help="linear warmup, then cosine")
     a("--label-smoothing", type=nonnegative_float, default=None,

@@ -64,7 +64,7 @@ def evaluate_checkpoint(model: torch.nn.Module, saved: tuple[Path, dict[str, Any
 
     meta: what this invocation's flags say the model is; every schema.ModelMeta key (task,
     model, classes, placement, ...) that the checkpoint also records must be equal. loader: the backend used
-    ("dali" / "torch"), recorded because the figures are exact only for the same one."""
+    ("dali" / "torch" / "cache"), recorded because the figures are exact only for the same one."""
     path, ck = saved
     network = {k: v for k, v in meta.items() if k in schema.keys(schema.ModelMeta)}
     try:  # the network must match; the training recipe (batch size, seed, ...) need not

@@ -15,7 +15,8 @@ every later op runs on the GPU; without CUDA `device_id=None` and it all runs on
     eval:  decoders.image -> resize S x S, or resize shorter side to `eval_resize` + centre crop S
 The fallback (`backend="torch"`, chosen automatically when `nvidia.dali` cannot be imported)
 does the same with PIL + torchvision.transforms.v2 in a DataLoader; its random numbers come
-from (seed, epoch, image index), so its output does not depend on the worker count.
+from (seed, epoch, position in the epoch, shard), so its output does not depend on the
+worker count, and an image a P x K batch repeats gets another crop each time.
 
 `backend="cache"` decodes every file once (DALI, `mixed` on CUDA, else PIL) into one
 N x S x S x 3 uint8 tensor on `device` (Tiny ImageNet: 1.2 GB) and augments there, on CUDA

@@ -4,9 +4,10 @@ checkpoint's meta or a results.json (common/schema.py, ModelMeta), as a mapping.
     model = build_model({"task": "t2", "model": "resnet18", "num_classes": 200, "width": 64})
     embedder = build_model(t4_results, phase="b")   # T4 Phase B: the network + embedding head
 
-The scripts build their models with it and the report rebuilds them for layer, parameter and
-FLOP counts, so a rebuilt model is the trained one: same layers, same parameter count, same
-initialisation for the same seed.
+The report (common/architecture.py) rebuilds the scripts' models with it for layer,
+parameter and FLOP counts; a rebuilt model is the trained one (same layers, same parameter
+count, same initialisation for the same seed), which tests/test_report.py checks against
+each run's recorded parameter count.
 
 Keys read:
     task         t1, t2, t3 (CIFAR-style stem, 64 px) or t4 (ImageNet stem, 224 px)

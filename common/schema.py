@@ -31,7 +31,7 @@ class FitConfig:
     compile: bool = False
     # "reduce-overhead" replays each compiled step as CUDA graphs: one launch instead of one
     # per kernel, for networks whose steps are many small kernels.
-    compile_mode: str = "default"  # T1-T4 scripts: --compile-mode, reduce-overhead
+    compile_mode: str = "default"  # scripts: --compile-mode (reduce-overhead; T3's: default)
     grad_clip: float = 0.0
     fresh: bool = False
     stop_after_epoch: int | None = None  # end this process after that many epochs (tests, time-boxed sessions)

@@ -4,7 +4,7 @@ torch.compile (inductor builds of the serial plain and parallel plus CUBS residu
 and of CustomCNN's MixBlock, Dynamo's whole-graph capture of every network), bf16 autocast with channels_last for every network, fp16 with a GradScaler that
 overflows and resumes, the zero-padding branch of fused_attention, and the MS loss's fp32
 similarity under autocast. What a CPU cannot run (DALI `mixed`, NCCL) is left to
-bench/gpu_check.sh. Whole-network inductor builds cost 40-120 s each on 2 cores:
+bench/gpu_check.sh. Whole-network inductor builds cost 13-97 s each on 2 cores:
 bench/bench_compile.py measures those.
 """
 from __future__ import annotations
