@@ -65,6 +65,7 @@ sys.path.insert(0, str(REPO_ROOT))  # allow `python bench/bench_train.py`
 
 from common.cubs import cubs_resnet18  # noqa: E402
 from common.engine import param_groups  # noqa: E402
+from common.runtime import cuda_backend_settings  # noqa: E402
 from common.flops import FLOP_FORMULAS  # noqa: E402
 from common.models import CustomCNN, ResNet18  # noqa: E402
 
@@ -503,10 +504,8 @@ def _run(args: argparse.Namespace) -> int:
     """main() after parsing: the table, the loader rows, the JSON file."""
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    if cuda:  # as common.runtime.setup_runtime
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if cuda:
+        cuda_backend_settings()  # the scripts' kernel choices (no cuDNN autotuning, TF32, SDPA)
         device_name = torch.cuda.get_device_name(device)
         if args.peak_tflops:
             peak, peak_label = args.peak_tflops * 1e12, "--peak-tflops"

@@ -38,6 +38,22 @@ class Runtime:
         return self.device.type == "cuda"
 
 
+def cuda_backend_settings() -> None:
+    """The CUDA kernel choices every script trains with (bench/bench_train.py measures with
+    them too)."""
+    # No cuDNN autotuning: on an H200 (2026-12-04, bench/gpu_diagnose.py) it made T1's
+    # first step take 9.4 s instead of 0.03 s, and the steps after it were no faster.
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    # Attention kernels, chosen here rather than in traced code (an sdpa_kernel context
+    # inside a compiled graph bypasses AOTAutograd's cache): no math backend, which would
+    # store the L x L matrix, so a shape no fused kernel takes raises; no cuDNN attention,
+    # which has returned wrong results on Hopper (pytorch #138522).
+    torch.backends.cuda.enable_math_sdp(False)
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
 def setup_runtime(device: str = "auto", seed: int = 0) -> Runtime:
     """Pick the device, join the torchrun process group if there is one, seed every RNG."""
     if device == "auto":
@@ -58,17 +74,7 @@ def setup_runtime(device: str = "auto", seed: int = 0) -> Runtime:
             dev = torch.device("cuda", torch.cuda.current_device())
         # Before the process group: NCCL and every cuda call without a device use this GPU.
         torch.cuda.set_device(dev)
-        # No cuDNN autotuning: on an H200 (2026-12-04, bench/gpu_diagnose.py) it made T1's
-        # first step take 9.4 s instead of 0.03 s, and the steps after it were no faster.
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        # Attention kernels, chosen here rather than in traced code (an sdpa_kernel context
-        # inside a compiled graph bypasses AOTAutograd's cache): no math backend, which would
-        # store the L x L matrix, so a shape no fused kernel takes raises; no cuDNN attention,
-        # which has returned wrong results on Hopper (pytorch #138522).
-        torch.backends.cuda.enable_math_sdp(False)
-        torch.backends.cuda.enable_cudnn_sdp(False)
+        cuda_backend_settings()
         amp_dtype = torch.bfloat16 if torch.cuda.get_device_capability(dev) >= (8, 0) else torch.float16
         if rank == 0:
             print(f"{torch.cuda.get_device_name(dev)}: autocast "

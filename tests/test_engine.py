@@ -110,10 +110,12 @@ def test_cuda_runtime_names_its_gpu_and_picks_the_autocast_dtype(monkeypatch, ca
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "fake GPU")
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: None)
+    # The backend flags are process-wide: set here, they would change every later test's SDPA.
+    monkeypatch.setattr(runtime, "cuda_backend_settings", lambda: calls.append("backend settings"))
     for flags in ("auto", "cuda"):
         rt = runtime.setup_runtime(flags, seed=0)
         assert rt.device == torch.device("cuda", 0) and rt.amp_dtype == dtype
-    assert calls == [torch.device("cuda", 0)] * 2
+    assert calls == [torch.device("cuda", 0), "backend settings"] * 2
     # torchrun: LOCAL_RANK picks the GPU, set before NCCL's process group is created
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
@@ -121,7 +123,27 @@ def test_cuda_runtime_names_its_gpu_and_picks_the_autocast_dtype(monkeypatch, ca
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: calls.append(backend))
     rt = runtime.setup_runtime("cuda", seed=0)
     assert (rt.device, rt.rank, rt.world_size) == (torch.device("cuda", 1), 1, 2)
-    assert calls[2:] == [torch.device("cuda", 1), "nccl"]
+    assert calls[4:] == [torch.device("cuda", 1), "backend settings", "nccl"]
+
+
+def test_cuda_backend_settings_are_the_ones_measured_and_the_bench_uses_them():
+    def flags():
+        return (torch.backends.cudnn.benchmark, torch.backends.cuda.math_sdp_enabled(),
+                torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.matmul.allow_tf32,
+                torch.backends.cudnn.allow_tf32)
+    before = flags()
+    try:
+        runtime.cuda_backend_settings()
+        # no autotuning, no math or cuDNN attention, TF32 matmuls and convolutions
+        assert flags() == (False, False, False, True, True)
+    finally:  # process-wide flags: restored for every later test
+        benchmark, math_sdp, cudnn_sdp, matmul_tf32, cudnn_tf32 = before
+        torch.backends.cudnn.benchmark = benchmark
+        torch.backends.cuda.enable_math_sdp(math_sdp)
+        torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul_tf32, cudnn_tf32
+    import bench.bench_train as bench_train
+    assert bench_train.cuda_backend_settings is runtime.cuda_backend_settings
 
 
 # ---------------------------------------------------------------- fit on a tiny dataset
