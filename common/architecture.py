@@ -22,7 +22,7 @@ from torch import nn
 
 from common.cubs import CUBSBlock1, CUBSBlock1Plus, CUBSBlock2, CUBSBlock2Plus
 from common.flops import forward_flops
-from common.models import SqueezeExcitation
+from common.models import SqueezeExcitation, count_parameters
 from common.networks import build_model, model_keys, model_name
 from common.runs_folder import Run, RunsFolder
 
@@ -54,7 +54,7 @@ def summarise(model: nn.Module, label: str, image_size: int) -> Architecture:
         label=label, input_size=image_size, conv=n(nn.Conv2d), linear=n(nn.Linear),
         batchnorm=n(nn.BatchNorm2d),
         attention=n(CUBSBlock1, CUBSBlock2, CUBSBlock1Plus, CUBSBlock2Plus),
-        se_gates=n(SqueezeExcitation), params=sum(p.numel() for p in model.parameters()),
+        se_gates=n(SqueezeExcitation), params=count_parameters(model),
         flops=forward_flops(model, image_size))
 
 

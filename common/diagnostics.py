@@ -34,10 +34,6 @@ _GATED_BLOCKS = (CUBSBlock1, CUBSBlock1Plus, CUBSBlock2, CUBSBlock2Plus)
 _PLUS_BLOCKS = (CUBSBlock1Plus, CUBSBlock2Plus)
 
 
-def has_residual_blocks(model: nn.Module) -> bool:
-    return any(isinstance(m, BasicBlock) for m in model.modules())
-
-
 def diagnostics(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict:
     """Both measurements on one batch; see the module docstring."""
     devices = [images.device] if images.is_cuda else []

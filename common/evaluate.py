@@ -37,6 +37,8 @@ from common import runtime, schema
 from common.checkpoint import (INFERENCE_KEYS, CheckpointError, check_compatible, load_checkpoint,
                                load_model_state)
 from common.files import write_json
+from common.formats import fmt_recall
+from common.models import count_parameters
 from common.runtime import Runtime, all_reduce_sums, autocast, broadcast_from_main, describe_device, to_device
 
 Score = Callable[[torch.nn.Module], dict[str, Any]]
@@ -100,7 +102,7 @@ def classifier_checkpoint(model: torch.nn.Module, path: str | Path, meta: schema
 
 def _fmt(value: Any) -> str:
     if isinstance(value, dict):  # Recall@K
-        return " ".join(f"R@{k} {v:.4f}" for k, v in value.items())
+        return fmt_recall(value)
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
@@ -234,7 +236,7 @@ def test_best(model: torch.nn.Module, loaders, fitted: dict[str, Any], meta: sch
     best_record = load_best(model, out, fitted["best_epoch"])
     test = evaluate_classifier(model, loaders.test, rt)
     results = schema.ClassifierResults(
-        **meta, params=sum(p.numel() for p in model.parameters()),
+        **meta, params=count_parameters(model),
         test_acc=test["acc"], test_top5=test["top5"], test_loss=test["loss"], test_images=test["n"],
         holdout_acc=best_record["holdout_acc"], holdout_top5=best_record["holdout_top5"],
         best_epoch=fitted["best_epoch"], epochs_run=fitted["epochs_run"],
@@ -252,6 +254,6 @@ def test_best(model: torch.nn.Module, loaders, fitted: dict[str, Any], meta: sch
 def announce(name: str, model: torch.nn.Module, loaders, rt: Runtime) -> None:
     """One line before training: the network, its size, the data and where it runs."""
     if rt.is_main:
-        print(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        print(f"{name}: {count_parameters(model) / 1e6:.2f}M parameters, "
               f"{len(loaders.train.files)} train / {len(loaders.holdout.files)} holdout / "
               f"{len(loaders.test.files)} test images, device {rt.device}, loader {loaders.train.backend}")

@@ -113,7 +113,7 @@ def plot_retrieval_curves(phases: Mapping[str, Sequence[Mapping[str, Any]]], pat
 
 
 def finish_epoch_axes(fig: Figure, axes: Sequence[Axes], path: str | Path, dpi: int,
-                       legend_size: float | None = None, key: Sequence[Any] | None = None) -> None:
+                       key: Sequence[Any] | None = None) -> None:
     """The end of every per-epoch figure: whole-number epoch ticks, a light grid, the legend;
     then lay out, save and close.
 
@@ -126,9 +126,9 @@ def finish_epoch_axes(fig: Figure, axes: Sequence[Axes], path: str | Path, dpi: 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
         if key is None and ax.lines:
-            ax.legend(fontsize=legend_size or 8)
+            ax.legend(fontsize=8)
     if key is not None:
-        size = legend_size or plt.rcParams["legend.fontsize"]
+        size = plt.rcParams["legend.fontsize"]
         fig.legend(handles=list(key), loc="outside right upper", fontsize=size,
                    ncols=key_columns(len(key), fig.get_figheight(), size))
     else:
@@ -222,8 +222,7 @@ BAR_COLOURS = ("tab:blue", "tab:orange", "tab:green")
 
 
 def plot_bars(names: Sequence[str], series: Mapping[str, Sequence[float]], path: str | Path,
-              ylabel: str, title: str = "", highlight: str | None = None,
-              highlight_label: str = "selected") -> None:
+              ylabel: str, title: str = "", highlight: str | None = None) -> None:
     """A group of bars per name, one bar per series (e.g. holdout and test accuracy, each in
     its colour, with a key), each value printed on top. The group named `highlight` is
     hatched with a black edge and a bold name, and the key says what that means."""
@@ -248,7 +247,7 @@ def plot_bars(names: Sequence[str], series: Mapping[str, Sequence[float]], path:
         ax.set_title(_wrap(title, width, 12), fontsize=12)
     handles = [Patch(facecolor=colour, label=label) for colour, label in zip(BAR_COLOURS, series)]
     if any(chosen):
-        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label=highlight_label))
+        handles.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="selected"))
     if len(handles) > 1:
         ax.legend(handles=handles, loc="upper left", fontsize=8, ncols=len(handles))
     ax.grid(axis="y", alpha=0.3)

@@ -25,6 +25,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+KS = (1, 2, 4, 8)  # the K of the task's Recall@K
+
+
 def _check_embeddings(embeddings: Tensor) -> None:
     if embeddings.dim() != 2:
         raise ValueError(f"embeddings must be (N, D), got shape {tuple(embeddings.shape)}")
@@ -114,7 +117,7 @@ def nearest_neighbours(embeddings: Tensor, k: int, chunk_size: int = 1024) -> Te
 def recall_at_k(
     embeddings: Tensor,
     labels: Tensor,
-    ks: Sequence[int] = (1, 2, 4, 8),
+    ks: Sequence[int] = KS,
     chunk_size: int = 1024,
 ) -> dict[int, float]:
     """{K: R@K} over all N leave-one-out queries, K in ``ks``."""

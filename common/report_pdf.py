@@ -52,6 +52,7 @@ from common.formats import fmt_1, fmt_acc, fmt_count, fmt_epochs, fmt_gflops, fm
 from common.placements import at_par_lines, table_rows
 from common.plots import RETRIEVAL_FONT_PT, plot_classifier_curves, plot_retrieval_curves
 from common.recipes import classifier_recipe, embedding_recipe, random_area
+from common.recall import KS
 from common.runs_folder import NOT_RUN, SMOKE_BANNER, TASKS, Chosen, Run, RunsFolder, choose_runs
 
 MAX_PAGES = 2
@@ -123,7 +124,7 @@ def json_path(run: Run, file: str = "results.json") -> str:
 def recalls(values: dict | None) -> list[str]:
     """Recall@1, 2, 4, 8 at the report's precision ('n/a' where the JSON lacks one)."""
     values = values or {}
-    return [fmt_acc(values.get(k)) for k in ("1", "2", "4", "8")]
+    return [fmt_acc(values.get(str(k))) for k in KS]  # JSON keys are strings
 
 
 def run_label(run: Run) -> str:
