@@ -129,8 +129,9 @@ def main(argv: list[str] | None = None) -> dict:
     # -- model: CUBS-ResNet-18 (T3's network) with the ImageNet stem (7x7 stride 2 + max-pool)
     # for 224 px, initialised as --init says
     num_classes = len(data.splits.train.classes)
-    if args.evaluate:  # the network the checkpoint was trained as, whatever T3 holds now
-        d = evaluate.load(args.evaluate)[1]["meta"].get("d", 512)
+    saved = evaluate.load(args.evaluate) if args.evaluate else None
+    if saved:  # the network the checkpoint was trained as, whatever T3 holds now
+        d = saved[1]["meta"].get("d", 512)
     else:
         d = t3_block1_size(args.init, t3_best, args.width) or 512  # T3's, so that its Block 1s load
     model = cubs_resnet18(num_classes, stem="imagenet", placement=placement, variant=variant,
@@ -139,8 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     meta = dict(task="t4", model=f"cubs_resnet18_{placement}_{variant}", placement=placement,
                 variant=variant, num_classes=num_classes, width=args.width,
                 image_size=args.image_size, **({"d": d} if d != 512 else {}))
-    if args.evaluate:  # --evaluate PATH: Recall@K of a saved Phase A or Phase B checkpoint
-        return evaluate_saved(model, meta, args, data.test_all, rt)
+    if saved:  # --evaluate PATH: Recall@K of a saved Phase A or Phase B checkpoint
+        return evaluate_saved(model, meta, saved, args, data.test_all, rt)
     init = load_initial_weights(model, args.init, t3_best=t3_best, t3_results=args.t3_results,
                                 init_weights=args.init_weights, verbose=rt.is_main)
     if args.fresh and rt.is_main:  # every phase, once nothing can fail before training starts
@@ -290,11 +291,10 @@ def write_results(model: torch.nn.Module, meta: dict, init: dict, recall_init: d
     return results
 
 
-def evaluate_saved(model, meta: dict, args, test_all, rt) -> dict:
-    """--evaluate: Recall@K on the unseen test classes of a Phase A checkpoint (the
-    classifier's pooled features, as Phase A reports them) or of a Phase B one (the
-    embedding); the checkpoint's meta says which."""
-    saved = evaluate.load(args.evaluate)
+def evaluate_saved(model, meta: dict, saved: tuple[Path, dict], args, test_all, rt) -> dict:
+    """--evaluate: Recall@K on the unseen test classes of `saved` (evaluate.load), a Phase A
+    checkpoint (the classifier's pooled features, as Phase A reports them) or a Phase B one
+    (the embedding); the checkpoint's meta says which."""
     phase_b = saved[1]["meta"].get("phase") == "b"
     if phase_b:
         model = EmbeddingNet(model, dim=args.embedding_dim)

@@ -17,7 +17,7 @@ from typing import Any
 
 from common.errors import ConfigError, Interrupted, UserError
 from common.image_check import CHECK_MODES
-from common.schema import DataRecipe, FitConfig
+from common.schema import RECIPE_FLAGS, DataRecipe, FitConfig
 from common.loader import LoaderSettings
 
 
@@ -64,11 +64,6 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
-# The flags whose defaults are a task's training recipe: every script passes all of them
-# (its RECIPE), so that reading the script tells every default.
-RECIPE_FLAGS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs",
-                "label_smoothing", "patience", "min_delta", "grad_clip", "holdout_per_class",
-                "image_size", "color_jitter", "width")
 
 # --smoke: a small model and a few short epochs on a generated dataset, on the CPU. A script
 # passes these (plus its own) to parse(); flags typed on the command line still win.

@@ -21,20 +21,19 @@ from common.cubs import PLACEMENTS, VARIANTS
 from common.files import write_json, write_text
 from common.formats import fmt_acc, fmt_count, fmt_epochs, fmt_points, table
 from common.plots import plot_bars
+from common.schema import RECIPE_FLAGS
 
 AT_PAR_POINTS = 2.0  # the assignment: at most 2 points below vanilla ResNet-18
 # The flags (results.json "args") that set what a T2 or T3 run computes; the others steer the
 # process or name the run. Runs that differ in one are different experiments: never compared.
-RECIPE_FLAGS = ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "warmup_epochs",
-                "label_smoothing", "patience", "min_delta", "grad_clip", "holdout_per_class",
-                "image_size", "color_jitter", "width", "seed", "smoke")
+COMPARED_FLAGS = RECIPE_FLAGS + ("seed", "smoke")  # runs that differ in one are not compared
 CUBS_FLAGS = ("d", "gate_init")  # T3 only: not compared with T2
 TABLE_HEADER = ["placement", "variant", "holdout top-1", "test top-1", "test top-5", "params",
                 "best epoch / epochs run", "selection"]
 
 
 def recipe_differences(args: Mapping[str, Any], reference: Mapping[str, Any],
-                       flags: tuple[str, ...] = RECIPE_FLAGS + CUBS_FLAGS) -> list[str]:
+                       flags: tuple[str, ...] = COMPARED_FLAGS + CUBS_FLAGS) -> list[str]:
     """The recipe flags in which `args` differ from `reference` (both a results.json's
     "args"), as "epochs 5 instead of 60"; flags missing from `reference` are not compared."""
     return [f"{k} {args.get(k)} instead of {reference[k]}" for k in flags
@@ -81,7 +80,7 @@ def compare_runs(out: Path, vanilla_path: Path, recipe: Mapping[str, Any] | None
     same_setup = vanilla and selected and all(vanilla.get(k) == selected[k]
                                               for k in ("num_classes", "width", "image_size"))
     # The at-par rule compares two networks trained the same way, not two recipes.
-    other_t2_recipe = recipe_differences(vanilla.get("args", {}), recipe or {}, RECIPE_FLAGS) if vanilla else []
+    other_t2_recipe = recipe_differences(vanilla.get("args", {}), recipe or {}, COMPARED_FLAGS) if vanilla else []
     if vanilla and selected and not same_setup:
         comparison["vanilla_note"] = (f"{vanilla_path} was trained in another setup "
                                       f"(classes/width/image size differ): not compared")

@@ -17,6 +17,12 @@ from typing import Any, TypedDict
 RANDOM_AREA = (0.25, 1.0)
 RANDOM_ASPECT = (3 / 4, 4 / 3)
 
+# The flags whose defaults are a task's training recipe: every script passes all of them
+# (its RECIPE, cli.training_parser), so that reading the script tells every default.
+RECIPE_FLAGS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs",
+                "label_smoothing", "patience", "min_delta", "grad_clip", "holdout_per_class",
+                "image_size", "color_jitter", "width")
+
 
 @dataclass
 class FitConfig:

@@ -39,7 +39,7 @@ def test_recipe_flags_are_every_flag_that_changes_what_a_run_computes():
     from common.checkpoint import _PROCESS_ONLY
     from common.schema import DataRecipe, FitConfig
     training = {f.name for f in fields(FitConfig)} - _PROCESS_ONLY
-    assert set(placements.RECIPE_FLAGS) == training | set(DataRecipe.__annotations__) | {
+    assert set(placements.COMPARED_FLAGS) == training | set(DataRecipe.__annotations__) | {
         "image_size", "width", "smoke"}
 
 

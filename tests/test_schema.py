@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from common import cli, schema
+from common import schema
 from common.checkpoint import load_checkpoint
 from common.networks import build_model
 
@@ -45,8 +45,8 @@ def test_retrieval_results_and_both_phases_meta_follow_the_schema(runs):
 @pytest.mark.parametrize("script", ["t1_custom_cnn", "t2_resnet18", "t3_cubs", "t4_retrieval"])
 def test_every_script_shows_every_training_default_in_its_recipe(script):
     recipe = importlib.import_module(script).RECIPE
-    assert set(cli.RECIPE_FLAGS) <= recipe.keys()
+    assert set(schema.RECIPE_FLAGS) <= recipe.keys()
     if script in ("t1_custom_cnn", "t3_cubs"):  # compared with T2: the same training settings
         t2 = importlib.import_module("t2_resnet18").RECIPE
-        shared = [k for k in cli.RECIPE_FLAGS if not (k == "width" and script == "t1_custom_cnn")]
+        shared = [k for k in schema.RECIPE_FLAGS if not (k == "width" and script == "t1_custom_cnn")]
         assert {k: recipe[k] for k in shared} == {k: t2[k] for k in shared}
