@@ -82,6 +82,11 @@ def _first_bad_image(files: Sequence[str]) -> str | None:
     return next((f for f in files if decode_problem(f) is not None), None)
 
 
+def decode_error(path: str) -> ImageDecodeError:
+    """The error every backend raises for a file it cannot decode."""
+    return ImageDecodeError(f"cannot decode image {path}: corrupt or not a JPEG/PNG")
+
+
 @dataclass(frozen=True)
 class LoaderSettings:
     """How an ImageLoader turns files into batches. A run's loaders share most of these
@@ -92,7 +97,6 @@ class LoaderSettings:
     train: bool = False  # augmented, reshuffled, full batches; else every image once, in order
     device: torch.device | str = "cpu"
     eval_resize: int | None = None  # evaluation: resize to this, then centre-crop S
-    random_area: tuple[float, float] = RANDOM_AREA  # training crops keep this share of the area
     color_jitter: float = 0.0  # brightness / contrast / saturation range of training images
     seed: int = 0  # batch order and augmentation
     shard_id: int = 0  # this process's shard of the file list ...
@@ -122,7 +126,7 @@ class ImageLoader:
         s = settings
         self.batch_size, self.train, self.image_size = s.batch_size, s.train, s.image_size
         self.device = torch.device(s.device)
-        self.eval_resize, self.random_area, self.color_jitter = s.eval_resize, s.random_area, s.color_jitter
+        self.eval_resize, self.color_jitter = s.eval_resize, s.color_jitter
         self.seed, self.shard_id, self.num_shards = s.seed, s.shard_id, s.num_shards
         self.workers, self.classes_per_batch = s.workers, s.classes_per_batch
         self.reader_processes = s.reader_processes
@@ -179,7 +183,7 @@ class ImageLoader:
                 upcoming = [self.files[i] for b in self.batches(epoch)[position:position + 4] for i in b]
                 bad = _first_bad_image(upcoming)
                 if bad:
-                    raise ImageDecodeError(f"cannot decode image {bad}: corrupt or not a JPEG/PNG") from err
+                    raise decode_error(bad) from err
                 raise
             position += 1
             yield out[0]["images"], out[0]["labels"]
@@ -197,7 +201,7 @@ class ImageLoader:
             readers = min(4, self.workers) if cuda and self.train and not raw else 0
         pipe = _dali_pipeline(
             source=source, train=self.train and not raw, size=self.image_size,
-            eval_resize=self.eval_resize, random_area=list(self.random_area),
+            eval_resize=self.eval_resize, random_area=list(RANDOM_AREA),
             color_jitter=self.color_jitter, raw=raw,
             decode_device="mixed" if cuda else "cpu", parallel=readers > 0, readers=readers,
             batch_size=self.batch_size, num_threads=max(1, self.workers),
@@ -221,7 +225,7 @@ class ImageLoader:
         mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255
         std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255
         if self.train:
-            boxes, flips = random_crops(len(self.files), self.image_size, self.random_area,
+            boxes, flips = random_crops(len(self.files), self.image_size, RANDOM_AREA,
                                         seed=(self.seed, epoch, self.shard_id))
             boxes, flips = boxes.to(self.device), flips.to(self.device)
         # The epoch's indices go to the device once: a host-to-device copy per batch would
@@ -255,7 +259,7 @@ class ImageLoader:
             except RuntimeError as err:
                 bad = _first_bad_image(self.files[position:])
                 if bad:
-                    raise ImageDecodeError(f"cannot decode image {bad}: corrupt or not a JPEG/PNG") from err
+                    raise decode_error(bad) from err
                 raise
             if position != len(self.files):
                 raise RuntimeError(f"cache fill decoded {position} of {len(self.files)} images")
@@ -482,7 +486,7 @@ class _RawFiles(torch.utils.data.Dataset):
                     im = im.resize((self.size, self.size), Image.BILINEAR)
                 return torch.from_numpy(np.asarray(im).copy())
         except Exception as err:
-            raise ImageDecodeError(f"cannot decode image {self.files[index]}: corrupt or not a JPEG/PNG") from err
+            raise decode_error(self.files[index]) from err
 
 
 class _AugmentedFiles(torch.utils.data.Dataset):
@@ -505,11 +509,11 @@ class _AugmentedFiles(torch.utils.data.Dataset):
             with Image.open(path) as im:
                 image = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
         except Exception as err:
-            raise ImageDecodeError(f"cannot decode image {path}: corrupt or not a JPEG/PNG") from err
+            raise decode_error(path) from err
         size = [s.image_size, s.image_size]
         if s.train:
             rng = np.random.default_rng([s.seed, self.epoch, position, s.shard_id])
-            top, left, h, w = random_resized_crop_box(rng, image.shape[1], image.shape[2], s.random_area)
+            top, left, h, w = random_resized_crop_box(rng, image.shape[1], image.shape[2], RANDOM_AREA)
             image = F.resized_crop(image, top, left, h, w, size, antialias=True)
             if s.color_jitter > 0:
                 lo, hi = 1 - s.color_jitter, 1 + s.color_jitter
