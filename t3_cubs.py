@@ -23,7 +23,7 @@ import torch
 
 from common import cli, engine, evaluate, runtime, task_data
 from common.checkpoint import discard_run
-from common.cubs import GATE_LOGIT_INIT, PLACEMENTS, VARIANTS, check_plus_d, cubs_resnet18, range_check
+from common.cubs import BLOCK1_D, GATE_LOGIT_INIT, PLACEMENTS, VARIANTS, check_plus_d, cubs_resnet18, range_check
 from common.diagnostics import diagnostics
 from common.files import remove_files
 from common.placements import compare_runs, write_comparison
@@ -47,7 +47,7 @@ RECIPE = dict(
     image_size=64,  # Tiny ImageNet's own size: train crops and evaluation at 64 x 64
     color_jitter=0.0,  # off: random-resized crop + flip are the augmentation
     width=64,  # ResNet-18's widths (64, 128, 256, 512)
-    d=512,  # Block 1: the pooled channel descriptor is projected to d values (docs/cubs.md)
+    d=BLOCK1_D,  # 512, Block 1: the pooled channel descriptor is projected to d values (docs/cubs.md)
     gate_init=GATE_LOGIT_INIT,  # plain blocks: gates start at sigmoid(3) = 0.95, nearly open,
                                 # so serial/reverse learn as fast as vanilla (docs/cubs.md ablation)
 )

@@ -27,7 +27,7 @@ import torch
 
 from common import cli, engine, evaluate, plots, runtime, task_data
 from common.checkpoint import discard_run
-from common.cubs import PLACEMENTS, VARIANTS, cubs_resnet18
+from common.cubs import BLOCK1_D, PLACEMENTS, VARIANTS, cubs_resnet18
 from common.diagnostics import diagnostics
 from common.errors import ConfigError
 from common.files import remove_files, write_json
@@ -131,15 +131,15 @@ def main(argv: list[str] | None = None) -> dict:
     num_classes = len(data.splits.train.classes)
     saved = evaluate.load(args.evaluate) if args.evaluate else None
     if saved:  # the network the checkpoint was trained as, whatever T3 holds now
-        d = saved[1]["meta"].get("d", 512)
+        d = saved[1]["meta"].get("d", BLOCK1_D)
     else:
-        d = t3_block1_size(args.init, t3_best, args.width) or 512  # T3's, so that its Block 1s load
+        d = t3_block1_size(args.init, t3_best, args.width) or BLOCK1_D  # T3's, so that its Block 1s load
     model = cubs_resnet18(num_classes, stem="imagenet", placement=placement, variant=variant,
                           width=args.width, d=d)
     # d only when not the default: checkpoints written before T4 followed T3's d still resume.
     meta = dict(task="t4", model=f"cubs_resnet18_{placement}_{variant}", placement=placement,
                 variant=variant, num_classes=num_classes, width=args.width,
-                image_size=args.image_size, **({"d": d} if d != 512 else {}))
+                image_size=args.image_size, **({"d": d} if d != BLOCK1_D else {}))
     if saved:  # --evaluate PATH: Recall@K of a saved Phase A or Phase B checkpoint
         return evaluate_saved(model, meta, saved, args, data.test_all, rt)
     init = load_initial_weights(model, args.init, t3_best=t3_best, t3_results=args.t3_results,

@@ -19,7 +19,7 @@ Shared kernels
       Eager mode runs the series as batched matmuls with a written-out backward
       (_TaylorRatio); torch.compile gets products and sums it fuses (_taylor_ratio_by_sums).
 
-CUBS Block 1, channel attention (CUBSBlock1, d = 512 by default):
+CUBS Block 1, channel attention (CUBSBlock1, d = BLOCK1_D = 512 by default):
   g = avgpool(x)                                  B x C
   q, k, v = ReLU(Linear_{C->d}(g)), 3 layers      B x d each
   a = similarity_attention(q, k, v)               B x d      (d x d logits, never stored)
@@ -78,6 +78,7 @@ VARIANTS = ("plain", "plus")
 RELU_BIAS_INIT = 1.0
 # Plain gates' initial logit: open (0.95), as a gate scales its residual branch's gradient (docs/cubs.md).
 GATE_LOGIT_INIT = 3.0
+BLOCK1_D = 512  # Block 1's similarity size d, the spec's (t3_cubs.py --d)
 HEAD_DIM = 8  # plus variant; also the head-dim multiple the CUDA fused kernels want
 TAYLOR_MAX_LOGIT = 7.5  # the Taylor series up to this logit; beyond it (or for a negative q or k), the fused kernel
 
@@ -290,7 +291,7 @@ def check_plus_d(d: int, heads: int = 4) -> None:
         raise ValueError(f"--d {d} does not fit the plus variant: Block 1 plus needs d to be a "
                          f"multiple of {HEAD_DIM} x {heads} heads = {HEAD_DIM * heads} giving at "
                          f"least 2 tokens per head, so d = {2 * HEAD_DIM * heads}, "
-                         f"{3 * HEAD_DIM * heads}, ... (default 512)")
+                         f"{3 * HEAD_DIM * heads}, ... (default {BLOCK1_D})")
 
 
 def _identity_preserving_gate(logit: Tensor, scale: Tensor) -> Tensor:
@@ -405,7 +406,7 @@ class CUBSBlock1(SimilarityGateBlock):
     gate_logit: the gates' initial logit (GATE_LOGIT_INIT; None = PyTorch's default init).
     """
 
-    def __init__(self, channels: int, d: int = 512, gate_logit: float | None = GATE_LOGIT_INIT) -> None:
+    def __init__(self, channels: int, d: int = BLOCK1_D, gate_logit: float | None = GATE_LOGIT_INIT) -> None:
         super().__init__()
         self.q_proj = nn.Linear(channels, d)
         self.k_proj = nn.Linear(channels, d)
@@ -456,7 +457,7 @@ class CUBSBlock2(SimilarityGateBlock):
 class CUBSBlock1Plus(PlusGateBlock):
     """Block 1, plus variant: multi-head 8-dim similarity, identity at init. B x C x H x W -> same."""
 
-    def __init__(self, channels: int, d: int = 512, heads: int = 4) -> None:
+    def __init__(self, channels: int, d: int = BLOCK1_D, heads: int = 4) -> None:
         super().__init__()
         check_plus_d(d, heads)
         self.heads = heads
@@ -526,7 +527,7 @@ class CUBSAttention(nn.Module):
         channels: int,
         placement: str = "serial",
         variant: str = "plain",
-        d: int = 512,
+        d: int = BLOCK1_D,
         heads: int = 4,
         gate_logit: float | None = GATE_LOGIT_INIT,
     ) -> None:
@@ -569,7 +570,7 @@ def cubs_resnet18(
     placement: str = "serial",
     variant: str = "plain",
     width: int = 64,
-    d: int = 512,
+    d: int = BLOCK1_D,
     gate_logit: float | None = GATE_LOGIT_INIT,
 ) -> ResNet18:
     """ResNet18 with a CUBSAttention on the residual branch of each of its 8 BasicBlocks.
