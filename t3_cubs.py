@@ -26,8 +26,6 @@ from common.checkpoint import discard_run
 from common.cubs import BLOCK1_D, GATE_LOGIT_INIT, PLACEMENTS, VARIANTS, check_plus_d, cubs_resnet18, range_check
 from common.diagnostics import diagnostics
 from common.files import remove_files
-from common.placements import compare_runs, write_comparison
-from common.plots import curves_png
 
 # The recipe: the defaults of `python t3_cubs.py`. Each is a flag (--lr 0.1, ...). The
 # training settings are T2's (tests/test_schema.py checks it), so that the at-par rule
@@ -111,6 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # -- compare every finished run in --out, select the placement by HOLDOUT accuracy,
     # check the at-par rule against T2's results.json; write placements.json/.md/.png.
+    # (Imported here: the comparison's tables and figures are not needed to train.)
+    from common.placements import compare_runs, write_comparison
     if not rt.is_main:
         return {}
     comparison = compare_runs(Path(args.out), Path(args.vanilla_results), cli.flags(args))
@@ -156,8 +156,17 @@ def train_and_test(args, rt: runtime.Runtime, loaders: task_data.Loaders, num_cl
     evaluate.announce(meta["model"], model, loaders, rt)
     fitted = engine.fit(net, loaders.train, loss_fn, optimizer, scheduler, scaler,
                         evaluate.holdout_scorer(loaders.holdout, rt, diagnostics), cfg, out, rt,
-                        meta, on_epoch=curves_png(out, meta))
+                        meta, on_epoch=_curves(out, meta))
     return evaluate.test_best(model, loaders, fitted, meta, out, rt, cli.flags(args))
+
+
+def _curves(out: Path, meta: dict):
+    """curves.png after each epoch; matplotlib is loaded by the first drawing, not to train
+    (tests/test_layers.py: T3 loads at most 16 common modules)."""
+    def draw(history: list[dict]) -> None:
+        from common.plots import curves_png
+        curves_png(out, meta)(history)
+    return draw
 
 
 def gate_logit(text: str) -> float | None:

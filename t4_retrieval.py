@@ -31,7 +31,6 @@ from common.cubs import BLOCK1_D, PLACEMENTS, VARIANTS, cubs_resnet18
 from common.diagnostics import diagnostics
 from common.errors import ConfigError
 from common.files import remove_files, write_json
-from common.formats import fmt_recall
 from common.init_weights import INIT_CHOICES, load_initial_weights, t3_block1_size, t3_selection
 from common.loss import MINING_CHOICES, multi_similarity_loss
 from common.models import EmbeddingNet, count_parameters
@@ -158,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     # -- before training: Recall@K of the initial network, the baseline Phase A must beat
     recall_init = recall_at_k(*evaluate.embed(model.to(rt.device), data.test_all, rt, features=True), ks=KS)
     if rt.is_main:
-        print(f"Before Phase A (--init {init['init']}) test " + fmt_recall(recall_init))
+        print(f"Before Phase A (--init {init['init']}) test " + evaluate.fmt_recall(recall_init))
     a = phase_a(model, data, args, rt, meta, out)
     if not a["finished"]:
         return {"finished": False}
@@ -224,7 +223,7 @@ def phase_a(model: torch.nn.Module, data: SimpleNamespace, args: argparse.Namesp
     evaluate.load_best(model, run_dir, fitted["best_epoch"])
     fitted["test_recall"] = recall_at_k(*evaluate.embed(model, data.test_all, rt, features=True), ks=KS)
     if rt.is_main:
-        print("Phase A (classifier features) test " + fmt_recall(fitted["test_recall"]))
+        print("Phase A (classifier features) test " + evaluate.fmt_recall(fitted["test_recall"]))
     return fitted
 
 
@@ -257,7 +256,7 @@ def phase_b(model: torch.nn.Module, mining: str, data: SimpleNamespace, args: ar
     fitted["test_recall"] = recall_at_k(*fitted["embeddings"], ks=KS)
     fitted["embedding_params"] = count_parameters(embedder)
     if rt.is_main:
-        print(f"Phase B ({mining} mining) test " + fmt_recall(fitted["test_recall"]))
+        print(f"Phase B ({mining} mining) test " + evaluate.fmt_recall(fitted["test_recall"]))
     return fitted
 
 
@@ -285,8 +284,8 @@ def write_results(model: torch.nn.Module, meta: dict, init: dict, recall_init: d
                    embedding=f"the Phase B embedding (Multi-Similarity loss, {args.mining} mining)")
     write_json(results, out / "results.json")
     print(f"Recall@K on {len(test.files)} test images of unseen classes "
-          f"(R@1 chance {chance:.3f}):\n  before (Phase A) {fmt_recall(a['test_recall'])}\n"
-          f"  after  (Phase B, {args.mining}) {fmt_recall(b[args.mining]['test_recall'])}\n"
+          f"(R@1 chance {chance:.3f}):\n  before (Phase A) {evaluate.fmt_recall(a['test_recall'])}\n"
+          f"  after  (Phase B, {args.mining}) {evaluate.fmt_recall(b[args.mining]['test_recall'])}\n"
           f"wrote {out / 'results.json'} and {out / 'retrieval.png'}")
     return results
 

@@ -37,7 +37,6 @@ from common import runtime, schema
 from common.checkpoint import (INFERENCE_KEYS, CheckpointError, check_compatible, load_checkpoint,
                                load_model_state)
 from common.files import write_json
-from common.formats import fmt_recall
 from common.models import count_parameters
 from common.runtime import Runtime, all_reduce_sums, autocast, broadcast_from_main, describe_device, to_device
 
@@ -98,6 +97,11 @@ def classifier_checkpoint(model: torch.nn.Module, path: str | Path, meta: schema
         return {"test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"],
                 "test_images": test["n"]}
     return evaluate_checkpoint(model, load(path), meta, rt, score, test_loader.backend)
+
+
+def fmt_recall(recall: dict[int, float]) -> str:
+    """Recall@K as T4 and --evaluate print it: R@1 0.4271  R@2 0.5781  ..."""
+    return "  ".join(f"R@{k} {v:.4f}" for k, v in recall.items())
 
 
 def _fmt(value: Any) -> str:

@@ -20,11 +20,6 @@ def fmt_acc(v: Any) -> str:
     return "n/a" if v is None else f"{float(v):.4f}"
 
 
-def fmt_recall(recall: Mapping[Any, float]) -> str:
-    """Recall@K as the scripts print it: R@1 0.4271  R@2 0.5781  ..."""
-    return "  ".join(f"R@{k} {fmt_acc(v)}" for k, v in recall.items())
-
-
 def fmt_points(v: Any) -> str:
     """A difference in percentage points, signed: +1.25."""
     return "n/a" if v is None else f"{float(v):+.2f}"
