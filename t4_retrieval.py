@@ -239,6 +239,7 @@ def phase_b(model: torch.nn.Module, mining: str, data: SimpleNamespace, args: ar
                               warmup_epochs=args.embed_warmup_epochs)
     runtime.seed_everything(args.seed + rt.rank)
     embedder = EmbeddingNet(model, dim=args.embedding_dim)
+    model.fc.requires_grad_(False)  # unused by the embedding: DDP must not wait for its gradients
     loss_fn = lambda emb, labels: multi_similarity_loss(  # noqa: E731 (fp32 emb: common/loss.py)
         emb, labels, args.alpha, args.beta, args.lam, mining, args.epsilon)
     holdout_r1 = lambda m: {"holdout_r1": recall_at_k(  # noqa: E731

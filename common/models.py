@@ -297,15 +297,14 @@ class CustomCNN(nn.Module):
 class EmbeddingNet(nn.Module):
     """backbone.features (B x feature_dim) -> linear -> L2 normalisation: B x dim.
 
-    The backbone's fc is not used (nor trained: it receives no gradient through this path).
+    The backbone's fc is not used: it receives no gradient through this path (a trainer under
+    DDP freezes it, so that DDP does not wait for its gradients).
     """
 
     def __init__(self, backbone: nn.Module, dim: int = 512) -> None:
         super().__init__()
         self.backbone = backbone
         self.projection = nn.Linear(backbone.feature_dim, dim)
-        # The classifier is unused here; frozen, so DDP does not wait for its gradients.
-        backbone.fc.requires_grad_(False)
 
     def forward(self, x: Tensor) -> Tensor:
         """B x 3 x H x W -> B x dim, unit L2 norm per row."""
