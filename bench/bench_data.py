@@ -27,7 +27,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # allow `python bench/...py`
 
-from common.loader import HAVE_DALI, MEAN, RANDOM_ASPECT, STD, ImageLoader, LoaderSettings  # noqa: E402
+from common.loader import HAVE_DALI, MEAN, STD, ImageLoader, LoaderSettings  # noqa: E402
+from common.schema import RANDOM_AREA, RANDOM_ASPECT  # noqa: E402
 from common.synthetic import render_class_image  # noqa: E402
 
 
@@ -56,7 +57,7 @@ class PilFiles(torch.utils.data.Dataset):
         from torchvision import transforms as T
         self.files, self.labels = files, labels
         self.transform = T.Compose([
-            T.RandomResizedCrop(size, scale=(0.25, 1.0), ratio=RANDOM_ASPECT, antialias=True),
+            T.RandomResizedCrop(size, scale=RANDOM_AREA, ratio=RANDOM_ASPECT, antialias=True),
             T.RandomHorizontalFlip(),
             T.ToTensor(),
             T.Normalize(MEAN, STD),
