@@ -32,6 +32,7 @@ from common.diagnostics import diagnostics
 from common.errors import ConfigError
 from common.files import remove_files, write_json
 from common.init_weights import INIT_CHOICES, load_initial_weights, t3_block1_size, t3_selection
+from common.loader import ImageLoader
 from common.loss import MINING_CHOICES, multi_similarity_loss
 from common.models import EmbeddingNet, count_parameters
 from common.recall import KS, recall_at_k
@@ -291,7 +292,8 @@ def write_results(model: torch.nn.Module, meta: dict, init: dict, recall_init: d
     return results
 
 
-def evaluate_saved(model, meta: dict, saved: tuple[Path, dict], args, test_all, rt) -> dict:
+def evaluate_saved(model: torch.nn.Module, meta: dict, saved: tuple[Path, dict], args: argparse.Namespace,
+                   test_all: ImageLoader, rt: runtime.Runtime) -> dict:
     """--evaluate: Recall@K on the unseen test classes of `saved` (evaluate.load), a Phase A
     checkpoint (the classifier's pooled features, as Phase A reports them) or a Phase B one
     (the embedding); the checkpoint's meta says which."""

@@ -24,9 +24,10 @@ On CUDA also:
              / step time / the GPU's peak dense bf16 FLOP/s (PEAK_FLOPS table, or
              --peak-tflops). FlopCounterMode counts matmuls, convolutions and attention
              kernels only (not BN, activations or the optimizer), and counts the kernels as
-             they run: CUBS plain's similarity runs as Taylor-series products and sums
-             (common.cubs), which it does not count; only its out-of-range fallback is a
-             padded attention kernel (head dim 1 zero-padded to 8 on CUDA).
+             they run: CUBS plain's similarity runs eagerly as the Taylor series' batched
+             matmuls (common.cubs), which it counts (not the elementwise powers); only an
+             out-of-range block runs a padded attention kernel (head dim 1 zero-padded to 8
+             on CUDA), counted at the padded size.
     peak GiB torch.cuda.max_memory_allocated over the configuration (weights, optimizer
              state, activations; statistics reset per configuration).
 With --with-loader DIR (a tiny-imagenet-200 folder, e.g. from

@@ -64,7 +64,6 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
-
 # --smoke: a small model and a few short epochs on a generated dataset, on the CPU. A script
 # passes these (plus its own) to parse(); flags typed on the command line still win.
 SMOKE = dict(epochs=8, batch_size=32, lr=0.05, warmup_epochs=1.0, patience=4, holdout_per_class=5,

@@ -6,8 +6,8 @@ checkpoint's meta or a results.json (common/schema.py, ModelMeta), as a mapping.
 
 The report (common/architecture.py) rebuilds the scripts' models with it for layer,
 parameter and FLOP counts; a rebuilt model is the trained one (same layers, same parameter
-count, same initialisation for the same seed), which tests/test_report.py checks against
-each run's recorded parameter count.
+count, same initialisation for the same seed): tests/test_schema.py checks the parameter
+count each T1-T3 run recorded, tests/test_networks.py the networks T4's files describe.
 
 Keys read:
     task         t1, t2, t3 (CIFAR-style stem, 64 px) or t4 (ImageNet stem, 224 px)

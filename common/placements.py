@@ -26,7 +26,7 @@ from common.schema import RECIPE_FLAGS
 AT_PAR_POINTS = 2.0  # the assignment: at most 2 points below vanilla ResNet-18
 # The flags (results.json "args") that set what a T2 or T3 run computes; the others steer the
 # process or name the run. Runs that differ in one are different experiments: never compared.
-COMPARED_FLAGS = RECIPE_FLAGS + ("seed", "smoke")  # runs that differ in one are not compared
+COMPARED_FLAGS = RECIPE_FLAGS + ("seed", "smoke")
 CUBS_FLAGS = ("d", "gate_init")  # T3 only: not compared with T2
 TABLE_HEADER = ["placement", "variant", "holdout top-1", "test top-1", "test top-5", "params",
                 "best epoch / epochs run", "selection"]

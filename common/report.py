@@ -197,7 +197,7 @@ def placement_block(runs: RunsFolder, name: str, c: dict, figs: Figures) -> list
     lines = [f"### `{name}/placements.json`", ""] + smoke_note(members)
     lines += comparison_lines(c)
     lines += figs.copy(folder / "placements.png", figure_name(name, "placements.png"),
-                       "test accuracy per placement")
+                       "holdout (selects) and test accuracy per run; the selected run hatched")
     return lines
 
 

@@ -1,9 +1,10 @@
 """The code paths the scripts take only on a GPU, run on the CPU.
 
 torch.compile (inductor builds of the serial plain and parallel plus CUBS residual blocks
-and of CustomCNN's MixBlock, Dynamo's whole-graph capture of every network), bf16 autocast with channels_last for every network, fp16 with a GradScaler that
-overflows and resumes, the zero-padding branch of fused_attention, and the MS loss's fp32
-similarity under autocast. What a CPU cannot run (DALI `mixed`, NCCL) is left to
+and of CustomCNN's MixBlock, Dynamo's whole-graph capture of every network), bf16 autocast
+with channels_last for every network, fp16 with a GradScaler that overflows and resumes,
+the zero-padding branch of fused_attention, and the MS loss's fp32 similarity under
+autocast. What a CPU cannot run (DALI `mixed`, NCCL) is left to
 bench/gpu_check.sh. Whole-network inductor builds cost 13-97 s each on 2 cores:
 bench/bench_compile.py measures those.
 """
