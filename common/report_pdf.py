@@ -498,8 +498,8 @@ def variant_strategy(chosen: Chosen) -> str:
     result = ("; ".join(f"{p.get('placement')}: {fmt_points(p.get('gain_points'))} test "
                         "points over plain" for p in pairs)
               if pairs else "not run (`--variant both`)")
-    return ("**Our variant** (CUBS plus): identity-preserving gates y = x (1 + gamma (2 sigmoid(.) "
-            "- 1)) with gamma = 0 at init, so the network starts exactly as ResNet-18, and "
+    return ("**Our variant** (CUBS plus): identity-preserving gates y = x (1 + tanh(gamma) "
+            "(2 sigmoid(.) - 1)) with gamma = 0 at init, so the network starts exactly as ResNet-18, and "
             f"multi-head similarity (4 heads of 8 dims). Result: {result}.")
 
 
