@@ -35,7 +35,7 @@ def classifier_recipe(args: dict, area: str) -> dict[str, str]:
         "optimiser": optimiser(args.get("optimizer")),
         "peak LR": fmt_setting(args.get("lr")),
         "schedule": f"linear warmup {fmt_setting(args.get('warmup_epochs'))} epochs, then cosine decay",
-        "weight decay": f"{fmt_setting(args.get('weight_decay'))} (not on biases / norms)",
+        "weight decay": f"{fmt_setting(args.get('weight_decay'))} (not on biases, norms, gamma)",
         "label smoothing": fmt_setting(args.get("label_smoothing")),
         "batch size": f"{fmt_setting(args.get('batch_size'))} per process",
         "epochs (max)": fmt_setting(args.get("epochs")),

@@ -212,7 +212,7 @@ def placements_drawing() -> Drawing:
     arrow(d, 110, y - 5, 131.5, y + 3.5)
     arrow(d, 141, y + 6, 170, y + 6)
     d.add(String(173, y + 3.5, "y", **small))
-    d.add(String(0, 2, "serial y = B2(B1(x)), reverse y = B1(B2(x)), parallel y = B1(x) + B2(x)",
+    d.add(String(0, 2, "y: serial B2(B1(x)), reverse B1(B2(x)), parallel B1(x)+B2(x) (plus: -x)",
                  **small))
     return d
 
