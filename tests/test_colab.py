@@ -92,7 +92,7 @@ def test_notebook_is_nbformat4_json_without_outputs():
 
 def test_notebook_runs_every_task_and_the_report():
     commands = [" ".join(c) for c in python_commands()]
-    for expected in ("t1_custom_cnn.py", "t2_resnet18.py", "t3_cubs.py --placement all",
+    for expected in ("t1_custom_cnn.py", "t2_resnet18.py", "t3_cubs.py --placement all --variant both",
                      "t4_retrieval.py --data-dir data/cars196", "-m common.report runs"):
         assert expected in commands, f"missing cell: !python {expected}"
     text = "\n".join(source(c) for c in load_notebook()["cells"])
