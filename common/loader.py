@@ -82,6 +82,15 @@ def _first_bad_image(files: Sequence[str]) -> str | None:
     return next((f for f in files if decode_problem(f) is not None), None)
 
 
+def pil_rgb(im: Image.Image) -> Image.Image:
+    """`im` as 8-bit RGB, as DALI decodes it. PIL's convert("RGB") clips a 16-bit grey image
+    (mode I;16 or I) at 255, which turns it white; DALI scales it (v / 257)."""
+    if im.mode.startswith("I"):
+        grey = np.asarray(im, dtype=np.float64) / 257
+        im = Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
 def decode_error(path: str) -> ImageDecodeError:
     """The error every backend raises for a file it cannot decode."""
     return ImageDecodeError(f"cannot decode image {path}: corrupt or not a JPEG/PNG")
@@ -481,7 +490,7 @@ class _RawFiles(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> torch.Tensor:
         try:
             with Image.open(self.files[index]) as im:
-                im = im.convert("RGB")
+                im = pil_rgb(im)
                 if im.size != (self.size, self.size):
                     im = im.resize((self.size, self.size), Image.BILINEAR)
                 return torch.from_numpy(np.asarray(im).copy())
@@ -507,7 +516,7 @@ class _AugmentedFiles(torch.utils.data.Dataset):
         path = s.files[index]
         try:
             with Image.open(path) as im:
-                image = torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1)
+                image = torch.from_numpy(np.asarray(pil_rgb(im)).copy()).permute(2, 0, 1)
         except Exception as err:
             raise decode_error(path) from err
         size = [s.image_size, s.image_size]

@@ -228,6 +228,24 @@ def test_the_device_cache_fill_ignores_exif_orientation_too(exif_rotated_jpeg, d
     assert np.abs(x[0].double().numpy() - pil_reference(exif_rotated_jpeg, 32)).max() < 0.1
 
 
+@pytest.mark.parametrize("backend", [*_backend_params(), pytest.param("cache", marks=needs_dali),
+                                     "cache-pil"])
+def test_a_16_bit_grey_png_is_scaled_to_8_bits_by_every_backend(backend, tmp_path, monkeypatch):
+    # PIL's convert("RGB") clips 16-bit values at 255 (a white image); DALI scales them.
+    # Named .jpg, as a dataset's file list would hold it. cache-pil: the cache filled by PIL.
+    if backend == "cache-pil":
+        monkeypatch.setattr(loader_module, "HAVE_DALI", False)
+        backend = "cache"
+    ramp = np.linspace(0, 65535, 40 * 40).reshape(40, 40).astype(np.uint16)
+    wide, narrow = tmp_path / "ramp16.jpg", tmp_path / "ramp8.png"
+    Image.fromarray(ramp).save(wide, format="PNG")
+    Image.fromarray(np.rint(ramp / 257).astype(np.uint8), "L").save(narrow)
+    (x,), _ = collect(make([str(wide)], [0], backend, batch_size=1, train=False, image_size=32,
+                           **({"workers": 0} if backend == "cache" else {})))
+    error = np.abs(x[0].double().numpy() - pil_reference(narrow, 32)) * _STD * 255
+    assert error.max() < 1.5, error.max()  # grey levels; white would be off by up to 255
+
+
 @pytest.mark.parametrize("backend", _backend_params())
 def test_grayscale_jpegs_give_three_identical_channels(tiny, cars_files, backend):
     test = tiny.test
