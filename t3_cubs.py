@@ -161,11 +161,16 @@ def train_and_test(args, rt: runtime.Runtime, loaders: task_data.Loaders, num_cl
 
 
 def _curves(out: Path, meta: dict):
-    """curves.png after each epoch; matplotlib is loaded by the first drawing, not to train
+    """plots.curves_png, with matplotlib loaded by the first epoch's end, not to train
     (tests/test_layers.py: T3 loads at most 16 common modules)."""
-    def draw(history: list[dict]) -> None:
-        from common.plots import curves_png
-        curves_png(out, meta)(history)
+    drawer = None
+
+    def draw(history: list[dict], finished: bool) -> None:
+        nonlocal drawer
+        if drawer is None:
+            from common.plots import curves_png
+            drawer = curves_png(out, meta)
+        drawer(history, finished)
     return draw
 
 

@@ -202,7 +202,7 @@ def fit_phase(model: torch.nn.Module, loader, loss_fn, evaluate, cfg: FitConfig,
     """engine.fit of one phase with T2's step: SGD Nesterov or AdamW with weight decay on
     weights only; LR per step, linear warmup then cosine to 0; a loss scaler for fp16
     autocast only. No torch.compile by default: at 224 px its build costs more than it
-    saves in T4's phases (--compile turns it on). curves.png after each epoch."""
+    saves in T4's phases (--compile turns it on). curves.png: plots.curves_png."""
     net = engine.for_training(model, rt, cfg.compile, cfg.compile_mode)
     optimizer, scheduler = engine.optimizer_and_schedule(model, cfg, len(loader))
     return engine.fit(net, loader, loss_fn, optimizer, scheduler, engine.grad_scaler(rt), evaluate,

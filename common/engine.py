@@ -305,11 +305,12 @@ def fit(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.optim.Optimiz
         scaler: torch.amp.GradScaler, evaluate: Callable[[torch.nn.Module], dict[str, Any]],
         cfg: FitConfig, out: str | Path, rt: Runtime, meta: CheckpointMeta, *,
         score_key: str = "holdout_acc", top1: bool = True,
-        on_epoch: Callable[[list[dict]], None] | None = None) -> dict[str, Any]:
+        on_epoch: Callable[[list[dict], bool], None] | None = None) -> dict[str, Any]:
     """Train `net` epoch by epoch, resuming from `out` (see the module docstring); returns
     {best_epoch, best_score, epochs_run, train_time_s, images_per_s, history, stopped_early,
-    finished}. evaluate(model) -> {score_key: ..., ...} after each epoch; on_epoch(history):
-    rank 0, after metrics.jsonl (e.g. to draw curves.png)."""
+    finished}. evaluate(model) -> {score_key: ..., ...} after each epoch; on_epoch(history,
+    finished): rank 0, after metrics.jsonl is written, after each epoch (finished False) and
+    once more when the run finishes (True), e.g. to draw curves.png."""
     stopper = EarlyStopping(cfg.patience, cfg.min_delta)
     run = RunCheckpoints(Path(out), rt, meta, asdict(cfg), model=net.module, optimizer=optimizer,
                          scheduler=scheduler, scaler=scaler, early_stopping=stopper)
@@ -322,7 +323,7 @@ def fit(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.optim.Optimiz
             if progress.epoch >= cfg.epochs or stopper.should_stop:
                 progress.finished = True
                 run.save(progress, run.last)
-                _write_metrics(progress.history, run, rt, on_epoch)  # a kill may have missed it
+                _write_metrics(progress.history, run, rt, on_epoch, True)  # a kill may have missed it
                 break
             if cfg.stop_after_epoch is not None and epochs_here >= cfg.stop_after_epoch:
                 break
@@ -351,7 +352,7 @@ def fit(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.optim.Optimiz
             # best.pt before last.pt: last.pt is the commit point, and the best epoch it
             # records must already be on disk in best.pt when a kill comes between the two.
             run.save(progress, *([run.best] if improved else []), run.last)
-            _write_metrics(progress.history, run, rt, on_epoch)
+            _write_metrics(progress.history, run, rt, on_epoch, False)
             if rt.is_main:
                 print(_epoch_line(record, cfg.epochs, improved), flush=True)
                 if stopper.should_stop:
@@ -447,11 +448,11 @@ def _check_finite(loss: float, epoch: int, step: int) -> None:
 
 
 def _write_metrics(history: list[dict], run: RunCheckpoints, rt: Runtime,
-                   on_epoch: Callable[[list[dict]], None] | None) -> None:
+                   on_epoch: Callable[[list[dict], bool], None] | None, finished: bool) -> None:
     if rt.is_main:
         write_text(run.out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
         if on_epoch is not None:
-            on_epoch(history)
+            on_epoch(history, finished)
 
 
 def _epoch_line(r: dict, epochs: int, improved: bool) -> str:

@@ -76,10 +76,13 @@ def test_early_stopping_inside_fit_stops_reports_and_keeps_the_best_epoch(tiny_s
         batch_size=8, train=True, image_size=16, backend="torch", workers=0, seed=5))
     scores = iter([0.5, 0.7, 0.6, 0.7, 0.9])  # best at epoch 2; epochs 3 and 4 do not beat it
     config = engine.FitConfig(epochs=5, lr=0.05, warmup_epochs=1, patience=2)
+    calls = []  # on_epoch after each epoch, and once more when the run finishes (curves.png)
     result = fit(_SmallNet(), train, lambda m: {"holdout_acc": next(scores)}, config, tmp_path, rt,
-                 {"task": "test", "model": "small"})
+                 {"task": "test", "model": "small"},
+                 on_epoch=lambda history, finished: calls.append((len(history), finished)))
     assert (result["epochs_run"], result["best_epoch"], result["best_score"]) == (4, 2, 0.7)
     assert result["stopped_early"] and result["finished"]
+    assert calls == [(1, False), (2, False), (3, False), (4, False), (4, True)]
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 2
     assert load_checkpoint(tmp_path / "last.pt")["finished"]
 

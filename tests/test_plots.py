@@ -58,6 +58,23 @@ def test_recall_curves_are_named_recall_and_log_ticks_read_as_plain_numbers(figu
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
+def test_curves_png_draws_when_the_run_finishes_and_at_most_every_every_s_before(monkeypatch, tmp_path: Path) -> None:
+    clock, drawn = [100.0], []
+    monkeypatch.setattr(plots.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(plots, "plot_curves", lambda history, path, title: drawn.append((len(history), path)))
+    draw = plots.curves_png(tmp_path, {"task": "t2"}, every_s=30.0)
+    history = []
+    for t in (110.0, 129.9, 130.0, 140.0, 159.0):  # epoch ends: 10, 29.9, 30, 40 and 59 s in
+        clock[0] = t
+        history.append({"epoch": len(history) + 1})
+        draw(history, False)
+    assert [n for n, _ in drawn] == [3]  # 30 s after the start; the next is due at 160 s
+    clock[0] = 160.5
+    draw(history, True)  # the run finished: drawn whatever the time
+    draw(history, True)
+    assert [n for n, _ in drawn] == [3, 5, 5] and {p for _, p in drawn} == {tmp_path / "curves.png"}
+
+
 def test_classifier_curves_keep_the_accuracy_panel(figures: list, tmp_path: Path) -> None:
     history = [{"epoch": e, "train_loss": 2.0 / e, "train_acc": 0.2 * e, "holdout_acc": 0.2 * e,
                 "holdout_top5": 0.3 * e} for e in (1, 2, 3)]
