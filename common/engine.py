@@ -343,9 +343,11 @@ def fit(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.optim.Optimiz
                 raise
             progress.train_time_s += time.perf_counter() - t0
             epochs_here += 1
+            t_eval = time.perf_counter()
             metrics = _evaluate_as_one(evaluate, net.module, rt)
             improved = stopper.update(metrics[score_key], progress.epoch)
             record = {"epoch": progress.epoch + 1, **stats, **metrics,
+                      "eval_time_s": time.perf_counter() - t_eval,  # the GPU trains none of it
                       "includes_compile": cfg.compile and epochs_here == 1}
             progress.history.append(record)
             progress.epoch, progress.step, progress.partial = progress.epoch + 1, 0, None

@@ -431,10 +431,10 @@ def test_metrics_record_the_first_step_and_the_loader_builds_it_waited_for(tiny_
     assert on_disk[0]["first_step_s"] == first["first_step_s"]
 
 
-STALL_S = 0.25
+STALL_S, EVAL_S = 0.25, 0.1
 
 
-def test_metrics_count_the_graphs_compiled_in_each_epoch_and_its_slowest_step(tiny_splits, tmp_path,
+def test_metrics_count_the_graphs_compiled_in_each_epoch_its_slowest_step_and_the_holdout_pass(tiny_splits, tmp_path,
                                                                                monkeypatch):
     # A one-time stall inside an epoch must be visible in metrics.jsonl: here the evaluation
     # after epoch 2 drops Dynamo's compiled code, so epoch 3 compiles again in its first
@@ -450,6 +450,7 @@ def test_metrics_count_the_graphs_compiled_in_each_epoch_and_its_slowest_step(ti
     stall = []  # the first step after the second evaluation also sleeps STALL_S: a known stall
 
     def evaluate_then_drop_the_compiled_code(m):
+        time.sleep(EVAL_S)
         evaluations.append(len(evaluations) + 1)
         if len(evaluations) == 2:
             torch._dynamo.reset()
@@ -472,3 +473,4 @@ def test_metrics_count_the_graphs_compiled_in_each_epoch_and_its_slowest_step(ti
         assert 0 < h["slowest_step_s"] <= h["epoch_time_s"]
     # A lower bound only: a slower machine makes it truer (no bound on the other epochs).
     assert history[2]["slowest_step_s"] >= STALL_S
+    assert all(h["eval_time_s"] >= EVAL_S for h in history)  # the holdout pass, timed apart
