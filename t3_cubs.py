@@ -17,6 +17,7 @@ if a matching T2 result exists the "at most 2 points below vanilla ResNet-18" ru
 checked. Writes placements.json, placements.md and placements.png in --out.
 """
 import argparse
+import time
 from pathlib import Path
 
 import torch
@@ -163,14 +164,14 @@ def train_and_test(args, rt: runtime.Runtime, loaders: task_data.Loaders, num_cl
 def _curves(out: Path, meta: dict):
     """plots.curves_png, with matplotlib loaded by the first epoch's end, not to train
     (tests/test_layers.py: T3 loads at most 16 common modules)."""
-    drawer = None
+    start, drawer = time.monotonic(), None
 
-    def draw(history: list[dict], finished: bool) -> None:
+    def draw(history: list[dict], final: bool) -> None:
         nonlocal drawer
         if drawer is None:
             from common.plots import curves_png
-            drawer = curves_png(out, meta)
-        drawer(history, finished)
+            drawer = curves_png(out, meta, start=start)
+        drawer(history, final)
     return draw
 
 

@@ -309,8 +309,9 @@ def fit(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.optim.Optimiz
     """Train `net` epoch by epoch, resuming from `out` (see the module docstring); returns
     {best_epoch, best_score, epochs_run, train_time_s, images_per_s, history, stopped_early,
     finished}. evaluate(model) -> {score_key: ..., ...} after each epoch; on_epoch(history,
-    finished): rank 0, after metrics.jsonl is written, after each epoch (finished False) and
-    once more when the run finishes (True), e.g. to draw curves.png."""
+    final): rank 0, e.g. to draw curves.png; after each epoch's metrics.jsonl (final False),
+    and once with final True when this call stops training: the run finished (before
+    last.pt records it) or stopped early (a signal, an error, --stop-after-epoch)."""
     stopper = EarlyStopping(cfg.patience, cfg.min_delta)
     run = RunCheckpoints(Path(out), rt, meta, asdict(cfg), model=net.module, optimizer=optimizer,
                          scheduler=scheduler, scaler=scaler, early_stopping=stopper)
@@ -319,56 +320,65 @@ def fit(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.optim.Optimiz
     progress = RunProgress() if cfg.fresh else run.resume()
     epochs_here = 0
     with _recorded_signals() as signals:
-        while not progress.finished:
-            if progress.epoch >= cfg.epochs or stopper.should_stop:
-                progress.finished = True
-                run.save(progress, run.last)
-                _write_metrics(progress.history, run, rt, on_epoch, True)  # a kill may have missed it
-                break
-            if cfg.stop_after_epoch is not None and epochs_here >= cfg.stop_after_epoch:
-                break
-            t0 = time.perf_counter()
-            try:
-                stats = train_one_epoch(net, loader, loss_fn, optimizer, scheduler, scaler, rt=rt,
-                                        epoch=progress.epoch, start=progress.step, so_far=progress.partial,
-                                        grad_clip=cfg.grad_clip, top1=top1, signals=signals,
-                                        epochs=cfg.epochs)
-            except Interrupted as stop:
-                progress.step, progress.partial = stop.step, stop.partial
+        try:
+            while not progress.finished:
+                if progress.epoch >= cfg.epochs or stopper.should_stop:
+                    progress.finished = True
+                    # Again (a kill after an epoch's last.pt may have missed its metrics),
+                    # and before last.pt records the finish, so that a rerun after a kill
+                    # between the two comes back here.
+                    _write_metrics(progress.history, run, rt, on_epoch, True)
+                    run.save(progress, run.last)
+                    break
+                if cfg.stop_after_epoch is not None and epochs_here >= cfg.stop_after_epoch:
+                    break
+                t0 = time.perf_counter()
+                try:
+                    stats = train_one_epoch(net, loader, loss_fn, optimizer, scheduler, scaler, rt=rt,
+                                            epoch=progress.epoch, start=progress.step,
+                                            so_far=progress.partial, grad_clip=cfg.grad_clip,
+                                            top1=top1, signals=signals, epochs=cfg.epochs)
+                except Interrupted as stop:
+                    progress.step, progress.partial = stop.step, stop.partial
+                    progress.train_time_s += time.perf_counter() - t0
+                    run.save(progress, run.last)
+                    if rt.is_main:
+                        print(f"\n{stop.name}: saved {run.last} at epoch {stop.epoch + 1}, "
+                              f"batch {stop.step}; {_how_to_go_on(cfg)}", flush=True)
+                    raise
                 progress.train_time_s += time.perf_counter() - t0
-                run.save(progress, run.last)
+                epochs_here += 1
+                t_eval = time.perf_counter()
+                metrics = _evaluate_as_one(evaluate, net.module, rt)
+                improved = stopper.update(metrics[score_key], progress.epoch)
+                record = {"epoch": progress.epoch + 1, **stats, **metrics,
+                          "eval_time_s": time.perf_counter() - t_eval,  # the GPU trains none of it
+                          "includes_compile": cfg.compile and epochs_here == 1}
+                progress.history.append(record)
+                progress.epoch, progress.step, progress.partial = progress.epoch + 1, 0, None
+                # best.pt before last.pt: last.pt is the commit point, and the best epoch it
+                # records must already be on disk in best.pt when a kill comes between the two.
+                run.save(progress, *([run.best] if improved else []), run.last)
+                _write_metrics(progress.history, run, rt, on_epoch, False)
                 if rt.is_main:
-                    print(f"\n{stop.name}: saved {run.last} at epoch {stop.epoch + 1}, batch {stop.step}; "
-                          f"{_how_to_go_on(cfg)}", flush=True)
-                raise
-            progress.train_time_s += time.perf_counter() - t0
-            epochs_here += 1
-            t_eval = time.perf_counter()
-            metrics = _evaluate_as_one(evaluate, net.module, rt)
-            improved = stopper.update(metrics[score_key], progress.epoch)
-            record = {"epoch": progress.epoch + 1, **stats, **metrics,
-                      "eval_time_s": time.perf_counter() - t_eval,  # the GPU trains none of it
-                      "includes_compile": cfg.compile and epochs_here == 1}
-            progress.history.append(record)
-            progress.epoch, progress.step, progress.partial = progress.epoch + 1, 0, None
-            # best.pt before last.pt: last.pt is the commit point, and the best epoch it
-            # records must already be on disk in best.pt when a kill comes between the two.
-            run.save(progress, *([run.best] if improved else []), run.last)
-            _write_metrics(progress.history, run, rt, on_epoch, False)
-            if rt.is_main:
-                print(_epoch_line(record, cfg.epochs, improved), flush=True)
-                if stopper.should_stop:
-                    print(f"early stopping: {score_key} has not improved for {cfg.patience} epochs "
-                          f"(best {stopper.best_score:.4f} at epoch {stopper.best_epoch + 1})")
-        # A signal during the last holdout pass or save is seen by no training step: stop
-        # here, with everything saved, instead of going on to the test pass or the next run.
-        if _agree(bool(signals), True, rt)[0]:
-            stop = Interrupted(signals[0] if signals else signal.SIGINT, progress.epoch,
-                               progress.step, progress.partial or {})
-            if rt.is_main:
-                state = "the finished run" if progress.finished else f"epoch {progress.epoch}"
-                print(f"\n{stop.name}: {run.last} holds {state}; {_how_to_go_on(cfg)}", flush=True)
-            raise stop
+                    print(_epoch_line(record, cfg.epochs, improved), flush=True)
+                    if stopper.should_stop:
+                        print(f"early stopping: {score_key} has not improved for {cfg.patience} epochs "
+                              f"(best {stopper.best_score:.4f} at epoch {stopper.best_epoch + 1})")
+            # A signal during the last holdout pass or save is seen by no training step: stop
+            # here, with everything saved, instead of going on to the test pass or the next run.
+            if _agree(bool(signals), True, rt)[0]:
+                stop = Interrupted(signals[0] if signals else signal.SIGINT, progress.epoch,
+                                   progress.step, progress.partial or {})
+                if rt.is_main:
+                    state = "the finished run" if progress.finished else f"epoch {progress.epoch}"
+                    print(f"\n{stop.name}: {run.last} holds {state}; {_how_to_go_on(cfg)}", flush=True)
+                raise stop
+        finally:
+            # Stopped before the end (a signal, --stop-after-epoch, an error): curves.png
+            # still shows every epoch saved, whatever on_epoch skipped before.
+            if not progress.finished and progress.history and rt.is_main and on_epoch is not None:
+                on_epoch(progress.history, True)
     return _summary(progress, stopper, cfg.epochs)
 
 
@@ -450,11 +460,11 @@ def _check_finite(loss: float, epoch: int, step: int) -> None:
 
 
 def _write_metrics(history: list[dict], run: RunCheckpoints, rt: Runtime,
-                   on_epoch: Callable[[list[dict], bool], None] | None, finished: bool) -> None:
+                   on_epoch: Callable[[list[dict], bool], None] | None, final: bool) -> None:
     if rt.is_main:
         write_text(run.out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
         if on_epoch is not None:
-            on_epoch(history, finished)
+            on_epoch(history, final)
 
 
 def _epoch_line(r: dict, epochs: int, improved: bool) -> str:

@@ -194,6 +194,7 @@ def test_resume_gives_identical_weights_with_the_torch_loader(tiny_splits, tmp_p
     straight, r1 = _run_fit(tiny_splits, tmp_path / "a", "torch")
     _, half = _run_fit(tiny_splits, tmp_path / "b", "torch", stop_after=2)
     assert half["epochs_run"] == 2 and not half["finished"]
+    assert (tmp_path / "b" / "curves.png").stat().st_size > 0  # drawn when fit stops, < every_s
     resumed, r2 = _run_fit(tiny_splits, tmp_path / "b", "torch")
     assert r2["finished"] and r2["epochs_run"] == 4
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
@@ -346,7 +347,7 @@ class _Killed(BaseException):
     """Stands for SIGKILL: nothing after it runs, no handler catches it."""
 
 
-def _train_and_test(splits, out):
+def _train_and_test(splits, out, on_epoch=None):
     """The scripts' path on the tiny set: fit, best.pt, test once, results.json."""
     from common.task_data import Loaders
     torch.manual_seed(0)
@@ -361,7 +362,8 @@ def _train_and_test(splits, out):
     meta = {"task": "test", "model": "small", "batch_size": 8, "label_smoothing": 0.1,
             "holdout_per_class": 2, "color_jitter": 0.0, "seed": 0}
     model = _SmallNet()
-    fitted = fit(model, loaders.train, evaluate.holdout_scorer(loaders.holdout, rt), cfg, out, rt, meta)
+    fitted = fit(model, loaders.train, evaluate.holdout_scorer(loaders.holdout, rt), cfg, out, rt, meta,
+                 on_epoch=on_epoch)
     return evaluate.test_best(model, loaders, fitted, meta, out, rt, flags={"epochs": 3})
 
 
@@ -390,7 +392,8 @@ def test_a_kill_after_any_write_then_a_rerun_gives_the_uninterrupted_results(tin
     best_weights = load_checkpoint(tmp_path / "straight" / "best.pt")["model"]
     for index, name in kill_points:
         out = tmp_path / f"kill_{index}"
-        done = []
+        done, drawn = [], []  # drawn: on_epoch's calls (curves.png) in both processes
+        record = lambda h, final: drawn.append((len(h), final))  # noqa: E731
 
         def replace_then_maybe_die(src, dst):
             real_replace(src, dst)
@@ -399,9 +402,12 @@ def test_a_kill_after_any_write_then_a_rerun_gives_the_uninterrupted_results(tin
                 raise _Killed(f"killed after write {index} ({name})")
         monkeypatch.setattr(os, "replace", replace_then_maybe_die)
         with pytest.raises(_Killed):
-            _train_and_test(tiny_splits, out)
+            _train_and_test(tiny_splits, out, record)
         monkeypatch.setattr(os, "replace", real_replace)
-        resumed = _train_and_test(tiny_splits, out)
+        resumed = _train_and_test(tiny_splits, out, record)
+        # The last drawing shows all 3 epochs, even where the kill hit the last.pt that
+        # records the finish (a rerun then trains and draws nothing).
+        assert drawn[-1] == (3, True), (index, name, drawn)
         assert _without_timing(resumed) == _without_timing(reference), (index, name)
         on_disk = json.loads((out / "results.json").read_text())
         assert on_disk["best_epoch"] == reference["best_epoch"] == load_checkpoint(out / "best.pt")["epoch"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
 
 import numpy as np
@@ -58,9 +59,9 @@ def test_recall_curves_are_named_recall_and_log_ticks_read_as_plain_numbers(figu
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
-def test_curves_png_draws_when_the_run_finishes_and_at_most_every_every_s_before(monkeypatch, tmp_path: Path) -> None:
+def test_curves_png_draws_on_the_final_call_and_at_most_every_every_s_before(monkeypatch, tmp_path: Path) -> None:
     clock, drawn = [100.0], []
-    monkeypatch.setattr(plots.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(plots, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     monkeypatch.setattr(plots, "plot_curves", lambda history, path, title: drawn.append((len(history), path)))
     draw = plots.curves_png(tmp_path, {"task": "t2"}, every_s=30.0)
     history = []
@@ -70,9 +71,13 @@ def test_curves_png_draws_when_the_run_finishes_and_at_most_every_every_s_before
         draw(history, False)
     assert [n for n, _ in drawn] == [3]  # 30 s after the start; the next is due at 160 s
     clock[0] = 160.5
-    draw(history, True)  # the run finished: drawn whatever the time
-    draw(history, True)
-    assert [n for n, _ in drawn] == [3, 5, 5] and {p for _, p in drawn} == {tmp_path / "curves.png"}
+    draw(history, True)  # fit's final call: drawn whatever the time
+    draw(history, True)  # those epochs are already drawn
+    assert [n for n, _ in drawn] == [3, 5] and {p for _, p in drawn} == {tmp_path / "curves.png"}
+    # start: T3 makes its drawer at the first epoch's end, timed from before its first epoch.
+    late = plots.curves_png(tmp_path, {"task": "t3"}, start=clock[0] - 31.0)
+    late(history[:1], False)
+    assert [n for n, _ in drawn] == [3, 5, 1]
 
 
 def test_classifier_curves_keep_the_accuracy_panel(figures: list, tmp_path: Path) -> None:
