@@ -283,13 +283,16 @@ def test_a_signal_during_the_last_holdout_pass_stops_the_finished_run(tiny_split
             os.kill(os.getpid(), signal.SIGINT)  # recorded by fit's handler, not raised
         return {"holdout_acc": 0.5}
     config = engine.FitConfig(epochs=2, lr=0.05, warmup_epochs=1, patience=100)
+    # Python's default_int_handler, or SIG_IGN where pytest was started in the background
+    # of a non-interactive shell: fit must give back whichever it found.
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     with pytest.raises(Interrupted) as stop:
         fit(_SmallNet(), train, evaluate_with_ctrl_c_in_the_last, config, tmp_path, rt,
             {"task": "test", "model": "small"})
     assert stop.value.signum == signal.SIGINT
     saved = load_checkpoint(tmp_path / "last.pt")
     assert saved["finished"] and saved["epoch"] == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # restored
 
 
 def test_a_run_interrupted_mid_epoch_resumes_to_the_uninterrupted_weights_dropout_included(
