@@ -96,7 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--embed-weight-decay", type=cli.nonnegative_float, help="Phase B: weight decay")
     a("--embed-warmup-epochs", type=cli.nonnegative_float, help="Phase B: linear warmup, then cosine")
     a("--embedding-dim", type=cli.positive_int, help="Phase B: size of the L2-normalised embedding")
-    a("--classes-per-batch", type=cli.positive_int, help="P of the P x K batches")
+    a("--classes-per-batch", type=cli.positive_int, help="P of the P x K batches (>= 2: each image needs a negative)")
     a("--images-per-class", type=cli.positive_int, help="K of the P x K batches (>= 2: each image needs a positive)")
     a("--mining", choices=MINING_CHOICES,
       help="pair mining of the MS loss: none = all pairs, ms = the paper's, hard = hardest positive "
@@ -114,6 +114,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 "then centre crop); use --backend dali, torch or auto")
     if args.init_weights and args.init != "imagenet":
         p.error(f"--init-weights is read only with --init imagenet, not --init {args.init}")
+    if args.classes_per_batch < 2:  # one class a batch: no negatives, so every mining keeps no pair
+        p.error(f"--classes-per-batch must be >= 2 (each image needs a negative), got {args.classes_per_batch}")
     if args.images_per_class < 2:
         p.error(f"--images-per-class must be >= 2 (each image needs a positive), got {args.images_per_class}")
     return args

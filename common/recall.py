@@ -11,9 +11,11 @@ Every sample is a query; its gallery is the N - 1 other samples. A query scores 
 when one of its K nearest neighbours shares its label; R@K is the mean over queries
 (the usual protocol of the metric-learning literature, e.g. Cars196 / CUB).
 
-Ties are broken by the lower gallery index, both when choosing which samples enter the
-top k and when ordering them, so the result does not depend on ``chunk_size`` or on
-topk's unspecified tie order.
+Ties (bitwise-equal similarities) are broken by the lower gallery index, both when
+choosing which samples enter the top k and when ordering them, so the result does not
+depend on topk's unspecified tie order. It can depend on ``chunk_size`` in the last bit:
+a matrix product may round a dot product differently for another chunk shape, so
+duplicated embeddings may tie in one chunking and not in another.
 """
 
 from __future__ import annotations

@@ -122,6 +122,10 @@ def test_non_finite_lr_is_refused_by_argparse(tmp_path: Path) -> None:
     ("t4_retrieval", ["--backend", "cache"], "error: --backend cache cannot make T4's evaluation images"),
     ("t4_retrieval", ["--init-weights", "resnet18.pth"],
      "error: --init-weights is read only with --init imagenet, not --init auto"),
+    ("t4_retrieval", ["--classes-per-batch", "1"],
+     "error: --classes-per-batch must be >= 2 (each image needs a negative), got 1"),
+    ("t4_retrieval", ["--images-per-class", "1"],
+     "error: --images-per-class must be >= 2 (each image needs a positive), got 1"),
 ])
 def test_flags_that_cannot_work_are_refused_before_anything_runs(script, flags, message, tmp_path, capsys):
     # In-process: argparse's refusal comes before any import of data or model work.
