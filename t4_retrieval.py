@@ -96,7 +96,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--embed-weight-decay", type=cli.nonnegative_float, help="Phase B: weight decay")
     a("--embed-warmup-epochs", type=cli.nonnegative_float, help="Phase B: linear warmup, then cosine")
     a("--embedding-dim", type=cli.positive_int, help="Phase B: size of the L2-normalised embedding")
-    a("--classes-per-batch", type=cli.positive_int, help="P of the P x K batches (>= 2: each image needs a negative)")
+    a("--classes-per-batch", type=cli.positive_int,
+      help="P of the P x K batches (>= 2: each image needs a negative)")
     a("--images-per-class", type=cli.positive_int, help="K of the P x K batches (>= 2: each image needs a positive)")
     a("--mining", choices=MINING_CHOICES,
       help="pair mining of the MS loss: none = all pairs, ms = the paper's, hard = hardest positive "

@@ -506,7 +506,7 @@ def _run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     if cuda:
-        cuda_backend_settings()  # the scripts' kernel choices (no cuDNN autotuning, TF32, SDPA)
+        cuda_backend_settings()  # the scripts' kernel choices (no autotuning, TF32 convolutions only, SDPA)
         device_name = torch.cuda.get_device_name(device)
         if args.peak_tflops:
             peak, peak_label = args.peak_tflops * 1e12, "--peak-tflops"

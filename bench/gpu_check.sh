@@ -153,7 +153,8 @@ else
 fi
 
 log "summary (second epoch; data wait = share of step time blocked on the loader;"
-log "torch peak = torch.cuda.max_memory_allocated, without DALI's own buffers)"
+log "GiB = torch's peak allocated / reserved memory, without DALI's own buffers; under CUDA graphs"
+log "only the reserved figure holds the graphs' activations)"
 python3 - "$OUT" "$(( $(date +%s) - START ))" <<'PY' | tee "$OUT/summary.txt"
 import json, sys, time
 from pathlib import Path
@@ -167,7 +168,7 @@ summary = {"date": time.strftime("%Y-%m-%d"), "device": device, "wall_s": wall, 
 loader = out / "loader.txt"
 summary["loaders_alone"] = [l for l in loader.read_text().splitlines() if l.startswith("loader ")] if loader.exists() else []
 print(f"{'run':22s} {'loader':>7s} {'images/s':>9s} {'data wait':>9s} {'epoch s':>8s} {'1st step s':>10s} "
-      f"{'builds s':>9s} {'GiB':>5s} {'holdout':>8s} {'eval s':>7s}")
+      f"{'builds s':>9s} {'GiB':>11s} {'holdout':>8s} {'eval s':>7s}")
 
 
 def torch_log_events(log: Path) -> dict:
@@ -203,14 +204,15 @@ for name, run in (("T3 cubs serial plain", out / "t3" / "serial_plain"), ("T2 re
     first = records[0]
     held = r.get("holdout_acc", r.get("holdout_r1", float("nan")))
     summary["runs"][name] = {"loader": backend, **{k: r.get(k) for k in (
-        "images_per_s", "data_wait_share", "epoch_time_s", "peak_mem_gib", "train_images",
+        "images_per_s", "data_wait_share", "epoch_time_s", "peak_mem_gib", "peak_reserved_gib", "train_images",
         "exact_redo_steps", "slowest_step_s", "compiled_graphs", "eval_time_s")},
         "holdout": held, "first_epoch_s": first["epoch_time_s"], "first_step_s": first.get("first_step_s"),
         "loader_builds_s": first.get("loader_builds_s"), **events}
     builds = sum(first.get("loader_builds_s") or [])
     print(f"{name:22s} {backend:>7s} {r['images_per_s']:9.0f} {r['data_wait_share']:9.1%} "
           f"{r['epoch_time_s']:8.2f} {first.get('first_step_s') or float('nan'):10.1f} {builds:9.1f} "
-          f"{r.get('peak_mem_gib', float('nan')):5.1f} {held:8.4f} {r.get('eval_time_s') or float('nan'):7.2f}")
+          f"{r.get('peak_mem_gib', float('nan')):5.1f} / {r.get('peak_reserved_gib', float('nan')):3.1f} "
+          f"{held:8.4f} {r.get('eval_time_s') or float('nan'):7.2f}")
     if events["recompiles"] or events["graph_rerecordings"]:
         print(f"{'':22s} {events['recompiles']} recompile(s), {events['graph_rerecordings']} CUDA graph "
               f"re-recording(s) of {events['graph_recordings']} recording(s) (summary.json: the first reasons)")

@@ -192,8 +192,8 @@ def taylor_similarity_attention(q: Tensor, k: Tensor, v: Tensor,
     c = v.detach().mean(dim=1, keepdim=True)                                        # B x 1
     # k s first: k_j s <= X, where s / X alone can overflow when X is tiny.
     query, key, value = q / s, k * s / scale, v - c                                 # B x L each
-    # _TaylorRatio's matmuls would run in TF32 on CUDA (runtime.setup_runtime allows it),
-    # so CUDA takes the sums, compiled or not.
+    # _TaylorRatio's matmuls would run in TF32 on CUDA wherever TF32 matmuls are allowed (a
+    # user's setting; runtime turns them off), so CUDA takes the sums, compiled or not.
     if torch.compiler.is_compiling() or q.is_cuda:
         return c + _taylor_ratio_by_sums(query, key, value, coeff)
     return c + _TaylorRatio.apply(query, key, value, coeff)

@@ -44,7 +44,11 @@ def cuda_backend_settings() -> None:
     # No cuDNN autotuning: on an H200 (2026-12-04, bench/gpu_diagnose.py) it made T1's
     # first step take 9.4 s instead of 0.03 s, and the steps after it were no faster.
     torch.backends.cudnn.benchmark = False
-    torch.backends.cuda.matmul.allow_tf32 = True
+    # No TF32 matmuls (PyTorch's default, set in case a notebook changed it): training runs
+    # its matmuls in bf16 / fp16 under autocast, so the fp32 ones are those the code keeps
+    # fp32 on purpose, the MS loss's and Recall@K's similarities, where TF32's 10-bit
+    # mantissas would err by about 1e-4 in S. cuDNN's fp32 convolutions may use TF32.
+    torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = True
     # Attention kernels, chosen here rather than in traced code (an sdpa_kernel context
     # inside a compiled graph bypasses AOTAutograd's cache): no math backend, which would
