@@ -94,6 +94,9 @@ def test_incompatible_checkpoint_names_the_mismatch(tmp_path):
     with pytest.raises(CheckpointError, match="num_classes: checkpoint has 200, this run has 10"):
         check_compatible({"model": "resnet18", "num_classes": 200},
                          {"model": "resnet18", "num_classes": 10}, tmp_path / "last.pt")
+    # a key this run sets and the checkpoint lacks is a difference too
+    with pytest.raises(CheckpointError, match="width: checkpoint has 'none', this run has 8"):
+        check_compatible({"task": "t1"}, {"task": "t1", "width": 8}, tmp_path / "last.pt")
     small, big = nn.Linear(4, 2), nn.Sequential(nn.Linear(4, 3))
     with pytest.raises(CheckpointError, match="missing"):
         load_model_state(big, small.state_dict(), "x.pt")
@@ -217,3 +220,22 @@ def test_a_state_whose_best_epoch_no_file_holds_is_passed_over_or_refused(tiny_s
     with pytest.raises(CheckpointError, match=r"records best epoch 3, which \S*best\.pt does not hold\. "
                                               r"No saved state agrees with \S*best\.pt.*--fresh"):
         _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=0)
+
+
+def test_every_recipe_field_but_the_process_only_ones_must_match_to_resume(tmp_path):
+    from dataclasses import asdict, fields
+
+    from common.checkpoint import _check_same_recipe
+    from common.schema import FitConfig
+    saved = asdict(FitConfig())
+    process_only = {"compile", "compile_mode", "fresh", "stop_after_epoch"}  # steer the process only
+    for field in fields(FitConfig):
+        value = saved[field.name]
+        changed = (not value if isinstance(value, bool) else value + "x" if isinstance(value, str)
+                   else 1 if value is None else value + 1)
+        current = {**saved, field.name: changed}
+        if field.name in process_only:
+            _check_same_recipe(saved, current, tmp_path / "last.pt")
+        else:
+            with pytest.raises(CheckpointError, match=f"trained with {field.name} "):
+                _check_same_recipe(saved, current, tmp_path / "last.pt")

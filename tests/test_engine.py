@@ -51,6 +51,9 @@ def test_optimizer_and_schedule_give_the_recipes_optimiser_and_lr_at_every_step(
         sched.step()
     expected = [0.2 * engine.warmup_cosine(s, 30, 2) for s in range(30)]
     assert lrs == pytest.approx(expected) and lrs[:3] == pytest.approx([0.1, 0.2, 0.2])
+    # 0.27 epochs of 10 steps round to 3 warmup steps, not down to 2
+    opt, _ = engine.optimizer_and_schedule(model, engine.FitConfig(lr=0.3, warmup_epochs=0.27), 10)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
     with pytest.raises(ValueError, match="'sgd' or 'adamw', got 'adam'"):
         engine.optimizer_and_schedule(model, engine.FitConfig(optimizer="adam"), 10)
 
@@ -85,6 +88,56 @@ def test_early_stopping_inside_fit_stops_reports_and_keeps_the_best_epoch(tiny_s
     assert calls == [(1, False), (2, False), (3, False), (4, False), (4, True)]
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 2
     assert load_checkpoint(tmp_path / "last.pt")["finished"]
+
+
+def test_patience_running_out_at_the_last_epoch_is_not_an_early_stop(tiny_splits, tmp_path):
+    rt = runtime.Runtime(torch.device("cpu"), amp_dtype=None)
+    train = ImageLoader(tiny_splits.train.files, tiny_splits.train.labels, LoaderSettings(
+        batch_size=8, train=True, image_size=16, backend="torch", workers=0, seed=5))
+    scores = iter([0.9, 0.5, 0.5])  # the patience of 2 runs out at epoch 3 of 3
+    result = fit(_SmallNet(), train, lambda m: {"holdout_acc": next(scores)},
+                 engine.FitConfig(epochs=3, lr=0.05, warmup_epochs=1, patience=2), tmp_path, rt,
+                 {"task": "test", "model": "small"})
+    assert (result["epochs_run"], result["best_epoch"], result["finished"]) == (3, 1, True)
+    assert not result["stopped_early"]
+
+
+def test_train_loss_is_the_mean_over_images_of_the_batch_losses(tiny_splits, tmp_path):
+    # Each batch's loss is a mean over its images; the epoch's is over all images, so a
+    # constant batch loss of 2 gives 2, not 2 / batch size.
+    rt = runtime.Runtime(torch.device("cpu"), amp_dtype=None)
+    train = ImageLoader(tiny_splits.train.files, tiny_splits.train.labels, LoaderSettings(
+        batch_size=8, train=True, image_size=16, backend="torch", workers=0, seed=5))
+    result = fit(_SmallNet(), train, lambda m: {"holdout_acc": 0.5},
+                 engine.FitConfig(epochs=1, lr=0.05, warmup_epochs=1), tmp_path, rt,
+                 {"task": "test", "model": "small"}, loss_fn=lambda logits, y: 0 * logits.sum() + 2.0)
+    record = result["history"][0]
+    assert record["train_images"] == len(train) * 8 == 40
+    assert record["train_loss"] == 2.0
+
+
+def test_grad_clip_clips_the_unscaled_gradients_of_a_loss_scaled_step(tiny_splits):
+    # --grad-clip with fp16's GradScaler: the optimiser steps with gradients of norm
+    # grad_clip, clipped after unscaling (clipping the scaled ones would leave grad_clip /
+    # scale). The raw gradients here are far larger than grad_clip.
+    torch.manual_seed(0)
+    rt = runtime.Runtime(torch.device("cpu"), amp_dtype=None)
+    train = ImageLoader(tiny_splits.train.files, tiny_splits.train.labels, LoaderSettings(
+        batch_size=8, train=True, image_size=16, backend="torch", workers=0, seed=5))
+    model = _SmallNet()
+    net = engine.for_training(model, rt)
+    opt, sched = engine.optimizer_and_schedule(model, engine.FitConfig(epochs=1, warmup_epochs=1), len(train))
+    norms = []
+
+    def record_norm(optimizer, args, kwargs):
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+    opt.register_step_pre_hook(record_norm)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    engine.train_one_epoch(net, train, nn.CrossEntropyLoss(), opt, sched, scaler, rt=rt, epoch=0,
+                           grad_clip=1e-3)
+    assert len(norms) == len(train) == 5
+    assert norms == pytest.approx([1e-3] * 5, rel=1e-4)
 
 
 def test_early_stopping_fires_after_patience_epochs_without_improvement():
@@ -300,7 +353,7 @@ def test_a_run_interrupted_mid_epoch_resumes_to_the_uninterrupted_weights_dropou
         tiny_splits, tmp_path):
     # _SmallNet has dropout, which draws from the global RNG that last.pt saves: nothing
     # else (the torch loader's own seed) may draw from it between the resume and the steps.
-    straight, _ = _run_fit(tiny_splits, tmp_path / "straight", "torch", epochs=2)
+    straight, straight_result = _run_fit(tiny_splits, tmp_path / "straight", "torch", epochs=2)
 
     class CtrlCAtStep(list):
         def append(self, labels):
@@ -315,6 +368,9 @@ def test_a_run_interrupted_mid_epoch_resumes_to_the_uninterrupted_weights_dropou
     assert result["finished"]
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
+    # the cut epoch's record counts the batches before the cut too
+    for key in ("train_loss", "train_acc", "train_images"):
+        assert result["history"][1][key] == pytest.approx(straight_result["history"][1][key], rel=1e-12), key
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_splits, tmp_path, monkeypatch):
