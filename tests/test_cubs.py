@@ -121,16 +121,24 @@ def test_similarity_attention_in_float64_is_exact_to_float64_rounding():
     assert max(errors) < 1e-7, errors
 
 
-@pytest.mark.parametrize("case", ["all_zero_q", "all_zero_k", "one_position", "negative_q"])
+@pytest.mark.parametrize("case", ["all_zero_q", "all_zero_k", "one_position", "negative_q", "negative_k",
+                                  "one_sample_out_of_range"])
 def test_similarity_attention_edge_cases(case):
     generator = torch.Generator().manual_seed(7)
-    q, k, v, upstream = _plain_inputs(2, 1 if case == "one_position" else 50, 2.0, 0.3, generator)
+    q, k, v, upstream = _plain_inputs(2, 1 if case == "one_position" else 50,
+                                      0.5 if case == "one_sample_out_of_range" else 2.0, 0.3, generator)
     if case == "all_zero_q":
         q.zero_()  # every query sees uniform weights: a_i = mean(v) (the q gradient is not zero)
     elif case == "all_zero_k":
         k.zero_()
     elif case == "negative_q":  # outside the series' condition: the fused path, still exact
         q = q - 1.0
+        assert _paths_taken(q, k, v) == "fused"
+    elif case == "negative_k":
+        k = k - 1.0
+        assert _paths_taken(q, k, v) == "fused"
+    elif case == "one_sample_out_of_range":  # the batch's largest logit decides, not its mean
+        q[1], k[1] = q[1] * math.sqrt(24), k[1] * math.sqrt(24)  # sample 1's largest logit: 12
         assert _paths_taken(q, k, v) == "fused"
     errors = _relative_errors(similarity_attention, q, k, v, upstream)
     assert errors[0] < 1e-6 and max(errors[1:]) < 1e-4, errors

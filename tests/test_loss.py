@@ -135,6 +135,32 @@ def test_semihard_mining_matches_loop(batch, epsilon):
     assert ours == pytest.approx(ref, abs=TOL, rel=TOL)
 
 
+# Unit axes and their negatives: every similarity is exactly -1, 0 or 1, so pairs sit exactly
+# on the mining thresholds (with epsilon 0 or 1), where only a strict comparison, as the
+# docstring and PML's miner have it, gives the reference's value.
+AXES = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [-1, 0, 0], [1, 0, 0], [0, -1, 0]],
+                    dtype=torch.float64)
+AXES_LABELS = torch.tensor([0, 0, 1, 1, 2, 2])
+
+
+def test_ms_mining_matches_pml_miner_on_exact_ties():
+    miner = MultiSimilarityMiner(epsilon=0.0)
+    ref = MultiSimilarityLoss(alpha=2.0, beta=50.0, base=0.5)
+    with torch.no_grad():
+        tup = miner(AXES, AXES_LABELS)
+    ours_l, ours_g = loss_and_grad(
+        lambda e: multi_similarity_loss(e, AXES_LABELS, mining="ms", epsilon=0.0), AXES)
+    ref_l, ref_g = loss_and_grad(lambda e: ref(e, AXES_LABELS, tup), AXES)
+    assert ref_l.item() > 0.1  # the pairs PML kept give a loss (not its <= 1-pair shortcut)
+    assert ours_l.item() == pytest.approx(ref_l.item(), abs=1e-12)
+    torch.testing.assert_close(ours_g, ref_g, atol=1e-12, rtol=1e-12)
+
+
+def test_semihard_band_is_open_at_both_ends_on_exact_ties():
+    ours = multi_similarity_loss(AXES, AXES_LABELS, mining="semihard", epsilon=1.0).item()
+    assert ours == pytest.approx(loop_reference(AXES, AXES_LABELS, "semihard", eps=1.0), abs=1e-12)
+
+
 def test_semihard_fallback_keeps_gentlest_too_hard_negative():
     # Unit circle at 0, 90, 10, 20 degrees; labels 0, 0, 1, 2. For both anchors of class 0
     # the positive has S = 0 and both negatives lie above the band (-eps, eps), so the band
