@@ -33,8 +33,9 @@ def _check_classifier_run(out: Path, task: str, model: str) -> dict:
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert [h["epoch"] for h in history] == list(range(1, r["epochs_run"] + 1))
     assert 1 <= r["best_epoch"] <= r["epochs_run"] <= r["args"]["epochs"]
-    best = max(history, key=lambda h: h["holdout_acc"])
-    assert r["holdout_acc"] == best["holdout_acc"]  # best.pt is the best holdout epoch
+    best = history[r["best_epoch"] - 1]
+    assert best["holdout_acc"] == max(h["holdout_acc"] for h in history)  # the best holdout epoch
+    assert (r["holdout_acc"], r["holdout_top5"]) == (best["holdout_acc"], best["holdout_top5"])
     for name in ("last.pt", "best.pt", "curves.png"):
         assert (out / name).stat().st_size > 0
     return r
@@ -135,7 +136,7 @@ def test_t4_smoke_phase_a_beats_the_network_it_started_from(runs):
     # --init auto starts from that T3 run: every tensor but the 3x3 stem and the classifier
     assert r["init"] == "t3" and r["init_source"].endswith(f"{t3['placement']}_{t3['variant']}/best.pt")
     assert [s.split(":")[0] for s in r["init_skipped"]] == ["conv1.weight", "fc.weight", "fc.bias"]
-    t3_state = torch.load(runs / "t3" / f"{t3['placement']}_{t3['variant']}" / "best.pt", weights_only=True)["model"]
+def test_t4_tests_each_phase_with_best_pt_not_its_last_weights(runs, tmp_path, monkeypatch):
     assert r["init_loaded"] == len(t3_state) - 3
     assert r["test_classes"] == 8 and r["train_classes"] == 8
     assert r["recall_at_1_chance"] == pytest.approx(23 / 191)  # 8 x 24 images: 23 of 191 others match
@@ -145,6 +146,41 @@ def test_t4_smoke_phase_a_beats_the_network_it_started_from(runs):
     assert r["phase_b"] == next(m for m in r["mining_comparison"] if m["mining"] == "ms")
     assert (runs / "t4" / "retrieval.png").stat().st_size > 0
     assert (runs / "t4" / "phase_b_ms" / "curves.png").stat().st_size > 0
+
+
+def test_t4_tests_each_phase_with_its_best_holdout_epochs_weights_not_the_last(runs, tmp_path, monkeypatch):
+    # Holdout scores that peak at epoch 1 of 2 in every phase: the test embeddings must come
+    # from best.pt (epoch 1), not from the weights training ended with. Weights, not Recall@K,
+    # are compared: two epochs' weights can give the same recall on 192 queries.
+    import itertools
+
+    import t4_retrieval
+    from common import evaluate
+    scores = itertools.cycle([0.9, 0.1])
+    monkeypatch.setattr(evaluate, "holdout_scorer",
+                        lambda *a, **k: lambda m: {"holdout_acc": next(scores)})
+    real_recall, real_embed = t4_retrieval.recall_at_k, evaluate.embed
+    monkeypatch.setattr(t4_retrieval, "recall_at_k", lambda emb, labels, ks, **kw: {1: next(scores)}
+                        if tuple(ks) == (1,) else real_recall(emb, labels, ks, **kw))
+    embedded = []  # (images, the weights embedding them)
+
+    def recording_embed(model, loader, rt, features=False):
+        embedded.append((len(loader.files), {k: v.clone() for k, v in model.state_dict().items()}))
+        return real_embed(model, loader, rt, features)
+    monkeypatch.setattr(evaluate, "embed", recording_embed)
+    shutil.copytree(runs / "t4" / "smoke_data", tmp_path / "smoke_data")
+    r = t4_retrieval.main(["--smoke", "--out", str(tmp_path), "--epochs", "2", "--embed-epochs", "2",
+                           "--init", "scratch", "--width", "8", "--t3-results", str(tmp_path / "none.json")])
+    phases = ["phase_a"] + [f"phase_b_{m['mining']}" for m in r["mining_comparison"]]
+    fits = [r["phase_a"], *r["mining_comparison"]]
+    assert [(f["best_epoch"], f["epochs_run"]) for f in fits] == [(1, 2)] * 5
+    tested = [state for n, state in embedded if n == r["test_images"]]
+    assert len(tested) == 1 + len(phases)  # the initial network, then each phase's test
+    for phase, state in zip(phases, tested[1:]):
+        best = torch.load(tmp_path / phase / "best.pt", weights_only=True)["model"]
+        last = torch.load(tmp_path / phase / "last.pt", weights_only=True)["model"]
+        assert any(not torch.equal(best[k], last[k]) for k in best), phase  # epoch 2 changed them
+        assert all(torch.equal(state[k], best[k]) for k in best), phase
 
 
 def test_t4_builds_t3s_block1_size_so_that_every_t3_tensor_loads(tmp_path):
