@@ -136,7 +136,7 @@ def test_t4_smoke_phase_a_beats_the_network_it_started_from(runs):
     # --init auto starts from that T3 run: every tensor but the 3x3 stem and the classifier
     assert r["init"] == "t3" and r["init_source"].endswith(f"{t3['placement']}_{t3['variant']}/best.pt")
     assert [s.split(":")[0] for s in r["init_skipped"]] == ["conv1.weight", "fc.weight", "fc.bias"]
-def test_t4_tests_each_phase_with_best_pt_not_its_last_weights(runs, tmp_path, monkeypatch):
+    t3_state = torch.load(runs / "t3" / f"{t3['placement']}_{t3['variant']}" / "best.pt", weights_only=True)["model"]
     assert r["init_loaded"] == len(t3_state) - 3
     assert r["test_classes"] == 8 and r["train_classes"] == 8
     assert r["recall_at_1_chance"] == pytest.approx(23 / 191)  # 8 x 24 images: 23 of 191 others match
@@ -148,7 +148,7 @@ def test_t4_tests_each_phase_with_best_pt_not_its_last_weights(runs, tmp_path, m
     assert (runs / "t4" / "phase_b_ms" / "curves.png").stat().st_size > 0
 
 
-def test_t4_tests_each_phase_with_its_best_holdout_epochs_weights_not_the_last(runs, tmp_path, monkeypatch):
+def test_t4_tests_each_phase_with_best_pt_not_its_last_weights(runs, tmp_path, monkeypatch):
     # Holdout scores that peak at epoch 1 of 2 in every phase: the test embeddings must come
     # from best.pt (epoch 1), not from the weights training ended with. Weights, not Recall@K,
     # are compared: two epochs' weights can give the same recall on 192 queries.
