@@ -408,6 +408,48 @@ def test_an_image_a_p_by_k_batch_repeats_is_augmented_differently_each_time(tiny
     assert repeats >= 2  # the plan drew class 2 in some batches
 
 
+def _one_file_outputs(file, backend, epoch, shard, n=16, **kw):
+    """A train loader over n copies of one file, labelled 0..n-1, on shard `shard` of 2: its
+    images in the order it yields them and their labels. Two outputs differ only by their
+    augmentation draws."""
+    loader = make([file] * n, np.arange(n), backend, batch_size=4, train=True, image_size=32,
+                  seed=3, shard_id=shard, num_shards=2, **kw)
+    images, labels = collect(loader, epoch)
+    return torch.cat(images), torch.cat(labels)
+
+
+def _all_differ(a, b):
+    return bool(((a - b).abs().flatten(1).amax(1) > 1e-3).all())
+
+
+@pytest.mark.parametrize("backend", _backend_params() + ["cache"])
+def test_training_draws_differ_by_epoch_shard_and_position_and_shards_split_the_images(tiny, backend):
+    file = tiny.train.files[0]
+    e0s0, labels0 = _one_file_outputs(file, backend, epoch=0, shard=0)
+    e1s0, _ = _one_file_outputs(file, backend, epoch=1, shard=0)
+    e0s1, labels1 = _one_file_outputs(file, backend, epoch=0, shard=1)
+    # the shards' batches split the images between them
+    assert sorted(labels0.tolist() + labels1.tolist()) == list(range(16))
+    assert _all_differ(e0s0, e1s0)  # every position: another draw in another epoch
+    assert _all_differ(e0s0, e0s1)  # and on another shard
+    for i in range(len(e0s0)):  # and at another position of the same epoch
+        assert _all_differ(e0s0[i:i + 1], torch.cat([e0s0[:i], e0s0[i + 1:]])), i
+
+
+@pytest.mark.parametrize("backend", _backend_params() + ["cache"])
+def test_training_flips_about_half_the_images(tiny, backend, monkeypatch):
+    # With the crop fixed to the whole image, each output is the image or its mirror image.
+    monkeypatch.setattr(loader_module, "RANDOM_AREA", (1.0, 1.0))
+    monkeypatch.setattr(loader_module, "RANDOM_ASPECT", (1.0, 1.0))
+    images, _ = _one_file_outputs(tiny.train.files[0], backend, epoch=0, shard=0, n=32)
+    (whole,), _ = collect(make([tiny.train.files[0]], [0], backend, batch_size=1, image_size=32))
+    # the backend's own evaluation image; it and its mirror image differ by 0.33 on average
+    mirrored = [(x - whole[0].flip(-1)).abs().mean().item() < 0.01 for x in images]
+    unmirrored = [(x - whole[0]).abs().mean().item() < 0.01 for x in images]
+    assert all(m != u for m, u in zip(mirrored, unmirrored))  # each is one of the two
+    assert 3 <= sum(mirrored) <= 13, sum(mirrored)  # 16 draws; outside [3, 13] p < 0.5 %
+
+
 @pytest.mark.parametrize("backend", ["torch", "cache"])
 @pytest.mark.parametrize("workers", [0, 2])
 def test_the_torch_and_cache_loaders_leave_the_global_rng_alone(tiny, workers, backend, monkeypatch):
