@@ -239,3 +239,23 @@ def test_every_recipe_field_but_the_process_only_ones_must_match_to_resume(tmp_p
         else:
             with pytest.raises(CheckpointError, match=f"trained with {field.name} "):
                 _check_same_recipe(saved, current, tmp_path / "last.pt")
+
+
+def test_atomic_file_is_synced_before_the_rename_and_readable_as_the_umask_allows(tmp_path, monkeypatch):
+    # fsync before os.replace: after a power loss the renamed file is never empty; mkstemp's
+    # private 0600 would leave results and checkpoints unreadable to a group or a grader.
+    from common import files
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(files.os, "fsync", lambda fd: (events.append(("fsync", os.readlink(
+        f"/proc/self/fd/{fd}"))), real_fsync(fd))[1])
+    monkeypatch.setattr(files.os, "replace", lambda src, dst: (events.append(("replace", str(src))),
+                                                               real_replace(src, dst))[1])
+    old = os.umask(0o027)
+    try:
+        files.write_text(tmp_path / "results.json", "{}")
+    finally:
+        os.umask(old)
+    (fsync, synced), (replace, moved) = events
+    assert (fsync, replace) == ("fsync", "replace") and synced == moved  # the same temporary file
+    assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o640

@@ -135,3 +135,16 @@ def test_every_flag_has_help_and_shows_its_default_once(script, monkeypatch):
                 if isinstance(action.default, (bool, type(None))) else action.default
             assert entry.endswith(f"(default: {shown})"), entry
     assert "(default: None)" not in help_text and "(default: False)" not in help_text
+
+
+def test_the_typed_data_flags_reach_the_checkpoint_meta_and_the_loaders():
+    # data_recipe goes into checkpoint meta (a resume with other values is refused) and
+    # loader_settings into every loader: each typed value must arrive as typed.
+    args = cli.parse(_parser(), ["--batch-size", "48", "--label-smoothing", "0.2", "--holdout-per-class", "7",
+                                 "--color-jitter", "0.3", "--seed", "11", "--image-size", "40",
+                                 "--workers", "1", "--backend", "torch"], smoke=cli.SMOKE)
+    assert cli.data_recipe(args) == dict(batch_size=48, label_smoothing=0.2, holdout_per_class=7,
+                                         color_jitter=0.3, seed=11)
+    s = cli.loader_settings(args, eval_resize=46)
+    assert (s.batch_size, s.image_size, s.workers, s.backend, s.seed, s.color_jitter, s.eval_resize) == (
+        48, 40, 1, "torch", 11, 0.3, 46)
