@@ -156,6 +156,16 @@ def test_tiny_bad_val_annotations(tiny: Path, tmp_path: Path) -> None:
         load_tiny_imagenet(root)
 
 
+def test_tiny_val_image_annotated_twice_is_refused(tiny: Path, tmp_path: Path) -> None:
+    root = copy_of(tiny, tmp_path)
+    annotations = root / "val" / "val_annotations.txt"
+    lines = annotations.read_text().splitlines()
+    annotations.write_text("\n".join(lines + [lines[0]]) + "\n")
+    name = lines[0].split("\t")[0]
+    with pytest.raises(ValueError, match=f"line {len(lines) + 1}: {name} is annotated more than once"):
+        load_tiny_imagenet(root)
+
+
 def test_tiny_fixture_looks_like_the_real_dataset(tiny: Path) -> None:
     assert len(list((tiny / "test" / "images").glob("*.JPEG"))) > 0
     assert (tiny / "train" / "n00000000" / "n00000000_boxes.txt").is_file()
@@ -267,6 +277,45 @@ def test_cars_errors_are_clear(cars_annos: Path, tmp_path: Path) -> None:
         load_cars196(root)
     with pytest.raises(ValueError, match="too large"):
         load_cars196(cars_annos, holdout_per_class=CARS_PER_CLASS)
+
+
+def _rewrite_annotations(mat_path: Path, change) -> None:
+    """Replace the (1, N) struct array `annotations` of a .mat file by change(it)."""
+    mat = {k: v for k, v in scipy.io.loadmat(mat_path).items() if not k.startswith("__")}
+    mat["annotations"] = change(mat["annotations"])
+    scipy.io.savemat(mat_path, mat)
+
+
+def _with_first_field(field: str, value: str):
+    def change(annotations):
+        annotations = annotations.copy()
+        annotations[0, 0][field] = np.array([value])
+        return annotations
+    return change
+
+
+def test_cars_image_annotated_twice_is_refused(cars_annos: Path, tmp_path: Path) -> None:
+    root = copy_of(cars_annos, tmp_path)
+    _rewrite_annotations(root / "cars_annos.mat", lambda a: np.concatenate([a, a[:, :1]], axis=1))
+    with pytest.raises(ValueError, match="is annotated more than once"):
+        load_cars196(root)
+
+
+@pytest.mark.parametrize("layout, mat, field, message", [
+    ("annos", "cars_annos.mat", "relative_im_path", "must stay inside"),
+    ("torchvision", "devkit/cars_train_annos.mat", "fname", "must be a plain file name")])
+def test_cars_annotation_paths_cannot_leave_the_dataset_folder(cars_annos: Path, cars_torchvision: Path,
+                                                               tmp_path: Path, layout, mat, field, message):
+    root = copy_of(cars_annos if layout == "annos" else cars_torchvision, tmp_path)
+    base = root if layout == "annos" else root / "stanford_cars"
+    first = scipy.io.loadmat(base / mat)["annotations"][0, 0][field][0]
+    _rewrite_annotations(base / mat, _with_first_field(field, "../" + first))
+    images = base if layout == "annos" else base / "cars_train"  # what the path is relative to
+    outside = (images / ".." / first).resolve()
+    outside.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(images / first, outside)
+    with pytest.raises(ValueError, match=message):  # even though the file outside exists
+        load_cars196(root)
 
 
 def test_cars_fixtures_hold_grayscale_jpegs(cars_annos: Path, cars_torchvision: Path) -> None:
