@@ -176,6 +176,7 @@ def test_report_curves_draw_one_line_per_run_on_whole_epochs(figures: list, tmp_
         assert all(float(tick).is_integer() for tick in ax.get_xticks())
     ax_acc, ax_loss = fig.axes
     assert [line.get_label() for line in ax_acc.lines] == ["t1", "t2"]
+    assert list(ax_acc.lines[0].get_ydata()) == [h["holdout_acc"] for h in history(5)]
     losses = {line.get_label(): line for line in ax_loss.lines}
     assert sorted(losses) == ["t1 holdout loss", "t1 train loss", "t2 holdout loss", "t2 train loss"]
     assert list(losses["t1 holdout loss"].get_ydata()) == [h["holdout_loss"] for h in history(5)]
@@ -186,13 +187,15 @@ def test_report_curves_draw_one_line_per_run_on_whole_epochs(figures: list, tmp_
 
 
 def test_report_phase_b_curves_keep_equal_scores_apart(figures: list, tmp_path: Path) -> None:
-    same = [{"epoch": e, "holdout_r1": 0.5} for e in (1, 2)]
-    phases = {"phase_a": [{"epoch": 1, "holdout_acc": 0.4}], "phase_b_ms": same, "phase_b_hard": same}
+    same = [{"epoch": e, "holdout_r1": 0.5, "train_loss": 1.0} for e in (1, 2)]
+    phase_a = [{"epoch": 1, "holdout_acc": 0.4, "train_acc": 0.9, "train_loss": 1.0}]
+    phases = {"phase_a": phase_a, "phase_b_ms": same, "phase_b_hard": same}
     assert plots.plot_retrieval_curves(phases, tmp_path / "phases.png")
     ax_a, ax_b = figures[0].axes[:2]
     # the key sits below the panels: it cannot hide a Phase B line (it hid phase_b_none)
     assert key_outside_the_panels(figures[0]) == ["phase_a", "phase_b_ms", "phase_b_hard"]
     ms, hard = ax_b.lines
+    assert list(ax_a.lines[0].get_ydata()) == [0.4] and list(ms.get_ydata()) == [0.5, 0.5]  # the holdout keys
     assert ms.get_marker() != hard.get_marker() and ms.get_markersize() > hard.get_markersize()
     assert len({ax_a.lines[0].get_color(), ms.get_color(), hard.get_color()}) == 3  # one key
     assert not plots.plot_retrieval_curves({}, tmp_path / "empty.png")

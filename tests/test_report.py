@@ -511,7 +511,7 @@ def test_pdf_of_the_four_smoke_runs_fits_two_pages_and_quotes_the_json(smoke_run
     assert -1 not in where and where == sorted(where)
     assert "y: serial B2(B1(x)), reverse B1(B2(x)), parallel B1(x)+B2(x) (plus: -x)" in text  # cubs.py's
     assert "gates y = x (1 + tanh(gamma) (2 sigmoid(.) - 1)) with gamma = 0 at init" in text  # cubs.py's
-    assert f"SMOKE: {runs_folder.SMOKE_BANNER}" in text
+    assert f"SMOKE: {runs_folder.SMOKE_BANNER} (t1, t2, {selected}, t4)." in text
     assert "not run yet" not in text and "could not be read" not in text  # every task ran
     assert "NOT REPORTED" not in text
     assert sum(len(p.images) for p in PdfReader(pdf).pages) == 3  # 2 curve figures + retrieval
@@ -646,6 +646,18 @@ def test_pdf_marks_missing_tasks_not_run(tmp_path):
                                                        "reading the runs folder (REPORT.md lists it).") == 1
 
 
+def test_the_report_takes_real_runs_before_smoke_ones_then_the_scripts_own_folder(tmp_path):
+    import shutil
+    make_runs(tmp_path)  # a real t2 and a real T3 comparison in t3
+    write(tmp_path / "a_t2" / "results.json", classifier("t2", "resnet18", 0.3, 0.3))  # sorts first
+    shutil.copytree(tmp_path / "t3", tmp_path / "t3_full")
+    for path in (tmp_path / "t3").glob("*/results.json"):  # t3 becomes a smoke comparison
+        write(path, {**json.loads(path.read_text()), "args": {**ARGS, "smoke": True}})
+    chosen = runs_folder.choose_runs(runs_folder.collect(tmp_path))
+    assert chosen.runs["t2"].name == "t2"  # both real: the script's default folder
+    assert chosen.placements[0] == "t3_full"  # the real comparison, not the default folder's smoke one
+
+
 def test_a_placements_json_whose_selected_run_is_gone_is_a_named_problem(tmp_path):
     data = make_runs(tmp_path)
     selected = data["placements"]["selected"]
@@ -695,6 +707,18 @@ def test_pdf_fits_two_pages_with_every_table_full(tmp_path, monkeypatch):
     assert pdf_classifier_row("t2", data["t2"]) in text  # the real T2, not smoke/t2
     check_pdf_placements(text, data["placements"], "t3")
     check_pdf_retrieval(text, "t4", data["t4"])
+    # section 2's T4 rows: Phase A before, Phase B after
+    recalls = lambda e: " / ".join(acc(e["test_recall"][k]) for k in "1248")  # noqa: E731
+    a, b = data["t4"]["phase_a"], data["t4"]["phase_b"]
+    assert (f"before (Phase A classifier features) R@1/2/4/8 {recalls(a)} top-1 {acc(a['holdout_acc'])} "
+            f"{a['best_epoch']}/{a['epochs_run']}") in text
+    assert (f"after (Multi-Similarity, {b['mining']} mining) R@1/2/4/8 {recalls(b)} R@1 "
+            f"{acc(b['holdout_r1'])} {b['best_epoch']}/{b['epochs_run']}") in text
+    # section 6: T4's epochs are its Phase A's; the best mining by holdout R@1
+    assert f"T4 Phase A {a['best_epoch']}/{a['epochs_run']}." in text
+    scores = {m["mining"]: m["holdout_r1"] for m in data["t4"]["mining_comparison"]}
+    best = [m for m, v in scores.items() if v == max(scores.values())]
+    assert f"Best by holdout R@1 ({acc(max(scores.values()))}): {', '.join(best)}" in text
     assert "REPORT.md also lists smoke/t2." in text
     assert "not run" not in text and "could not be read" not in text  # plus vs plain too
     assert "NOT REPORTED" not in text
