@@ -781,9 +781,11 @@ def test_archive_command_writes_report_and_zip_and_refuses_a_missing_model(tmp_p
     write(runs / "t2" / "results.json", classifier("t2", "resnet18", 0.456789, 0.51234))
     torch.save({"model": {"w": torch.arange(3.0)}, "epoch": 2}, runs / "t2" / "best.pt")
     write(runs / "t1" / "metrics.jsonl", history(2))  # killed before it finished
+    write(runs / "t2_old" / "results.json", "{truncated")  # a damaged file elsewhere
     dest = tmp_path / "out" / "Assignment2.zip"
     report.main([str(runs), "--archive", str(dest)])
     out = capsys.readouterr().out
+    assert f"warning: could not read {runs / 't2_old' / 'results.json'}: " in out
     assert ("warning: unfinished run t1 (no results.json) is not in the archive: rerun its "
             "command to finish it") in out
     for task in ("T1", "T3", "T4"):
@@ -809,6 +811,22 @@ def test_archive_command_writes_report_and_zip_and_refuses_a_missing_model(tmp_p
     assert str(exit_.value.code).startswith("error: T2's best model ")
     assert dest.read_bytes() == before  # the old archive is untouched
     assert not (runs / "REPORT.md").exists()  # refused before the report was built
+
+
+def test_archive_takes_t4s_phase_b_best_epoch_and_refuses_a_report_missing_a_figure(tmp_path):
+    data = make_runs(tmp_path)
+    selected = data["placements"]["selected"]
+    for run in ("t2", f"t3/{selected['placement']}_{selected['variant']}", "t4/phase_b_ms"):
+        write(tmp_path / run / "best.pt", b"checkpoint")
+    files, _ = archive.model_files(runs_folder.choose_runs(runs_folder.collect(tmp_path)))
+    epochs = {name: epoch for name, _, epoch in files if name.endswith("best.pt")}
+    # T4's results.json has no top-level best_epoch: its Phase B's is what best.pt must hold
+    assert epochs == {"runs/t2/best.pt": 2, f"runs/t3/{selected['placement']}_{selected['variant']}/best.pt": 2,
+                      "runs/t4/phase_b_ms/best.pt": data["t4"]["phase_b"]["best_epoch"]}
+    write(tmp_path / "REPORT.md", "# Report\n\n![curves](report_figures/t2__curves.png)\n")
+    write(tmp_path / "REPORT.pdf", b"%PDF")
+    with pytest.raises(archive.ArchiveError, match="the report is incomplete, missing: .*t2__curves.png"):
+        archive.report_files(tmp_path / "REPORT.md")
 
 
 def test_archive_refuses_smoke_runs_with_one_error_line(tmp_path):
