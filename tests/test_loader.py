@@ -219,6 +219,18 @@ def test_exif_orientation_is_ignored_as_pil_ignores_it(exif_rotated_jpeg, backen
     assert np.abs(x[0].double().numpy() - ref).max() < 0.1  # a rotation differs by ~3
 
 
+@pytest.mark.parametrize("backend", _backend_params())
+def test_training_ignores_exif_orientation_too(exif_rotated_jpeg, backend, monkeypatch):
+    # The crop fixed to the whole 90 x 60 image: the output is it resized (or its mirror image).
+    monkeypatch.setattr(loader_module, "RANDOM_AREA", (1.0, 1.0))
+    monkeypatch.setattr(loader_module, "RANDOM_ASPECT", (1.5, 1.5))
+    x, _ = collect(make([exif_rotated_jpeg] * 4, range(4), backend, batch_size=4, train=True,
+                        image_size=32))
+    ref = pil_reference(exif_rotated_jpeg, 32)
+    for image in x[0].double().numpy():
+        assert min(np.abs(image - ref).max(), np.abs(image[..., ::-1] - ref).max()) < 0.1
+
+
 @pytest.mark.parametrize("decoder", [pytest.param("dali", marks=needs_dali), "pil"])
 def test_the_device_cache_fill_ignores_exif_orientation_too(exif_rotated_jpeg, decoder, monkeypatch):
     if decoder == "pil":
@@ -646,6 +658,9 @@ def test_random_crops_follow_the_random_resized_crop_rule():
     boxes, flips = loader_module.random_crops(20000, 64, (0.25, 1.0), seed=(0, 0, 0))
     top, left, h, w = boxes.unbind(1)
     assert ((top >= 0) & (left >= 0) & (top + h <= 64) & (left + w <= 64)).all()
+    inner = (h < 64) & (w < 64)  # such boxes reach every edge: the offsets take all values
+    assert ((top == 0) & inner).any() and ((top + h == 64) & inner).any()
+    assert ((left == 0) & inner).any() and ((left + w == 64) & inner).any()
     area = h * w / 64**2
     assert area.min() >= 0.24 and area.max() <= 1.0 and area.mean() > 0.5
     aspect = w / h

@@ -289,6 +289,8 @@ def test_missing_and_unfinished_runs_are_not_invented(handmade):
     unfinished = find_tables(text, "folder", "epochs logged")[0]
     assert unfinished == [{"folder": "`t1`", "epochs logged": "2",
                            "last holdout score": "holdout_acc 0.2000 (epoch 2)"}]
+    # an unfinished T4 Phase B scores Recall@1
+    assert report._last_score([{"epoch": 3, "holdout_r1": 0.41}]) == "holdout_r1 0.4100 (epoch 3)"
     assert "custom_cnn" not in text  # no T1 model summarised, no T1 row
     assert "## Problems while reading" not in text
 
@@ -656,6 +658,15 @@ def test_the_report_takes_real_runs_before_smoke_ones_then_the_scripts_own_folde
     chosen = runs_folder.choose_runs(runs_folder.collect(tmp_path))
     assert chosen.runs["t2"].name == "t2"  # both real: the script's default folder
     assert chosen.placements[0] == "t3_full"  # the real comparison, not the default folder's smoke one
+
+
+def test_the_curves_key_marks_smoke_runs_only_beside_real_ones():
+    def run(name, smoke):
+        return runs_folder.Run(Path(name), name, {"task": "t2", "args": {"smoke": smoke}}, [{"epoch": 1}])
+    mixed = [run("t2", False), run("smoke/t2", True)]
+    assert list(report_pdf.curve_names(mixed)) == ["t2", "smoke/t2 (SMOKE)"]
+    # all smoke: the header's banner says so once
+    assert list(report_pdf.curve_names([run("t1", True), run("t2", True)])) == ["t1", "t2"]
 
 
 def test_a_placements_json_whose_selected_run_is_gone_is_a_named_problem(tmp_path):
