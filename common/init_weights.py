@@ -25,7 +25,8 @@ def load_initial_weights(model: torch.nn.Module, init: str, *, t3_best: Path | N
     if init == "auto":
         init = "t3" if t3_best else "scratch"
         if verbose:
-            found = f"a T3 run at {t3_best}" if t3_best else f"no T3 best.pt next to {t3_results}"
+            found = (f"a T3 run at {t3_best}" if t3_best else f"no T3 best.pt found from "
+                     f"{t3_results} (--t3-results names T3's placements.json)")
             print(f"--init auto: {found} -> --init {init}")
     if init == "scratch":
         return {"init": "scratch"}

@@ -89,7 +89,8 @@ def compare_runs(out: Path, vanilla_path: Path, recipe: Mapping[str, Any] | None
                                       f"these runs ({', '.join(other_t2_recipe)}): not compared")
         same_setup = False
     elif not vanilla:
-        comparison["vanilla_note"] = f"no T2 result at {vanilla_path}: run t2_resnet18.py first"
+        comparison["vanilla_note"] = (f"no T2 result at {vanilla_path}: run t2_resnet18.py first, "
+                                      f"or name its results.json with --vanilla-results")
     if same_setup and selected:
         comparison["vanilla"] = {"test_acc": vanilla["test_acc"],
                                  "holdout_acc": vanilla["holdout_acc"], "source": str(vanilla_path),

@@ -110,6 +110,7 @@ def test_selection_is_by_holdout_among_plain_runs_and_ties_go_in_spec_order(tmp_
     assert "**reverse** (reverse, parallel tie on holdout; ties go in the order serial > reverse > parallel)" in text
     assert "Best run over all variants by holdout: serial (plus)" in text
     assert c["at_par"] is None and "run t2_resnet18.py first" in c["vanilla_note"]
+    assert "--vanilla-results" in c["vanilla_note"]  # T2 may have written elsewhere (--out)
     assert "**At-par check: not made** (no T2 result at" in text
 
 

@@ -159,3 +159,13 @@ def test_unloadable_init_weights_are_a_config_error(tmp_path: Path) -> None:
             load_initial_weights(None, "imagenet", t3_best=None, t3_results="unused", init_weights=str(path))
         assert str(error.value).startswith(f"--init-weights {path}: cannot load a ResNet-18 state dict "
                                            f"({reason}")
+
+
+def test_init_auto_without_a_t3_run_names_where_it_looked_and_the_flag(capsys) -> None:
+    from common.init_weights import load_initial_weights
+    assert load_initial_weights(None, "auto", t3_best=None, t3_results="elsewhere/t3/placements.json") \
+        == {"init": "scratch"}
+    printed = capsys.readouterr().out
+    # not "no best.pt next to X", which reads as if X existed; and the flag that points elsewhere
+    assert printed == ("--init auto: no T3 best.pt found from elsewhere/t3/placements.json "
+                       "(--t3-results names T3's placements.json) -> --init scratch\n")
