@@ -124,7 +124,8 @@ def training_parser(description: str, *, out: str, recipe: Mapping[str, Any],
     a("--seed", type=int, default=0, help="seeds the init, batch order, holdout and augmentation")
     a("--check-images", choices=CHECK_MODES, default="quick",
       help="before training, check every image file: quick = both ends of each (signature, end "
-           "marker, size), full = decode each with PIL, off = skip")
+           "marker, size), full = decode each with PIL, off = skip (then a truncated JPEG can crash DALI's "
+           "decoder with a segmentation fault instead of an error naming the file)")
     a("--fresh", action="store_true",
       help="delete the earlier run's checkpoints and results in --out and start over")
     if downloads:
