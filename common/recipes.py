@@ -21,6 +21,13 @@ def random_area() -> str:
     return f"{lo:g}-{hi:g}"
 
 
+def epochs(n: Any) -> str:
+    """'1 epoch', '0.5 epochs', '8 epochs' (n as results.json stores it; None: 'n/a')."""
+    if n is None:
+        return fmt_setting(n)
+    return f"{fmt_setting(n)} epoch" + ("" if n == 1 else "s")
+
+
 def optimiser(name: Any) -> str:
     return {"sgd": "SGD, Nesterov momentum", "adamw": "AdamW"}.get(name, fmt_setting(name))
 
@@ -34,12 +41,12 @@ def classifier_recipe(args: dict, area: str) -> dict[str, str]:
                             if jitter else "no colour jitter")),
         "optimiser": optimiser(args.get("optimizer")),
         "peak LR": fmt_setting(args.get("lr")),
-        "schedule": f"linear warmup {fmt_setting(args.get('warmup_epochs'))} epochs, then cosine decay",
+        "schedule": f"linear warmup {epochs(args.get('warmup_epochs'))}, then cosine decay",
         "weight decay": f"{fmt_setting(args.get('weight_decay'))} (not on biases, norms, gamma)",
         "label smoothing": fmt_setting(args.get("label_smoothing")),
         "batch size": f"{fmt_setting(args.get('batch_size'))} per process",
         "epochs (max)": fmt_setting(args.get("epochs")),
-        "early stopping": (f"patience {fmt_setting(args.get('patience'))} epochs "
+        "early stopping": (f"patience {epochs(args.get('patience'))} "
                            f"(min delta {fmt_setting(args.get('min_delta'))})"),
         "holdout": f"{fmt_setting(args.get('holdout_per_class'))} train images per class",
         "gradient clipping": fmt_setting(args.get("grad_clip")) if args.get("grad_clip") else "off",
@@ -66,5 +73,5 @@ def embedding_recipe(r: dict) -> dict[str, str]:
         "LR": fmt_setting(args.get("embed_lr")),
         "weight decay": fmt_setting(args.get("embed_weight_decay")),
         "epochs (max)": fmt_setting(args.get("embed_epochs")),
-        "early stopping": (f"patience {fmt_setting(args.get('patience'))} epochs on holdout Recall@1"),
+        "early stopping": f"patience {epochs(args.get('patience'))} on holdout Recall@1",
     }

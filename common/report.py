@@ -356,16 +356,21 @@ def build_report(runs_dir: str | Path, out: str | Path | None = None) -> Path:
     runs = collect(runs_dir)
     summaries = architectures(runs)  # rebuilds every model: once, for both reports
     figs = Figures(out)
+    # report_figures/ holds this report's figures only: a run deleted since the last report
+    # must not leave its curves behind (they would look current beside the new ones).
+    for stale in figs.folder.iterdir():
+        if stale.is_file() and stale.suffix in (".png", ".jpg"):
+            stale.unlink()
     write_text(out, render(runs, summaries, figs))
     write_pdf(runs, summaries, out.with_suffix(".pdf"), figs.folder)
     return out
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Write REPORT.md and REPORT.pdf from the runs folder, "
-                                            "and optionally the submission archive.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("runs", nargs="?", default="runs", help="the runs folder to read")
+    p = argparse.ArgumentParser(prog="python -m common.report",
+                                description="Write REPORT.md and REPORT.pdf from the runs folder, "
+                                            "and optionally the submission archive.")
+    p.add_argument("runs", nargs="?", default="runs", help="the runs folder to read (default: runs)")
     p.add_argument("--out", default=None, help="report path (default: <runs>/REPORT.md); "
                                                "REPORT.pdf and report_figures/ go next to it")
     p.add_argument("--archive", default=None, metavar="ZIP",

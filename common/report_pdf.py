@@ -180,18 +180,18 @@ def block(d: Drawing, x: float, y: float, name: str) -> None:
     """A CUBS block box, 48 x 12 pt, its lower left corner at (x, y)."""
     fill = colors.HexColor("#dbe8f7" if name.startswith("B1") else "#fbe3c9")
     d.add(Rect(x, y, 48, 12, fillColor=fill, strokeWidth=0.6))
-    d.add(String(x + 24, y + 3.5, name, fontName="Helvetica", fontSize=6.5, textAnchor="middle"))
+    d.add(String(x + 24, y + 3.5, name, fontName="Helvetica", fontSize=MIN_FIGURE_FONT, textAnchor="middle"))
 
 
 def placements_drawing() -> Drawing:
-    """The three CUBS placements (serial, reverse, parallel) as a small vector figure."""
+    """The three CUBS placements (serial, reverse, parallel) as a small vector figure; its
+    text at MIN_FIGURE_FONT, the smallest any figure of the PDF prints."""
     d = Drawing(200, 112)
-    small = dict(fontName="Helvetica", fontSize=6.5)
-    d.add(String(0, 104, "CUBS placements, in each BasicBlock after the 2nd BN, before (+):",
-                 **small))
+    small = dict(fontName="Helvetica", fontSize=MIN_FIGURE_FONT)
+    d.add(String(0, 104, "Placements, in each BasicBlock after the 2nd BN, before (+):", **small))
     b1, b2 = "B1 channel", "B2 spatial"
     for y, label, first, second in ((82, "serial", b1, b2), (62, "reverse", b2, b1)):
-        d.add(String(0, y + 3.5, label, fontName="Helvetica-Bold", fontSize=6.5))
+        d.add(String(0, y + 3.5, label, fontName="Helvetica-Bold", fontSize=MIN_FIGURE_FONT))
         d.add(String(38, y + 3.5, "x", **small))
         arrow(d, 44, y + 6, 56, y + 6)
         block(d, 56, y, first)
@@ -200,7 +200,7 @@ def placements_drawing() -> Drawing:
         arrow(d, 164, y + 6, 176, y + 6)
         d.add(String(179, y + 3.5, "y", **small))
     y = 26  # parallel: x feeds both blocks, their outputs are added
-    d.add(String(0, y + 3.5, "parallel", fontName="Helvetica-Bold", fontSize=6.5))
+    d.add(String(0, y + 3.5, "parallel", fontName="Helvetica-Bold", fontSize=MIN_FIGURE_FONT))
     d.add(String(38, y + 3.5, "x", **small))
     arrow(d, 44, y + 6, 62, y + 17)
     arrow(d, 44, y + 6, 62, y - 5)
@@ -212,8 +212,7 @@ def placements_drawing() -> Drawing:
     arrow(d, 110, y - 5, 131.5, y + 3.5)
     arrow(d, 141, y + 6, 170, y + 6)
     d.add(String(173, y + 3.5, "y", **small))
-    d.add(String(0, 2, "y: serial B2(B1(x)), reverse B1(B2(x)), parallel B1(x)+B2(x) (plus: -x)",
-                 **small))
+    d.add(String(0, 2, "serial B2(B1(x)), reverse B1(B2(x)), parallel B1(x)+B2(x) (plus: -x)", **small))
     return d
 
 
@@ -466,8 +465,8 @@ def classifier_strategies(chosen: Chosen) -> list[str]:
         f"**Augmentation** (train only): {pick('augmentation')}.",
         f"**Schedule**: {pick('optimiser')}, peak LR {pick('peak LR')}; "
         f"{pick('schedule')} to zero, per step; weight decay {pick('weight decay')}; label "
-        f"smoothing {pick('label smoothing')}; batch {pick('batch size')}; at most "
-        f"{pick('epochs (max)')} epochs.",
+        f"smoothing {pick('label smoothing')}; batch {pick('batch size')}; epochs at most: "
+        f"{pick('epochs (max)')}.",
         f"**Early stopping** on the holdout score ({pick('holdout')} held out of train): "
         f"{pick('early stopping')}; the best holdout epoch's weights are tested once. Best "
         f"epoch / epochs run: {stops}.",

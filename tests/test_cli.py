@@ -137,6 +137,27 @@ def test_every_flag_has_help_and_shows_its_default_once(script, monkeypatch):
     assert "(default: None)" not in help_text and "(default: False)" not in help_text
 
 
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_readmes_flags_section_names_every_flag_of_the_script(script, monkeypatch):
+    from pathlib import Path
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("\n## Flags\n"):readme.index("\n## The data path\n")]
+    named = set(re.findall(r"--[a-z0-9-]+", section))
+    parser = script_parser(script, monkeypatch)
+    flags = {o for a in parser._actions if a.help is not argparse.SUPPRESS
+             for o in a.option_strings if o.startswith("--") and o != "--help"}
+    assert len(flags) >= 25 and flags - named == set()
+
+
+def test_the_report_help_names_the_command_and_no_empty_default(capsys):
+    from common import report
+    with pytest.raises(SystemExit):
+        report.main(["--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m common.report ") and "(default: runs)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
 def test_the_typed_data_flags_reach_the_checkpoint_meta_and_the_loaders():
     # data_recipe goes into checkpoint meta (a resume with other values is refused) and
     # loader_settings into every loader: each typed value must arrive as typed.

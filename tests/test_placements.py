@@ -28,7 +28,8 @@ def _results(out: Path, placement: str, variant: str, holdout: float, test: floa
 
 def _vanilla(path: Path, test: float, args: dict | None = None, **setup) -> Path:
     t2_args = {k: v for k, v in RECIPE.items() if k not in ("d", "gate_init")}
-    path.write_text(json.dumps({"test_acc": test, "holdout_acc": 0.5, **SETUP, **setup,
+    path.write_text(json.dumps({"test_acc": test, "holdout_acc": 0.5, "test_top5": 0.8, "params": 11_000_000,
+                                "best_epoch": 3, "epochs_run": 4, **SETUP, **setup,
                                 "args": {**t2_args, **(args or {})}}))
     return path
 
@@ -124,6 +125,8 @@ def test_at_par_rule_allows_two_points_below_vanilla(tmp_path, vanilla_test, sel
     gap = 100 * (vanilla_test - selected_test)
     assert c["at_par"]["holds"] == holds and c["at_par"]["points_below_vanilla"] == pytest.approx(gap)
     assert c["vanilla"]["test_acc"] == vanilla_test
+    assert {k: c["vanilla"][k] for k in ("test_top5", "params", "best_epoch", "epochs_run")} == \
+        {"test_top5": 0.8, "params": 11_000_000, "best_epoch": 3, "epochs_run": 4}  # T2's whole row
     text = "\n".join(comparison_lines(c))
     assert f"**At-par check: {'holds' if holds else 'does NOT hold'}.**" in text
     assert f"{abs(gap):.2f} points {'below' if gap >= 0 else 'above'} vanilla ResNet-18" in text

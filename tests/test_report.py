@@ -116,6 +116,10 @@ def check_placements(text: str, c: dict) -> None:
         row = rows["vanilla ResNet-18 (T2)", "-"]
         assert row["test top-1"] == acc(c["vanilla"]["test_acc"])
         assert row["holdout top-1"] == acc(c["vanilla"]["holdout_acc"])
+        v = c["vanilla"]  # placements.json before 2026-12-06 held no top-5, params or epochs: n/a
+        assert row["test top-5"] == (acc(v["test_top5"]) if "test_top5" in v else "n/a")
+        assert row["params"] == (f"{v['params']:,}" if "params" in v else "n/a")
+        assert row["best epoch / epochs run"] == f"{v.get('best_epoch', 'n/a')}/{v.get('epochs_run', 'n/a')}"
     s = c["selected"]
     assert c["selected_by"] == "holdout_acc"
     assert f"Selected by holdout accuracy: **{s['placement']}**" in text
@@ -274,6 +278,20 @@ def test_default_output_is_report_md_with_figures_next_to_it(handmade):
             "t2__curves.png", "t4__phase_b_none__curves.png"} <= names
 
 
+def test_a_rebuilt_report_leaves_no_figure_of_a_deleted_run(tmp_path):
+    make_runs(tmp_path)
+    figures = tmp_path / "report_figures"
+    figures.mkdir()
+    (figures / "t1_deleted__curves.png").write_bytes(b"a run deleted since the last report")
+    (figures / "notes.txt").write_text("not a figure: kept")
+    out = report.build_report(tmp_path)
+    linked = {Path(link).name for link in check_figures(out.read_text(), out)}
+    left = {p.name for p in figures.iterdir()}
+    assert "t1_deleted__curves.png" not in left and "notes.txt" in left
+    # every figure left is REPORT.md's or REPORT.pdf's (pdf_*)
+    assert {n for n in left if n.endswith((".png", ".jpg"))} == linked | {n for n in left if n.startswith("pdf_")}
+
+
 def test_classifier_table_numbers_equal_the_json(handmade):
     root, _, _, text = handmade
     assert check_classifier_rows(text, root) == 4  # t2 + three t3 runs
@@ -350,13 +368,19 @@ def test_training_strategies_come_from_the_args(handmade):
     assert rows["batch size"]["t2"] == "16 per process"
     assert rows["early stopping"]["t2"] == "patience 4 epochs (min delta 0)"
     assert "colour jitter ±0.4" in rows["augmentation"]["t2"]
-    assert rows["schedule"]["t2"] == "linear warmup 1 epochs, then cosine decay"
+    assert rows["schedule"]["t2"] == "linear warmup 1 epoch, then cosine decay"  # singular for 1
     phase_a, phase_b = find_tables(text, "setting", "t4 (SMOKE)")  # T4 Phase A, then Phase B
     assert {r["setting"]: r["t4 (SMOKE)"] for r in phase_a}["peak LR"] == "0.05"
     rows_b = {r["setting"]: r["t4 (SMOKE)"] for r in phase_b}
     assert rows_b["loss"] == "Multi-Similarity: alpha 2, beta 50, lambda 0.5, epsilon 0.1"
     assert rows_b["batches (P x K)"] == "4 classes x 4 images"
     assert rows_b["LR"] == "0.001" and rows_b["optimiser"] == "AdamW"
+
+
+def test_recipe_counts_of_epochs_read_as_english():
+    from common.recipes import epochs
+    assert [epochs(n) for n in (1, 1.0, 0.5, 8, None)] == \
+        ["1 epoch", "1 epoch", "0.5 epochs", "8 epochs", "n/a"]
 
 
 def test_empty_folder_says_not_run_yet_everywhere(tmp_path):
@@ -549,6 +573,19 @@ def test_every_pdf_caption_is_on_the_page_of_its_figure(smoke_report):
     assert set(pages) == {"classifier_curves", "t4_curves", "retrieval"}
     for name, (figure_page, caption_page) in pages.items():
         assert figure_page == caption_page, name
+
+
+def test_the_placements_drawing_prints_its_text_at_80_percent_of_body_size_inside_it():
+    from reportlab.graphics.shapes import String
+    from reportlab.pdfbase.pdfmetrics import stringWidth
+    d = report_pdf.placements_drawing()
+    strings = [s for s in d.contents if isinstance(s, String)]
+    assert len(strings) >= 15 and "B1 channel" in {s.text for s in strings}
+    for s in strings:
+        assert s.fontSize >= report_pdf.MIN_FIGURE_FONT, (s.text, s.fontSize)
+        width = stringWidth(s.text, s.fontName, s.fontSize)
+        left = s.x - {"start": 0, "middle": width / 2, "end": width}[s.textAnchor]
+        assert 0 <= left and left + width <= d.width, s.text
 
 
 def test_a_caption_moves_with_its_figure_past_a_page_break(tmp_path):
