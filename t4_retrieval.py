@@ -218,6 +218,8 @@ def phase_a(model: torch.nn.Module, data: SimpleNamespace, args: argparse.Namesp
     holdout accuracy; then Recall@K of best.pt's pooled features. Returns fit's summary plus
     test_recall; the model keeps best.pt's weights."""
     run_dir = out / "phase_a"
+    if rt.is_main:
+        print(f"Phase A: the {len(data.splits.train.classes)}-way classifier (cross-entropy) in {run_dir}")
     fitted = fit_phase(model, data.loaders.train,
                        torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
                        evaluate.holdout_scorer(data.loaders.holdout, rt, diagnostics),
@@ -252,6 +254,9 @@ def phase_b(model: torch.nn.Module, mining: str, data: SimpleNamespace, args: ar
     meta_b = {**meta, "phase": "b", "mining": mining,
               **{k: getattr(args, k) for k in ("embedding_dim", "classes_per_batch",
                                                "images_per_class", "alpha", "beta", "lam", "epsilon")}}
+    if rt.is_main:
+        print(f"Phase B ({mining} mining): the {args.embedding_dim}-d embedding (Multi-Similarity loss) "
+              f"in {run_dir}")
     fitted = fit_phase(embedder, data.pk_train, loss_fn, holdout_r1, cfg, run_dir, rt, meta_b,
                        score_key="holdout_r1", top1=False)
     if not fitted["finished"]:
@@ -292,6 +297,10 @@ def write_results(model: torch.nn.Module, meta: dict, init: dict, recall_init: d
           f"(R@1 chance {chance:.3f}):\n  before (Phase A) {evaluate.fmt_recall(a['test_recall'])}\n"
           f"  after  (Phase B, {args.mining}) {evaluate.fmt_recall(b[args.mining]['test_recall'])}\n"
           f"wrote {out / 'results.json'} and {out / 'retrieval.png'}")
+    left_out = [m for m in MINING_CHOICES if m not in b and (out / f"phase_b_{m}" / "best.pt").is_file()]
+    if left_out:  # results.json describes this command; an earlier --compare-mining's runs stay on disk
+        print(f"not in results.json: the Phase B runs with {', '.join(left_out)} mining in {out} "
+              f"(add --compare-mining to report them again)")
     return results
 
 

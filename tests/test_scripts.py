@@ -148,7 +148,7 @@ def test_t4_smoke_phase_a_beats_the_network_it_started_from(runs):
     assert (runs / "t4" / "phase_b_ms" / "curves.png").stat().st_size > 0
 
 
-def test_t4_tests_each_phase_with_best_pt_not_its_last_weights(runs, tmp_path, monkeypatch):
+def test_t4_tests_each_phase_with_best_pt_not_its_last_weights(runs, tmp_path, monkeypatch, capsys):
     # Holdout scores that peak at epoch 1 of 2 in every phase: the test embeddings must come
     # from best.pt (epoch 1), not from the weights training ended with. Weights, not Recall@K,
     # are compared: two epochs' weights can give the same recall on 192 queries.
@@ -181,6 +181,23 @@ def test_t4_tests_each_phase_with_best_pt_not_its_last_weights(runs, tmp_path, m
         last = torch.load(tmp_path / phase / "last.pt", weights_only=True)["model"]
         assert any(not torch.equal(best[k], last[k]) for k in best), phase  # epoch 2 changed them
         assert all(torch.equal(state[k], best[k]) for k in best), phase
+
+    # The same finished run, rerun without --compare-mining (this run reuses the one above):
+    # it retrains nothing, reports --mining's run only, and names the runs it left out.
+    capsys.readouterr()
+    again = t4_retrieval.main(["--smoke", "--out", str(tmp_path), "--epochs", "2", "--embed-epochs", "2",
+                               "--init", "scratch", "--width", "8", "--no-compare-mining",
+                               "--t3-results", str(tmp_path / "none.json")])
+    assert [m["mining"] for m in again["mining_comparison"]] == ["ms"]
+    assert again["phase_b"]["test_recall"] == r["phase_b"]["test_recall"]
+    assert again["phase_b"]["train_time_s"] == r["phase_b"]["train_time_s"]  # not trained again
+    printed = capsys.readouterr().out
+    assert ("not in results.json: the Phase B runs with none, hard, semihard mining in "
+            f"{tmp_path} (add --compare-mining to report them again)") in printed
+    assert f"Phase A: the {again['train_classes']}-way classifier (cross-entropy) in {tmp_path / 'phase_a'}" \
+        in printed  # each phase's epoch lines come under the phase's name
+    assert f"Phase B (ms mining): the 512-d embedding (Multi-Similarity loss) in {tmp_path / 'phase_b_ms'}" \
+        in printed
 
 
 def test_t4_builds_t3s_block1_size_so_that_every_t3_tensor_loads(tmp_path):
