@@ -535,7 +535,7 @@ def test_pdf_of_the_four_smoke_runs_fits_two_pages_and_quotes_the_json(smoke_run
                                           "Hard mining (T4 Phase B): Multi-Similarity",
                                           "Our variant (CUBS plus)")]
     assert -1 not in where and where == sorted(where)
-    assert "y: serial B2(B1(x)), reverse B1(B2(x)), parallel B1(x)+B2(x) (plus: -x)" in text  # cubs.py's
+    assert "serial B2(B1(x)), reverse B1(B2(x)), parallel B1(x)+B2(x) (plus: -x)" in text  # cubs.py's
     assert "gates y = x (1 + tanh(gamma) (2 sigmoid(.) - 1)) with gamma = 0 at init" in text  # cubs.py's
     banner = re.search(re.escape(f"SMOKE: {runs_folder.SMOKE_BANNER} (") + r"([^)]*)\)\.", text)
     shown = {"t1", "t2", "t4"} | {f"t3/{r['placement']}_{r['variant']}" for r in placements["runs"]}
