@@ -221,6 +221,9 @@ class _SmallNet(nn.Module):
     def forward(self, x):
         return self.fc(self.body(x))
 
+    def features(self, x):  # as the task models: the pooled features before the classifier
+        return self.body(x)
+
 
 def _run_fit(splits, out, backend, epochs=4, stop_after=None, step_log=None, amp_dtype=None, **cfg):
     torch.manual_seed(0)
@@ -400,6 +403,41 @@ def test_embed_runs_in_eval_mode_in_order_and_leaves_batchnorm_alone(tiny_splits
     assert torch.allclose(emb, model(images), atol=1e-6)
     feats, _ = evaluate.embed(model.body, loader, rt)
     assert feats.shape == (len(labels), 8)
+    pooled, _ = evaluate.embed(model, loader, rt, features=True)  # T4's Phase A / before figures
+    assert pooled.shape == (len(labels), 8) and torch.allclose(pooled, model.features(images), atol=1e-6)
+
+
+class _FixedBatches:
+    """A loader whose images are the logits themselves (the model is the identity)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def epoch(self):
+        yield from self.batches
+
+
+def test_evaluate_classifier_counts_top1_top5_and_mean_loss_over_uneven_batches():
+    # 7 classes; each row's label sits at a known rank of its logits (rank 1 = the largest).
+    base = torch.tensor([7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0])  # class c has rank c + 1
+    labels = torch.tensor([0, 4, 5, 1, 3])  # ranks 1, 5, 6, 2, 4
+    logits = base.repeat(5, 1)
+    batches = [(logits[:3], labels[:3]), (logits[3:], labels[3:])]  # 3 + 2 images
+    got = evaluate.evaluate_classifier(nn.Identity(), _FixedBatches(batches), runtime.Runtime(torch.device("cpu")))
+    log_p = torch.log_softmax(base.double(), 0)
+    loss = -sum(log_p[c] for c in labels.tolist()) / 5
+    # top-1: rank 1 only; top-5: ranks 1, 5, 2, 4 (not 6): a top-4 would miss the rank-5 one
+    assert got == {"loss": pytest.approx(float(loss), rel=1e-6), "acc": 1 / 5, "top5": 4 / 5, "n": 5}
+
+
+def test_load_best_refuses_a_best_pt_of_another_epoch(tmp_path):
+    from common.checkpoint import save_checkpoint
+    model = _SmallNet()
+    save_checkpoint({"model": model.state_dict(), "epoch": 2, "history": [{"epoch": 1}, {"epoch": 2}]},
+                    tmp_path / "best.pt")
+    assert evaluate.load_best(model, tmp_path, best_epoch=2) == {"epoch": 2}
+    with pytest.raises(CheckpointError, match=r"best.pt holds epoch 2, but the best holdout epoch is 3"):
+        evaluate.load_best(model, tmp_path, best_epoch=3)
 
 
 # ---------------------------------------------------------------- crash consistency
