@@ -83,6 +83,14 @@ def test_report_counts_all_bad_files_and_names_the_first_five(good: list[str], t
     assert isinstance(error.value, ValueError)  # callers catching ValueError still do
 
 
+def test_exactly_five_bad_files_are_all_named_with_no_count_line(good: list[str], tmp_path: Path) -> None:
+    bad = [write(tmp_path, f"bad{i}.JPEG", b"not an image") for i in range(5)]
+    with pytest.raises(ImageDecodeError) as error:
+        check_images(good + bad, "quick")
+    lines = str(error.value).splitlines()
+    assert [line.split(": ")[0].strip() for line in lines[1:]] == bad  # no "... and 0 more"
+
+
 def test_full_mode_finds_damage_that_leaves_both_ends_intact(tmp_path: Path) -> None:
     data = bytearray(encoded("JPEG", size=64))
     start_of_scan = data.index(b"\xff\xda")
@@ -110,6 +118,22 @@ def test_a_pass_is_cached_by_path_size_and_mtime(good: list[str], tmp_path: Path
     with pytest.raises(ImageDecodeError, match="empty file"):
         check_images(good, "quick", cache)
     assert check_images(good, "off", cache) == 0
+
+
+def test_a_missing_file_is_named_even_when_the_others_passed_before(good: list[str], tmp_path: Path) -> None:
+    cache = [tmp_path / "cache" / CACHE_NAME]
+    assert check_images(good, "quick", cache) == len(good)
+    missing = str(tmp_path / "gone.JPEG")  # listed by the dataset, deleted since: no stat line
+    with pytest.raises(ImageDecodeError, match=re.escape(missing) + r": cannot be read"):
+        check_images(good + [missing], "quick", cache)
+
+
+def test_a_cache_file_that_is_not_ours_means_check_again(good: list[str], tmp_path: Path) -> None:
+    cache = tmp_path / CACHE_NAME
+    for text in ("[]", '{"passed": [1]}', "not json"):
+        cache.write_text(text)
+        assert check_images(good, "quick", [cache]) == len(good)  # read, not trusted
+    assert check_images(good, "quick", [cache]) == 0  # the rewritten cache is ours
 
 
 def test_cache_falls_back_when_the_first_place_is_read_only(good: list[str], tmp_path: Path) -> None:

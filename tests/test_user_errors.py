@@ -126,6 +126,13 @@ def test_non_finite_lr_is_refused_by_argparse(tmp_path: Path) -> None:
      "error: --classes-per-batch must be >= 2 (each image needs a negative), got 1"),
     ("t4_retrieval", ["--images-per-class", "1"],
      "error: --images-per-class must be >= 2 (each image needs a positive), got 1"),
+    ("t3_cubs", ["--variant", "both", "--d", "32"], "error: --d 32 does not fit the plus variant"),
+    ("t3_cubs", ["--variant", "both", "--evaluate", "x.pt"],
+     "error: --evaluate takes the checkpoint's one --placement and one --variant, not all/both"),
+    ("t3_cubs", ["--placement", "all", "--evaluate", "x.pt"],
+     "error: --evaluate takes the checkpoint's one --placement and one --variant, not all/both"),
+    ("t1_custom_cnn", ["--dropout", "1"], "error: --dropout must be in [0, 1), got 1.0"),
+    ("t1_custom_cnn", ["--dropout", "-0.1"], "error: --dropout must be in [0, 1), got -0.1"),
 ])
 def test_flags_that_cannot_work_are_refused_before_anything_runs(script, flags, message, tmp_path, capsys):
     # In-process: argparse's refusal comes before any import of data or model work.
@@ -169,3 +176,15 @@ def test_init_auto_without_a_t3_run_names_where_it_looked_and_the_flag(capsys) -
     # not "no best.pt next to X", which reads as if X existed; and the flag that points elsewhere
     assert printed == ("--init auto: no T3 best.pt found from elsewhere/t3/placements.json "
                        "(--t3-results names T3's placements.json) -> --init scratch\n")
+
+
+def test_gate_init_pytorch_means_pytorchs_default_init():
+    import t3_cubs
+    assert t3_cubs.gate_logit("pytorch") is None and t3_cubs.gate_logit("-2.5") == -2.5
+
+
+def test_t3_defaults_to_compile_mode_default_and_t2_to_cuda_graphs(monkeypatch):
+    # T3's per-block torch.cond cannot live in a CUDA graph (t3_cubs.py); T1 and T2 replay graphs
+    from test_colab import script_parser
+    assert script_parser("t3_cubs.py", monkeypatch).parse_args([]).compile_mode == "default"
+    assert script_parser("t2_resnet18.py", monkeypatch).parse_args([]).compile_mode == "reduce-overhead"
