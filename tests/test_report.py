@@ -699,6 +699,23 @@ def test_the_report_takes_real_runs_before_smoke_ones_then_the_scripts_own_folde
     assert chosen.placements[0] == "t3_full"  # the real comparison, not the default folder's smoke one
 
 
+def test_collect_reads_a_comparison_in_the_runs_root_and_skips_hidden_folders(tmp_path):
+    t3 = classifier("t3", "cubs_resnet18_serial_plain", 0.4, 0.4, placement="serial", variant="plain")
+    write(tmp_path / "serial_plain" / "results.json", t3)  # t3_cubs.py --out runs: the root
+    write(tmp_path / "serial_plain" / "metrics.jsonl", '{"epoch": 1}\n\n{"epoch": 2}\n')  # a blank line
+    write(tmp_path / "placements.json", {"selected": {"placement": "serial", "variant": "plain"}})
+    write(tmp_path / "a" / "results.json", classifier("t2", "resnet18", 0.3, 0.3))
+    write(tmp_path / "b" / "results.json", classifier("t1", "custom_cnn", 0.2, 0.2))
+    write(tmp_path / ".trash" / "results.json", classifier("t2", "resnet18", 0.9, 0.9))  # hidden: not a run
+    write(tmp_path / "other" / "placements.json", [1, 2])  # not a comparison: skipped, no crash
+    runs = runs_folder.collect(tmp_path)
+    assert runs.problems == []
+    assert [r.name for r in runs.classifiers] == ["b", "a", "serial_plain"]  # by task, then name
+    assert runs.classifiers[2].history == [{"epoch": 1}, {"epoch": 2}]
+    assert [name for name, _ in runs.placements] == ["."]
+    assert runs_folder.choose_runs(runs).runs["t3"].name == "serial_plain"
+
+
 def test_the_curves_key_marks_smoke_runs_only_beside_real_ones():
     def run(name, smoke):
         return runs_folder.Run(Path(name), name, {"task": "t2", "args": {"smoke": smoke}}, [{"epoch": 1}])
