@@ -402,3 +402,20 @@ def test_annotations_that_are_not_structs_give_a_dataset_error(cars_annos: Path,
     with pytest.raises(DatasetError, match=re.escape(f"{root.resolve() / 'cars_annos.mat'}: 'annotations' is "
                                                      f"not a struct array with fields 'relative_im_path'")):
         load_cars196(root)
+
+
+def test_t4_finds_cars196_inside_a_data_folder_and_checks_its_images_as_asked(
+        cars_annos: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from common import runtime, task_data
+    shutil.copytree(cars_annos, tmp_path / "data" / "cars196")  # --data-dir data, as for Tiny ImageNet
+    modes = []
+    monkeypatch.setattr(task_data, "check_images", lambda files, mode, **kw: modes.append((len(files), mode)) or 0)
+    rt = runtime.Runtime(torch.device("cpu"))
+    for mode in ("off", "full", "quick"):
+        splits = task_data.cars196(tmp_path / "data", tmp_path / "out", rt, holdout_per_class=2, seed=0,
+                                   check=mode)
+        assert splits.root == tmp_path / "data" / "cars196"
+    total = CARS_CLASSES * CARS_PER_CLASS  # every image of every split, in the mode asked for
+    assert modes == [(total, "off"), (total, "full"), (total, "quick")]
