@@ -38,15 +38,22 @@ def _check_classifier_run(out: Path, task: str, model: str) -> dict:
     assert (r["holdout_acc"], r["holdout_top5"]) == (best["holdout_acc"], best["holdout_top5"])
     for name in ("last.pt", "best.pt", "curves.png"):
         assert (out / name).stat().st_size > 0
+    # every holdout image once per epoch (an augmenting loader would drop the last batch)
+    assert all(h["holdout_n"] == 50 for h in history)
+    assert not [k for k in r["args"] if k.startswith("_")]  # argparse's bookkeeping is not a flag
     return r
 
 
 def test_t1_smoke_learns_and_writes_everything(runs):
-    _check_classifier_run(runs / "t1", "t1", "custom_cnn")
+    r = _check_classifier_run(runs / "t1", "t1", "custom_cnn")
+    meta = torch.load(runs / "t1" / "best.pt", weights_only=True)["meta"]
+    assert meta["dropout"] == r["args"]["dropout"] == 0.2  # so a resume with another --dropout is refused
 
 
 def test_t2_smoke_learns_and_writes_everything(runs):
     _check_classifier_run(runs / "t2", "t2", "resnet18")
+    history = [json.loads(line) for line in (runs / "t2" / "metrics.jsonl").read_text().splitlines()]
+    assert all(h["diagnostics"]["branch_grad_norm"] for h in history)  # common/diagnostics.py each epoch
 
 
 def test_t3_all_placements_selects_by_holdout_and_checks_vanillas_recipe(runs):
@@ -199,6 +206,19 @@ def test_t4_tests_each_phase_with_best_pt_not_its_last_weights(runs, tmp_path, m
     assert f"Phase B (ms mining): the 512-d embedding (Multi-Similarity loss) in {tmp_path / 'phase_b_ms'}" \
         in printed
 
+    # results.json says the run finished, so it is written last: a failure drawing
+    # retrieval.png leaves none (a rerun then redoes both)
+    (tmp_path / "results.json").unlink()
+
+    def failing_grid(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(t4_retrieval.plots, "retrieval_grid", failing_grid)
+    with pytest.raises(OSError, match="disk full"):
+        t4_retrieval.main(["--smoke", "--out", str(tmp_path), "--epochs", "2", "--embed-epochs", "2",
+                           "--init", "scratch", "--width", "8", "--no-compare-mining",
+                           "--t3-results", str(tmp_path / "none.json")])
+    assert not (tmp_path / "results.json").exists()
+
 
 def test_t4_builds_t3s_block1_size_so_that_every_t3_tensor_loads(tmp_path):
     # T4 has no --d: a T3 run trained with --d 64 must not lose its 16 Block 1s to shape
@@ -260,6 +280,15 @@ def test_fresh_clears_the_earlier_run_and_the_summaries_that_describe_it(runs, t
     assert [p.name for p in t3.glob("placements.*")] == []  # redone when the runs finish
     assert [p.name for p in stale_t3 if p.exists()] == []
     assert (t3 / "reverse_plain" / "best.pt").is_file()  # runs this command does not train stay
+    # --fresh beside --evaluate trains nothing, so it deletes nothing either
+    run("t3_cubs.py", "--smoke", "--placement", "reverse", "--out", str(t3), "--fresh",
+        "--evaluate", str(t3 / "reverse_plain"))
+    assert {p.name for p in (t3 / "reverse_plain").iterdir()} >= {"best.pt", "last.pt", "results.json",
+                                                                  "metrics.jsonl", "eval.json"}
+
+    shutil.copytree(runs / "t2", tmp_path / "t2")  # T1 and T2: engine.fit's --fresh
+    run("t2_resnet18.py", "--smoke", "--out", str(tmp_path / "t2"), "--fresh", "--stop-after-epoch", "0")
+    assert [p.name for p in (tmp_path / "t2").glob("*.*")] == []
 
     shutil.copytree(runs / "t4", tmp_path / "t4")
     t4 = tmp_path / "t4"
@@ -328,8 +357,9 @@ def test_sigterm_saves_mid_epoch_and_resumes_from_that_batch(tmp_path):
 # file's T2 run did: "cpu x2", each test image counted once, rank 0 alone prints, sharded
 # train_images per epoch, one RNG state per rank).
 
-def test_missing_dataset_gives_a_clear_message(tmp_path):
-    proc = run("t2_resnet18.py", "--data-dir", str(tmp_path / "nowhere"), "--no-download",
+@pytest.mark.parametrize("script", ["t1_custom_cnn.py", "t2_resnet18.py", "t3_cubs.py"])
+def test_missing_dataset_gives_a_clear_message(script, tmp_path):
+    proc = run(script, "--data-dir", str(tmp_path / "nowhere"), "--no-download",
                "--device", "cpu", "--out", str(tmp_path / "out"), check=False)
     assert proc.returncode == 1
     assert "Tiny ImageNet not found" in proc.stderr and "--smoke" in proc.stderr

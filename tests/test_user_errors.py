@@ -188,3 +188,18 @@ def test_t3_defaults_to_compile_mode_default_and_t2_to_cuda_graphs(monkeypatch):
     from test_colab import script_parser
     assert script_parser("t3_cubs.py", monkeypatch).parse_args([]).compile_mode == "default"
     assert script_parser("t2_resnet18.py", monkeypatch).parse_args([]).compile_mode == "reduce-overhead"
+
+
+def test_t4_refuses_more_classes_per_batch_than_training_classes_before_training(tmp_path):
+    import torch
+
+    import t4_retrieval
+    from common import runtime
+    from common.errors import ConfigError
+    rt = runtime.Runtime(torch.device("cpu"))
+    args = t4_retrieval.parse_args(["--smoke", "--out", str(tmp_path), "--classes-per-batch", "8"])
+    data = t4_retrieval.load_data(args, rt, tmp_path)  # the smoke set's 8 training classes: all of them
+    assert len(data.splits.train.classes) == 8
+    args = t4_retrieval.parse_args(["--smoke", "--out", str(tmp_path), "--classes-per-batch", "9"])
+    with pytest.raises(ConfigError, match=r"--classes-per-batch 9 exceeds the 8 training classes of "):
+        t4_retrieval.load_data(args, rt, tmp_path)
