@@ -127,9 +127,9 @@ def test_non_finite_lr_is_refused_by_argparse(tmp_path: Path) -> None:
     ("t4_retrieval", ["--images-per-class", "1"],
      "error: --images-per-class must be >= 2 (each image needs a positive), got 1"),
     ("t3_cubs", ["--variant", "both", "--d", "32"], "error: --d 32 does not fit the plus variant"),
-    ("t3_cubs", ["--variant", "both", "--evaluate", "x.pt"],
+    ("t3_cubs", ["--variant", "both", "--evaluate", "README.md"],  # any file: refused before it is read
      "error: --evaluate takes the checkpoint's one --placement and one --variant, not all/both"),
-    ("t3_cubs", ["--placement", "all", "--evaluate", "x.pt"],
+    ("t3_cubs", ["--placement", "all", "--evaluate", "README.md"],
      "error: --evaluate takes the checkpoint's one --placement and one --variant, not all/both"),
     ("t1_custom_cnn", ["--dropout", "1"], "error: --dropout must be in [0, 1), got 1.0"),
     ("t1_custom_cnn", ["--dropout", "-0.1"], "error: --dropout must be in [0, 1), got -0.1"),
@@ -203,3 +203,11 @@ def test_t4_refuses_more_classes_per_batch_than_training_classes_before_training
     args = t4_retrieval.parse_args(["--smoke", "--out", str(tmp_path), "--classes-per-batch", "9"])
     with pytest.raises(ConfigError, match=r"--classes-per-batch 9 exceeds the 8 training classes of "):
         t4_retrieval.load_data(args, rt, tmp_path)
+
+
+def test_a_mistyped_evaluate_path_is_refused_before_the_dataset_is_looked_for(tmp_path):
+    proc = run_script("t2_resnet18.py", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"),
+                      "--evaluate", str(tmp_path / "runs" / "t2"), check=False)
+    assert proc.returncode == 1 and proc.stderr == (
+        f"error: --evaluate {tmp_path / 'runs' / 't2'}: no checkpoint there (a best.pt or last.pt, "
+        f"or a run folder holding best.pt)\n")  # not "Tiny ImageNet not found", nor a download
