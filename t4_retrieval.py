@@ -300,7 +300,7 @@ def write_results(model: torch.nn.Module, meta: dict, init: dict, recall_init: d
     left_out = [m for m in MINING_CHOICES if m not in b and (out / f"phase_b_{m}" / "best.pt").is_file()]
     if left_out:  # results.json describes this command; an earlier --compare-mining's runs stay on disk
         print(f"not in results.json: the Phase B runs with {', '.join(left_out)} mining in {out} "
-              f"(add --compare-mining to report them again)")
+              f"(--compare-mining reports them, or resumes those that did not finish)")
     return results
 
 

@@ -178,11 +178,9 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None, *,
         parser.error(f"--backend cache does no colour jitter (--color-jitter {args.color_jitter}): "
                      f"use --color-jitter 0, or --backend dali, torch or auto")
     check_out_dir(args.out)
-    if args.evaluate:  # a mistyped path is found now, not after the dataset's check or download
-        path = Path(args.evaluate)
-        if not (path / "best.pt" if path.is_dir() else path).is_file():
-            raise ConfigError(f"--evaluate {args.evaluate}: no checkpoint there (a best.pt or last.pt, "
-                              f"or a run folder holding best.pt)")
+    if args.evaluate and not Path(args.evaluate).exists():  # found now, not after a download
+        raise ConfigError(f"--evaluate {args.evaluate}: no such file or folder (a best.pt or last.pt, "
+                          f"or a run folder holding best.pt)")
     return args
 
 

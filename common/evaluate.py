@@ -49,6 +49,12 @@ def load(path: str | Path) -> tuple[Path, dict[str, Any]]:
     that is neither (e.g. a bare state dict)."""
     path = Path(path)
     if path.is_dir():
+        if not (path / "best.pt").is_file():  # say what the folder does hold
+            runs = sorted(p.parent.name for p in path.glob("*/best.pt"))
+            held = (f"its run folders: {', '.join(runs)}" if runs else
+                    f"it has {path / 'last.pt'} (a run stopped before its first holdout score)"
+                    if (path / "last.pt").is_file() else "no last.pt and no run folder holding a best.pt either")
+            raise CheckpointError(f"--evaluate {path}: this folder holds no best.pt; {held}")
         path = path / "best.pt"
     ck = load_checkpoint(path)
     if not isinstance(ck, dict) or not set(INFERENCE_KEYS) <= ck.keys():

@@ -93,8 +93,8 @@ def compare_runs(out: Path, vanilla_path: Path, recipe: Mapping[str, Any] | None
                                       f"or name its results.json with --vanilla-results")
     if same_setup and selected:
         comparison["vanilla"] = {"test_acc": vanilla["test_acc"], "holdout_acc": vanilla["holdout_acc"],
-                                 **{k: vanilla.get(k) for k in ("test_top5", "params", "best_epoch",
-                                                                "epochs_run")},
+                                 **{k: vanilla[k] for k in ("test_top5", "params", "best_epoch",
+                                                            "epochs_run") if k in vanilla},
                                  "source": str(vanilla_path), "source_abs": str(vanilla_path.resolve())}
         gap = 100 * (vanilla["test_acc"] - selected["test_acc"])
         # Rounded first: 100 * (0.60 - 0.58) is 2.0000000000000018 in floats, and a gap of

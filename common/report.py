@@ -74,13 +74,28 @@ class Figures:
         self.base = report.parent
         self.folder = self.base / FIGURES
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.linked: set[str] = set()  # file names in `folder` that REPORT.md shows
 
     def path(self, name: str) -> Path:
         return self.folder / name
 
     def link(self, path: Path, alt: str) -> list[str]:
         rel = Path(os.path.relpath(path, self.base)).as_posix()
+        if path.parent == self.folder:
+            self.linked.add(path.name)
         return [f"![{alt}]({rel})", ""]
+
+    def remove_unlinked(self) -> list[str]:
+        """Delete the figures an earlier report wrote that this one no longer shows (a run
+        deleted since), so they cannot pass for current ones; returns their names. Only
+        names this module gives figures (RUN__FILE.png, classifiers_holdout.png) are
+        touched: any other file in the folder is not the report's."""
+        ours = lambda name: name.endswith(".png") and ("__" in name or name == "classifiers_holdout.png")  # noqa: E731
+        stale = sorted(p.name for p in self.folder.iterdir()
+                       if p.is_file() and ours(p.name) and p.name not in self.linked)
+        for name in stale:
+            (self.folder / name).unlink()
+        return stale
 
     def copy(self, src: Path, name: str, alt: str) -> list[str]:
         if not src.is_file():
@@ -356,13 +371,12 @@ def build_report(runs_dir: str | Path, out: str | Path | None = None) -> Path:
     runs = collect(runs_dir)
     summaries = architectures(runs)  # rebuilds every model: once, for both reports
     figs = Figures(out)
-    # report_figures/ holds this report's figures only: a run deleted since the last report
-    # must not leave its curves behind (they would look current beside the new ones).
-    for stale in figs.folder.iterdir():
-        if stale.is_file() and stale.suffix in (".png", ".jpg"):
-            stale.unlink()
     write_text(out, render(runs, summaries, figs))
     write_pdf(runs, summaries, out.with_suffix(".pdf"), figs.folder)
+    stale = figs.remove_unlinked()  # after both are written: a failed report removes nothing
+    if stale:
+        print(f"removed {len(stale)} figure(s) of runs no longer in {runs_dir} from {figs.folder}: "
+              f"{', '.join(stale)}")
     return out
 
 

@@ -153,7 +153,7 @@ def test_the_report_help_names_the_command_and_no_empty_default(capsys):
     from common import report
     with pytest.raises(SystemExit):
         report.main(["--help"])
-    text = capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())  # as argparse wraps it for any terminal width
     assert text.startswith("usage: python -m common.report ") and "(default: runs)" in text
     assert "(default: None)" not in text and "(default: False)" not in text
 

@@ -115,6 +115,15 @@ def test_selection_is_by_holdout_among_plain_runs_and_ties_go_in_spec_order(tmp_
     assert "**At-par check: not made** (no T2 result at" in text
 
 
+def test_a_t2_result_without_top5_or_epochs_shows_n_a_not_none(tmp_path):
+    _results(tmp_path, "serial", "plain", 0.7, 0.6)
+    t2 = _vanilla(tmp_path / "t2.json", 0.61)
+    t2.write_text(json.dumps({k: v for k, v in json.loads(t2.read_text()).items()
+                              if k not in ("test_top5", "params", "best_epoch", "epochs_run")}))  # older T2
+    row = placements.table_rows(compare_runs(tmp_path, t2))[-1]
+    assert row[0] == "vanilla ResNet-18 (T2)" and row[4:7] == ["n/a", "n/a", "n/a/n/a"]
+
+
 @pytest.mark.parametrize("vanilla_test, selected_test, holds", [
     (0.615, 0.6, True), (0.625, 0.6, False), (0.59, 0.6, True),
     (0.60, 0.58, True),  # exactly 2 points, though 100 * (0.60 - 0.58) > 2 in floats

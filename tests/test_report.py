@@ -284,12 +284,14 @@ def test_a_rebuilt_report_leaves_no_figure_of_a_deleted_run(tmp_path):
     figures.mkdir()
     (figures / "t1_deleted__curves.png").write_bytes(b"a run deleted since the last report")
     (figures / "notes.txt").write_text("not a figure: kept")
+    (figures / "my_photo.jpg").write_bytes(b"the user's own image: not a name the report gives")
     out = report.build_report(tmp_path)
     linked = {Path(link).name for link in check_figures(out.read_text(), out)}
     left = {p.name for p in figures.iterdir()}
-    assert "t1_deleted__curves.png" not in left and "notes.txt" in left
-    # every figure left is REPORT.md's or REPORT.pdf's (pdf_*)
-    assert {n for n in left if n.endswith((".png", ".jpg"))} == linked | {n for n in left if n.startswith("pdf_")}
+    assert "t1_deleted__curves.png" not in left and {"notes.txt", "my_photo.jpg"} <= left
+    # every figure left is REPORT.md's, REPORT.pdf's (pdf_*) or the user's own
+    assert {n for n in left if n.endswith((".png", ".jpg"))} == \
+        linked | {n for n in left if n.startswith("pdf_")} | {"my_photo.jpg"}
 
 
 def test_classifier_table_numbers_equal_the_json(handmade):

@@ -200,7 +200,7 @@ def test_t4_tests_each_phase_with_best_pt_not_its_last_weights(runs, tmp_path, m
     assert again["phase_b"]["train_time_s"] == r["phase_b"]["train_time_s"]  # not trained again
     printed = capsys.readouterr().out
     assert ("not in results.json: the Phase B runs with none, hard, semihard mining in "
-            f"{tmp_path} (add --compare-mining to report them again)") in printed
+            f"{tmp_path} (--compare-mining reports them, or resumes those that did not finish)") in printed
     assert f"Phase A: the {again['train_classes']}-way classifier (cross-entropy) in {tmp_path / 'phase_a'}" \
         in printed  # each phase's epoch lines come under the phase's name
     assert f"Phase B (ms mining): the 512-d embedding (Multi-Similarity loss) in {tmp_path / 'phase_b_ms'}" \

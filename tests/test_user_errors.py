@@ -206,8 +206,27 @@ def test_t4_refuses_more_classes_per_batch_than_training_classes_before_training
 
 
 def test_a_mistyped_evaluate_path_is_refused_before_the_dataset_is_looked_for(tmp_path):
-    proc = run_script("t2_resnet18.py", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out"),
-                      "--evaluate", str(tmp_path / "runs" / "t2"), check=False)
-    assert proc.returncode == 1 and proc.stderr == (
-        f"error: --evaluate {tmp_path / 'runs' / 't2'}: no checkpoint there (a best.pt or last.pt, "
-        f"or a run folder holding best.pt)\n")  # not "Tiny ImageNet not found", nor a download
+    proc = run_script("t2_resnet18.py", "--data-dir", str(tmp_path / "nowhere"), "--no-download",
+                      "--out", str(tmp_path / "out"), "--evaluate", str(tmp_path / "runs" / "t2"), check=False)
+    assert proc.returncode == 1 and "Tiny ImageNet" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == (f"error: --evaluate {tmp_path / 'runs' / 't2'}: no such file or "
+                                            f"folder (a best.pt or last.pt, or a run folder holding best.pt)")
+
+
+def test_evaluate_of_a_folder_without_best_pt_says_what_it_holds(tmp_path):
+    from common import evaluate
+    from common.checkpoint import CheckpointError
+    (tmp_path / "t3" / "serial_plain").mkdir(parents=True)
+    (tmp_path / "t3" / "serial_plain" / "best.pt").write_bytes(b"")
+    (tmp_path / "t3" / "reverse_plain").mkdir()
+    (tmp_path / "t3" / "reverse_plain" / "best.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"t3: this folder holds no best.pt; its run folders: "
+                                              r"reverse_plain, serial_plain$"):
+        evaluate.load(tmp_path / "t3")
+    (tmp_path / "t2").mkdir()
+    (tmp_path / "t2" / "last.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"t2: this folder holds no best.pt; it has .*t2/last.pt \(a run "
+                                              r"stopped before its first holdout score\)$"):
+        evaluate.load(tmp_path / "t2")
+    with pytest.raises(CheckpointError, match=r"holds no best.pt; no last.pt and no run folder holding a best.pt either$"):
+        evaluate.load(tmp_path)
