@@ -4,7 +4,8 @@
         --backend torch --out /tmp/trace          # any t3_cubs.py flags
 
 Runs t3_cubs.py's main with those flags (eager: the CPU, or --no-compile) and records, for
-every call of similarity_attention with gradients on (training steps), max q * max k over
+every call of similarity_attention with gradients on (training steps, and the one forward
+and backward of each epoch's diagnostics pass), max q * max k over
 the batch, the largest scale-1 logit. The Taylor series is exact up to
 cubs.TAYLOR_MAX_LOGIT; beyond it a block takes the fused kernel (per-block branch) or the
 step is redone in eager mode (CUDA graphs, cubs.range_check). Prints, per sequence length

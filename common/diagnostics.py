@@ -1,5 +1,5 @@
-"""Per-epoch diagnostics of ResNet-style networks (T2, T3): how open the CUBS gates are, and
-how much gradient reaches each residual branch. Logged in metrics.jsonl under
+"""Per-epoch diagnostics of ResNet-style networks (T2, T3, T4's Phase A): how open the CUBS
+gates are, and how much gradient reaches each residual branch. Logged in metrics.jsonl under
 "diagnostics", so a CUBS run can be read against vanilla ResNet-18 epoch by epoch.
 
     diagnostics(model, images, labels) -> {

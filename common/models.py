@@ -245,8 +245,9 @@ class CustomCNN(nn.Module):
       64x64, where each MAC is 4x the cost of one at 32x32.
     - Depth goes where resolution is low (1, 2, 3, 2 blocks): stage 3 at 16x16 is where
       object parts meet whole objects for 64 px images, and it is cheap per layer.
-      36 conv layers in total, but the shortest input-to-output path is 12 because every
-      MixBlock concatenates its input into its fusion.
+      36 conv layers in the main path (52 with the two 1x1 convs of each squeeze-excitation
+      gate, as the report counts), but the shortest input-to-output path is 12 because
+      every MixBlock concatenates its input into its fusion.
     - Widths double when resolution halves (w, 2w, 4w, 8w) so every stage costs about the
       same; the chain width is half the stage width so the concatenation is 2.5x the stage
       width and the 1x1 fusion stays cheap.
