@@ -5,7 +5,7 @@ import torch
 import torchvision
 from torch import nn
 
-from common.models import BasicBlock, CustomCNN, EmbeddingNet, ResNet18
+from common.models import BasicBlock, CustomCNN, EmbeddingNet, MixBlock, ResNet18, SqueezeExcitation
 
 
 def _stage_shapes(model: nn.Module, stage_names: list[str], x: torch.Tensor) -> list[tuple[int, ...]]:
@@ -147,3 +147,56 @@ def test_embedding_net_rows_have_unit_norm(backbone):
     torch.testing.assert_close(embedding.norm(dim=1), torch.ones(3), rtol=0, atol=1e-6)
     embedding.sum().backward()
     assert backbone.fc.weight.grad is None  # the classifier is not part of the embedding
+
+
+@pytest.mark.parametrize("build", [lambda: ResNet18(width=64), lambda: ResNet18(stem="imagenet", width=64),
+                                   lambda: CustomCNN(width=32)], ids=["resnet18-cifar", "resnet18-imagenet", "custom"])
+def test_convs_start_with_kaiming_fan_out_weights_and_zero_biases(build):
+    # torchvision's ResNet init: std sqrt(2 / (out_channels * kh * kw)), biases 0. PyTorch's
+    # default would give the stem's 3 -> 64 conv about 1.9x that std, fan-in 4.6x.
+    # CustomCNN's gate expansions are set apart (the next test).
+    torch.manual_seed(0)
+    for name, m in build().named_modules():
+        if isinstance(m, nn.Conv2d) and not name.endswith("gate.expand"):
+            out_channels, _, kh, kw = m.weight.shape
+            expected = (2 / (out_channels * kh * kw)) ** 0.5
+            # 5 standard errors of a sample std (1 / sqrt(2n)), at least 10 %
+            tolerance = max(0.1, 5 / (2 * m.weight.numel()) ** 0.5)
+            assert m.weight.std().item() == pytest.approx(expected, rel=tolerance), name
+            if m.bias is not None:
+                assert not m.bias.any(), name
+
+
+def test_custom_cnn_gates_start_open_at_sigmoid_3_and_gate_with_a_sigmoid():
+    torch.manual_seed(0)
+    model = CustomCNN(num_classes=5, width=8)
+    gates = [m for m in model.modules() if isinstance(m, SqueezeExcitation)]
+    assert len(gates) == 8
+    for gate in gates:
+        assert not gate.expand.weight.any() and (gate.expand.bias == 3.0).all()
+    x = torch.randn(2, 8, 4, 4)
+    gate = SqueezeExcitation(8)
+    with torch.no_grad():
+        gate.expand.bias.fill_(-3.0)  # tanh would turn these gates negative
+        expected = x * torch.sigmoid(gate.expand(torch.relu(gate.reduce(x.mean((2, 3), keepdim=True)))))
+        torch.testing.assert_close(gate(x), expected)
+        assert ((gate(x) / x) > 0).all()
+        torch.testing.assert_close(gates[0](x), x * torch.sigmoid(torch.tensor(3.0)))
+
+
+def test_custom_cnn_applies_its_dropout_in_training_only():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    model = CustomCNN(num_classes=5, width=8, dropout=1.0).train()
+    with torch.no_grad():  # every feature dropped: the logits are the classifier's bias
+        torch.testing.assert_close(model(x), model.fc.bias.expand(2, 5))
+        assert not torch.allclose(model.eval()(x), model.fc.bias.expand(2, 5))
+
+
+def test_every_mixblock_unit_reaches_the_fusion():
+    torch.manual_seed(0)
+    block = MixBlock(4, 4, 2, units=3)
+    block(torch.randn(2, 4, 8, 8)).square().sum().backward()
+    for i, unit in enumerate(block.units):
+        assert unit[0].weight.grad.abs().sum() > 0, f"unit {i} gets no gradient"
+    assert block.fuse[0].weight.shape[1] == 4 + 3 * 2  # the input and every unit's output

@@ -7,7 +7,7 @@ import torch
 
 from common.cubs import cubs_resnet18
 from common.models import CustomCNN, EmbeddingNet, ResNet18
-from common.networks import build_model, model_keys, model_name
+from common.networks import MODEL_KEYS, build_model, model_keys, model_name
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -45,6 +45,7 @@ def test_a_different_gate_init_is_a_different_network():
 def test_t1_and_t2_metas_give_their_networks():
     t1 = {"task": "t1", "model": "custom_cnn", "num_classes": 5, "width": 8, "dropout": 0.3}
     assert same_weights(built(t1), reference(lambda: CustomCNN(5, width=8, dropout=0.3)))
+    assert built(t1).dropout.p == 0.3  # no weights: same_weights cannot see it
     t2 = {"task": "t2", "model": "resnet18", "num_classes": 5, "width": 8}
     assert same_weights(built(t2), reference(lambda: ResNet18(5, stem="cifar", width=8)))
 
@@ -69,3 +70,15 @@ def test_an_unknown_network_or_a_missing_key_is_an_error():
         build_model({"task": "t2", "model": "vgg", "num_classes": 5, "width": 8})
     with pytest.raises(KeyError, match="width"):
         build_model({"task": "t2", "model": "resnet18", "num_classes": 5})
+
+
+def test_model_keys_change_with_every_key_that_makes_another_network():
+    meta = {"task": "t4", "model": "cubs_resnet18_serial_plain", "num_classes": 6, "train_classes": 6,
+            "width": 8, "dropout": 0.2, "placement": "serial", "variant": "plain", "d": 32,
+            "gate_init": 3.0, "phase": "b", "embedding_dim": 16}
+    changed = {"task": "t3", "model": "cubs_resnet18_serial_plus", "num_classes": 7, "train_classes": 7,
+               "width": 16, "dropout": 0.3, "placement": "reverse", "variant": "plus", "d": 64,
+               "gate_init": -1.0, "phase": "a", "embedding_dim": 32}
+    assert set(MODEL_KEYS) == set(changed)
+    for key, value in changed.items():
+        assert model_keys({**meta, key: value}) != model_keys(meta), key
