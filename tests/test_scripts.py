@@ -228,13 +228,15 @@ def test_t4_builds_t3s_block1_size_so_that_every_t3_tensor_loads(tmp_path):
     from common.errors import ConfigError
     from common.init_weights import load_initial_weights, t3_block1_size
     best = tmp_path / "serial_plain" / "best.pt"
-    save_checkpoint({"model": cubs_resnet18(10, width=8, d=64).state_dict()}, best)
+    t3_state = cubs_resnet18(10, width=8, d=64).state_dict()
+    save_checkpoint({"model": t3_state}, best)
     (best.parent / "results.json").write_text(json.dumps({"d": 64, "width": 8}))
     d = t3_block1_size("auto", best, width=8)
     assert d == 64 and t3_block1_size("scratch", best, width=8) is None
     t4 = cubs_resnet18(8, stem="imagenet", width=8, d=d)
     init = load_initial_weights(t4, "auto", t3_best=best, t3_results="unused", verbose=False)
     assert [s.split(":")[0] for s in init["init_skipped"]] == ["conv1.weight", "fc.weight", "fc.bias"]
+    assert init["init_loaded"] == len(t3_state) - 3 and init["init"] == "t3"
     with pytest.raises(ConfigError, match=f"T3 run in {best.parent}, of width 8; pass --width 8, or --init scratch"):
         t3_block1_size("t3", best, width=64)
 

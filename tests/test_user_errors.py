@@ -5,12 +5,14 @@ download. Each runs the script as a user would (a subprocess) and fails in secon
 from __future__ import annotations
 
 import importlib
+import json
 import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from common.synthetic import make_cars196, make_tiny_imagenet
 from tests.conftest import ROOT, run_script
@@ -166,6 +168,49 @@ def test_unloadable_init_weights_are_a_config_error(tmp_path: Path) -> None:
             load_initial_weights(None, "imagenet", t3_best=None, t3_results="unused", init_weights=str(path))
         assert str(error.value).startswith(f"--init-weights {path}: cannot load a ResNet-18 state dict "
                                            f"({reason}")
+
+
+class _OpensAFile:
+    """Unpickling it calls open(path, "w"): code a state dict must not be able to run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+def test_init_weights_with_pickled_code_are_refused_without_running_it(tmp_path: Path) -> None:
+    from common.errors import ConfigError
+    from common.init_weights import load_initial_weights
+    marker, weights = tmp_path / "ran", tmp_path / "weights.pt"
+    torch.save({"conv1.weight": _OpensAFile(marker)}, weights)
+    with pytest.raises(ConfigError, match=f"--init-weights {weights}: cannot load a ResNet-18 state dict"):
+        load_initial_weights(None, "imagenet", t3_best=None, t3_results="unused", init_weights=str(weights))
+    assert not marker.exists()
+
+
+def test_init_t3_without_a_t3_run_is_a_config_error() -> None:
+    from common.errors import ConfigError
+    from common.init_weights import load_initial_weights
+    with pytest.raises(ConfigError, match="^--init t3 needs a T3 best.pt next to x/placements.json; "
+                                          "run t3_cubs.py first or use --init scratch$"):
+        load_initial_weights(None, "t3", t3_best=None, t3_results="x/placements.json")
+
+
+def test_t3_selection_takes_the_flags_then_t3s_choice_and_only_a_best_pt_that_exists(tmp_path: Path) -> None:
+    from common.init_weights import t3_selection
+    results = tmp_path / "placements.json"
+    results.write_text(json.dumps({"best_overall": {"placement": "parallel", "variant": "plus"}}))
+    assert t3_selection(results) == ("parallel", "plus", None)  # no best.pt written yet
+    assert t3_selection(tmp_path / "none.json") == ("serial", "plain", None)
+    for run in ("parallel_plus", "reverse_plus", "reverse_plain"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "best.pt").write_bytes(b"")
+    assert t3_selection(results) == ("parallel", "plus", tmp_path / "parallel_plus" / "best.pt")
+    assert t3_selection(results, "reverse") == ("reverse", "plus", tmp_path / "reverse_plus" / "best.pt")
+    assert t3_selection(results, "reverse", "plain") == ("reverse", "plain", tmp_path / "reverse_plain" / "best.pt")
+    assert t3_selection(results, "serial") == ("serial", "plus", None)  # T3 trained no serial plus
 
 
 def test_init_auto_without_a_t3_run_names_where_it_looked_and_the_flag(capsys) -> None:
