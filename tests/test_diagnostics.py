@@ -91,3 +91,50 @@ def test_plus_models_also_log_every_blocks_gamma():
     assert diagnostics(plus, *_batch())["gamma"]["layer2.1.attention.second"] == pytest.approx(math.tanh(0.25))
     # At gamma = 0 every plus gate is exactly 1.
     assert all(s[kind] == {"mean": 1.0, "std": 0.0} for s in result["gates"].values() for kind in s)
+
+
+def test_branch_gradient_norm_is_the_norm_of_the_mean_losss_gradient_over_each_stages_branches():
+    vanilla, _ = _pair("serial", 3.0)
+    with torch.no_grad():  # open branches, so that every conv and BN of a branch has a gradient
+        for m in vanilla.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+    images, labels = _batch()
+    measured = branch_grad_norms(vanilla, images, labels)
+    vanilla.train()
+    torch.nn.functional.cross_entropy(vanilla(images), labels).backward()  # the batch's mean loss
+    for stage in STAGES:
+        branch = [p for name, p in getattr(vanilla, stage).named_parameters()
+                  if name.split(".")[1] in ("conv1", "bn1", "conv2", "bn2")]
+        assert len(branch) == 2 * 6  # two blocks of conv1, bn1 (2), conv2, bn2 (2)
+        expected = math.sqrt(sum(p.grad.double().pow(2).sum().item() for p in branch))
+        assert measured[stage] == pytest.approx(expected, rel=1e-6), stage
+
+
+def test_gate_statistics_are_the_mean_and_sample_std_of_a_stages_gate_values():
+    _, cubs = _pair("serial", 0.5)
+    with torch.no_grad():  # gates that vary from channel to channel and image to image
+        for m in cubs.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+        for name, p in cubs.named_parameters():
+            if ".attention." in name:
+                p.add_(torch.randn_like(p) * 0.5)
+    images = _batch()[0]
+    stats = gate_statistics(cubs, images)
+    inputs = {}
+    blocks = {f"{stage}.{i}": getattr(cubs, stage)[i].attention.first for stage in STAGES for i in (0, 1)}
+    hooks = [b.register_forward_pre_hook(lambda _m, args, name=name: inputs.__setitem__(name, args[0]))
+             for name, b in blocks.items()]
+    with torch.no_grad():
+        cubs.eval()(images)
+        for h in hooks:
+            h.remove()
+        for stage in STAGES:  # serial: the first block of each pair is Block 1, the channel gate
+            values = torch.cat([blocks[f"{stage}.{i}"].gate(inputs[f"{stage}.{i}"]).double().flatten()
+                                for i in (0, 1)])
+            assert values.numel() == 2 * 6 * getattr(cubs, stage)[0].conv2.out_channels
+            assert stats[stage]["channel"]["mean"] == pytest.approx(values.mean().item(), rel=1e-5)
+            # the sample std (n - 1): over 96-768 values it differs from the population std by 0.07-0.5 %
+            assert stats[stage]["channel"]["std"] == pytest.approx(values.std().item(), rel=1e-5)
+            assert values.std().item() > 0.01
