@@ -401,6 +401,23 @@ def test_class_balanced_p_by_k(tiny, backend):
     assert n_batches == 2 * (len(labels) // (P * K))
 
 
+def test_two_shards_take_different_p_by_k_batches_half_as_many_each(tiny):
+    # Under DDP each rank must step through its own P x K batches: the same batches on both
+    # ranks would train on each twice, at twice the steps of an epoch.
+    train, P, K = tiny.train, 2, 4
+    plans = [make(train.files, train.labels, "torch", batch_size=P * K, train=True, image_size=32,
+                  classes_per_batch=P, seed=2, **shards).batches(0)
+             for shards in ({}, dict(shard_id=0, num_shards=2), dict(shard_id=1, num_shards=2))]
+    whole, shard0, shard1 = plans
+    assert len(shard0) == len(shard1) == len(train.labels) // (2 * P * K) >= 2
+    assert len(whole) == len(train.labels) // (P * K)
+    assert all(not np.array_equal(a, b) for a, b in zip(shard0, shard1))
+    labels = np.asarray(train.labels)
+    for idx in shard0 + shard1:  # each still P classes x K images
+        rows = labels[idx].reshape(P, K)
+        assert (rows == rows[:, :1]).all() and len(np.unique(rows[:, 0])) == P
+
+
 @pytest.mark.parametrize("backend", _backend_params())
 def test_an_image_a_p_by_k_batch_repeats_is_augmented_differently_each_time(tiny, backend):
     # A class with fewer than K images is drawn with replacement (common/sampling.py). Two
