@@ -203,6 +203,34 @@ def test_cars_split_by_class_id(cars_annos: Path) -> None:
     assert {flags[f] for f in splits.train.files} == {0, 1}
 
 
+def test_cars_annotations_split_each_class_in_half_and_box_the_object(cars_annos: Path) -> None:
+    # As in the real cars_annos.mat: each class about half official train, half test; the
+    # box (x1, y1, x2, y2), 1-based and inclusive, lies inside its image.
+    annotations = scipy.io.loadmat(cars_annos / "cars_annos.mat", squeeze_me=True,
+                                   struct_as_record=False)["annotations"]
+    test_per_class = Counter(int(a.__dict__["class"]) for a in annotations if a.test == 1)
+    assert test_per_class == {c: CARS_PER_CLASS // 2 for c in range(1, CARS_CLASSES + 1)}
+    for a in annotations:
+        with Image.open(cars_annos / a.relative_im_path) as im:
+            width, height = im.size
+        assert 1 <= a.bbox_x1 <= a.bbox_x2 <= width and 1 <= a.bbox_y1 <= a.bbox_y2 <= height, a.relative_im_path
+
+
+def test_synthetic_boxes_are_x_then_y_on_a_wide_image() -> None:
+    from common.synthetic import _render_with_box
+    rng = np.random.default_rng(0)
+    for class_id in range(len(SHAPE_KINDS)):
+        image, (x0, y0, x1, y1) = _render_with_box(class_id, rng, (160, 40))
+        assert image.shape == (40, 160, 3)
+        # the object's centre lies at x in [35, 125]: beyond y's range, so x and y cannot swap
+        assert 0 <= x0 <= x1 < 160 and 0 <= y0 <= y1 < 40 and x1 >= 40, (class_id, (x0, y0, x1, y1))
+
+
+def test_class_style_refuses_a_negative_class_id() -> None:
+    with pytest.raises(ValueError, match="class_id must be >= 0, got -1"):
+        class_style(-1)
+
+
 def test_cars_holdout_is_stratified_and_disjoint(cars_annos: Path) -> None:
     splits = load_cars196(cars_annos, holdout_per_class=3, seed=1)
     assert Counter(splits.holdout.labels) == {c: 3 for c in range(CARS_CLASSES // 2)}
