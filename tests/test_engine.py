@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from common import engine, evaluate, runtime
 from common.checkpoint import RUN_FILES, CheckpointError, load_checkpoint
-from common.errors import Interrupted
+from common.errors import ConfigError, Interrupted
 from common.datasets import load_tiny_imagenet
 from common.loader import ImageLoader, LoaderSettings
 from common.synthetic import make_tiny_imagenet
@@ -155,7 +155,8 @@ def test_early_stopping_fires_after_patience_epochs_without_improvement():
     assert restored.state_dict() == stopper.state_dict()
 
 
-@pytest.mark.parametrize("capability, dtype", [((9, 0), torch.bfloat16), ((7, 5), torch.float16)])
+@pytest.mark.parametrize("capability, dtype", [((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16),
+                                               ((7, 5), torch.float16)])
 def test_cuda_runtime_names_its_gpu_and_picks_the_autocast_dtype(monkeypatch, capability, dtype):
     # Runs on CPU with the CUDA queries faked: catches mistakes in the CUDA branch itself,
     # e.g. set_device("cuda") without an index, which raises before touching any GPU.
@@ -180,6 +181,14 @@ def test_cuda_runtime_names_its_gpu_and_picks_the_autocast_dtype(monkeypatch, ca
     rt = runtime.setup_runtime("cuda", seed=0)
     assert (rt.device, rt.rank, rt.world_size) == (torch.device("cuda", 1), 1, 2)
     assert calls[4:] == [torch.device("cuda", 1), "backend settings", "nccl"]
+
+
+def test_a_cuda_device_without_a_gpu_is_a_config_error_and_auto_takes_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError, match=f"^--device {device} but torch sees no GPU; use --device cpu$"):
+            runtime.setup_runtime(device, seed=0)
+    assert runtime.setup_runtime("auto", seed=0).device == torch.device("cpu")
 
 
 def test_cuda_backend_settings_are_the_ones_measured_and_the_bench_uses_them():
