@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Mapping
@@ -209,13 +210,19 @@ def check_out_dir(out: str | Path) -> None:
 def run(main: Callable[[], object]) -> None:
     """Run a script's main(). A UserError (missing dataset, corrupt image, incompatible
     checkpoint, ...) ends it with its message and exit status 1, without a traceback;
-    SIGINT / SIGTERM (after last.pt is saved) with 128 + the signal's number."""
+    SIGINT / SIGTERM (after last.pt is saved) with 128 + the signal's number. Ctrl-C outside
+    training (data check, a test or embedding pass, writing results) also exits 130 without
+    a traceback: every file is written atomically, so the rerun goes on from what was saved."""
     try:
         main()
     except UserError as err:
         sys.exit(f"error: {err}")
     except Interrupted as stop:
         sys.exit(128 + stop.signum)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C); what was saved is kept: rerun the same command to go on",
+              file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):

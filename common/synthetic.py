@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from common.files import atomic_file, write_text
+
 SHAPE_KINDS = ("disc", "square", "triangle", "ring", "stripes", "checkerboard", "cross")
 
 # Successive multiples of the golden ratio spread hues evenly over the colour wheel for any
@@ -118,9 +120,9 @@ def make_tiny_imagenet(root: str | Path, num_classes: int = 10, train_per_class:
     for i in range(min(5, num_classes)):
         _write_jpeg(test_dir / f"test_{i}.JPEG", int(rng.integers(num_classes)), rng, size, counter)
         counter += 1
-    # Written last: its presence is what marks a complete dataset, so an interrupted run is
-    # not mistaken for a finished one.
-    (dataset / "wnids.txt").write_text("".join(f"{w}\n" for w in wnids))
+    # Written last, atomically: its presence is what marks a complete dataset, so an
+    # interrupted run is not mistaken for a finished one.
+    write_text(dataset / "wnids.txt", "".join(f"{w}\n" for w in wnids))
     return dataset
 
 
@@ -171,13 +173,11 @@ def make_cars196(root: str | Path, layout: str = "cars_annos", num_classes: int 
         records.append({"relative_im_path": relative_path, "fname": relative_path.split("/")[1],
                         "bbox": [b + 1 for b in box], "class": class_id + 1})
 
-    import scipy.io  # here, not at the top: only the Cars .mat files need scipy
     class_dtype = np.uint8 if num_classes < 256 else np.uint16
     if layout == "cars_annos":
         annotations = _struct_array(records, ["relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2",
                                               "class", "test"], class_dtype, is_test.tolist())
-        scipy.io.savemat(dataset / "cars_annos.mat",
-                         {"annotations": annotations, "class_names": _cell_row(class_names)})
+        _savemat(dataset / "cars_annos.mat", {"annotations": annotations, "class_names": _cell_row(class_names)})
     else:
         (dataset / "devkit").mkdir(parents=True, exist_ok=True)
         fields = ["bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "fname"]
@@ -185,9 +185,17 @@ def make_cars196(root: str | Path, layout: str = "cars_annos", num_classes: int 
                                (1, dataset / "cars_test_annos_withlabels.mat")):
             chosen = [r for r, t in zip(records, is_test.tolist()) if t == flag]
             annotations = _struct_array(chosen, fields, class_dtype, [flag] * len(chosen))
-            scipy.io.savemat(mat_path, {"annotations": annotations})
-        scipy.io.savemat(dataset / "devkit" / "cars_meta.mat", {"class_names": _cell_row(class_names)})
+            _savemat(mat_path, {"annotations": annotations})
+        _savemat(dataset / "devkit" / "cars_meta.mat", {"class_names": _cell_row(class_names)})
     return root
+
+
+def _savemat(path: Path, content: dict) -> None:
+    """Atomically, like every file the project writes: a kill leaves no half .mat file,
+    whose presence would mark a complete dataset (task_data reads cars_annos.mat's)."""
+    import scipy.io  # here, not at the top: only the Cars .mat files need scipy
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
+        scipy.io.savemat(f, content)
 
 
 def _render_with_box(class_id: int, rng: np.random.Generator, size: tuple[int, int],

@@ -101,6 +101,16 @@ def test_run_prints_a_user_error_alone_and_lets_bugs_keep_their_traceback():
         cli.run(bug)
 
 
+def test_run_ends_a_ctrl_c_outside_training_with_130_and_one_line(capsys):
+    def evaluating():  # engine.fit turns Ctrl-C into Interrupted; elsewhere it is a KeyboardInterrupt
+        raise KeyboardInterrupt
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(evaluating)
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == ("interrupted (Ctrl-C); what was saved is kept: rerun the same "
+                                       "command to go on\n")
+
+
 def test_out_is_checked_when_parsing_without_creating_it(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = cli.parse(_parser(), ["--out", "new/run"], smoke=cli.SMOKE)

@@ -226,6 +226,37 @@ def test_synthetic_boxes_are_x_then_y_on_a_wide_image() -> None:
         assert 0 <= x0 <= x1 < 160 and 0 <= y0 <= y1 < 40 and x1 >= 40, (class_id, (x0, y0, x1, y1))
 
 
+def test_a_kill_while_the_generated_datasets_marker_is_written_leaves_no_marker(tmp_path: Path, monkeypatch) -> None:
+    # --smoke takes a dataset whose marker (wnids.txt, cars_annos.mat) exists as complete: a
+    # kill mid-write must leave none, or every rerun fails on a half file.
+    import scipy.io
+    real_savemat, real_write_text = scipy.io.savemat, Path.write_text
+
+    def killed_savemat(file, *args, **kw):
+        file.write(b"MATLAB 5.0 MAT-file, cut short")
+        raise KeyboardInterrupt
+
+    def killed_write_text(path, text, *args, **kw):
+        if path.name.startswith(".wnids.txt."):
+            real_write_text(path, text[:7])
+            raise KeyboardInterrupt
+        return real_write_text(path, text, *args, **kw)
+
+    monkeypatch.setattr(scipy.io, "savemat", killed_savemat)
+    monkeypatch.setattr(Path, "write_text", killed_write_text)
+    for layout in ("cars_annos", "torchvision"):
+        with pytest.raises(KeyboardInterrupt):
+            make_cars196(tmp_path / layout, layout, num_classes=2, per_class=2, image_size=(32, 24))
+    with pytest.raises(KeyboardInterrupt):
+        make_tiny_imagenet(tmp_path / "tiny", num_classes=2, train_per_class=2, val_per_class=1, image_size=16)
+    left = sorted(p.name for p in tmp_path.rglob("*") if p.suffix in (".mat", ".tmp") or p.name == "wnids.txt")
+    assert left == []
+    monkeypatch.setattr(scipy.io, "savemat", real_savemat)
+    monkeypatch.setattr(Path, "write_text", real_write_text)
+    root = make_cars196(tmp_path / "cars_annos", num_classes=2, per_class=2, image_size=(32, 24))
+    assert len(load_cars196(root, holdout_per_class=0).train.files) == 2  # the rerun's dataset is whole
+
+
 def test_class_style_refuses_a_negative_class_id() -> None:
     with pytest.raises(ValueError, match="class_id must be >= 0, got -1"):
         class_style(-1)
