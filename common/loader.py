@@ -136,7 +136,7 @@ class ImageLoader:
         self.batch_size, self.train, self.image_size = s.batch_size, s.train, s.image_size
         self.device = torch.device(s.device)
         self.eval_resize, self.color_jitter = s.eval_resize, s.color_jitter
-        self.seed, self.shard_id, self.num_shards = s.seed, s.shard_id, s.num_shards
+        self.seed, self.shard_id = s.seed, s.shard_id
         self.workers, self.classes_per_batch = s.workers, s.classes_per_batch
         self.reader_processes = s.reader_processes
         if s.classes_per_batch is not None and s.batch_size % s.classes_per_batch:

@@ -173,6 +173,9 @@ def test_tiny_fixture_looks_like_the_real_dataset(tiny: Path) -> None:
     assert modes["L"] >= 2 and modes["RGB"] > 10 * modes["L"]
     train_gray = [p for p in (tiny / "train").rglob("*.JPEG") if Image.open(p).mode == "L"]
     assert train_gray, "the train split should contain single-channel JPEGs"
+    # val mixes the classes, as the real one: val_0, val_1, ... are not in class order
+    wnids = [line.split("\t")[1] for line in (tiny / "val" / "val_annotations.txt").read_text().splitlines()]
+    assert wnids != sorted(wnids) and Counter(wnids) == {w: TINY_VAL for w in set(wnids)}
 
 
 # ---------------------------------------------------------------- Cars196
@@ -260,6 +263,23 @@ def test_a_kill_while_the_generated_datasets_marker_is_written_leaves_no_marker(
 def test_class_style_refuses_a_negative_class_id() -> None:
     with pytest.raises(ValueError, match="class_id must be >= 0, got -1"):
         class_style(-1)
+
+
+def test_make_cars196_needs_two_classes_of_two_images(tmp_path: Path) -> None:
+    for classes, per_class in ((1, 4), (4, 1)):
+        with pytest.raises(ValueError, match="need num_classes >= 2"):
+            make_cars196(tmp_path, num_classes=classes, per_class=per_class)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cars_scenes_take_every_hue() -> None:
+    # The scene is the nuisance that retrieval must learn to ignore: its hue varies freely.
+    import colorsys
+    from common.synthetic import _background
+    rng = np.random.default_rng(0)
+    hues = [colorsys.rgb_to_hsv(*(_background(rng, (16, 16), scene=True)[0].mean((0, 1)) / 255))[0]
+            for _ in range(40)]
+    assert np.histogram(hues, bins=4, range=(0, 1))[0].min() >= 4, hues
 
 
 def test_cars_holdout_is_stratified_and_disjoint(cars_annos: Path) -> None:
@@ -401,6 +421,7 @@ def test_class_styles_vary_in_several_factors() -> None:
     assert len(set(styles)) == 196
     for a, b in zip(styles, styles[1:]):
         assert a[0] != b[0] and abs(a[1] - b[1]) > 0.05  # shape and hue both change
+    assert Counter(s[2] for s in styles[:3 * len(SHAPE_KINDS)]) == {f: len(SHAPE_KINDS) for f in (2, 3, 4)}
     half = 14  # both halves of a 28-class range cover every shape kind
     assert {s[0] for s in styles[:half]} == {s[0] for s in styles[half:2 * half]} == set(SHAPE_KINDS)
 

@@ -183,6 +183,18 @@ def test_cuda_runtime_names_its_gpu_and_picks_the_autocast_dtype(monkeypatch, ca
     assert calls[4:] == [torch.device("cuda", 1), "backend settings", "nccl"]
 
 
+def test_each_torchrun_process_is_seeded_by_its_rank_and_results_name_the_world_size(monkeypatch):
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: None)
+    one = runtime.setup_runtime("cpu", seed=5)
+    assert torch.initial_seed() == 5 and runtime.describe_device(one) == "cpu"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    rank1 = runtime.setup_runtime("cpu", seed=5)
+    # its own dropout and augmentation draws, not rank 0's
+    assert (rank1.rank, torch.initial_seed()) == (1, 6) and runtime.describe_device(rank1) == "cpu x2"
+
+
 def test_a_cuda_device_without_a_gpu_is_a_config_error_and_auto_takes_the_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for device in ("cuda", "cuda:1"):

@@ -5,7 +5,8 @@ import torch
 import torchvision
 from torch import nn
 
-from common.models import BasicBlock, CustomCNN, EmbeddingNet, MixBlock, ResNet18, SqueezeExcitation
+from common.models import (BasicBlock, CustomCNN, EmbeddingNet, MixBlock, ResNet18, SqueezeExcitation,
+                           count_parameters)
 
 
 def _stage_shapes(model: nn.Module, stage_names: list[str], x: torch.Tensor) -> list[tuple[int, ...]]:
@@ -200,3 +201,11 @@ def test_every_mixblock_unit_reaches_the_fusion():
     for i, unit in enumerate(block.units):
         assert unit[0].weight.grad.abs().sum() > 0, f"unit {i} gets no gradient"
     assert block.fuse[0].weight.shape[1] == 4 + 3 * 2  # the input and every unit's output
+
+
+def test_count_parameters_counts_frozen_ones_too():
+    # T4's Phase B freezes the classifier it does not use; results.json's size is the network's.
+    net = EmbeddingNet(ResNet18(5, width=8), dim=16)
+    net.backbone.fc.requires_grad_(False)
+    assert count_parameters(net) == sum(p.numel() for p in net.parameters()) == (
+        sum(p.numel() for p in ResNet18(5, width=8).parameters()) + 64 * 16 + 16)

@@ -190,6 +190,20 @@ def test_init_weights_with_pickled_code_are_refused_without_running_it(tmp_path:
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("skipped", [12, 13])
+def test_init_lists_twelve_skipped_tensors_then_says_how_many_more(tmp_path: Path, capsys, skipped: int) -> None:
+    from common.init_weights import load_initial_weights
+    model = torch.nn.Sequential(*[torch.nn.Linear(2, 2, bias=False) for _ in range(skipped)])
+    weights = tmp_path / "weights.pt"
+    torch.save({f"{i}.weight": torch.zeros(3) for i in range(skipped)}, weights)
+    init = load_initial_weights(model, "imagenet", t3_best=None, t3_results="unused", init_weights=str(weights))
+    assert (init["init_loaded"], len(init["init_skipped"])) == (0, skipped)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"--init imagenet: loaded 0 tensors from {weights}; skipped {skipped}:"
+    assert lines[1:13] == [f"  {i}.weight: shape (3,) vs (2, 2)" for i in range(12)]
+    assert lines[13:] == ([] if skipped == 12 else ["  ... and 1 more (listed in results.json)"])
+
+
 def test_init_t3_without_a_t3_run_is_a_config_error() -> None:
     from common.errors import ConfigError
     from common.init_weights import load_initial_weights
