@@ -62,8 +62,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "multi-head variant; both = train and compare the two")
     parser.add_argument("--d", type=cli.positive_int, help="Block 1 similarity size")
     parser.add_argument("--gate-init", type=gate_logit,
-                        help="initial logit of the plain blocks' sigmoid gates; 'pytorch' = "
-                             "PyTorch's default init")
+                        help="initial logit of the plain blocks' sigmoid gates; 'pytorch' = leave "
+                             "the gate layers as built (Block 1: PyTorch's default out_proj; "
+                             "Block 2: v's bias at 1, as q's and k's)")
     parser.add_argument("--vanilla-results", default="runs/t2/results.json",
                         help="T2 results to compare with (skipped if missing or mismatched)")
     # Each plain block checks that its logits suit the Taylor series (docs/cubs.md) with a

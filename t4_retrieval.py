@@ -83,32 +83,32 @@ SMOKE = {**cli.SMOKE, "image_size": 64, "epochs": 10, "batch_size": 16, "holdout
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = cli.training_parser(__doc__, out="runs/t4", recipe=RECIPE, downloads=False)  # Cars196: by hand
-    a = p.add_argument  # T4's own flags; their defaults come from RECIPE
-    a("--t3-results", default="runs/t3/placements.json", help="where T3 wrote its selection")
-    a("--placement", choices=PLACEMENTS, default=None, help="CUBS placement (default: T3's selection, else serial)")
-    a("--variant", choices=VARIANTS, default=None, help="CUBS variant (default: T3's selection, else plain)")
-    a("--init", choices=INIT_CHOICES, default="auto",
-      help="auto = t3 if its best.pt exists, else scratch")
-    a("--init-weights", default=None, help="local torchvision ResNet-18 state dict for --init imagenet")
-    a("--embed-epochs", type=cli.positive_int, help="Phase B: maximum epochs")
-    a("--embed-lr", type=cli.positive_float, help="Phase B: peak learning rate")
-    a("--embed-optimizer", choices=["sgd", "adamw"], help="Phase B: optimiser")
-    a("--embed-weight-decay", type=cli.nonnegative_float, help="Phase B: weight decay")
-    a("--embed-warmup-epochs", type=cli.nonnegative_float, help="Phase B: linear warmup, then cosine")
-    a("--embedding-dim", type=cli.positive_int, help="Phase B: size of the L2-normalised embedding")
-    a("--classes-per-batch", type=cli.positive_int,
-      help="P of the P x K batches (>= 2: each image needs a negative)")
-    a("--images-per-class", type=cli.positive_int, help="K of the P x K batches (>= 2: each image needs a positive)")
-    a("--mining", choices=MINING_CHOICES,
-      help="pair mining of the MS loss: none = all pairs, ms = the paper's, hard = hardest positive "
-           "and negative per anchor, semihard = ms positives and the negatives within +-epsilon of "
-           "the hardest positive")
-    a("--compare-mining", action=argparse.BooleanOptionalAction, default=False,
-      help="also train Phase B with every other mining (--smoke turns it on)")
-    a("--alpha", type=cli.positive_float, help="MS loss: weight scale of positive pairs")
-    a("--beta", type=cli.positive_float, help="MS loss: weight scale of negative pairs")
-    a("--lam", type=cli.finite_float, help="MS loss: similarity margin lambda")
-    a("--epsilon", type=cli.nonnegative_float, help="mining margin of the ms and semihard mining")
+    add = p.add_argument  # T4's own flags; their defaults come from RECIPE
+    add("--t3-results", default="runs/t3/placements.json", help="where T3 wrote its selection")
+    add("--placement", choices=PLACEMENTS, default=None, help="CUBS placement (default: T3's selection, else serial)")
+    add("--variant", choices=VARIANTS, default=None, help="CUBS variant (default: T3's selection, else plain)")
+    add("--init", choices=INIT_CHOICES, default="auto",
+        help="auto = t3 if its best.pt exists, else scratch")
+    add("--init-weights", default=None, help="local torchvision ResNet-18 state dict for --init imagenet")
+    add("--embed-epochs", type=cli.positive_int, help="Phase B: maximum epochs")
+    add("--embed-lr", type=cli.positive_float, help="Phase B: peak learning rate")
+    add("--embed-optimizer", choices=["sgd", "adamw"], help="Phase B: optimiser")
+    add("--embed-weight-decay", type=cli.nonnegative_float, help="Phase B: weight decay")
+    add("--embed-warmup-epochs", type=cli.nonnegative_float, help="Phase B: linear warmup, then cosine")
+    add("--embedding-dim", type=cli.positive_int, help="Phase B: size of the L2-normalised embedding")
+    add("--classes-per-batch", type=cli.positive_int,
+        help="P of the P x K batches (>= 2: each image needs a negative)")
+    add("--images-per-class", type=cli.positive_int, help="K of the P x K batches (>= 2: each image needs a positive)")
+    add("--mining", choices=MINING_CHOICES,
+        help="pair mining of the MS loss: none = all pairs, ms = the paper's, hard = hardest positive "
+             "and negative per anchor, semihard = ms positives and the negatives within +-epsilon of "
+             "the hardest positive")
+    add("--compare-mining", action=argparse.BooleanOptionalAction, default=False,
+        help="also train Phase B with every other mining (--smoke turns it on)")
+    add("--alpha", type=cli.positive_float, help="MS loss: weight scale of positive pairs")
+    add("--beta", type=cli.positive_float, help="MS loss: weight scale of negative pairs")
+    add("--lam", type=cli.finite_float, help="MS loss: similarity margin lambda")
+    add("--epsilon", type=cli.nonnegative_float, help="mining margin of the ms and semihard mining")
     args = cli.parse(p, argv, smoke=SMOKE)
     if args.backend == "cache":  # it holds S x S images; T4 evaluates centre crops of 256 px ones
         p.error("--backend cache cannot make T4's evaluation images (resize the shorter side, "
@@ -162,21 +162,21 @@ def main(argv: list[str] | None = None) -> dict:
     recall_init = recall_at_k(*evaluate.embed(model.to(rt.device), data.test_all, rt, features=True), ks=KS)
     if rt.is_main:
         print(f"Before Phase A (--init {init['init']}) test " + evaluate.fmt_recall(recall_init))
-    a = phase_a(model, data, args, rt, meta, out)
-    if not a["finished"]:
+    result_a = phase_a(model, data, args, rt, meta, out)
+    if not result_a["finished"]:
         return {"finished": False}
     phase_a_weights = {k: v.clone() for k, v in model.state_dict().items()}
     minings = [args.mining] + ([m for m in MINING_CHOICES if m != args.mining]
                                if args.compare_mining else [])
-    b = {}
+    results_b = {}
     for mining in minings:
         model.load_state_dict(phase_a_weights)
-        b[mining] = phase_b(model, mining, data, args, rt, meta, out)
-        if not b[mining]["finished"]:
+        results_b[mining] = phase_b(model, mining, data, args, rt, meta, out)
+        if not results_b[mining]["finished"]:
             return {"finished": False}
     if not rt.is_main:
         return {}
-    return write_results(model, meta, init, recall_init, a, b, data, args, rt)
+    return write_results(model, meta, init, recall_init, result_a, results_b, data, args, rt)
 
 
 def load_data(args: argparse.Namespace, rt: runtime.Runtime, out: Path) -> SimpleNamespace:
@@ -200,7 +200,7 @@ def load_data(args: argparse.Namespace, rt: runtime.Runtime, out: Path) -> Simpl
                                      images_per_class=args.images_per_class))
 
 
-def fit_phase(model: torch.nn.Module, loader, loss_fn, evaluate, cfg: FitConfig, run_dir: Path,
+def fit_phase(model: torch.nn.Module, loader, loss_fn, score, cfg: FitConfig, run_dir: Path,
               rt: runtime.Runtime, meta: dict, **fit_kw) -> dict:
     """engine.fit of one phase with T2's step: SGD Nesterov or AdamW with weight decay on
     weights only; LR per step, linear warmup then cosine to 0; a loss scaler for fp16
@@ -208,7 +208,7 @@ def fit_phase(model: torch.nn.Module, loader, loss_fn, evaluate, cfg: FitConfig,
     saves in T4's phases (--compile turns it on). curves.png: plots.curves_png."""
     net = engine.for_training(model, rt, cfg.compile, cfg.compile_mode)
     optimizer, scheduler = engine.optimizer_and_schedule(model, cfg, len(loader))
-    return engine.fit(net, loader, loss_fn, optimizer, scheduler, engine.grad_scaler(rt), evaluate,
+    return engine.fit(net, loader, loss_fn, optimizer, scheduler, engine.grad_scaler(rt), score,
                       cfg, run_dir, rt, meta, on_epoch=plots.curves_png(run_dir, meta), **fit_kw)
 
 
@@ -235,10 +235,10 @@ def phase_a(model: torch.nn.Module, data: SimpleNamespace, args: argparse.Namesp
 
 def phase_b(model: torch.nn.Module, mining: str, data: SimpleNamespace, args: argparse.Namespace,
             rt: runtime.Runtime, meta: dict, out: Path) -> dict:
-    """Phase B: a 512-d L2-normalised linear embedding on the pooled features, the whole
-    network trained from `model`'s weights with the Multi-Similarity loss (`mining`) on
-    P x K batches; --embed-* settings (AdamW, warmup, cosine); early stopping on holdout
-    Recall@1. Returns fit's summary plus the test embeddings and Recall@K."""
+    """Phase B: an --embedding-dim (512) L2-normalised linear embedding on the pooled
+    features, the whole network trained from `model`'s weights with the Multi-Similarity loss
+    (`mining`) on P x K batches; --embed-* settings (AdamW, warmup, cosine); early stopping
+    on holdout Recall@1. Returns fit's summary plus the test embeddings and Recall@K."""
     cfg = dataclasses.replace(cli.fit_config(args, cuda=rt.cuda, compile_on_cuda=False),
                               epochs=args.embed_epochs, lr=args.embed_lr,
                               optimizer=args.embed_optimizer, weight_decay=args.embed_weight_decay,
@@ -270,38 +270,45 @@ def phase_b(model: torch.nn.Module, mining: str, data: SimpleNamespace, args: ar
     return fitted
 
 
-def write_results(model: torch.nn.Module, meta: dict, init: dict, recall_init: dict, a: dict, b: dict,
-                  data: SimpleNamespace, args: argparse.Namespace, rt: runtime.Runtime) -> dict:
+def write_results(model: torch.nn.Module, meta: dict, init: dict, recall_init: dict, result_a: dict,
+                  results_b: dict, data: SimpleNamespace, args: argparse.Namespace,
+                  rt: runtime.Runtime) -> dict:
     """results.json and retrieval.png (rank 0), and the before / after summary."""
     out, test = Path(args.out), data.splits.test
+    # R@1 of a random ranking: the chance that a random other test image shares the query's class
     counts = np.bincount(test.labels)
     chance = float((counts * (counts - 1)).sum() / (len(test.labels) * (len(test.labels) - 1)))
-    phase = lambda f, score, **more: {"test_recall": f["test_recall"], score: f["best_score"],  # noqa: E731
-                                      **more, "best_epoch": f["best_epoch"],
-                                      "epochs_run": f["epochs_run"], "train_time_s": f["train_time_s"]}
-    phase_b = {m: phase(f, "holdout_r1", mining=m) for m, f in b.items()}
+    phase_b = {m: phase_summary(f, "holdout_r1", mining=m) for m, f in results_b.items()}
+    chosen = results_b[args.mining]
     results = RetrievalResults(
         task="t4", placement=meta["placement"], variant=meta["variant"],
-        **init, params=count_parameters(model), embedding_params=b[args.mining]["embedding_params"],
+        **init, params=count_parameters(model), embedding_params=chosen["embedding_params"],
         test_images=len(test.files), test_classes=len(test.classes),
         train_images=len(data.splits.train.files), train_classes=len(data.splits.train.classes),
         recall_at_1_chance=chance, init_test_recall=recall_init,
-        phase_a=phase(a, "holdout_acc"), phase_b=phase_b[args.mining],
+        phase_a=phase_summary(result_a, "holdout_acc"), phase_b=phase_b[args.mining],
         mining_comparison=list(phase_b.values()), device=describe_device(rt),
         loader=data.loaders.train.backend, finished=True, args=cli.flags(args))
     # The figure first: results.json says the command finished, so nothing may be missing then.
-    plots.retrieval_grid(*b[args.mining]["embeddings"], test.files, out / "retrieval.png", seed=args.seed,
-                   embedding=f"the Phase B embedding (Multi-Similarity loss, {args.mining} mining)")
+    plots.retrieval_grid(*chosen["embeddings"], test.files, out / "retrieval.png", seed=args.seed,
+                         embedding=f"the Phase B embedding (Multi-Similarity loss, {args.mining} mining)")
     write_json(results, out / "results.json")
     print(f"Recall@K on {len(test.files)} test images of unseen classes "
-          f"(R@1 chance {chance:.3f}):\n  before (Phase A) {evaluate.fmt_recall(a['test_recall'])}\n"
-          f"  after  (Phase B, {args.mining}) {evaluate.fmt_recall(b[args.mining]['test_recall'])}\n"
+          f"(R@1 chance {chance:.3f}):\n  before (Phase A) {evaluate.fmt_recall(result_a['test_recall'])}\n"
+          f"  after  (Phase B, {args.mining}) {evaluate.fmt_recall(chosen['test_recall'])}\n"
           f"wrote {out / 'results.json'} and {out / 'retrieval.png'}")
-    left_out = [m for m in MINING_CHOICES if m not in b and (out / f"phase_b_{m}" / "best.pt").is_file()]
+    left_out = [m for m in MINING_CHOICES if m not in results_b and (out / f"phase_b_{m}" / "best.pt").is_file()]
     if left_out:  # results.json describes this command; an earlier --compare-mining's runs stay on disk
         print(f"not in results.json: the Phase B runs with {', '.join(left_out)} mining in {out} "
               f"(--compare-mining reports them, or resumes those that did not finish)")
     return results
+
+
+def phase_summary(fitted: dict, score_key: str, **extra) -> dict:
+    """One phase's entry in results.json: test Recall@K, its best holdout score and epoch."""
+    return {"test_recall": fitted["test_recall"], score_key: fitted["best_score"], **extra,
+            "best_epoch": fitted["best_epoch"], "epochs_run": fitted["epochs_run"],
+            "train_time_s": fitted["train_time_s"]}
 
 
 def evaluate_saved(model: torch.nn.Module, meta: dict, saved: tuple[Path, dict], args: argparse.Namespace,

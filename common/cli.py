@@ -165,6 +165,8 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None, *,
           smoke: Mapping[str, Any]) -> argparse.Namespace:
     """parse_args, then with --smoke apply `smoke` to every flag the user did not type."""
     args = parser.parse_args(argv)
+    # argparse sets a default only where the namespace it is given lacks the attribute: every
+    # attribute still _Unset after this second parse is a flag the user did not type.
     typed = parser.parse_args(argv, argparse.Namespace(**{k: _Unset for k in vars(args)}))
     args._explicit = {k for k, v in vars(typed).items() if v is not _Unset}
     if args.smoke:

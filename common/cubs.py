@@ -30,7 +30,8 @@ CUBS Block 2, spatial attention (CUBSBlock2):
   a = similarity_attention(q, k, v)               B x N      (N x N logits, never stored)
   gate = sigmoid(a).view(B, 1, H, W)
   y = x * gate
-The q, k, v biases of both plain blocks start at 1 (RELU_BIAS_INIT).
+The q and k biases of both plain blocks start at 1 (RELU_BIAS_INIT); so does Block 1's v bias.
+Block 2's v bias starts at the gate logit (GATE_LOGIT_INIT), the value its gate opens at.
 
 Variant "plus" (CUBSBlock1Plus, CUBSBlock2Plus), h heads of e = 8 dims:
   gating y = x * (1 + tanh(gamma) * (2 sigmoid(z) - 1)) with a learnable scalar gamma = 0 at
@@ -161,6 +162,7 @@ def similarity_attention(q: Tensor, k: Tensor, v: Tensor,
                               lambda qkv: _fused_similarity_attention(*qkv.unbind(0)),
                               (torch.stack((q, k, v)),))
         # Eager: one host sync; torch.cond outside compile would trace both branches per call.
+        # inf marks "out of range", so that one read decides the branch and gives the logit.
         largest = float(torch.where(in_range, largest_logit.detach(), math.inf))
         if largest <= TAYLOR_MAX_LOGIT:
             return taylor_similarity_attention(q, k, v, largest)
@@ -403,7 +405,8 @@ class PlusGateBlock(GateBlock):
 class CUBSBlock1(SimilarityGateBlock):
     """Channel attention from the self-similarity of the pooled descriptor. B x C x H x W -> same.
 
-    gate_logit: the gates' initial logit (GATE_LOGIT_INIT; None = PyTorch's default init).
+    gate_logit: the gates' initial logit (GATE_LOGIT_INIT): out_proj starts at zero weights
+    and this bias. None leaves out_proj at PyTorch's default init.
     """
 
     def __init__(self, channels: int, d: int = BLOCK1_D, gate_logit: float | None = GATE_LOGIT_INIT) -> None:
@@ -432,7 +435,8 @@ class CUBSBlock1(SimilarityGateBlock):
 class CUBSBlock2(SimilarityGateBlock):
     """Spatial attention from the self-similarity of positions. B x C x H x W -> same.
 
-    gate_logit: v's initial bias, so the gate starts near sigmoid(gate_logit) (None: 1).
+    gate_logit: v's initial bias, so the gate starts near sigmoid(gate_logit) (None: v's bias
+    stays at RELU_BIAS_INIT = 1, as q's and k's).
     """
 
     def __init__(self, channels: int, gate_logit: float | None = GATE_LOGIT_INIT) -> None:

@@ -13,9 +13,9 @@ BasicBlocks (attention parameters left out, so CUBS and vanilla compare like for
 gates: mean and standard deviation of every element of the multiplicative gates
 (Block 1: B x C x 1 x 1, Block 2: B x 1 x H x W) of a stage's blocks, in eval mode.
 gamma: the modulation's scale of every plus block, by module name: its effective_gamma(),
-tanh(gamma) by default (the gate is 1 + scale * tanh(z / 2)); the key is there only when the
+tanh(gamma) (the gate is 1 + scale * tanh(z / 2)); the key is there only when the
 model has plus blocks.
-Neither changes the model: BatchNorm statistics and the RNG streams are restored, and
+None of them changes the model: BatchNorm statistics and the RNG streams are restored, and
 gradients are cleared.
 """
 from __future__ import annotations

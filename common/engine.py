@@ -179,7 +179,8 @@ def train_one_epoch(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.o
         with autocast(rt):
             outputs = net.step(images)
             loss = loss_fn(outputs.float(), labels)
-        correct = (outputs.argmax(1) == labels).sum() if top1 else None  # before a graph replay
+        # Read now: a CUDA graph replay (the next step) reuses the buffer `outputs` lives in.
+        correct = (outputs.argmax(1) == labels).sum() if top1 else None
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if net.redo_check is not None and _agree_any(net.redo_check(), rt):
@@ -296,8 +297,9 @@ def _stop_requested(step: int, meter: _Meter, signals: list[int], rt: Runtime, e
     s = meter.sums()
     seen_loss = s["loss"] / max(1, s["n"])
     stop, finite = _agree(bool(signals), math.isfinite(seen_loss), rt)
-    if not finite:  # here, or (nan) on another rank
-        _check_finite(seen_loss if not math.isfinite(seen_loss) else math.nan, epoch, step)
+    if not finite:  # here, or on another rank: then this rank reports it as nan
+        bad_loss = seen_loss if not math.isfinite(seen_loss) else math.nan
+        _check_finite(bad_loss, epoch, step)
     bar.set_postfix(loss=f"{seen_loss:.3f}", acc=f"{s['correct'] / max(1, s['n']):.3f}",
                     img_s=f"{s['n'] / max(1e-9, s['time']):.0f}")
     return stop

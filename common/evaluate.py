@@ -69,8 +69,9 @@ def evaluate_checkpoint(model: torch.nn.Module, saved: tuple[Path, dict[str, Any
     """Load `saved` (from `load`) into `model` if its meta agrees with `meta`, then
     score(model); writes eval.json beside the checkpoint (rank 0) and returns its contents.
 
-    meta: what this invocation's flags say the model is; every schema.ModelMeta key (task,
-    model, classes, placement, ...) that the checkpoint also records must be equal. loader: the backend used
+    meta: what this invocation's flags say the model is; every schema.ModelMeta key of it
+    (task, model, classes, placement, ...) must be in the checkpoint's meta, with the same
+    value (checkpoint.check_compatible). loader: the backend used
     ("dali" / "torch" / "cache"), recorded because the figures are exact only for the same one."""
     path, ck = saved
     network = {k: v for k, v in meta.items() if k in schema.keys(schema.ModelMeta)}

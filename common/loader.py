@@ -4,7 +4,7 @@
     images: B x 3 x S x S float32, normalised with the ImageNet mean/std, on `device`
     labels: B int64, on `device`
 Which images form each batch comes from `common.sampling` (a pure function of seed, epoch
-and shard), so both backends see the same batches, and a resumed run can restart inside an
+and shard), so every backend (dali, torch, cache) sees the same batches, and a resumed run can restart inside an
 epoch with `loader.epoch(e, start=k)`.
 
 DALI graph (one definition for both devices; with CUDA the decoder is `mixed` = nvJPEG and
@@ -201,7 +201,10 @@ class ImageLoader:
     def _build_dali(self, epoch: int, start: int, raw: bool = False):
         t0 = time.perf_counter()
         cuda = self.device.type == "cuda"
-        plan = self._plan if not raw else _BatchPlan(self.labels, self.batch_size, False, None, 0, 0, 1)
+        plan = self._plan
+        if raw:  # the cache's fill: every image once, in file order, whatever the shard
+            plan = _BatchPlan(self.labels, self.batch_size, train=False, classes_per_batch=None,
+                              seed=0, shard_id=0, num_shards=1)
         source = _EncodedBatches(self.files, self.labels, plan, epoch, start)
         readers = self.reader_processes
         if readers is None:
@@ -215,6 +218,7 @@ class ImageLoader:
             decode_device="mixed" if cuda else "cpu", parallel=readers > 0, readers=readers,
             batch_size=self.batch_size, num_threads=max(1, self.workers),
             device_id=(self.device.index or 0) if cuda else None,
+            # distinct primes: (seed, epoch, shard) give distinct seeds; DALI takes 31 bits
             seed=(self.seed * 7919 + epoch * 104729 + self.shard_id) % 2**31,
             py_num_workers=max(1, readers), py_start_method="spawn")
         pipe.build()

@@ -36,8 +36,7 @@ P_i = same label, j != i; N_i = different label. Mining shrinks P_i / N_i
     If the anchor has ``ms`` negatives but all lie at or above the upper edge, the least
     similar of them (the one nearest the band) is kept, so strongly violated anchors keep a
     repulsive term. Positives follow the ``ms`` rule. ``epsilon`` is the band half-width:
-    the caller may schedule it (small = gentle curriculum); for epsilon > 2 the cap is
-    void and ``semihard`` is exactly ``ms``.
+    for epsilon > 2 the cap is void and ``semihard`` is exactly ``ms``.
 
 Anchors without selected pairs contribute 0 and the mean is over all B anchors. A batch
 without any positive pair therefore gives 0 under ``ms``, ``hard`` and ``semihard``; under

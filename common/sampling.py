@@ -1,7 +1,7 @@
 """Which images go into which batch, per epoch and per rank: pure index arithmetic.
 
-Both loaders (DALI and the torch fallback) take their batches from here, so they see the
-same images in the same order. Every function is a pure function of (seed, epoch, shard):
+Every loader backend (DALI, the torch fallback, the device cache) takes its batches from
+here, so all see the same images in the same order. Every function is a pure function of (seed, epoch, shard):
 a resumed run recomputes the exact order of any epoch without saving sampler state, and can
 start mid-epoch by skipping to batch `start`.
 

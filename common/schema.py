@@ -26,7 +26,10 @@ RECIPE_FLAGS = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "warm
 
 @dataclass
 class FitConfig:
-    """engine.fit's training recipe; a checkpoint stores it as its "config"."""
+    """engine.fit's training recipe; a checkpoint stores it as its "config".
+
+    The defaults are no task's recipe: the scripts set every field from their RECIPE
+    (cli.fit_config); tests and bench scripts override the few that matter to them."""
     epochs: int = 30
     lr: float = 0.1
     weight_decay: float = 5e-4
@@ -88,7 +91,7 @@ class RunFigures(TypedDict):
     """What every finished run reports besides its meta."""
     params: int
     device: str  # e.g. "cpu", "NVIDIA H100 80GB HBM3 x4"
-    loader: str  # "dali" or "torch"
+    loader: str  # "dali", "torch" or "cache"
     finished: bool
     args: dict[str, Any]  # every flag of the command, for the report and for reruns
 

@@ -125,7 +125,8 @@ def pk_loader(split: ImageList, s: LoaderSettings, rt: Runtime, *, classes_per_b
 def _loader(split: ImageList, s: LoaderSettings, rt: Runtime, *, train: bool, sharded: bool = True,
             batch_size: int | None = None, classes_per_batch: int | None = None) -> ImageLoader:
     shards = dict(shard_id=rt.rank, num_shards=rt.world_size) if sharded else {}
-    # training draws augmentations (seed, colour jitter); evaluation may resize then crop
+    # Training never centre-crops (no eval_resize); evaluation never jitters, and its seed is
+    # fixed at 0 so that an evaluation pipeline does not depend on --seed.
     augment = dict(eval_resize=None) if train else dict(seed=0, color_jitter=0.0)
     return ImageLoader(split.files, split.labels, replace(
         s, batch_size=batch_size or s.batch_size, train=train, device=rt.device,
