@@ -397,6 +397,25 @@ def test_a_run_interrupted_mid_epoch_resumes_to_the_uninterrupted_weights_dropou
         assert result["history"][1][key] == pytest.approx(straight_result["history"][1][key], rel=1e-12), key
 
 
+def test_a_cut_in_the_first_epoch_resumes_and_its_record_keeps_the_time_before_the_cut(tiny_splits, tmp_path):
+    class CtrlCAtStep3(list):
+        def append(self, labels):
+            super().append(labels)
+            if len(self) == 3:  # epoch 1 of 2, before any epoch has finished (no best epoch)
+                os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(Interrupted):
+        _run_fit(tiny_splits, tmp_path, "torch", epochs=2, step_log=CtrlCAtStep3())
+    saved = load_checkpoint(tmp_path / "last.pt")
+    assert (saved["epoch"], saved["step"]) == (0, 3) and saved["train_time_s"] > 0
+    assert saved["partial"]["n"] == 24 and saved["partial"]["time"] > 0
+    _, result = _run_fit(tiny_splits, tmp_path, "torch", epochs=2)
+    first, second = result["history"]
+    assert result["finished"] and (first["train_images"], second["train_images"]) == (40, 40)
+    assert first["epoch_time_s"] >= saved["partial"]["time"]  # the cut epoch's time, both parts
+    assert first["first_step_s"] > 0 and second["first_step_s"] > 0  # the resumed epoch's too
+    assert result["train_time_s"] >= saved["train_time_s"] + second["epoch_time_s"]
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_splits, tmp_path, monkeypatch):
     _run_fit(tiny_splits, tmp_path, "torch", epochs=3, stop_after=1)
     before = load_checkpoint(tmp_path / "last.pt")
