@@ -606,10 +606,15 @@ def test_metrics_count_the_graphs_compiled_in_each_epoch_its_slowest_step_and_th
             time.sleep(stall.pop() * STALL_S)
         return torch.nn.functional.cross_entropy(logits, y)
     config = engine.FitConfig(epochs=3, lr=0.05, warmup_epochs=1, patience=100, compile=True)
-    history = fit(_SmallNet(), train, evaluate_then_drop_the_compiled_code, config, tmp_path, rt,
-                  {"task": "test", "model": "small"}, loss_fn=loss_with_a_stall)["history"]
+    result = fit(_SmallNet(), train, evaluate_then_drop_the_compiled_code, config, tmp_path, rt,
+                 {"task": "test", "model": "small"}, loss_fn=loss_with_a_stall)
+    history = result["history"]
     assert evaluations == [1, 2, 3]
     assert [h["compiled_graphs"] for h in history] == [1, 0, 1]
+    # The run's images/s leaves out the first epoch of the process, which holds the compile.
+    assert [h["includes_compile"] for h in history] == [True, False, False]
+    assert result["images_per_s"] == pytest.approx(
+        sum(h["train_images"] for h in history[1:]) / sum(h["epoch_time_s"] for h in history[1:]))
     # Not bounded below by epoch_time_s / steps: the epoch's time also counts what comes
     # before its first batch and after its last, so with steps of equal length that mean
     # can exceed the slowest step (it did, by 0.6 %, on a 2-core CI machine).
