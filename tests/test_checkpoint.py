@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 
 from common.checkpoint import (CheckpointError, check_compatible, inference_state, load_checkpoint,
-                               load_model_state, rng_state, save_checkpoint, set_rng_state)
+                               load_matching_tensors, load_model_state, rng_state, save_checkpoint,
+                               set_rng_state)
 from tests.test_engine import _run_fit, tiny_splits  # noqa: F401 (a fixture)
 
 
@@ -90,6 +91,60 @@ def test_truncated_checkpoint_gives_a_clear_error(tmp_path):
         load_checkpoint(path)
 
 
+def test_only_an_empty_file_is_called_empty(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"w": torch.ones(1000)}, path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    assert "(100 bytes; " in str(error.value) and "the file is empty" not in str(error.value)
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"\(0 bytes; .*: the file is empty$"):
+        load_checkpoint(path)
+
+
+class _RawPickler:
+    """A torch.save pickle module whose dump writes a fixed pickle: a dict BUILD, which
+    weights_only refuses with a message naming no GLOBAL."""
+    __name__ = "raw"
+
+    class Pickler:
+        def __init__(self, f, protocol=None):
+            self.f = f
+
+        def dump(self, obj):
+            self.f.write(b"\x80\x02}}b.")
+
+
+def test_a_refusal_of_a_non_allowlisted_operation_is_reported_as_possible_code(tmp_path):
+    path = tmp_path / "build.pt"
+    torch.save({}, path, pickle_module=_RawPickler)
+    with pytest.raises(CheckpointError, match="not a plain-tensor checkpoint .*it may contain code"):
+        load_checkpoint(path)
+
+
+def test_matching_tensors_load_and_the_rest_are_listed_with_the_reason():
+    torch.manual_seed(0)
+    source = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
+    target = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2), nn.Linear(2, 2))
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    loaded, skipped = load_matching_tensors(target, source.state_dict())
+    assert loaded == ["0.weight", "0.bias"]
+    assert torch.equal(target[0].weight, source[0].weight)
+    assert skipped == ["1.weight: shape (3, 4) vs (2, 4)", "1.bias: shape (3,) vs (2,)",
+                       "2.weight: not in the checkpoint (fresh init)", "2.bias: not in the checkpoint (fresh init)"]
+    for k in ("1.weight", "1.bias", "2.weight", "2.bias"):
+        assert torch.equal(target.state_dict()[k], before[k]), k
+    _, skipped = load_matching_tensors(nn.Linear(4, 4), {"extra": torch.zeros(1), **nn.Linear(4, 4).state_dict()})
+    assert skipped == ["extra: not in this model"]
+
+
+def test_resuming_a_run_of_another_model_is_refused(tiny_splits, tmp_path):
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=2, stop_after=1)
+    with pytest.raises(CheckpointError, match="model: checkpoint has 'small', this run has 'other'"):
+        _run_fit(tiny_splits, tmp_path, "torch", epochs=2, meta={"task": "test", "model": "other"})
+
+
 def test_incompatible_checkpoint_names_the_mismatch(tmp_path):
     with pytest.raises(CheckpointError, match="num_classes: checkpoint has 200, this run has 10"):
         check_compatible({"model": "resnet18", "num_classes": 200},
@@ -102,6 +157,8 @@ def test_incompatible_checkpoint_names_the_mismatch(tmp_path):
         load_model_state(big, small.state_dict(), "x.pt")
     with pytest.raises(CheckpointError, match=r"another shape.*weight \(2, 4\) vs \(3, 4\)"):
         load_model_state(nn.Linear(4, 3), small.state_dict(), "x.pt")
+    with pytest.raises(CheckpointError, match=r"^x.pt does not fit this model: 1 unexpected \(e.g. extra\)$"):
+        load_model_state(nn.Linear(4, 2), {**small.state_dict(), "extra": torch.zeros(1)}, "x.pt")
 
 
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
@@ -206,6 +263,8 @@ def test_a_state_whose_best_epoch_no_file_holds_is_passed_over_or_refused(tiny_s
                      "step": 1}, tmp_path / "last.pt")  # mid-epoch 4, best epoch 3 (0-based 2)
     save_checkpoint({**load_checkpoint(tmp_path / "best.pt"), "epoch": 2,
                      "early_stopping": {**last["early_stopping"], "best_epoch": 1}}, tmp_path / "best.pt")
+    for name in ("results.json", "eval.json"):  # what a script and --evaluate wrote of the old state
+        (tmp_path / name).write_text("{}")
     _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=0)
     printed = capsys.readouterr().out
     assert f"{tmp_path / 'last.pt'} (epoch 3 done) records best epoch 3, which {tmp_path / 'best.pt'} " \
@@ -213,7 +272,8 @@ def test_a_state_whose_best_epoch_no_file_holds_is_passed_over_or_refused(tiny_s
     assert f"resuming from {tmp_path / 'best.pt'} (epoch 2 done)" in printed
     # last.pt is kept aside, so that it cannot win the next resume once best.pt moves on
     assert "renamed last.pt to *.passed-over.pt" in printed
-    assert (tmp_path / "last.passed-over.pt").exists() and not (tmp_path / "results.json").exists()
+    assert (tmp_path / "last.passed-over.pt").exists()
+    assert not (tmp_path / "results.json").exists() and not (tmp_path / "eval.json").exists()
     save_checkpoint(load_checkpoint(tmp_path / "last.passed-over.pt"), tmp_path / "last.pt")
     # with best.pt unreadable too, nothing agrees with it: refused, every file named
     (tmp_path / "best.pt").write_bytes(b"")

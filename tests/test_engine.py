@@ -246,7 +246,7 @@ class _SmallNet(nn.Module):
         return self.body(x)
 
 
-def _run_fit(splits, out, backend, epochs=4, stop_after=None, step_log=None, amp_dtype=None, **cfg):
+def _run_fit(splits, out, backend, epochs=4, stop_after=None, step_log=None, amp_dtype=None, meta=None, **cfg):
     torch.manual_seed(0)
     rt = runtime.Runtime(torch.device("cpu"), amp_dtype=amp_dtype)
     train = ImageLoader(splits.train.files, splits.train.labels, LoaderSettings(batch_size=8, train=True,
@@ -263,7 +263,7 @@ def _run_fit(splits, out, backend, epochs=4, stop_after=None, step_log=None, amp
     config = engine.FitConfig(epochs=epochs, lr=cfg.pop("lr_override", 0.05), warmup_epochs=1,
                               patience=100, stop_after_epoch=stop_after, **cfg)
     result = fit(model, train, evaluate.holdout_scorer(holdout, rt), config, out, rt,
-                 {"task": "test", "model": "small"}, loss_fn=loss_fn,
+                 meta or {"task": "test", "model": "small"}, loss_fn=loss_fn,
                  on_epoch=plots.curves_png(out, {"task": "test"}))
     return model, result
 
@@ -334,6 +334,8 @@ def test_fresh_deletes_the_earlier_run_so_that_a_killed_fresh_run_never_resumes_
     _, nothing = _run_fit(tiny_splits, tmp_path, "torch", epochs=3, fresh=True, stop_after=0)
     assert nothing["epochs_run"] == 0
     assert [name for name in RUN_FILES if (tmp_path / name).exists()] == []
+    gone = ("last.pt", "last.prev.pt", "best.pt", "metrics.jsonl", "results.json", "eval.json", "curves.png")
+    assert [name for name in gone if (tmp_path / name).exists()] == []  # not only RUN_FILES' own list
     # A fresh run with another recipe, killed after its first epoch: the rerun resumes it.
     # (Before, the old finished last.pt, rotated to last.prev.pt, won the resume and was
     # refused for its other epoch count.)
