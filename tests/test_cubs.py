@@ -454,6 +454,35 @@ def test_block_equals_materialised_spec(block, naive):
     assert not torch.allclose(expected, x)  # the gate does something
 
 
+@pytest.mark.parametrize("shape", [(2, 6, 3, 11), (2, 6, 11, 3)], ids=["wide", "tall"])
+def test_block2_plus_pools_keys_when_only_one_side_exceeds_the_grid(shape):
+    block = _double_with_random_weights(CUBSBlock2Plus(6, heads=2, kv_grid=4))
+    x = torch.randn(shape, dtype=f64, generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(block(x), _naive_block2_plus(block, x), rtol=1e-10, atol=1e-10)
+
+
+def test_plain_gates_start_open_at_sigmoid_of_the_gate_logit():
+    # Block 2: q = k = ReLU(bias 1), v = ReLU(bias gate_logit) on a zero input, so a = v.
+    # Block 1: out_proj starts at zero weights and the gate-logit bias, so the gate is
+    # sigmoid(gate_logit + the channel's mean), whatever q, k and v are.
+    block2 = CUBSBlock2(4, gate_logit=3.0)
+    with torch.no_grad():
+        gate = block2.gate(torch.zeros(1, 4, 5, 5))
+    torch.testing.assert_close(gate, torch.full((1, 1, 5, 5), 1 / (1 + math.exp(-3.0))))
+    block1 = CUBSBlock1(8, d=16, gate_logit=3.0)
+    x = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(block1.gate(x)[:, :, 0, 0], torch.sigmoid(3.0 + x.mean((2, 3))))
+
+
+def test_padding_the_head_dim_returns_the_callers_head_dim():
+    generator = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 1, 5, 3, dtype=f64, generator=generator) for _ in range(3))
+    out = fused_attention(q, k, v, pad_head_dim=True)
+    assert out.shape == (2, 1, 5, 3)
+    torch.testing.assert_close(out, naive_attention(q, k, v, 1 / math.sqrt(3)))
+
+
 def test_plain_block2_at_64x64_matches_naive():
     # N = 4096: the size of stage 1; the naive version stores 4096 x 4096.
     block = _double_with_random_weights(CUBSBlock2(4))
