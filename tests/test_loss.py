@@ -307,3 +307,32 @@ def test_shape_mismatch_raises(emb_shape, labels_shape):
     labels = torch.zeros(labels_shape, dtype=torch.long)
     with pytest.raises(ValueError, match=r"(labels must be \(B,\) with B = \d+|embeddings must be \(B, D\)), got shape"):
         multi_similarity_loss(torch.randn(emb_shape), labels)
+
+
+def test_mining_gives_an_anchor_without_negatives_no_loss():
+    # Every mining keeps a positive only against a negative; without mining (none) the
+    # positive term stays, as the formula and pytorch-metric-learning say.
+    embeddings = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    labels = torch.zeros(4, dtype=torch.long)  # one class: no anchor has a negative
+    for mining in ("ms", "hard", "semihard"):
+        assert multi_similarity_loss(embeddings, labels, mining=mining).item() == 0.0, mining
+    reference = MultiSimilarityLoss(alpha=2.0, beta=50.0, base=0.5)(embeddings, labels)
+    unmined = multi_similarity_loss(embeddings, labels, mining="none").item()
+    assert unmined == pytest.approx(reference.item(), rel=1e-5) and unmined > 0
+
+
+def test_low_precision_embeddings_are_compared_in_fp32():
+    embeddings = torch.randn(16, 32, generator=torch.Generator().manual_seed(1)).bfloat16()
+    labels = torch.arange(16) % 4
+    loss = multi_similarity_loss(embeddings, labels)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, multi_similarity_loss(embeddings.float(), labels), rtol=1e-6, atol=1e-6)
+
+
+def test_bad_constants_and_an_empty_batch_are_refused():
+    embeddings, labels = torch.randn(4, 3), torch.tensor([0, 0, 1, 1])
+    for alpha, beta in ((0.0, 50.0), (2.0, 0.0), (-1.0, 50.0)):
+        with pytest.raises(ValueError, match=f"alpha and beta must be > 0, got alpha={alpha}, beta={beta}"):
+            multi_similarity_loss(embeddings, labels, alpha=alpha, beta=beta)
+    with pytest.raises(ValueError, match="empty batch"):
+        multi_similarity_loss(torch.empty(0, 3), torch.empty(0, dtype=torch.long))

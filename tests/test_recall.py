@@ -166,3 +166,10 @@ def test_bad_shapes_raise(emb, labels, message):
 def test_bad_chunk_size_raises(chunk):
     with pytest.raises(ValueError, match=f"chunk_size must be a positive int, got {chunk}"):
         nearest_neighbours(torch.randn(5, 3), 2, chunk_size=chunk)
+
+
+def test_every_k_is_checked_not_only_the_largest():
+    embeddings, labels = torch.randn(5, 3), torch.arange(5)
+    for ks in ((0, 2), (2, 5), (1, 2.0)):
+        with pytest.raises(ValueError, match="^k must"):
+            recall_at_k(embeddings, labels, ks=ks)
