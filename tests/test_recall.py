@@ -64,6 +64,24 @@ def test_exact_ties_go_to_lower_index():
             1: 1 / 5, 2: 3 / 5, 3: 1.0, 4: 1.0}
 
 
+def test_ties_go_to_lower_index_whatever_order_topk_returns_them_in(monkeypatch):
+    # The CPU's topk happens to return ties in index order; other kernels (CUDA) need not.
+    real_topk = torch.Tensor.topk
+
+    def topk_highest_index_first(self, k, dim=-1, *args, **kwargs):
+        vals, idx = real_topk(self, k, dim, *args, **kwargs)
+        by_index = idx.sort(dim=dim, descending=True, stable=True).indices
+        vals, idx = vals.gather(dim, by_index), idx.gather(dim, by_index)
+        by_value = vals.sort(dim=dim, descending=True, stable=True).indices
+        return torch.return_types.topk((vals.gather(dim, by_value), idx.gather(dim, by_value)))
+    monkeypatch.setattr(torch.Tensor, "topk", topk_highest_index_first)
+    emb = torch.tensor([[1.0, 0], [1, 0], [1, 0], [0, 1], [0, 1]])
+    assert torch.tensor([[3.0, 3.0, 1.0]]).topk(2).indices.tolist() == [[1, 0]]  # the fake works
+    for chunk in CHUNKS:
+        assert nearest_neighbours(emb, 4, chunk).tolist() == [[1, 2, 3, 4], [0, 2, 3, 4], [0, 1, 3, 4],
+                                                              [4, 0, 1, 2], [3, 0, 1, 2]]
+
+
 def test_tie_rule_is_positional_not_label_based():
     # Same geometry, labels of the tied copies swapped: now query 0 hits at rank 1.
     emb = torch.tensor([[1.0, 0], [1, 0], [1, 0], [0, 1]])
