@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from common.checkpoint import load_checkpoint, load_matching_tensors
+from common.checkpoint import CheckpointError, load_checkpoint, load_matching_tensors
 from common.errors import ConfigError, DownloadError
 
 INIT_CHOICES = ("auto", "scratch", "t3", "imagenet")
@@ -36,12 +36,10 @@ def load_initial_weights(model: torch.nn.Module, init: str, *, t3_best: Path | N
                               f"run t3_cubs.py first or use --init scratch")
         state, source = load_checkpoint(t3_best)["model"], str(t3_best)
     elif init_weights:
-        try:
-            state = torch.load(init_weights, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - missing file, not a state dict, pickled code, ...
-            first_line = (str(err).splitlines() or [""])[0]  # weights_only refusals run to many lines
-            raise ConfigError(f"--init-weights {init_weights}: cannot load a ResNet-18 state dict "
-                              f"({type(err).__name__}: {first_line})") from None
+        try:  # as every checkpoint: weights_only, and a refusal that says why
+            state = load_checkpoint(init_weights)
+        except CheckpointError as err:
+            raise ConfigError(f"--init-weights: {err}") from None
         source = init_weights
     else:  # needs internet (cached afterwards in ~/.cache/torch)
         from torchvision.models import ResNet18_Weights, resnet18
