@@ -137,6 +137,29 @@ def test_tiny_errors_name_the_path_and_the_layout(tiny: Path, tmp_path: Path) ->
         load_tiny_imagenet(tiny, holdout_per_class=TINY_TRAIN)
 
 
+def test_a_wnid_listed_twice_is_refused(tiny: Path, tmp_path: Path) -> None:
+    root = copy_of(tiny, tmp_path)
+    wnids = (root / "wnids.txt").read_text().split()
+    (root / "wnids.txt").write_text("\n".join(wnids + wnids[:1]) + "\n")
+    with pytest.raises(DatasetError, match=re.escape(f"lists wnids more than once: ['{wnids[0]}']")):
+        load_tiny_imagenet(root)
+
+
+def test_bad_labels_and_holdout_sizes_are_dataset_errors() -> None:
+    from common.datasets import ImageList
+    with pytest.raises(DatasetError, match=r"labels must lie in 0\.\.0, got 1\.\.1"):
+        ImageList(["a.jpg"], [1], ["only class"])
+    with pytest.raises(DatasetError, match="per_class must be >= 0"):
+        holdout_split([0, 0, 1, 1], -1, 0)
+
+
+def test_an_odd_number_of_cars_classes_puts_the_extra_one_in_the_test_half(tmp_path: Path) -> None:
+    root = make_cars196(tmp_path, num_classes=5, per_class=4, image_size=(32, 24))
+    splits = load_cars196(root, holdout_per_class=1)
+    assert (len(splits.train.classes), len(splits.test.classes)) == (2, 3)
+    assert sorted(set(splits.test.labels)) == [0, 1, 2] and len(splits.test.files) == 12
+
+
 def test_tiny_missing_wnid_folder(tiny: Path, tmp_path: Path) -> None:
     root = copy_of(tiny, tmp_path)
     shutil.rmtree(root / "train" / "n00000002")

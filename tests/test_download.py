@@ -66,6 +66,9 @@ def test_download_file_deletes_a_bad_file(tiny_zip: tuple[Path, str], tmp_path: 
     assert list(tmp_path.iterdir()) == []
     assert download_file(archive.as_uri(), dest, md5) == dest
     assert dest.read_bytes() == archive.read_bytes()
+    dest.write_bytes(b"a stale or damaged earlier download")  # is fetched again, not kept
+    assert download_file(archive.as_uri(), dest, md5) == dest
+    assert dest.read_bytes() == archive.read_bytes()
 
 
 def test_download_failure_says_what_where_and_smoke(tmp_path: Path) -> None:
