@@ -142,12 +142,21 @@ def test_at_par_rule_allows_two_points_below_vanilla(tmp_path, vanilla_test, sel
     assert placements.table_rows(c)[-1][0] == "vanilla ResNet-18 (T2)"
 
 
-def test_a_vanilla_run_of_another_setup_is_not_compared(tmp_path):
+@pytest.mark.parametrize("setup", [dict(width=64), dict(image_size=64), dict(num_classes=100)],
+                         ids=["width", "image_size", "num_classes"])
+def test_a_vanilla_run_of_another_setup_is_not_compared(tmp_path, setup):
     _results(tmp_path, "serial", "plain", 0.7, 0.6)
-    c = compare_runs(tmp_path, _vanilla(tmp_path / "t2.json", 0.9, width=64))
+    c = compare_runs(tmp_path, _vanilla(tmp_path / "t2.json", 0.9, **setup))
     assert c["vanilla"] is None and c["at_par"] is None
     assert "trained in another setup" in c["vanilla_note"]
     assert all(row[0] != "vanilla ResNet-18 (T2)" for row in placements.table_rows(c))
+
+
+def test_the_selection_names_a_tie_only_when_there_is_one(tmp_path):
+    _results(tmp_path, "serial", "plain", 0.7, 0.6)
+    _results(tmp_path, "reverse", "plain", 0.6, 0.65)
+    text = "\n".join(comparison_lines(compare_runs(tmp_path, tmp_path / "no_t2.json")))
+    assert "Selected by holdout accuracy: **serial**, plain variant" in text and "tie on holdout" not in text
 
 
 def test_plus_vs_plain_pairs_each_placement_trained_with_both(tmp_path):
