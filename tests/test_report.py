@@ -928,3 +928,53 @@ def test_code_files_without_git_are_the_package_files(tmp_path):
         write(tmp_path / name, "x")
     assert archive.code_files(tmp_path, exclude=(tmp_path / "mine",)) == [
         "README.md", "common/x.py", "docs/a.md", "requirements.txt", "t1.py"]
+
+
+def test_recipe_rows_take_each_setting_from_its_own_flag():
+    from common import recipes
+    assert recipes.random_area() == "0.25-1"
+    assert recipes.classifier_recipe({"grad_clip": 1.0}, "0.25-1")["gradient clipping"] == "1"
+    assert recipes.classifier_recipe({"grad_clip": 0.0}, "0.25-1")["gradient clipping"] == "off"
+    assert recipes.classifier_recipe({}, "0.25-1")["dropout"] == "-"  # T2, T3: no dropout flag
+    assert recipes.classifier_recipe({"dropout": 0.2}, "0.25-1")["dropout"] == "0.2"
+    args = {"mining": "hard", "compare_mining": True, "embed_lr": 1e-3, "lr": 0.1, "embed_weight_decay": 1e-4,
+            "weight_decay": 5e-4, "embed_epochs": 4, "epochs": 10}
+    phase_b = recipes.embedding_recipe({"args": args})
+    assert (phase_b["mining"], phase_b["LR"], phase_b["weight decay"], phase_b["epochs (max)"]) == (
+        "hard (+ all others compared)", "0.001", "0.0001", "4")
+    assert recipes.embedding_recipe({"args": {"mining": "ms"}})["mining"] == "ms"
+
+
+def test_a_t4_run_with_one_mining_has_no_comparison_table():
+    one = {"mining_comparison": [{"mining": "hard", "test_recall": {"1": 0.5}}], "phase_b": {"mining": "hard"}}
+    assert report.mining_lines(one) == ["Mining comparison: not run (use `--compare-mining`).", ""]
+
+
+def test_archive_refuses_a_runs_folder_without_a_finished_run(tmp_path):
+    (tmp_path / "t1").mkdir()
+    (tmp_path / "t1" / "metrics.jsonl").write_text("")
+    with pytest.raises(archive.ArchiveError, match=f"^no finished run in {tmp_path}"):
+        archive.check_runs(runs_folder.collect(tmp_path), allow_smoke=False)
+
+
+def test_code_files_leave_out_a_tracked_file_deleted_since_the_commit(tmp_path):
+    for name in ("a.py", "b.py"):
+        (tmp_path / name).write_text("x = 1\n")
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    for command in (["init", "-q"], ["add", "a.py", "b.py"], ["commit", "-q", "-m", "two files"]):
+        subprocess.run(git + command, cwd=tmp_path, check=True, capture_output=True)
+    (tmp_path / "b.py").unlink()
+    assert archive.code_files(tmp_path) == ["a.py"]
+
+
+def test_zip_stores_what_is_compressed_already_and_names_runs_without_dot_folders(tmp_path):
+    dest = tmp_path / "a.zip"
+    archive.write_zip([("runs/t1/best.pt", b"x" * 1000), ("runs/t1/curves.png", b"p" * 1000),
+                       ("README.md", b"y" * 1000)], dest)
+    with zipfile.ZipFile(dest) as z:
+        kinds = {info.filename: info.compress_type for info in z.infolist()}
+        assert z.read("runs/t1/best.pt") == b"x" * 1000
+    assert kinds == {"runs/t1/best.pt": zipfile.ZIP_STORED, "runs/t1/curves.png": zipfile.ZIP_STORED,
+                     "README.md": zipfile.ZIP_DEFLATED}
+    assert archive._in_runs("./results.json") == "runs/results.json"  # the runs root is a run
+    assert archive._in_runs("t1/best.pt") == "runs/t1/best.pt"
