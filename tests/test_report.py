@@ -978,3 +978,25 @@ def test_zip_stores_what_is_compressed_already_and_names_runs_without_dot_folder
                      "README.md": zipfile.ZIP_DEFLATED}
     assert archive._in_runs("./results.json") == "runs/results.json"  # the runs root is a run
     assert archive._in_runs("t1/best.pt") == "runs/t1/best.pt"
+
+
+def test_architecture_counts_every_kind_of_layer_and_tells_input_sizes_apart(tmp_path):
+    from common.models import CustomCNN
+    def count(model, kind):
+        return sum(isinstance(m, kind) for m in model.modules())
+    t1_model = CustomCNN(5, width=8)
+    t1 = architecture.summarise(t1_model, "t1", 32)
+    assert (t1.conv, t1.se_gates, t1.attention) == (52, 8, 0)
+    assert t1.batchnorm == count(t1_model, torch.nn.BatchNorm2d) > 0
+    plus_model = cubs_resnet18(5, placement="serial", variant="plus", width=8, d=64)
+    plus = architecture.summarise(plus_model, "plus", 32)
+    assert plus.attention == 16 and plus.batchnorm == count(plus_model, torch.nn.BatchNorm2d) == 20
+    # Two T2 runs that differ only in their image size: each row has its own input and FLOPs.
+    for size in (32, 64):
+        (tmp_path / f"t2_{size}").mkdir()
+        (tmp_path / f"t2_{size}" / "results.json").write_text(json.dumps({
+            "task": "t2", "model": "resnet18", "num_classes": 5, "width": 8, "image_size": size,
+            "test_acc": 0.5, "holdout_acc": 0.5, "finished": True, "args": {"image_size": size, "width": 8}}))
+    (_, _, small), (_, _, large) = architecture.architectures(runs_folder.collect(tmp_path))
+    assert (small.input_size, large.input_size) == (32, 64)
+    assert large.flops == pytest.approx(4 * small.flops, rel=0.01)  # 4x the pixels, convs only
