@@ -1000,3 +1000,20 @@ def test_architecture_counts_every_kind_of_layer_and_tells_input_sizes_apart(tmp
     (_, _, small), (_, _, large) = architecture.architectures(runs_folder.collect(tmp_path))
     assert (small.input_size, large.input_size) == (32, 64)
     assert large.flops == pytest.approx(4 * small.flops, rel=0.01)  # 4x the pixels, convs only
+
+
+def test_the_t4_section_names_only_t4s_unfinished_runs(tmp_path):
+    for name in ("t1", "t4/phase_a"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "metrics.jsonl").write_text('{"epoch": 1}\n')
+    lines = report.section_retrieval(runs_folder.collect(tmp_path), report.Figures(tmp_path / "REPORT.md"))
+    assert lines[2] == "**not run yet** (unfinished: t4/phase_a)."
+
+
+def test_remove_unlinked_takes_every_figure_name_the_report_gives_and_nothing_else(tmp_path):
+    figs = report.Figures(tmp_path / "REPORT.md")
+    for name in ("classifiers_holdout.png", "t1__curves.png", "t2__curves.png", "photo.png", "pdf_x.png"):
+        figs.path(name).write_bytes(b"png")
+    figs.linked.add("t2__curves.png")
+    assert figs.remove_unlinked() == ["classifiers_holdout.png", "t1__curves.png"]
+    assert sorted(p.name for p in figs.folder.iterdir()) == ["pdf_x.png", "photo.png", "t2__curves.png"]
