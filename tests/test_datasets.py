@@ -388,6 +388,19 @@ def _rewrite_annotations(mat_path: Path, change) -> None:
     scipy.io.savemat(mat_path, mat)
 
 
+def test_a_class_id_outside_1_to_n_is_named(cars_annos: Path, tmp_path: Path) -> None:
+    root = copy_of(cars_annos, tmp_path)
+
+    def class_zero(annotations):
+        annotations = annotations.copy()
+        annotations[0, 0]["class"] = np.array([[0]], dtype=np.uint8)
+        return annotations
+    _rewrite_annotations(root / "cars_annos.mat", class_zero)
+    with pytest.raises(DatasetError, match=rf"class id 0 is outside 1\.\.{CARS_CLASSES} "
+                                           rf"\(there are {CARS_CLASSES} class names\)"):
+        load_cars196(root)
+
+
 def _with_first_field(field: str, value: str):
     def change(annotations):
         annotations = annotations.copy()
