@@ -22,7 +22,6 @@ import dataclasses
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
 
 from common import cli, engine, evaluate, plots, runtime, task_data
@@ -32,10 +31,9 @@ from common.diagnostics import diagnostics
 from common.errors import ConfigError
 from common.files import remove_files, write_json
 from common.init_weights import INIT_CHOICES, load_initial_weights, t3_block1_size, t3_selection
-from common.loader import ImageLoader
 from common.loss import MINING_CHOICES, multi_similarity_loss
 from common.models import EmbeddingNet, count_parameters
-from common.recall import KS, recall_at_k
+from common.recall import KS, chance_recall_at_1, recall_at_k
 from common.runtime import describe_device
 from common.schema import FitConfig, RetrievalResults
 
@@ -144,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
                 variant=variant, num_classes=num_classes, width=args.width,
                 image_size=args.image_size, **({"d": d} if d != BLOCK1_D else {}))
     if saved:  # --evaluate PATH: Recall@K of a saved Phase A or Phase B checkpoint
-        return evaluate_saved(model, meta, saved, args, data.test_all, rt)
+        return evaluate.retrieval_checkpoint(model, saved, meta, data.test_all, rt, args.embedding_dim)
     init = load_initial_weights(model, args.init, t3_best=t3_best, t3_results=args.t3_results,
                                 init_weights=args.init_weights, verbose=rt.is_main)
     if args.fresh and rt.is_main:  # every phase, once nothing can fail before training starts
@@ -275,9 +273,7 @@ def write_results(model: torch.nn.Module, meta: dict, init: dict, recall_init: d
                   rt: runtime.Runtime) -> dict:
     """results.json and retrieval.png (rank 0), and the before / after summary."""
     out, test = Path(args.out), data.splits.test
-    # R@1 of a random ranking: the chance that a random other test image shares the query's class
-    counts = np.bincount(test.labels)
-    chance = float((counts * (counts - 1)).sum() / (len(test.labels) * (len(test.labels) - 1)))
+    chance = chance_recall_at_1(torch.as_tensor(test.labels))
     phase_b = {m: phase_summary(f, "holdout_r1", mining=m) for m, f in results_b.items()}
     chosen = results_b[args.mining]
     results = RetrievalResults(
@@ -309,20 +305,6 @@ def phase_summary(fitted: dict, score_key: str, **extra) -> dict:
     return {"test_recall": fitted["test_recall"], score_key: fitted["best_score"], **extra,
             "best_epoch": fitted["best_epoch"], "epochs_run": fitted["epochs_run"],
             "train_time_s": fitted["train_time_s"]}
-
-
-def evaluate_saved(model: torch.nn.Module, meta: dict, saved: tuple[Path, dict], args: argparse.Namespace,
-                   test_all: ImageLoader, rt: runtime.Runtime) -> dict:
-    """--evaluate: Recall@K on the unseen test classes of `saved` (evaluate.load), a Phase A
-    checkpoint (the classifier's pooled features, as Phase A reports them) or a Phase B one
-    (the embedding); the checkpoint's meta says which."""
-    phase_b = saved[1]["meta"].get("phase") == "b"
-    if phase_b:
-        model = EmbeddingNet(model, dim=args.embedding_dim)
-        meta = {**meta, "phase": "b", "embedding_dim": args.embedding_dim}
-    score = lambda m: {"test_recall": recall_at_k(  # noqa: E731
-        *evaluate.embed(m, test_all, rt, features=not phase_b), ks=KS)}
-    return evaluate.evaluate_checkpoint(model, saved, meta, rt, score, test_all.backend)
 
 
 if __name__ == "__main__":

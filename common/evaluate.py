@@ -5,6 +5,7 @@ test of best.pt (results.json), and `--evaluate PATH`.
     embed(model, loader, rt)                 N x D embeddings in the loader's order (T4)
     holdout_scorer(holdout, rt, diagnose)    engine.fit's per-epoch evaluation (T1-T4 Phase A)
     test_best(model, loaders, fitted, ...)   best.pt -> test once -> results.json (T1-T3)
+    classifier_checkpoint / retrieval_checkpoint   --evaluate PATH of T1-T3 / T4
 
 `--evaluate PATH` scores a saved checkpoint on the test split, without training: one entry
 for the four scripts. A script builds its data, model and checkpoint "meta"
@@ -37,7 +38,8 @@ from common import runtime, schema
 from common.checkpoint import (INFERENCE_KEYS, CheckpointError, check_compatible, load_checkpoint,
                                load_model_state)
 from common.files import write_json
-from common.models import count_parameters
+from common.models import EmbeddingNet, count_parameters
+from common.recall import KS, recall_at_k
 from common.runtime import Runtime, all_reduce_sums, autocast, broadcast_from_main, describe_device, to_device
 
 Score = Callable[[torch.nn.Module], dict[str, Any]]
@@ -104,6 +106,22 @@ def classifier_checkpoint(model: torch.nn.Module, path: str | Path, meta: schema
         return {"test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"],
                 "test_images": test["n"]}
     return evaluate_checkpoint(model, load(path), meta, rt, score, test_loader.backend)
+
+
+def retrieval_checkpoint(model: torch.nn.Module, saved: tuple[Path, dict[str, Any]],
+                         meta: schema.CheckpointMeta, test_loader, rt: runtime.Runtime,
+                         embedding_dim: int) -> dict[str, Any]:
+    """T4: Recall@K on the test split of `saved` (from `load`), a Phase A checkpoint (the
+    classifier's pooled features, as Phase A reports them) or a Phase B one (the
+    `embedding_dim`-d EmbeddingNet on `model`); the checkpoint's meta says which."""
+    phase_b = saved[1]["meta"].get("phase") == "b"
+    if phase_b:
+        model = EmbeddingNet(model, dim=embedding_dim)
+        meta = {**meta, "phase": "b", "embedding_dim": embedding_dim}
+
+    def score(m: torch.nn.Module) -> dict[str, Any]:
+        return {"test_recall": recall_at_k(*embed(m, test_loader, rt, features=not phase_b), ks=KS)}
+    return evaluate_checkpoint(model, saved, meta, rt, score, test_loader.backend)
 
 
 def fmt_recall(recall: dict[int, float]) -> str:

@@ -140,3 +140,13 @@ def recall_at_k(
     hit_by = hits.cumsum(dim=1) > 0
     # Integer count / N avoids float32 rounding in the reported figure.
     return {k: hit_by[:, k - 1].sum().item() / n for k in ks}
+
+
+def chance_recall_at_1(labels: Tensor) -> float:
+    """R@1 of a random ranking on (N,) ``labels``: the chance that a random other sample
+    shares the query's class, averaged over queries, sum_c n_c (n_c - 1) / (N (N - 1))."""
+    if labels.dim() != 1 or labels.shape[0] < 2:
+        raise ValueError(f"labels must be (N,) with N >= 2, got shape {tuple(labels.shape)}")
+    counts = torch.unique(labels, return_counts=True)[1].double()
+    n = labels.shape[0]
+    return float((counts * (counts - 1)).sum() / (n * (n - 1)))

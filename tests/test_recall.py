@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from common.recall import nearest_neighbours, recall_at_k
+from common.recall import chance_recall_at_1, nearest_neighbours, recall_at_k
 
 CHUNKS = [1, 2, 7, 64, 10_000]
 
@@ -191,3 +191,23 @@ def test_every_k_is_checked_not_only_the_largest():
     for ks in ((0, 2), (2, 5), (1, 2.0)):
         with pytest.raises(ValueError, match="^k must"):
             recall_at_k(embeddings, labels, ks=ks)
+
+
+def test_chance_recall_at_1_by_hand_and_by_brute_force():
+    """R@1 of a random ranking: per query, the share of the N - 1 others in its class."""
+    assert chance_recall_at_1(torch.tensor([0, 0, 1, 1])) == pytest.approx(1 / 3)
+    assert chance_recall_at_1(torch.tensor([5, 5, 5, 2])) == pytest.approx(0.5)  # (3 x 2/3 + 0) / 4
+    assert chance_recall_at_1(torch.tensor([0, 1, 2])) == 0.0
+    labels = torch.randint(0, 7, (50,), generator=torch.Generator().manual_seed(0))
+    per_query = [(labels == labels[i]).sum().item() - 1 for i in range(50)]
+    assert chance_recall_at_1(labels) == pytest.approx(sum(per_query) / (50 * 49), rel=1e-12)
+    # And what random embeddings score on average: within 3 standard errors of 1,000 draws.
+    gen = torch.Generator().manual_seed(1)
+    r1 = [recall_at_k(torch.randn(50, 4, generator=gen), labels, ks=(1,))[1] for _ in range(1000)]
+    assert abs(np.mean(r1) - chance_recall_at_1(labels)) < 3 * np.std(r1) / np.sqrt(1000)
+
+
+@pytest.mark.parametrize("labels", [torch.tensor([3]), torch.zeros(2, 2, dtype=torch.long)])
+def test_chance_recall_at_1_refuses_fewer_than_two_labels_or_a_matrix(labels):
+    with pytest.raises(ValueError, match="labels must be"):
+        chance_recall_at_1(labels)
