@@ -253,3 +253,72 @@ def test_t4_under_two_gloo_processes_embeds_each_test_image_once_and_equals_one_
     ddp = r["phase_b"]["test_recall"]
     assert e["test_recall"].keys() == ddp.keys() == {"1", "2", "4", "8"}
     assert all(abs(e["test_recall"][k] - ddp[k]) <= 1 / 192 + 1e-9 for k in ddp), (e["test_recall"], ddp)
+
+
+# ---------------------------------------------------------------- evaluate.embed's shard check
+# Rank 1's shard of 6 images (rank 0 keeps 0, 2, 4): each case's indices, or None for the
+# loader's own sharding (every 2nd image, 1, 3, 5).
+SHARD_CASES = {"sharded": None, "one missing": [1, 3], "one twice, one missing": [1, 3, 4]}
+
+
+def _embed_worker(rank: int, store: str, files: list[str], out: str) -> None:
+    """One of two gloo ranks: evaluate.embed over `files` once per SHARD_CASES entry, rank 1's
+    shard replaced by the case's indices; writes {case: outcome} to out.<rank>."""
+    import copy
+    import datetime
+
+    import numpy as np
+    import torch.distributed as dist
+
+    from common import evaluate
+    from common.loader import ImageLoader, LoaderSettings
+    from common.runtime import Runtime
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    loader = ImageLoader(files, list(range(len(files))), LoaderSettings(
+        batch_size=2, image_size=16, backend="torch", workers=0))
+    torch.manual_seed(rank)  # rank 1's weights differ until embed broadcasts rank 0's
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten())
+    real_shard_of, outcomes = evaluate._shard_of, {}
+    for case, indices in SHARD_CASES.items():
+        def shard_of(loader_, rt, indices=indices):
+            shard = real_shard_of(loader_, rt)
+            if rt.rank == 1 and indices is not None:
+                shard = copy.copy(shard)  # the cached shard stays as it is
+                shard.batches = lambda epoch: [np.array(indices)]
+            return shard
+        evaluate._shard_of = shard_of
+        try:
+            emb, labels = evaluate.embed(model, loader, Runtime(torch.device("cpu"), rank, 2))
+        except RuntimeError as err:
+            outcomes[case] = f"RuntimeError: {err}"
+            continue
+        # one process embedding every image with the same (rank 0's) weights
+        single, _ = evaluate.embed(model, loader, Runtime(torch.device("cpu")))
+        outcomes[case] = {"labels": labels.tolist(), "as one process": torch.allclose(emb, single, atol=1e-6)}
+    Path(f"{out}.{rank}").write_text(json.dumps(outcomes))
+    dist.destroy_process_group()
+
+
+def test_embed_under_two_gloo_processes_refuses_shards_that_miss_or_repeat_an_image(tmp_path):
+    """evaluate.embed all-gathers the ranks' shards: the loader's own sharding gives every
+    image once, in order, as one process does; a shard that leaves an image out, or repeats
+    one in place of another (the count then right), raises on every rank rather than return
+    embeddings with holes or misplaced rows."""
+    from PIL import Image
+    files = []
+    for i in range(6):
+        files.append(str(tmp_path / f"{i}.jpg"))
+        Image.new("RGB", (16, 16), (40 * i, 255 - 40 * i, 128)).save(files[-1])
+    torch.multiprocessing.spawn(_embed_worker, args=(str(tmp_path / "store"), files,
+                                                     str(tmp_path / "outcome")), nprocs=2)
+    for rank in (0, 1):
+        outcomes = json.loads((tmp_path / f"outcome.{rank}").read_text())
+        assert outcomes == {
+            "sharded": {"labels": [0, 1, 2, 3, 4, 5], "as one process": True},
+            "one missing": "RuntimeError: embed: the ranks' shards cover 5 of 6 images",
+            "one twice, one missing": "RuntimeError: embed: the ranks' shards cover 6 of 6 images",
+        }, rank

@@ -967,6 +967,31 @@ def test_code_files_leave_out_a_tracked_file_deleted_since_the_commit(tmp_path):
     assert archive.code_files(tmp_path) == ["a.py"]
 
 
+def test_untracked_warning_names_forgotten_code_but_not_the_report_written_into_the_repo(
+        tmp_path, monkeypatch, capsys):
+    """The "not tracked by git" warning names code a student forgot to `git add`, but not
+    REPORT.md written (untracked) into the repository root: that one is in the archive."""
+    repo, runs = tmp_path / "repo", tmp_path / "runs"
+    write(repo / "a.py", "x = 1\n")
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    for command in (["init", "-q"], ["add", "a.py"], ["commit", "-q", "-m", "one file"]):
+        subprocess.run(git + command, cwd=repo, check=True, capture_output=True)
+    write(repo / "forgotten.py", "y = 2\n")  # never added
+    write(repo / "REPORT.md", "# Report\n")  # the report, written into the repository root
+    write(repo / "REPORT.pdf", b"%PDF")
+    write(runs / "t2" / "results.json", classifier("t2", "resnet18", 0.456789, 0.51234))
+    torch.save({"model": {"w": torch.arange(3.0)}, "epoch": 2}, runs / "t2" / "best.pt")
+    monkeypatch.setattr(archive, "REPO", repo)
+    dest = archive.build_archive(runs, repo / "REPORT.md", tmp_path / "Assignment2.zip")
+    warnings = [line for line in capsys.readouterr().out.splitlines() if "not tracked by git" in line]
+    assert warnings == ["warning: 1 file(s) not tracked by git are not in the archive (git add "
+                        "them to include them): forgotten.py"]
+    with zipfile.ZipFile(dest) as zf:
+        names = set(zf.namelist())
+    assert {"Assignment2/a.py", "Assignment2/REPORT.md", "Assignment2/REPORT.pdf"} <= names
+    assert "Assignment2/forgotten.py" not in names
+
+
 def test_zip_stores_what_is_compressed_already_and_names_runs_without_dot_folders(tmp_path):
     dest = tmp_path / "a.zip"
     archive.write_zip([("runs/t1/best.pt", b"x" * 1000), ("runs/t1/curves.png", b"p" * 1000),
