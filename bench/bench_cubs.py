@@ -14,8 +14,12 @@
    gating and projections alone). CUDA: bf16 autocast, batch 256, and the rise of torch.cuda.max_memory_allocated
    during a step (activations, gradients, temporaries; not the resident weights).
 
+3. --profile: where serial plain's extra step time goes. torch.profiler over 5 steps of each
+   model; the ops whose self time per step (CPU, or CUDA kernels on a GPU) grew most from
+   ResNet-18 to CUBS serial plain.
+
 Times are medians. Run: python -m bench.bench_cubs [--quick] [--device cpu|cuda] [--threads N]
-[--all-keys]
+[--all-keys] [--profile]
 """
 
 from __future__ import annotations
@@ -153,6 +157,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 is steadier on a shared machine")
     parser.add_argument("--all-keys", action="store_true",
                         help="also time plus with keys at all N positions (slow on CPU)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile 5 steps of resnet18 and serial plain: the ops that grew most")
     parser.add_argument("--worker", choices=("ours", "naive"), help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, default=8, help=argparse.SUPPRESS)
     parser.add_argument("--runs", type=int, default=3, help=argparse.SUPPRESS)
@@ -216,6 +222,33 @@ def main() -> None:
         if peaks[name] is not None:
             line += f"   peak rise during a step {peaks[name] / MIB:8.1f} MiB"
         print(line)
+    if args.profile:
+        print_profile_difference(steps["resnet18"], steps["cubs serial plain"], device)
+
+
+def print_profile_difference(vanilla: Callable[[], None], cubs_step: Callable[[], None],
+                             device: torch.device, steps: int = 5, top: int = 12) -> None:
+    """Self time per step of each op (CPU) or kernel (CUDA), CUBS serial plain minus ResNet-18:
+    the `top` largest differences. Self times, so nested ops are not counted twice. The two
+    models take turns, one profiled step each, as the timed steps do."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    per_step: dict[str, dict[str, float]] = {"resnet18": {}, "cubs serial plain": {}}
+    for _ in range(steps):
+        for name, step in (("resnet18", vanilla), ("cubs serial plain", cubs_step)):
+            with torch.profiler.profile(activities=activities) as prof:
+                step()
+                synchronize(device)
+            for e in prof.key_averages():
+                per_step[name][e.key] = per_step[name].get(e.key, 0.0) + getattr(e, attr) / steps / 1000  # ms
+    a, b = per_step["resnet18"], per_step["cubs serial plain"]
+    total_a, total_b = sum(a.values()), sum(b.values())
+    print(f"\nProfile, {steps} steps each ({'CUDA kernel' if device.type == 'cuda' else 'CPU op'} self "
+          f"time per step): resnet18 {total_a:.1f} ms, cubs serial plain {total_b:.1f} ms "
+          f"({total_b / total_a:.2f}x); the {top} largest differences:")
+    for diff, key in sorted(((b.get(k, 0.0) - a.get(k, 0.0), k) for k in a.keys() | b.keys()), reverse=True)[:top]:
+        print(f"  {diff:+8.2f} ms  {key[:70]:70s} ({a.get(key, 0.0):.2f} -> {b.get(key, 0.0):.2f})")
 
 
 def _with_stand_in_similarity(step: Callable[[], None]) -> Callable[[], None]:
