@@ -254,10 +254,20 @@ class RunCheckpoints:
                 load_model_state(owner, ck["model"], source)
             elif name != "scaler" or (ck["scaler"] and owner.is_enabled()):  # empty without fp16
                 owner.load_state_dict(ck[name])
-        # One RNG state per rank (each rank draws its own dropout / augmentation stream);
-        # resuming on another number of processes reuses them round-robin.
-        set_rng_state(ck["rng"][self.rt.rank % len(ck["rng"])])
         progress = RunProgress(**{f.name: ck[f.name] for f in fields(RunProgress)})
+        # One RNG state per rank (each rank draws its own dropout / augmentation stream), so
+        # their count is the saving run's number of processes. Its LR schedule and batch
+        # positions count that many processes' steps (--batch-size is per process): training
+        # on with another count would splice two recipes. A finished run only re-reports.
+        saved_ranks = len(ck["rng"])
+        if saved_ranks != self.rt.world_size and not progress.finished:
+            raise CheckpointError(
+                f"{source} was saved by a run of {saved_ranks} process(es); this one has "
+                f"{self.rt.world_size}, and its LR schedule and batch positions count the steps of "
+                f"{saved_ranks} (--batch-size is per process). Resume it with as many "
+                f"({'plain python' if saved_ranks == 1 else f'torchrun --nproc_per_node={saved_ranks}'}), "
+                f"--fresh to start over, or use another --out.")
+        set_rng_state(ck["rng"][self.rt.rank % saved_ranks])
         if self.rt.is_main:
             where = "finished run" if progress.finished else \
                 f"epoch {progress.epoch + 1}, batch {progress.step}"

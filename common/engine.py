@@ -123,18 +123,24 @@ def grad_scaler(rt: Runtime) -> torch.amp.GradScaler:
 
 
 class EarlyStopping:
-    """Stop when the holdout score has not improved by `min_delta` for `patience` epochs."""
+    """Stop when the holdout score has not improved by more than `min_delta` for `patience`
+    epochs. The best epoch (best.pt) is the highest score whatever min_delta: min_delta only
+    decides which improvements reset the patience, counted from the score that last did."""
 
     def __init__(self, patience: int, min_delta: float = 0.0) -> None:
         self.patience, self.min_delta = patience, min_delta
         self.best_score, self.best_epoch, self.bad_epochs = -math.inf, -1, 0
+        self.reference = -math.inf  # the score of the last improvement by more than min_delta
 
     def update(self, score: float, epoch: int) -> bool:
-        """Record `score` of `epoch`; True if it is a new best."""
-        if score > self.best_score + self.min_delta:
-            self.best_score, self.best_epoch, self.bad_epochs = score, epoch, 0
+        """Record `score` of `epoch`; True if it is the best so far."""
+        if score > self.reference + self.min_delta:
+            self.reference, self.bad_epochs = score, 0
+        else:
+            self.bad_epochs += 1
+        if score > self.best_score:
+            self.best_score, self.best_epoch = score, epoch
             return True
-        self.bad_epochs += 1
         return False
 
     @property
@@ -143,11 +149,13 @@ class EarlyStopping:
 
     def state_dict(self) -> dict[str, Any]:
         return {"best_score": self.best_score, "best_epoch": self.best_epoch,
-                "bad_epochs": self.bad_epochs}
+                "bad_epochs": self.bad_epochs, "reference": self.reference}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.best_score, self.best_epoch = state["best_score"], state["best_epoch"]
         self.bad_epochs = state["bad_epochs"]
+        # Checkpoints from before the two were kept apart: the best score was the reference.
+        self.reference = state.get("reference", self.best_score)
 
 
 class NonFiniteLoss(UserError, RuntimeError):
@@ -204,9 +212,10 @@ def train_one_epoch(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.o
         step_start, step_end = step_end, meter.elapsed()
         slowest_step_s = max(slowest_step_s, step_end - step_start)
         bar.update(1)
-        if _stop_requested(step, meter, signals or [], rt, epoch, bar):
+        signum = _stop_requested(step, meter, signals or [], rt, epoch, bar)
+        if signum:
             bar.close()
-            raise Interrupted((signals or [signal.SIGTERM])[0], epoch, step, meter.sums())
+            raise Interrupted(signum, epoch, step, meter.sums(every_rank=True))
     bar.close()
     return {**meter.epoch_stats(epoch, step), "lr": optimizer.param_groups[0]["lr"],
             # this process's first step (its first batch's wait included) and the loader
@@ -237,7 +246,9 @@ class _Meter:
 
     def __init__(self, rt: Runtime, so_far: dict[str, float] | None) -> None:
         self.rt = rt
-        self.before = so_far or {"loss": 0.0, "correct": 0.0, "n": 0.0, "time": 0.0, "wait": 0.0}
+        self.before = dict(so_far or {"loss": 0.0, "correct": 0.0, "n": 0.0, "time": 0.0, "wait": 0.0})
+        if rt.rank > 0:  # last.pt's sums are every rank's (sums(every_rank=True)), counted by rank 0
+            self.before.update(loss=0.0, correct=0.0, n=0.0)
         self.loss = torch.zeros((), device=rt.device, dtype=torch.float64)
         self.correct = torch.zeros((), device=rt.device, dtype=torch.float64)
         self.counted_correct = bool(self.before["correct"])
@@ -267,12 +278,17 @@ class _Meter:
             torch.cuda.synchronize(self.rt.device)  # queued GPU work belongs to this time
         return time.perf_counter() - self.t0
 
-    def sums(self) -> dict[str, float]:
-        """This epoch's sums so far, as last.pt stores them ("partial")."""
+    def sums(self, every_rank: bool = False) -> dict[str, float]:
+        """This epoch's sums so far. every_rank: loss, correct and n summed over the DDP ranks
+        (a collective: every rank calls it), as last.pt stores them ("partial"); time and wait
+        stay this rank's."""
         b = self.before
-        return {"loss": b["loss"] + self.loss.item(), "n": b["n"] + self.n,
-                "correct": b["correct"] + self.correct.item(), "time": b["time"] + self.elapsed(),
-                "wait": b["wait"] + self.wait}
+        s = {"loss": b["loss"] + self.loss.item(), "n": b["n"] + self.n,
+             "correct": b["correct"] + self.correct.item(), "time": b["time"] + self.elapsed(),
+             "wait": b["wait"] + self.wait}
+        if every_rank and self.rt.world_size > 1:
+            s["loss"], s["correct"], s["n"] = all_reduce_sums([s["loss"], s["correct"], s["n"]], self.rt)
+        return s
 
     def epoch_stats(self, epoch: int, step: int) -> dict[str, float]:
         """train_loss (and train_acc) over every rank's images, and the epoch's time."""
@@ -288,15 +304,16 @@ class _Meter:
 
 
 def _stop_requested(step: int, meter: _Meter, signals: list[int], rt: Runtime, epoch: int,
-                    bar) -> bool:
+                    bar) -> int:
     """Every 25 steps (every step in one process once a signal came) the ranks agree on
     whether to stop: acting on a local signal or NaN alone would leave the other ranks
-    waiting in their next all-reduce. Raises NonFiniteLoss if any rank's loss is."""
+    waiting in their next all-reduce. Returns the signal to stop for (0: go on). Raises
+    NonFiniteLoss if any rank's loss is."""
     if step % 25 and not (rt.world_size == 1 and signals):
-        return False
+        return 0
     s = meter.sums()
     seen_loss = s["loss"] / max(1, s["n"])
-    stop, finite = _agree(bool(signals), math.isfinite(seen_loss), rt)
+    stop, finite = _agree(signals[0] if signals else 0, math.isfinite(seen_loss), rt)
     if not finite:  # here, or on another rank: then this rank reports it as nan
         bad_loss = seen_loss if not math.isfinite(seen_loss) else math.nan
         _check_finite(bad_loss, epoch, step)
@@ -344,6 +361,7 @@ def fit(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.optim.Optimiz
                                             so_far=progress.partial, grad_clip=cfg.grad_clip,
                                             top1=top1, signals=signals, epochs=cfg.epochs)
                 except Interrupted as stop:
+                    _check_finite_weights(net.module, stop.epoch, stop.step)
                     progress.step, progress.partial = stop.step, stop.partial
                     progress.train_time_s += time.perf_counter() - t0
                     run.save(progress, run.last)
@@ -352,6 +370,7 @@ def fit(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.optim.Optimiz
                               f"batch {stop.step}; {_how_to_go_on(cfg)}", flush=True)
                     raise
                 progress.train_time_s += time.perf_counter() - t0
+                _check_finite_weights(net.module, progress.epoch, len(loader))
                 epochs_here += 1
                 t_eval = time.perf_counter()
                 metrics = _evaluate_as_one(evaluate, net.module, rt)
@@ -372,9 +391,9 @@ def fit(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.optim.Optimiz
                               f"(best {stopper.best_score:.4f} at epoch {stopper.best_epoch + 1})")
             # A signal during the last holdout pass or save is seen by no training step: stop
             # here, with everything saved, instead of going on to the test pass or the next run.
-            if _agree(bool(signals), True, rt)[0]:
-                stop = Interrupted(signals[0] if signals else signal.SIGINT, progress.epoch,
-                                   progress.step, progress.partial or {})
+            signum = _agree(signals[0] if signals else 0, True, rt)[0]
+            if signum:
+                stop = Interrupted(signum, progress.epoch, progress.step, progress.partial or {})
                 if rt.is_main:
                     state = "the finished run" if progress.finished else f"epoch {progress.epoch}"
                     print(f"\n{stop.name}: {run.last} holds {state}; {_how_to_go_on(cfg)}", flush=True)
@@ -432,13 +451,13 @@ def _recorded_signals() -> Iterator[list[int]]:
             signal.signal(s, h)
 
 
-def _agree(stop: bool, finite: bool, rt: Runtime) -> tuple[bool, bool]:
-    """(any rank wants to stop, every rank's loss is finite)."""
+def _agree(signum: int, finite: bool, rt: Runtime) -> tuple[int, bool]:
+    """(the signal a rank got, 0 if none, the same on every rank; every rank's loss is finite)."""
     if rt.world_size == 1:
-        return stop, finite
-    flags = torch.tensor([float(stop), float(not finite)], device=rt.device if rt.cuda else "cpu")
+        return signum, finite
+    flags = torch.tensor([float(signum), float(not finite)], device=rt.device if rt.cuda else "cpu")
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return bool(flags[0]), not bool(flags[1])
+    return int(flags[0]), not bool(flags[1])
 
 
 def _agree_any(flag: bool, rt: Runtime) -> bool:
@@ -457,11 +476,23 @@ def _interactive() -> bool:
 
 def _check_finite(loss: float, epoch: int, step: int) -> None:
     if not math.isfinite(loss):
-        # The learning rate and clipping are part of the recipe, which a resume must keep.
-        raise NonFiniteLoss(f"training loss became {loss} in epoch {epoch + 1} by batch {step}; "
-                            f"stopped without saving, so last.pt in --out (if any) still holds "
-                            f"the last good epoch. Train again with a lower learning rate or "
-                            f"--grad-clip 1.0, adding --fresh (or another --out to keep this run).")
+        raise NonFiniteLoss(_not_finite(f"training loss became {loss}", epoch, step))
+
+
+def _check_finite_weights(model: torch.nn.Module, epoch: int, step: int) -> None:
+    """Before a save: a step whose loss was finite can still have had non-finite gradients
+    (without a GradScaler to skip it, in bf16 or fp32), and the loss check would see them
+    only in the next step's loss, after last.pt and best.pt held them. One host sync."""
+    if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
+        raise NonFiniteLoss(_not_finite("the weights became non-finite (a step's gradients were)",
+                                        epoch, step))
+
+
+def _not_finite(what: str, epoch: int, step: int) -> str:
+    # The learning rate and clipping are part of the recipe, which a resume must keep.
+    return (f"{what} in epoch {epoch + 1} by batch {step}; stopped without saving, so last.pt "
+            f"in --out (if any) still holds the last good epoch. Train again with a lower "
+            f"learning rate or --grad-clip 1.0, adding --fresh (or another --out to keep this run).")
 
 
 def _write_metrics(history: list[dict], run: RunCheckpoints, rt: Runtime,

@@ -189,6 +189,22 @@ def test_a_damaged_last_checkpoint_resumes_from_its_predecessor(tiny_splits, tmp
         assert torch.equal(a, b), k
 
 
+def test_a_run_saved_by_two_processes_resumes_in_one_only_when_finished(tiny_splits, tmp_path, capsys):
+    """One RNG state per process in last.pt: two mean a torchrun of two, whose LR schedule
+    counts that many processes' steps. Training on in one process is refused; a finished
+    run only re-reports, so it is not (tests/test_ddp.py cuts and resumes a real one)."""
+    for finished, out in ((False, tmp_path / "cut"), (True, tmp_path / "done")):
+        _run_fit(tiny_splits, out, "torch", epochs=2, stop_after=None if finished else 1)
+        ck = load_checkpoint(out / "last.pt")
+        assert ck["finished"] == finished
+        save_checkpoint({**ck, "rng": ck["rng"] * 2}, out / "last.pt")
+    with pytest.raises(CheckpointError, match=r"last.pt was saved by a run of 2 process\(es\); this "
+                       r"one has 1.*Resume it with as many \(torchrun --nproc_per_node=2\), --fresh"):
+        _run_fit(tiny_splits, tmp_path / "cut", "torch", epochs=2)
+    _, result = _run_fit(tiny_splits, tmp_path / "done", "torch", epochs=2)
+    assert result["finished"] and result["epochs_run"] == 2
+
+
 def test_no_readable_checkpoint_names_every_file_and_the_way_on(tiny_splits, tmp_path):
     _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=1)
     for name in ("last.pt", "last.prev.pt", "best.pt"):

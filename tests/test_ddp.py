@@ -26,6 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from common.checkpoint import load_checkpoint
@@ -322,3 +323,87 @@ def test_embed_under_two_gloo_processes_refuses_shards_that_miss_or_repeat_an_im
             "one missing": "RuntimeError: embed: the ranks' shards cover 5 of 6 images",
             "one twice, one missing": "RuntimeError: embed: the ranks' shards cover 6 of 6 images",
         }, rank
+
+
+# ---------------------------------------------------------------- engine.fit cut and resumed
+def _fit_worker(rank: int, world_size: int, store: str, data: str, out: str, cut: bool, report: str) -> None:
+    """engine.fit of a small network for 2 epochs of 28 steps per rank (batch 1); with `cut`,
+    rank 1 alone gets SIGINT at its 10th step and the ranks stop together at step 25.
+    Writes {"history": ...} or {"signal": name, "step": ...} or {"error": ...} to report.<rank>."""
+    import datetime
+    import signal
+
+    import torch.distributed as dist
+
+    from common import engine, evaluate, runtime
+    from common.checkpoint import CheckpointError
+    from common.datasets import load_tiny_imagenet
+    from common.errors import Interrupted
+    from common.loader import ImageLoader, LoaderSettings
+    from tests.test_engine import _SmallNet
+
+    torch.set_num_threads(1)
+    if world_size > 1:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=60))
+    rt = runtime.Runtime(torch.device("cpu"), rank, world_size)
+    splits = load_tiny_imagenet(Path(data), holdout_per_class=2)
+    shard = dict(shard_id=rank, num_shards=world_size, image_size=16, backend="torch", workers=0)
+    train = ImageLoader(splits.train.files, splits.train.labels, LoaderSettings(batch_size=1, train=True, seed=5, **shard))
+    holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, LoaderSettings(batch_size=8, train=False, **shard))
+    torch.manual_seed(0)
+    model = _SmallNet()
+    cfg = engine.FitConfig(epochs=2, lr=0.05, warmup_epochs=1, patience=100)
+    net = engine.for_training(model, rt)
+    optimizer, scheduler = engine.optimizer_and_schedule(model, cfg, len(train))
+    ce, steps = torch.nn.CrossEntropyLoss(), [0]
+
+    def loss_fn(outputs, labels):
+        steps[0] += 1
+        if cut and rank == 1 and steps[0] == 10:
+            os.kill(os.getpid(), signal.SIGINT)
+        return ce(outputs, labels)
+    try:
+        fitted = engine.fit(net, train, loss_fn, optimizer, scheduler, engine.grad_scaler(rt),
+                            evaluate.holdout_scorer(holdout, rt), cfg, out, rt, {"task": "t", "model": "small"})
+        outcome = {"history": [{k: h[k] for k in ("train_loss", "train_acc", "train_images")}
+                               for h in fitted["history"]]}
+    except Interrupted as stop:
+        outcome = {"signal": stop.name, "step": stop.step}
+    except CheckpointError as err:
+        outcome = {"error": str(err)}
+    Path(f"{report}.{rank}").write_text(json.dumps(outcome))
+    if world_size > 1:
+        dist.destroy_process_group()
+
+
+def test_a_run_cut_mid_epoch_under_two_processes_resumes_with_every_ranks_sums(tmp_path):
+    """A signal on one rank stops both at the same batch, under that signal's name on both;
+    last.pt holds the sums of every rank's batches before the cut, so the resumed epoch's
+    train loss and accuracy equal the uninterrupted run's (counted once per image, not rank
+    0's twice). A run saved by two processes is not resumed by one: its LR schedule counts
+    two processes' steps."""
+    from common.synthetic import make_tiny_imagenet
+    data = make_tiny_imagenet(tmp_path / "data", num_classes=4, train_per_class=16, val_per_class=2,
+                              image_size=16, seed=3)
+
+    def spawn(name: str, out: str, cut: bool = False) -> dict:
+        report = str(tmp_path / name)
+        torch.multiprocessing.spawn(_fit_worker, args=(2, str(tmp_path / f"{name}.store"), str(data),
+                                                       str(tmp_path / out), cut, report), nprocs=2)
+        outcomes = [json.loads(Path(f"{report}.{rank}").read_text()) for rank in (0, 1)]
+        assert outcomes[0] == outcomes[1], outcomes
+        return outcomes[0]
+
+    straight = spawn("straight", "a")
+    assert [h["train_images"] for h in straight["history"]] == [56, 56]
+    assert spawn("cut", "b", cut=True) == {"signal": "SIGINT", "step": 25}
+    _fit_worker(0, 1, "", str(data), str(tmp_path / "b"), False, str(tmp_path / "one"))
+    error = json.loads((tmp_path / "one.0").read_text())["error"]
+    assert "was saved by a run of 2 process(es); this one has 1" in error
+    assert "torchrun --nproc_per_node=2" in error
+    resumed = spawn("resumed", "b")
+    for a, b in zip(straight["history"], resumed["history"], strict=True):
+        assert b["train_images"] == a["train_images"]
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-9)
+        assert b["train_acc"] == a["train_acc"]

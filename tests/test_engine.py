@@ -141,18 +141,34 @@ def test_grad_clip_clips_the_unscaled_gradients_of_a_loss_scaled_step(tiny_split
 
 
 def test_early_stopping_fires_after_patience_epochs_without_improvement():
+    """min_delta decides which improvements reset the patience; the best epoch (best.pt,
+    the test pass) is still the highest score."""
     stopper = engine.EarlyStopping(patience=3, min_delta=0.01)
     scores = [0.10, 0.20, 0.205, 0.21, 0.15, 0.22]  # 0.205 and 0.21 are within min_delta of 0.20
-    fired = None
+    fired, new_best = None, []
     for epoch, s in enumerate(scores):
-        stopper.update(s, epoch)
+        new_best.append(stopper.update(s, epoch))
         if stopper.should_stop:
             fired = epoch
             break
-    assert fired == 4 and stopper.best_epoch == 1 and stopper.best_score == 0.20
+    assert fired == 4 and stopper.best_epoch == 3 and stopper.best_score == 0.21
+    assert new_best == [True, True, True, True, False]
     restored = engine.EarlyStopping(3, 0.01)
     restored.load_state_dict(stopper.state_dict())
     assert restored.state_dict() == stopper.state_dict()
+    # A state saved before the reference was stored resumes counting from the best score.
+    old = {k: v for k, v in stopper.state_dict().items() if k != "reference"}
+    restored = engine.EarlyStopping(3, 0.01)
+    restored.load_state_dict(old)
+    assert restored.reference == 0.21
+    assert restored.update(0.215, 5) is True and restored.bad_epochs == 4  # best, not by min_delta
+
+
+def test_early_stopping_without_min_delta_counts_every_epoch_that_is_not_a_new_best():
+    stopper = engine.EarlyStopping(patience=2)
+    assert [stopper.update(s, e) for e, s in enumerate([0.3, 0.3, 0.31, 0.2])] == [True, False, True, False]
+    assert (stopper.best_epoch, stopper.bad_epochs, stopper.should_stop) == (2, 1, False)
+    assert stopper.update(0.31, 4) is False and stopper.should_stop  # a tie is no improvement
 
 
 @pytest.mark.parametrize("capability, dtype", [((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16),
@@ -256,10 +272,13 @@ def _run_fit(splits, out, backend, epochs=4, stop_after=None, step_log=None, amp
     model = _SmallNet()
     ce, factor = torch.nn.CrossEntropyLoss(label_smoothing=0.1), cfg.pop("loss_factor", 1.0)
 
+    loss_hook = cfg.pop("loss_hook", None)  # (loss, logits) -> loss
+
     def loss_fn(logits, y):
         if step_log is not None:
             step_log.append(y.tolist())
-        return ce(logits, y) * factor
+        loss = ce(logits, y) * factor
+        return loss_hook(loss, logits) if loss_hook else loss
     config = engine.FitConfig(epochs=epochs, lr=cfg.pop("lr_override", 0.05), warmup_epochs=1,
                               patience=100, stop_after_epoch=stop_after, **cfg)
     result = fit(model, train, evaluate.holdout_scorer(holdout, rt), config, out, rt,
@@ -280,6 +299,25 @@ def test_resume_gives_identical_weights_with_the_torch_loader(tiny_splits, tmp_p
     assert [h["lr"] for h in r1["history"]] == [h["lr"] for h in r2["history"]]
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4 and (tmp_path / "b" / "curves.png").stat().st_size > 0
+
+
+def test_non_finite_gradients_on_an_epochs_last_step_are_not_saved(tiny_splits, tmp_path):
+    """A finite loss with non-finite gradients (no GradScaler to skip the step in bf16 or
+    fp32) on an epoch's last step: no later loss of that epoch shows it, so the weights are
+    checked before last.pt and best.pt are written, which keep the last good epoch."""
+    calls = []
+
+    def nan_gradients_at_step_10(loss, logits):  # 5 steps an epoch: epoch 2's last
+        calls.append(1)
+        if len(calls) == 10:  # d sqrt(x) / dx at 0 is inf; inf x 0 = nan, while the value adds 0
+            return loss + 0 * torch.sqrt(logits.sum() * 0)
+        return loss
+    with pytest.raises(engine.NonFiniteLoss, match=r"the weights became non-finite \(a step's gradients "
+                       r"were\) in epoch 2 by batch 5; stopped without saving, so last.pt"):
+        _run_fit(tiny_splits, tmp_path, "torch", loss_hook=nan_gradients_at_step_10)
+    for name in ("last.pt", "best.pt"):
+        ck = load_checkpoint(tmp_path / name)
+        assert ck["epoch"] == 1 and all(torch.isfinite(t).all() for t in ck["model"].values()), name
 
 
 def test_fp16_trains_with_a_grad_scaler_whose_state_survives_resume(tiny_splits, tmp_path):
