@@ -320,6 +320,21 @@ def test_non_finite_gradients_on_an_epochs_last_step_are_not_saved(tiny_splits, 
         assert ck["epoch"] == 1 and all(torch.isfinite(t).all() for t in ck["model"].values()), name
 
 
+def test_non_finite_gradients_just_before_a_signal_are_not_saved_either(tiny_splits, tmp_path):
+    calls = []
+
+    def nan_gradients_and_sigint_at_step_8(loss, logits):  # epoch 2, batch 3
+        calls.append(1)
+        if len(calls) == 8:
+            os.kill(os.getpid(), signal.SIGINT)  # saved at this step's end, were the weights finite
+            return loss + 0 * torch.sqrt(logits.sum() * 0)
+        return loss
+    with pytest.raises(engine.NonFiniteLoss, match=r"the weights became non-finite .* in epoch 2 by batch 3"):
+        _run_fit(tiny_splits, tmp_path, "torch", loss_hook=nan_gradients_and_sigint_at_step_8)
+    ck = load_checkpoint(tmp_path / "last.pt")
+    assert (ck["epoch"], ck["step"]) == (1, 0) and all(torch.isfinite(t).all() for t in ck["model"].values())
+
+
 def test_fp16_trains_with_a_grad_scaler_whose_state_survives_resume(tiny_splits, tmp_path):
     # The GPUs without bf16 (T4, V100) train in fp16 with loss scaling; CPU autocast runs
     # the same code path. 5 batches per epoch: the scaler counts good steps since its last
