@@ -69,7 +69,8 @@ def main() -> None:
     model.load_state_dict(ck["model"])
     model.eval()
     # The smoke run's own data sits beside its placement folders (t3 --smoke writes it there).
-    root = args.data or args.checkpoint.resolve().parents[1] / "smoke_data" / "tiny-imagenet-200"
+    root = args.data or (args.checkpoint.resolve().parents[1] / "smoke_data" / f"{meta['image_size']}px"
+                         / "tiny-imagenet-200")
     split = load_tiny_imagenet(root, holdout_per_class=0).test
     loader = ImageLoader(split.files[:args.images], split.labels[:args.images],
                          LoaderSettings(batch_size=args.images,

@@ -122,7 +122,7 @@ def training_parser(description: str, *, out: str, recipe: Mapping[str, Any],
            "instead of one per kernel (on an H200 with data in memory, 2026-12-04: T1's step 29 -> 14 ms, "
            "T2's 13.0 -> 11.4 ms; README, Performance). Default: reduce-overhead, except T3: "
            "default. DDP runs always use default")
-    a("--seed", type=int, default=0, help="seeds the init, batch order, holdout and augmentation")
+    a("--seed", type=nonnegative_int, default=0, help="seeds the init, batch order, holdout and augmentation")
     a("--check-images", choices=CHECK_MODES, default="quick",
       help="before training, check every image file: quick = both ends of each (signature, end "
            "marker, size), full = decode each with PIL, off = skip (then a truncated JPEG can crash DALI's "
@@ -180,6 +180,12 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None, *,
     if getattr(args, "backend", None) == "cache" and getattr(args, "color_jitter", None):
         parser.error(f"--backend cache does no colour jitter (--color-jitter {args.color_jitter}): "
                      f"use --color-jitter 0, or --backend dali, torch or auto")
+    for warmup, epochs in (("warmup_epochs", "epochs"), ("embed_warmup_epochs", "embed_epochs")):
+        if getattr(args, warmup, 0) >= getattr(args, epochs, math.inf) and not args.evaluate:
+            flag = "--" + warmup.replace("_", "-")
+            print(f"note: {flag} {getattr(args, warmup):g} >= --{epochs.replace('_', '-')} "
+                  f"{getattr(args, epochs)}: the LR only warms up, reaching its peak at the last step, "
+                  f"and never decays; a short run wants a smaller {flag}", file=sys.stderr)
     check_out_dir(args.out)
     if args.evaluate and not Path(args.evaluate).exists():  # found now, not after a download
         raise ConfigError(f"--evaluate {args.evaluate}: no such file or folder (a best.pt or last.pt, "

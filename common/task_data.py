@@ -7,8 +7,8 @@
     pk = pk_loader(splits.train, settings, rt, classes_per_batch=32, images_per_class=4)
 
 A loader yields (images B x 3 x image_size x image_size float32, normalised; labels B int64).
-With smoke=True the dataset is a generated miniature in out/smoke_data (SMOKE_TINY_IMAGENET,
-SMOKE_CARS196), made once by rank 0.
+With smoke=True the dataset is a generated miniature in out/smoke_data (SMOKE_TINY_IMAGENET
+in <size>px/ at the run's image size, SMOKE_CARS196), made once by rank 0.
 """
 from __future__ import annotations
 
@@ -44,7 +44,8 @@ def tiny_imagenet(data_dir: str | Path, out: str | Path, rt: Runtime, *, holdout
     `holdout_per_class` train images per class are held out (seeded); the labelled val split
     is the test split. Every image is checked first (`check`: quick, full or off)."""
     if smoke:
-        root = Path(out) / "smoke_data" / "tiny-imagenet-200"
+        # One folder per size: a rerun at another --image-size must not train on upscaled images.
+        root = Path(out) / "smoke_data" / f"{smoke_image_size}px" / "tiny-imagenet-200"
         if rt.is_main and not (root / "wnids.txt").exists():
             from common.synthetic import make_tiny_imagenet  # --smoke only
             make_tiny_imagenet(root.parent, image_size=smoke_image_size, **SMOKE_TINY_IMAGENET)

@@ -65,6 +65,18 @@ def test_lr_inf_is_a_usage_error_before_anything_runs(capsys):
     assert "error: argument --lr: must be a finite number, got 'inf'" in capsys.readouterr().err
 
 
+def test_a_warmup_as_long_as_the_run_is_named(capsys, tmp_path):
+    """warmup_cosine never reaches its decay when the warmup covers every epoch."""
+    out = ["--out", str(tmp_path / "run")]
+    cli.parse(_parser(), ["--epochs", "2", *out], smoke=cli.SMOKE)  # the recipe's warmup: 2 epochs
+    assert capsys.readouterr().err == ("note: --warmup-epochs 2 >= --epochs 2: the LR only warms up, "
+                                       "reaching its peak at the last step, and never decays; a short "
+                                       "run wants a smaller --warmup-epochs\n")
+    cli.parse(_parser(), ["--epochs", "3", *out], smoke=cli.SMOKE)
+    cli.parse(_parser(), ["--epochs", "2", "--warmup-epochs", "1.5", *out], smoke=cli.SMOKE)
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("cpus, expected", [(1, 1), (2, 2), (4, 4), (64, 4), (None, 1)])
 def test_default_workers_never_exceed_the_cpu_count(cpus, expected, monkeypatch):
     monkeypatch.setattr(cli.os, "cpu_count", lambda: cpus)

@@ -535,3 +535,21 @@ def test_t4_finds_cars196_inside_a_data_folder_and_checks_its_images_as_asked(
         assert splits.root == tmp_path / "data" / "cars196"
     total = CARS_CLASSES * CARS_PER_CLASS  # every image of every split, in the mode asked for
     assert modes == [(total, "off"), (total, "full"), (total, "quick")]
+
+
+def test_smoke_tiny_imagenet_is_generated_once_per_image_size(tmp_path):
+    """--smoke generates its dataset at the run's --image-size; a rerun into the same --out at
+    another size gets its own images, not the first size's upscaled by the loader."""
+    import torch
+
+    from common import task_data
+    from common.runtime import Runtime
+    rt = Runtime(torch.device("cpu"))
+    sizes = {}
+    for size in (32, 48, 32):
+        splits = task_data.tiny_imagenet(None, tmp_path, rt, holdout_per_class=5, seed=0, check="off",
+                                         smoke=True, smoke_image_size=size)
+        assert Image.open(splits.train.files[0]).size == (size, size)
+        sizes.setdefault(size, splits.train.files)
+        assert splits.train.files == sizes[size]  # the same files again for the same size
+    assert sorted(p.name for p in (tmp_path / "smoke_data").iterdir()) == ["32px", "48px"]

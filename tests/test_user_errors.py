@@ -122,6 +122,7 @@ def test_non_finite_lr_is_refused_by_argparse(tmp_path: Path) -> None:
     ("t2_resnet18", ["--backend", "cache", "--color-jitter", "0.2"],
      "error: --backend cache does no colour jitter (--color-jitter 0.2)"),
     ("t4_retrieval", ["--backend", "cache"], "error: --backend cache cannot make T4's evaluation images"),
+    ("t1_custom_cnn", ["--seed", "-1"], "argument --seed: must be >= 0, got -1"),  # NumPy's generators refuse it
     ("t4_retrieval", ["--init-weights", "resnet18.pth"],
      "error: --init-weights is read only with --init imagenet, not --init auto"),
     ("t4_retrieval", ["--classes-per-batch", "1"],
