@@ -17,6 +17,8 @@ import tempfile
 import urllib.request
 import zipfile
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Sequence
@@ -156,6 +158,10 @@ def find_tiny_imagenet(data_dir: str | Path, download: bool = True, url: str = T
     place once complete, so an interrupted run never leaves a dataset that looks whole.
     """
     data_dir = Path(data_dir).expanduser().resolve()
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DatasetNotFoundError(f"--data-dir {data_dir} is a file; expected a folder that holds "
+                                   f"tiny-imagenet-200/ (or is it), or a new folder to download into.\n"
+                                   f"{TINY_IMAGENET_LAYOUT}")
     if (data_dir / "wnids.txt").is_file():
         return data_dir
     target = data_dir / "tiny-imagenet-200"
@@ -173,29 +179,57 @@ def find_tiny_imagenet(data_dir: str | Path, download: bool = True, url: str = T
     zip_path = data_dir / "tiny-imagenet-200.zip"
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        download_file(url, zip_path, md5)
-    except BaseException as error:
-        if created is not None:  # leave no empty --data-dir behind; it held only the failed download
+    except OSError as error:
+        if created is not None:
             shutil.rmtree(created, ignore_errors=True)
-        if isinstance(error, (OSError, ValueError)):  # URLError is an OSError too
-            raise DownloadError(f"Could not download Tiny ImageNet into {data_dir}: {error}\n"
-                                f"{how_to_get_it}") from error
-        raise
+        raise DownloadError(f"Could not download Tiny ImageNet into {data_dir}: {error}\n"
+                            f"{how_to_get_it}") from error
+    # Two runs started at once on a fresh --data-dir (T1 and T2 side by side) would write
+    # the same zip and extract over each other: the second waits, then finds the dataset.
+    with _exclusive(data_dir):
+        if (target / "wnids.txt").is_file():
+            return target
+        try:
+            download_file(url, zip_path, md5)
+        except BaseException as error:
+            if created is not None:  # leave no empty --data-dir behind; it held only the failed download
+                shutil.rmtree(created, ignore_errors=True)
+            if isinstance(error, (OSError, ValueError)):  # URLError is an OSError too
+                raise DownloadError(f"Could not download Tiny ImageNet into {data_dir}: {error}\n"
+                                    f"{how_to_get_it}") from error
+            raise
 
-    for stale in data_dir.glob(".tiny-imagenet-extract-*"):  # a kill mid-extraction skips `finally`
-        shutil.rmtree(stale, ignore_errors=True)
-    temporary = Path(tempfile.mkdtemp(prefix=".tiny-imagenet-extract-", dir=data_dir))
-    try:
-        safe_extract_zip(zip_path, temporary)
-        extracted = temporary / "tiny-imagenet-200"
-        if not (extracted / "wnids.txt").is_file():
-            raise DownloadError(f"{zip_path} (from {url}) has no tiny-imagenet-200/wnids.txt; "
-                               f"it is not the Tiny ImageNet zip.\n{how_to_get_it}")
-        os.replace(extracted, target)
-    finally:
-        shutil.rmtree(temporary, ignore_errors=True)
-    zip_path.unlink()  # kept on failure above, so a retry can reuse the verified download
+        for stale in data_dir.glob(".tiny-imagenet-extract-*"):  # a kill mid-extraction skips `finally`
+            shutil.rmtree(stale, ignore_errors=True)
+        temporary = Path(tempfile.mkdtemp(prefix=".tiny-imagenet-extract-", dir=data_dir))
+        try:
+            safe_extract_zip(zip_path, temporary)
+            extracted = temporary / "tiny-imagenet-200"
+            if not (extracted / "wnids.txt").is_file():
+                raise DownloadError(f"{zip_path} (from {url}) has no tiny-imagenet-200/wnids.txt; "
+                                    f"it is not the Tiny ImageNet zip.\n{how_to_get_it}")
+            os.replace(extracted, target)
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+        zip_path.unlink()  # kept on failure above, so a retry can reuse the verified download
     return target
+
+
+@contextmanager
+def _exclusive(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (flock on the folder itself, so no lock file is left;
+    released when the process ends, however it ends). Without fcntl (Windows), no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _first_missing_folder(path: Path) -> Path | None:

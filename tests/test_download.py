@@ -154,3 +154,61 @@ def test_incomplete_dataset_folder_is_reported_not_overwritten(tmp_path: Path) -
     with pytest.raises(FileNotFoundError, match="exists but has no wnids.txt"):
         find_tiny_imagenet(tmp_path, url=(tmp_path / "never-fetched.zip").as_uri())
     assert [p.name for p in tmp_path.iterdir()] == ["tiny-imagenet-200"]
+
+
+def test_two_runs_downloading_into_one_new_folder_at_once_both_get_the_dataset(
+        tiny_zip: tuple[Path, str], tmp_path: Path) -> None:
+    """T1 and T2 started side by side on a fresh --data-dir: one downloads and extracts while
+    the other waits for it, instead of both writing one .part file and extracting over each
+    other. The server sends the zip slowly, so the two calls overlap."""
+    import http.server
+    import threading
+    import time
+
+    archive, md5 = tiny_zip
+    data = archive.read_bytes()
+    requests = []
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            step = len(data) // 20 + 1
+            for i in range(0, len(data), step):  # about 0.6 s
+                self.wfile.write(data[i:i + step])
+                time.sleep(0.03)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url, data_dir, found, errors = f"http://127.0.0.1:{server.server_port}/t.zip", tmp_path / "data", [], []
+
+    def run() -> None:
+        try:
+            found.append(find_tiny_imagenet(data_dir, url=url, md5=md5))
+        except Exception as error:  # noqa: BLE001 (reported below)
+            errors.append(repr(error))
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join(timeout=120)
+    server.shutdown()
+    assert errors == [] and found == [data_dir.resolve() / "tiny-imagenet-200"] * 2
+    assert requests == ["/t.zip"]  # downloaded once
+    assert [p.name for p in data_dir.iterdir()] == ["tiny-imagenet-200"]
+    assert len(load_tiny_imagenet(found[0], holdout_per_class=1).test) == 6
+
+
+def test_a_data_dir_that_is_a_file_is_named_as_one(tmp_path: Path) -> None:
+    from common.errors import DatasetNotFoundError
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for download in (True, False):
+        with pytest.raises(DatasetNotFoundError, match=f"--data-dir {afile} is a file; expected a folder"):
+            find_tiny_imagenet(afile, download=download, url=(tmp_path / "none.zip").as_uri())
