@@ -260,8 +260,13 @@ class _TaylorRatio(torch.autograd.Function):
         return sums[..., 0] / sums[..., 1]
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
+        # once_differentiable's guard is not enough: a second derivative taken only with
+        # respect to earlier parameters never reaches it and comes out silently wrong.
+        if torch.is_grad_enabled():
+            raise RuntimeError("similarity_attention: the Taylor series' backward is written out and has no "
+                               "derivative itself, so backward with create_graph=True (a gradient penalty, "
+                               "a Hessian) is not supported")
         # In fp32 even when backward() is called inside an autocast region.
         with torch.autocast(grad.device.type, enabled=False):
             query_powers, key_powers, value_and_one, moments, sums, coeff = ctx.saved_tensors

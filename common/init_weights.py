@@ -42,14 +42,37 @@ def load_initial_weights(model: torch.nn.Module, init: str, *, t3_best: Path | N
             raise ConfigError(f"--init-weights: {err}") from None
         source = init_weights
     else:  # needs internet (cached afterwards in ~/.cache/torch)
-        from torchvision.models import ResNet18_Weights, resnet18
-        try:
-            state = resnet18(weights=ResNet18_Weights.IMAGENET1K_V1).state_dict()
-        except OSError as err:  # URLError: no internet
-            raise DownloadError(f"--init imagenet could not download torchvision's ResNet-18 weights "
-                                f"({err}); download them elsewhere and pass --init-weights PATH") from None
+        from torchvision.models import ResNet18_Weights
+        url = ResNet18_Weights.IMAGENET1K_V1.url
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name  # where torchvision keeps it
+        if not cached.is_file():
+            try:  # checked against the SHA256 prefix in its name, then moved into place
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                torch.hub.download_url_to_file(url, str(cached), torch.hub.HASH_REGEX.search(cached.name)[1],
+                                               progress=verbose)
+            except (OSError, RuntimeError) as err:  # URLError: no internet; RuntimeError: a bad hash
+                raise DownloadError(f"--init imagenet could not download torchvision's ResNet-18 weights "
+                                    f"({err}); download them elsewhere and pass --init-weights PATH") from None
+        try:  # as every checkpoint: weights_only, so a file planted in the cache cannot run code
+            state = load_checkpoint(cached)
+        except CheckpointError as err:
+            raise ConfigError(f"--init imagenet: {err} (torchvision's cached ResNet-18 weights: delete "
+                              f"the file to download it again, or pass --init-weights PATH)") from None
         source = "torchvision IMAGENET1K_V1"
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        held = (f"keys {', '.join(map(str, list(state)[:5]))}" if isinstance(state, dict)
+                else f"a {type(state).__name__}")
+        raise ConfigError(f"--init {init}: {source} is not a state dict of tensors ({held}); "
+                          f"--init-weights takes torchvision's ResNet-18 state dict (resnet18-f37072fd.pth), "
+                          f"and a checkpoint of these scripts starts T4 with --init t3")
     loaded, skipped = load_matching_tensors(model, state)
+    # Only a conv or linear weight (ndim >= 2) shows that the networks agree: BatchNorm's step
+    # counters (0-d) and the CUBS blocks' biases (size d or 3) match at any --width.
+    if not any(state[name].ndim >= 2 for name in loaded):
+        raise ConfigError(f"--init {init}: no weight of {source} fits this network: names or shapes "
+                          f"differ everywhere (its first: {', '.join(list(state)[:3])}; this network's: "
+                          f"{', '.join(list(model.state_dict())[:3])}). A state dict saved from a wrapper "
+                          f"(DDP's 'module.' prefix) or of another --width loads nothing.")
     if verbose:
         print(f"--init {init}: loaded {len(loaded)} tensors from {source}; skipped {len(skipped)}:")
         for reason in skipped[:12]:

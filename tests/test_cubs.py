@@ -756,3 +756,15 @@ def test_bad_choices_are_rejected_with_the_valid_ones_named():
         cubs_resnet18(variant="deluxe", width=8)
     with pytest.raises(ValueError, match="multiple"):
         CUBSAttention(8, variant="plus", d=20)
+
+
+def test_taylor_series_refuses_a_second_derivative_instead_of_a_silently_wrong_one():
+    """_TaylorRatio's backward is written out and not itself differentiable. A gradient
+    penalty with respect to the parameters before it never reached once_differentiable's
+    guard and came out wrong (e.g. -1.008 for -1.000); it must raise instead."""
+    block = CUBSBlock2(4)
+    x = torch.rand(2, 4, 5, 5)
+    (grad,) = torch.autograd.grad(block(x).square().sum(), block.qkv.weight)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0  # first order: as always
+    with pytest.raises(RuntimeError, match="the Taylor series' backward is written out and has no derivative"):
+        torch.autograd.grad(block(x).square().sum(), block.qkv.weight, create_graph=True)

@@ -196,15 +196,65 @@ def test_init_weights_with_pickled_code_are_refused_without_running_it(tmp_path:
 @pytest.mark.parametrize("skipped", [12, 13])
 def test_init_lists_twelve_skipped_tensors_then_says_how_many_more(tmp_path: Path, capsys, skipped: int) -> None:
     from common.init_weights import load_initial_weights
-    model = torch.nn.Sequential(*[torch.nn.Linear(2, 2, bias=False) for _ in range(skipped)])
+    model = torch.nn.Sequential(*[torch.nn.Linear(2, 2, bias=False) for _ in range(skipped + 1)])
     weights = tmp_path / "weights.pt"
-    torch.save({f"{i}.weight": torch.zeros(3) for i in range(skipped)}, weights)
+    torch.save({"0.weight": torch.ones(2, 2), **{f"{i}.weight": torch.zeros(3) for i in range(1, skipped + 1)}},
+               weights)
     init = load_initial_weights(model, "imagenet", t3_best=None, t3_results="unused", init_weights=str(weights))
-    assert (init["init_loaded"], len(init["init_skipped"])) == (0, skipped)
+    assert (init["init_loaded"], len(init["init_skipped"])) == (1, skipped)
+    assert torch.equal(model[0].weight, torch.ones(2, 2))
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == f"--init imagenet: loaded 0 tensors from {weights}; skipped {skipped}:"
-    assert lines[1:13] == [f"  {i}.weight: shape (3,) vs (2, 2)" for i in range(12)]
+    assert lines[0] == f"--init imagenet: loaded 1 tensors from {weights}; skipped {skipped}:"
+    assert lines[1:13] == [f"  {i}.weight: shape (3,) vs (2, 2)" for i in range(1, 13)]
     assert lines[13:] == ([] if skipped == 12 else ["  ... and 1 more (listed in results.json)"])
+
+
+def test_init_weights_that_would_load_no_weight_are_refused(tmp_path: Path) -> None:
+    """A wrapped state dict, or one of another width (where only BatchNorm's 0-d step counters
+    match), would start T4 from scratch under the name --init imagenet."""
+    from common.cubs import cubs_resnet18
+    from common.errors import ConfigError
+    from common.init_weights import load_initial_weights
+    model = cubs_resnet18(10, stem="imagenet", width=8)
+    narrow = cubs_resnet18(10, stem="imagenet", width=4).state_dict()
+    cases = {"wrapped": ({"model": model.state_dict(), "epoch": 3},
+                         r"is not a state dict of tensors \(keys model, epoch\)"),
+             "a tensor": (torch.zeros(3), r"is not a state dict of tensors \(a Tensor\)"),
+             "prefixed": ({f"module.{k}": v for k, v in model.state_dict().items()},
+                          r"no weight of .* fits this network: names or shapes differ everywhere "
+                          r"\(its first: module.conv1.weight, .*this network's: conv1.weight"),
+             "another width": (narrow, "no weight of .* fits this network")}
+    assert any(k.endswith("num_batches_tracked") for k in narrow)
+    for name, (state, message) in cases.items():
+        torch.save(state, tmp_path / f"{name}.pt")
+        with pytest.raises(ConfigError, match=message):
+            load_initial_weights(model, "imagenet", t3_best=None, t3_results="unused",
+                                 init_weights=str(tmp_path / f"{name}.pt"), verbose=False)
+
+
+def test_init_imagenet_reads_torchvisions_cached_file_weights_only(tmp_path: Path, monkeypatch) -> None:
+    """The cached download is read with weights_only: a file planted there cannot run code,
+    and a real state dict there loads (no internet needed)."""
+    import torchvision
+
+    from common.cubs import cubs_resnet18
+    from common.errors import ConfigError
+    from common.init_weights import load_initial_weights
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    cached = tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
+    cached.parent.mkdir(parents=True)
+    marker = tmp_path / "ran"
+    torch.save({"conv1.weight": _OpensAFile(marker)}, cached)
+    model = cubs_resnet18(10, stem="imagenet")
+    with pytest.raises(ConfigError, match=f"^--init imagenet: {cached} is not a plain-tensor checkpoint .*"
+                                          f"torchvision's cached ResNet-18 weights: delete the file"):
+        load_initial_weights(model, "imagenet", t3_best=None, t3_results="unused", verbose=False)
+    assert not marker.exists()
+    reference = torchvision.models.resnet18(weights=None).state_dict()
+    torch.save(reference, cached)
+    init = load_initial_weights(model, "imagenet", t3_best=None, t3_results="unused", verbose=False)
+    assert init["init_source"] == "torchvision IMAGENET1K_V1" and init["init_loaded"] == len(reference) - 2
+    assert torch.equal(model.layer4[1].conv2.weight, reference["layer4.1.conv2.weight"])  # fc.* skipped
 
 
 def test_init_t3_without_a_t3_run_is_a_config_error() -> None:
