@@ -11,7 +11,8 @@
 #    ../shared/tools/pack_dali_site.sh, and the zstandard wheel it downloads (a machine
 #    without the zstd command): checks the joined parts against SHA256, unpacks them into a
 #    temporary folder put first on PYTHONPATH. --wheels DIR (bench/fetch_wheels.sh): checks
-#    DIR/SHA256SUMS and pip-installs every wheel offline into such a folder. Either way
+#    DIR/SHA256SUMS (required; it must list every wheel there) and pip-installs the wheels
+#    offline into such a folder. Either way
 #    bench/dali_check.py then imports DALI from there and decodes a few JPEGs.
 # 1. generates a full-size synthetic Tiny ImageNet (100,000 train + 10,000 val JPEGs, 64x64)
 #    and a Cars-like set (1,176 JPEGs of 500x375) on this machine;
@@ -62,10 +63,12 @@ if [ -n "$WHEELS$PARTS" ]; then
 fi
 if [ -n "$WHEELS" ]; then
   [ -d "$WHEELS" ] && ls "$WHEELS"/*.whl >/dev/null 2>&1 || { echo "error: no *.whl in $WHEELS"; exit 1; }
-  if [ -f "$WHEELS/SHA256SUMS" ]; then
-    (cd "$WHEELS" && sha256sum --quiet -c SHA256SUMS) || {
-      echo "error: a wheel in $WHEELS differs from SHA256SUMS (incomplete copy, or parts joined in the wrong order?)"; exit 1; }
-  fi
+  [ -f "$WHEELS/SHA256SUMS" ] || { echo "error: $WHEELS has no SHA256SUMS (bench/fetch_wheels.sh writes it beside the wheels)"; exit 1; }
+  (cd "$WHEELS" && sha256sum --quiet --strict -c SHA256SUMS) || {
+    echo "error: a wheel in $WHEELS differs from SHA256SUMS (incomplete copy, or parts joined in the wrong order?)"; exit 1; }
+  # Every wheel installed must be one SHA256SUMS vouches for (a stale one of another version, say).
+  unlisted=$(comm -13 <(sed -E 's/^[0-9a-fA-F]{64} [ *]//' "$WHEELS/SHA256SUMS" | sort) <(cd "$WHEELS" && ls -- *.whl | sort))
+  [ -z "$unlisted" ] || { echo "error: wheels in $WHEELS that SHA256SUMS does not list: $(echo $unlisted)"; exit 1; }
   log "installing $(ls "$WHEELS"/*.whl | wc -l) wheels from $WHEELS into $DALI_SITE (offline)"
   # --no-compile: no .pyc for ~600 MB of files (saves time; Python compiles what it imports)
   timeout -k 10 300 python3 -m pip install --quiet --no-index --no-deps --no-compile \
@@ -78,7 +81,9 @@ elif [ -n "$PARTS" ]; then
   actual=$(cat "$PARTS"/dali312.tar.zst.part* | sha256sum | cut -d' ' -f1)
   [ "$expected" = "$actual" ] || { echo "error: the joined parts in $PARTS differ from SHA256 (a part missing or incomplete?)"; exit 1; }
   unzstd=(zstd -dc --long=27)
-  if ! command -v zstd >/dev/null; then  # no zstd command: the zstandard wheel beside the parts
+  # No zstd command: the zstandard wheel beside the parts. pack_dali_site.sh writes no checksum
+  # for it; pip refuses a damaged wheel by its zip CRCs.
+  if ! command -v zstd >/dev/null; then
     ls "$PARTS"/zstandard-*.whl >/dev/null 2>&1 || { echo "error: no zstd command and no zstandard wheel in $PARTS"; exit 1; }
     python3 -m pip install --quiet --no-index --no-deps --target "$DALI_SITE/.zstandard" "$PARTS"/zstandard-*.whl || exit 1
     unzstd=(env PYTHONPATH="$DALI_SITE/.zstandard" python3 -c "import sys, zstandard

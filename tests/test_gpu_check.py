@@ -7,6 +7,7 @@ guard, offline pip install into a temporary target, that target first on PYTHONP
 from __future__ import annotations
 
 import hashlib
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -64,6 +65,27 @@ def test_a_wheel_that_differs_from_its_checksum_stops_before_installing(tmp_path
     (wheel.parent / "SHA256SUMS").write_text(f"{'0' * 64}  {wheel.name}\n")
     done = _gpu_check("--wheels", str(wheel.parent), tmp_path=tmp_path)
     assert done.returncode == 1 and "differs from SHA256SUMS" in done.stdout
+    assert "installing" not in done.stdout
+
+
+@pytest.mark.parametrize("case", ["no SHA256SUMS", "a wheel it does not list", "a malformed line"])
+def test_wheels_that_sha256sums_does_not_vouch_for_stop_before_installing(tmp_path, case):
+    """Every wheel installed is checked: SHA256SUMS is required, must list each wheel in the
+    folder (a stale wheel of another version would be installed beside the right one), and
+    must be well formed."""
+    wheel = _fake_wheel(tmp_path / "wheels")
+    line = f"{hashlib.sha256(wheel.read_bytes()).hexdigest()}  {wheel.name}\n"
+    if case == "a wheel it does not list":
+        shutil.copy(wheel, wheel.parent / "zz_extra-1.0-py3-none-any.whl")
+        (wheel.parent / "SHA256SUMS").write_text(line)
+    elif case == "a malformed line":
+        (wheel.parent / "SHA256SUMS").write_text(line + "not a checksum line\n")
+    done = _gpu_check("--wheels", str(wheel.parent), "--install-only", tmp_path=tmp_path)
+    expected = {"no SHA256SUMS": f"error: {wheel.parent} has no SHA256SUMS",
+                "a wheel it does not list": f"error: wheels in {wheel.parent} that SHA256SUMS does not list: "
+                                            f"zz_extra-1.0-py3-none-any.whl",
+                "a malformed line": "differs from SHA256SUMS"}[case]
+    assert done.returncode == 1 and expected in done.stdout, done.stdout + done.stderr
     assert "installing" not in done.stdout
 
 
