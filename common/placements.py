@@ -41,13 +41,18 @@ def recipe_differences(args: Mapping[str, Any], reference: Mapping[str, Any],
 
 
 def compare_runs(out: Path, vanilla_path: Path, recipe: Mapping[str, Any] | None = None) -> dict:
-    """Compare every finished run under `out` (its <placement>_<variant>/results.json) and,
+    """Compare every finished run under `out` (its <placement>_<variant>/results.json, those
+    folder names only) and,
     if `vanilla_path` holds a T2 result of the same setup and recipe, check the at-par rule.
 
     recipe: the args of the command that compares (t3_cubs.py's); a run trained with other
     recipe flags is listed under "other_recipe" and neither compared nor selected."""
     runs, other_recipe = [], []
-    for path in sorted(out.glob("*_*/results.json")):
+    # The folders t3_cubs.py trains into, by name: a copy such as serial_plain_old/ is no run
+    # of this comparison (it would add a second serial plain row).
+    for path in [out / f"{p}_{v}" / "results.json" for p in PLACEMENTS for v in VARIANTS]:
+        if not path.is_file():
+            continue
         run = json.loads(path.read_text())
         differences = recipe_differences(run.get("args", {}), recipe or {})
         if differences:
@@ -77,11 +82,16 @@ def compare_runs(out: Path, vanilla_path: Path, recipe: Mapping[str, Any] | None
                 "gain_points": 100 * (b["test_acc"] - a["test_acc"])})
 
     vanilla = json.loads(vanilla_path.read_text()) if vanilla_path.is_file() else None
+    not_t2 = vanilla and (vanilla.get("task"), vanilla.get("model")) != ("t2", "resnet18")
     same_setup = vanilla and selected and all(vanilla.get(k) == selected[k]
                                               for k in ("num_classes", "width", "image_size"))
     # The at-par rule compares two networks trained the same way, not two recipes.
     other_t2_recipe = recipe_differences(vanilla.get("args", {}), recipe or {}, COMPARED_FLAGS) if vanilla else []
-    if vanilla and selected and not same_setup:
+    if not_t2:  # e.g. T1's results.json, trained with T2's recipe and width
+        comparison["vanilla_note"] = (f"{vanilla_path} is not a T2 ResNet-18 result (task "
+                                      f"{vanilla.get('task')}, model {vanilla.get('model')}): not compared")
+        same_setup = False
+    elif vanilla and selected and not same_setup:
         comparison["vanilla_note"] = (f"{vanilla_path} was trained in another setup "
                                       f"(classes/width/image size differ): not compared")
     elif vanilla and other_t2_recipe:

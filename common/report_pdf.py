@@ -49,7 +49,7 @@ from reportlab.platypus import (Flowable, Image, KeepTogether, Paragraph, Simple
 from common.architecture import Architecture, Summaries
 from common.files import atomic_file
 from common.formats import fmt_1, fmt_acc, fmt_count, fmt_epochs, fmt_gflops, fmt_points, fmt_setting
-from common.placements import at_par_lines, table_rows
+from common.placements import at_par_lines, other_recipe_lines, selection_lines, table_rows
 from common.plots import RETRIEVAL_FONT_PT, plot_classifier_curves, plot_retrieval_curves
 from common.recipes import classifier_recipe, embedding_recipe, random_area
 from common.recall import KS
@@ -262,7 +262,8 @@ def retrieval_rows(run: Run | None) -> list[list[str]]:
 
 def section_results(chosen: Chosen) -> list[Flowable]:
     rows = [classifier_row("t1", chosen.runs["t1"]), classifier_row("t2", chosen.runs["t2"]),
-            classifier_row("t3", chosen.runs["t3"], selected=chosen.placements is not None)]
+            classifier_row("t3", chosen.runs["t3"], selected=chosen.placements is not None
+                           and chosen.placements[1].get("selected") is not None)]
     rows += retrieval_rows(chosen.runs["t4"])
     table = grid(["task", "run: model", "test metric", "value", "holdout", "best epoch / run",
                   "source (file: keys)"], rows, [0.55, 2.7, 1.2, 3.0, 1.3, 0.85, 3.4])
@@ -286,7 +287,7 @@ def section_placements(chosen: Chosen) -> list[Flowable]:
     file = "placements.json" if name == "." else f"{name}/placements.json"
     out += [table, source(f"{file}: runs, selected, vanilla, at_par, plus_vs_plain.")]
     # The same sentences as REPORT.md, so the two documents cannot disagree.
-    out += [para(line) for line in at_par_lines(c) if line]
+    out += [para(line) for line in selection_lines(c) + at_par_lines(c) + other_recipe_lines(c) if line]
     pairs = c.get("plus_vs_plain") or []
     out.append(para("Our variant (plus) against plain, same placement and seed: " + (
         "; ".join(f"{p.get('placement')} {fmt_points(p.get('gain_points'))} points test top-1 "
@@ -344,8 +345,9 @@ def section_curves(runs: RunsFolder, chosen: Chosen, figures: Path,
                    scale: float) -> list[Flowable]:
     out: list[Flowable] = [heading("4  Training curves (metrics.jsonl of each run)")]
     classifiers = [r for r in (chosen.runs["t1"], chosen.runs["t2"]) if r]
-    if chosen.placements is not None:  # every placement of the comparison, not just the winner
-        classifiers += runs.placement_runs(chosen.placements[0])
+    if chosen.placements is not None:  # every run of the comparison, not just the winner
+        compared = {f"{r.get('placement')}_{r.get('variant')}" for r in chosen.placements[1].get("runs", [])}
+        classifiers += [r for r in runs.placement_runs(chosen.placements[0]) if r.path.name in compared]
     elif chosen.runs["t3"]:
         classifiers.append(chosen.runs["t3"])
     height = 2.1 * scale

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.cubs import PLACEMENTS, VARIANTS
 from common.schema import ClassifierResults, RetrievalResults
 
 SMOKE_BANNER = "smoke run on generated data, not a real result"
@@ -181,6 +182,12 @@ def _preference(smoke: bool, name: str, task: str) -> tuple:
     return smoke, name != task, name.count("/"), name
 
 
+def _spec_order(run: Run) -> tuple[int, int]:
+    placement, variant = run.results.get("placement"), run.results.get("variant")
+    return (PLACEMENTS.index(placement) if placement in PLACEMENTS else len(PLACEMENTS),
+            VARIANTS.index(variant) if variant in VARIANTS else len(VARIANTS))
+
+
 def choose_runs(runs: RunsFolder) -> Chosen:
     """Pick the run per task that the two-page report and the archive present."""
     chosen: dict[str, Run | None] = {}
@@ -194,5 +201,11 @@ def choose_runs(runs: RunsFolder) -> Chosen:
         selected = selected_folder(*placements)
         chosen["t3"] = runs.run_at(selected) if selected is not None else None
     elif runs.of_task("t3"):  # t3_cubs.py writes placements.json after its last run
-        chosen["t3"] = min(runs.of_task("t3"), key=lambda r: _preference(r.smoke, r.name, "t3"))
+        # As the comparison will select: by holdout accuracy among the plain runs of the
+        # preferred folder (ties to the earlier placement), else among all its runs.
+        folder = lambda r: r.name.rpartition("/")[0] or "."  # noqa: E731 (the placements' folder)
+        first = min(runs.of_task("t3"), key=lambda r: _preference(r.smoke, folder(r), "t3"))
+        same_folder = [r for r in runs.of_task("t3") if folder(r) == folder(first)]
+        candidates = [r for r in same_folder if r.results.get("variant") == "plain"] or same_folder
+        chosen["t3"] = max(sorted(candidates, key=_spec_order), key=lambda r: r.results.get("holdout_acc", -1.0))
     return Chosen({t: chosen[t] for t in TASKS}, placements)

@@ -2,6 +2,7 @@
 at-par rule against vanilla ResNet-18, plus vs plain) and its Markdown, on hand-written
 results.json files."""
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,8 @@ def _results(out: Path, placement: str, variant: str, holdout: float, test: floa
 
 def _vanilla(path: Path, test: float, args: dict | None = None, **setup) -> Path:
     t2_args = {k: v for k, v in RECIPE.items() if k not in ("d", "gate_init")}
-    path.write_text(json.dumps({"test_acc": test, "holdout_acc": 0.5, "test_top5": 0.8, "params": 11_000_000,
+    path.write_text(json.dumps({"task": "t2", "model": "resnet18", "test_acc": test, "holdout_acc": 0.5,
+                                "test_top5": 0.8, "params": 11_000_000,
                                 "best_epoch": 3, "epochs_run": 4, **SETUP, **setup,
                                 "args": {**t2_args, **(args or {})}}))
     return path
@@ -193,3 +195,28 @@ def test_write_comparison_writes_the_json_the_markdown_and_the_figure(tmp_path, 
     markdown = (tmp_path / "placements.md").read_text()
     assert markdown == "\n".join(comparison_lines(c)).rstrip() + "\n" == capsys.readouterr().out
     assert (tmp_path / "placements.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("task, model", [("t1", "custom_cnn"), ("t3", "cubs_resnet18_serial_plain")])
+def test_the_vanilla_result_must_be_t2s_resnet18(tmp_path, task, model):
+    """T1 trains with T2's recipe and width, and a T3 run has the same setup too: named as
+    vanilla, either would pass for ResNet-18 in the at-par check."""
+    _results(tmp_path, "serial", "plain", 0.60, 0.60)
+    c = compare_runs(tmp_path, _vanilla(tmp_path / "t2.json", 0.10, task=task, model=model), RECIPE)
+    assert c["at_par"] is None and c["vanilla"] is None
+    assert c["vanilla_note"] == (f"{tmp_path / 't2.json'} is not a T2 ResNet-18 result (task {task}, "
+                                 f"model {model}): not compared")
+    assert compare_runs(tmp_path, _vanilla(tmp_path / "t2.json", 0.10), RECIPE)["at_par"]["holds"]
+
+
+def test_only_the_folders_t3_trains_into_are_compared(tmp_path):
+    """A copy of a run folder (serial_plain_old/) is no second serial plain run: it must not
+    win the selection, nor add a row."""
+    _results(tmp_path, "serial", "plain", 0.60, 0.60)
+    _results(tmp_path, "reverse", "plain", 0.50, 0.50)
+    shutil.copytree(tmp_path / "serial_plain", tmp_path / "serial_plain_old")
+    results = tmp_path / "serial_plain_old" / "results.json"
+    results.write_text(results.read_text().replace('"holdout_acc": 0.6', '"holdout_acc": 0.98'))
+    c = compare_runs(tmp_path, tmp_path / "no_t2.json", RECIPE)
+    assert [(r["placement"], r["holdout_acc"]) for r in c["runs"]] == [("serial", 0.60), ("reverse", 0.50)]
+    assert c["selected"]["holdout_acc"] == 0.60

@@ -741,6 +741,48 @@ def test_a_placements_json_whose_selected_run_is_gone_is_a_named_problem(tmp_pat
     assert "1 problem reading the runs folder (REPORT.md lists it)" in " ".join(text.split())
 
 
+def test_without_a_placements_json_the_t3_run_shown_is_the_one_the_comparison_would_select(tmp_path):
+    """t3_cubs.py writes placements.json after its last run: until then the PDF and the
+    archive take the plain run of the best holdout accuracy (ties to the earlier placement of
+    the specification), not the folder name that sorts first."""
+    for placement, variant, holdout in (("parallel", "plain", 0.88), ("reverse", "plain", 0.90),
+                                        ("serial", "plain", 0.90), ("serial", "plus", 0.95)):
+        write(tmp_path / "t3" / f"{placement}_{variant}" / "results.json",
+              classifier("t3", f"cubs_resnet18_{placement}_{variant}", 0.5, holdout,
+                         placement=placement, variant=variant))
+    assert runs_folder.choose_runs(runs_folder.collect(tmp_path)).runs["t3"].name == "t3/serial_plain"
+    (tmp_path / "t3" / "serial_plain" / "results.json").unlink()
+    assert runs_folder.choose_runs(runs_folder.collect(tmp_path)).runs["t3"].name == "t3/reverse_plain"
+
+
+def test_pdf_t3_section_says_how_it_selected_and_marks_no_run_selected_when_none_was(tmp_path, monkeypatch):
+    monkeypatch.setattr(architecture, "forward_flops", lambda model, size: 1e9)  # layout only: fast
+    curves = []
+    real_plot = report_pdf.plot_classifier_curves
+    monkeypatch.setattr(report_pdf, "plot_classifier_curves",
+                        lambda named, path, **kw: curves.append(list(named)) or real_plot(named, path, **kw))
+    data = make_runs(tmp_path)
+    c = data["placements"]
+    # a short trial the comparison left out: neither in its table nor among its curves
+    write(tmp_path / "t3" / "parallel_plain" / "results.json",
+          classifier("t3", "cubs_resnet18_parallel_plain", 0.9, 0.9, placement="parallel", variant="plain"))
+    write(tmp_path / "t3" / "parallel_plain" / "metrics.jsonl", history(1))
+    write(tmp_path / "t3" / "placements.json",
+          {**c, "other_recipe": [{"run": "parallel_plain", "differences": ["epochs 1 instead of 3"]}]})
+    _, text = pdf_text(report.build_report(tmp_path).with_suffix(".pdf"))
+    assert "Selected by holdout accuracy: reverse, plain variant: holdout top-1 0.6111" in text
+    assert "parallel_plain: epochs 1 instead of 3" in text
+    assert "t3/reverse_plain (selected)" in text
+    assert not any("t3/parallel_plain" in name for name in curves[-1]), curves[-1]
+    assert "t3/serial_plain" in curves[-1]
+    # plus runs only: placements.json selects none; the run shown is the best overall, unmarked
+    write(tmp_path / "t3" / "placements.json", {**c, "runs": [c["runs"][2]], "selected": None,
+                                                "at_par": None, "plus_vs_plain": []})
+    _, text = pdf_text(report.build_report(tmp_path).with_suffix(".pdf"))
+    assert "No plain-variant run: no placement selected." in text
+    assert "t3/serial_plus" in text and "(selected)" not in text
+
+
 def crowd(root: Path) -> dict:
     """make_runs plus everything a full real run can add: a finished T1, all six placements,
     the four mining strategies, a retrieval picture of the real size, and runs the PDF leaves
