@@ -61,7 +61,7 @@ def compare_runs(out: Path, vanilla_path: Path, recipe: Mapping[str, Any] | None
             runs.append(run)
     rows = [{k: r[k] for k in ("placement", "variant", "holdout_acc", "test_acc", "test_top5",
                                "params", "best_epoch", "epochs_run", "num_classes", "width",
-                               "image_size")} for r in runs]
+                               "image_size")} | {"processes": processes(r)} for r in runs]
     # max() keeps the first of equal scores: list in the spec's order, so ties go to serial,
     # then reverse, then parallel (and plain before plus).
     rows.sort(key=lambda r: (PLACEMENTS.index(r["placement"]), VARIANTS.index(r["variant"])))
@@ -87,6 +87,7 @@ def compare_runs(out: Path, vanilla_path: Path, recipe: Mapping[str, Any] | None
                                               for k in ("num_classes", "width", "image_size"))
     # The at-par rule compares two networks trained the same way, not two recipes.
     other_t2_recipe = recipe_differences(vanilla.get("args", {}), recipe or {}, COMPARED_FLAGS) if vanilla else []
+    other_processes = vanilla and selected and processes(vanilla) != selected["processes"]
     if not_t2:  # e.g. T1's results.json, trained with T2's recipe and width
         comparison["vanilla_note"] = (f"{vanilla_path} is not a T2 ResNet-18 result (task "
                                       f"{vanilla.get('task')}, model {vanilla.get('model')}): not compared")
@@ -94,6 +95,11 @@ def compare_runs(out: Path, vanilla_path: Path, recipe: Mapping[str, Any] | None
     elif vanilla and selected and not same_setup:
         comparison["vanilla_note"] = (f"{vanilla_path} was trained in another setup "
                                       f"(classes/width/image size differ): not compared")
+    elif other_processes:  # --batch-size is per process: another global batch and step count
+        comparison["vanilla_note"] = (f"{vanilla_path} was trained by {processes(vanilla)} process(es), "
+                                      f"the selected run by {selected['processes']}; --batch-size is per "
+                                      f"process, so the recipes differ: not compared")
+        same_setup = False
     elif vanilla and other_t2_recipe:
         comparison["vanilla_note"] = (f"{vanilla_path} was trained with another recipe than "
                                       f"these runs ({', '.join(other_t2_recipe)}): not compared")
@@ -112,6 +118,13 @@ def compare_runs(out: Path, vanilla_path: Path, recipe: Mapping[str, Any] | None
         comparison["at_par"] = {"holds": round(gap, 9) <= AT_PAR_POINTS, "points_below_vanilla": gap,
                                 "rule": f"selected CUBS test accuracy >= vanilla - {AT_PAR_POINTS} points"}
     return comparison
+
+
+def processes(results: Mapping[str, Any]) -> int:
+    """The number of processes (DDP ranks) a run trained with, from its results.json "device"
+    as runtime.describe_device writes it ("NVIDIA H100 x4"; one process: no suffix)."""
+    name, _, count = str(results.get("device", "")).rpartition(" x")
+    return int(count) if name and count.isdigit() else 1
 
 
 def write_comparison(c: Mapping[str, Any], out: Path) -> None:

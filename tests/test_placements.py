@@ -220,3 +220,16 @@ def test_only_the_folders_t3_trains_into_are_compared(tmp_path):
     c = compare_runs(tmp_path, tmp_path / "no_t2.json", RECIPE)
     assert [(r["placement"], r["holdout_acc"]) for r in c["runs"]] == [("serial", 0.60), ("reverse", 0.50)]
     assert c["selected"]["holdout_acc"] == 0.60
+
+
+def test_a_vanilla_run_of_another_process_count_is_not_compared(tmp_path):
+    """--batch-size is per process: T2 under torchrun on 4 GPUs trained with 4 times the global
+    batch and a quarter of the steps, another recipe than a one-process T3."""
+    _results(tmp_path, "serial", "plain", 0.60, 0.60)
+    c = compare_runs(tmp_path, _vanilla(tmp_path / "t2.json", 0.61, device="NVIDIA H100 80GB HBM3 x4"), RECIPE)
+    assert c["at_par"] is None and c["selected"]["processes"] == 1
+    assert c["vanilla_note"] == (f"{tmp_path / 't2.json'} was trained by 4 process(es), the selected run "
+                                 f"by 1; --batch-size is per process, so the recipes differ: not compared")
+    assert compare_runs(tmp_path, _vanilla(tmp_path / "t2.json", 0.61, device="cpu"), RECIPE)["at_par"]["holds"]
+    assert [placements.processes({"device": d}) for d in ("cpu x2", "NVIDIA H100 x4", "cpu", "", "a x b")] \
+        == [2, 4, 1, 1, 1]
