@@ -175,6 +175,10 @@ Source = Path | bytes
 def write_zip(entries: list[tuple[str, Source]], dest: Path) -> None:
     """Write `entries` to dest atomically: a temporary file next to it, then os.replace."""
     names = [name for name, _ in entries]
+    # Every entry inside the zip's one folder: no absolute name, no '..' (unzip would put it elsewhere).
+    outside = [n for n in names if n.startswith("/") or ".." in Path(n).parts]
+    if outside:
+        raise ValueError(f"archive names outside its folder: {outside}")
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate names in the archive: {sorted({n for n in names if names.count(n) > 1})}")
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -305,7 +305,10 @@ def resume_point(out: Path, is_main: bool) -> tuple[Path, dict[str, Any]] | None
         except CheckpointError as err:  # printed below: nothing is skipped silently
             problems.append(str(err))
             continue
-        if path == best and isinstance(ck, dict):  # the archive's weights-only copy counts too
+        if not isinstance(ck, dict):  # a tensor or a list saved under the name
+            problems.append(f"{path} holds a {type(ck).__name__}, not a checkpoint of these scripts")
+            continue
+        if path == best:  # the archive's weights-only copy counts too
             on_disk = ck.get("epoch")
         if "config" in ck and "finished" in ck:
             readable.append((path, ck))

@@ -315,7 +315,8 @@ def photo(src: Path, dst: Path, width: float) -> Path:
             pixels = round(width / inch * 200)
             if im.width > pixels:
                 im = im.resize((pixels, round(im.height * pixels / im.width)), PILImage.LANCZOS)
-            im.save(dst, "JPEG", quality=90)
+            with atomic_file(dst) as tmp:  # as every file written here
+                im.save(tmp, "JPEG", quality=90)
     except OSError:  # unreadable: figure() says so in the PDF
         return src
     return dst

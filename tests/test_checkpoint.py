@@ -205,6 +205,14 @@ def test_a_run_saved_by_two_processes_resumes_in_one_only_when_finished(tiny_spl
     assert result["finished"] and result["epochs_run"] == 2
 
 
+def test_a_last_checkpoint_that_holds_no_dict_is_named_and_passed_over(tiny_splits, tmp_path, capsys):
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=3, stop_after=2)
+    torch.save(torch.zeros(3), tmp_path / "last.pt")  # a tensor saved under the name
+    _, result = _run_fit(tiny_splits, tmp_path, "torch", epochs=3)
+    assert f"{tmp_path / 'last.pt'} holds a Tensor, not a checkpoint of these scripts" in capsys.readouterr().out
+    assert result["finished"] and result["epochs_run"] == 3
+
+
 def test_no_readable_checkpoint_names_every_file_and_the_way_on(tiny_splits, tmp_path):
     _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=1)
     for name in ("last.pt", "last.prev.pt", "best.pt"):

@@ -1034,6 +1034,27 @@ def test_untracked_warning_names_forgotten_code_but_not_the_report_written_into_
     assert "Assignment2/forgotten.py" not in names
 
 
+@pytest.mark.parametrize("name", ["../secret.png", "A2/../../x", "/etc/passwd"])
+def test_zip_refuses_a_name_outside_its_folder(tmp_path, name):
+    with pytest.raises(ValueError, match="archive names outside its folder"):
+        archive.write_zip([("A2/REPORT.md", b"r"), (name, b"x")], tmp_path / "a.zip")
+    assert not (tmp_path / "a.zip").exists()
+
+
+def test_the_pdfs_retrieval_photo_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    src, dst = tmp_path / "retrieval.png", tmp_path / "figures" / "pdf_retrieval.jpg"
+    Image.new("RGB", (400, 300), "white").save(src)
+
+    def cut_short(self, fp, *args, **kwargs):  # a full disk (or a kill) mid-write
+        Path(fp).write_bytes(b"\xff\xd8 half")
+        raise OSError("No space left on device")
+    monkeypatch.setattr(report_pdf.PILImage.Image, "save", cut_short)
+    assert report_pdf.photo(src, dst, 200) == src  # the PDF then says the picture is unreadable
+    assert not dst.exists() and list(dst.parent.iterdir()) == []
+    monkeypatch.undo()
+    assert report_pdf.photo(src, dst, 100) == dst and Image.open(dst).size == (278, 208)  # 200 dpi
+
+
 def test_zip_stores_what_is_compressed_already_and_names_runs_without_dot_folders(tmp_path):
     dest = tmp_path / "a.zip"
     archive.write_zip([("runs/t1/best.pt", b"x" * 1000), ("runs/t1/curves.png", b"p" * 1000),
