@@ -391,8 +391,7 @@ def fit(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.optim.Optimiz
                               f"(best {stopper.best_score:.4f} at epoch {stopper.best_epoch + 1})")
             # A signal during the last holdout pass or save is seen by no training step: stop
             # here, with everything saved, instead of going on to the test pass or the next run.
-            signum = _agree(signals[0] if signals else 0, True, rt)[0]
-            if signum:
+            if signum := _agree(signals[0] if signals else 0, True, rt)[0]:
                 stop = Interrupted(signum, progress.epoch, progress.step, progress.partial or {})
                 if rt.is_main:
                     state = "the finished run" if progress.finished else f"epoch {progress.epoch}"

@@ -39,7 +39,6 @@ from common.checkpoint import (INFERENCE_KEYS, CheckpointError, check_compatible
                                load_model_state)
 from common.files import write_json
 from common.models import EmbeddingNet, count_parameters
-from common.recall import KS, recall_at_k
 from common.runtime import Runtime, all_reduce_sums, autocast, broadcast_from_main, describe_device, to_device
 
 Score = Callable[[torch.nn.Module], dict[str, Any]]
@@ -114,6 +113,7 @@ def retrieval_checkpoint(model: torch.nn.Module, saved: tuple[Path, dict[str, An
     """T4: Recall@K on the test split of `saved` (from `load`), a Phase A checkpoint (the
     classifier's pooled features, as Phase A reports them) or a Phase B one (the
     `embedding_dim`-d EmbeddingNet on `model`); the checkpoint's meta says which."""
+    from common.recall import KS, recall_at_k  # T4 only: T1-T3 need no retrieval code
     phase_b = saved[1]["meta"].get("phase") == "b"
     if phase_b:
         model = EmbeddingNet(model, dim=embedding_dim)
