@@ -115,6 +115,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--init-weights is read only with --init imagenet, not --init {args.init}")
     if args.classes_per_batch < 2:  # one class a batch: no negatives, so every mining keeps no pair
         p.error(f"--classes-per-batch must be >= 2 (each image needs a negative), got {args.classes_per_batch}")
+    if args.holdout_per_class < 2:  # holdout R@1 is leave-one-out: one image a class has no match
+        p.error(f"--holdout-per-class must be >= 2 for T4 (Phase B selects its epoch by holdout "
+                f"Recall@1, which needs two images of a class), got {args.holdout_per_class}")
     if args.images_per_class < 2:
         p.error(f"--images-per-class must be >= 2 (each image needs a positive), got {args.images_per_class}")
     return args
@@ -149,7 +152,8 @@ def main(argv: list[str] | None = None) -> dict:
         for phase in ["phase_a", *(f"phase_b_{mining}" for mining in MINING_CHOICES)]:
             discard_run(out / phase)
         remove_files(out, ("results.json", "retrieval.png"))
-    meta = {**meta, "init": init["init"], **cli.data_recipe(args)}
+    # The file's digest too: a rerun after T3 trained again must not resume from other weights.
+    meta = {**meta, **{k: init[k] for k in ("init", "init_sha256") if k in init}, **cli.data_recipe(args)}
     if rt.is_main:
         print(f"CUBS-ResNet-18 ({placement}, {variant}), {count_parameters(model) / 1e6:.2f}M params, "
               f"init {init['init']}; {len(data.splits.train.files)} train images of {num_classes} "

@@ -3,6 +3,7 @@ ResNet-18, loaded tensor by tensor where names and shapes match (the CUBS and em
 parameters of a ResNet-18 state dict are skipped, and said so)."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ INIT_CHOICES = ("auto", "scratch", "t3", "imagenet")
 def load_initial_weights(model: torch.nn.Module, init: str, *, t3_best: Path | None, t3_results: str,
                          init_weights: str | None = None, verbose: bool = True) -> dict[str, Any]:
     """Load the weights `init` asks for into `model` and return what happened, under the
-    results.json keys init, init_source, init_loaded, init_skipped.
+    results.json keys init, init_source, init_sha256 (of the file read), init_loaded, init_skipped.
 
     init: auto (t3 if `t3_best` exists, else scratch), scratch, t3 (`t3_best`, found next to
     `t3_results`) or imagenet (`init_weights`, a local state dict, else a download)."""
@@ -34,13 +35,13 @@ def load_initial_weights(model: torch.nn.Module, init: str, *, t3_best: Path | N
         if t3_best is None:
             raise ConfigError(f"--init t3 needs a T3 best.pt next to {t3_results}; "
                               f"run t3_cubs.py first or use --init scratch")
-        state, source = load_checkpoint(t3_best)["model"], str(t3_best)
+        state, source, path = load_checkpoint(t3_best)["model"], str(t3_best), Path(t3_best)
     elif init_weights:
         try:  # as every checkpoint: weights_only, and a refusal that says why
             state = load_checkpoint(init_weights)
         except CheckpointError as err:
             raise ConfigError(f"--init-weights: {err}") from None
-        source = init_weights
+        source, path = init_weights, Path(init_weights)
     else:  # needs internet (cached afterwards in ~/.cache/torch)
         from torchvision.models import ResNet18_Weights
         url = ResNet18_Weights.IMAGENET1K_V1.url
@@ -58,7 +59,7 @@ def load_initial_weights(model: torch.nn.Module, init: str, *, t3_best: Path | N
         except CheckpointError as err:
             raise ConfigError(f"--init imagenet: {err} (torchvision's cached ResNet-18 weights: delete "
                               f"the file to download it again, or pass --init-weights PATH)") from None
-        source = "torchvision IMAGENET1K_V1"
+        source, path = "torchvision IMAGENET1K_V1", cached
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         held = (f"keys {', '.join(map(str, list(state)[:5]))}" if isinstance(state, dict)
                 else f"a {type(state).__name__}")
@@ -79,7 +80,18 @@ def load_initial_weights(model: torch.nn.Module, init: str, *, t3_best: Path | N
             print(f"  {reason}")
         if len(skipped) > 12:
             print(f"  ... and {len(skipped) - 12} more (listed in results.json)")
-    return {"init": init, "init_source": source, "init_loaded": len(loaded), "init_skipped": skipped}
+    return {"init": init, "init_source": source, "init_sha256": _sha256(path), "init_loaded": len(loaded),
+            "init_skipped": skipped}
+
+
+def _sha256(path: Path) -> str:
+    """The file's SHA-256: which weights a run started from, so that a resume can tell when
+    the file was replaced since (T3 trained again, say)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def t3_selection(t3_results: str | Path, placement: str | None = None,

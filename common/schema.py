@@ -131,6 +131,7 @@ class RetrievalResults(RunFigures, total=False):
     variant: str
     init: str
     init_source: str
+    init_sha256: str  # of the file the weights came from
     init_loaded: int
     init_skipped: list[str]
     embedding_params: int

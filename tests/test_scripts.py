@@ -241,6 +241,33 @@ def test_t4_builds_t3s_block1_size_so_that_every_t3_tensor_loads(tmp_path):
         t3_block1_size("t3", best, width=64)
 
 
+def test_t4_resumes_only_from_the_t3_weights_it_started_from(tmp_path):
+    """Phase A's checkpoints record the SHA-256 of the file T4 started from: after T3 trained
+    again (a new best.pt), a rerun is refused instead of resuming weights grown from the old
+    one while results.json reports the new one."""
+    import t4_retrieval
+    from common.checkpoint import CheckpointError, save_checkpoint
+    from common.cubs import cubs_resnet18
+    t3 = tmp_path / "t3"
+    (t3 / "serial_plain").mkdir(parents=True)
+    (t3 / "placements.json").write_text(json.dumps({"best_overall": {"placement": "serial", "variant": "plain"}}))
+    (t3 / "serial_plain" / "results.json").write_text(json.dumps({"d": 512, "width": 8}))
+
+    def train_t3(seed: int) -> None:
+        torch.manual_seed(seed)
+        save_checkpoint({"model": cubs_resnet18(10, width=8).state_dict()}, t3 / "serial_plain" / "best.pt")
+    flags = ["--smoke", "--out", str(tmp_path / "t4"), "--backend", "torch", "--epochs", "2",
+             "--embed-epochs", "2", "--width", "8", "--no-compare-mining", "--init", "t3",
+             "--t3-results", str(t3 / "placements.json"), "--stop-after-epoch", "1"]
+    train_t3(1)
+    assert t4_retrieval.main(flags) == {"finished": False}  # Phase A stopped after epoch 1
+    assert t4_retrieval.main(flags) == {"finished": False}  # the same file: resumed (Phase A epoch 2, Phase B 1)
+    train_t3(2)
+    with pytest.raises(CheckpointError, match=r"phase_a/last.pt belongs to a different model or setup: "
+                                              r"init_sha256: checkpoint has '[0-9a-f]{64}', this run has"):
+        t4_retrieval.main(flags)
+
+
 # Every mining's Phase B keeps what Phase A learned: R@1 at least the untrained network's
 # + 0.065, half the smallest gain over the start of any mining (0.13, init scratch, seeds
 # 0-2). A Phase B that undid Phase A's training

@@ -127,6 +127,8 @@ def test_non_finite_lr_is_refused_by_argparse(tmp_path: Path) -> None:
      "error: --init-weights is read only with --init imagenet, not --init auto"),
     ("t4_retrieval", ["--classes-per-batch", "1"],
      "error: --classes-per-batch must be >= 2 (each image needs a negative), got 1"),
+    ("t4_retrieval", ["--holdout-per-class", "1"],
+     "error: --holdout-per-class must be >= 2 for T4 (Phase B selects its epoch by holdout Recall@1"),
     ("t4_retrieval", ["--images-per-class", "1"],
      "error: --images-per-class must be >= 2 (each image needs a positive), got 1"),
     ("t3_cubs", ["--variant", "both", "--d", "32"], "error: --d 32 does not fit the plus variant"),
