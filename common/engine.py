@@ -180,8 +180,14 @@ def train_one_epoch(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.o
                disable=not (rt.is_main and _interactive()), mininterval=2, dynamic_ncols=True)
     builds_before, step, redone, first_step_s = len(loader.build_times), start, 0, None
     graphs_before, step_end, slowest_step_s = _compiled_graphs(), meter.elapsed(), 0.0
+    # A redone step must start from the buffers the compiled pass found: its forward pass
+    # has updated BatchNorm's running statistics already (with NaN, past the series' range).
+    buffers = list(net.module.buffers()) if net.redo_check is not None else []
+    saved = [b.clone() for b in buffers]
     for images, labels in meter.timed(loader.epoch(epoch, start)):
         images, labels = to_device(images, rt), labels.to(rt.device, non_blocking=True)
+        if buffers:
+            torch._foreach_copy_(saved, buffers)  # one launch for all of them
         if net.graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with autocast(rt):
@@ -193,6 +199,7 @@ def train_one_epoch(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.o
         scaler.scale(loss).backward()
         if net.redo_check is not None and _agree_any(net.redo_check(), rt):
             optimizer.zero_grad(set_to_none=True)  # the compiled step was not exact: redo it
+            torch._foreach_copy_(buffers, saved)
             with autocast(rt):
                 outputs = net.eager(images)
                 loss = loss_fn(outputs.float(), labels)
@@ -482,8 +489,9 @@ def _check_finite_weights(model: torch.nn.Module, epoch: int, step: int) -> None
     """Before a save: a step whose loss was finite can still have had non-finite gradients
     (without a GradScaler to skip it, in bf16 or fp32), and the loss check would see them
     only in the next step's loss, after last.pt and best.pt held them. One host sync."""
-    if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
-        raise NonFiniteLoss(_not_finite("the weights became non-finite (a step's gradients were)",
+    tensors = [*model.parameters(), *(b for b in model.buffers() if b.is_floating_point())]  # BN statistics too
+    if not bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        raise NonFiniteLoss(_not_finite("the weights or BatchNorm statistics became non-finite",
                                         epoch, step))
 
 

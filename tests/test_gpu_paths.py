@@ -284,7 +284,7 @@ def test_a_compiled_step_beyond_the_taylor_range_is_redone_exactly(tmp_path, mon
     train = ImageLoader(splits.train.files, splits.train.labels, LoaderSettings(batch_size=4, train=True,
                         image_size=16, backend="torch", workers=0, seed=1))
 
-    def run(name: str, compiled: bool, redo: bool | None) -> tuple[torch.Tensor, dict]:
+    def run(name: str, compiled: bool, redo: bool | None, bias: float = 6.0) -> tuple[torch.Tensor, dict]:
         torch.manual_seed(0)
         model = cubs_resnet18(3, width=WIDTH, d=16)
         with torch.no_grad():
@@ -292,13 +292,14 @@ def test_a_compiled_step_beyond_the_taylor_range_is_redone_exactly(tmp_path, mon
                 if isinstance(block, nn.BatchNorm2d):  # no zero-init: logits that differ
                     block.weight.fill_(1.0)
                 if isinstance(block, CUBSBlock2):
-                    block.qkv.bias[:2] = 6.0
+                    block.qkv.bias[:2] = bias
         check = cubs.range_check(model)
         cfg = engine.FitConfig(epochs=1, lr=0.05, warmup_epochs=1, patience=100, compile=compiled)
         fitted = fit(model, train, lambda m: {"holdout_acc": 0.0}, cfg, tmp_path / name, rt,
                      {"task": "test", "model": "cubs"}, loss_fn=nn.CrossEntropyLoss(),
                      redo_check=check if redo else (lambda: False))
-        return torch.cat([p.detach().flatten() for p in model.parameters()]), fitted["history"][0]
+        # parameters and buffers: BatchNorm's running statistics and step counts too
+        return torch.cat([t.detach().double().flatten() for t in model.state_dict().values()]), fitted["history"][0]
 
     eager, _ = run("eager", compiled=False, redo=None)
     redone, record = run("redone", compiled=True, redo=True)
@@ -306,3 +307,9 @@ def test_a_compiled_step_beyond_the_taylor_range_is_redone_exactly(tmp_path, mon
     assert record["exact_redo_steps"] == len(train) == 3
     assert _relative(redone, eager) < 1e-6
     assert _relative(unchecked, eager) > 1e-3
+    # Logits of about 900: the compiled series overflows to NaN, which its forward pass wrote
+    # into the running statistics before the redo; the redo starts from the statistics before.
+    eager, _ = run("eager_far", compiled=False, redo=None, bias=30.0)
+    redone, record = run("redone_far", compiled=True, redo=True, bias=30.0)
+    assert record["exact_redo_steps"] == 3 and torch.isfinite(redone).all()
+    assert _relative(redone, eager) < 1e-6
