@@ -181,9 +181,12 @@ def gate_logit(text: str) -> float | None:
     if text == "pytorch":
         return None
     try:
-        return cli.finite_float(text)
+        value = cli.finite_float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number or 'pytorch', got {text!r}") from None
+    if abs(value) > 100:  # sigmoid is 0 or 1 to float32 long before; and float32 must hold it
+        raise argparse.ArgumentTypeError(f"must be within [-100, 100] (a gate logit), got {value}")
+    return value
 
 
 if __name__ == "__main__":

@@ -105,7 +105,7 @@ def _names_code(detail: str) -> bool:
 def check_compatible(saved_meta: CheckpointMeta, meta: CheckpointMeta, path: str | Path) -> None:
     """Raise if a checkpoint was written for another model (architecture, classes, ...) or
     data setup: every key of `meta` must be in the checkpoint's meta, with the same value."""
-    diffs = [f"{k}: checkpoint has {saved_meta.get(k, 'none')!r}, this run has {v!r}"
+    diffs = [f"{k}: checkpoint has {repr(saved_meta[k]) if k in saved_meta else 'no ' + k}, this run has {v!r}"
              for k, v in meta.items() if k not in saved_meta or saved_meta[k] != v]
     if diffs:
         raise CheckpointError(f"{path} belongs to a different model or setup: " + "; ".join(diffs)

@@ -59,6 +59,22 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def fraction(text: str) -> float:
+    """A number in [0, 1): label smoothing (1 would make every target uniform) and the colour
+    jitter's range (1 or more would allow a brightness factor of 0 or below)."""
+    value = finite_float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
+    return value
+
+
+def seed(text: str) -> int:
+    value = nonnegative_int(text)
+    if value >= 2**32:  # NumPy and torch take seeds below 2^32 and 2^64: one range for all
+        raise argparse.ArgumentTypeError(f"must be below 2^32, got {value}")
+    return value
+
+
 def default_workers() -> int:
     """4 loader workers, but no more than the machine's cores: the torch DataLoader warns
     (twice) when asked for more workers than there are CPUs."""
@@ -94,7 +110,7 @@ def training_parser(description: str, *, out: str, recipe: Mapping[str, Any],
       help="on conv and linear weights only: not on biases, norm layers or plus's gamma")
     a("--optimizer", choices=["sgd", "adamw"], default=None, help="sgd = SGD, Nesterov 0.9")
     a("--warmup-epochs", type=nonnegative_float, default=None, help="linear warmup, then cosine")
-    a("--label-smoothing", type=nonnegative_float, default=None,
+    a("--label-smoothing", type=fraction, default=None,
       help="cross-entropy label smoothing")
     a("--patience", type=positive_int, default=None, help="early stopping: epochs without improvement")
     a("--min-delta", type=nonnegative_float, default=None, help="early stopping: smallest improvement counted")
@@ -102,7 +118,7 @@ def training_parser(description: str, *, out: str, recipe: Mapping[str, Any],
     a("--holdout-per-class", type=positive_int, default=None,
       help="training images per class held out for early stopping and model selection")
     a("--image-size", type=positive_int, default=None, help="training and eval crop, pixels")
-    a("--color-jitter", type=nonnegative_float, default=None,
+    a("--color-jitter", type=fraction, default=None,
       help="brightness/contrast/saturation range, e.g. 0.2; 0 = off")
     a("--width", type=positive_int, default=None,
       help="channels of the model's first stage (each later stage doubles them)")
@@ -122,7 +138,7 @@ def training_parser(description: str, *, out: str, recipe: Mapping[str, Any],
            "instead of one per kernel (on an H200 with data in memory, 2026-12-04: T1's step 29 -> 14 ms, "
            "T2's 13.0 -> 11.4 ms; README, Performance). Default: reduce-overhead, except T3: "
            "default. DDP runs always use default")
-    a("--seed", type=nonnegative_int, default=0, help="seeds the init, batch order, holdout and augmentation")
+    a("--seed", type=seed, default=0, help="seeds the init, batch order, holdout and augmentation")
     a("--check-images", choices=CHECK_MODES, default="quick",
       help="before training, check every image file: quick = both ends of each (signature, end "
            "marker, size), full = decode each with PIL, off = skip (then a truncated JPEG can crash DALI's "
@@ -138,7 +154,7 @@ def training_parser(description: str, *, out: str, recipe: Mapping[str, Any],
       help="generate a tiny learnable dataset in --out and run the whole script on it (CPU, a few "
            "minutes); default paths under runs/ become runs/smoke/...; --data-dir is refused "
            "with it (the smoke data is generated, never read from a folder)")
-    a("--stop-after-epoch", type=int, default=None, help=argparse.SUPPRESS)
+    a("--stop-after-epoch", type=positive_int, default=None, help=argparse.SUPPRESS)
     # Over the placeholders above (so that --help shows them), and the defaults of the
     # script's own flags, which argparse takes from here when they are added.
     p.set_defaults(**recipe)
@@ -161,6 +177,9 @@ def apply_smoke(args: argparse.Namespace, smoke: Mapping[str, Any]) -> None:
             setattr(args, k, v)
 
 
+PATH_FLAGS = ("out", "data_dir", "evaluate", "vanilla_results", "t3_results", "init_weights")
+
+
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None, *,
           smoke: Mapping[str, Any]) -> argparse.Namespace:
     """parse_args, then with --smoke apply `smoke` to every flag the user did not type."""
@@ -177,6 +196,11 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None, *,
                          f"--data-dir {args.data_dir}: drop --data-dir for a smoke run, or drop "
                          f"--smoke to train on that folder")
         apply_smoke(args, smoke)
+    for flag in PATH_FLAGS:  # bash leaves a ~ after "=" as it is: expanded once, for every use
+        if isinstance(getattr(args, flag, None), str):
+            setattr(args, flag, os.path.expanduser(getattr(args, flag)))
+    if args.evaluate == "":  # e.g. --evaluate "$CKPT" with CKPT unset: not "train instead"
+        parser.error("--evaluate needs a checkpoint path (got an empty one)")
     if getattr(args, "backend", None) == "cache" and getattr(args, "color_jitter", None):
         parser.error(f"--backend cache does no colour jitter (--color-jitter {args.color_jitter}): "
                      f"use --color-jitter 0, or --backend dali, torch or auto")
@@ -187,7 +211,7 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None, *,
                   f"{getattr(args, epochs)}: the LR only warms up, reaching its peak at the last step, "
                   f"and never decays; a short run wants a smaller {flag}", file=sys.stderr)
     check_out_dir(args.out)
-    if args.evaluate and not Path(args.evaluate).exists():  # found now, not after a download
+    if args.evaluate is not None and not Path(args.evaluate).exists():  # found now, not after a download
         raise ConfigError(f"--evaluate {args.evaluate}: no such file or folder (a best.pt or last.pt, "
                           f"or a run folder holding best.pt)")
     return args
@@ -204,6 +228,9 @@ def check_out_dir(out: str | Path) -> None:
     path = Path(out).expanduser()
     existing = path
     while not existing.exists():
+        if existing.is_symlink():  # e.g. runs -> a Google Drive folder that is not mounted
+            raise ConfigError(f"--out {out}: {existing} is a symbolic link to {os.readlink(existing)}, "
+                              f"which does not exist (a drive not mounted?)")
         existing = existing.parent
     if not existing.is_dir():
         where = "is a file" if existing == path else f"lies inside {existing}, which is a file"

@@ -89,10 +89,13 @@ def evaluate_checkpoint(model: torch.nn.Module, saved: tuple[Path, dict[str, Any
     figures = score(model)
     report = {"checkpoint": str(path), "epoch": ck["epoch"], **ck["meta"], **figures,
               "device": describe_device(rt), "loader": loader}
-    if rt.is_main:
-        write_json(report, path.parent / "eval.json")
-        shown = "  ".join(f"{k} {_fmt(v)}" for k, v in figures.items())
-        print(f"{path} (epoch {ck['epoch']}): {shown}\nwrote {path.parent / 'eval.json'}")
+    if rt.is_main:  # the figures first: a read-only folder (an unzipped archive) loses none of them
+        print(f"{path} (epoch {ck['epoch']}): " + "  ".join(f"{k} {_fmt(v)}" for k, v in figures.items()))
+        try:
+            write_json(report, path.parent / "eval.json")
+            print(f"wrote {path.parent / 'eval.json'}")
+        except OSError as err:
+            print(f"eval.json not written beside the checkpoint ({err.strerror}: {path.parent})")
     return report
 
 

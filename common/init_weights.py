@@ -102,7 +102,15 @@ def t3_selection(t3_results: str | Path, placement: str | None = None,
     chosen, best = {}, None
     path = Path(t3_results)
     if path.is_file():
-        chosen = json.loads(path.read_text())["best_overall"]
+        try:
+            comparison = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            comparison = None
+        if not isinstance(comparison, dict) or "best_overall" not in comparison:
+            raise ConfigError(f"--t3-results {path} is not T3's placements.json (it has no best_overall); "
+                              f"name the placements.json that t3_cubs.py wrote, e.g. runs/t3/placements.json")
+        chosen = comparison["best_overall"] or {}  # None: T3 finished no run
+    if chosen:
         best = path.parent / f"{chosen['placement']}_{chosen['variant']}" / "best.pt"
     placement = placement or chosen.get("placement", "serial")
     variant = variant or chosen.get("variant", "plain")

@@ -81,7 +81,9 @@ def compare_runs(out: Path, vanilla_path: Path, recipe: Mapping[str, Any] | None
                 "plus_test_acc": b["test_acc"],
                 "gain_points": 100 * (b["test_acc"] - a["test_acc"])})
 
-    vanilla = json.loads(vanilla_path.read_text()) if vanilla_path.is_file() else None
+    vanilla = _read_json(vanilla_path) if vanilla_path.is_file() else None
+    if vanilla_path.is_file() and not isinstance(vanilla, dict):  # not JSON, or a list, say
+        vanilla = {"task": "not a results.json", "model": None}
     not_t2 = vanilla and (vanilla.get("task"), vanilla.get("model")) != ("t2", "resnet18")
     same_setup = vanilla and selected and all(vanilla.get(k) == selected[k]
                                               for k in ("num_classes", "width", "image_size"))
@@ -118,6 +120,13 @@ def compare_runs(out: Path, vanilla_path: Path, recipe: Mapping[str, Any] | None
         comparison["at_par"] = {"holds": round(gap, 9) <= AT_PAR_POINTS, "points_below_vanilla": gap,
                                 "rule": f"selected CUBS test accuracy >= vanilla - {AT_PAR_POINTS} points"}
     return comparison
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
 
 
 def processes(results: Mapping[str, Any]) -> int:

@@ -69,7 +69,13 @@ def setup_runtime(device: str = "auto", seed: int = 0) -> Runtime:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got {device!r}") from None
+        dev = None
+    # torch parses mps, xpu, meta, cpu:1, ...: these scripts run on a CPU or CUDA GPUs only.
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index is not None):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N; got {device!r}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     amp_dtype = None
     if dev.type == "cuda":
         if world_size > 1:

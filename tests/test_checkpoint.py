@@ -150,7 +150,7 @@ def test_incompatible_checkpoint_names_the_mismatch(tmp_path):
         check_compatible({"model": "resnet18", "num_classes": 200},
                          {"model": "resnet18", "num_classes": 10}, tmp_path / "last.pt")
     # a key this run sets and the checkpoint lacks is a difference too
-    with pytest.raises(CheckpointError, match="width: checkpoint has 'none', this run has 8"):
+    with pytest.raises(CheckpointError, match="width: checkpoint has no width, this run has 8"):
         check_compatible({"task": "t1"}, {"task": "t1", "width": 8}, tmp_path / "last.pt")
     small, big = nn.Linear(4, 2), nn.Sequential(nn.Linear(4, 3))
     with pytest.raises(CheckpointError, match="missing"):

@@ -12,7 +12,9 @@ import contextlib
 import importlib
 import io
 import json
+import os
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -191,3 +193,22 @@ def test_the_cars_cell_unzips_every_layout_into_the_folder_t4_reads(kind, tmp_pa
     # T4's flag of the notebook, --data-dir data/cars196, reads the same folder
     from common.datasets import load_cars196
     assert len(load_cars196(work / "data" / "cars196").test.files) == 16
+
+
+def test_the_report_cell_runs_after_a_disconnect_without_the_optional_cells(tmp_path, monkeypatch):
+    """After a disconnect a user reruns the setup cell, then the report cell: it must not need
+    a name that only an optional cell (the Cars196 unzip) imported."""
+    import sys
+    import types
+    cell = next(source(c) for c in load_notebook()["cells"] if "runs/REPORT.md" in source(c)
+                and c["cell_type"] == "code" and "display(" in source(c))
+    shown = []
+    display_module = types.ModuleType("IPython.display")
+    display_module.Markdown, display_module.display = (lambda text: text), shown.append
+    monkeypatch.setitem(sys.modules, "IPython", types.ModuleType("IPython"))
+    monkeypatch.setitem(sys.modules, "IPython.display", display_module)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "REPORT.md").write_text("# Report\n")
+    monkeypatch.chdir(tmp_path)
+    exec(cell, {"os": os, "subprocess": subprocess})  # what the setup cell defines
+    assert shown == ["# Report\n"]

@@ -138,6 +138,11 @@ def test_non_finite_lr_is_refused_by_argparse(tmp_path: Path) -> None:
      "error: --evaluate takes the checkpoint's one --placement and one --variant, not all/both"),
     ("t1_custom_cnn", ["--dropout", "1"], "error: --dropout must be in [0, 1), got 1.0"),
     ("t1_custom_cnn", ["--dropout", "-0.1"], "error: --dropout must be in [0, 1), got -0.1"),
+    ("t2_resnet18", ["--label-smoothing", "1.5"], "argument --label-smoothing: must be in [0, 1), got 1.5"),
+    ("t2_resnet18", ["--color-jitter", "1.5"], "argument --color-jitter: must be in [0, 1), got 1.5"),
+    ("t1_custom_cnn", ["--seed", str(2**32)], "argument --seed: must be below 2^32, got 4294967296"),
+    ("t3_cubs", ["--gate-init", "1e308"], "argument --gate-init: must be within [-100, 100] (a gate logit)"),
+    ("t2_resnet18", ["--evaluate", ""], "error: --evaluate needs a checkpoint path (got an empty one)"),
 ])
 def test_flags_that_cannot_work_are_refused_before_anything_runs(script, flags, message, tmp_path, capsys):
     # In-process: argparse's refusal comes before any import of data or model work.
@@ -344,3 +349,78 @@ def test_evaluate_of_a_folder_without_best_pt_says_what_it_holds(tmp_path):
         evaluate.load(tmp_path / "t2")
     with pytest.raises(CheckpointError, match=r"holds no best.pt; no last.pt and no run folder holding a best.pt either$"):
         evaluate.load(tmp_path)
+
+
+@pytest.mark.parametrize("device", ["mps", "xpu", "meta", "cpu:1"])
+def test_a_device_torch_knows_but_these_scripts_do_not_run_on_is_named(device):
+    from common.errors import ConfigError
+    from common.runtime import setup_runtime
+    with pytest.raises(ConfigError, match=f"^--device must be auto, cpu, cuda or cuda:N; got '{device}'$"):
+        setup_runtime(device)
+
+
+def test_a_gpu_index_the_machine_lacks_is_named(monkeypatch):
+    from common.errors import ConfigError
+    from common.runtime import setup_runtime
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"^--device cuda:5: this machine has 1 GPU\(s\), cuda:0 to cuda:0$"):
+        setup_runtime("cuda:5")
+
+
+def test_an_out_under_a_broken_link_is_named_before_anything_runs(tmp_path: Path, monkeypatch) -> None:
+    """Colab: runs -> a Drive folder, with Drive not mounted."""
+    from common import cli
+    from common.errors import ConfigError
+    (tmp_path / "runs").symlink_to(tmp_path / "drive" / "runs")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=f"^--out runs/t2: runs is a symbolic link to {tmp_path / 'drive' / 'runs'}, "
+                                          f"which does not exist"):
+        cli.check_out_dir("runs/t2")
+
+
+def test_path_flags_starting_with_a_tilde_are_expanded_once_for_every_use(tmp_path: Path, monkeypatch) -> None:
+    """bash leaves `--out=~/x` as it is: the check and every writer must see the same folder."""
+    import t4_retrieval
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = t4_retrieval.parse_args(["--smoke", "--out=~/t4", "--t3-results=~/t3/placements.json"])
+    assert (args.out, args.t3_results) == (str(tmp_path / "t4"), str(tmp_path / "t3" / "placements.json"))
+
+
+@pytest.mark.parametrize("content", ["not json\n", "[1, 2]"])
+def test_a_t3_results_file_that_is_not_a_comparison_is_named(tmp_path: Path, content: str) -> None:
+    from common.errors import ConfigError
+    from common.init_weights import t3_selection
+    wrong = tmp_path / "results.json"
+    wrong.write_text(content)
+    with pytest.raises(ConfigError, match=f"^--t3-results {wrong} is not T3's placements.json"):
+        t3_selection(wrong)
+    wrong.write_text('{"best_overall": null}')  # T3 finished no run: no selection, no error
+    assert t3_selection(wrong) == ("serial", "plain", None)
+
+
+def test_a_vanilla_results_file_that_is_not_json_gives_no_at_par_check(tmp_path: Path) -> None:
+    from common.placements import compare_runs
+    bad = tmp_path / "metrics.jsonl"
+    bad.write_text('{"epoch": 1}\n{"epoch": 2}\n')
+    c = compare_runs(tmp_path, bad)
+    assert c["at_par"] is None and "is not a T2 ResNet-18 result" in c["vanilla_note"]
+
+
+def test_evaluate_prints_its_figures_even_where_eval_json_cannot_be_written(tmp_path: Path, monkeypatch, capsys):
+    """A checkpoint in a read-only folder (an unzipped archive, Kaggle's inputs)."""
+    from common import evaluate
+    from common.checkpoint import save_checkpoint
+    from common.runtime import Runtime
+    model = torch.nn.Linear(2, 2)
+    save_checkpoint({"model": model.state_dict(), "meta": {"task": "t"}, "epoch": 3}, tmp_path / "best.pt")
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(evaluate, "write_json", read_only)
+    report = evaluate.evaluate_checkpoint(model, evaluate.load(tmp_path), {"task": "t"},
+                                          Runtime(torch.device("cpu")), lambda m: {"test_acc": 0.5}, "torch")
+    assert report["test_acc"] == 0.5
+    assert capsys.readouterr().out == (f"{tmp_path / 'best.pt'} (epoch 3): test_acc 0.5000\n"
+                                       f"eval.json not written beside the checkpoint (Read-only file system: "
+                                       f"{tmp_path})\n")
