@@ -154,7 +154,7 @@ def training_parser(description: str, *, out: str, recipe: Mapping[str, Any],
       help="generate a tiny learnable dataset in --out and run the whole script on it (CPU, a few "
            "minutes); default paths under runs/ become runs/smoke/...; --data-dir is refused "
            "with it (the smoke data is generated, never read from a folder)")
-    a("--stop-after-epoch", type=positive_int, default=None, help=argparse.SUPPRESS)
+    a("--stop-after-epoch", type=nonnegative_int, default=None, help=argparse.SUPPRESS)  # 0: set up only
     # Over the placeholders above (so that --help shows them), and the defaults of the
     # script's own flags, which argparse takes from here when they are added.
     p.set_defaults(**recipe)

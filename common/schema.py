@@ -74,6 +74,7 @@ class ModelMeta(TypedDict, total=False):
 class RetrievalMeta(TypedDict, total=False):
     """T4 adds where its weights came from and, in Phase B, the loss settings."""
     init: str  # scratch, t3 or imagenet
+    init_sha256: str  # of the weights file T4 started from (not with scratch)
     mining: str
     classes_per_batch: int
     images_per_class: int
