@@ -95,7 +95,7 @@ def load_tiny_imagenet(root: str | Path, holdout_per_class: int = 10, seed: int 
         if not images_dir.is_dir():
             raise DatasetNotFoundError(f"missing train folder {images_dir} for wnid {wnid} listed in "
                                     f"{wnids_path}\n{TINY_IMAGENET_LAYOUT}")
-        names = sorted(n for n in os.listdir(images_dir) if n.lower().endswith(_TINY_IMAGE_SUFFIXES))
+        names = _image_names(images_dir)
         if not names:
             raise DatasetError(f"no .JPEG images in {images_dir}\n{TINY_IMAGENET_LAYOUT}")
         train_files.extend(str(images_dir / n) for n in names)
@@ -169,9 +169,16 @@ def find_tiny_imagenet(data_dir: str | Path, download: bool = True, url: str = T
         return target
     how_to_get_it = (f"Download {url} (MD5 {md5}) and unzip it so that {target / 'wnids.txt'} exists "
                      f"(expected path: {target}), or run with --smoke, which needs no dataset.")
+    if (target / "tiny-imagenet-200" / "wnids.txt").is_file():  # the zip unzipped into a folder of its name
+        raise DatasetNotFoundError(f"{target} holds the dataset one level deeper, in {target / 'tiny-imagenet-200'}: "
+                                   f"pass --data-dir {target}")
     if target.exists():
         raise DatasetNotFoundError(f"{target} exists but has no wnids.txt; remove it or complete it.\n"
                                 f"{how_to_get_it}\n{TINY_IMAGENET_LAYOUT}")
+    inside = next((p for p in data_dir.parents if (p / "wnids.txt").is_file()), None)
+    if inside is not None:  # e.g. --data-dir .../tiny-imagenet-200/val: never download into a dataset
+        raise DatasetNotFoundError(f"--data-dir {data_dir} is inside the Tiny ImageNet at {inside}: "
+                                   f"pass --data-dir {inside}")
     if not download:
         raise DatasetNotFoundError(f"Tiny ImageNet not found in {data_dir}.\n{how_to_get_it}")
 
@@ -323,8 +330,25 @@ def _read_val_annotations(root: Path, label_of: dict[str, int]) -> tuple[list[st
         label_of_file[name] = label_of[wnid]
     if not label_of_file:
         raise DatasetError(f"{annotations_path} has no annotations\n{TINY_IMAGENET_LAYOUT}")
+    # A cut or partly copied annotation file would otherwise give a smaller test split.
+    unannotated = [n for n in _image_names(images_dir) if n not in label_of_file]
+    if unannotated:
+        raise DatasetError(f"{len(unannotated)} images in {images_dir} have no line in {annotations_path}, "
+                           f"first: {unannotated[0]}; the test split needs them all\n{TINY_IMAGENET_LAYOUT}")
+    wnid_of = {label: wnid for wnid, label in label_of.items()}
+    without = sorted(set(label_of.values()) - set(label_of_file.values()))
+    if without:
+        raise DatasetError(f"{annotations_path} gives no image to {len(without)} of the {len(label_of)} "
+                           f"wnids, first: {wnid_of[without[0]]}; the test split needs every class")
     names = sorted(label_of_file)
     return [str(images_dir / n) for n in names], [label_of_file[n] for n in names]
+
+
+def _image_names(folder: Path) -> list[str]:
+    """Sorted .JPEG / .jpg file names in `folder`, leaving out hidden files such as macOS's
+    "._name.JPEG" metadata, which a copy from a Mac to an exFAT or SMB drive leaves beside each image."""
+    return sorted(n for n in os.listdir(folder) if n.lower().endswith(_TINY_IMAGE_SUFFIXES)
+                  and not n.startswith("."))
 
 
 def _carve_holdout(full: ImageList, per_class: int, seed: int, root: Path) -> tuple[ImageList, ImageList]:

@@ -8,7 +8,8 @@ Two depths:
            about 1 KiB per file. A JPEG or PNG whose end looks wrong is then decoded in
            full, so one with bytes after its end marker (some cameras append a trailer)
            passes if it decodes.
-    full   decodes every file with PIL: also finds damage in the middle of a file.
+    full   decodes every file with PIL: also finds some damage in the middle of a file
+           (not all: a decoder reads many damaged scans without an error).
 A passed check is remembered in a small JSON file (the first writable of the `cache`
 paths), keyed by every file's path, size and modification time, so a rerun on the same
 files reads nothing but their metadata.
@@ -16,6 +17,7 @@ files reads nothing but their metadata.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -93,9 +95,19 @@ def quick_problem(path: str) -> str | None:
 
 
 def decode_problem(path: str) -> str | None:
-    """Why PIL cannot decode `path` as a JPEG/PNG, or None if it decodes completely."""
+    """Why PIL cannot decode `path` as a JPEG/PNG, or None if it decodes completely.
+
+    A JPEG must also hold an end-of-image marker after its last start-of-scan marker
+    (neither can occur inside entropy-coded data): a file cut short and zero-filled to its
+    full size (an interrupted copy) decodes without error, zeros being valid scan data."""
     try:
-        with Image.open(path) as image:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        return f"cannot be read ({err.strerror})"
+    if data.startswith(_JPEG_START) and data.find(_JPEG_END, data.rfind(b"\xff\xda")) < 0:
+        return "truncated JPEG: no end-of-image marker (FF D9) after its last scan (cut short or zero-filled)"
+    try:
+        with Image.open(io.BytesIO(data)) as image:
             if image.format not in ("JPEG", "PNG"):
                 return f"a {image.format} image, not a JPEG or PNG"
             image.load()  # raises on truncated or corrupt data (LOAD_TRUNCATED_IMAGES is off)

@@ -179,6 +179,39 @@ def test_tiny_bad_val_annotations(tiny: Path, tmp_path: Path) -> None:
         load_tiny_imagenet(root)
 
 
+def test_tiny_val_images_without_annotation_or_a_class_without_val_images_are_refused(
+        tiny: Path, tmp_path: Path) -> None:
+    # A cut or partly copied val_annotations.txt gave a smaller test split, silently.
+    root = copy_of(tiny, tmp_path)
+    annotations = root / "val" / "val_annotations.txt"
+    lines = annotations.read_text().splitlines()
+    annotations.write_text("\n".join(lines[:-2]) + "\n")
+    first = sorted(line.split("\t")[0] for line in lines[-2:])[0]
+    with pytest.raises(DatasetError, match=f"2 images in .*val/images have no line in .*val_annotations.txt, "
+                                           f"first: {first}"):
+        load_tiny_imagenet(root)
+    wnid = lines[0].split("\t")[1]
+    kept = [line for line in lines if line.split("\t")[1] != wnid]
+    for line in lines:
+        if line.split("\t")[1] == wnid:
+            (root / "val" / "images" / line.split("\t")[0]).unlink()
+    annotations.write_text("\n".join(kept) + "\n")
+    with pytest.raises(DatasetError, match=f"gives no image to 1 of the .* wnids, first: {wnid}"):
+        load_tiny_imagenet(root)
+
+
+def test_tiny_hidden_files_beside_the_images_are_not_images(tiny: Path, tmp_path: Path) -> None:
+    # macOS writes "._<name>" metadata beside each file copied to an exFAT or SMB drive.
+    root = copy_of(tiny, tmp_path)
+    before = load_tiny_imagenet(root)
+    for folder in (root / "train" / "n00000000" / "images", root / "val" / "images"):
+        for image in list(folder.iterdir())[:3]:
+            (folder / f"._{image.name}").write_bytes(b"\x00\x05\x16\x07" + bytes(20))
+    after = load_tiny_imagenet(root)
+    assert (after.train.files, after.holdout.files, after.test.files) == \
+        (before.train.files, before.holdout.files, before.test.files)
+
+
 def test_tiny_val_image_annotated_twice_is_refused(tiny: Path, tmp_path: Path) -> None:
     root = copy_of(tiny, tmp_path)
     annotations = root / "val" / "val_annotations.txt"

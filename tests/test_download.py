@@ -212,3 +212,18 @@ def test_a_data_dir_that_is_a_file_is_named_as_one(tmp_path: Path) -> None:
     for download in (True, False):
         with pytest.raises(DatasetNotFoundError, match=f"--data-dir {afile} is a file; expected a folder"):
             find_tiny_imagenet(afile, download=download, url=(tmp_path / "none.zip").as_uri())
+
+
+def test_a_dataset_unzipped_one_level_too_deep_or_a_data_dir_inside_it_is_named(tmp_path: Path) -> None:
+    from common.errors import DatasetNotFoundError
+    make_tiny_imagenet(tmp_path / "data" / "tiny-imagenet-200", num_classes=2, train_per_class=2,
+                       val_per_class=1, image_size=8)  # data/tiny-imagenet-200/tiny-imagenet-200/wnids.txt
+    outer = (tmp_path / "data" / "tiny-imagenet-200").resolve()
+    for download in (True, False):  # never "remove it": that folder holds the whole dataset
+        with pytest.raises(DatasetNotFoundError, match=f"one level deeper.*pass --data-dir {outer}$"):
+            find_tiny_imagenet(tmp_path / "data", download=download, url=(tmp_path / "none.zip").as_uri())
+    dataset = outer / "tiny-imagenet-200"
+    for inner in (dataset / "val", dataset / "train" / "n00000000"):  # no download into the dataset
+        with pytest.raises(DatasetNotFoundError, match=f"inside the Tiny ImageNet at {dataset}: pass --data-dir"):
+            find_tiny_imagenet(inner, url=(tmp_path / "none.zip").as_uri())
+    assert sorted(p.name for p in (dataset / "val").iterdir()) == ["images", "val_annotations.txt"]

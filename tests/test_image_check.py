@@ -57,6 +57,29 @@ def test_a_jpeg_with_a_trailer_after_its_end_marker_passes_and_a_cut_one_still_f
         check_images(good + [trailer, cut], "quick")
 
 
+@pytest.mark.parametrize("progressive", [False, True])
+def test_a_jpeg_cut_short_and_zero_filled_to_full_size_fails_both_checks(progressive: bool, tmp_path: Path) -> None:
+    # An interrupted copy can leave the file's size with zeros for its end. Zeros are valid
+    # scan data, so the file decodes without error; only the missing end marker tells.
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", progressive=progressive)
+    data = buffer.getvalue()
+    half = len(data) // 2
+    assert b"\xff\xda" in data[:half]  # the cut falls inside a scan
+    path = write(tmp_path, "zero_tail.jpg", data[:half] + bytes(len(data) - half))
+    if not progressive:
+        with Image.open(path) as image:
+            image.load()  # what made it pass before: PIL decodes it
+    assert decode_problem(path) == ("truncated JPEG: no end-of-image marker (FF D9) after its last scan "
+                                    "(cut short or zero-filled)")
+    for mode in ("quick", "full"):
+        with pytest.raises(ImageDecodeError, match="zero_tail.jpg: truncated JPEG"):
+            check_images([path], mode)
+    whole = write(tmp_path, "whole.jpg", data)
+    assert decode_problem(whole) is None
+
+
 def test_each_kind_of_bad_file_is_named_with_its_reason(tmp_path: Path) -> None:
     jpeg, png = encoded("JPEG"), encoded("PNG")
     cases = {
