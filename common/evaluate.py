@@ -195,7 +195,7 @@ def embed(model: torch.nn.Module, loader, rt: Runtime,
     model.eval()
     fn = model.features if features else model
     if rt.world_size == 1:
-        return _embed_batches(fn, loader, rt)
+        return _finite(*_embed_batches(fn, loader, rt), loader.files)
     broadcast_from_main(model, rt)  # e.g. a network initialised per rank, not yet under DDP
     shard = _shard_of(loader, rt)
     mine = shard.batches(0)
@@ -213,7 +213,18 @@ def embed(model: torch.nn.Module, loader, rt: Runtime,
     out_labels = torch.empty(n, dtype=torch.long)
     out[order] = torch.cat([p[1] for p in got])
     out_labels[order] = torch.cat([p[2] for p in got])
-    return out.to(rt.device), out_labels.to(rt.device)
+    return _finite(out.to(rt.device), out_labels.to(rt.device), loader.files)
+
+
+def _finite(embeddings: torch.Tensor, labels: torch.Tensor, files: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeddings, labels), or an error naming the images whose embedding holds inf or NaN:
+    in Recall@K such a row would be every query's nearest neighbour."""
+    bad = (~torch.isfinite(embeddings).all(dim=1)).nonzero().flatten().tolist()
+    if bad:
+        raise RuntimeError(f"{len(bad)} of {len(files)} images got an embedding with inf or NaN, first: "
+                           f"{files[bad[0]]} (under fp16 autocast, on a GPU without bf16, a feature can "
+                           f"overflow); no Recall@K is computed from them")
+    return embeddings, labels
 
 
 def _embed_batches(fn, loader, rt: Runtime) -> tuple[torch.Tensor, torch.Tensor]:

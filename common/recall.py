@@ -35,6 +35,11 @@ def _check_embeddings(embeddings: Tensor) -> None:
         raise ValueError(f"embeddings must be (N, D), got shape {tuple(embeddings.shape)}")
     if not embeddings.is_floating_point():
         raise ValueError(f"embeddings must be floating point, got {embeddings.dtype}")
+    # One inf or NaN row would be every query's nearest neighbour (sorting puts NaN first).
+    bad = (~torch.isfinite(embeddings).all(dim=1)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"{len(bad)} of {embeddings.shape[0]} embeddings hold inf or NaN, rows "
+                         f"{bad[:10]}{' ...' if len(bad) > 10 else ''} (e.g. an fp16 overflow in the network)")
 
 
 def _check_k(k: int, n: int) -> None:
@@ -99,7 +104,8 @@ def nearest_neighbours(embeddings: Tensor, k: int, chunk_size: int = 1024) -> Te
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
 
-    x = F.normalize(embeddings, p=2, dim=1)
+    # In fp32 at least: an fp16 row norm above 65504 is inf and would zero the row.
+    x = F.normalize(embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)), p=2, dim=1)
     found_vals = torch.full((n, k), float("-inf"), dtype=x.dtype, device=x.device)
     found_idx = torch.full((n, k), n, dtype=torch.long, device=x.device)  # n sorts after any real index
     for start in range(0, n, chunk_size):

@@ -47,8 +47,12 @@ def class_balanced_batches(labels: np.ndarray, classes_per_batch: int, per_class
                            num_shards: int = 1) -> list[np.ndarray]:
     """P x K metric-learning batches: P distinct classes, K images of each, class-major order.
 
-    An epoch has about len(labels) / (P*K) batches per shard. A class with fewer than K
-    images is sampled with replacement so each batch keeps its P x K shape.
+    An epoch is len(labels) // (P*K*num_shards) batches per shard, each drawn independently
+    (as pytorch-metric-learning's MPerClassSampler does), not one pass over the images: an
+    image can come twice in an epoch or not at all (on Cars196's 98 train classes, P = 32,
+    K = 4: about 38 % unseen per epoch), and an image of a small class comes more often than
+    one of a large class. A class with fewer than K images gives each of them once, then
+    repeats some, so each batch keeps its P x K shape.
     """
     labels = np.asarray(labels)
     classes = np.unique(labels)
@@ -64,7 +68,13 @@ def class_balanced_batches(labels: np.ndarray, classes_per_batch: int, per_class
     out = []
     for _ in range(n_batches * num_shards):
         chosen = rng.choice(classes, size=classes_per_batch, replace=False)
-        out.append(np.concatenate([
-            rng.choice(by_class[c], size=per_class, replace=len(by_class[c]) < per_class)
-            for c in chosen]))
+        out.append(np.concatenate([_draw_from_class(rng, by_class[c], per_class) for c in chosen]))
     return out[shard_id::num_shards]
+
+
+def _draw_from_class(rng: np.random.Generator, members: np.ndarray, k: int) -> np.ndarray:
+    """k of a class's image indices: distinct while it has k images; else every one of them
+    once, then k - len(members) repeats, so a positive is another image whenever there is one."""
+    if len(members) >= k:
+        return rng.choice(members, size=k, replace=False)
+    return np.concatenate([rng.permutation(members), rng.choice(members, size=k - len(members))])

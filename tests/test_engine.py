@@ -3,6 +3,7 @@ loss scaling, a kill after any write, non-finite losses, the per-epoch metrics."
 import json
 import math
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -500,6 +501,33 @@ def test_embed_runs_in_eval_mode_in_order_and_leaves_batchnorm_alone(tiny_splits
     assert feats.shape == (len(labels), 8)
     pooled, _ = evaluate.embed(model, loader, rt, features=True)  # T4's Phase A / before figures
     assert pooled.shape == (len(labels), 8) and torch.allclose(pooled, model.features(images), atol=1e-6)
+
+
+def test_embed_names_an_image_whose_embedding_is_not_finite(tiny_splits):
+    rt = runtime.Runtime(torch.device("cpu"))
+    loader = ImageLoader(tiny_splits.test.files, tiny_splits.test.labels, LoaderSettings(batch_size=5,
+                         train=False, image_size=16, backend="torch", workers=0))
+    seen = [0]
+
+    def overflowing(images: torch.Tensor) -> torch.Tensor:  # the third image overflows
+        out = images.flatten(1)[:, :4].clone()
+        rows = torch.arange(seen[0], seen[0] + len(images))
+        out[rows == 2] = float("inf")
+        seen[0] += len(images)
+        return out
+
+    with pytest.raises(RuntimeError, match=f"1 of {len(loader.files)} images got an embedding with inf or NaN, "
+                                           f"first: {re.escape(loader.files[2])}"):
+        evaluate.embed(_Wrap(overflowing), loader, rt)
+
+
+class _Wrap(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
 
 
 class _FixedBatches:

@@ -211,3 +211,27 @@ def test_chance_recall_at_1_by_hand_and_by_brute_force():
 def test_chance_recall_at_1_refuses_fewer_than_two_labels_or_a_matrix(labels):
     with pytest.raises(ValueError, match="labels must be"):
         chance_recall_at_1(labels)
+
+
+def test_a_non_finite_embedding_is_refused_not_ranked_first():
+    # One inf feature made that row NaN after normalising, and every query's nearest neighbour.
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(20).repeat_interleave(4)
+    embeddings = torch.randn(20, 16, generator=generator)[labels] + 0.1 * torch.randn(80, 16, generator=generator)
+    assert recall_at_k(embeddings, labels, ks=(1,)) == {1: 1.0}
+    for bad in (float("inf"), float("nan")):
+        broken = embeddings.clone()
+        broken[7, 3] = bad
+        broken[41, 0] = bad
+        with pytest.raises(ValueError, match=r"2 of 80 embeddings hold inf or NaN, rows \[7, 41\]"):
+            recall_at_k(broken, labels, ks=(1,))
+
+
+def test_fp16_embeddings_of_a_large_norm_are_normalised_in_fp32():
+    # In fp16 a row norm above 65504 is inf, which made every row 0 and every similarity a tie.
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.arange(10).repeat_interleave(3)
+    embeddings = torch.randn(10, 512, generator=generator)[labels] + 0.1 * torch.randn(30, 512, generator=generator)
+    big = (embeddings * 5000).half()
+    assert torch.isinf(big.float().norm(dim=1).half()).all()
+    assert recall_at_k(big, labels, ks=(1, 2)) == recall_at_k(embeddings, labels, ks=(1, 2)) == {1: 1.0, 2: 1.0}
