@@ -26,7 +26,7 @@ import torch
 
 from common import cli, engine, evaluate, plots, runtime, task_data
 from common.checkpoint import discard_run
-from common.cubs import BLOCK1_D, PLACEMENTS, VARIANTS, cubs_resnet18
+from common.cubs import BLOCK1_D, PLACEMENTS, VARIANTS, cubs_resnet18, range_check
 from common.diagnostics import diagnostics
 from common.errors import ConfigError
 from common.files import remove_files, write_json
@@ -107,6 +107,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--beta", type=cli.positive_float, help="MS loss: weight scale of negative pairs")
     add("--lam", type=cli.finite_float, help="MS loss: similarity margin lambda")
     add("--epsilon", type=cli.nonnegative_float, help="mining margin of the ms and semihard mining")
+    p.set_defaults(compile_mode="default")  # a CUBS network: as T3 (t3_cubs.py says why)
     args = cli.parse(p, argv, smoke=SMOKE)
     if args.backend == "cache":  # it holds S x S images; T4 evaluates centre crops of 256 px ones
         p.error("--backend cache cannot make T4's evaluation images (resize the shorter side, "
@@ -208,7 +209,8 @@ def fit_phase(model: torch.nn.Module, loader, loss_fn, score, cfg: FitConfig, ru
     weights only; LR per step, linear warmup then cosine to 0; a loss scaler for fp16
     autocast only. No torch.compile by default: at 224 px its build costs more than it
     saves in T4's phases (--compile turns it on). curves.png: plots.curves_png."""
-    net = engine.for_training(model, rt, cfg.compile, cfg.compile_mode)
+    net = engine.for_training(model, rt, cfg.compile, cfg.compile_mode, redo_check=range_check(
+        model) if cfg.compile and cfg.compile_mode == "reduce-overhead" else None)
     optimizer, scheduler = engine.optimizer_and_schedule(model, cfg, len(loader))
     return engine.fit(net, loader, loss_fn, optimizer, scheduler, engine.grad_scaler(rt), score,
                       cfg, run_dir, rt, meta, on_epoch=plots.curves_png(run_dir, meta), **fit_kw)

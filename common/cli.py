@@ -136,8 +136,8 @@ def training_parser(description: str, *, out: str, recipe: Mapping[str, Any],
     a("--compile-mode", choices=["default", "reduce-overhead"], default="reduce-overhead",
       help="torch.compile mode; reduce-overhead replays each step as CUDA graphs, one launch "
            "instead of one per kernel (on an H200 with data in memory, 2026-12-04: T1's step 29 -> 14 ms, "
-           "T2's 13.0 -> 11.4 ms; README, Performance). Default: reduce-overhead, except T3: "
-           "default. DDP runs always use default")
+           "T2's 13.0 -> 11.4 ms; README, Performance). Default: reduce-overhead, except T3 and T4 "
+           "(CUBS networks): default. DDP runs always use default")
     a("--seed", type=seed, default=0, help="seeds the init, batch order, holdout and augmentation")
     a("--check-images", choices=CHECK_MODES, default="quick",
       help="before training, check every image file: quick = both ends of each (signature, end "

@@ -358,7 +358,10 @@ class GateBlock(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * self.gate(x)
+        # The gate comes out in fp32 under autocast (the similarity is fp32 by design; CUDA
+        # autocast sums in fp32); x * gate would then promote the whole feature map, and
+        # every layer after it, to fp32. In x's dtype it stays what autocast made it.
+        return x * self.gate(x).to(x.dtype)
 
 
 class SimilarityGateBlock(GateBlock):

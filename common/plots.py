@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import textwrap
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,13 @@ import numpy as np  # noqa: E402
 from common.files import atomic_file  # noqa: E402
 
 
-def plot_curves(history: Sequence[dict], path: str | Path, title: str = "") -> None:
+def plot_curves(history: Sequence[dict], path: str | Path, title: str = "", loss_note: str = "") -> None:
     """Loss (left) and accuracy / recall (right) per epoch from metrics.jsonl records.
 
     Plots every numeric key ending in `_loss` on the left and `_acc`, `_top5` or `_r1` on
     the right, so classifier and retrieval runs share one function; the right panel is
-    named after what it holds.
+    named after what it holds. loss_note: a line under the loss panel's title
+    (smoothed_loss_note).
     """
     epochs = [h["epoch"] for h in history]
     keys = sorted({k for h in history for k, v in h.items() if isinstance(v, (int, float))})
@@ -43,7 +44,8 @@ def plot_curves(history: Sequence[dict], path: str | Path, title: str = "") -> N
             scores.append("Recall@1" if k.endswith("_r1") else "accuracy")
     # Log scale: an early holdout loss far above the rest (BatchNorm statistics not yet
     # settled after a few steps) would otherwise flatten every other curve.
-    ax_loss.set(xlabel="epoch", ylabel="loss (log scale)", title="loss")
+    ax_loss.set(xlabel="epoch", ylabel="loss (log scale)")
+    ax_loss.set_title("loss" + (f"\n{loss_note}" if loss_note else ""), fontsize=10 if loss_note else None)
     log_axis(ax_loss)
     score_name = " / ".join(dict.fromkeys(scores)) or "accuracy"
     ax_acc.set(xlabel="epoch", ylabel=score_name, title=score_name)
@@ -53,10 +55,12 @@ def plot_curves(history: Sequence[dict], path: str | Path, title: str = "") -> N
 
 
 def plot_classifier_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
-                           figsize: tuple[float, float] = (11, 4), dpi: int = 100) -> bool:
+                           figsize: tuple[float, float] = (11, 4), dpi: int = 100,
+                           loss_note: str = "") -> bool:
     """Holdout top-1 (left) and loss (right: train solid, holdout dashed, log scale) per epoch
     of several classifier runs on one figure, one colour per name of `histories` (name -> its
-    metrics.jsonl records), with one key right of both panels.
+    metrics.jsonl records; past 10 names the colours repeat with another marker), with one
+    key right of both panels. loss_note: a line under the loss panel's title.
 
     Returns False, and draws nothing, if no run has a record. figsize is in inches: REPORT.pdf
     draws its figures at the size they print, so that their text is readable at 100 %."""
@@ -66,21 +70,51 @@ def plot_classifier_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]],
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=figsize, layout="constrained")
     runs = []
     for index, (name, history) in enumerate(histories.items()):
-        colour = f"C{index % 10}"
+        colour, marker = f"C{index % 10}", RUN_MARKERS[index // 10 % len(RUN_MARKERS)]
         epochs = [h.get("epoch") for h in history]
         series = lambda key: [h.get(key, math.nan) for h in history]  # noqa: E731
-        ax_acc.plot(epochs, series("holdout_acc"), marker=".", color=colour, label=name)
-        ax_loss.plot(epochs, series("train_loss"), marker=".", color=colour, label=f"{name} train loss")
-        ax_loss.plot(epochs, series("holdout_loss"), marker=".", color=colour, linestyle="--",
+        ax_acc.plot(epochs, series("holdout_acc"), marker=marker, color=colour, label=name)
+        ax_loss.plot(epochs, series("train_loss"), marker=marker, color=colour, label=f"{name} train loss")
+        ax_loss.plot(epochs, series("holdout_loss"), marker=marker, color=colour, linestyle="--",
                      label=f"{name} holdout loss")
-        runs.append(Line2D([], [], color=colour, marker=".", label=name))
+        runs.append(Line2D([], [], color=colour, marker=marker, label=name))
     ax_acc.set(xlabel="epoch", ylabel="holdout top-1", title="holdout accuracy")
     # The title, not the key, says which line style is which: the key holds one entry per run.
-    ax_loss.set(xlabel="epoch", ylabel="loss (log scale)",
-                title="loss: train solid, holdout dashed")
+    ax_loss.set(xlabel="epoch", ylabel="loss (log scale)")
+    ax_loss.set_title("loss: train solid, holdout dashed" + (f"\n{loss_note}" if loss_note else ""),
+                      fontsize=10 if loss_note else None)
     log_axis(ax_loss)
     finish_epoch_axes(fig, [ax_acc, ax_loss], path, dpi, key=runs)
     return True
+
+
+RUN_MARKERS = (".", "x", "^", "s")  # one per 10 runs: matplotlib's colour cycle has 10 colours
+
+
+def smoothed_loss_note(label_smoothing: float, num_classes: int | None) -> str:
+    """What a loss panel must say when the train loss is label-smoothed cross-entropy and the
+    holdout loss plain: the first cannot fall below the entropy of the smoothed targets
+    (0.85 for 200 classes at 0.1), the second can reach 0, so a train curve above the
+    holdout one is no sign of underfitting. "" without smoothing."""
+    if not label_smoothing:
+        return ""
+    note = f"train: label smoothing {label_smoothing:g}"
+    if num_classes and num_classes > 1:
+        right = 1 - label_smoothing + label_smoothing / num_classes
+        wrong = label_smoothing / num_classes
+        floor = -(right * math.log(right) + (num_classes - 1) * wrong * math.log(wrong))
+        note += f", never below {floor:.2f}"
+    return note + "; holdout: plain"
+
+
+def runs_loss_note(recipes: Iterable[tuple[float, int | None]]) -> str:
+    """smoothed_loss_note for a figure of several runs, from each run's (label_smoothing,
+    num_classes): theirs if all runs share them, else a note that each run's recipe says."""
+    distinct = set(recipes)
+    if len(distinct) == 1:
+        return smoothed_loss_note(*distinct.pop())
+    return "train: label-smoothed as each run's recipe says; holdout: plain" if any(
+        smoothing for smoothing, _ in distinct) else ""
 
 
 def plot_retrieval_curves(phases: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
@@ -183,13 +217,14 @@ def log_ticks(lo: float, hi: float, most: int = 7) -> list[float]:
             break
     if len(ticks) >= 3:
         return ticks
+    # Too narrow: three values at a quarter, half and three quarters of the (log) range, at
+    # the fewest digits that keep them apart, and any round value above that crowds none.
+    span = math.log(hi / lo)
     for digits in (2, 3, 4, 6):
-        ticks = sorted({float(f"{v:.{digits}g}") for v in np.geomspace(lo, hi, 4)[1:-1]}
-                       | set(ticks))
-        ticks = [t for t in ticks if lo <= t <= hi]
-        if len(ticks) >= 3:
+        even = [float(f"{v:.{digits}g}") for v in np.geomspace(lo, hi, 5)[1:-1]]
+        if all(lo <= t <= hi for t in even) and min(math.log(b / a) for a, b in zip(even, even[1:])) > 0.15 * span:
             break
-    return ticks
+    return sorted(set(even) | {t for t in ticks if min(abs(math.log(t / e)) for e in even) > 0.15 * span})
 
 
 _SCORES = {"acc": "accuracy", "top5": "top-5 accuracy", "r1": "Recall@1"}
@@ -237,7 +272,7 @@ def plot_bars(names: Sequence[str], series: Mapping[str, Sequence[float]], path:
                       edgecolor=["black" if c else "none" for c in chosen], linewidth=1.5)
         for bar, v, c in zip(bars, values, chosen):
             bar.set_hatch("//" if c else None)
-            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{v:.3f}", ha="center",
+            ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{v:.4f}", ha="center",
                     va="bottom", fontsize=8 if len(series) > 1 else 9, fontweight="bold" if c else "normal")
     ax.set_xticks(x, names)
     for label, c in zip(ax.get_xticklabels(), chosen):
@@ -333,11 +368,14 @@ def curves_png(out: str | Path, meta: dict, every_s: float = 30.0,
     takes 0.2-0.3 s of CPU on a 2-core VM while the GPU waits: at that pace 3 % of T2's
     8.6 s epoch on an H200, and a third of a smoke run's epoch."""
     last, drawn = (time.monotonic() if start is None else start), -1  # drawn: epochs shown
+    # T1-T3 and T4's Phase A train with label-smoothed cross-entropy; Phase B with its own loss.
+    note = "" if meta.get("phase") == "b" else smoothed_loss_note(meta.get("label_smoothing", 0.0),
+                                                                  meta.get("num_classes"))
 
     def draw(history: Sequence[dict], final: bool) -> None:
         nonlocal last, drawn
         if (final and len(history) != drawn) or time.monotonic() - last >= every_s:
-            plot_curves(history, Path(out) / "curves.png", run_title(meta))
+            plot_curves(history, Path(out) / "curves.png", run_title(meta), note)
             last, drawn = time.monotonic(), len(history)
     return draw
 

@@ -51,7 +51,7 @@ from common.formats import (fmt_1, fmt_acc, fmt_count, fmt_epochs, fmt_gflops, f
                             fmt_setting, table)
 from common.networks import model_name
 from common.placements import comparison_lines
-from common.plots import plot_classifier_curves, plot_retrieval_curves
+from common.plots import plot_classifier_curves, plot_retrieval_curves, runs_loss_note
 from common.recipes import classifier_recipe, embedding_recipe, random_area
 from common.report_pdf import write_pdf
 from common.runs_folder import NOT_RUN, SMOKE_BANNER, TASKS, Run, RunsFolder, collect
@@ -283,7 +283,8 @@ def section_curves(runs: RunsFolder, figs: Figures) -> list[str]:
     lines = ["## Training curves", ""]
     if not runs.classifiers and not runs.retrievals:
         return lines + [f"No finished run: {NOT_RUN}.", ""]
-    if plot_classifier_curves(histories(runs.classifiers), figs.path("classifiers_holdout.png")):
+    if plot_classifier_curves(histories(runs.classifiers), figs.path("classifiers_holdout.png"),
+                              loss_note=runs_loss_note(r.loss_recipe for r in runs.classifiers)):
         lines += ["T1 / T2 / T3 together (holdout top-1 per epoch, left; train and holdout "
                   "loss, right):", ""]
         lines += figs.link(figs.path("classifiers_holdout.png"), "holdout accuracy and loss per epoch")

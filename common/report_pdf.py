@@ -50,7 +50,7 @@ from common.architecture import Architecture, Summaries
 from common.files import atomic_file
 from common.formats import fmt_1, fmt_acc, fmt_count, fmt_epochs, fmt_gflops, fmt_points, fmt_setting
 from common.placements import at_par_lines, other_recipe_lines, selection_lines, table_rows
-from common.plots import RETRIEVAL_FONT_PT, plot_classifier_curves, plot_retrieval_curves
+from common.plots import RETRIEVAL_FONT_PT, plot_classifier_curves, plot_retrieval_curves, runs_loss_note
 from common.recipes import classifier_recipe, embedding_recipe, random_area
 from common.recall import KS
 from common.runs_folder import NOT_RUN, SMOKE_BANNER, TASKS, Chosen, Run, RunsFolder, choose_runs
@@ -278,6 +278,9 @@ def section_results(chosen: Chosen) -> list[Flowable]:
 def section_placements(chosen: Chosen) -> list[Flowable]:
     out: list[Flowable] = [heading("3  T3: placement comparison (selection by holdout accuracy)")]
     if chosen.placements is None:
+        if chosen.runs["t3"] is not None:  # runs of an unfinished comparison: said as REPORT.md says it
+            return out + [para("**T3 runs exist but no placements.json was written yet** (t3_cubs.py "
+                               "writes it after its last run; rerun it to finish the comparison).")]
         return out + [para(f"**{NOT_RUN}** (no placements.json: run `t3_cubs.py "
                            f"--placement all`).")]
     name, c = chosen.placements
@@ -353,7 +356,8 @@ def section_curves(runs: RunsFolder, chosen: Chosen, figures: Path,
         classifiers.append(chosen.runs["t3"])
     height = 2.1 * scale
     path = figures / "pdf_classifier_curves.png"
-    if draw(lambda p, **kw: plot_classifier_curves(curve_names(classifiers), p, **kw), path, height):
+    note = runs_loss_note(r.loss_recipe for r in classifiers)
+    if draw(lambda p, **kw: plot_classifier_curves(curve_names(classifiers), p, loss_note=note, **kw), path, height):
         out.append(captioned(figure(path, WIDTH), CAPTIONS["classifier_curves"]))
     else:
         out.append(para(f"T1 / T2 / T3: **{NOT_RUN}**."))

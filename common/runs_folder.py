@@ -48,6 +48,12 @@ class Run:
         return self.results.get("args") or {}
 
     @property
+    def loss_recipe(self) -> tuple[float, int | None]:
+        """(label smoothing, number of classes) of a classifier run: what its train loss's
+        floor depends on (plots.smoothed_loss_note)."""
+        return float(self.results.get("label_smoothing") or 0.0), self.results.get("num_classes")
+
+    @property
     def smoke(self) -> bool:
         return bool(self.args.get("smoke"))
 
@@ -134,7 +140,12 @@ def collect(root: str | Path) -> RunsFolder:
         if run.task == "t4":
             t4_dirs.add(folder)
             for sub in sorted(folder.glob("phase_*/metrics.jsonl")):
-                run.phases[sub.parent.name] = read_jsonl(sub, found.problems)
+                if sub.parent.name in reported_phases(results):
+                    run.phases[sub.parent.name] = read_jsonl(sub, found.problems)
+                else:  # an older --compare-mining, or one cut short: its curve is no result
+                    found.problems.append(f"{rel_name(sub.parent, root)} is not in {name}/results.json: "
+                                          f"not reported (rerun t4_retrieval.py with that --mining or "
+                                          f"--compare-mining to report it)")
             found.retrievals.append(run)
         else:
             found.classifiers.append(run)
@@ -151,6 +162,13 @@ def collect(root: str | Path) -> RunsFolder:
     found.classifiers.sort(key=lambda r: (r.task, r.name))
     found.retrievals.sort(key=lambda r: r.name)
     return found
+
+
+def reported_phases(results: dict) -> set[str]:
+    """The phase folders a T4 results.json reports: phase_a and phase_b_<mining> of each
+    Phase B run in it (the mining comparison, else the one Phase B)."""
+    runs = results.get("mining_comparison") or [results.get("phase_b")]
+    return {"phase_a"} | {f"phase_b_{r.get('mining')}" for r in runs if isinstance(r, dict)}
 
 
 def selected_folder(name: str, placements: dict) -> str | None:

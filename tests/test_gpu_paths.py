@@ -18,7 +18,7 @@ from torch import nn
 
 from common import cubs, engine, runtime
 from common.checkpoint import load_checkpoint
-from common.cubs import PLACEMENTS, VARIANTS, CUBSBlock2, cubs_resnet18, fused_attention
+from common.cubs import PLACEMENTS, VARIANTS, CUBSAttention, CUBSBlock2, cubs_resnet18, fused_attention
 from common.datasets import load_tiny_imagenet
 from common.evaluate import holdout_scorer
 from common.loader import ImageLoader, LoaderSettings
@@ -202,6 +202,23 @@ def test_every_network_trains_under_bf16_autocast_with_channels_last_close_to_fp
         out_distance, grad_distance = _relative(out, reference), _relative(grads_bf16, grads_fp32)
         assert out_distance < 0.03, (name, out_distance)
         assert grad_distance < (0.35 if name == "custom_cnn" else 0.12), (name, grad_distance)
+
+
+@pytest.mark.parametrize("placement", ["serial", "reverse", "parallel"])
+@pytest.mark.parametrize("variant", ["plain", "plus"])
+def test_cubs_blocks_keep_the_feature_maps_in_the_autocast_dtype(placement, variant):
+    # The fp32 gate (similarity, or a sum that CUDA autocast keeps in fp32) made x * gate,
+    # and every layer after the first CUBS block, fp32: twice the activation memory.
+    torch.manual_seed(0)
+    model = cubs_resnet18(num_classes=10, placement=placement, variant=variant, width=8, d=64)
+    seen = []
+    for block in model.modules():
+        if isinstance(block, CUBSAttention):
+            block.register_forward_hook(lambda m, inputs, out: seen.append((inputs[0].dtype, out.dtype)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(2, 3, 16, 16)).sum().backward()
+    assert seen == [(torch.bfloat16, torch.bfloat16)] * 8
+    assert all(p.grad.dtype == torch.float32 for p in model.parameters() if p.grad is not None)
 
 
 def test_ms_loss_similarity_is_fp32_under_autocast():

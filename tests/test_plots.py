@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import types
 from pathlib import Path
 
@@ -62,7 +63,7 @@ def test_recall_curves_are_named_recall_and_log_ticks_read_as_plain_numbers(figu
 def test_curves_png_draws_on_the_final_call_and_at_most_every_every_s_before(monkeypatch, tmp_path: Path) -> None:
     clock, drawn = [100.0], []
     monkeypatch.setattr(plots, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
-    monkeypatch.setattr(plots, "plot_curves", lambda history, path, title: drawn.append((len(history), path)))
+    monkeypatch.setattr(plots, "plot_curves", lambda history, path, title, note="": drawn.append((len(history), path)))
     draw = plots.curves_png(tmp_path, {"task": "t2"}, every_s=30.0)
     history = []
     for t in (110.0, 129.9, 130.0, 140.0, 159.0):  # epoch ends: 10, 29.9, 30, 40 and 59 s in
@@ -102,7 +103,7 @@ def test_bars_group_the_series_mark_the_highlight_and_say_so(figures: list, tmp_
     assert [b.get_hatch() or "" for b in bars] == ["", "//", ""] * 2  # the highlighted group, both bars
     centres = [b.get_x() + b.get_width() / 2 for b in bars]
     assert centres[0] < centres[3] < centres[1] < centres[4] < centres[2] < centres[5]  # side by side
-    assert [t.get_text() for t in ax.texts] == ["0.500", "0.600", "0.550", "0.450", "0.400", "0.700"]
+    assert [t.get_text() for t in ax.texts] == ["0.5000", "0.6000", "0.5500", "0.4500", "0.4000", "0.7000"]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["holdout", "test", "selected"]
     assert ax.get_title().replace("\n", " ") == title and "\n" in ax.get_title()  # wrapped, not cut off
     assert [t.get_text() for t in ax.get_xticklabels()] == ["serial\nplain", "reverse\nplain", "vanilla"]
@@ -252,3 +253,54 @@ def test_a_png_is_replaced_atomically(tmp_path: Path, monkeypatch) -> None:
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["bars.png"]
     with Image.open(path) as image:
         image.load()
+
+
+@pytest.mark.parametrize("lo, hi", [(1.5363316092342028, 2.2964260055750954), (0.488, 0.545), (1.2, 1.5),
+                                    (0.95, 1.05), (2.0, 2.3), (1.6, 1.7), (0.999, 1.001)])
+def test_narrow_log_axes_get_ticks_that_do_not_crowd_each_other(lo: float, hi: float) -> None:
+    # Round ticks of the first pass stayed beside the evenly spaced ones: "2" and "2.01".
+    ticks = plots.log_ticks(lo, hi)
+    assert 3 <= len(ticks) <= 7 and all(lo <= t <= hi for t in ticks)
+    gaps = [math.log(b / a) for a, b in zip(ticks, ticks[1:])]
+    assert min(gaps) > 0.1 * math.log(hi / lo), ticks
+
+
+def test_loss_panels_say_the_train_loss_is_label_smoothed_and_its_floor(figures: list, tmp_path: Path) -> None:
+    import torch
+    import torch.nn.functional as F
+    # The floor is the loss of predicting the smoothed target itself: its entropy.
+    for classes in (10, 200):
+        target = torch.full((1, classes), 0.1 / classes)
+        target[0, 0] += 0.9
+        floor = F.cross_entropy(target.log(), torch.tensor([0]), label_smoothing=0.1).item()
+        assert plots.smoothed_loss_note(0.1, classes) == \
+            f"train: label smoothing 0.1, never below {floor:.2f}; holdout: plain"
+    assert plots.smoothed_loss_note(0.1, 200) == "train: label smoothing 0.1, never below 0.85; holdout: plain"
+    assert plots.smoothed_loss_note(0.0, 200) == ""
+    history = [{"epoch": 1, "train_loss": 1.2, "holdout_loss": 0.9, "holdout_acc": 0.5}]
+    plots.curves_png(tmp_path, {"task": "t2", "model": "resnet18", "label_smoothing": 0.1,
+                                "num_classes": 200})(history, True)
+    assert figures[-1].axes[0].get_title() == "loss\ntrain: label smoothing 0.1, never below 0.85; holdout: plain"
+    plots.curves_png(tmp_path, {"task": "t4", "phase": "b", "label_smoothing": 0.1, "num_classes": 98})(
+        [{"epoch": 1, "train_loss": 0.3, "holdout_r1": 0.5}], True)
+    assert figures[-1].axes[0].get_title() == "loss"  # Phase B's loss is the MS loss
+    assert plots.runs_loss_note([(0.1, 200), (0.1, 200)]) == plots.smoothed_loss_note(0.1, 200)
+    assert plots.runs_loss_note([(0.1, 200), (0.0, 200)]) == \
+        "train: label-smoothed as each run's recipe says; holdout: plain"
+    assert plots.runs_loss_note([(0.0, 200), (0.0, 10)]) == ""
+    plots.plot_classifier_curves({"a": history}, tmp_path / "c.png", loss_note="note")
+    assert figures[-1].axes[1].get_title() == "loss: train solid, holdout dashed\nnote"
+
+
+def test_more_than_ten_runs_never_share_a_colour_and_marker(figures: list, tmp_path: Path) -> None:
+    history = [{"epoch": e, "holdout_acc": 0.1 * e, "train_loss": 1.0 / e, "holdout_loss": 1.1 / e} for e in (1, 2)]
+    plots.plot_classifier_curves({f"run{i}": history for i in range(23)}, tmp_path / "c.png")
+    lines = figures[-1].axes[0].lines
+    assert len({(line.get_color(), line.get_marker()) for line in lines}) == len(lines) == 23
+
+
+def test_bar_labels_have_the_tables_four_decimals(figures: list, tmp_path: Path) -> None:
+    # One holdout image of 2,000 is 0.0005: three decimals showed two runs as a tie.
+    plots.plot_bars(["serial", "reverse"], {"holdout": [1161 / 2000, 1162 / 2000]}, tmp_path / "b.png",
+                    "top-1", highlight="reverse")
+    assert [t.get_text() for t in figures[-1].axes[0].texts] == ["0.5805", "0.5810"]

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -783,6 +784,20 @@ def test_pdf_t3_section_says_how_it_selected_and_marks_no_run_selected_when_none
     assert "t3/serial_plus" in text and "(selected)" not in text
 
 
+def test_pdf_t3_section_without_placements_json_says_the_comparison_is_unfinished(tmp_path, monkeypatch):
+    # It said "not run yet" beside a results table that showed a finished T3 run.
+    monkeypatch.setattr(architecture, "forward_flops", lambda model, size: 1e9)  # layout only: fast
+    make_runs(tmp_path)
+    (tmp_path / "t3" / "placements.json").unlink()
+    _, text = pdf_text(report.build_report(tmp_path).with_suffix(".pdf"))
+    assert ("3 T3: placement comparison (selection by holdout accuracy) T3 runs exist but no placements.json "
+            "was written yet (t3_cubs.py writes it after its last run; rerun it to finish the comparison).") in text
+    for folder in ("t3", "t2"):
+        shutil.rmtree(tmp_path / folder)
+    _, text = pdf_text(report.build_report(tmp_path).with_suffix(".pdf"))
+    assert "not run yet (no placements.json: run t3_cubs.py --placement all)" in text
+
+
 def crowd(root: Path) -> dict:
     """make_runs plus everything a full real run can add: a finished T1, all six placements,
     the four mining strategies, a retrieval picture of the real size, and runs the PDF leaves
@@ -990,6 +1005,22 @@ def test_recipe_rows_take_each_setting_from_its_own_flag():
 def test_a_t4_run_with_one_mining_has_no_comparison_table():
     one = {"mining_comparison": [{"mining": "hard", "test_recall": {"1": 0.5}}], "phase_b": {"mining": "hard"}}
     assert report.mining_lines(one) == ["Mining comparison: not run (use `--compare-mining`).", ""]
+
+
+def test_t4_phase_b_folders_its_results_do_not_report_are_not_drawn_but_named(tmp_path):
+    # A rerun without --compare-mining (or one cut short) leaves other phase_b_<mining>
+    # folders: their curves were drawn beside a table that reports only the run's own.
+    data = make_runs(tmp_path)
+    t4 = {**data["t4"], "mining_comparison": [data["t4"]["phase_b"]]}  # ms only
+    (tmp_path / "t4" / "results.json").write_text(json.dumps(t4))
+    found = runs_folder.collect(tmp_path)
+    assert list(found.retrievals[0].phases) == ["phase_a", "phase_b_ms"]
+    assert [p for p in found.problems if "phase_b_none" in p] == [
+        "t4/phase_b_none is not in t4/results.json: not reported (rerun t4_retrieval.py with that "
+        "--mining or --compare-mining to report it)"]
+    text = report.build_report(tmp_path).read_text()
+    assert "t4/phase_b_none is not in t4/results.json" in text
+    assert "phase_b_none__curves.png" not in text
 
 
 def test_archive_refuses_a_runs_folder_without_a_finished_run(tmp_path):

@@ -302,11 +302,37 @@ def test_gate_init_pytorch_means_pytorchs_default_init():
     assert t3_cubs.gate_logit("pytorch") is None and t3_cubs.gate_logit("-2.5") == -2.5
 
 
-def test_t3_defaults_to_compile_mode_default_and_t2_to_cuda_graphs(monkeypatch):
-    # T3's per-block torch.cond cannot live in a CUDA graph (t3_cubs.py); T1 and T2 replay graphs
+def test_t3_and_t4_default_to_compile_mode_default_and_t2_to_cuda_graphs(monkeypatch):
+    # T3's per-block torch.cond cannot live in a CUDA graph (t3_cubs.py), nor T4's (the same
+    # CUBS network: Inductor skips the graphs of a graph with torch.cond); T1 and T2 replay graphs
     from test_colab import script_parser
     assert script_parser("t3_cubs.py", monkeypatch).parse_args([]).compile_mode == "default"
+    assert script_parser("t4_retrieval.py", monkeypatch).parse_args([]).compile_mode == "default"
     assert script_parser("t2_resnet18.py", monkeypatch).parse_args([]).compile_mode == "reduce-overhead"
+
+
+@pytest.mark.parametrize("compile_, mode, deferred", [(True, "reduce-overhead", True), (True, "default", False),
+                                                      (False, "reduce-overhead", False)])
+def test_t4_under_cuda_graphs_defers_the_range_check_as_t3_does(compile_, mode, deferred, monkeypatch):
+    # Without it each plain block kept its torch.cond, and CUDA graphs were silently skipped.
+    import t4_retrieval
+    from common import engine
+    from common.cubs import SimilarityGateBlock, cubs_resnet18
+    from common.schema import FitConfig
+
+    class Stop(Exception):
+        pass
+
+    def capture(model, rt, compile, mode, redo_check=None):
+        raise Stop(redo_check)
+
+    monkeypatch.setattr(engine, "for_training", capture)
+    model = cubs_resnet18(num_classes=4, width=8, d=64)
+    with pytest.raises(Stop) as stopped:
+        t4_retrieval.fit_phase(model, [], None, None, FitConfig(compile=compile_, compile_mode=mode),
+                               Path("unused"), None, {})
+    assert (stopped.value.args[0] is not None) == deferred
+    assert {b.defer_range_check for b in model.modules() if isinstance(b, SimilarityGateBlock)} == {deferred}
 
 
 def test_t4_refuses_more_classes_per_batch_than_training_classes_before_training(tmp_path):
