@@ -5,8 +5,11 @@ ratio=(3/4, 4/3)) to S x S, random horizontal flip, to float CHW, normalise; bot
 same number of threads / worker processes (--workers) and read the same generated files:
   (a) 64 x 64 Tiny-ImageNet-like JPEGs at S=64   (goal: ours >= 3x the baseline)
   (b) 500 x 375 Cars-like JPEGs at S=224         (goal: ours >= 1.3x the baseline)
-One warm-up epoch each, then epochs of ours and of the baseline alternate (so a change in
-machine load hits both), and the medians of the per-epoch images/s are printed. The goals
+One warm-up epoch each, then rounds in which each loader runs two epochs back to back and
+only the second is timed (so a change in machine load hits both, and DALI, which starts on
+its next epoch as soon as one ends, gets no head start from the other loader's epoch: an
+alternation epoch by epoch gave it 2 ready batches of 4 per --quick epoch, 6.46x instead of
+about 3x), and the medians of the per-epoch images/s are printed. The goals
 are for a 2-core CPU; the machine's load average is printed, since other jobs skew it.
 No assertions. Run: python -m bench.bench_data [--workers 2] [--batch-size N] [--quick]
 """
@@ -96,11 +99,13 @@ def bench_case(name: str, files: list[str], labels: list[int], size: int, batch_
                                  for b, ld in ours.items()}
     runs["baseline (PIL+DataLoader)"] = lambda e: consume(base)
     rates: dict[str, list[float]] = {k: [] for k in runs}
-    for epoch in range(epochs + 1):  # epoch 0 is the warm-up
+    for label, run in runs.items():
+        run(0)  # warm-up
+    for round_ in range(epochs):
         for label, run in runs.items():
-            n, seconds = timed(lambda: run(epoch))
-            if epoch > 0:
-                rates[label].append(n / seconds)
+            run(2 * round_ + 1)  # untimed: what a loader prepares after it counts for itself only
+            n, seconds = timed(lambda: run(2 * round_ + 2))
+            rates[label].append(n / seconds)
     baseline = statistics.median(rates["baseline (PIL+DataLoader)"])
     print(f"\n{name}: {len(files)} files, {len(files) // batch_size * batch_size} images/epoch, "
           f"batch {batch_size}, {workers} workers, {epochs} timed epochs (medians)")

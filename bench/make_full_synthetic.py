@@ -8,6 +8,8 @@ train images are then topped up to 500 per class by a process pool (one seeded R
 image, so the result does not depend on the process count). Cars-like: 196 classes x
 `--cars-per-class` JPEGs of 500 x 375 in the cars_annos layout. The pixel content is
 learnable but the point here is speed: file count, sizes and formats match the real sets.
+tiny-imagenet-200/FULL_SIZE_MARKER is written last: wnids.txt exists from the start, so only
+the marker tells a finished set from one a kill cut short (gpu_check.sh regenerates without it).
 """
 import argparse
 import sys
@@ -20,6 +22,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.synthetic import make_cars196, make_tiny_imagenet, render_class_image  # noqa: E402
 
+FULL_SIZE_MARKER = ".full-size-complete"
+
 
 def _write_train_images(job: tuple[Path, int, int, int]) -> int:
     folder, class_id, first, last = job
@@ -30,13 +34,13 @@ def _write_train_images(job: tuple[Path, int, int, int]) -> int:
     return last - first
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", type=Path, help="folder to receive tiny-imagenet-200/")
     p.add_argument("--cars", type=Path, help="folder to receive the cars_annos layout")
     p.add_argument("--cars-per-class", type=int, default=10)
     p.add_argument("--procs", type=int, default=8)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.tiny:
         root = make_tiny_imagenet(args.tiny, num_classes=200, train_per_class=20,
                                   val_per_class=50, image_size=64, seed=0)
@@ -44,6 +48,7 @@ def main() -> None:
                 for c in range(200) for start in range(20, 500, 40)]
         with Pool(args.procs) as pool:
             total = sum(pool.imap_unordered(_write_train_images, jobs, chunksize=4))
+        (root / FULL_SIZE_MARKER).write_text(f"{20 * 200 + total} train images\n")
         print(f"Tiny ImageNet-like: {root} ({20 * 200 + total} train, 10000 val JPEGs)")
     if args.cars:
         make_cars196(args.cars, layout="cars_annos", num_classes=196,

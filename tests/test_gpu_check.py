@@ -131,3 +131,86 @@ def test_dali_parts_are_checked_joined_and_unpacked_into_a_folder_python_imports
     done = _gpu_check("--dali-parts", str(parts), tmp_path=tmp_path)
     assert done.returncode == 1 and "differ from SHA256" in done.stdout
     assert "unpacking" not in done.stdout
+
+
+def _gpu_check_runs() -> list[tuple[str, str, list[str]]]:
+    """(name, script, flags) of every task run gpu_check.sh makes (its `run` lines)."""
+    import shlex
+    text = (ROOT / "bench" / "gpu_check.sh").read_text().replace("\\\n", " ")
+    runs = []
+    for line in text.splitlines():
+        if line.startswith("run "):
+            name, _own, _keep, script, *flags = shlex.split(line)[1:]
+            runs.append((name, script, flags))
+    return runs
+
+
+def test_every_task_run_of_gpu_check_passes_its_scripts_flag_checks(tmp_path):
+    # T4's --holdout-per-class 1, refused since T4 requires 2, cost every GPU check its T4 row.
+    runs = _gpu_check_runs()
+    assert [name for name, _, _ in runs] == ["t3", "t2", "t1", "t4"]
+    started = []
+    for name, script, flags in runs:  # gpu_check adds --data-dir, --out and --workers
+        flags = [f.replace("$OUT", str(tmp_path)) for f in flags]
+        started.append((name, subprocess.Popen(
+            [sys.executable, script, *flags, "--data-dir", str(tmp_path / "no-data"), "--out",
+             str(tmp_path / name), "--workers", "8"], cwd=ROOT, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)))
+    for name, process in started:
+        _, err = process.communicate(timeout=300)
+        # Past every flag check, to the missing dataset (exit 1; a usage error exits 2).
+        assert process.returncode == 1 and "not found" in err, (name, err[-500:])
+
+
+def test_gpu_check_summary_says_why_a_run_finished_no_second_epoch(tmp_path):
+    text = (ROOT / "bench" / "gpu_check.sh").read_text()
+    summary = text.split("<<'PY' | tee \"$OUT/summary.txt\"\n", 1)[1].split("\nPY\n", 1)[0]
+    (tmp_path / "t4.log").write_text("usage: t4_retrieval.py ...\nt4_retrieval.py: error: --holdout-per-class must be >= 2\n\n")
+    done = subprocess.run([sys.executable, "-", str(tmp_path), "12"], input=summary, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert ("T4 phase A             no second epoch (0 epoch(s) finished); t4.log ends: t4_retrieval.py: "
+            "error: --holdout-per-class must be >= 2") in done.stdout
+    assert "T3 cubs serial plain   no second epoch (0 epoch(s) finished); t3.log ends: no t3.log" in done.stdout
+    import json
+    runs = json.loads((tmp_path / "summary.json").read_text())["runs"]
+    assert runs["T4 phase A"]["log_tail"] == "t4_retrieval.py: error: --holdout-per-class must be >= 2"
+
+
+def test_full_size_tiny_imagenet_is_marked_complete_only_after_its_last_image(tmp_path, monkeypatch):
+    # wnids.txt is written first; gpu_check.sh took it for a finished set after a killed run.
+    from bench import make_full_synthetic as mfs
+
+    written = []
+
+    def write_or_die(job):
+        if len(written) == 3:
+            raise KeyboardInterrupt  # the 600 s command limit, mid-pool
+        written.append(job)
+        return job[3] - job[2]
+
+    class InlinePool:  # the pool's jobs in this process, in order
+        def __init__(self, procs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def imap_unordered(self, fn, jobs, chunksize=1):
+            return map(fn, jobs)
+
+    monkeypatch.setattr(mfs, "Pool", InlinePool)
+    monkeypatch.setattr(mfs, "_write_train_images", write_or_die)
+    monkeypatch.setattr(mfs, "make_tiny_imagenet", lambda folder, **kw: (folder / "tiny-imagenet-200").mkdir(
+        parents=True) or folder / "tiny-imagenet-200")
+    with pytest.raises(KeyboardInterrupt):
+        mfs.main(["--tiny", str(tmp_path)])
+    assert not (tmp_path / "tiny-imagenet-200" / mfs.FULL_SIZE_MARKER).exists()
+    shutil.rmtree(tmp_path / "tiny-imagenet-200")
+    written.append("not counted: no interruption this time")
+    mfs.main(["--tiny", str(tmp_path)])
+    assert (tmp_path / "tiny-imagenet-200" / mfs.FULL_SIZE_MARKER).read_text() == "100000 train images\n"
+    assert f'$DATA/tiny-imagenet-200/{mfs.FULL_SIZE_MARKER}' in (ROOT / "bench" / "gpu_check.sh").read_text()
