@@ -41,7 +41,7 @@ import torch
 from bench.synthetic_options import hue_jitter
 from common import cubs, engine, runtime, synthetic
 from common.checkpoint import load_checkpoint
-from common.cubs import CUBSBlock1Plus, CUBSBlock2Plus, PlusGateBlock, cubs_resnet18
+from common.cubs import PLACEMENTS, CUBSBlock1Plus, CUBSBlock2Plus, PlusGateBlock, cubs_resnet18
 from common.diagnostics import diagnostics, gamma_values
 from common.datasets import load_tiny_imagenet
 from common.evaluate import evaluate_classifier
@@ -77,6 +77,15 @@ def unbounded(model: torch.nn.Module) -> torch.nn.Module:
             # A method of the block: a copy of the model gets one bound to its own gamma.
             block.effective_gamma = types.MethodType(lambda self: self.gamma, block)
     return model
+
+
+def _is_gate(gate: str) -> bool:
+    if gate in ("none", "plus", "plusraw"):
+        return True
+    try:
+        return math.isfinite(float(gate))
+    except ValueError:
+        return False
 
 
 def build(name: str) -> torch.nn.Module:
@@ -228,6 +237,11 @@ def main() -> None:
                              "folder data_test<N>: the same train images, a larger test split")
     parser.add_argument("--plot", type=Path, help="write the per-epoch holdout curves of every run here")
     args = parser.parse_args()
+    for name in args.names:  # all of them before the first run trains
+        placement, _, gate = name.partition("-")
+        if name != "t2" and (placement not in PLACEMENTS or not _is_gate(gate)):
+            parser.error(f"run name {name!r}: expected t2 or PLACEMENT-GATE with PLACEMENT one of "
+                         f"{', '.join(PLACEMENTS)} and GATE none, plus, plusraw or a number (serial-3)")
     torch.set_num_threads(1)  # two runs side by side on 2 cores, as measured
     data = args.out / ("data" if args.test_per_class == 10 else f"data_test{args.test_per_class}")
     splits = load_tiny_imagenet(make_data(data, args.test_per_class), holdout_per_class=8, seed=0)

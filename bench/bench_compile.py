@@ -57,6 +57,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--only", nargs="*", help="network names (default: all)")
     args = p.parse_args()
+    names = list(networks(8))
+    if set(args.only or ()) - set(names):
+        p.error(f"--only: no network named {', '.join(sorted(set(args.only) - set(names)))}; "
+                f"the networks are {', '.join(names)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, width {args.width}, "
           f"{args.size}x{args.size}, batch {args.batch}, fullgraph=True, inductor")
     print(f"{'network':22s} {'compile+1st s':>13s} {'compiled s':>10s} {'eager s':>8s} {'out dist':>9s} {'grad dist':>9s}")

@@ -32,6 +32,7 @@ os.environ.setdefault("TORCH_LOGS", "recompiles,graph_breaks")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -215,6 +216,17 @@ def profile_compiled(model: torch.nn.Module, args, rt) -> dict:
                     for e in top]}
 
 
+def without_nan(value):
+    """`value` with every float NaN or infinity (nested in dicts and lists) replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: without_nan(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_nan(v) for v in value]
+    return value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=40, help="steps per epoch")
@@ -225,6 +237,11 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "/tmp/gpu_diagnose")))
     p.add_argument("--device", default="cuda", help="cuda; cpu = a dry run of this script's code")
     args = p.parse_args()
+    unknown = sorted(set(args.parts.split(",")) - set(EXPECTED_S))
+    if unknown:  # before any GPU time is spent on the parts that are spelled right
+        p.error(f"--parts: no part named {', '.join(unknown)}; the parts are {', '.join(EXPECTED_S)}")
+    if args.steps < 2:
+        p.error(f"--steps must be >= 2 (each part times the steps after the first), got {args.steps}")
     if args.device != "cpu" and not torch.cuda.is_available():
         sys.exit("gpu_diagnose needs a CUDA GPU (--device cpu for a dry run)")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -251,8 +268,8 @@ def main() -> None:
         print(f"[diagnose] {part} ({time.perf_counter() - start:.0f} s in)", flush=True)
         return True
 
-    def save() -> None:
-        (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    def save() -> None:  # NaN (no figure) as null: strict JSON readers refuse NaN
+        (args.out / "summary.json").write_text(json.dumps(without_nan(summary), indent=1, allow_nan=False))
 
     def run_part(part: str, fn) -> None:
         """One part; an exception (a compiler error, say) is recorded and the next part runs."""

@@ -1,0 +1,43 @@
+"""Bench scripts refuse misspelled names and unusable flags before they spend any time
+(a GPU lease, a training run), and write strict JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+
+from bench import at_par_ablation, bench_compile, gpu_diagnose
+
+
+@pytest.mark.parametrize("module, argv, message", [
+    (gpu_diagnose, ["--device", "cpu", "--parts", "t3_graph,t2_compiled"],
+     "--parts: no part named t3_graph; the parts are range_check, t3_compiled"),
+    (gpu_diagnose, ["--device", "cpu", "--steps", "1"], "--steps must be >= 2"),
+    (at_par_ablation, ["t2", "serial3"], "run name 'serial3': expected t2 or PLACEMENT-GATE"),
+    (at_par_ablation, ["serial-foo"], "run name 'serial-foo'"),
+    (at_par_ablation, ["bogus-3"], "run name 'bogus-3'"),
+    (bench_compile, ["--only", "cubs_serial_plian"], "--only: no network named cubs_serial_plian"),
+])
+def test_a_bad_name_or_flag_is_a_usage_error_before_any_work(module, argv, message, monkeypatch, capsys, tmp_path):
+    # Before: gpu_diagnose ran nothing and exited 0 (or failed after every part's compile),
+    # at_par_ablation failed after training the runs before the bad name, bench_compile did nothing.
+    monkeypatch.setattr(sys, "argv", [module.__name__, *argv])
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    trained = []
+    monkeypatch.setattr(at_par_ablation, "train", lambda *args: trained.append(args))
+    monkeypatch.setattr(at_par_ablation, "make_data", lambda *args: pytest.fail("made data before checking names"))
+    with pytest.raises(SystemExit) as exit_:
+        module.main()
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert trained == [] and not (tmp_path / "out").exists()
+
+
+def test_summary_json_writes_missing_figures_as_null():
+    summary = {"parts": {"range_check": [{"scale": 100, "max_abs_vs_eager": math.nan}],
+                         "t2": {"peak_mem_gib": float("inf"), "steps": 3, "ok": 1.5}}}
+    text = json.dumps(gpu_diagnose.without_nan(summary), allow_nan=False)
+    assert json.loads(text) == {"parts": {"range_check": [{"scale": 100, "max_abs_vs_eager": None}],
+                                          "t2": {"peak_mem_gib": None, "steps": 3, "ok": 1.5}}}
