@@ -153,7 +153,7 @@ def round_robin_step_times(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller batches, fewer runs")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 is steadier on a shared machine")
     parser.add_argument("--all-keys", action="store_true",
                         help="also time plus with keys at all N positions (slow on CPU)")
@@ -163,6 +163,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8, help=argparse.SUPPRESS)
     parser.add_argument("--runs", type=int, default=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no GPU here")
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

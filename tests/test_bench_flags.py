@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-from bench import at_par_ablation, bench_compile, gpu_diagnose
+import torch
+
+from bench import at_par_ablation, bench_compile, bench_cubs, gpu_diagnose
 
 
 @pytest.mark.parametrize("module, argv, message", [
@@ -20,10 +22,14 @@ from bench import at_par_ablation, bench_compile, gpu_diagnose
     (at_par_ablation, ["serial-foo"], "run name 'serial-foo'"),
     (at_par_ablation, ["bogus-3"], "run name 'bogus-3'"),
     (bench_compile, ["--only", "cubs_serial_plian"], "--only: no network named cubs_serial_plian"),
+    (bench_cubs, ["--device", "gpu"], "argument --device: invalid choice: 'gpu'"),
+    (bench_cubs, ["--device", "cuda"], "--device cuda: torch sees no GPU here"),
 ])
 def test_a_bad_name_or_flag_is_a_usage_error_before_any_work(module, argv, message, monkeypatch, capsys, tmp_path):
     # Before: gpu_diagnose ran nothing and exited 0 (or failed after every part's compile),
     # at_par_ablation failed after training the runs before the bad name, bench_compile did nothing.
+    if module is bench_cubs and "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --device cuda is valid here")
     monkeypatch.setattr(sys, "argv", [module.__name__, *argv])
     monkeypatch.setenv("OUT", str(tmp_path / "out"))
     trained = []
