@@ -283,7 +283,7 @@ def write_results(model: torch.nn.Module, meta: dict, init: dict, recall_init: d
     phase_b = {m: phase_summary(f, "holdout_r1", mining=m) for m, f in results_b.items()}
     chosen = results_b[args.mining]
     results = RetrievalResults(
-        task="t4", placement=meta["placement"], variant=meta["variant"],
+        task="t4", placement=meta["placement"], variant=meta["variant"], d=meta.get("d", BLOCK1_D),
         **init, params=count_parameters(model), embedding_params=chosen["embedding_params"],
         test_images=len(test.files), test_classes=len(test.classes),
         train_images=len(data.splits.train.files), train_classes=len(data.splits.train.classes),

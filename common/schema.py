@@ -130,6 +130,7 @@ class RetrievalResults(RunFigures, total=False):
     task: str
     placement: str
     variant: str
+    d: int  # Block 1's similarity size, T3's (so that the report rebuilds this network)
     init: str
     init_source: str
     init_sha256: str  # of the file the weights came from

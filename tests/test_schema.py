@@ -34,6 +34,9 @@ def test_classifier_results_and_checkpoint_meta_follow_the_schema(runs):
 def test_retrieval_results_and_both_phases_meta_follow_the_schema(runs):
     results = json.loads((runs / "t4" / "results.json").read_text())
     _check_keys(results, schema.RetrievalResults, "t4 results.json")
+    # The report rebuilds T4's network from results.json: with T3's d (the smoke runs' is not
+    # the default 512), not the default's.
+    assert sum(p.numel() for p in build_model(results).parameters()) == results["params"]
     for phase in [results["phase_a"], results["phase_b"], *results["mining_comparison"]]:
         _check_keys(phase, schema.PhaseResult, "a phase of t4 results.json")
     for folder in ("phase_a", "phase_b_ms", "phase_b_hard"):

@@ -268,6 +268,26 @@ def test_t4_resumes_only_from_the_t3_weights_it_started_from(tmp_path):
         t4_retrieval.main(flags)
 
 
+def test_t4_results_record_t3s_block1_size_so_the_report_rebuilds_its_network(tmp_path):
+    # T4 builds its network with T3's d; results.json did not say so, and the report rebuilt
+    # (and counted parameters and FLOPs of) a d = 512 network.
+    import t4_retrieval
+    from common.checkpoint import save_checkpoint
+    from common.cubs import cubs_resnet18
+    from common.networks import build_model
+    t3 = tmp_path / "t3"
+    (t3 / "serial_plain").mkdir(parents=True)
+    (t3 / "placements.json").write_text(json.dumps({"best_overall": {"placement": "serial", "variant": "plain"}}))
+    (t3 / "serial_plain" / "results.json").write_text(json.dumps({"d": 64, "width": 8}))
+    save_checkpoint({"model": cubs_resnet18(10, width=8, d=64).state_dict()}, t3 / "serial_plain" / "best.pt")
+    t4_retrieval.main(["--smoke", "--out", str(tmp_path / "t4"), "--backend", "torch", "--epochs", "1",
+                       "--embed-epochs", "1", "--width", "8", "--no-compare-mining", "--init", "t3",
+                       "--t3-results", str(t3 / "placements.json")])
+    results = json.loads((tmp_path / "t4" / "results.json").read_text())
+    assert results["d"] == 64
+    assert sum(p.numel() for p in build_model(results).parameters()) == results["params"]
+
+
 # Every mining's Phase B keeps what Phase A learned: R@1 at least the untrained network's
 # + 0.065, half the smallest gain over the start of any mining (0.13, init scratch, seeds
 # 0-2). A Phase B that undid Phase A's training
