@@ -66,7 +66,9 @@ def load_initial_weights(model: torch.nn.Module, init: str, *, t3_best: Path | N
         raise ConfigError(f"--init {init}: {source} is not a state dict of tensors ({held}); "
                           f"--init-weights takes torchvision's ResNet-18 state dict (resnet18-f37072fd.pth), "
                           f"and a checkpoint of these scripts starts T4 with --init t3")
+    state, stem_skipped = _without_stem_batchnorm(model, state)
     loaded, skipped = load_matching_tensors(model, state)
+    skipped = [r for r in skipped if r.split(":")[0] not in stem_skipped] + list(stem_skipped.values())
     # Only a conv or linear weight (ndim >= 2) shows that the networks agree: BatchNorm's step
     # counters (0-d) and the CUBS blocks' biases (size d or 3) match at any --width.
     if not any(state[name].ndim >= 2 for name in loaded):
@@ -82,6 +84,19 @@ def load_initial_weights(model: torch.nn.Module, init: str, *, t3_best: Path | N
             print(f"  ... and {len(skipped) - 12} more (listed in results.json)")
     return {"init": init, "init_source": source, "init_sha256": _sha256(path), "init_loaded": len(loaded),
             "init_skipped": skipped}
+
+
+def _without_stem_batchnorm(model: torch.nn.Module, state: dict[str, torch.Tensor]
+                            ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state without bn1.*, {name: skip reason}) when the stem conv does not fit (T3's 3x3
+    cifar stem, T4's 7x7 one): that BatchNorm's statistics and scale describe the skipped
+    conv's outputs, so the fresh conv keeps a fresh BatchNorm. Else (state, {})."""
+    own = model.state_dict()
+    if "conv1.weight" not in state or "conv1.weight" not in own or \
+            state["conv1.weight"].shape == own["conv1.weight"].shape:
+        return state, {}
+    stem = {k: f"{k}: the stem BatchNorm of the skipped conv1 (fresh init)" for k in state if k.startswith("bn1.")}
+    return {k: v for k, v in state.items() if k not in stem}, stem
 
 
 def _sha256(path: Path) -> str:

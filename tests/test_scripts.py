@@ -140,11 +140,14 @@ def test_t4_smoke_phase_a_beats_the_network_it_started_from(runs):
     r = json.loads((runs / "t4" / "results.json").read_text())
     t3 = json.loads((runs / "t3" / "placements.json").read_text())["best_overall"]
     assert (r["placement"], r["variant"]) == (t3["placement"], t3["variant"])
-    # --init auto starts from that T3 run: every tensor but the 3x3 stem and the classifier
+    # --init auto starts from that T3 run: every tensor but the 3x3 stem (conv and its
+    # BatchNorm) and the classifier
     assert r["init"] == "t3" and r["init_source"].endswith(f"{t3['placement']}_{t3['variant']}/best.pt")
-    assert [s.split(":")[0] for s in r["init_skipped"]] == ["conv1.weight", "fc.weight", "fc.bias"]
+    assert [s.split(":")[0] for s in r["init_skipped"]] == ["conv1.weight", "fc.weight", "fc.bias", "bn1.weight",
+                                                             "bn1.bias", "bn1.running_mean", "bn1.running_var",
+                                                             "bn1.num_batches_tracked"]
     t3_state = torch.load(runs / "t3" / f"{t3['placement']}_{t3['variant']}" / "best.pt", weights_only=True)["model"]
-    assert r["init_loaded"] == len(t3_state) - 3
+    assert r["init_loaded"] == len(t3_state) - 8
     assert r["test_classes"] == 8 and r["train_classes"] == 8
     assert r["recall_at_1_chance"] == pytest.approx(23 / 191)  # 8 x 24 images: 23 of 191 others match
     start, a = r["init_test_recall"]["1"], r["phase_a"]["test_recall"]["1"]
@@ -229,14 +232,21 @@ def test_t4_builds_t3s_block1_size_so_that_every_t3_tensor_loads(tmp_path):
     from common.init_weights import load_initial_weights, t3_block1_size
     best = tmp_path / "serial_plain" / "best.pt"
     t3_state = cubs_resnet18(10, width=8, d=64).state_dict()
+    for key in ("bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var"):  # trained, not fresh
+        t3_state[key] = t3_state[key] + 0.5
     save_checkpoint({"model": t3_state}, best)
     (best.parent / "results.json").write_text(json.dumps({"d": 64, "width": 8}))
     d = t3_block1_size("auto", best, width=8)
     assert d == 64 and t3_block1_size("scratch", best, width=8) is None
     t4 = cubs_resnet18(8, stem="imagenet", width=8, d=d)
     init = load_initial_weights(t4, "auto", t3_best=best, t3_results="unused", verbose=False)
-    assert [s.split(":")[0] for s in init["init_skipped"]] == ["conv1.weight", "fc.weight", "fc.bias"]
-    assert init["init_loaded"] == len(t3_state) - 3 and init["init"] == "t3"
+    stem_bn = ["bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var", "bn1.num_batches_tracked"]
+    assert [s.split(":")[0] for s in init["init_skipped"]] == ["conv1.weight", "fc.weight", "fc.bias", *stem_bn]
+    assert init["init_loaded"] == len(t3_state) - 8 and init["init"] == "t3"
+    # T3's stem BatchNorm described its 3x3 conv's outputs, not the fresh 7x7 conv's
+    assert "bn1.running_var: the stem BatchNorm of the skipped conv1 (fresh init)" in init["init_skipped"]
+    fresh = cubs_resnet18(8, stem="imagenet", width=8, d=d).state_dict()
+    assert all(torch.equal(t4.state_dict()[k], fresh[k]) for k in stem_bn)
     with pytest.raises(ConfigError, match=f"T3 run in {best.parent}, of width 8; pass --width 8, or --init scratch"):
         t3_block1_size("t3", best, width=64)
 
