@@ -136,7 +136,7 @@ class RetrievalResults(RunFigures, total=False):
     init_sha256: str  # of the file the weights came from
     init_loaded: int
     init_skipped: list[str]
-    embedding_params: int
+    embedding_params: int  # Phase B network, its unused backbone fc included (what its checkpoint holds)
     test_images: int
     test_classes: int
     train_images: int
