@@ -29,7 +29,7 @@ from common.checkpoint import discard_run
 from common.cubs import BLOCK1_D, PLACEMENTS, VARIANTS, cubs_resnet18, range_check
 from common.diagnostics import diagnostics
 from common.errors import ConfigError
-from common.files import remove_files, write_json
+from common.files import STALE_TEMP_S, remove_files, remove_stale_temps, write_json
 from common.init_weights import INIT_CHOICES, load_initial_weights, t3_block1_size, t3_selection
 from common.loss import MINING_CHOICES, multi_similarity_loss
 from common.models import EmbeddingNet, count_parameters
@@ -292,6 +292,7 @@ def write_results(model: torch.nn.Module, meta: dict, init: dict, recall_init: d
         mining_comparison=list(phase_b.values()), device=describe_device(rt),
         loader=data.loaders.train.backend, finished=True, args=cli.flags(args))
     # The figure first: results.json says the command finished, so nothing may be missing then.
+    remove_stale_temps(out, ("retrieval.png", "results.json"), STALE_TEMP_S)  # what a kill mid-write left
     plots.retrieval_grid(*chosen["embeddings"], test.files, out / "retrieval.png", seed=args.seed,
                          embedding=f"the Phase B embedding (Multi-Similarity loss, {args.mining} mining)")
     write_json(results, out / "results.json")

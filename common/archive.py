@@ -37,7 +37,7 @@ import torch
 
 from common.checkpoint import inference_state, load_checkpoint
 from common.errors import UserError
-from common.files import atomic_file
+from common.files import STALE_TEMP_S, atomic_file, remove_stale_temps
 from common.runs_folder import Chosen, RunsFolder, choose_runs, collect
 
 REPO = Path(__file__).resolve().parents[1]
@@ -182,6 +182,7 @@ def write_zip(entries: list[tuple[str, Source]], dest: Path) -> None:
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate names in the archive: {sorted({n for n in names if names.count(n) > 1})}")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(dest.parent, [dest.name], STALE_TEMP_S)  # a killed earlier write's, as large as the zip
     with atomic_file(dest) as tmp, zipfile.ZipFile(tmp, "w") as zf:
         for name, source in entries:
             kind = zipfile.ZIP_STORED if Path(name).suffix in STORED else zipfile.ZIP_DEFLATED

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import pickle
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from common.errors import UserError
-from common.files import atomic_file, previous_path, remove_files, remove_stale_temps
+from common.errors import ConfigError, UserError
+from common.files import atomic_file, folder_lock, previous_path, remove_files, remove_stale_temps
 from common.runtime import Runtime
 from common.schema import CheckpointMeta
 
@@ -216,6 +218,25 @@ class RunCheckpoints:
         self.out, self.rt, self.meta, self.config, self.owners = out, rt, meta, config, owners
         self.last, self.best = out / "last.pt", out / "best.pt"
         out.mkdir(parents=True, exist_ok=True)
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """This run's folder for this process alone (rank 0 locks it for all ranks): a second
+        copy of the command on the same --out would resume from an older last.pt and
+        overwrite the newer checkpoints of the first."""
+        if not self.rt.is_main:
+            yield
+            return
+        locked = False
+        try:
+            with folder_lock(self.out, wait=False):
+                locked = True
+                yield
+        except BlockingIOError:
+            if locked:  # raised by the training inside, not by the lock
+                raise
+            raise ConfigError(f"{self.out} is in use by another process (another copy of this command?): "
+                              f"let it finish or stop it, then rerun this command to resume") from None
 
     def save(self, progress: RunProgress, *paths: Path) -> None:
         """Write the full state to each path in turn (last.pt keeps its predecessor)."""

@@ -7,6 +7,7 @@ of every training flag), then adds the few flags only it has.
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 import os
 import signal
@@ -252,12 +253,29 @@ def run(main: Callable[[], object]) -> None:
         main()
     except UserError as err:
         sys.exit(f"error: {err}")
+    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
+        full = _no_space(err)
+        if full is None:
+            raise
+        sys.exit(f"error: no space left on the device{f' writing {full.filename}' if full.filename else ''} "
+                 f"({full.strerror}). Every file is written whole or not at all, so the last checkpoint "
+                 f"is intact: free space (old runs, another run's last.prev.pt), then rerun the same "
+                 f"command to resume")
     except Interrupted as stop:
         sys.exit(128 + stop.signum)
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C); what was saved is kept: rerun the same command to go on",
               file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
+
+
+def _no_space(err: BaseException | None) -> OSError | None:
+    """The out-of-space (or out-of-quota) OSError behind `err`, following its causes, or None."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):

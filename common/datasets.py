@@ -17,8 +17,6 @@ import tempfile
 import urllib.request
 import zipfile
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Sequence
@@ -27,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.errors import DatasetError, DatasetNotFoundError, DownloadError
+from common.files import folder_lock
 
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
@@ -193,7 +192,7 @@ def find_tiny_imagenet(data_dir: str | Path, download: bool = True, url: str = T
                             f"{how_to_get_it}") from error
     # Two runs started at once on a fresh --data-dir (T1 and T2 side by side) would write
     # the same zip and extract over each other: the second waits, then finds the dataset.
-    with _exclusive(data_dir):
+    with folder_lock(data_dir):
         if (target / "wnids.txt").is_file():
             return target
         try:
@@ -220,23 +219,6 @@ def find_tiny_imagenet(data_dir: str | Path, download: bool = True, url: str = T
             shutil.rmtree(temporary, ignore_errors=True)
         zip_path.unlink()  # kept on failure above, so a retry can reuse the verified download
     return target
-
-
-@contextmanager
-def _exclusive(folder: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` (flock on the folder itself, so no lock file is left;
-    released when the process ends, however it ends). Without fcntl (Windows), no lock."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _first_missing_folder(path: Path) -> Path | None:

@@ -344,11 +344,11 @@ def fit(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.optim.Optimiz
     stopper = EarlyStopping(cfg.patience, cfg.min_delta)
     run = RunCheckpoints(Path(out), rt, meta, asdict(cfg), model=net.module, optimizer=optimizer,
                          scheduler=scheduler, scaler=scaler, early_stopping=stopper)
-    if cfg.fresh:
-        run.discard()
-    progress = RunProgress() if cfg.fresh else run.resume()
-    epochs_here = 0
-    with _recorded_signals() as signals:
+    with run.held(), _recorded_signals() as signals:
+        if cfg.fresh:
+            run.discard()
+        progress = RunProgress() if cfg.fresh else run.resume()
+        epochs_here = 0
         try:
             while not progress.finished:
                 if progress.epoch >= cfg.epochs or stopper.should_stop:

@@ -6,12 +6,14 @@ half of one. Every file a run or the report writes goes through `atomic_file`.
     write_text(path, text)
     remove_files(folder, names)          # a run's old outputs and their temps, for --fresh
     remove_stale_temps(folder, names)    # what a kill mid-write left of atomic_file's temps
+    with folder_lock(folder): ...        # one process at a time in a folder
 """
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -73,11 +75,38 @@ def remove_files(folder: str | Path, names: Sequence[str]) -> list[str]:
     return removed
 
 
-def remove_stale_temps(folder: str | Path, names: Sequence[str]) -> int:
+def remove_stale_temps(folder: str | Path, names: Sequence[str], unchanged_for_s: float = 0.0) -> int:
     """Delete the temporary files that atomic_file left for each of `names` in `folder`
     when a kill came mid-write (a checkpoint's is as large as the checkpoint). Only for a
-    folder no other process is writing. Returns how many were deleted."""
-    stale = [p for name in names for p in Path(folder).glob(f".{name}.*.tmp") if p.is_file()]
+    folder no other process is writing, unless `unchanged_for_s` spares every temp written
+    to within that many seconds: a live write's. Returns how many were deleted."""
+    now = time.time()
+    stale = [p for name in names for p in Path(folder).glob(f".{name}.*.tmp")
+             if p.is_file() and now - p.stat().st_mtime >= unchanged_for_s]
     for path in stale:
         path.unlink(missing_ok=True)
     return len(stale)
+
+
+# A temp this long untouched is no live write's (atomic_file writes in seconds): safe to delete
+# in a folder other commands may be writing (T3's and T4's --out, the report's).
+STALE_TEMP_S = 600.0
+
+
+@contextmanager
+def folder_lock(folder: Path, wait: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (flock on the folder itself, so no lock file is left;
+    released when the block ends or the process does, however it ends). wait=False raises
+    BlockingIOError at once if another process (or another open of it here) holds it.
+    Without fcntl (Windows), no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+    finally:
+        os.close(fd)

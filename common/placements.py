@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from common.cubs import PLACEMENTS, VARIANTS
-from common.files import write_json, write_text
+from common.files import STALE_TEMP_S, remove_stale_temps, write_json, write_text
 from common.formats import fmt_acc, fmt_count, fmt_epochs, fmt_points, table
 from common.plots import plot_bars
 from common.schema import RECIPE_FLAGS
@@ -139,6 +139,7 @@ def processes(results: Mapping[str, Any]) -> int:
 def write_comparison(c: Mapping[str, Any], out: Path) -> None:
     """placements.json, placements.md and placements.png in `out`; prints the Markdown."""
     text = "\n".join(comparison_lines(c)).rstrip() + "\n"
+    remove_stale_temps(out, ("placements.json", "placements.md", "placements.png"), STALE_TEMP_S)  # a kill's
     write_json(c, out / "placements.json")
     write_text(out / "placements.md", text)
     names = [f"{r['placement']}\n{r['variant']}" for r in c["runs"]]

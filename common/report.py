@@ -46,7 +46,7 @@ from pathlib import Path
 from common import archive
 from common.architecture import Summaries, architectures
 from common.errors import UserError
-from common.files import atomic_file, write_text
+from common.files import STALE_TEMP_S, atomic_file, remove_stale_temps, write_text
 from common.formats import (fmt_1, fmt_acc, fmt_count, fmt_epochs, fmt_gflops, fmt_points,
                             fmt_setting, table)
 from common.networks import model_name
@@ -95,6 +95,9 @@ class Figures:
                        if p.is_file() and ours(p.name) and p.name not in self.linked)
         for name in stale:
             (self.folder / name).unlink()
+        # and a killed report's half-written figures (atomic_file's temps), unless being written
+        remove_stale_temps(self.folder, sorted({t.name[1:].rsplit(".", 2)[0] for t in self.folder.glob(".*.tmp")
+                                                if ours(t.name[1:].rsplit(".", 2)[0])}), STALE_TEMP_S)
         return stale
 
     def copy(self, src: Path, name: str, alt: str) -> list[str]:

@@ -343,3 +343,23 @@ def test_atomic_file_is_synced_before_the_rename_and_readable_as_the_umask_allow
     (fsync, synced), (replace, moved) = events
     assert (fsync, replace) == ("fsync", "replace") and synced == moved  # the same temporary file
     assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_stale_temps_are_removed_but_a_live_writes_is_spared(tmp_path):
+    # In folders other commands may write (T3's and T4's --out, the report's figures, next to
+    # the zip), a kill's temps piled up; removing them must not pull a live write's away.
+    import os
+    import time
+
+    from common.files import STALE_TEMP_S, remove_stale_temps
+    old = tmp_path / ".results.json.k1.tmp"
+    live = tmp_path / ".results.json.k2.tmp"
+    other = tmp_path / ".notes.txt.k3.tmp"
+    for path in (old, live, other):
+        path.write_text("x")
+    os.utime(old, (time.time() - STALE_TEMP_S - 1,) * 2)
+    os.utime(other, (time.time() - STALE_TEMP_S - 1,) * 2)
+    assert remove_stale_temps(tmp_path, ["results.json"], STALE_TEMP_S) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.txt.k3.tmp", ".results.json.k2.tmp"]
+    assert remove_stale_temps(tmp_path, ["results.json"]) == 1  # a folder only this process writes
+    assert [p.name for p in tmp_path.iterdir()] == [".notes.txt.k3.tmp"]

@@ -191,3 +191,37 @@ def test_the_typed_data_flags_reach_the_checkpoint_meta_and_the_loaders():
     s = cli.loader_settings(args, eval_resize=46)
     assert (s.batch_size, s.image_size, s.workers, s.backend, s.seed, s.color_jitter, s.eval_resize) == (
         48, 40, 1, "torch", 11, 0.3, 46)
+
+
+def test_a_full_disk_while_saving_is_one_line_that_says_so_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    # torch.save reports ENOSPC as "RuntimeError: [enforce fail at inline_container.cc:672]":
+    # a 30-line traceback that never said the disk was full.
+    import errno
+
+    import torch
+
+    from common import checkpoint
+    path = tmp_path / "last.pt"
+    checkpoint.save_checkpoint({"epoch": 1}, path)
+
+    def full_disk(state, f):
+        f.write(b"partial")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 11975424")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit) as stop:
+        cli.run(lambda: checkpoint.save_checkpoint({"epoch": 2}, path))
+    assert str(stop.value.code).startswith("error: no space left on the device (No space left on device). "
+                                           "Every file is written whole or not at all")
+    assert "rerun the same command to resume" in str(stop.value.code)
+    monkeypatch.undo()
+    assert checkpoint.load_checkpoint(path) == {"epoch": 1}  # the last one, whole
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # and no temp beside it
+
+    def other_runtime_error():
+        raise RuntimeError("a bug")
+    with pytest.raises(RuntimeError, match="a bug"):  # not a full disk: its traceback stays
+        cli.run(other_runtime_error)

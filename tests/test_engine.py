@@ -706,3 +706,29 @@ def test_metrics_count_the_graphs_compiled_in_each_epoch_its_slowest_step_and_th
     # A lower bound only: a slower machine makes it truer (no bound on the other epochs).
     assert history[2]["slowest_step_s"] >= STALL_S
     assert all(h["eval_time_s"] >= EVAL_S for h in history)  # the holdout pass, timed apart
+
+
+def test_a_second_copy_on_the_same_run_folder_is_refused_while_the_first_trains(tiny_splits, tmp_path):
+    # Two copies on one --out (a second notebook on the same Drive folder) resumed from each
+    # other's older last.pt and overwrote the newer checkpoints; one then advised --fresh.
+    import subprocess
+    import sys
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(out)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True); sys.stdin.readline()")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"  # another process trains in `out`
+        with pytest.raises(ConfigError, match=f"^{re.escape(str(out))} is in use by another process "
+                                              r"\(another copy of this command\?\)"):
+            _run_fit(tiny_splits, out, "torch", epochs=1)
+        assert sorted(p.name for p in out.iterdir()) == []  # nothing read, written or removed
+    finally:
+        holder.communicate("done\n", timeout=30)
+    _, result = _run_fit(tiny_splits, out, "torch", epochs=1)  # once it has ended
+    assert result["finished"]
+    _, again = _run_fit(tiny_splits, out, "torch", epochs=1)  # the lock went with the first call
+    assert again["finished"] and again["epochs_run"] == 1

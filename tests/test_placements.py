@@ -2,6 +2,8 @@
 at-par rule against vanilla ResNet-18, plus vs plain) and its Markdown, on hand-written
 results.json files."""
 import json
+import os
+import time
 import shutil
 from pathlib import Path
 
@@ -185,7 +187,11 @@ def test_write_comparison_writes_the_json_the_markdown_and_the_figure(tmp_path, 
     drawn = {}
     draw = placements.plot_bars
     monkeypatch.setattr(placements, "plot_bars", lambda *a, **kw: drawn.update(a=a, kw=kw) or draw(*a, **kw))
+    killed = tmp_path / ".placements.png.k1.tmp"  # what a kill mid-write left an hour ago
+    killed.write_bytes(b"half a png")
+    os.utime(killed, (time.time() - 3600,) * 2)
     write_comparison(c, tmp_path)
+    assert not killed.exists()
     # The figure shows the score that selects (holdout) beside the test score, vanilla too.
     names, series = drawn["a"][:2]
     assert names == ["serial\nplain", "parallel\nplain", "vanilla\nResNet-18"]

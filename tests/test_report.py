@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -976,6 +977,26 @@ def test_write_zip_is_atomic(tmp_path):
         archive.write_zip([("a.txt", present), ("b.txt", tmp_path / "missing.txt")], dest)
     assert dest.read_bytes() == b"the previous archive"
     assert sorted(tmp_path.iterdir()) == [dest, present]
+    killed = tmp_path / ".A.zip.k1.tmp"  # a write killed an hour ago: as large as the zip
+    killed.write_bytes(b"half a zip")
+    os.utime(killed, (time.time() - 3600,) * 2)
+    archive.write_zip([("A/a.txt", present)], dest)
+    assert sorted(tmp_path.iterdir()) == [dest, present]
+
+
+def test_a_rebuilt_report_removes_what_a_killed_one_left_half_written(tmp_path):
+    make_runs(tmp_path)
+    figures = tmp_path / "report_figures"
+    figures.mkdir()
+    killed = [figures / ".t2__curves.png.k1.tmp", figures / ".classifiers_holdout.png.k2.tmp"]
+    for path in killed:
+        path.write_bytes(b"half a png")
+        os.utime(path, (time.time() - 3600,) * 2)
+    users = figures / ".notes.txt.k3.tmp"  # not a name the report gives a figure
+    users.write_text("x")
+    os.utime(users, (time.time() - 3600,) * 2)
+    report.build_report(tmp_path)
+    assert not any(p.exists() for p in killed) and users.exists()
 
 
 def test_code_files_without_git_are_the_package_files(tmp_path):

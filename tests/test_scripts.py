@@ -5,6 +5,7 @@ into a shared runs/ folder; the tests then check what those runs wrote. Each smo
 balanced classes, so chance is 0.10 top-1 and about 0.12 Recall@1.
 """
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -290,11 +291,15 @@ def test_t4_results_record_t3s_block1_size_so_the_report_rebuilds_its_network(tm
     (t3 / "placements.json").write_text(json.dumps({"best_overall": {"placement": "serial", "variant": "plain"}}))
     (t3 / "serial_plain" / "results.json").write_text(json.dumps({"d": 64, "width": 8}))
     save_checkpoint({"model": cubs_resnet18(10, width=8, d=64).state_dict()}, t3 / "serial_plain" / "best.pt")
+    killed = tmp_path / "t4" / ".retrieval.png.k1.tmp"  # a kill's, mid-write, an hour ago
+    killed.parent.mkdir()
+    killed.write_bytes(b"half a png")
+    os.utime(killed, (time.time() - 3600,) * 2)
     t4_retrieval.main(["--smoke", "--out", str(tmp_path / "t4"), "--backend", "torch", "--epochs", "1",
                        "--embed-epochs", "1", "--width", "8", "--no-compare-mining", "--init", "t3",
                        "--t3-results", str(t3 / "placements.json")])
     results = json.loads((tmp_path / "t4" / "results.json").read_text())
-    assert results["d"] == 64
+    assert results["d"] == 64 and not killed.exists()
     assert sum(p.numel() for p in build_model(results).parameters()) == results["params"]
 
 
