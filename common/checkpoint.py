@@ -362,10 +362,11 @@ def resume_point(out: Path, is_main: bool) -> tuple[Path, dict[str, Any]] | None
                               f"another --out).")
     if is_main and passed_over:
         # Kept under another name, so that none of them wins a later resume once best.pt
-        # moves on; the run's results.json and eval.json scored the best.pt that is gone.
+        # moves on; the run's results.json and eval.json scored the best.pt that is gone, so
+        # they go first: a kill between the two steps then leaves nothing stale behind.
+        remove_files(out, ("results.json", "eval.json"))
         for path in passed_over:
             os.replace(path, path.with_name(f"{path.stem}.passed-over{path.suffix}"))
-        remove_files(out, ("results.json", "eval.json"))
         problems.append(f"renamed {', '.join(p.name for p in passed_over)} to *.passed-over.pt")
     if is_main and (problems or source != last):
         print("; ".join(problems + [f"resuming from {source} (epoch {ck['epoch']} done)"]))

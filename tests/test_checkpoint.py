@@ -276,7 +276,8 @@ def test_a_best_checkpoint_older_than_the_best_epoch_is_rewritten_from_the_state
         assert torch.equal(a, b), k
 
 
-def test_a_state_whose_best_epoch_no_file_holds_is_passed_over_or_refused(tiny_splits, tmp_path, capsys):
+def test_a_state_whose_best_epoch_no_file_holds_is_passed_over_or_refused(tiny_splits, tmp_path, capsys,
+                                                                         monkeypatch):
     # Edited states: last.pt saved mid-epoch 4 records best epoch 3, best.pt holds epoch 2
     # and last.prev.pt is gone, so no file holds epoch 3's end: last.pt is passed over and
     # the run resumes from best.pt itself, which agrees with itself.
@@ -289,6 +290,11 @@ def test_a_state_whose_best_epoch_no_file_holds_is_passed_over_or_refused(tiny_s
                      "early_stopping": {**last["early_stopping"], "best_epoch": 1}}, tmp_path / "best.pt")
     for name in ("results.json", "eval.json"):  # what a script and --evaluate wrote of the old state
         (tmp_path / name).write_text("{}")
+    with monkeypatch.context() as m:  # a kill at the renaming: the stale results are gone already
+        m.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=0)
+    assert not (tmp_path / "results.json").exists() and (tmp_path / "last.pt").exists()
     _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=0)
     printed = capsys.readouterr().out
     assert f"{tmp_path / 'last.pt'} (epoch 3 done) records best epoch 3, which {tmp_path / 'best.pt'} " \
