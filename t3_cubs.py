@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from common import cli, engine, evaluate, runtime, task_data
-from common.checkpoint import discard_run
+from common.checkpoint import discard_runs
 from common.cubs import BLOCK1_D, GATE_LOGIT_INIT, PLACEMENTS, VARIANTS, check_plus_d, cubs_resnet18, range_check
 from common.diagnostics import diagnostics
 from common.files import remove_files
@@ -97,9 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
         # Every run of this command now (the data is there), not each as it starts: a rerun
         # after a kill must not resume a later placement's old run. The comparison is
         # redone at the end.
-        for placement in placements:
-            for variant in variants:
-                discard_run(Path(args.out) / f"{placement}_{variant}")
+        discard_runs([Path(args.out) / f"{placement}_{variant}" for placement in placements for variant in variants])
         remove_files(args.out, ("placements.json", "placements.md", "placements.png"))
 
     # -- one training run per (placement, variant), same seed and recipe

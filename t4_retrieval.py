@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import torch
 
 from common import cli, engine, evaluate, plots, runtime, task_data
-from common.checkpoint import discard_run
+from common.checkpoint import discard_runs
 from common.cubs import BLOCK1_D, PLACEMENTS, VARIANTS, cubs_resnet18, range_check
 from common.diagnostics import diagnostics
 from common.errors import ConfigError
@@ -150,8 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     init = load_initial_weights(model, args.init, t3_best=t3_best, t3_results=args.t3_results,
                                 init_weights=args.init_weights, verbose=rt.is_main)
     if args.fresh and rt.is_main:  # every phase, once nothing can fail before training starts
-        for phase in ["phase_a", *(f"phase_b_{mining}" for mining in MINING_CHOICES)]:
-            discard_run(out / phase)
+        discard_runs([out / phase for phase in ["phase_a", *(f"phase_b_{m}" for m in MINING_CHOICES)]])
         remove_files(out, ("results.json", "retrieval.png"))
     # The file's digest too: a rerun after T3 trained again must not resume from other weights.
     meta = {**meta, **{k: init[k] for k in ("init", "init_sha256") if k in init}, **cli.data_recipe(args)}

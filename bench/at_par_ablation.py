@@ -91,7 +91,7 @@ def _is_gate(gate: str) -> bool:
 def build(name: str) -> torch.nn.Module:
     if name == "t2":
         return ResNet18(CLASSES, width=WIDTH)
-    placement, gate = name.split("-")
+    placement, _, gate = name.partition("-")  # gate may be negative: serial--2
     if gate in ("plus", "plusraw"):
         model = cubs_resnet18(CLASSES, width=WIDTH, d=64, placement=placement, variant="plus")
         return unbounded(model) if gate == "plusraw" else model

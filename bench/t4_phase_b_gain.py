@@ -211,12 +211,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"dataset {gen}; t4 extra flags {args.t4 or 'none'}; runs in {work}")
     print(f"load {os.getloadavg()[0]:.1f}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
 
-    main_mining = args.t4[args.t4.index("--mining") + 1] if "--mining" in args.t4[:-1] else "ms"
-    minings = [main_mining] + ([m for m in ("ms", "none", "hard", "semihard") if m != main_mining]
-                               if args.compare_mining else [])
-    head = (f"{'seed':>4} {'chance':>6} {'pixels':>6} {'centred':>7} {'before':>6} {'A':>6} "
-            + " ".join(f"{'B ' + m:>10}" for m in minings) + f" {'B-A':>6} {'A-before':>8} {'wall s':>6}")
-    # B - A: of the main mining, the one Phase B's results are reported with
     rows = []
     for seed in args.seeds:
         r, wall = run_seed(seed, data_root, work / f"seed{seed}", args.t4, args.compare_mining,
@@ -228,6 +222,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    b_epochs=(r["phase_b"]["best_epoch"], r["phase_b"]["epochs_run"]),
                    train_classes=r["train_classes"], test_images=r["test_images"], wall=wall)
         rows.append(row)
+    # The mining Phase B reports (--t4's --mining, however it was spelled) first; B - A is its.
+    main_mining = r["phase_b"]["mining"]
+    minings = [main_mining] + [m for m in ("ms", "none", "hard", "semihard") if m != main_mining and m in b]
+    head = (f"{'seed':>4} {'chance':>6} {'pixels':>6} {'centred':>7} {'before':>6} {'A':>6} "
+            + " ".join(f"{'B ' + m:>10}" for m in minings) + f" {'B-A':>6} {'A-before':>8} {'wall s':>6}")
     print(head)
     for row in rows:
         print(f"{row['seed']:>4} {row['chance']:6.3f} {row['pixels']:6.3f} {row['centred']:7.3f} "

@@ -10,11 +10,11 @@ folder, is fsync'ed, then renamed over the target. A crash mid-save leaves the o
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import random
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -200,6 +200,37 @@ RUN_FILES = ("last.pt", "last.prev.pt", "best.pt", "metrics.jsonl", "results.jso
              "curves.png")
 
 
+@contextlib.contextmanager
+def exclusive_folder(folder: Path, is_main: bool = True) -> Iterator[None]:
+    """Hold `folder` (a run's) for this process alone, rank 0 for all ranks (others: no-op);
+    ConfigError at once if another process holds it."""
+    if not is_main:
+        yield
+        return
+    locked = False
+    try:
+        with folder_lock(folder, wait=False):
+            locked = True
+            yield
+    except BlockingIOError:
+        if locked:  # raised by the work inside, not by the lock
+            raise
+        raise ConfigError(f"{folder} is in use by another process (another copy of this command?): "
+                          f"let it finish, or stop it, first") from None
+
+
+def discard_runs(folders: Sequence[Path]) -> None:
+    """--fresh of a command that trains several runs (T3's placements, T4's phases): discard_run
+    in each folder, once this process holds all that exist (exclusive_folder), so that a
+    second copy refused later has deleted nothing of the first's."""
+    with contextlib.ExitStack() as held:
+        for folder in folders:
+            if folder.is_dir():
+                held.enter_context(exclusive_folder(folder))
+        for folder in folders:
+            discard_run(folder)
+
+
 def discard_run(folder: Path) -> None:
     """--fresh: delete the RUN_FILES of an earlier run in `folder`, saying so. A new run
     killed before its first save would otherwise resume, or report, the old one."""
@@ -219,24 +250,11 @@ class RunCheckpoints:
         self.last, self.best = out / "last.pt", out / "best.pt"
         out.mkdir(parents=True, exist_ok=True)
 
-    @contextmanager
-    def held(self) -> Iterator[None]:
-        """This run's folder for this process alone (rank 0 locks it for all ranks): a second
-        copy of the command on the same --out would resume from an older last.pt and
-        overwrite the newer checkpoints of the first."""
-        if not self.rt.is_main:
-            yield
-            return
-        locked = False
-        try:
-            with folder_lock(self.out, wait=False):
-                locked = True
-                yield
-        except BlockingIOError:
-            if locked:  # raised by the training inside, not by the lock
-                raise
-            raise ConfigError(f"{self.out} is in use by another process (another copy of this command?): "
-                              f"let it finish or stop it, then rerun this command to resume") from None
+    def held(self) -> contextlib.AbstractContextManager[None]:
+        """This run's folder for this process alone (exclusive_folder): a second copy of the
+        command on the same --out would resume from an older last.pt and overwrite the newer
+        checkpoints of the first."""
+        return exclusive_folder(self.out, self.rt.is_main)
 
     def save(self, progress: RunProgress, *paths: Path) -> None:
         """Write the full state to each path in turn (last.pt keeps its predecessor)."""

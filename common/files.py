@@ -10,8 +10,10 @@ half of one. Every file a run or the report writes goes through `atomic_file`.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -106,7 +108,18 @@ def folder_lock(folder: Path, wait: bool = True) -> Iterator[None]:
         return
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:  # BlockingIOError (held) is raised; a file system without flock is not
+            if isinstance(err, BlockingIOError) or err.errno not in _NO_FLOCK:
+                raise
+            print(f"note: {folder} cannot be locked ({err.strerror}): nothing keeps a second "
+                  f"process out of it", file=sys.stderr)
         yield
     finally:
         os.close(fd)
+
+
+# What flock raises where the file system has none (Lustre without -o flock, NFS without
+# lockd, some SMB and FUSE mounts): there the folder goes unlocked, as on Windows.
+_NO_FLOCK = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}

@@ -97,15 +97,17 @@ def quick_problem(path: str) -> str | None:
 def decode_problem(path: str) -> str | None:
     """Why PIL cannot decode `path` as a JPEG/PNG, or None if it decodes completely.
 
-    A JPEG must also hold an end-of-image marker after its last start-of-scan marker
-    (neither can occur inside entropy-coded data): a file cut short and zero-filled to its
-    full size (an interrupted copy) decodes without error, zeros being valid scan data."""
+    A JPEG must also hold an end-of-image marker after its first start-of-scan marker
+    (_first_scan; an FF D9 cannot occur inside entropy-coded data): a file cut short and
+    zero-filled to its full size (an interrupted copy) decodes without error, zeros being
+    valid scan data. What follows that marker (a camera's trailer) is not read."""
     try:
         data = Path(path).read_bytes()
     except OSError as err:
         return f"cannot be read ({err.strerror})"
-    if data.startswith(_JPEG_START) and data.find(_JPEG_END, data.rfind(b"\xff\xda")) < 0:
-        return "truncated JPEG: no end-of-image marker (FF D9) after its last scan (cut short or zero-filled)"
+    scan = _first_scan(data) if data.startswith(_JPEG_START) else -1
+    if scan >= 0 and data.find(_JPEG_END, scan) < 0:
+        return "truncated JPEG: no end-of-image marker (FF D9) after its scan (cut short or zero-filled)"
     try:
         with Image.open(io.BytesIO(data)) as image:
             if image.format not in ("JPEG", "PNG"):
@@ -114,6 +116,24 @@ def decode_problem(path: str) -> str | None:
     except Exception as err:  # noqa: BLE001 - PIL raises many types; every one means "bad file"
         return f"does not decode: {err}"
     return None
+
+
+def _first_scan(data: bytes) -> int:
+    """Offset of a JPEG's first start-of-scan marker (FF DA), found by walking its marker
+    segments from the start by their lengths (so an EXIF thumbnail inside APP1 is skipped);
+    -1 where the walk finds no scan (then the decoder judges the file)."""
+    i = 2  # after SOI
+    while i + 4 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xDA:
+            return i
+        if marker == 0xFF:  # a fill byte
+            i += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+        else:
+            i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return -1
 
 
 def _fingerprint(files: Sequence[str]) -> tuple[str, list[tuple[str, str]]]:

@@ -47,3 +47,10 @@ def test_summary_json_writes_missing_figures_as_null():
     text = json.dumps(gpu_diagnose.without_nan(summary), allow_nan=False)
     assert json.loads(text) == {"parts": {"range_check": [{"scale": 100, "max_abs_vs_eager": None}],
                                           "t2": {"peak_mem_gib": None, "steps": 3, "ok": 1.5}}}
+
+
+def test_a_negative_gate_logit_passes_the_check_and_builds(monkeypatch):
+    # serial--2 passed the name check and then failed to unpack in build(), after training others.
+    assert at_par_ablation._is_gate("-2")
+    model = at_par_ablation.build("serial--2")
+    assert isinstance(model, torch.nn.Module)

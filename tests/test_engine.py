@@ -711,17 +711,10 @@ def test_metrics_count_the_graphs_compiled_in_each_epoch_its_slowest_step_and_th
 def test_a_second_copy_on_the_same_run_folder_is_refused_while_the_first_trains(tiny_splits, tmp_path):
     # Two copies on one --out (a second notebook on the same Drive folder) resumed from each
     # other's older last.pt and overwrote the newer checkpoints; one then advised --fresh.
-    import subprocess
-    import sys
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, sys, time\n"
-        f"fd = os.open({str(out)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
-        "print('locked', flush=True); sys.stdin.readline()")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = _hold_lock(out)  # another process trains in `out`
     try:
-        assert holder.stdout.readline() == "locked\n"  # another process trains in `out`
         with pytest.raises(ConfigError, match=f"^{re.escape(str(out))} is in use by another process "
                                               r"\(another copy of this command\?\)"):
             _run_fit(tiny_splits, out, "torch", epochs=1)
@@ -732,3 +725,62 @@ def test_a_second_copy_on_the_same_run_folder_is_refused_while_the_first_trains(
     assert result["finished"]
     _, again = _run_fit(tiny_splits, out, "torch", epochs=1)  # the lock went with the first call
     assert again["finished"] and again["epochs_run"] == 1
+
+
+def _hold_lock(folder):
+    """Another process that holds `folder`'s lock (as a running copy of a command does) until
+    its stdin gets a line."""
+    import subprocess
+    import sys
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys\n"
+        f"fd = os.open({str(folder)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "print('locked', flush=True); sys.stdin.readline()")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "locked\n"
+    return holder
+
+
+def test_fresh_of_a_command_with_several_runs_deletes_nothing_while_one_of_them_is_in_use(tmp_path):
+    # T3's --fresh discarded every placement's checkpoints before the lock refused it: the
+    # running copy lost its last.pt and best.pt.
+    import t3_cubs
+    out = tmp_path / "t3"
+    for run in ("serial_plain", "reverse_plain"):
+        (out / run).mkdir(parents=True)
+        for name in ("last.pt", "best.pt", "metrics.jsonl"):
+            (out / run / name).write_text("the running copy's")
+    holder = _hold_lock(out / "reverse_plain")
+    try:
+        with pytest.raises(ConfigError, match=f"^{re.escape(str(out / 'reverse_plain'))} is in use by another "
+                                              r"process \(another copy of this command\?\): let it finish, "
+                                              r"or stop it, first$"):
+            t3_cubs.main(["--smoke", "--out", str(out), "--placement", "all", "--variant", "plain",
+                          "--epochs", "1", "--backend", "torch", "--fresh"])
+        for run in ("serial_plain", "reverse_plain"):
+            assert sorted(p.name for p in (out / run).iterdir()) == ["best.pt", "last.pt", "metrics.jsonl"]
+    finally:
+        holder.communicate("done\n", timeout=30)
+
+
+def test_a_folder_on_a_file_system_without_flock_goes_unlocked_with_a_note(tmp_path, monkeypatch, capsys):
+    import errno
+    import fcntl
+
+    from common.files import folder_lock
+
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    with folder_lock(tmp_path, wait=False):
+        (tmp_path / "written").write_text("x")
+    assert (tmp_path / "written").exists()
+    assert capsys.readouterr().err == (f"note: {tmp_path} cannot be locked (Function not implemented): nothing "
+                                       f"keeps a second process out of it\n")
+
+    def held(fd, operation):
+        raise BlockingIOError(errno.EWOULDBLOCK, "Resource temporarily unavailable")
+    monkeypatch.setattr(fcntl, "flock", held)
+    with pytest.raises(BlockingIOError):
+        with folder_lock(tmp_path, wait=False):
+            pass

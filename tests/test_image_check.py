@@ -71,13 +71,23 @@ def test_a_jpeg_cut_short_and_zero_filled_to_full_size_fails_both_checks(progres
     if not progressive:
         with Image.open(path) as image:
             image.load()  # what made it pass before: PIL decodes it
-    assert decode_problem(path) == ("truncated JPEG: no end-of-image marker (FF D9) after its last scan "
+    assert decode_problem(path) == ("truncated JPEG: no end-of-image marker (FF D9) after its scan "
                                     "(cut short or zero-filled)")
     for mode in ("quick", "full"):
         with pytest.raises(ImageDecodeError, match="zero_tail.jpg: truncated JPEG"):
             check_images([path], mode)
     whole = write(tmp_path, "whole.jpg", data)
     assert decode_problem(whole) is None
+    # A trailer after the end marker may hold the bytes FF DA (no FF D9 after them): still whole.
+    trailer = write(tmp_path, "trailer.jpg", data + b"TRAILER\xff\xda" + bytes(2000))
+    assert decode_problem(trailer) is None and check_images([trailer], "quick") == 1
+    # An EXIF thumbnail (a whole JPEG inside APP1, before the main scan) does not count as the scan.
+    thumbnail = encoded("JPEG", size=8)
+    app1 = b"Exif\x00\x00" + thumbnail
+    with_thumbnail = data[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + data[2:]
+    assert decode_problem(write(tmp_path, "thumb.jpg", with_thumbnail)) is None
+    cut = with_thumbnail[:len(with_thumbnail) - len(data) // 2]
+    assert decode_problem(write(tmp_path, "thumb_cut.jpg", cut + bytes(len(data) // 2))).startswith("truncated JPEG")
 
 
 def test_each_kind_of_bad_file_is_named_with_its_reason(tmp_path: Path) -> None:
