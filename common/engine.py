@@ -180,6 +180,7 @@ def train_one_epoch(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.o
                disable=not (rt.is_main and _interactive()), mininterval=2, dynamic_ncols=True)
     builds_before, step, redone, first_step_s = len(loader.build_times), start, 0, None
     graphs_before, step_end, slowest_step_s = _compiled_graphs(), meter.elapsed(), 0.0
+    lr = optimizer.param_groups[0]["lr"]
     # A redone step must start from the buffers the compiled pass found: its forward pass
     # has updated BatchNorm's running statistics already (with NaN, past the series' range).
     buffers = list(net.module.buffers()) if net.redo_check is not None else []
@@ -211,6 +212,7 @@ def train_one_epoch(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.o
             torch.nn.utils.clip_grad_norm_(net.module.parameters(), grad_clip)
         scaler.step(optimizer)  # skipped (and the scale lowered) if fp16 gradients overflowed
         scaler.update()
+        lr = optimizer.param_groups[0]["lr"]  # this step's: the epoch reports its last step's
         scheduler.step()
         meter.add(loss, correct, len(labels))
         step += 1
@@ -224,7 +226,7 @@ def train_one_epoch(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.o
             bar.close()
             raise Interrupted(signum, epoch, step, meter.sums(every_rank=True))
     bar.close()
-    return {**meter.epoch_stats(epoch, step), "lr": optimizer.param_groups[0]["lr"],
+    return {**meter.epoch_stats(epoch, step), "lr": lr,
             # this process's first step (its first batch's wait included) and the loader
             # builds (DALI pipelines, the device cache) it waited for
             "first_step_s": first_step_s, "loader_builds_s": loader.build_times[builds_before:],

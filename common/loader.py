@@ -385,9 +385,7 @@ if HAVE_DALI:
             images = fn.resize(images, resize_x=size, resize_y=size)
             if color_jitter > 0:
                 jitter = [1 - color_jitter, 1 + color_jitter]
-                images = fn.color_twist(images, brightness=fn.random.uniform(range=jitter),
-                                        contrast=fn.random.uniform(range=jitter),
-                                        saturation=fn.random.uniform(range=jitter))
+                images = dali_color_jitter(images, *(fn.random.uniform(range=jitter) for _ in range(3)))
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
                                               mean=mean, std=std, mirror=fn.random.coin_flip())
         elif raw:  # the cache fill: S x S x 3 uint8, augmented later on the device
@@ -398,7 +396,10 @@ if HAVE_DALI:
             images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB,
                                         adjust_orientation=False)
             if eval_resize:
-                images = fn.resize(images, resize_shorter=eval_resize)
+                # subpixel_scale=False: the whole-pixel size the fallback (and torchvision)
+                # resizes to; DALI's default keeps the exact scale, shifting the crop by a
+                # fraction of a pixel (up to 10 levels apart on textured 500 x 375 images).
+                images = fn.resize(images, resize_shorter=eval_resize, subpixel_scale=False)
                 images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
                                                   crop=[size, size], mean=mean, std=std)
             else:
@@ -408,6 +409,19 @@ if HAVE_DALI:
         if decode_device == "mixed":
             labels = labels.gpu()
         return images, labels
+
+
+def dali_color_jitter(images, brightness, contrast, saturation):
+    """torchvision's adjust_brightness, adjust_contrast and adjust_saturation, in that order
+    (as the torch fallback applies them), on DALI's H x W x 3 uint8 images; each factor a
+    float or a DataNode. Contrast scales around each image's mean grey, as torchvision's
+    does: DALI's color_twist would scale it around mid-grey (128), which darkened a dark
+    image's pixels to 0 where torchvision keeps them (up to 68 levels apart)."""
+    images = fn.color_twist(images, brightness=brightness)
+    grey = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY)
+    images = fn.brightness_contrast(images, contrast=contrast,
+                                    contrast_center=fn.reductions.mean(fn.cast(grey, dtype=types.FLOAT)))
+    return fn.color_twist(images, saturation=saturation)
 
 
 def _shm_size() -> str:

@@ -784,3 +784,19 @@ def test_a_folder_on_a_file_system_without_flock_goes_unlocked_with_a_note(tmp_p
     with pytest.raises(BlockingIOError):
         with folder_lock(tmp_path, wait=False):
             pass
+
+
+def test_each_epochs_lr_is_the_lr_its_last_step_trained_with(tiny_splits, tmp_path, monkeypatch):
+    # It was the LR after the last scheduler step: the next epoch's, so the last epoch showed
+    # "lr 0", which no step used.
+    used = []
+    real_step = torch.optim.SGD.step
+
+    def recording_step(self, *args, **kwargs):
+        used.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+    monkeypatch.setattr(torch.optim.SGD, "step", recording_step)
+    _, result = _run_fit(tiny_splits, tmp_path, "torch", epochs=3)
+    steps = len(used) // 3
+    assert [h["lr"] for h in result["history"]] == [used[steps - 1], used[2 * steps - 1], used[-1]]
+    assert result["history"][-1]["lr"] > 0

@@ -727,3 +727,45 @@ def test_auto_takes_the_device_cache_on_a_gpu_only_where_it_applies(monkeypatch)
     assert task_data._backend(task_data.LoaderSettings(**{**vars(tiny), "backend": "dali"}), n, gpu) == "dali"
     memory["total"] = 4 * 2**30  # 1.2 GB > a quarter of 4 GiB
     assert task_data._backend(tiny, n, gpu) == "auto"
+
+
+@needs_dali
+def test_dali_colour_jitter_is_torchvisions_brightness_contrast_saturation():
+    # DALI's color_twist scaled contrast around mid-grey: 68 levels from torchvision (and the
+    # torch fallback) on a half-dark image, where dark pixels went to 0.
+    from nvidia.dali import fn, pipeline_def
+    from torchvision.transforms.v2 import functional as F
+    image = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    image[:10] //= 4
+    factors = [(1.3, 1.4, 0.7), (0.7, 0.6, 1.3), (1.0, 1.0, 1.0)]
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def jittered(b, c, s):
+        x = fn.external_source(source=lambda: [image], batch=True, layout="HWC")
+        return loader_module.dali_color_jitter(x, b, c, s)
+
+    for b, c, s in factors:
+        pipe = jittered(b, c, s)
+        pipe.build()
+        ours = np.array(pipe.run()[0][0]).astype(int)
+        reference = F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(
+            torch.from_numpy(image).permute(2, 0, 1), b), c), s).permute(1, 2, 0).numpy().astype(int)
+        assert np.abs(ours - reference).max() <= 3, (b, c, s)
+
+
+@needs_dali
+def test_cars_eval_of_textured_photo_sized_images_agrees_between_backends(tmp_path):
+    # DALI kept the exact 256 / h scale (subpixel_scale) where the fallback, as torchvision,
+    # resizes to whole pixels: the 224 crops were shifted by a fraction of a pixel, about one
+    # grey level apart on average on textured images (the smooth fixtures above hid it).
+    files = []
+    for i, size in enumerate([(500, 375), (640, 480), (667, 1000)]):
+        rng = np.random.default_rng(i)
+        texture = rng.integers(0, 256, (size[1] // 4, size[0] // 4, 3), dtype=np.uint8)
+        picture = Image.fromarray(texture).resize(size, Image.NEAREST)  # 4 x 4 blocks: sharp edges
+        picture.save(tmp_path / f"{i}.png")
+        files.append(str(tmp_path / f"{i}.png"))
+    outputs = [torch.cat(collect(make(files, np.arange(3), backend, batch_size=3, train=False, image_size=224,
+                                      eval_resize=256))[0]).double().numpy() for backend in BACKENDS]
+    diff = np.abs(outputs[0] - outputs[1])
+    assert diff.mean(axis=(1, 2, 3)).max() < 0.006, diff.mean(axis=(1, 2, 3))  # about a third of a level

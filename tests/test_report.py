@@ -1021,6 +1021,10 @@ def test_recipe_rows_take_each_setting_from_its_own_flag():
     assert (phase_b["mining"], phase_b["LR"], phase_b["weight decay"], phase_b["epochs (max)"]) == (
         "hard (+ all others compared)", "0.001", "0.0001", "4")
     assert recipes.embedding_recipe({"args": {"mining": "ms"}})["mining"] == "ms"
+    # AdamW's decoupled decay: the report says how little T4's default (1e-4 at LR 1e-4) decays
+    adamw = recipes.embedding_recipe({"args": {"embed_optimizer": "adamw", "embed_lr": 1e-4,
+                                               "embed_weight_decay": 1e-4}})
+    assert adamw["weight decay"] == "0.0001 (AdamW, decoupled: each step shrinks a weight by lr x wd = 1e-08)"
 
 
 def test_a_t4_run_with_one_mining_has_no_comparison_table():
