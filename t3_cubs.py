@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     from common.placements import compare_runs, write_comparison
     if not rt.is_main:
         return {}
-    comparison = compare_runs(Path(args.out), Path(args.vanilla_results), cli.flags(args))
+    comparison = compare_runs(Path(args.out), Path(args.vanilla_results), cli.flags(args), rt.world_size)
     write_comparison(comparison, Path(args.out))
     return comparison
 

@@ -288,7 +288,7 @@ def write_results(model: torch.nn.Module, meta: dict, init: dict, recall_init: d
         train_images=len(data.splits.train.files), train_classes=len(data.splits.train.classes),
         recall_at_1_chance=chance, init_test_recall=recall_init,
         phase_a=phase_summary(result_a, "holdout_acc"), phase_b=phase_b[args.mining],
-        mining_comparison=list(phase_b.values()), device=describe_device(rt),
+        mining_comparison=list(phase_b.values()), device=chosen.get("device") or describe_device(rt),
         loader=data.loaders.train.backend, finished=True, args=cli.flags(args))
     # The figure first: results.json says the command finished, so nothing may be missing then.
     remove_stale_temps(out, ("retrieval.png", "results.json"), STALE_TEMP_S)  # what a kill mid-write left

@@ -190,6 +190,9 @@ class RunProgress:
     history: list[dict[str, Any]] = field(default_factory=list)  # metrics.jsonl's records
     finished: bool = False
     train_time_s: float = 0.0
+    # Where it trained (runtime.describe_device: "NVIDIA H100 x4"), for results.json: a
+    # finished run re-reported by another process count or machine is still described by its own.
+    device: str = ""
 
 
 # Config fields that only steer this process, not what the run computes.
@@ -293,7 +296,7 @@ class RunCheckpoints:
                 load_model_state(owner, ck["model"], source)
             elif name != "scaler" or (ck["scaler"] and owner.is_enabled()):  # empty without fp16
                 owner.load_state_dict(ck[name])
-        progress = RunProgress(**{f.name: ck[f.name] for f in fields(RunProgress)})
+        progress = RunProgress(**{f.name: ck[f.name] for f in fields(RunProgress) if f.name in ck})
         # One RNG state per rank (each rank draws its own dropout / augmentation stream), so
         # their count is the saving run's number of processes. Its LR schedule and batch
         # positions count that many processes' steps (--batch-size is per process): training

@@ -206,7 +206,8 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None, *,
         parser.error(f"--backend cache does no colour jitter (--color-jitter {args.color_jitter}): "
                      f"use --color-jitter 0, or --backend dali, torch or auto")
     for warmup, epochs in (("warmup_epochs", "epochs"), ("embed_warmup_epochs", "embed_epochs")):
-        if getattr(args, warmup, 0) >= getattr(args, epochs, math.inf) and not args.evaluate:
+        if getattr(args, warmup, 0) >= getattr(args, epochs, math.inf) and not args.evaluate \
+                and os.environ.get("RANK", "0") == "0":  # said once under torchrun, not once per process
             flag = "--" + warmup.replace("_", "-")
             print(f"note: {flag} {getattr(args, warmup):g} >= --{epochs.replace('_', '-')} "
                   f"{getattr(args, epochs)}: the LR only warms up, reaching its peak at the last step, "

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from common.checkpoint import RunCheckpoints, RunProgress
 from common.errors import Interrupted, UserError
 from common.files import write_text
-from common.runtime import Runtime, all_reduce_sums, autocast, broadcast_from_main, to_device
+from common.runtime import Runtime, all_reduce_sums, autocast, broadcast_from_main, describe_device, to_device
 from common.schema import CheckpointMeta, FitConfig
 
 # (outputs, labels) -> mean loss; outputs in fp32: B x classes logits, or B x D embeddings
@@ -350,6 +350,8 @@ def fit(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.optim.Optimiz
         if cfg.fresh:
             run.discard()
         progress = RunProgress() if cfg.fresh else run.resume()
+        if not progress.finished:  # what this process trains, it describes (a re-report keeps it)
+            progress.device = describe_device(rt)
         epochs_here = 0
         try:
             while not progress.finished:
@@ -363,6 +365,9 @@ def fit(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.optim.Optimiz
                     break
                 if cfg.stop_after_epoch is not None and epochs_here >= cfg.stop_after_epoch:
                     break
+                # Under DDP the steps agree on a signal every 25 steps only: an epoch of fewer
+                # steps (T4 on 3+ GPUs), or a signal after its last 25th, stops here, saved.
+                _stop_if_signalled(signals, progress, run, cfg, rt)
                 t0 = time.perf_counter()
                 try:
                     stats = train_one_epoch(net, loader, loss_fn, optimizer, scheduler, scaler, rt=rt,
@@ -400,18 +405,24 @@ def fit(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.optim.Optimiz
                               f"(best {stopper.best_score:.4f} at epoch {stopper.best_epoch + 1})")
             # A signal during the last holdout pass or save is seen by no training step: stop
             # here, with everything saved, instead of going on to the test pass or the next run.
-            if signum := _agree(signals[0] if signals else 0, True, rt)[0]:
-                stop = Interrupted(signum, progress.epoch, progress.step, progress.partial or {})
-                if rt.is_main:
-                    state = "the finished run" if progress.finished else f"epoch {progress.epoch}"
-                    print(f"\n{stop.name}: {run.last} holds {state}; {_how_to_go_on(cfg)}", flush=True)
-                raise stop
+            _stop_if_signalled(signals, progress, run, cfg, rt)
         finally:
             # Stopped before the end (a signal, --stop-after-epoch, an error): curves.png
             # still shows every epoch saved, whatever on_epoch skipped before.
             if not progress.finished and progress.history and rt.is_main and on_epoch is not None:
                 on_epoch(progress.history, True)
     return _summary(progress, stopper, cfg.epochs)
+
+
+def _stop_if_signalled(signals: list[int], progress: RunProgress, run: RunCheckpoints, cfg: FitConfig,
+                       rt: Runtime) -> None:
+    """Between epochs, with everything saved: raise Interrupted if any rank got a signal."""
+    if signum := _agree(signals[0] if signals else 0, True, rt)[0]:
+        stop = Interrupted(signum, progress.epoch, progress.step, progress.partial or {})
+        if rt.is_main:
+            state = "the finished run" if progress.finished else f"epoch {progress.epoch}"
+            print(f"\n{stop.name}: {run.last} holds {state}; {_how_to_go_on(cfg)}", flush=True)
+        raise stop
 
 
 def _how_to_go_on(cfg: FitConfig) -> str:
@@ -442,7 +453,7 @@ def _summary(progress: RunProgress, stopper: EarlyStopping, epochs: int) -> dict
             "images_per_s": sum(h["train_images"] for h in timed)
                             / max(1e-9, sum(h["epoch_time_s"] for h in timed)),
             "stopped_early": stopper.should_stop and len(history) < epochs,
-            "history": history, "finished": progress.finished}
+            "history": history, "finished": progress.finished, "device": progress.device or None}
 
 
 @contextmanager

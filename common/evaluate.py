@@ -284,7 +284,7 @@ def test_best(model: torch.nn.Module, loaders, fitted: dict[str, Any], meta: sch
         holdout_acc=best_record["holdout_acc"], holdout_top5=best_record["holdout_top5"],
         best_epoch=fitted["best_epoch"], epochs_run=fitted["epochs_run"],
         stopped_early=fitted["stopped_early"], train_time_s=fitted["train_time_s"],
-        images_per_s=fitted["images_per_s"], device=describe_device(rt),
+        images_per_s=fitted["images_per_s"], device=fitted.get("device") or describe_device(rt),
         loader=loaders.train.backend, finished=True, args=flags)
     if rt.is_main:
         write_json(results, out / "results.json")

@@ -40,25 +40,17 @@ def recipe_differences(args: Mapping[str, Any], reference: Mapping[str, Any],
             if k in reference and args.get(k) != reference[k]]
 
 
-def compare_runs(out: Path, vanilla_path: Path, recipe: Mapping[str, Any] | None = None) -> dict:
+def compare_runs(out: Path, vanilla_path: Path, recipe: Mapping[str, Any] | None = None,
+                 processes_now: int | None = None) -> dict:
     """Compare every finished run under `out` (its <placement>_<variant>/results.json, those
     folder names only) and,
     if `vanilla_path` holds a T2 result of the same setup and recipe, check the at-par rule.
 
     recipe: the args of the command that compares (t3_cubs.py's); a run trained with other
-    recipe flags is listed under "other_recipe" and neither compared nor selected."""
-    runs, other_recipe = [], []
-    # The folders t3_cubs.py trains into, by name: a copy such as serial_plain_old/ is no run
-    # of this comparison (it would add a second serial plain row).
-    for path in [out / f"{p}_{v}" / "results.json" for p in PLACEMENTS for v in VARIANTS]:
-        if not path.is_file():
-            continue
-        run = json.loads(path.read_text())
-        differences = recipe_differences(run.get("args", {}), recipe or {})
-        if differences:
-            other_recipe.append({"run": path.parent.name, "differences": differences})
-        else:
-            runs.append(run)
+    recipe flags is listed under "other_recipe" and neither compared nor selected. So is a
+    run trained by another number of processes than `processes_now` (--batch-size is per
+    process: another global batch and step count), when given."""
+    runs, other_recipe = _comparable_runs(out, recipe, processes_now)
     rows = [{k: r[k] for k in ("placement", "variant", "holdout_acc", "test_acc", "test_top5",
                                "params", "best_epoch", "epochs_run", "num_classes", "width",
                                "image_size")} | {"processes": processes(r)} for r in runs]
@@ -120,6 +112,27 @@ def compare_runs(out: Path, vanilla_path: Path, recipe: Mapping[str, Any] | None
         comparison["at_par"] = {"holds": round(gap, 9) <= AT_PAR_POINTS, "points_below_vanilla": gap,
                                 "rule": f"selected CUBS test accuracy >= vanilla - {AT_PAR_POINTS} points"}
     return comparison
+
+
+def _comparable_runs(out: Path, recipe: Mapping[str, Any] | None, processes_now: int | None
+                     ) -> tuple[list[dict], list[dict]]:
+    """(results.json of the runs in `out` trained with `recipe` and `processes_now` processes,
+    [{"run": folder, "differences": [...]}] of the others)."""
+    runs, other_recipe = [], []
+    # The folders t3_cubs.py trains into, by name: a copy such as serial_plain_old/ is no run
+    # of this comparison (it would add a second serial plain row).
+    for path in [out / f"{p}_{v}" / "results.json" for p in PLACEMENTS for v in VARIANTS]:
+        if not path.is_file():
+            continue
+        run = json.loads(path.read_text())
+        differences = recipe_differences(run.get("args", {}), recipe or {})
+        if processes_now is not None and processes(run) != processes_now:
+            differences.append(f"trained by {processes(run)} process(es) instead of {processes_now}")
+        if differences:
+            other_recipe.append({"run": path.parent.name, "differences": differences})
+        else:
+            runs.append(run)
+    return runs, other_recipe
 
 
 def _read_json(path: Path) -> Any:

@@ -65,9 +65,13 @@ def test_lr_inf_is_a_usage_error_before_anything_runs(capsys):
     assert "error: argument --lr: must be a finite number, got 'inf'" in capsys.readouterr().err
 
 
-def test_a_warmup_as_long_as_the_run_is_named(capsys, tmp_path):
+def test_a_warmup_as_long_as_the_run_is_named(capsys, tmp_path, monkeypatch):
     """warmup_cosine never reaches its decay when the warmup covers every epoch."""
     out = ["--out", str(tmp_path / "run")]
+    monkeypatch.setenv("RANK", "1")  # under torchrun: rank 0 alone says it
+    cli.parse(_parser(), ["--epochs", "2", *out], smoke=cli.SMOKE)
+    assert capsys.readouterr().err == ""
+    monkeypatch.delenv("RANK")
     cli.parse(_parser(), ["--epochs", "2", *out], smoke=cli.SMOKE)  # the recipe's warmup: 2 epochs
     assert capsys.readouterr().err == ("note: --warmup-epochs 2 >= --epochs 2: the LR only warms up, "
                                        "reaching its peak at the last step, and never decays; a short "

@@ -326,10 +326,13 @@ def test_embed_under_two_gloo_processes_refuses_shards_that_miss_or_repeat_an_im
 
 
 # ---------------------------------------------------------------- engine.fit cut and resumed
-def _fit_worker(rank: int, world_size: int, store: str, data: str, out: str, cut: bool, report: str) -> None:
+def _fit_worker(rank: int, world_size: int, store: str, data: str, out: str, cut: bool, report: str,
+                batch_size: int = 1) -> None:
     """engine.fit of a small network for 2 epochs of 28 steps per rank (batch 1); with `cut`,
-    rank 1 alone gets SIGINT at its 10th step and the ranks stop together at step 25.
-    Writes {"history": ...} or {"signal": name, "step": ...} or {"error": ...} to report.<rank>."""
+    rank 1 alone gets SIGINT at its 10th step and the ranks stop together at step 25 (with
+    batch 4, 7 steps an epoch: SIGINT at step 3, and they stop at the end of epoch 1).
+    Writes {"history": ...} or {"signal": name, "epoch": ..., "step": ...} or {"error": ...}
+    to report.<rank>."""
     import datetime
     import signal
 
@@ -349,7 +352,8 @@ def _fit_worker(rank: int, world_size: int, store: str, data: str, out: str, cut
     rt = runtime.Runtime(torch.device("cpu"), rank, world_size)
     splits = load_tiny_imagenet(Path(data), holdout_per_class=2)
     shard = dict(shard_id=rank, num_shards=world_size, image_size=16, backend="torch", workers=0)
-    train = ImageLoader(splits.train.files, splits.train.labels, LoaderSettings(batch_size=1, train=True, seed=5, **shard))
+    train = ImageLoader(splits.train.files, splits.train.labels, LoaderSettings(batch_size=batch_size, train=True,
+                                                                                seed=5, **shard))
     holdout = ImageLoader(splits.holdout.files, splits.holdout.labels, LoaderSettings(batch_size=8, train=False, **shard))
     torch.manual_seed(0)
     model = _SmallNet()
@@ -360,7 +364,7 @@ def _fit_worker(rank: int, world_size: int, store: str, data: str, out: str, cut
 
     def loss_fn(outputs, labels):
         steps[0] += 1
-        if cut and rank == 1 and steps[0] == 10:
+        if cut and rank == 1 and steps[0] == (10 if batch_size == 1 else 3):  # within epoch 1
             os.kill(os.getpid(), signal.SIGINT)
         return ce(outputs, labels)
     try:
@@ -369,7 +373,7 @@ def _fit_worker(rank: int, world_size: int, store: str, data: str, out: str, cut
         outcome = {"history": [{k: h[k] for k in ("train_loss", "train_acc", "train_images")}
                                for h in fitted["history"]]}
     except Interrupted as stop:
-        outcome = {"signal": stop.name, "step": stop.step}
+        outcome = {"signal": stop.name, "epoch": stop.epoch, "step": stop.step}
     except CheckpointError as err:
         outcome = {"error": str(err)}
     Path(f"{report}.{rank}").write_text(json.dumps(outcome))
@@ -397,7 +401,7 @@ def test_a_run_cut_mid_epoch_under_two_processes_resumes_with_every_ranks_sums(t
 
     straight = spawn("straight", "a")
     assert [h["train_images"] for h in straight["history"]] == [56, 56]
-    assert spawn("cut", "b", cut=True) == {"signal": "SIGINT", "step": 25}
+    assert spawn("cut", "b", cut=True) == {"signal": "SIGINT", "epoch": 0, "step": 25}
     _fit_worker(0, 1, "", str(data), str(tmp_path / "b"), False, str(tmp_path / "one"))
     error = json.loads((tmp_path / "one.0").read_text())["error"]
     assert "was saved by a run of 2 process(es); this one has 1" in error
@@ -407,3 +411,21 @@ def test_a_run_cut_mid_epoch_under_two_processes_resumes_with_every_ranks_sums(t
         assert b["train_images"] == a["train_images"]
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-9)
         assert b["train_acc"] == a["train_acc"]
+
+
+def test_under_two_processes_a_signal_in_an_epoch_of_fewer_than_25_steps_stops_at_its_end(tmp_path):
+    """The ranks agree on a signal every 25 steps: in an epoch of fewer steps (T4's on 3+
+    GPUs) none did, and a Ctrl-C or a scheduler's SIGTERM waited for the end of training
+    (torchrun SIGKILLs the workers 30 s after forwarding it). Now the run stops at the end of
+    the epoch the signal came in, with that epoch saved."""
+    from common.checkpoint import load_checkpoint
+    from common.synthetic import make_tiny_imagenet
+    data = make_tiny_imagenet(tmp_path / "data", num_classes=4, train_per_class=16, val_per_class=2,
+                              image_size=16, seed=3)
+    report = str(tmp_path / "cut")
+    torch.multiprocessing.spawn(_fit_worker, args=(2, str(tmp_path / "store"), str(data), str(tmp_path / "out"),
+                                                   True, report, 4), nprocs=2)
+    outcomes = [json.loads(Path(f"{report}.{rank}").read_text()) for rank in (0, 1)]
+    assert outcomes == [{"signal": "SIGINT", "epoch": 1, "step": 0}] * 2  # after epoch 1 of 2
+    saved = load_checkpoint(tmp_path / "out" / "last.pt")
+    assert (saved["epoch"], saved["step"], saved["finished"]) == (1, 0, False)

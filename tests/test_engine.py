@@ -800,3 +800,14 @@ def test_each_epochs_lr_is_the_lr_its_last_step_trained_with(tiny_splits, tmp_pa
     steps = len(used) // 3
     assert [h["lr"] for h in result["history"]] == [used[steps - 1], used[2 * steps - 1], used[-1]]
     assert result["history"][-1]["lr"] > 0
+
+
+def test_a_finished_run_re_reported_keeps_the_device_it_trained_on(tiny_splits, tmp_path, monkeypatch):
+    # results.json took the re-reporting process's device: a run trained by 2 processes and
+    # re-reported by 1 read as a one-process run, and passed T3's process-count checks.
+    monkeypatch.setattr(engine, "describe_device", lambda rt: "NVIDIA H100 x2")
+    _, trained = _run_fit(tiny_splits, tmp_path, "torch", epochs=1)
+    assert trained["device"] == "NVIDIA H100 x2"
+    monkeypatch.setattr(engine, "describe_device", lambda rt: "cpu")
+    _, again = _run_fit(tiny_splits, tmp_path, "torch", epochs=1)  # the finished run, re-reported
+    assert again["finished"] and again["device"] == "NVIDIA H100 x2"

@@ -239,3 +239,17 @@ def test_a_vanilla_run_of_another_process_count_is_not_compared(tmp_path):
     assert compare_runs(tmp_path, _vanilla(tmp_path / "t2.json", 0.61, device="cpu"), RECIPE)["at_par"]["holds"]
     assert [placements.processes({"device": d}) for d in ("cpu x2", "NVIDIA H100 x4", "cpu", "", "a x b")] \
         == [2, 4, 1, 1, 1]
+
+
+def test_t3_runs_of_another_process_count_than_the_comparing_command_are_not_compared(tmp_path):
+    # A placement trained by 2 processes (another global batch and step count) was ranked
+    # against one trained by 1, and could be selected.
+    _results(tmp_path, "serial", "plain", 0.60, 0.60)
+    _results(tmp_path, "reverse", "plain", 0.70, 0.65)
+    results = tmp_path / "reverse_plain" / "results.json"
+    results.write_text(json.dumps({**json.loads(results.read_text()), "device": "cpu x2"}))
+    c = compare_runs(tmp_path, tmp_path / "no_t2.json", RECIPE, processes_now=1)
+    assert [r["placement"] for r in c["runs"]] == ["serial"] and c["selected"]["placement"] == "serial"
+    assert c["other_recipe"] == [{"run": "reverse_plain", "differences": ["trained by 2 process(es) instead of 1"]}]
+    two = compare_runs(tmp_path, tmp_path / "no_t2.json", RECIPE, processes_now=2)
+    assert [r["placement"] for r in two["runs"]] == ["reverse"]
