@@ -202,6 +202,9 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None, *,
             setattr(args, flag, os.path.expanduser(getattr(args, flag)))
     if args.evaluate == "":  # e.g. --evaluate "$CKPT" with CKPT unset: not "train instead"
         parser.error("--evaluate needs a checkpoint path (got an empty one)")
+    if args.batch_size == 1 and not args.evaluate:  # an evaluation takes any batch
+        parser.error("--batch-size 1 cannot train: BatchNorm needs more than one value per channel, "
+                     "and the last stage's maps can be 1 x 1; use --batch-size 2 or more")
     if getattr(args, "backend", None) == "cache" and getattr(args, "color_jitter", None):
         parser.error(f"--backend cache does no colour jitter (--color-jitter {args.color_jitter}): "
                      f"use --color-jitter 0, or --backend dali, torch or auto")

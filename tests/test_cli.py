@@ -65,6 +65,19 @@ def test_lr_inf_is_a_usage_error_before_anything_runs(capsys):
     assert "error: argument --lr: must be a finite number, got 'inf'" in capsys.readouterr().err
 
 
+def test_batch_size_1_cannot_train_but_can_evaluate(capsys, tmp_path):
+    # It ended in BatchNorm's "Expected more than 1 value per channel when training" traceback
+    # (--image-size 8: the last stage's maps are 1 x 1).
+    with pytest.raises(SystemExit) as exit_info:
+        cli.parse(_parser(), ["--batch-size", "1", "--out", str(tmp_path / "run")], smoke=cli.SMOKE)
+    assert exit_info.value.code == 2
+    assert "error: --batch-size 1 cannot train: BatchNorm needs more than one value per channel" \
+        in capsys.readouterr().err
+    (tmp_path / "best.pt").write_bytes(b"")
+    args = cli.parse(_parser(), ["--batch-size", "1", "--evaluate", str(tmp_path / "best.pt")], smoke=cli.SMOKE)
+    assert args.batch_size == 1
+
+
 def test_a_warmup_as_long_as_the_run_is_named(capsys, tmp_path, monkeypatch):
     """warmup_cosine never reaches its decay when the warmup covers every epoch."""
     out = ["--out", str(tmp_path / "run")]
