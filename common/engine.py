@@ -180,7 +180,8 @@ def train_one_epoch(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.o
                disable=not (rt.is_main and _interactive()), mininterval=2, dynamic_ncols=True)
     builds_before, step, redone, first_step_s = len(loader.build_times), start, 0, None
     graphs_before, step_end, slowest_step_s = _compiled_graphs(), meter.elapsed(), 0.0
-    lr = optimizer.param_groups[0]["lr"]
+    # The LR of the step before this call (a resumed epoch whose last batch was done reports it)
+    lr = scheduler.base_lrs[0] * scheduler.lr_lambdas[0](max(0, scheduler.last_epoch - 1))
     # A redone step must start from the buffers the compiled pass found: its forward pass
     # has updated BatchNorm's running statistics already (with NaN, past the series' range).
     buffers = list(net.module.buffers()) if net.redo_check is not None else []
@@ -419,7 +420,10 @@ def _stop_if_signalled(signals: list[int], progress: RunProgress, run: RunCheckp
     """Between epochs, with everything saved: raise Interrupted if any rank got a signal."""
     if signum := _agree(signals[0] if signals else 0, True, rt)[0]:
         stop = Interrupted(signum, progress.epoch, progress.step, progress.partial or {})
-        if rt.is_main:
+        if rt.is_main and not run.last.exists():  # a signal before the first epoch of a new run
+            print(f"\n{stop.name}: stopped before the first epoch, nothing saved yet; rerun the same "
+                  f"command to start", flush=True)
+        elif rt.is_main:
             state = "the finished run" if progress.finished else f"epoch {progress.epoch}"
             print(f"\n{stop.name}: {run.last} holds {state}; {_how_to_go_on(cfg)}", flush=True)
         raise stop

@@ -54,6 +54,7 @@ CACHE_CHUNK_BYTES = 128 * 2**20
 
 try:
     from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali import math as dmath
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
     HAVE_DALI = True
 except ImportError:  # e.g. a fresh Colab runtime
@@ -419,8 +420,13 @@ def dali_color_jitter(images, brightness, contrast, saturation):
     image's pixels to 0 where torchvision keeps them (up to 68 levels apart)."""
     images = fn.color_twist(images, brightness=brightness)
     grey = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY)
-    images = fn.brightness_contrast(images, contrast=contrast,
-                                    contrast_center=fn.reductions.mean(fn.cast(grey, dtype=types.FLOAT)))
+    mean_grey = fn.reductions.mean(fn.cast(grey, dtype=types.FLOAT))               # per image
+    # As arithmetic, not brightness_contrast's contrast_center: a named argument must be on
+    # the CPU, and after GPU (mixed) decoding the mean is on the GPU, as the factor must be.
+    if images.device == "gpu" and hasattr(contrast, "gpu"):
+        contrast = contrast.gpu()
+    blended = fn.cast(images, dtype=types.FLOAT) * contrast + mean_grey * (1 - contrast)
+    images = fn.cast(dmath.clamp(blended, 0, 255), dtype=types.UINT8)
     return fn.color_twist(images, saturation=saturation)
 
 

@@ -13,12 +13,13 @@ parallel).
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from common.cubs import PLACEMENTS, VARIANTS
-from common.files import STALE_TEMP_S, remove_stale_temps, write_json, write_text
+from common.files import STALE_TEMP_S, remove_files, remove_stale_temps, write_json, write_text
 from common.formats import fmt_acc, fmt_count, fmt_epochs, fmt_points, table
 from common.plots import plot_bars
 from common.schema import RECIPE_FLAGS
@@ -47,9 +48,10 @@ def compare_runs(out: Path, vanilla_path: Path, recipe: Mapping[str, Any] | None
     if `vanilla_path` holds a T2 result of the same setup and recipe, check the at-par rule.
 
     recipe: the args of the command that compares (t3_cubs.py's); a run trained with other
-    recipe flags is listed under "other_recipe" and neither compared nor selected. So is a
-    run trained by another number of processes than `processes_now` (--batch-size is per
-    process: another global batch and step count), when given."""
+    recipe flags is listed under "other_recipe" and neither compared nor selected. So, when
+    `processes_now` (this command's process count) is given, is a run trained by another
+    number of processes than most of the others (--batch-size is per process: another global
+    batch and step count)."""
     runs, other_recipe = _comparable_runs(out, recipe, processes_now)
     rows = [{k: r[k] for k in ("placement", "variant", "holdout_acc", "test_acc", "test_top5",
                                "params", "best_epoch", "epochs_run", "num_classes", "width",
@@ -118,18 +120,24 @@ def _comparable_runs(out: Path, recipe: Mapping[str, Any] | None, processes_now:
                      ) -> tuple[list[dict], list[dict]]:
     """(results.json of the runs in `out` trained with `recipe` and `processes_now` processes,
     [{"run": folder, "differences": [...]}] of the others)."""
-    runs, other_recipe = [], []
+    found = []
     # The folders t3_cubs.py trains into, by name: a copy such as serial_plain_old/ is no run
     # of this comparison (it would add a second serial plain row).
     for path in [out / f"{p}_{v}" / "results.json" for p in PLACEMENTS for v in VARIANTS]:
-        if not path.is_file():
-            continue
-        run = json.loads(path.read_text())
-        differences = recipe_differences(run.get("args", {}), recipe or {})
-        if processes_now is not None and processes(run) != processes_now:
-            differences.append(f"trained by {processes(run)} process(es) instead of {processes_now}")
+        if path.is_file():
+            run = json.loads(path.read_text())
+            found.append((path.parent.name, run, recipe_differences(run.get("args", {}), recipe or {})))
+    # One process count: the one most runs of this recipe share (a finished run re-reported
+    # by another count keeps its own), ties to this command's.
+    counts = Counter(processes(run) for _, run, differences in found if not differences)
+    tied = [n for n, k in counts.items() if k == max(counts.values(), default=0)]
+    reference = processes_now if processes_now in tied or not tied else min(tied)
+    runs, other_recipe = [], []
+    for name, run, differences in found:
+        if processes_now is not None and processes(run) != reference:
+            differences = differences + [f"trained by {processes(run)} process(es) instead of {reference}"]
         if differences:
-            other_recipe.append({"run": path.parent.name, "differences": differences})
+            other_recipe.append({"run": name, "differences": differences})
         else:
             runs.append(run)
     return runs, other_recipe
@@ -161,9 +169,12 @@ def write_comparison(c: Mapping[str, Any], out: Path) -> None:
         names.append("vanilla\nResNet-18")
     series = {"holdout (selects)": [r["holdout_acc"] for r in runs], "test": [r["test_acc"] for r in runs]}
     sel = c["selected"]
-    plot_bars(names, series, out / "placements.png", ylabel="top-1 accuracy",
-              title="CUBS placements (selected by holdout accuracy)",
-              highlight=f"{sel['placement']}\n{sel['variant']}" if sel else None)
+    if names:  # no run compared (every one trained another way) and no vanilla: no figure
+        plot_bars(names, series, out / "placements.png", ylabel="top-1 accuracy",
+                  title="CUBS placements (selected by holdout accuracy)",
+                  highlight=f"{sel['placement']}\n{sel['variant']}" if sel else None)
+    else:
+        remove_files(out, ("placements.png",))  # an earlier comparison's would pass for this one
     print(text, end="")
 
 

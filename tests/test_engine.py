@@ -811,3 +811,39 @@ def test_a_finished_run_re_reported_keeps_the_device_it_trained_on(tiny_splits, 
     monkeypatch.setattr(engine, "describe_device", lambda rt: "cpu")
     _, again = _run_fit(tiny_splits, tmp_path, "torch", epochs=1)  # the finished run, re-reported
     assert again["finished"] and again["device"] == "NVIDIA H100 x2"
+
+
+def test_a_resumed_epoch_with_no_batch_left_reports_its_last_steps_lr(tiny_splits, tmp_path):
+    # Cut right after an epoch's last step, the resumed epoch runs no step: it reported the LR
+    # after the scheduler's step (0 at the end of the run) instead of the one its last step used.
+    _, straight = _run_fit(tiny_splits, tmp_path / "a", "torch", epochs=2)
+    steps = straight["history"][0]["train_images"] // 8
+    stops = []
+
+    def cut_after_the_last_step(loss, logits):
+        stops.append(1)
+        if len(stops) == 2 * steps:  # the last step of epoch 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+    with pytest.raises(Interrupted):
+        _run_fit(tiny_splits, tmp_path / "b", "torch", epochs=2, loss_hook=cut_after_the_last_step)
+    saved = load_checkpoint(tmp_path / "b" / "last.pt")
+    assert (saved["epoch"], saved["step"]) == (1, steps)
+    _, resumed = _run_fit(tiny_splits, tmp_path / "b", "torch", epochs=2)
+    assert [h["lr"] for h in resumed["history"]] == [h["lr"] for h in straight["history"]]
+    assert resumed["history"][-1]["lr"] > 0
+
+
+def test_a_signal_before_the_first_epoch_says_nothing_was_saved(tiny_splits, tmp_path, monkeypatch, capsys):
+    # It said "last.pt holds epoch 0" beside an empty folder.
+    real = engine.describe_device
+
+    def ctrl_c_while_starting(rt):
+        os.kill(os.getpid(), signal.SIGINT)  # recorded by fit's handler
+        return real(rt)
+    monkeypatch.setattr(engine, "describe_device", ctrl_c_while_starting)
+    with pytest.raises(Interrupted):
+        _run_fit(tiny_splits, tmp_path, "torch", epochs=1)
+    assert "SIGINT: stopped before the first epoch, nothing saved yet; rerun the same command to start" \
+        in capsys.readouterr().out
+    assert not (tmp_path / "last.pt").exists()

@@ -769,3 +769,35 @@ def test_cars_eval_of_textured_photo_sized_images_agrees_between_backends(tmp_pa
                                       eval_resize=256))[0]).double().numpy() for backend in BACKENDS]
     diff = np.abs(outputs[0] - outputs[1])
     assert diff.mean(axis=(1, 2, 3)).max() < 0.006, diff.mean(axis=(1, 2, 3))  # about a third of a level
+
+
+@needs_dali
+@pytest.mark.parametrize("train, color_jitter, eval_resize", [(True, 0.0, None), (True, 0.4, None), (False, 0.0, 256),
+                                                                (False, 0.0, None)])
+def test_the_gpu_pipeline_graph_is_valid_up_to_cuda_itself(train, color_jitter, eval_resize):
+    # With mixed (GPU) decoding, a GPU value passed as a named argument (the jitter's mean
+    # grey as brightness_contrast's contrast_center) failed every GPU run with jitter; the
+    # CPU tests never build that graph. Here it is built up to the point where DALI needs CUDA.
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the CUDA tests run the real pipeline")
+    pipe = loader_module._dali_pipeline(
+        source=lambda info: None, train=train, size=64, eval_resize=eval_resize, random_area=[0.25, 1.0],
+        color_jitter=color_jitter, raw=False, decode_device="mixed", parallel=False, readers=0,
+        batch_size=2, num_threads=1, device_id=0, seed=1)
+    with pytest.raises(RuntimeError, match="CUDA"):  # not a ValueError about the graph
+        pipe.build()
+
+
+@needs_dali
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: GPU (mixed) decoding and jitter")
+def test_gpu_colour_jitter_runs_and_matches_the_cpu_pipelines_distribution(tiny):
+    # The GPU path of dali_color_jitter (arithmetic on GPU values) runs only here.
+    files, labels = tiny.train.files[:32], tiny.train.labels[:32]
+    per_device = {}
+    for device in ("cpu", "cuda"):
+        loader = ImageLoader(files, labels, LoaderSettings(batch_size=16, train=True, image_size=32, backend="dali",
+                                                           workers=2, color_jitter=0.4, device=device, seed=0))
+        images = torch.cat([x.float().cpu() for x, _ in loader.epoch(0)])
+        assert images.shape == (32, 3, 32, 32) and torch.isfinite(images).all()
+        per_device[device] = images.mean().item()
+    assert abs(per_device["cpu"] - per_device["cuda"]) < 0.2  # normalised units; crops and factors differ

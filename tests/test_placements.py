@@ -253,3 +253,20 @@ def test_t3_runs_of_another_process_count_than_the_comparing_command_are_not_com
     assert c["other_recipe"] == [{"run": "reverse_plain", "differences": ["trained by 2 process(es) instead of 1"]}]
     two = compare_runs(tmp_path, tmp_path / "no_t2.json", RECIPE, processes_now=2)
     assert [r["placement"] for r in two["runs"]] == ["reverse"]
+    # A one-process rerun after a torchrun T3 re-reports runs that keep their count (2): they
+    # are compared with each other, not left out for the rerun's count (which emptied the table).
+    results = tmp_path / "serial_plain" / "results.json"
+    results.write_text(json.dumps({**json.loads(results.read_text()), "device": "cpu x2"}))
+    rerun = compare_runs(tmp_path, tmp_path / "no_t2.json", RECIPE, processes_now=1)
+    assert [r["placement"] for r in rerun["runs"]] == ["serial", "reverse"] and rerun["other_recipe"] == []
+    assert rerun["selected"]["placement"] == "reverse" and rerun["selected"]["processes"] == 2
+
+
+def test_a_comparison_without_any_run_writes_no_figure_and_does_not_crash(tmp_path, capsys):
+    _results(tmp_path, "serial", "plain", 0.60, 0.60, lr=0.3)  # another recipe: not compared
+    (tmp_path / "placements.png").write_bytes(b"an earlier comparison's figure")
+    c = compare_runs(tmp_path, tmp_path / "no_t2.json", RECIPE)
+    assert c["runs"] == [] and c["selected"] is None
+    write_comparison(c, tmp_path)  # plot_bars raised on an empty chart
+    assert not (tmp_path / "placements.png").exists()
+    assert json.loads((tmp_path / "placements.json").read_text()) == c
