@@ -420,12 +420,13 @@ def _stop_if_signalled(signals: list[int], progress: RunProgress, run: RunCheckp
     """Between epochs, with everything saved: raise Interrupted if any rank got a signal."""
     if signum := _agree(signals[0] if signals else 0, True, rt)[0]:
         stop = Interrupted(signum, progress.epoch, progress.step, progress.partial or {})
-        if rt.is_main and not run.last.exists():  # a signal before the first epoch of a new run
+        new_run = progress.epoch == progress.step == 0 and not progress.finished
+        if rt.is_main and new_run:  # a signal before the first epoch of a new run
             print(f"\n{stop.name}: stopped before the first epoch, nothing saved yet; rerun the same "
                   f"command to start", flush=True)
-        elif rt.is_main:
+        elif rt.is_main:  # (resumed from last.pt, or from an older file where last.pt was lost)
             state = "the finished run" if progress.finished else f"epoch {progress.epoch}"
-            print(f"\n{stop.name}: {run.last} holds {state}; {_how_to_go_on(cfg)}", flush=True)
+            print(f"\n{stop.name}: stopped with {state} saved in {run.out}; {_how_to_go_on(cfg)}", flush=True)
         raise stop
 
 

@@ -847,3 +847,22 @@ def test_a_signal_before_the_first_epoch_says_nothing_was_saved(tiny_splits, tmp
     assert "SIGINT: stopped before the first epoch, nothing saved yet; rerun the same command to start" \
         in capsys.readouterr().out
     assert not (tmp_path / "last.pt").exists()
+
+
+def test_a_signal_before_the_first_epoch_of_a_resumed_run_says_what_is_saved(tiny_splits, tmp_path, monkeypatch,
+                                                                              capsys):
+    # Resumed from best.pt (last.pt lost on a cloud drive), it said "nothing saved yet".
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=3, stop_after=2)
+    (tmp_path / "last.pt").unlink()
+    real = engine.describe_device
+
+    def ctrl_c_while_starting(rt):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(rt)
+    monkeypatch.setattr(engine, "describe_device", ctrl_c_while_starting)
+    capsys.readouterr()
+    with pytest.raises(Interrupted):
+        _run_fit(tiny_splits, tmp_path, "torch", epochs=3)
+    printed = capsys.readouterr().out
+    assert f"SIGINT: stopped with epoch 2 saved in {tmp_path}; rerun the same command to resume" in printed
+    assert "nothing saved" not in printed
