@@ -21,6 +21,7 @@ from common.errors import ConfigError, Interrupted, UserError
 from common.image_check import CHECK_MODES
 from common.schema import RECIPE_FLAGS, DataRecipe, FitConfig
 from common.loader import LoaderSettings
+from common.runtime import leave_process_group
 
 
 def positive_int(text: str) -> int:
@@ -252,9 +253,11 @@ def run(main: Callable[[], object]) -> None:
     checkpoint, ...) ends it with its message and exit status 1, without a traceback;
     SIGINT / SIGTERM (after last.pt is saved) with 128 + the signal's number. Ctrl-C outside
     training (data check, a test or embedding pass, writing results) also exits 130 without
-    a traceback: every file is written atomically, so the rerun goes on from what was saved."""
+    a traceback: every file is written atomically, so the rerun goes on from what was saved.
+    A finished run under torchrun leaves its process group before it exits."""
     try:
         main()
+        leave_process_group()
     except UserError as err:
         sys.exit(f"error: {err}")
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
