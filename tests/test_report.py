@@ -1161,3 +1161,18 @@ def test_remove_unlinked_takes_every_figure_name_the_report_gives_and_nothing_el
     figs.linked.add("t2__curves.png")
     assert figs.remove_unlinked() == ["classifiers_holdout.png", "t1__curves.png"]
     assert sorted(p.name for p in figs.folder.iterdir()) == ["pdf_x.png", "photo.png", "t2__curves.png"]
+
+
+def test_a_comparison_without_runs_or_vanilla_has_no_figure_line(tmp_path):
+    """t3_cubs.py draws no placements.png when no run was compared and there is no vanilla
+    ResNet-18: the report says so in the table's place, not "placements.png not found"."""
+    root = tmp_path / "runs"
+    make_runs(root)
+    c = json.loads((root / "t3" / "placements.json").read_text())
+    write(root / "t3" / "placements.json", {**c, "runs": [], "selected": None, "best_overall": None,
+                                            "vanilla": None, "at_par": None, "plus_vs_plain": []})
+    (root / "t3" / "placements.png").unlink()
+    text = report.build_report(root, tmp_path / "R.md").read_text()
+    block = text[text.index("### `t3/placements.json`"):text.index("## T4")]
+    assert "not found" not in block and "placements.png" not in block
+    assert "t3__placements.png" not in os.listdir(tmp_path / "report_figures")
