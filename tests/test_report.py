@@ -1176,3 +1176,14 @@ def test_a_comparison_without_runs_or_vanilla_has_no_figure_line(tmp_path):
     block = text[text.index("### `t3/placements.json`"):text.index("## T4")]
     assert "not found" not in block and "placements.png" not in block
     assert "t3__placements.png" not in os.listdir(tmp_path / "report_figures")
+
+
+def test_pdf_says_t3_selected_no_run_when_its_comparison_chose_none(tmp_path):
+    """A placements.json that selects nothing (every run trained another way, no plain run):
+    T3 ran, so the results table says no run was selected, not "not run yet"."""
+    root = tmp_path / "runs"
+    make_runs(root)
+    c = json.loads((root / "t3" / "placements.json").read_text())
+    write(root / "t3" / "placements.json", {**c, "runs": [], "selected": None, "best_overall": None})
+    _, text = pdf_text(report.build_report(root, tmp_path / "R.md").with_suffix(".pdf"))
+    assert "T3 no run selected (see 3)" in text and "T3 not run yet" not in text
