@@ -254,7 +254,7 @@ def run(main: Callable[[], object]) -> None:
     SIGINT / SIGTERM (after last.pt is saved) with 128 + the signal's number. Ctrl-C outside
     training (data check, a test or embedding pass, writing results) also exits 130 without
     a traceback: every file is written atomically, so the rerun goes on from what was saved.
-    A finished run under torchrun leaves its process group before it exits."""
+    A finished or signalled run under torchrun leaves its process group before it exits."""
     try:
         main()
         leave_process_group()
@@ -269,6 +269,7 @@ def run(main: Callable[[], object]) -> None:
                  f"is intact: free space (old runs, another run's last.prev.pt), then rerun the same "
                  f"command to resume")
     except Interrupted as stop:
+        leave_process_group()  # every rank stops at the same agreed step
         sys.exit(128 + stop.signum)
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C); what was saved is kept: rerun the same command to go on",

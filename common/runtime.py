@@ -1,11 +1,11 @@
 """Where and how a run computes: device, DDP process group, seeding, autocast, shard sums.
 
     rt = setup_runtime("auto", seed)     # Runtime(device, rank, world_size, amp_dtype)
-    leave_process_group()                # at the end of a finished run (cli.run calls it)
     with autocast(rt): ...               # bf16 / fp16 on CUDA, a no-op on CPU
     all_reduce_sums([correct, n], rt)    # totals over every rank
     broadcast_from_main(model, rt)       # rank 0's weights and buffers on every rank
     to_device(images, rt)                # B x 3 x H x W on the run's device (channels_last on CUDA)
+    leave_process_group()                # at the end of a run (cli.run calls it)
 
 Kept apart from the training loop (engine.py) so that the data path needs neither the loop
 nor its plots.
@@ -105,12 +105,16 @@ def leave_process_group() -> None:
     A rank that exits straight after a collective can abort (SIGABRT, "terminate called
     without an active exception"): gloo's worker thread drops the finished all-gather's
     tensors, whose release needs the GIL, while the interpreter shuts down, and torchrun then
-    reports a finished run as failed (17 of 60 two-process CPU runs ending in
+    reports a finished (or signalled) run as failed (17 of 60 two-process CPU runs ending in
     all_gather_object, 2026-12-07). After the barrier the last collective holds no Python
     tensor; destroy_process_group is NCCL's documented ending too."""
-    if dist.is_available() and dist.is_initialized():
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
         dist.barrier()
-        dist.destroy_process_group()
+    except RuntimeError:  # a rank failed (torchrun stops the others): nothing to wait for
+        return
+    dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:
