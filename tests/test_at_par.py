@@ -11,15 +11,17 @@ read from shape. Per seed:
   - learning speed: the training loss averaged over every step of every epoch (all 420
     training images, 8 times: far less noisy than 140 holdout images), averaged over the
     seeds, at most LOSS_MARGIN above vanilla's.
-What the margins separate (one thread), CUBS minus vanilla at seeds 0, 1, 2, train loss /
-holdout points:
-    serial, open gates (the default init)     +0.006 -0.002 -0.005  /  -3.6 +3.6 +0.7
-    serial, PyTorch's default init            +0.023 +0.014 +0.033  /  -3.6 -0.7 -6.4
-    serial, Block 1 gates closed (logit -4)   +0.035 +0.020 +0.050  /  -7.9 -1.4 -10.7
-Holdout accuracy at this budget cannot tell the old init from the new one (the larger
-ablation of docs/cubs.md can: 5.1 test points on 2,000 images); the training loss can:
-over seeds 0 and 1, LOSS_MARGIN passes the default (+0.002) and fails the old init (+0.019)
-and closed gates (+0.028).
+What the margins separate (one thread, 2026-12-07, 2-core Intel Xeon VM; with
+ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 in brackets: other kernels, other rounding),
+CUBS minus vanilla at seeds 0, 1, 2, train loss / holdout points:
+    serial, open gates (the default init)    +0.013 +0.004 +0.005 (+0.010 +0.002 +0.000)  /  -2.1 +0.7 +0.0
+    serial, gate_logit None (the old init)   +0.027 +0.038 +0.028 (+0.021 +0.037 +0.024)  /  -2.1 -12.9 -3.6
+    serial, gates closed (logit -4)          +0.026 +0.040 +0.041 (+0.021 +0.040 +0.036)  /  -8.6 -11.4 -10.0
+Holdout accuracy at this budget separates them only at some seeds (the larger ablation of
+docs/cubs.md does: 5.1 test points on 2,000 images); the training loss does: over seeds 0
+and 1 the default averages +0.009 (+0.006) and the old init and closed gates +0.029 or more,
+so LOSS_MARGIN sits between them with about 0.01 either side (a margin of 0.010 left the
+default only 0.0015 on this CPU).
 """
 import statistics
 
@@ -40,7 +42,7 @@ from common.synthetic import make_tiny_imagenet
 CLASSES, SIZE, WIDTH, EPOCHS, HUE_JITTER, SEEDS = 7, 16, 8, 8, 0.2, (0, 1)
 AT_PAR_MARGIN = 0.10    # holdout accuracy CUBS may trail vanilla by at one seed (140 images)
 LEARNED_MARGIN = 0.15   # both must beat the untrained network (chance: 0.14) by this much
-LOSS_MARGIN = 0.010     # mean training loss CUBS may exceed vanilla's by, over SEEDS
+LOSS_MARGIN = 0.018     # mean training loss CUBS may exceed vanilla's by, over SEEDS
 
 
 def _train(build, splits, out, seed: int) -> tuple[float, float, float]:

@@ -454,7 +454,11 @@ def test_a_run_cut_mid_epoch_under_two_processes_resumes_with_every_ranks_sums(t
     straight = spawn("straight", "a")
     assert [h["train_images"] for h in straight["history"]] == [56, 56]
     assert spawn("cut", "b", cut=True) == {"signal": "SIGINT", "epoch": 0, "step": 25}
-    _fit_worker(0, 1, "", str(data), str(tmp_path / "b"), False, str(tmp_path / "one"))
+    threads = torch.get_num_threads()
+    try:  # in this process: the worker's torch.set_num_threads(1) must not outlive the test
+        _fit_worker(0, 1, "", str(data), str(tmp_path / "b"), False, str(tmp_path / "one"))
+    finally:
+        torch.set_num_threads(threads)
     error = json.loads((tmp_path / "one.0").read_text())["error"]
     assert "was saved by a run of 2 process(es); this one has 1" in error
     assert "torchrun --nproc_per_node=2" in error
