@@ -7,6 +7,7 @@ of every training flag), then adds the few flags only it has.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import math
 import os
@@ -269,7 +270,8 @@ def run(main: Callable[[], object]) -> None:
                  f"is intact: free space (old runs, another run's last.prev.pt), then rerun the same "
                  f"command to resume")
     except Interrupted as stop:
-        leave_process_group()  # every rank stops at the same agreed step
+        with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: exit now
+            leave_process_group()  # every rank stops at the same agreed step
         sys.exit(128 + stop.signum)
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C); what was saved is kept: rerun the same command to go on",

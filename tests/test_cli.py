@@ -242,3 +242,26 @@ def test_a_full_disk_while_saving_is_one_line_that_says_so_and_keeps_the_last_ch
         raise RuntimeError("a bug")
     with pytest.raises(RuntimeError, match="a bug"):  # not a full disk: its traceback stays
         cli.run(other_runtime_error)
+
+
+def test_a_second_ctrl_c_while_a_signalled_run_leaves_its_process_group_still_exits_with_the_signal(monkeypatch):
+    """cli.run leaves the process group after Interrupted (a barrier under torchrun); Ctrl-C
+    pressed again while it waits ends the run with the first signal's status, not a traceback."""
+    import signal
+
+    from common.errors import Interrupted
+
+    def stopped():
+        raise Interrupted(signal.SIGTERM, epoch=1, step=3, partial={})
+
+    def waiting():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "leave_process_group", waiting)
+    try:
+        cli.run(stopped)
+    except KeyboardInterrupt:  # caught here: escaping, it would stop the whole test session
+        pytest.fail("the second Ctrl-C escaped cli.run as a traceback")
+    except SystemExit as stop:
+        assert stop.code == 128 + signal.SIGTERM
+    else:
+        pytest.fail("cli.run returned")
