@@ -53,7 +53,7 @@ from common.placements import at_par_lines, other_recipe_lines, selection_lines,
 from common.plots import RETRIEVAL_FONT_PT, plot_classifier_curves, plot_retrieval_curves, runs_loss_note
 from common.recipes import classifier_recipe, embedding_recipe, random_area
 from common.recall import KS
-from common.runs_folder import NOT_RUN, SMOKE_BANNER, TASKS, Chosen, Run, RunsFolder, choose_runs
+from common.runs_folder import NOT_RUN, SMOKE_BANNER, TASKS, Chosen, Run, RunsFolder, choose_runs, selected_folder
 
 MAX_PAGES = 2
 MARGIN = 1.3 * cm
@@ -264,7 +264,7 @@ def section_results(chosen: Chosen) -> list[Flowable]:
     rows = [classifier_row("t1", chosen.runs["t1"]), classifier_row("t2", chosen.runs["t2"]),
             classifier_row("t3", chosen.runs["t3"], selected=chosen.placements is not None
                            and chosen.placements[1].get("selected") is not None)]
-    if chosen.runs["t3"] is None and chosen.placements is not None:  # T3 ran; its comparison chose none
+    if chosen.placements is not None and selected_folder(*chosen.placements) is None:  # T3 ran, chose none
         rows[2][1] = "**no run selected** (see 3)"
     rows += retrieval_rows(chosen.runs["t4"])
     table = grid(["task", "run: model", "test metric", "value", "holdout", "best epoch / run",

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,8 +113,13 @@ def leave_process_group() -> None:
     if not (dist.is_available() and dist.is_initialized()):
         return
     try:
-        dist.barrier()
-    except RuntimeError:  # a rank failed (torchrun stops the others): nothing to wait for
+        barrier = dist.barrier(async_op=True)
+        while not barrier.is_completed():  # polled: Ctrl-C still reaches Python meanwhile
+            time.sleep(0.05)
+        barrier.wait()
+    except RuntimeError as err:  # a rank failed (torchrun stops the others), or the timeout
+        print(f"rank {dist.get_rank()}: the other ranks did not all reach the end "
+              f"({str(err).splitlines()[0] if str(err) else type(err).__name__})", file=sys.stderr)
         return
     dist.destroy_process_group()
 

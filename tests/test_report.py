@@ -1187,3 +1187,8 @@ def test_pdf_says_t3_selected_no_run_when_its_comparison_chose_none(tmp_path):
     write(root / "t3" / "placements.json", {**c, "runs": [], "selected": None, "best_overall": None})
     _, text = pdf_text(report.build_report(root, tmp_path / "R.md").with_suffix(".pdf"))
     assert "T3 no run selected (see 3)" in text and "T3 not run yet" not in text
+    # A comparison that selected a run whose folder is gone did select one.
+    write(root / "t3" / "placements.json", c)
+    shutil.rmtree(root / "t3" / f"{c['selected']['placement']}_{c['selected']['variant']}")
+    _, text = pdf_text(report.build_report(root, tmp_path / "R.md").with_suffix(".pdf"))
+    assert "no run selected" not in text
