@@ -264,8 +264,10 @@ def section_results(chosen: Chosen) -> list[Flowable]:
     rows = [classifier_row("t1", chosen.runs["t1"]), classifier_row("t2", chosen.runs["t2"]),
             classifier_row("t3", chosen.runs["t3"], selected=chosen.placements is not None
                            and chosen.placements[1].get("selected") is not None)]
-    if chosen.placements is not None and selected_folder(*chosen.placements) is None:  # T3 ran, chose none
-        rows[2][1] = "**no run selected** (see 3)"
+    if chosen.placements is not None and chosen.runs["t3"] is None:  # T3's comparison was made
+        selected = selected_folder(*chosen.placements)
+        rows[2][1] = (f"**selected run missing**: {selected} (see NOT REPORTED above)" if selected
+                      else "**no run selected** (see 3)")
     rows += retrieval_rows(chosen.runs["t4"])
     table = grid(["task", "run: model", "test metric", "value", "holdout", "best epoch / run",
                   "source (file: keys)"], rows, [0.55, 2.7, 1.2, 3.0, 1.3, 0.85, 3.4])

@@ -741,6 +741,7 @@ def test_a_placements_json_whose_selected_run_is_gone_is_a_named_problem(tmp_pat
                              f"retrained) to redo the comparison"]
     _, text = pdf_text(report.build_report(tmp_path).with_suffix(".pdf"))
     assert "1 problem reading the runs folder (REPORT.md lists it)" in " ".join(text.split())
+    assert f"T3 selected run missing: {folder} (see NOT REPORTED above)" in text  # not "not run yet"
 
 
 def test_without_a_placements_json_the_t3_run_shown_is_the_one_the_comparison_would_select(tmp_path):
@@ -1191,4 +1192,4 @@ def test_pdf_says_t3_selected_no_run_when_its_comparison_chose_none(tmp_path):
     write(root / "t3" / "placements.json", c)
     shutil.rmtree(root / "t3" / f"{c['selected']['placement']}_{c['selected']['variant']}")
     _, text = pdf_text(report.build_report(root, tmp_path / "R.md").with_suffix(".pdf"))
-    assert "no run selected" not in text
+    assert "no run selected" not in text and "T3 selected run missing" in text
