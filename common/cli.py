@@ -258,7 +258,6 @@ def run(main: Callable[[], object]) -> None:
     A finished or signalled run under torchrun leaves its process group before it exits."""
     try:
         main()
-        leave_process_group()
     except UserError as err:
         sys.exit(f"error: {err}")
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
@@ -276,6 +275,12 @@ def run(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C); what was saved is kept: rerun the same command to go on",
               file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+    try:
+        leave_process_group()
+    except KeyboardInterrupt:  # this rank is done; rank 0 may still have been writing
+        print("interrupted (Ctrl-C) while this finished rank waited for the others; rank 0 writes "
+              "results.json last: if it is missing, rerun the same command to go on", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
 
 

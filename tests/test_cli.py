@@ -265,3 +265,23 @@ def test_a_second_ctrl_c_while_a_signalled_run_leaves_its_process_group_still_ex
         assert stop.code == 128 + signal.SIGTERM
     else:
         pytest.fail("cli.run returned")
+
+
+def test_ctrl_c_while_a_finished_run_waits_for_the_other_ranks_says_it_finished(monkeypatch, capsys):
+    """main() returned; Ctrl-C during the final barrier must not say that what was saved is
+    all there is, only that results.json is written last."""
+    import signal
+
+    def waiting():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "leave_process_group", waiting)
+    try:
+        cli.run(lambda: None)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C at the final barrier escaped cli.run as a traceback")
+    except SystemExit as stop:
+        assert stop.code == 128 + signal.SIGINT
+    else:
+        pytest.fail("cli.run returned")
+    assert "interrupted (Ctrl-C) while this finished rank waited for the others; rank 0 writes " \
+        "results.json last: if it is missing, rerun the same command to go on" in capsys.readouterr().err
