@@ -259,12 +259,12 @@ def run(main: Callable[[], object]) -> None:
     try:
         main()
     except UserError as err:
-        sys.exit(f"error: {err}")
+        sys.exit(f"{_error_label()}: {err}")
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         full = _no_space(err)
         if full is None:
             raise
-        sys.exit(f"error: no space left on the device{f' writing {full.filename}' if full.filename else ''} "
+        sys.exit(f"{_error_label()}: no space left on the device{f' writing {full.filename}' if full.filename else ''} "
                  f"({full.strerror}). Every file is written whole or not at all, so the last checkpoint "
                  f"is intact: free space (old runs, another run's last.prev.pt), then rerun the same "
                  f"command to resume")
@@ -282,6 +282,13 @@ def run(main: Callable[[], object]) -> None:
         print("interrupted (Ctrl-C) while this finished rank waited for the others; rank 0 writes "
               "results.json last: if it is missing, rerun the same command to go on", file=sys.stderr)
         sys.exit(128 + signal.SIGINT)
+
+
+def _error_label() -> str:
+    """"error", or under torchrun "error (rank R of W)": each process prints its own error,
+    and the ranks' lines interleave."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"error (rank {os.environ.get('RANK', '0')} of {world_size})" if world_size > 1 else "error"
 
 
 def _no_space(err: BaseException | None) -> OSError | None:

@@ -285,3 +285,22 @@ def test_ctrl_c_while_a_finished_run_waits_for_the_other_ranks_says_it_finished(
         pytest.fail("cli.run returned")
     assert "interrupted (Ctrl-C) while this finished rank waited for the others; rank 0 writes " \
         "results.json last: if it is missing, rerun the same command to go on" in capsys.readouterr().err
+
+
+def test_under_torchrun_each_ranks_error_names_its_rank(monkeypatch):
+    """Every process of a torchrun job prints its own error; the label tells them apart.
+    Alone (no WORLD_SIZE, or 1) the message is as before."""
+    from common.errors import UserError
+
+    def failing():
+        raise UserError("no images in data/x")
+    for env, expected in [({}, "error: no images in data/x"),
+                          ({"WORLD_SIZE": "1", "RANK": "0"}, "error: no images in data/x"),
+                          ({"WORLD_SIZE": "4", "RANK": "3"}, "error (rank 3 of 4): no images in data/x")]:
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+        monkeypatch.delenv("RANK", raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(SystemExit) as stop:
+            cli.run(failing)
+        assert stop.value.code == expected
