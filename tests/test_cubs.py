@@ -237,6 +237,21 @@ def test_series_is_exact_for_a_large_q_against_an_all_zero_k(form, monkeypatch):
     torch.testing.assert_close(out, v.mean(1, keepdim=True).expand(2, 5), rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("form", ["eager matmuls", "compiled sums"])
+def test_series_is_exact_for_a_large_q_against_a_small_k(form, monkeypatch):
+    # The largest logit is 1, so 12 terms: q^11 overflows fp32 (1e66) and k^11 underflows
+    # (1e-66) unless q is divided by s = max q first and k multiplied by it (q_i k_j is unchanged).
+    if form == "compiled sums":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    q = torch.tensor([[1e6, 5e5, 0.0, 2e5]])
+    k = torch.tensor([[1e-6, 3e-7, 0.0, 5e-7]])
+    v = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    out = cubs.taylor_similarity_attention(q, k, v, 1.0)
+    exact = naive_similarity_attention(q.double(), k.double(), v.double()).float()
+    torch.testing.assert_close(out, exact, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(cubs.similarity_attention(q, k, v), exact, rtol=1e-6, atol=1e-6)
+
+
 def test_taylor_terms_refuses_logits_outside_the_series_range():
     for bad in (-0.1, cubs.TAYLOR_MAX_LOGIT + 0.01, math.inf, math.nan):
         with pytest.raises(ValueError, match="largest logit"):
@@ -464,12 +479,13 @@ def test_block2_plus_pools_keys_when_only_one_side_exceeds_the_grid(shape):
 def test_plain_gates_start_open_at_sigmoid_of_the_gate_logit():
     # Block 2: q = k = ReLU(bias 1), v = ReLU(bias gate_logit) on a zero input, so a = v.
     # Block 1: out_proj starts at zero weights and the gate-logit bias, so the gate is
-    # sigmoid(gate_logit + the channel's mean), whatever q, k and v are.
-    block2 = CUBSBlock2(4, gate_logit=3.0)
+    # sigmoid(gate_logit + the channel's mean), whatever q, k and v are. The default gate
+    # logit is 3 (gates open at 0.95, docs/cubs.md), which T3's recipe relies on.
+    block2 = CUBSBlock2(4)
     with torch.no_grad():
         gate = block2.gate(torch.zeros(1, 4, 5, 5))
     torch.testing.assert_close(gate, torch.full((1, 1, 5, 5), 1 / (1 + math.exp(-3.0))))
-    block1 = CUBSBlock1(8, d=16, gate_logit=3.0)
+    block1 = CUBSBlock1(8, d=16)
     x = torch.randn(2, 8, 4, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(block1.gate(x)[:, :, 0, 0], torch.sigmoid(3.0 + x.mean((2, 3))))

@@ -336,3 +336,57 @@ def test_bad_constants_and_an_empty_batch_are_refused():
             multi_similarity_loss(embeddings, labels, alpha=alpha, beta=beta)
     with pytest.raises(ValueError, match="empty batch"):
         multi_similarity_loss(torch.empty(0, 3), torch.empty(0, dtype=torch.long))
+
+
+def hard_mining_loop_with_autograd(emb: torch.Tensor, labels: torch.Tensor, alpha=2.0, beta=50.0,
+                                   lam=0.5) -> torch.Tensor:
+    """loop_reference's hard mining as a differentiable torch loss: the pairs are chosen in
+    Python (ties to the lowest index, as documented), the terms computed from the tensor."""
+    x = F.normalize(emb, dim=1)
+    s = x @ x.T
+    values, lab = s.tolist(), labels.tolist()
+    terms = []
+    for i in range(len(lab)):
+        pos = [j for j in range(len(lab)) if j != i and lab[j] == lab[i]]
+        neg = [j for j in range(len(lab)) if lab[j] != lab[i]]
+        if pos and neg:
+            p = min(pos, key=lambda j: (values[i][j], j))
+            n = min(neg, key=lambda j: (-values[i][j], j))
+            terms.append(torch.log1p(torch.exp(-alpha * (s[i, p] - lam))) / alpha
+                         + torch.log1p(torch.exp(beta * (s[i, n] - lam))) / beta)
+    return torch.stack(terms).sum() / len(lab)
+
+
+@pytest.mark.parametrize("degrees, labels", [
+    ([0, 90, 30, -30], [0, 0, 1, 2]),   # anchor 0's two negatives tie (cos 30 deg each)
+    ([0, 50, -50, 40], [0, 0, 0, 1]),   # anchor 0's two positives tie (cos 50 deg each)
+])
+def test_hard_mining_breaks_exact_ties_by_the_lowest_index_in_the_gradient(degrees, labels):
+    """The loss value is the same whichever tied sample is kept; only the gradient says which
+    one got the pull or push. The docstring's rule: the lowest index."""
+    angles = torch.tensor(degrees, dtype=torch.float64).deg2rad()
+    emb = torch.stack([angles.cos(), angles.sin()], dim=1)
+    labels = torch.tensor(labels)
+    ours_loss, ours_grad = loss_and_grad(lambda e: multi_similarity_loss(e, labels, mining="hard"), emb)
+    ref_loss, ref_grad = loss_and_grad(lambda e: hard_mining_loop_with_autograd(e, labels), emb)
+    assert ours_loss.item() == pytest.approx(ref_loss.item(), rel=1e-12)
+    torch.testing.assert_close(ours_grad, ref_grad, rtol=1e-9, atol=1e-12)
+    if labels.tolist() == [0, 0, 1, 2]:  # sample 3, the higher-index tie, is never chosen
+        assert ours_grad[3].abs().max().item() == 0.0 and ours_grad[2].abs().max().item() > 0
+
+
+def test_the_defaults_are_the_recipes_constants():
+    """alpha 2, beta 50, lambda 0.5, ms mining, epsilon 0.1 (pytorch-metric-learning's
+    defaults, and T4's RECIPE): a caller that passes nothing gets exactly those."""
+    emb, labels = make_batch(0, 8, 4)
+    assert multi_similarity_loss(emb, labels).item() == \
+        multi_similarity_loss(emb, labels, 2.0, 50.0, 0.5, "ms", 0.1).item()
+    import inspect
+    defaults = {name: p.default for name, p in inspect.signature(multi_similarity_loss).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    assert defaults == {"alpha": 2.0, "beta": 50.0, "lam": 0.5, "mining": "ms", "epsilon": 0.1}
+
+
+def test_integer_embeddings_are_refused():
+    with pytest.raises(ValueError, match="embeddings must be floating point, got torch.int64"):
+        multi_similarity_loss(torch.randint(0, 5, (8, 4)), torch.arange(8) % 2)

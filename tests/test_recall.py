@@ -235,3 +235,16 @@ def test_fp16_embeddings_of_a_large_norm_are_normalised_in_fp32():
     big = (embeddings * 5000).half()
     assert torch.isinf(big.float().norm(dim=1).half()).all()
     assert recall_at_k(big, labels, ks=(1, 2)) == recall_at_k(embeddings, labels, ks=(1, 2)) == {1: 1.0, 2: 1.0}
+
+
+def test_nearest_neighbours_checks_k_and_finiteness_itself():
+    """plots.retrieval_grid calls nearest_neighbours directly, not through recall_at_k: the
+    same checks, or k = N returns self as a neighbour and a NaN row ranks first."""
+    embeddings = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    for k in (0, 5):
+        with pytest.raises(ValueError, match=rf"k must satisfy 0 < k < N = 5 \(self is excluded\), got {k}"):
+            nearest_neighbours(embeddings, k)
+    broken = embeddings.clone()
+    broken[2, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"1 of 5 embeddings hold inf or NaN, rows \[2\]"):
+        nearest_neighbours(broken, 2)

@@ -136,3 +136,34 @@ def test_class_balanced_shards_same_count_and_differ():
 def test_class_balanced_too_many_classes_raises():
     with pytest.raises(ValueError, match="P=8 classes per batch but only 7 classes"):
         class_balanced_batches(_labels(), 8, 2, epoch=0, seed=0)
+
+
+def test_adjacent_seeds_do_not_replay_each_others_epochs():
+    """The generator is seeded with the tuple (seed, epoch, stream), not a sum: seed 11's
+    epoch 1 is not seed 12's epoch 0, and the P x K stream is not the shuffled one."""
+    assert _as_lists(shuffled_batches(50, 5, epoch=1, seed=11)) != _as_lists(shuffled_batches(50, 5, epoch=0, seed=12))
+    labels = np.repeat(np.arange(10), 5)
+    assert _as_lists(class_balanced_batches(labels, 2, 5, epoch=1, seed=11)) != \
+        _as_lists(class_balanced_batches(labels, 2, 5, epoch=0, seed=12))
+
+
+def test_shuffled_shard_sizes_round_down_so_no_shard_gets_a_short_batch():
+    # 10 items, 3 shards: 3 each (one dropped), one full batch of 3 per shard, all distinct
+    batches = [shuffled_batches(10, 3, epoch=0, seed=0, shard_id=s, num_shards=3) for s in range(3)]
+    assert [[len(b) for b in shard] for shard in batches] == [[3], [3], [3]]
+    every = np.concatenate([b for shard in batches for b in shard])
+    assert len(np.unique(every)) == 9
+
+
+def test_class_balanced_draws_reach_every_image_of_a_large_class():
+    """K of a class's images are drawn at random each time, not its first K: over 30 epochs
+    of 4 classes x 20 images (P = 2, K = 4), every image is drawn."""
+    labels = np.repeat(np.arange(4), 20)
+    seen = {int(i) for epoch in range(30) for b in class_balanced_batches(labels, 2, 4, epoch=epoch, seed=0)
+            for i in b}
+    assert seen == set(range(80))
+
+
+def test_class_balanced_too_few_images_for_one_batch_raises():
+    with pytest.raises(ValueError, match="6 images do not fill one P x K batch of 8 per shard"):
+        class_balanced_batches(np.array([0, 0, 0, 1, 1, 1]), 2, 4, epoch=0, seed=0)
