@@ -10,7 +10,9 @@ half of one. Every file a run or the report writes goes through `atomic_file`.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import glob
 import json
 import os
 import sys
@@ -52,8 +54,21 @@ def atomic_file(dest: str | Path, keep_previous: bool = False) -> Iterator[Path]
         if keep_previous and dest.exists():
             os.replace(dest, previous_path(dest))
         os.replace(tmp, dest)
+        _sync_folder(dest.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder, so that the renames in it survive a power loss too (the files' data
+    already does). Some file systems (network and FUSE mounts) refuse it: then the renames
+    are as durable as that file system makes them."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -83,7 +98,7 @@ def remove_stale_temps(folder: str | Path, names: Sequence[str], unchanged_for_s
     folder no other process is writing, unless `unchanged_for_s` spares every temp written
     to within that many seconds: a live write's. Returns how many were deleted."""
     now = time.time()
-    stale = [p for name in names for p in Path(folder).glob(f".{name}.*.tmp")
+    stale = [p for name in names for p in Path(folder).glob(f".{glob.escape(name)}.*.tmp")
              if p.is_file() and now - p.stat().st_mtime >= unchanged_for_s]
     for path in stale:
         path.unlink(missing_ok=True)

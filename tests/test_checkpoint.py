@@ -332,7 +332,8 @@ def test_every_recipe_field_but_the_process_only_ones_must_match_to_resume(tmp_p
 
 
 def test_atomic_file_is_synced_before_the_rename_and_readable_as_the_umask_allows(tmp_path, monkeypatch):
-    # fsync before os.replace: after a power loss the renamed file is never empty; mkstemp's
+    # fsync before os.replace: after a power loss the renamed file is never empty, and of the
+    # folder after it, or the rename may be lost; mkstemp's
     # private 0600 would leave results and checkpoints unreadable to a group or a grader.
     from common import files
     events = []
@@ -346,8 +347,9 @@ def test_atomic_file_is_synced_before_the_rename_and_readable_as_the_umask_allow
         files.write_text(tmp_path / "results.json", "{}")
     finally:
         os.umask(old)
-    (fsync, synced), (replace, moved) = events
+    (fsync, synced), (replace, moved), (fsync_folder, folder) = events
     assert (fsync, replace) == ("fsync", "replace") and synced == moved  # the same temporary file
+    assert (fsync_folder, folder) == ("fsync", str(tmp_path))  # then the rename itself is on disk
     assert (tmp_path / "results.json").stat().st_mode & 0o777 == 0o640
 
 
@@ -369,3 +371,33 @@ def test_stale_temps_are_removed_but_a_live_writes_is_spared(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.txt.k3.tmp", ".results.json.k2.tmp"]
     assert remove_stale_temps(tmp_path, ["results.json"]) == 1  # a folder only this process writes
     assert [p.name for p in tmp_path.iterdir()] == [".notes.txt.k3.tmp"]
+
+
+def test_stale_temps_of_a_name_with_glob_characters_are_found_and_no_others(tmp_path):
+    """A zip named A2[final].zip: its own kill's temp goes, another name's stays. Unescaped,
+    the brackets were a character class: the own temp stayed and .A2f.zip's was deleted."""
+    from common.files import remove_stale_temps
+    own, other = tmp_path / ".A2[final].zip.k1.tmp", tmp_path / ".A2f.zip.k2.tmp"
+    for path in (own, other):
+        path.write_text("x")
+    assert remove_stale_temps(tmp_path, ["A2[final].zip"]) == 1
+    assert [p.name for p in tmp_path.iterdir()] == [".A2f.zip.k2.tmp"]
+
+
+def test_an_atomic_write_syncs_its_folder_after_the_rename(tmp_path, monkeypatch):
+    """The renames (temp -> file, file -> .prev) live in the folder's entries: without an
+    fsync of the folder a power loss can undo them."""
+    import os
+
+    from common.files import atomic_file
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.path.isdir(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", os.path.basename(b))),
+                                                     real_replace(a, b))[1])
+    (tmp_path / "last.pt").write_text("old")
+    with atomic_file(tmp_path / "last.pt", keep_previous=True) as tmp:
+        tmp.write_text("new")
+    assert events == [("fsync", False), ("replace", "last.prev.pt"), ("replace", "last.pt"), ("fsync", True)]
+    assert (tmp_path / "last.pt").read_text() == "new"
