@@ -52,13 +52,16 @@ class _Payload:
         return (os.system, ("touch PWNED_BY_CHECKPOINT",))
 
 
-def test_crafted_pickle_is_refused_without_running_it(tmp_path, monkeypatch):
+@pytest.mark.parametrize("reader", ["load_checkpoint", "archive.inference_bytes"])
+def test_crafted_pickle_is_refused_without_running_it(tmp_path, monkeypatch, reader):
+    # report --archive reads every best.pt of a runs folder, which may come from anyone.
+    from common import archive
     monkeypatch.chdir(tmp_path)
     path = tmp_path / "evil.pt"
     with open(path, "wb") as f:
         torch.save({"model": _Payload()}, f, pickle_module=pickle)
     with pytest.raises(CheckpointError, match="not a plain-tensor checkpoint"):
-        load_checkpoint(path)
+        {"load_checkpoint": load_checkpoint, "archive.inference_bytes": archive.inference_bytes}[reader](path)
     assert not (tmp_path / "PWNED_BY_CHECKPOINT").exists()
 
 
@@ -401,3 +404,26 @@ def test_an_atomic_write_syncs_its_folder_after_the_rename(tmp_path, monkeypatch
         tmp.write_text("new")
     assert events == [("fsync", False), ("replace", "last.prev.pt"), ("replace", "last.pt"), ("fsync", True)]
     assert (tmp_path / "last.pt").read_text() == "new"
+
+
+def test_a_one_process_run_resumed_by_two_is_refused_and_each_rank_gets_its_own_rng(tiny_splits, tmp_path):
+    """The process-count check goes both ways (1 saved, 2 now: the LR schedule would count
+    half the steps), and a two-process checkpoint gives rank 1 rank 1's RNG state, not rank
+    0's: else both ranks draw the same dropout and augmentation after a resume."""
+    from common.checkpoint import RunCheckpoints
+    from common.runtime import Runtime
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=2, stop_after=1)
+    ck = load_checkpoint(tmp_path / "last.pt")
+    cpu = torch.device("cpu")
+    with pytest.raises(CheckpointError, match=r"last.pt was saved by a run of 1 process\(es\); this one has 2"):
+        RunCheckpoints(tmp_path, Runtime(cpu, rank=0, world_size=2), ck["meta"], ck["config"]).resume()
+    rank_1_state = {**ck["rng"][0], "torch": torch.Generator().manual_seed(123).get_state()}
+    save_checkpoint({**ck, "rng": [ck["rng"][0], rank_1_state]}, tmp_path / "last.pt")
+    before = torch.get_rng_state()
+    try:
+        RunCheckpoints(tmp_path, Runtime(cpu, rank=1, world_size=2), ck["meta"], ck["config"]).resume()
+        assert torch.equal(torch.get_rng_state(), rank_1_state["torch"])
+        RunCheckpoints(tmp_path, Runtime(cpu, rank=0, world_size=2), ck["meta"], ck["config"]).resume()
+        assert torch.equal(torch.get_rng_state(), ck["rng"][0]["torch"])
+    finally:
+        torch.set_rng_state(before)

@@ -981,8 +981,16 @@ def test_write_zip_is_atomic(tmp_path):
     killed = tmp_path / ".A.zip.k1.tmp"  # a write killed an hour ago: as large as the zip
     killed.write_bytes(b"half a zip")
     os.utime(killed, (time.time() - 3600,) * 2)
+    live = tmp_path / ".A.zip.live.tmp"  # another --archive writing now: not pulled away
+    live.write_bytes(b"a zip being written")
     archive.write_zip([("A/a.txt", present)], dest)
-    assert sorted(tmp_path.iterdir()) == [dest, present]
+    assert sorted(tmp_path.iterdir()) == [live, dest, present]
+
+
+def test_zip_refuses_duplicate_names(tmp_path):
+    with pytest.raises(ValueError, match=r"duplicate names in the archive: \['A/x'\]"):
+        archive.write_zip([("A/x", b"1"), ("A/y", b"3"), ("A/x", b"2")], tmp_path / "a.zip")
+    assert not (tmp_path / "a.zip").exists()
 
 
 def test_a_rebuilt_report_removes_what_a_killed_one_left_half_written(tmp_path):
