@@ -179,6 +179,25 @@ def test_tiny_bad_val_annotations(tiny: Path, tmp_path: Path) -> None:
         load_tiny_imagenet(root)
 
 
+def test_tiny_space_separated_val_annotations_get_the_layout_error(tiny: Path, tmp_path: Path) -> None:
+    # A copy edited by hand (or by a tool that turned tabs into spaces): one field per line.
+    root = copy_of(tiny, tmp_path)
+    annotations = root / "val" / "val_annotations.txt"
+    lines = annotations.read_text().splitlines()
+    annotations.write_text("\n".join([lines[0].replace("\t", " ")] + lines[1:]) + "\n")
+    with pytest.raises(DatasetError, match=r"line 1: expected file<TAB>wnid<TAB>x0"):
+        load_tiny_imagenet(root)
+
+
+def test_tiny_empty_train_folder_is_refused(tiny: Path, tmp_path: Path) -> None:
+    # A class with no training image would be trained on as if it existed.
+    root = copy_of(tiny, tmp_path)
+    for image in (root / "train" / "n00000000" / "images").iterdir():
+        image.unlink()
+    with pytest.raises(DatasetError, match=r"no \.JPEG images in .*n00000000/images"):
+        load_tiny_imagenet(root)
+
+
 def test_tiny_val_images_without_annotation_or_a_class_without_val_images_are_refused(
         tiny: Path, tmp_path: Path) -> None:
     # A cut or partly copied val_annotations.txt gave a smaller test split, silently.
@@ -431,6 +450,15 @@ def test_a_class_id_outside_1_to_n_is_named(cars_annos: Path, tmp_path: Path) ->
     _rewrite_annotations(root / "cars_annos.mat", class_zero)
     with pytest.raises(DatasetError, match=rf"class id 0 is outside 1\.\.{CARS_CLASSES} "
                                            rf"\(there are {CARS_CLASSES} class names\)"):
+        load_cars196(root)
+
+
+def test_a_class_id_without_images_is_named(cars_annos: Path, tmp_path: Path) -> None:
+    # The last class's rows lost (a damaged .mat): its test class would be silently empty.
+    root = copy_of(cars_annos, tmp_path)
+    _rewrite_annotations(root / "cars_annos.mat", lambda annotations: annotations[
+        :, [int(a["class"].item()) != CARS_CLASSES for a in annotations[0]]])
+    with pytest.raises(DatasetError, match=rf"class ids \[{CARS_CLASSES}\] have no images"):
         load_cars196(root)
 
 

@@ -55,6 +55,14 @@ def test_optimizer_and_schedule_give_the_recipes_optimiser_and_lr_at_every_step(
     # 0.27 epochs of 10 steps round to 3 warmup steps, not down to 2
     opt, _ = engine.optimizer_and_schedule(model, engine.FitConfig(lr=0.3, warmup_epochs=0.27), 10)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.1)
+    # --warmup-epochs 0 (allowed) is one warmup step, at the full LR; the cosine starts at step 1
+    opt, sched = engine.optimizer_and_schedule(model, engine.FitConfig(epochs=1, lr=0.1, warmup_epochs=0), 10)
+    lrs = []
+    for _ in range(3):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.1, 0.1, 0.1 * (1 + math.cos(math.pi / 9)) / 2])
     with pytest.raises(ValueError, match="'sgd' or 'adamw', got 'adam'"):
         engine.optimizer_and_schedule(model, engine.FitConfig(optimizer="adam"), 10)
 
@@ -509,10 +517,10 @@ def test_embed_names_an_image_whose_embedding_is_not_finite(tiny_splits):
                          train=False, image_size=16, backend="torch", workers=0))
     seen = [0]
 
-    def overflowing(images: torch.Tensor) -> torch.Tensor:  # the third image overflows
+    def overflowing(images: torch.Tensor) -> torch.Tensor:  # one feature of the third image overflows
         out = images.flatten(1)[:, :4].clone()
         rows = torch.arange(seen[0], seen[0] + len(images))
-        out[rows == 2] = float("inf")
+        out[rows == 2, 0] = float("inf")
         seen[0] += len(images)
         return out
 
@@ -551,6 +559,20 @@ def test_evaluate_classifier_counts_top1_top5_and_mean_loss_over_uneven_batches(
     loss = -sum(log_p[c] for c in labels.tolist()) / 5
     # top-1: rank 1 only; top-5: ranks 1, 5, 2, 4 (not 6): a top-4 would miss the rank-5 one
     assert got == {"loss": pytest.approx(float(loss), rel=1e-6), "acc": 1 / 5, "top5": 4 / 5, "n": 5}
+
+
+def test_evaluate_classifier_scores_in_eval_mode():
+    """A network left in train() (as the loop leaves it) is scored with BatchNorm's running
+    statistics and no dropout: two scores agree, and the statistics are not updated."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3)).train()
+    batches = [(torch.randn(6, 4), torch.randint(0, 3, (6,))) for _ in range(2)]
+    stats = {k: v.clone() for k, v in model.state_dict().items()}
+    rt = runtime.Runtime(torch.device("cpu"))
+    first = evaluate.evaluate_classifier(model, _FixedBatches(batches), rt)
+    assert not model.training
+    assert evaluate.evaluate_classifier(model.train(), _FixedBatches(batches), rt) == first
+    assert all(torch.equal(v, stats[k]) for k, v in model.state_dict().items())
 
 
 def test_load_best_refuses_a_best_pt_of_another_epoch(tmp_path):
@@ -866,3 +888,13 @@ def test_a_signal_before_the_first_epoch_of_a_resumed_run_says_what_is_saved(tin
     printed = capsys.readouterr().out
     assert f"SIGINT: stopped with epoch 2 saved in {tmp_path}; rerun the same command to resume" in printed
     assert "nothing saved" not in printed
+
+
+def test_the_grad_scaler_scales_fp16_only():
+    """fp16 gradients underflow without loss scaling; bf16 has fp32's range, and a scaler
+    there would only skip steps it thinks overflowed."""
+    from common.runtime import Runtime
+    cpu = torch.device("cpu")
+    assert engine.grad_scaler(Runtime(cpu, amp_dtype=torch.float16)).is_enabled()
+    assert not engine.grad_scaler(Runtime(cpu, amp_dtype=torch.bfloat16)).is_enabled()
+    assert not engine.grad_scaler(Runtime(cpu)).is_enabled()

@@ -146,6 +146,15 @@ def test_at_par_rule_allows_two_points_below_vanilla(tmp_path, vanilla_test, sel
     assert placements.table_rows(c)[-1][0] == "vanilla ResNet-18 (T2)"
 
 
+def test_the_at_par_check_is_of_the_selected_plain_run_even_when_a_plus_run_holds_out_better(tmp_path):
+    """The assignment's at-par rule is about the CUBS blocks as specified (the selected plain
+    placement); a plus run with a better holdout is best_overall, not what the rule judges."""
+    _results(tmp_path, "serial", "plain", 0.60, 0.55)
+    _results(tmp_path, "serial", "plus", 0.90, 0.65)
+    c = compare_runs(tmp_path, _vanilla(tmp_path / "t2.json", 0.60))
+    assert c["at_par"]["points_below_vanilla"] == pytest.approx(5.0) and not c["at_par"]["holds"]
+
+
 @pytest.mark.parametrize("setup", [dict(width=64), dict(image_size=64), dict(num_classes=100)],
                          ids=["width", "image_size", "num_classes"])
 def test_a_vanilla_run_of_another_setup_is_not_compared(tmp_path, setup):
