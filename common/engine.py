@@ -172,7 +172,7 @@ def train_one_epoch(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.o
     from a mid-epoch resume); returns its metrics.jsonl statistics. top1: count the correct
     top-1 predictions (classifiers; train_acc). A signal in `signals` (on any DDP rank)
     raises Interrupted with the sums so far, for last.pt."""
-    meter = _Meter(rt, so_far)
+    meter = _Meter(rt, so_far, top1)
     net.module.train()
     if rt.cuda:
         torch.cuda.reset_peak_memory_stats(rt.device)
@@ -254,14 +254,14 @@ class _Meter:
     of its batches before a mid-epoch resume. Loss and correct stay on the device (float64)
     so that a step does not wait for them."""
 
-    def __init__(self, rt: Runtime, so_far: dict[str, float] | None) -> None:
+    def __init__(self, rt: Runtime, so_far: dict[str, float] | None, top1: bool) -> None:
         self.rt = rt
         self.before = dict(so_far or {"loss": 0.0, "correct": 0.0, "n": 0.0, "time": 0.0, "wait": 0.0})
         if rt.rank > 0:  # last.pt's sums are every rank's (sums(every_rank=True)), counted by rank 0
             self.before.update(loss=0.0, correct=0.0, n=0.0)
         self.loss = torch.zeros((), device=rt.device, dtype=torch.float64)
         self.correct = torch.zeros((), device=rt.device, dtype=torch.float64)
-        self.counted_correct = bool(self.before["correct"])
+        self.counted_correct = top1  # not from the sums: 0 correct so far is a count too
         self.n = self.wait = 0.0
         self.t0 = time.perf_counter()
 
@@ -280,7 +280,6 @@ class _Meter:
         self.loss += loss.detach() * n
         if correct is not None:
             self.correct += correct
-            self.counted_correct = True
         self.n += n
 
     def elapsed(self, sync: bool = False) -> float:

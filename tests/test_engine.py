@@ -2,6 +2,7 @@
 loss scaling, a kill after any write, non-finite losses, the per-epoch metrics."""
 import json
 import math
+import shutil
 import os
 import re
 import signal
@@ -13,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from common import engine, evaluate, runtime
-from common.checkpoint import RUN_FILES, CheckpointError, load_checkpoint
+from common.checkpoint import RUN_FILES, CheckpointError, load_checkpoint, save_checkpoint
 from common.errors import ConfigError, Interrupted
 from common.datasets import load_tiny_imagenet
 from common.loader import ImageLoader, LoaderSettings
@@ -851,9 +852,15 @@ def test_a_resumed_epoch_with_no_batch_left_reports_its_last_steps_lr(tiny_split
         _run_fit(tiny_splits, tmp_path / "b", "torch", epochs=2, loss_hook=cut_after_the_last_step)
     saved = load_checkpoint(tmp_path / "b" / "last.pt")
     assert (saved["epoch"], saved["step"]) == (1, steps)
+    shutil.copytree(tmp_path / "b", tmp_path / "c")  # the same cut, with no correct prediction so far
+    save_checkpoint({**saved, "partial": {**saved["partial"], "correct": 0.0}}, tmp_path / "c" / "last.pt")
     _, resumed = _run_fit(tiny_splits, tmp_path / "b", "torch", epochs=2)
     assert [h["lr"] for h in resumed["history"]] == [h["lr"] for h in straight["history"]]
     assert resumed["history"][-1]["lr"] > 0
+    # train_acc from the saved sums, also when they count 0 correct (it was left out then)
+    assert resumed["history"][-1]["train_acc"] == straight["history"][-1]["train_acc"]
+    _, zero = _run_fit(tiny_splits, tmp_path / "c", "torch", epochs=2)
+    assert zero["history"][-1]["train_acc"] == 0.0
 
 
 def test_a_signal_before_the_first_epoch_says_nothing_was_saved(tiny_splits, tmp_path, monkeypatch, capsys):
