@@ -2,9 +2,9 @@
 loss scaling, a kill after any write, non-finite losses, the per-epoch metrics."""
 import json
 import math
-import shutil
 import os
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
