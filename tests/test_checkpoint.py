@@ -332,6 +332,10 @@ def test_every_recipe_field_but_the_process_only_ones_must_match_to_resume(tmp_p
         else:
             with pytest.raises(CheckpointError, match=f"trained with {field.name} "):
                 _check_same_recipe(saved, current, tmp_path / "last.pt")
+            # a checkpoint that does not record the field (an older one) cannot vouch for it
+            missing = {k: v for k, v in saved.items() if k != field.name}
+            with pytest.raises(CheckpointError, match=rf"trained with {field.name} None \(now "):
+                _check_same_recipe(missing, current, tmp_path / "last.pt")
 
 
 def test_atomic_file_is_synced_before_the_rename_and_readable_as_the_umask_allows(tmp_path, monkeypatch):
@@ -427,3 +431,19 @@ def test_a_one_process_run_resumed_by_two_is_refused_and_each_rank_gets_its_own_
         assert torch.equal(torch.get_rng_state(), ck["rng"][0]["torch"])
     finally:
         torch.set_rng_state(before)
+
+
+def test_a_blocking_io_error_of_the_work_inside_a_held_folder_is_not_called_a_second_copy(tmp_path):
+    """exclusive_folder turns a refused lock into "in use by another process"; an
+    unrelated BlockingIOError raised by the work inside (a print to a full non-blocking
+    pipe) must stay what it is."""
+    from common.checkpoint import exclusive_folder
+    with pytest.raises(BlockingIOError, match="pipe full"):
+        with exclusive_folder(tmp_path):
+            raise BlockingIOError("pipe full")
+
+
+def test_write_text_creates_the_missing_folders(tmp_path):
+    from common.files import write_text
+    write_text(tmp_path / "new" / "deeper" / "x.json", "{}")
+    assert (tmp_path / "new" / "deeper" / "x.json").read_text() == "{}"
