@@ -330,6 +330,28 @@ def test_non_finite_gradients_on_an_epochs_last_step_are_not_saved(tiny_splits, 
         assert ck["epoch"] == 1 and all(torch.isfinite(t).all() for t in ck["model"].values()), name
 
 
+def test_non_finite_batchnorm_statistics_are_not_saved(tiny_splits, tmp_path, monkeypatch):
+    """The loss and the weights can stay finite while a BatchNorm running variance overflows
+    (it is updated in the forward pass, outside the gradients): best.pt would then score
+    with it. It is checked with the weights, at epoch 2's last step here."""
+    real_forward, calls = nn.BatchNorm2d.forward, []
+
+    def overflowing_at_step_10(self, x):
+        out = real_forward(self, x)
+        if self.training:
+            calls.append(1)
+            if len(calls) == 10:
+                self.running_var.data.fill_(float("inf"))  # .data: not seen by autograd
+        return out
+    monkeypatch.setattr(nn.BatchNorm2d, "forward", overflowing_at_step_10)
+    with pytest.raises(engine.NonFiniteLoss, match=r"the weights or BatchNorm statistics became non-finite "
+                       r"in epoch 2 by batch 5"):
+        _run_fit(tiny_splits, tmp_path, "torch")
+    for name in ("last.pt", "best.pt"):
+        ck = load_checkpoint(tmp_path / name)
+        assert ck["epoch"] == 1 and all(torch.isfinite(t).all() for t in ck["model"].values()), name
+
+
 def test_non_finite_gradients_just_before_a_signal_are_not_saved_either(tiny_splits, tmp_path):
     calls = []
 
