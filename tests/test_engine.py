@@ -670,6 +670,10 @@ def test_a_kill_after_any_write_then_a_rerun_gives_the_uninterrupted_results(tin
         with pytest.raises(_Killed):
             _train_and_test(tiny_splits, out, record)
         monkeypatch.setattr(os, "replace", real_replace)
+        if (out / "last.pt").exists():  # the commit point: the best epoch it records is in best.pt
+            last = load_checkpoint(out / "last.pt")  # (or the next epoch's, written just before it)
+            assert load_checkpoint(out / "best.pt")["epoch"] in (
+                last["early_stopping"]["best_epoch"] + 1, last["epoch"] + 1), (index, name)
         resumed = _train_and_test(tiny_splits, out, record)
         # The last drawing shows all 3 epochs, even where the kill hit the last.pt that
         # records the finish (a rerun then trains and draws nothing).
