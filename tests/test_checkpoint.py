@@ -447,3 +447,17 @@ def test_write_text_creates_the_missing_folders(tmp_path):
     from common.files import write_text
     write_text(tmp_path / "new" / "deeper" / "x.json", "{}")
     assert (tmp_path / "new" / "deeper" / "x.json").read_text() == "{}"
+
+
+def test_the_gpus_rng_state_is_saved_and_restored_where_there_is_one(monkeypatch):
+    """Dropout on a GPU draws from the CUDA generator: a resume that lost its state would
+    continue another random stream than the uninterrupted run."""
+    from common.checkpoint import rng_state, set_rng_state
+    gpu_state, restored = torch.arange(16, dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: gpu_state.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state: restored.append(state))
+    state = rng_state()
+    assert torch.equal(state["cuda"], gpu_state)
+    set_rng_state(state)
+    assert len(restored) == 1 and torch.equal(restored[0], gpu_state)
