@@ -1201,3 +1201,23 @@ def test_pdf_says_t3_selected_no_run_when_its_comparison_chose_none(tmp_path):
     shutil.rmtree(root / "t3" / f"{c['selected']['placement']}_{c['selected']['variant']}")
     _, text = pdf_text(report.build_report(root, tmp_path / "R.md").with_suffix(".pdf"))
     assert "no run selected" not in text and "T3 selected run missing" in text
+
+
+def test_the_archive_takes_the_built_report_over_a_stale_one_committed_to_the_repo(tmp_path, monkeypatch):
+    """A REPORT.md once committed to the repository is a code file of the same name as the
+    report just built in the runs folder: the zip must hold the fresh one."""
+    repo, runs = tmp_path / "repo", tmp_path / "runs"
+    write(repo / "a.py", "x = 1\n")
+    write(repo / "REPORT.md", "# stale report\n")
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    for command in (["init", "-q"], ["add", "a.py", "REPORT.md"], ["commit", "-q", "-m", "two files"]):
+        subprocess.run(git + command, cwd=repo, check=True, capture_output=True)
+    write(runs / "REPORT.md", "# fresh report\n")
+    write(runs / "REPORT.pdf", b"%PDF")
+    write(runs / "t2" / "results.json", classifier("t2", "resnet18", 0.456789, 0.51234))
+    torch.save({"model": {"w": torch.arange(3.0)}, "epoch": 2}, runs / "t2" / "best.pt")
+    monkeypatch.setattr(archive, "REPO", repo)
+    dest = archive.build_archive(runs, runs / "REPORT.md", tmp_path / "Assignment2.zip")
+    with zipfile.ZipFile(dest) as zf:
+        assert zf.read("Assignment2/REPORT.md") == b"# fresh report\n"
+        assert zf.read("Assignment2/a.py") == b"x = 1\n"
