@@ -33,7 +33,8 @@ def previous_path(path: str | Path) -> Path:
 @contextmanager
 def atomic_file(dest: str | Path, keep_previous: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to `dest`; once the block has written it, it is synced
-    and renamed over `dest`. An error (or a kill) leaves `dest` as it was.
+    and renamed over `dest`, and the folder synced (_sync_folder). An error (or a kill)
+    leaves `dest` as it was.
 
     keep_previous: first rename the current `dest` to previous_path(dest), so a file later
     damaged on disk (a cloud-drive sync, a full disk) has a good predecessor. A kill between
