@@ -304,3 +304,35 @@ def test_under_torchrun_each_ranks_error_names_its_rank(monkeypatch):
         with pytest.raises(SystemExit) as stop:
             cli.run(failing)
         assert stop.value.code == expected
+
+
+def test_the_shared_defaults_a_user_gets_without_flags():
+    """The machine's GPU, DALI where it imports, seed 0, the quick image check; compiled on a
+    GPU only (a CPU compile costs more than it saves), unless a script turns it off there."""
+    args = cli.parse(_parser(), [], smoke=cli.SMOKE)
+    assert (args.device, args.backend, args.seed, args.check_images) == ("auto", "auto", 0, "quick")
+    assert cli.fit_config(args, cuda=False).compile is False
+    assert cli.fit_config(args, cuda=True).compile is True
+    assert cli.fit_config(args, cuda=True, compile_on_cuda=False).compile is False
+    assert cli.fit_config(cli.parse(_parser(), ["--fresh"], smoke=cli.SMOKE), cuda=False).fresh is True
+
+
+@pytest.mark.parametrize("text", ["1", "1.5", "-0.1"])
+def test_a_fraction_flag_refuses_1_and_outside(text):
+    # --label-smoothing 1 makes every target uniform; --color-jitter 1 allows brightness 0
+    with pytest.raises(argparse.ArgumentTypeError, match=rf"must be in \[0, 1\), got {float(text)}"):
+        cli.fraction(text)
+    assert cli.fraction("0") == 0.0 and cli.fraction("0.99") == 0.99
+
+
+def test_a_full_disk_quota_is_reported_as_a_full_disk(tmp_path):
+    import errno
+    for code, reason in ((errno.ENOSPC, "No space left on device"), (errno.EDQUOT, "Disk quota exceeded")):
+        def full():
+            try:
+                raise OSError(code, reason, "runs/t2/last.pt")
+            except OSError as err:
+                raise RuntimeError("torch.save failed") from err
+        with pytest.raises(SystemExit) as stop:
+            cli.run(full)
+        assert str(stop.value.code).startswith(f"error: no space left on the device writing runs/t2/last.pt ({reason})")

@@ -199,13 +199,14 @@ def test_cuda_runtime_names_its_gpu_and_picks_the_autocast_dtype(monkeypatch, ca
         rt = runtime.setup_runtime(flags, seed=0)
         assert rt.device == torch.device("cuda", 0) and rt.amp_dtype == dtype
     assert calls == [torch.device("cuda", 0), "backend settings"] * 2
-    # torchrun: LOCAL_RANK picks the GPU, set before NCCL's process group is created
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
+    # torchrun: LOCAL_RANK picks the GPU, set before NCCL's process group is created; on a
+    # second node of two GPUs each, rank 3 is that node's GPU 1
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: calls.append(backend))
     rt = runtime.setup_runtime("cuda", seed=0)
-    assert (rt.device, rt.rank, rt.world_size) == (torch.device("cuda", 1), 1, 2)
+    assert (rt.device, rt.rank, rt.world_size) == (torch.device("cuda", 1), 3, 4)
     assert calls[4:] == [torch.device("cuda", 1), "backend settings", "nccl"]
 
 

@@ -192,8 +192,25 @@ def test_normalisation_solid_colour_rgb_order(solid_png, backend, mode):
     loader = make([solid_png] * 4, [7, 7, 7, 7], backend, batch_size=4, image_size=32, **kw)
     (x,), (y,) = collect(loader)
     assert x.shape == (4, 3, 32, 32) and y.tolist() == [7, 7, 7, 7]
-    expected = (np.array([200, 30, 90]) / 255 - np.array(MEAN)) / np.array(STD)
+    # ImageNet's statistics in RGB order, written out: the ones torchvision's pretrained
+    # ResNet-18 (--init imagenet) was trained with, not the loader's own constants again.
+    assert (MEAN, STD) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    expected = (np.array([200, 30, 90]) / 255 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
     assert np.abs(x.double().numpy() - expected[None, :, None, None]).max() < 1e-5
+
+
+@pytest.mark.parametrize("backend", _backend_params())
+def test_colour_jitter_changes_the_colours_of_training_images(solid_png, backend):
+    """--color-jitter reaches the pipeline: 8 copies of one solid image get 8 different
+    colours (a crop of a solid image is the same colour; only the jitter varies it), and
+    without it all 8 are the same."""
+    spread = {}
+    for jitter in (0.0, 0.4):
+        loader = make([solid_png] * 8, [0] * 8, backend, batch_size=8, image_size=32, train=True,
+                      color_jitter=jitter, seed=0)
+        (x,), _ = collect(loader)
+        spread[jitter] = x[:, :, 16, 16].double().std(0)
+    assert spread[0.0].max() < 1e-5 and spread[0.4].min() > 0.1, spread
 
 
 @pytest.fixture(scope="module")

@@ -390,8 +390,9 @@ def test_a_gpu_index_the_machine_lacks_is_named(monkeypatch):
     from common.runtime import setup_runtime
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    with pytest.raises(ConfigError, match=r"^--device cuda:5: this machine has 1 GPU\(s\), cuda:0 to cuda:0$"):
-        setup_runtime("cuda:5")
+    for device in ("cuda:5", "cuda:1"):  # cuda:1 is the first index one GPU lacks
+        with pytest.raises(ConfigError, match=rf"^--device {device}: this machine has 1 GPU\(s\), cuda:0 to cuda:0$"):
+            setup_runtime(device)
 
 
 def test_an_out_under_a_broken_link_is_named_before_anything_runs(tmp_path: Path, monkeypatch) -> None:
