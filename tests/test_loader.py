@@ -213,6 +213,29 @@ def test_colour_jitter_changes_the_colours_of_training_images(solid_png, backend
     assert spread[0.0].max() < 1e-5 and spread[0.4].min() > 0.1, spread
 
 
+@pytest.mark.parametrize("backend", _backend_params())
+def test_colour_jitter_takes_all_three_steps(tmp_path, backend):
+    """Brightness, contrast and saturation all act, each over [1 - j, 1 + j]. On a solid image
+    the three are linear in the colour c with luma L: brightness b scales it, contrast and
+    saturation (factors cf, s) both scale its chroma c - L(c) around L. So an output p gives
+    b = L(p) / L(c) and f = s cf = (p - L(p)) . (c - L(c)) / (b |c - L(c)|^2). With j = 0.3
+    and both steps f spans [0.49, 1.69]: 256 images reach beyond 1.42 and below 0.62 (each
+    image with probability 0.063 and 0.035), which one step alone (0.7 to 1.3, plus <= 0.06
+    of uint8 truncation) cannot."""
+    colour = np.array([160.0, 100.0, 60.0])  # no channel clips for any factors in range
+    path = tmp_path / "solid.png"
+    Image.new("RGB", (40, 30), tuple(int(v) for v in colour)).save(path)
+    (x,), _ = collect(make([str(path)] * 256, [0] * 256, backend, batch_size=256, image_size=8,
+                           train=True, color_jitter=0.3, seed=0))
+    p = np.stack([to_pixels(image)[:, 4, 4] for image in x])                          # 256 x 3
+    luma = np.array([0.2989, 0.587, 0.114])  # torchvision's rgb_to_grayscale
+    b = p @ luma / (colour @ luma)
+    chroma = colour - colour @ luma
+    f = (p - (p @ luma)[:, None]) @ chroma / (b * (chroma @ chroma))
+    assert 0.65 < b.min() < 0.75 and 1.25 < b.max() < 1.35, (b.min(), b.max())
+    assert 0.4 < f.min() < 0.62 and 1.42 < f.max() < 1.78, (f.min(), f.max())
+
+
 @pytest.fixture(scope="module")
 def exif_rotated_jpeg(tmp_path_factory):
     """A 90 x 60 JPEG whose EXIF Orientation (6) asks viewers to turn it to 60 x 90."""
