@@ -110,7 +110,8 @@ class Figures:
 
 
 def figure_name(run_name: str, file: str) -> str:
-    stem = "root" if run_name == "." else run_name.replace("/", "__")
+    # A run at the folder's root is "." (its phases "./phase_a"): "root", not a hidden file.
+    stem = "__".join("root" if part == "." else part for part in run_name.split("/"))
     return f"{stem}__{file}"
 
 

@@ -304,3 +304,63 @@ def test_bar_labels_have_the_tables_four_decimals(figures: list, tmp_path: Path)
     plots.plot_bars(["serial", "reverse"], {"holdout": [1161 / 2000, 1162 / 2000]}, tmp_path / "b.png",
                     "top-1", highlight="reverse")
     assert [t.get_text() for t in figures[-1].axes[0].texts] == ["0.5805", "0.5810"]
+
+
+def test_curves_plot_each_record_at_its_own_epoch(figures: list, tmp_path: Path) -> None:
+    # A resumed run's records start past epoch 1: the x axis is the records' epoch, not their index.
+    history = [{"epoch": e, "train_loss": 1.0 / e, "holdout_acc": 0.1 * e} for e in (3, 4, 5)]
+    plots.plot_curves(history, tmp_path / "curves.png")
+    for ax in figures[0].axes:
+        assert [list(line.get_xdata()) for line in ax.lines] == [[3, 4, 5]]
+
+
+def test_bar_values_print_inside_the_axes(figures: list, tmp_path: Path) -> None:
+    plots.plot_bars(["a", "b"], {"holdout": [0.2, 0.9], "test": [0.3, 0.85]}, tmp_path / "b.png", "top-1")
+    ax = figures[-1].axes[0]
+    figures[-1].canvas.draw()
+    top = ax.get_window_extent().y1
+    assert ax.get_ylim()[1] > 0.9
+    assert all(t.get_window_extent().y1 <= top for t in ax.texts), [t.get_text() for t in ax.texts]
+
+
+def test_a_key_taller_than_its_figure_gets_more_columns(figures: list, tmp_path: Path) -> None:
+    # about 1.45 lines of height per entry: 4 in at 7 pt holds 28 entries a column
+    assert [plots.key_columns(n, 4.0, 7) for n in (1, 28, 29, 56, 57)] == [1, 1, 2, 2, 3]
+    assert plots.key_columns(20, 2.0, "medium") == 3  # 9 rows at the default 10 pt
+    history = [{"epoch": e, "holdout_acc": 0.1 * e, "train_loss": 1.0 / e, "holdout_loss": 1.1 / e} for e in (1, 2)]
+    names = [f"r{i}" for i in range(30)]
+    assert plots.plot_classifier_curves({n: history for n in names}, tmp_path / "c.png", figsize=(11, 2.4))
+    assert key_outside_the_panels(figures[-1]) == names  # every entry, none cut off at the foot
+
+
+def test_log_ticks_take_the_finest_steps_that_fit() -> None:
+    assert plots.log_ticks(1.5, 7.0) == [1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]  # 7 fit: no coarser steps
+    assert plots.log_ticks(1.0, 7.0) == [1.0, 2.0, 3.0, 5.0, 7.0]  # 8 do not
+
+
+def test_a_loss_note_of_no_classifier_is_empty() -> None:
+    # REPORT.md and REPORT.pdf ask for it before drawing the curves of a folder with T4 only
+    assert plots.runs_loss_note([]) == ""
+
+
+def test_retrieval_grid_marks_each_neighbour_by_its_class(monkeypatch, tmp_path: Path) -> None:
+    import torch
+    drawn = {}
+    monkeypatch.setattr(plots, "plot_retrieval", lambda q, n, matches, path, title="": drawn.update(
+        q=q, n=n, matches=matches, title=title))
+    files = []
+    for i in range(5):
+        files.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (8, 6), (40 * i, 0, 0)).save(files[-1])
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    angles = torch.tensor([0.0, 0.1, 1.5, 1.6, 3.0])  # each pair of a class side by side
+    embeddings = torch.stack([angles.cos(), angles.sin()], dim=1)
+    plots.retrieval_grid(embeddings, labels, files, tmp_path / "r.png", seed=0, embedding="E")
+    matches = drawn["matches"]
+    assert matches.shape == (5, 4) and drawn["n"].shape[:2] == (5, 4)  # k: every other image of 5
+    # the query's own class: the nearest one for classes 0 and 1, no neighbour for class 2
+    picks = [int(q[0, 0, 0]) // 40 for q in drawn["q"]]  # each image's own shade of red
+    assert sorted(picks) == [0, 1, 2, 3, 4]
+    for row, pick in zip(matches, picks):
+        assert list(row) == ([True, False, False, False] if pick < 4 else [False] * 4), (pick, row)
+    assert "their 4 nearest test images" in drawn["title"]

@@ -1163,6 +1163,14 @@ def test_the_t4_section_names_only_t4s_unfinished_runs(tmp_path):
     assert lines[2] == "**not run yet** (unfinished: t4/phase_a)."
 
 
+def test_figure_names_of_a_run_at_the_runs_root_are_visible_and_alike():
+    # t4_retrieval.py --out runs: the run is "." and its phases "./phase_a"; they were copied
+    # as hidden files (".__phase_a__curves.png") beside root__retrieval.png.
+    assert report.figure_name(".", "retrieval.png") == "root__retrieval.png"
+    assert report.figure_name("./phase_a", "curves.png") == "root__phase_a__curves.png"
+    assert report.figure_name("t4/phase_b_ms", "curves.png") == "t4__phase_b_ms__curves.png"
+
+
 def test_remove_unlinked_takes_every_figure_name_the_report_gives_and_nothing_else(tmp_path):
     figs = report.Figures(tmp_path / "REPORT.md")
     for name in ("classifiers_holdout.png", "t1__curves.png", "t2__curves.png", "photo.png", "pdf_x.png"):
@@ -1221,3 +1229,134 @@ def test_the_archive_takes_the_built_report_over_a_stale_one_committed_to_the_re
     with zipfile.ZipFile(dest) as zf:
         assert zf.read("Assignment2/REPORT.md") == b"# fresh report\n"
         assert zf.read("Assignment2/a.py") == b"x = 1\n"
+
+
+# ---------------------------------------------------------------- sections, without a full report
+def test_classifier_table_takes_every_column_from_its_own_key(tmp_path):
+    r = classifier("t2", "resnet18", 0.456789, 0.51234, test_top5=0.888888, holdout_top5=0.777777,
+                   stopped_early=True, train_time_s=12.345, images_per_s=1234.56, device="cuda:0")
+    write(tmp_path / "t2" / "results.json", r)
+    text = "\n".join(report.section_classifiers(runs_folder.collect(tmp_path)))
+    assert find_tables(text, "test top-1", "device")[0] == [{
+        "run": "t2", "task": "T2", "model": "resnet18", "kind": "real", "test top-1": "0.4568",
+        "test top-5": "0.8889", "holdout top-1": "0.5123", "holdout top-5": "0.7778", "params": "123,456",
+        "best epoch / epochs run": "2/3", "stopped early": "yes", "train time (s)": "12.3",
+        "train images/s": "1234.6", "device": "cuda:0"}]
+
+
+def test_t4s_architecture_rows_quote_each_phases_own_parameter_count(tmp_path):
+    t4 = runs_folder.Run(tmp_path / "t4", "t4", {"task": "t4", "model": "cubs_resnet18_serial_plain",
+                                                  "params": 111, "embedding_params": 222})
+    t2 = runs_folder.Run(tmp_path / "t2", "t2", {"task": "t2", "model": "resnet18", "params": 333})
+    arch = lambda label, params: architecture.Architecture(label, 32, 20, 1, 20, 0, 0, params, 2e8)  # noqa: E731
+    text = "\n".join(report.section_architectures([(t4, "a", arch("A", 111)), (t4, "b", arch("B", 222)),
+                                                   (t2, "", None)]))
+    rows = find_tables(text, "conv", "GFLOPs / image")[0]
+    assert [(r["model"], r["params (results.json)"], r["params (rebuilt)"]) for r in rows[:2]] == [
+        ("A", "111", "111"), ("B", "222", "222")]
+    assert rows[2] == {"run": "t2", "model": "resnet18", **{h: "n/a" for h in list(rows[0])[2:]}}
+
+
+def test_t4_section_says_where_its_initial_weights_came_from(tmp_path):
+    results = {"task": "t4", "init": "t3", "init_source": "runs/t3/serial_plain/best.pt", "init_loaded": 120,
+               "init_skipped": ["fc.weight", "fc.bias"], "phase_a": {}, "phase_b": {"mining": "ms"}}
+    lines = report.retrieval_block(runs_folder.Run(tmp_path / "t4", "t4", results),
+                                   report.Figures(tmp_path / "REPORT.md"))
+    assert "init t3 from `runs/t3/serial_plain/best.pt` (120 tensors loaded, 2 skipped)." in lines[2]
+
+
+def test_the_t3_section_tells_an_unfinished_comparison_from_no_t3_run(tmp_path):
+    figs = report.Figures(tmp_path / "REPORT.md")
+    (tmp_path / "none").mkdir()
+    assert report.section_placements(runs_folder.collect(tmp_path / "none"), figs)[2] == "**not run yet**."
+    write(tmp_path / "runs" / "t3" / "serial_plain" / "results.json",
+          classifier("t3", "cubs_resnet18_serial_plain", 0.4, 0.5, placement="serial", variant="plain"))
+    assert report.section_placements(runs_folder.collect(tmp_path / "runs"), figs)[2].startswith(
+        "**T3 runs exist but no placements.json was written yet")
+
+
+def test_a_comparison_with_only_vanilla_links_its_figure(tmp_path):
+    # t3_cubs.py draws placements.png from the vanilla bar alone when no CUBS run was compared
+    write(tmp_path / "t3" / "placements.png", b"png")
+    c = {"runs": [], "selected": None, "vanilla": {"test_acc": 0.5, "holdout_acc": 0.5}, "at_par": None,
+         "plus_vs_plain": []}
+    runs = runs_folder.RunsFolder(tmp_path, placements=[("t3", c)])
+    lines = report.placement_block(runs, "t3", c, report.Figures(tmp_path / "REPORT.md"))
+    assert "![holdout (selects) and test accuracy per run; the selected run hatched]" \
+           "(report_figures/t3__placements.png)" in lines
+
+
+def paragraphs(flowables) -> list[str]:
+    from reportlab.platypus import Paragraph
+    return [f.getPlainText() for f in flowables if isinstance(f, Paragraph)]
+
+
+def test_pdf_plus_vs_plain_reads_from_plain_to_plus():
+    c = {"runs": [], "selected": None, "vanilla": None, "at_par": None,
+         "plus_vs_plain": [{"placement": "serial", "plain_test_acc": 0.40004, "plus_test_acc": 0.44449,
+                            "gain_points": 4.445}]}
+    text = paragraphs(report_pdf.section_placements(runs_folder.Chosen({"t3": None}, ("t3", c))))[-1]
+    assert text == ("Our variant (plus) against plain, same placement and seed: serial +4.45 points test "
+                    "top-1 (0.4000 -> 0.4445).")
+    strategy = report_pdf.variant_strategy(runs_folder.Chosen({}, ("t3", c)))
+    assert strategy.endswith("Result: serial: +4.45 test points over plain.")
+
+
+def test_pdf_header_counts_the_unfinished_runs_it_does_not_name(tmp_path):
+    def unfinished(n):
+        return report_pdf._not_reported(runs_folder.RunsFolder(tmp_path, unfinished=[(f"r{i}", []) for i in range(n)]))
+    assert unfinished(6).endswith("finish): r0, r1, r2, r3, r4, r5")  # all six named: no "and 0 more"
+    assert unfinished(7).endswith("finish): r0, r1, r2, r3, r4, r5 and 1 more")
+    assert report_pdf._not_reported(runs_folder.RunsFolder(tmp_path)) == ""
+
+
+def test_pdf_header_names_six_runs_it_leaves_to_report_md_then_counts_the_rest(tmp_path):
+    runs = [runs_folder.Run(tmp_path / f"r{i}", f"r{i}", {"task": "t2"}) for i in range(9)]
+    folder = runs_folder.RunsFolder(tmp_path, classifiers=runs)
+    chosen = runs_folder.Chosen({"t1": None, "t2": runs[0], "t3": None, "t4": None}, None)
+    assert paragraphs(report_pdf.header(folder, chosen))[1].endswith(
+        "REPORT.md also lists r1, r2, r3, r4, r5, r6, 2 more.")
+
+
+def test_pdf_mining_verdict_names_every_best_mining_and_says_tied_only_for_a_tie():
+    def verdict(scores):
+        entries = [{"mining": m, "holdout_r1": v} for m, v in scores.items()]
+        run = runs_folder.Run(Path("t4"), "t4", {"task": "t4", "args": {"mining": "ms"},
+                                                 "phase_b": {"mining": "ms"}, "mining_comparison": entries})
+        return report_pdf.mining_strategy(runs_folder.Chosen({"t4": run}, None))
+    assert " Best by holdout R@1 (0.5000): ms. " in verdict({"ms": 0.5, "none": 0.4, "hard": 0.45})
+    assert " Best by holdout R@1 (0.5000): ms, hard (tied). " in verdict({"ms": 0.5, "none": 0.4, "hard": 0.5})
+    assert "Best by" not in verdict({"ms": 0.5})
+
+
+@pytest.mark.parametrize("fits, empty, written", [
+    ({1.0: 3, 0.9: 2}, {}, "0.9"),                    # the largest scale on two pages
+    ({}, {1.0: 3 * cm, 0.9: 1 * cm}, "0.9"),          # ... without a hole at the foot of page 1
+    ({}, {s: (3 + abs(s - 0.8)) * cm for s in report_pdf.FIGURE_SCALES}, "0.8"),  # else the smallest hole
+])
+def test_write_pdf_takes_the_largest_scale_that_fits_without_a_hole(tmp_path, monkeypatch, fits, empty, written):
+    calls = []
+
+    def render(runs, summaries, figures, scale):
+        calls.append(scale)
+        return str(scale).encode(), fits.get(scale, 2), empty.get(scale, 0.5 * cm)
+    monkeypatch.setattr(report_pdf, "render", render)
+    report_pdf.write_pdf(None, [], tmp_path / "R.pdf", tmp_path / "figures")
+    assert (tmp_path / "R.pdf").read_bytes() == written.encode()
+    assert calls[-1] == float(written)  # the figure files left are the chosen scale's
+
+
+def test_pdf_results_rows_name_each_runs_model(tmp_path):
+    t2 = runs_folder.Run(tmp_path / "t2", "t2", classifier("t2", "resnet18", 0.5, 0.5))
+    t3 = runs_folder.Run(tmp_path / "t3" / "serial_plain", "t3/serial_plain",
+                         classifier("t3", "cubs_resnet18_serial_plain", 0.5, 0.5))
+    assert report_pdf.classifier_row("t2", t2)[:2] == ["T2", "t2: resnet18"]
+    # T3's folder already names the placement and variant
+    assert report_pdf.classifier_row("t3", t3, selected=True)[:2] == ["T3", "t3/serial_plain (selected): cubs_resnet18"]
+
+
+def test_recipe_table_groups_equal_recipes_and_dashes_a_setting_a_run_lacks():
+    lines = report.recipe_table([("t1", {"LR": "0.1", "dropout": "0.2"}), ("t2", {"LR": "0.1"}),
+                                 ("t3", {"LR": "0.1"})])
+    assert md_tables("\n".join(lines))[0] == [{"setting": "LR", "t1": "0.1", "t2, t3": "0.1"},
+                                              {"setting": "dropout", "t1": "0.2", "t2, t3": "-"}]
