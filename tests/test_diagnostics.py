@@ -138,3 +138,15 @@ def test_gate_statistics_are_the_mean_and_sample_std_of_a_stages_gate_values():
             # the sample std (n - 1): over 96-768 values it differs from the population std by 0.07-0.5 %
             assert stats[stage]["channel"]["std"] == pytest.approx(values.std().item(), rel=1e-5)
             assert values.std().item() > 0.01
+
+
+def test_measuring_leaves_the_rng_as_it_was_when_the_training_forward_draws_from_it():
+    # Training draws its dropout masks and augmentations from the global RNG: a measurement
+    # whose train-mode forward pass draws too (here a dropout in every block) must not move it.
+    torch.manual_seed(0)
+    model = ResNet18(num_classes=5, width=8, attention=lambda channels: torch.nn.Dropout(0.5))
+    images, labels = _batch()
+    rng = torch.get_rng_state()
+    result = diagnostics(model, images, labels)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert list(result["branch_grad_norm"]) == STAGES and result["gates"] == {}

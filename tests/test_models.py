@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -209,3 +210,98 @@ def test_count_parameters_counts_frozen_ones_too():
     net.backbone.fc.requires_grad_(False)
     assert count_parameters(net) == sum(p.numel() for p in net.parameters()) == (
         sum(p.numel() for p in ResNet18(5, width=8).parameters()) + 64 * 16 + 16)
+
+
+def _reference_custom_cnn_parameters(num_classes: int, w: int) -> int:
+    """The class docstring's layout, counted by hand: 3x3 convs without bias, BN (2 per
+    channel), 1x1 fusions, squeeze-excitation MLPs (hidden max(c // 4, 8), with biases)."""
+    def conv_bn_relu(i, o):
+        return 9 * i * o + 2 * o
+
+    def gate(c):
+        h = max(c // 4, 8)
+        return c * h + h + h * c + c
+
+    def mix(i, o, m, units=3):
+        return conv_bn_relu(i, m) + (units - 1) * conv_bn_relu(m, m) + (i + units * m) * o + 2 * o + gate(o)
+
+    return (conv_bn_relu(3, w) + mix(w, w, w // 2)
+            + conv_bn_relu(w, 2 * w) + 2 * mix(2 * w, 2 * w, w)
+            + conv_bn_relu(2 * w, 4 * w) + 3 * mix(4 * w, 4 * w, 2 * w)
+            + conv_bn_relu(4 * w, 8 * w) + 2 * mix(8 * w, 8 * w, 4 * w)
+            + 8 * w * num_classes + num_classes)
+
+
+@pytest.mark.parametrize("width", [16, 64])
+def test_custom_cnn_has_the_documented_layout_and_parameter_count(width):
+    # 1, 2, 3, 2 MixBlocks of 3 units; 36 main-path convs, 52 with the gates' (the report's);
+    # 10.8M parameters at width 64 (the docstring, the report).
+    model = CustomCNN(num_classes=200, width=width)
+    assert [len(getattr(model, f"stage{i}")) for i in (1, 2, 3, 4)] == [1, 2, 3, 2]
+    assert all(len(m.units) == 3 for m in model.modules() if isinstance(m, MixBlock))
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 52 and len([n for n in convs if ".gate." not in n]) == 36
+    assert count_parameters(model) == _reference_custom_cnn_parameters(200, width)
+    if width == 64:
+        assert round(count_parameters(model) / 1e6, 1) == 10.8
+
+
+def test_mixblock_computes_relu_bn_fusion_of_every_unit_then_the_gate():
+    # A functional re-implementation from the block's own tensors, in eval mode with non-trivial
+    # BatchNorm statistics: each unit is conv-BN-ReLU on the previous unit's output, the fusion
+    # is a ReLU'd 1x1 conv + BN of [x, u1, u2, u3], the gate an average-pool squeeze-excitation.
+    torch.manual_seed(0)
+    block = MixBlock(4, 6, 3, units=3)
+    _randomise_batchnorm(block)
+    with torch.no_grad():
+        block.gate.expand.weight.normal_()  # a gate that depends on its input
+    block.eval()
+
+    def bn(m, x):
+        return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, training=False, eps=m.eps)
+
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        outputs = [x]
+        for unit in block.units:
+            outputs.append(F.relu(bn(unit[1], F.conv2d(outputs[-1], unit[0].weight, padding=1))))
+        fused = F.relu(bn(block.fuse[1], F.conv2d(torch.cat(outputs, 1), block.fuse[0].weight)))
+        gate = block.gate
+        squeeze = fused.mean((2, 3), keepdim=True)
+        expected = fused * torch.sigmoid(F.conv2d(F.relu(F.conv2d(squeeze, gate.reduce.weight, gate.reduce.bias)),
+                                                  gate.expand.weight, gate.expand.bias))
+        torch.testing.assert_close(block(x), expected)
+
+
+def test_cifar_stem_resnet18_is_torchvisions_with_a_3x3_stride_1_stem_and_no_maxpool():
+    # T2's network: torchvision's ResNet-18 with conv1 = 3x3/1 and the max-pool removed. Same
+    # weights give the same logits, so every block (strides, shortcuts, BN placement) and the
+    # head match torchvision's with the CIFAR-style stem too, not only with the ImageNet one.
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(weights=None, num_classes=10)
+    reference.conv1 = nn.Conv2d(3, 64, 3, stride=1, padding=1, bias=False)
+    reference.maxpool = nn.Identity()
+    _randomise_batchnorm(reference)
+    model = ResNet18(num_classes=10, stem="cifar")
+    model.load_state_dict(reference.state_dict(), strict=True)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), reference.eval()(x))
+        torch.testing.assert_close(model.features(x), torch.flatten(
+            reference.avgpool(reference.layer4(reference.layer3(reference.layer2(reference.layer1(
+                reference.relu(reference.bn1(reference.conv1(x)))))))), 1))
+
+
+def test_custom_cnn_features_are_stage4s_spatial_mean_and_logits_their_linear_map():
+    torch.manual_seed(0)
+    model = CustomCNN(num_classes=5, width=8)
+    _randomise_batchnorm(model)
+    model.eval()
+    stage4 = []
+    hook = model.stage4.register_forward_hook(lambda _m, _i, out: stage4.append(out))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        features = model.features(x)
+        hook.remove()
+        torch.testing.assert_close(features, stage4[0].mean((2, 3)))  # global average, not max, pooling
+        torch.testing.assert_close(model(x), F.linear(features, model.fc.weight, model.fc.bias))

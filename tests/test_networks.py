@@ -82,3 +82,12 @@ def test_model_keys_change_with_every_key_that_makes_another_network():
     assert set(MODEL_KEYS) == set(changed)
     for key, value in changed.items():
         assert model_keys({**meta, key: value}) != model_keys(meta), key
+
+
+def test_model_keys_tell_t4s_phase_b_embedder_from_its_phase_a_network():
+    # The report groups runs by model_keys: Phase A's classifier and Phase B's embedder are
+    # built from the same results.json and differ only by the phase asked for.
+    results = {"task": "t4", "placement": "serial", "variant": "plain", "train_classes": 6,
+               "args": {"width": 8, "embedding_dim": 16}}
+    assert isinstance(built(results, "b"), EmbeddingNet) and not isinstance(built(results), EmbeddingNet)
+    assert model_keys(results, "b") != model_keys(results)

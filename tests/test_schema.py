@@ -53,3 +53,14 @@ def test_every_script_shows_every_training_default_in_its_recipe(script):
         t2 = importlib.import_module("t2_resnet18").RECIPE
         shared = [k for k in schema.RECIPE_FLAGS if not (k == "width" and script == "t1_custom_cnn")]
         assert {k: recipe[k] for k in shared} == {k: t2[k] for k in shared}
+
+
+def test_keys_are_every_key_a_schema_allows_its_bases_and_optional_ones_included():
+    # --evaluate compares a checkpoint's network with the flags' by keys(ModelMeta), whose keys
+    # are all optional (total=False): keys() must not drop them, or nothing would be compared.
+    assert schema.keys(schema.ModelMeta) == {"task", "model", "num_classes", "width", "image_size", "dropout",
+                                             "placement", "variant", "d", "gate_init", "phase", "embedding_dim"}
+    assert schema.keys(schema.CheckpointMeta) == (schema.keys(schema.ModelMeta) | schema.keys(schema.DataRecipe)
+                                                  | schema.keys(schema.RetrievalMeta))
+    assert {"params", "args", "seed", "width", "test_acc", "best_epoch"} <= schema.keys(schema.ClassifierResults)
+    assert {"init_skipped", "phase_a", "train_classes", "params"} <= schema.keys(schema.RetrievalResults)

@@ -479,3 +479,19 @@ def test_t3_refuses_a_d_that_leaves_block1_plus_one_token():
     proc = run("t3_cubs.py", "--smoke", "--variant", "plus", "--d", "32", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--d 32 does not fit the plus variant" in proc.stderr and "d = 64" in proc.stderr
+
+
+def test_init_records_the_sha256_of_the_whole_weights_file(tmp_path):
+    # A resume compares this digest with the file's: it must cover every byte, not a prefix
+    # (a retrained T3 best.pt can share its first MiB with the old one).
+    import hashlib
+
+    from common.init_weights import load_initial_weights
+    model = torch.nn.Linear(600, 600)  # 1.4 MB of float32: more than one 1 MiB read
+    weights = tmp_path / "weights.pt"
+    torch.save({"weight": torch.ones(600, 600), "bias": torch.zeros(600)}, weights)
+    init = load_initial_weights(model, "imagenet", t3_best=None, t3_results="unused",
+                                init_weights=str(weights), verbose=False)
+    assert weights.stat().st_size > 1 << 20
+    assert init["init_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert init["init_loaded"] == 2 and torch.equal(model.weight, torch.ones(600, 600))
