@@ -58,12 +58,15 @@ def check_images(files: Sequence[str], mode: str = "quick", cache: Sequence[Path
         raise ValueError(f"mode must be one of {CHECK_MODES}, got {mode!r}")
     if mode == "off" or not files:
         return 0
-    key, problems = _fingerprint(files)
-    if not problems and _cached(cache, key, mode):
+    key, unreadable = _fingerprint(files)
+    if not unreadable and _cached(cache, key, mode):
         return 0
-    if not problems:
-        check = quick_problem if mode == "quick" else decode_problem
-        problems = _problems(check, files)
+    # The others too: one missing file must not hide the damaged ones from the message.
+    missing = {f for f, _ in unreadable}
+    check = quick_problem if mode == "quick" else decode_problem
+    problems = unreadable + _problems(check, [f for f in files if f not in missing])
+    order = {f: i for i, f in enumerate(files)}
+    problems.sort(key=lambda problem: order[problem[0]])  # in the files' order
     if problems and mode == "quick":  # trailing bytes or damage: a decode tells them apart
         problems = [(f, p) for f, p in problems if not p.startswith("truncated") or decode_problem(f)]
     if problems:

@@ -80,8 +80,9 @@ class RunsFolder:
         return next((r for r in self.classifiers + self.retrievals if r.name == name), None)
 
     def placement_runs(self, name: str) -> list[Run]:
-        """The T3 runs next to the placements.json in folder `name`."""
-        return [r for r in self.classifiers if r.path.parent == self.root / name]
+        """The T3 runs next to the placements.json in folder `name` (in the runs root, that
+        holds T1 and T2's folders too)."""
+        return [r for r in self.classifiers if r.path.parent == self.root / name and r.task == "t3"]
 
 
 def read_json(path: Path, problems: list[str]) -> Any:

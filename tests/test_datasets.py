@@ -614,3 +614,123 @@ def test_smoke_tiny_imagenet_is_generated_once_per_image_size(tmp_path):
         sizes.setdefault(size, splits.train.files)
         assert splits.train.files == sizes[size]  # the same files again for the same size
     assert sorted(p.name for p in (tmp_path / "smoke_data").iterdir()) == ["32px", "48px"]
+
+
+def test_generated_names_and_boxes_follow_the_real_files(tiny: Path, cars_annos: Path) -> None:
+    # cars_annos.mat numbers car_ims/ from 000001 and names class k (1-based) at index k - 1;
+    # Tiny ImageNet's <wnid>_boxes.txt has one tab-separated line per image: name x0 y0 x1 y1.
+    from common.synthetic import describe_class
+    mat = scipy.io.loadmat(cars_annos / "cars_annos.mat", squeeze_me=True, struct_as_record=False)
+    paths = sorted(a.relative_im_path for a in mat["annotations"])
+    assert paths == [f"car_ims/{i:06d}.jpg" for i in range(1, CARS_CLASSES * CARS_PER_CLASS + 1)]
+    assert [str(name).split(" ", 1)[1] for name in mat["class_names"]] == [
+        f"{describe_class(c)} {2000 + c % 13}" for c in range(CARS_CLASSES)]
+    for wnid in (tiny / "wnids.txt").read_text().split():
+        lines = (tiny / "train" / wnid / f"{wnid}_boxes.txt").read_text().splitlines()
+        images = sorted(p.name for p in (tiny / "train" / wnid / "images").iterdir())
+        assert sorted(line.split("\t")[0] for line in lines) == images
+        for line in lines:
+            name, *box = line.split("\t")
+            x0, y0, x1, y1 = map(int, box)
+            assert 0 <= x0 <= x1 < 32 and 0 <= y0 <= y1 < 32, line
+
+
+def test_class_ids_above_255_keep_their_value_in_the_mat_file(tmp_path: Path, monkeypatch) -> None:
+    # uint8 holds the real 196 ids; from 256 on the id must not wrap around to 0.
+    from common import synthetic
+    monkeypatch.setattr(synthetic, "_write_jpeg", lambda *args, **kw: (0, 0, 1, 1))  # no pixels
+    root = make_cars196(tmp_path, num_classes=256, per_class=2, image_size=(8, 8))
+    annotations = scipy.io.loadmat(root / "cars_annos.mat")["annotations"][0]
+    assert Counter(int(a["class"].item()) for a in annotations) == {c: 2 for c in range(1, 257)}
+
+
+def test_task_loaders_augment_train_only_and_shard_as_documented(tiny: Path) -> None:
+    import torch
+
+    from common import task_data
+    from common.runtime import Runtime
+    splits = load_tiny_imagenet(tiny, holdout_per_class=2, seed=0)
+    s = task_data.LoaderSettings(batch_size=8, image_size=32, backend="torch", seed=5, color_jitter=0.3,
+                                 eval_resize=40)
+    ranks = [Runtime(torch.device("cpu"), rank=r, world_size=2) for r in (0, 1)]
+    shards = [task_data.classifier_loaders(splits, s, rt) for rt in ranks]
+    for rank, loaders in enumerate(shards):
+        t = loaders.train.settings
+        assert (t.train, t.seed, t.color_jitter, t.shard_id, t.num_shards) == (True, 5, 0.3, rank, 2)
+        for part in (loaders.holdout, loaders.test):  # in order, resize-then-crop kept
+            e = part.settings
+            assert (e.train, e.eval_resize, e.shard_id, e.num_shards) == (False, 40, rank, 2)
+    for name, split in (("holdout", splits.holdout), ("test", splits.test)):  # each image once across ranks
+        indices = [i for loaders in shards for b in getattr(loaders, name).batches(0) for i in b.tolist()]
+        assert sorted(indices) == list(range(len(split))), name
+    whole = task_data.whole_split_loader(splits.test, s, ranks[1])  # retrieval: every image on every rank
+    assert sorted(np.concatenate(whole.batches(0)).tolist()) == list(range(len(splits.test)))
+    pk = task_data.pk_loader(splits.train, s, ranks[0], classes_per_batch=2, images_per_class=3)
+    assert (pk.settings.batch_size, pk.settings.classes_per_batch, pk.settings.shard_id) == (6, 2, 0)
+    for batch in pk.batches(0):
+        assert sorted(Counter(splits.train.labels[i] for i in batch.tolist()).values()) == [3, 3]
+
+
+def test_task_datasets_pass_on_the_seed_and_the_download_flag(tiny: Path, cars_annos: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from common import task_data
+    from common.runtime import Runtime
+    rt = Runtime(torch.device("cpu"))
+    calls = []
+    monkeypatch.setattr(task_data, "find_tiny_imagenet", lambda data_dir, download: calls.append(download) or tiny)
+    for seed in (0, 1, 2):
+        splits = task_data.tiny_imagenet(tmp_path, tmp_path, rt, holdout_per_class=2, seed=seed, check="off",
+                                         download=False)
+        assert splits.holdout == load_tiny_imagenet(tiny, holdout_per_class=2, seed=seed).holdout
+        cars = task_data.cars196(cars_annos, tmp_path, rt, holdout_per_class=2, seed=seed, check="off")
+        assert cars.holdout == load_cars196(cars_annos, holdout_per_class=2, seed=seed).holdout
+    assert calls == [False] * 6  # --no-download: no download, also on rank 0
+    assert load_tiny_imagenet(tiny, holdout_per_class=2, seed=0).holdout != \
+        load_tiny_imagenet(tiny, holdout_per_class=2, seed=1).holdout
+    assert load_cars196(cars_annos, holdout_per_class=2, seed=0).holdout != \
+        load_cars196(cars_annos, holdout_per_class=2, seed=2).holdout
+
+
+def test_smoke_datasets_left_half_written_are_generated_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A --smoke run killed while generating leaves images but not the file written last.
+    import torch
+
+    from common import task_data
+    from common.runtime import Runtime
+    rt = Runtime(torch.device("cpu"))
+    monkeypatch.setattr(task_data, "SMOKE_CARS196", dict(layout="cars_annos", num_classes=4, per_class=2,
+                                                         image_size=(16, 12), seed=0))
+    monkeypatch.setattr(task_data, "SMOKE_TINY_IMAGENET", dict(num_classes=2, train_per_class=2,
+                                                               val_per_class=1, seed=0))
+    (tmp_path / "smoke_data" / "cars196" / "car_ims").mkdir(parents=True)
+    (tmp_path / "smoke_data" / "16px" / "tiny-imagenet-200" / "train").mkdir(parents=True)
+    splits = task_data.cars196(tmp_path / "unused", tmp_path, rt, holdout_per_class=0, seed=0, check="off",
+                               smoke=True)
+    assert (len(splits.train), len(splits.test)) == (4, 4)
+    splits = task_data.tiny_imagenet(None, tmp_path, rt, holdout_per_class=0, seed=0, check="off", smoke=True,
+                                     smoke_image_size=16)
+    assert (len(splits.train), len(splits.test)) == (4, 2)
+
+
+def test_the_image_check_covers_every_split_and_ends_with_the_modes_advice(cars_annos: Path, tmp_path: Path) -> None:
+    import torch
+
+    from common import task_data
+    from common.errors import ImageDecodeError
+    from common.image_check import CACHE_NAME
+    from common.runtime import Runtime
+    root = copy_of(cars_annos, tmp_path)
+    splits = load_cars196(root, holdout_per_class=1, seed=0)
+    task_data.check_split_images(splits, "quick", tmp_path / "out", Runtime(torch.device("cpu")))
+    assert (root / CACHE_NAME).is_file() and not (tmp_path / "out").exists()  # cached beside the images
+    for broken in (splits.holdout.files[0], splits.test.files[-1]):
+        Path(broken).write_text("not an image\n")
+    for mode, advice in (("quick", "--check-images full decodes every file"), ("full", "--check-images off skips")):
+        with pytest.raises(ImageDecodeError) as error:
+            task_data.check_split_images(splits, mode, tmp_path / "out", Runtime(torch.device("cpu")))
+        lines = str(error.value).splitlines()
+        assert lines[0].startswith(f"2 of {CARS_CLASSES * CARS_PER_CLASS} image files")
+        assert {line.split(": ")[0].strip() for line in lines[1:3]} == {splits.holdout.files[0], splits.test.files[-1]}
+        assert advice in lines[-1]

@@ -161,6 +161,18 @@ def test_a_missing_file_is_named_even_when_the_others_passed_before(good: list[s
         check_images(good + [missing], "quick", cache)
 
 
+@pytest.mark.parametrize("mode", ["quick", "full"])
+def test_a_missing_file_does_not_hide_the_damaged_ones(good: list[str], tmp_path: Path, mode: str) -> None:
+    # The missing file stopped the check: the message said "1 of 4" and named it alone.
+    missing, notes = str(tmp_path / "gone.JPEG"), tmp_path / "notes.JPEG"
+    notes.write_text("not an image\n")
+    with pytest.raises(ImageDecodeError) as err:
+        check_images([str(notes), good[0], missing, good[1]], mode)
+    lines = str(err.value).splitlines()
+    assert lines[0].startswith("2 of 4 image files are not whole JPEG/PNG images")
+    assert [line.split(": ")[0].strip() for line in lines[1:3]] == [str(notes), missing]  # in the files' order
+
+
 def test_a_cache_file_that_is_not_ours_means_check_again(good: list[str], tmp_path: Path) -> None:
     cache = tmp_path / CACHE_NAME
     for text in ("[]", '{"passed": [1]}', "not json"):
@@ -177,3 +189,32 @@ def test_cache_falls_back_when_the_first_place_is_read_only(good: list[str], tmp
     assert check_images(good, "quick", cache) == 0
     cache[1].write_text("{not json")  # a damaged cache only costs a re-check
     assert check_images(good, "quick", cache) == len(good)
+
+
+def test_a_file_changed_in_size_but_not_in_mtime_is_read_again(good: list[str], tmp_path: Path) -> None:
+    # A copy that keeps modification times (cp -p, rsync -t) of a file cut short: the same
+    # mtime as the one that passed, so only its size tells the cache it is another file.
+    cache = [tmp_path / "cache" / CACHE_NAME]
+    assert check_images(good, "quick", cache) == len(good)
+    before = os.stat(good[0])
+    data = Path(good[0]).read_bytes()
+    Path(good[0]).write_bytes(data[: len(data) // 2])
+    os.utime(good[0], ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(ImageDecodeError, match=re.escape(good[0]) + ": truncated JPEG"):
+        check_images(good, "quick", cache)
+
+
+def test_a_png_whose_signature_lost_its_line_ending_bytes_is_not_a_png(tmp_path: Path) -> None:
+    # The signature's \r\n and \x1a\n exist to catch a text-mode transfer; such a file has a
+    # whole IEND chunk at its end, yet no decoder reads it.
+    png = encoded("PNG")
+    mangled = write(tmp_path, "mangled.png", png.replace(b"\r\n", b"\n", 1))
+    assert quick_problem(mangled) == f"not a JPEG or PNG: starts with 89 50 4e 47, {len(png) - 1} bytes"
+    with pytest.raises(ImageDecodeError, match="mangled.png: not a JPEG or PNG"):
+        check_images([mangled], "quick")
+
+
+def test_the_pass_is_written_to_the_first_writable_cache_only(good: list[str], tmp_path: Path) -> None:
+    cache = [tmp_path / "dataset" / CACHE_NAME, tmp_path / "out" / CACHE_NAME]
+    assert check_images(good, "quick", cache) == len(good)
+    assert cache[0].is_file() and not cache[1].exists()

@@ -1360,3 +1360,54 @@ def test_recipe_table_groups_equal_recipes_and_dashes_a_setting_a_run_lacks():
                                  ("t3", {"LR": "0.1"})])
     assert md_tables("\n".join(lines))[0] == [{"setting": "LR", "t1": "0.1", "t2, t3": "0.1"},
                                               {"setting": "dropout", "t1": "0.2", "t2, t3": "-"}]
+
+
+def test_collect_counts_t4_phase_folders_as_parts_of_t4_not_as_unfinished_runs(tmp_path):
+    make_runs(tmp_path)  # t1 unfinished; t4 finished, with phase_a, phase_b_ms, phase_b_none
+    runs = runs_folder.collect(tmp_path)
+    assert [name for name, _ in runs.unfinished] == ["t1"]
+    assert [len(records) for _, records in runs.unfinished] == [2]
+    assert [r.name for r in runs.retrievals] == ["t4"] and runs.problems == []
+    assert list(runs.retrievals[0].phases) == ["phase_a", "phase_b_ms", "phase_b_none"]
+
+
+def test_a_placements_json_without_selected_falls_back_to_best_overall(tmp_path):
+    data = make_runs(tmp_path)
+    placements = {k: v for k, v in data["placements"].items() if k != "selected"}  # an older t3_cubs.py
+    write(tmp_path / "t3" / "placements.json", placements)
+    chosen = runs_folder.choose_runs(runs_folder.collect(tmp_path))
+    assert chosen.runs["t3"].name == "t3/serial_plus"  # best_overall
+    assert chosen.placements[0] == "t3"
+
+
+def test_without_a_placements_json_the_t3_run_comes_from_the_scripts_own_folder(tmp_path):
+    # Two unfinished comparisons: the default folder t3 is preferred to an earlier-sorting one,
+    # even where that one holds the better run.
+    for folder, holdout in (("a_old", 0.99), ("t3", 0.5)):
+        write(tmp_path / folder / "serial_plain" / "results.json",
+              classifier("t3", "cubs_resnet18_serial_plain", 0.5, holdout, placement="serial", variant="plain"))
+    assert runs_folder.choose_runs(runs_folder.collect(tmp_path)).runs["t3"].name == "t3/serial_plain"
+
+
+def test_placement_runs_are_the_runs_beside_that_placements_json_only(tmp_path):
+    make_runs(tmp_path)
+    shutil.copytree(tmp_path / "t3", tmp_path / "t3_full")  # another comparison whose name starts alike
+    runs = runs_folder.collect(tmp_path)
+    expected = ["reverse_plain", "serial_plain", "serial_plus"]
+    for name in ("t3", "t3_full"):
+        assert sorted(r.name for r in runs.placement_runs(name)) == [f"{name}/{run}" for run in expected]
+    assert runs.placement_runs("t2") == []
+
+
+def test_a_comparison_in_the_runs_root_holds_t3s_runs_not_t1_and_t2_beside_them(tmp_path):
+    # t3_cubs.py --out runs beside runs/t1 (smoke) and runs/t2: the comparison was called SMOKE
+    # and named t1.
+    t3 = classifier("t3", "cubs_resnet18_serial_plain", 0.4, 0.5, placement="serial", variant="plain")
+    write(tmp_path / "serial_plain" / "results.json", t3)
+    write(tmp_path / "placements.json", {"selected": {"placement": "serial", "variant": "plain"}})
+    write(tmp_path / "t1" / "results.json", {**classifier("t1", "custom_cnn", 0.2, 0.2), "args": {**ARGS, "smoke": True}})
+    write(tmp_path / "t2" / "results.json", classifier("t2", "resnet18", 0.3, 0.3))
+    runs = runs_folder.collect(tmp_path)
+    assert [r.name for r in runs.placement_runs(".")] == ["serial_plain"]
+    comparison = json.loads((tmp_path / "placements.json").read_text())
+    assert "SMOKE" not in "\n".join(report.placement_block(runs, ".", comparison, report.Figures(tmp_path / "R.md")))
