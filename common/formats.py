@@ -22,7 +22,7 @@ def fmt_acc(v: Any) -> str:
 
 def fmt_points(v: Any) -> str:
     """A difference in percentage points, signed: +1.25."""
-    return "n/a" if v is None else f"{float(v):+.2f}"
+    return "n/a" if v is None else f"{round(float(v), 2) + 0.0:+.2f}"  # + 0.0: no "-0.00"
 
 
 def fmt_1(v: Any) -> str:

@@ -84,4 +84,4 @@ def decoupled_decay(args: dict) -> str:
     lr, wd = args.get("embed_lr"), args.get("embed_weight_decay")
     if args.get("embed_optimizer") != "adamw" or not all(isinstance(v, (int, float)) for v in (lr, wd)):
         return ""
-    return f" (AdamW, decoupled: each step shrinks a weight by lr x wd = {lr * wd:.0e})"
+    return f" (AdamW, decoupled: each step shrinks a weight by lr x wd = {lr * wd:.2g})"
