@@ -17,6 +17,12 @@ import pytest  # noqa: E402
 
 ROOT = Path(_REPO_ROOT)
 
+# README's command runs the suite in two pytest-xdist workers (`-n 2 --dist loadgroup`), one
+# per core of a 2-core CI machine: each worker, and every script it starts, computes on one
+# thread, so that the two never fight over the cores (two threads each made the suite slower).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def run_script(script: str, *args: str, timeout: int = 900, check: bool = True,
                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -97,3 +103,15 @@ def fit(model, loader, evaluate, cfg, out, rt, meta, loss_fn=None, redo_check=No
     loss_fn = loss_fn or torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     return engine.fit(net, loader, loss_fn, opt, sched, engine.grad_scaler(rt), evaluate, cfg, out,
                       rt, meta, **kw)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, every test of the smoke runs (the session fixture `runs`, or
+    test_report.py's `smoke_runs`, which asks for it) goes to one worker: the runs are
+    trained once, not once per worker."""
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        if {"runs", "smoke_runs"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("smoke_runs"))
