@@ -75,9 +75,21 @@ class Figures:
         self.folder = self.base / FIGURES
         self.folder.mkdir(parents=True, exist_ok=True)
         self.linked: set[str] = set()  # file names in `folder` that REPORT.md shows
+        self.shows: dict[str, str] = {}  # file name in `folder` -> "RUN/FILE" it was given for
 
     def path(self, name: str) -> Path:
         return self.folder / name
+
+    def name(self, run_name: str, file: str) -> str:
+        """figure_name(run_name, file), unique in this report: runs "a/b" and "a__b" (or
+        "." and "root") would share a name, and one figure would overwrite the other; the
+        second one to ask gets "-2" before the extension (in the report's fixed order)."""
+        base, n = figure_name(run_name, file), 1
+        name = base
+        while self.shows.setdefault(name, f"{run_name}/{file}") != f"{run_name}/{file}":
+            n += 1
+            name = f"{Path(base).stem}-{n}{Path(base).suffix}"
+        return name
 
     def link(self, path: Path, alt: str) -> list[str]:
         rel = Path(os.path.relpath(path, self.base)).as_posix()
@@ -216,7 +228,7 @@ def placement_block(runs: RunsFolder, name: str, c: dict, figs: Figures) -> list
     lines = [f"### `{name}/placements.json`", ""] + smoke_note(members)
     lines += comparison_lines(c)
     if c.get("runs") or c.get("vanilla"):  # with neither, t3_cubs.py draws no figure
-        lines += figs.copy(folder / "placements.png", figure_name(name, "placements.png"),
+        lines += figs.copy(folder / "placements.png", figs.name(name, "placements.png"),
                            "holdout (selects) and test accuracy per run; the selected run hatched")
     return lines
 
@@ -258,7 +270,7 @@ def retrieval_block(run: Run, figs: Figures) -> list[str]:
               f"{fmt_acc(b.get('holdout_r1'))}, best epoch / epochs run {fmt_epochs(b)}, train time "
               f"{fmt_1(b.get('train_time_s'))} s.", ""]
     lines += mining_lines(r)
-    lines += figs.copy(run.path / "retrieval.png", figure_name(run.name, "retrieval.png"),
+    lines += figs.copy(run.path / "retrieval.png", figs.name(run.name, "retrieval.png"),
                        "test queries and their nearest neighbours (green: same class)")
     return lines
 
@@ -294,20 +306,20 @@ def section_curves(runs: RunsFolder, figs: Figures) -> list[str]:
                   "loss, right):", ""]
         lines += figs.link(figs.path("classifiers_holdout.png"), "holdout accuracy and loss per epoch")
     for run in runs.retrievals:
-        name = figure_name(run.name, "phases.png")
+        name = figs.name(run.name, "phases.png")
         if plot_retrieval_curves(run.phases, figs.path(name)):
             lines += [f"T4 `{run.name}`, Phase A and Phase B:", ""]
             lines += figs.link(figs.path(name), "T4 holdout scores per epoch")
     lines += ["Per-run curves (loss and accuracy / recall per epoch, as written by each run):", ""]
     for run in runs.classifiers:
         lines += [f"**{run.label}**", ""]
-        lines += figs.copy(run.path / "curves.png", figure_name(run.name, "curves.png"),
+        lines += figs.copy(run.path / "curves.png", figs.name(run.name, "curves.png"),
                            f"{run.name} curves")
     for run in runs.retrievals:
         for phase in run.phases:
             lines += [f"**{run.label} / {phase}**", ""]
             lines += figs.copy(run.path / phase / "curves.png",
-                               figure_name(f"{run.name}/{phase}", "curves.png"),
+                               figs.name(f"{run.name}/{phase}", "curves.png"),
                                f"{run.name}/{phase} curves")
     return lines
 

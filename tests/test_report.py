@@ -1171,6 +1171,26 @@ def test_figure_names_of_a_run_at_the_runs_root_are_visible_and_alike():
     assert report.figure_name("t4/phase_b_ms", "curves.png") == "t4__phase_b_ms__curves.png"
 
 
+def test_runs_whose_figure_names_coincide_each_show_their_own_figure(tmp_path):
+    # "x/t2" and "x__t2" both map to x__t2__curves.png, "." and "root" to root__*: each run
+    # must still link its own curves.png, not the one copied over it.
+    make_runs(tmp_path / "x")
+    shutil.copytree(tmp_path / "x" / "t2", tmp_path / "x__t2")
+    shutil.copytree(tmp_path / "x" / "t2", tmp_path / "root")
+    for run in ("x/t2", "x__t2", "root"):
+        (tmp_path / run / "curves.png").write_bytes(f"the curves of {run}".encode())
+    write(tmp_path / "results.json", json.loads((tmp_path / "root" / "results.json").read_text()))
+    (tmp_path / "curves.png").write_bytes(b"the curves of .")
+    out = report.build_report(tmp_path, tmp_path / "doc" / "REPORT.md")
+    links = dict(re.findall(r"!\[(\S+) curves\]\((\S+)\)", out.read_text()))
+    assert {run: (out.parent / links[run]).read_text() for run in (".", "x/t2", "x__t2", "root")} == \
+        {run: f"the curves of {run}" for run in (".", "x/t2", "x__t2", "root")}
+    figs = report.Figures(tmp_path / "R.md")
+    assert [figs.name(r, "curves.png") for r in ("a/b", "a__b", "a/b", "a__b__c", "a/b__c")] == \
+        ["a__b__curves.png", "a__b__curves-2.png", "a__b__curves.png", "a__b__c__curves.png",
+         "a__b__c__curves-2.png"]
+
+
 def test_remove_unlinked_takes_every_figure_name_the_report_gives_and_nothing_else(tmp_path):
     figs = report.Figures(tmp_path / "REPORT.md")
     for name in ("classifiers_holdout.png", "t1__curves.png", "t2__curves.png", "photo.png", "pdf_x.png"):
