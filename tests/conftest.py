@@ -61,7 +61,8 @@ def runs(tmp_path_factory, request) -> Path:
     """The four smoke runs, once per session: T2 first (T3 compares with it), T3 before T4
     (T4 reads T3's selection; 2 epochs per placement are enough for what the tests check of
     it, and T4's thresholds were measured from such a run). T1 depends on none of them: it
-    runs beside that chain, on one thread, to use the second core of a 2-core CI machine."""
+    runs beside that chain, on one thread. Under `-n 2`, one worker trains them and runs
+    every test that uses them (pytest_collection_modifyitems below)."""
     runs = tmp_path_factory.mktemp("runs")
     start = time.monotonic()
 
