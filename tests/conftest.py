@@ -56,6 +56,23 @@ def say(config: pytest.Config, text: str) -> None:
             print(text, file=sys.__stderr__, flush=True)
 
 
+def claim_smoke_runs(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Under pytest-xdist, a second worker that starts the smoke runs fails at once (it would
+    train them again, minutes on a 2-core machine): one of its tests uses `runs` without
+    being in the xdist group "smoke_runs" (pytest_collection_modifyitems below)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        return
+    claim = tmp_path_factory.getbasetemp().parent / "smoke_runs.worker"  # shared by the workers
+    try:
+        with open(claim, "x") as f:
+            f.write(worker)
+    except FileExistsError:
+        raise AssertionError(f"xdist worker {worker} was asked for the smoke runs that worker "
+                             f"{claim.read_text()} trains: the test asking is not in the xdist "
+                             f"group 'smoke_runs' (see tests/conftest.py)") from None
+
+
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory, request) -> Path:
     """The four smoke runs, once per session: T2 first (T3 compares with it), T3 before T4
@@ -63,6 +80,7 @@ def runs(tmp_path_factory, request) -> Path:
     it, and T4's thresholds were measured from such a run). T1 depends on none of them: it
     runs beside that chain, on one thread. Under `-n 2`, one worker trains them and runs
     every test that uses them (pytest_collection_modifyitems below)."""
+    claim_smoke_runs(tmp_path_factory)
     runs = tmp_path_factory.mktemp("runs")
     start = time.monotonic()
 
