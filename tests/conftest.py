@@ -56,12 +56,14 @@ def say(config: pytest.Config, text: str) -> None:
             print(text, file=sys.__stderr__, flush=True)
 
 
-def claim_smoke_runs(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Under pytest-xdist, a second worker that starts the smoke runs fails at once (it would
-    train them again, minutes on a 2-core machine): one of its tests uses `runs` without
-    being in the xdist group "smoke_runs" (pytest_collection_modifyitems below)."""
+def claim_smoke_runs(config: pytest.Config, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Under `--dist loadgroup`, a second worker that starts the smoke runs fails at once (it
+    would train them again, minutes on a 2-core machine): one of its tests uses `runs`
+    outside the xdist group "smoke_runs" (pytest_collection_modifyitems below). Other
+    --dist modes ignore groups: each worker that needs the runs trains its own."""
     worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker is None:
+    # A worker's own --dist is "no"; xdist sets option.loadgroup from the controller's.
+    if worker is None or not getattr(config.option, "loadgroup", False):
         return
     claim = tmp_path_factory.getbasetemp().parent / "smoke_runs.worker"  # shared by the workers
     try:
@@ -70,7 +72,7 @@ def claim_smoke_runs(tmp_path_factory: pytest.TempPathFactory) -> None:
     except FileExistsError:
         raise AssertionError(f"xdist worker {worker} was asked for the smoke runs that worker "
                              f"{claim.read_text()} trains: the test asking is not in the xdist "
-                             f"group 'smoke_runs' (see tests/conftest.py)") from None
+                             f"group 'smoke_runs' (tests/conftest.py)") from None
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +82,7 @@ def runs(tmp_path_factory, request) -> Path:
     it, and T4's thresholds were measured from such a run). T1 depends on none of them: it
     runs beside that chain, on one thread. Under `-n 2`, one worker trains them and runs
     every test that uses them (pytest_collection_modifyitems below)."""
-    claim_smoke_runs(tmp_path_factory)
+    claim_smoke_runs(request.config, tmp_path_factory)
     runs = tmp_path_factory.mktemp("runs")
     start = time.monotonic()
 
