@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import tempfile
+import textwrap
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -183,9 +184,20 @@ def apply_smoke(args: argparse.Namespace, smoke: Mapping[str, Any]) -> None:
 PATH_FLAGS = ("out", "data_dir", "evaluate", "vanilla_results", "t3_results", "init_weights")
 
 
+def as_flags(values: Mapping[str, Any], parser: argparse.ArgumentParser) -> str:
+    """{"batch_size": 32, "compare_mining": True} -> "--batch-size 32 --compare-mining", the
+    keys that are `parser`'s flags, as a user would type them."""
+    flags = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
+    words = [flags[k] if v is True else f"{flags[k]} {v}" for k, v in values.items() if k in flags]
+    return " ".join(words).replace("%", "%%")  # argparse formats help with %
+
+
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None, *,
           smoke: Mapping[str, Any]) -> argparse.Namespace:
     """parse_args, then with --smoke apply `smoke` to every flag the user did not type."""
+    smoke_flag = next(a for a in parser._actions if "--smoke" in a.option_strings)
+    if "in place of" not in smoke_flag.help:  # --help lists the recipe's defaults; say what --smoke changes
+        smoke_flag.help += f"; in place of the recipe's defaults it sets {as_flags(smoke, parser)} (a flag you type wins)"
     args = parser.parse_args(argv)
     # argparse sets a default only where the namespace it is given lacks the attribute: every
     # attribute still _Unset after this second parse is a flag the user did not type.
@@ -317,6 +329,10 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         else:
             shown = "%(default)s"
         return f"{text} (default: {shown})"
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        # Break at spaces only: a flag named in a help text stays whole ("--warmup-epochs").
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
 
 
 class _Unset:

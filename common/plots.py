@@ -15,7 +15,9 @@ matplotlib.use("Agg")  # headless: Colab, CI, servers
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.font_manager import FontProperties  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.textpath import TextToPath  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 import numpy as np  # noqa: E402
@@ -37,16 +39,18 @@ def plot_curves(history: Sequence[dict], path: str | Path, title: str = "", loss
     scores = []
     for k in keys:
         values = [h.get(k, np.nan) for h in history]
-        if k.endswith("_loss"):
-            ax_loss.plot(epochs, values, marker=".", label=metric_label(k))
-        elif k.rpartition("_")[2] in _SCORES and "_" in k:
-            ax_acc.plot(epochs, values, marker=".", label=metric_label(k))
-            scores.append("Recall@1" if k.endswith("_r1") else "accuracy")
-    # Log scale: an early holdout loss far above the rest (BatchNorm statistics not yet
-    # settled after a few steps) would otherwise flatten every other curve.
-    ax_loss.set(xlabel="epoch", ylabel="loss (log scale)")
-    ax_loss.set_title("loss" + (f"\n{loss_note}" if loss_note else ""), fontsize=10 if loss_note else None)
-    log_axis(ax_loss)
+        split, _, metric = k.rpartition("_")
+        # As the report's figures: one colour per quantity, holdout dashed, train solid.
+        style = dict(marker=".", label=metric_label(k), linestyle="--" if split == "holdout" else "-",
+                     color=f"C{([*_SCORES].index(metric) if metric in _SCORES else 0) % 10}")
+        if metric == "loss":
+            ax_loss.plot(epochs, values, **style)
+        elif metric in _SCORES and split:
+            ax_acc.plot(epochs, values, **style)
+            scores.append("Recall@1" if metric == "r1" else "accuracy")
+    ax_loss.set(xlabel="epoch")
+    title_with_note(ax_loss, "loss", loss_note)
+    loss_axis(ax_loss)
     score_name = " / ".join(dict.fromkeys(scores)) or "accuracy"
     ax_acc.set(xlabel="epoch", ylabel=score_name, title=score_name)
     if title:
@@ -80,10 +84,9 @@ def plot_classifier_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]],
         runs.append(Line2D([], [], color=colour, marker=marker, label=name))
     ax_acc.set(xlabel="epoch", ylabel="holdout top-1", title="holdout accuracy")
     # The title, not the key, says which line style is which: the key holds one entry per run.
-    ax_loss.set(xlabel="epoch", ylabel="loss (log scale)")
-    ax_loss.set_title("loss: train solid, holdout dashed" + (f"\n{loss_note}" if loss_note else ""),
-                      fontsize=10 if loss_note else None)
-    log_axis(ax_loss)
+    ax_loss.set(xlabel="epoch")
+    title_with_note(ax_loss, "loss: train solid, holdout dashed", loss_note)
+    loss_axis(ax_loss)
     finish_epoch_axes(fig, [ax_acc, ax_loss], path, dpi, key=runs)
     return True
 
@@ -166,8 +169,12 @@ def finish_epoch_axes(fig: Figure, axes: Sequence[Axes], path: str | Path, dpi: 
         size = plt.rcParams["legend.fontsize"]
         fig.legend(handles=list(key), loc="outside right upper", fontsize=size,
                    ncols=key_columns(len(key), fig.get_figheight(), size))
+        fig.draw_without_rendering()  # the constrained layout places the panels beside the key
+        _wrap_title_notes(fig, axes)  # and lays them out again when saved
     else:
         fig.tight_layout()
+        _wrap_title_notes(fig, axes)
+        fig.tight_layout()  # room for the wrapped lines
     save_png(fig, path, dpi=dpi)
 
 
@@ -186,6 +193,49 @@ def key_columns(entries: int, height_in: float, fontsize: float | str) -> int:
     points = fontsize if isinstance(fontsize, (int, float)) else 10.0
     rows = max(1, int(height_in * 72 / (1.45 * points)))
     return math.ceil(entries / rows)
+
+
+def title_with_note(ax: Axes, title: str, note: str) -> None:
+    """A panel's title with a note line under it (smoothed_loss_note), both at the axes'
+    title size up to 10 pt. finish_epoch_axes wraps the note to the panel's width once the
+    layout has placed the panels: a note wider than its panel ran into the key beside it."""
+    if not note:
+        ax.set_title(title)
+        return
+    font = FontProperties(size=plt.rcParams["axes.titlesize"])
+    ax.set_title(f"{title}\n{note}", fontsize=min(font.get_size_in_points(), 10.0))
+
+
+def _wrap_title_notes(fig: Figure, axes: Sequence[Axes]) -> None:
+    """Each panel title's note (the text after its first line) refilled to the panel's
+    width as laid out: measured in the title's font, less 10 % for lines of wider letters."""
+    for ax in axes:
+        head, _, note = ax.get_title().partition("\n")
+        if note:
+            note = " ".join(note.split())
+            width = ax.get_window_extent().width * 72 / fig.dpi  # points
+            note_width = TextToPath().get_text_width_height_descent(
+                note, ax.title.get_fontproperties(), ismath=False)[0]
+            ax.title.set_text(f"{head}\n{textwrap.fill(note, max(20, int(0.9 * len(note) * width / note_width)))}")
+
+
+# A loss panel whose losses span more than this factor gets a log axis (loss_axis).
+LOG_LOSS_SPAN = 3.0
+
+
+def loss_axis(ax: Axes) -> None:
+    """The y axis of a panel of losses, labelled: a log scale (log_axis) where the plotted
+    losses span more than LOG_LOSS_SPAN, since an early holdout loss far above the rest
+    (BatchNorm statistics not yet settled after a few steps) would flatten every other
+    curve; linear where they span less, as a log axis over so narrow a range looks linear
+    anyway but gets uneven rounded ticks (Phase B's MS loss: 0.71, 0.68, 0.66)."""
+    values = np.concatenate([np.asarray(line.get_ydata(), dtype=float) for line in ax.lines] or [np.array([])])
+    values = values[np.isfinite(values)]
+    if values.size and values.min() > 0 and values.max() > LOG_LOSS_SPAN * values.min():
+        ax.set_ylabel("loss (log scale)")
+        log_axis(ax)
+    else:
+        ax.set_ylabel("loss")
 
 
 def log_axis(ax: Axes, most: int = 7) -> None:

@@ -186,11 +186,11 @@ def block(d: Drawing, x: float, y: float, name: str) -> None:
 def placements_drawing() -> Drawing:
     """The three CUBS placements (serial, reverse, parallel) as a small vector figure; its
     text at MIN_FIGURE_FONT, the smallest any figure of the PDF prints."""
-    d = Drawing(200, 112)
+    d = Drawing(200, 120)
     small = dict(fontName="Helvetica", fontSize=MIN_FIGURE_FONT)
-    d.add(String(0, 104, "Placements, in each BasicBlock after the 2nd BN, before (+):", **small))
+    d.add(String(0, 112, "Placements, in each BasicBlock after the 2nd BN, before (+):", **small))
     b1, b2 = "B1 channel", "B2 spatial"
-    for y, label, first, second in ((82, "serial", b1, b2), (62, "reverse", b2, b1)):
+    for y, label, first, second in ((90, "serial", b1, b2), (70, "reverse", b2, b1)):
         d.add(String(0, y + 3.5, label, fontName="Helvetica-Bold", fontSize=MIN_FIGURE_FONT))
         d.add(String(38, y + 3.5, "x", **small))
         arrow(d, 44, y + 6, 56, y + 6)
@@ -199,7 +199,7 @@ def placements_drawing() -> Drawing:
         block(d, 116, y, second)
         arrow(d, 164, y + 6, 176, y + 6)
         d.add(String(179, y + 3.5, "y", **small))
-    y = 26  # parallel: x feeds both blocks, their outputs are added
+    y = 34  # parallel: x feeds both blocks, their outputs are added
     d.add(String(0, y + 3.5, "parallel", fontName="Helvetica-Bold", fontSize=MIN_FIGURE_FONT))
     d.add(String(38, y + 3.5, "x", **small))
     arrow(d, 44, y + 6, 62, y + 17)
@@ -212,7 +212,8 @@ def placements_drawing() -> Drawing:
     arrow(d, 110, y - 5, 131.5, y + 3.5)
     arrow(d, 141, y + 6, 170, y + 6)
     d.add(String(173, y + 3.5, "y", **small))
-    d.add(String(0, 2, "serial B2(B1(x)), reverse B1(B2(x)), parallel B1(x)+B2(x) (plus: -x)", **small))
+    d.add(String(0, 10, "serial B2(B1(x)), reverse B1(B2(x)), parallel B1(x)+B2(x);", **small))
+    d.add(String(0, 2, "the plus variant's parallel: B1(x)+B2(x)-x (the identity at init)", **small))
     return d
 
 
@@ -272,10 +273,20 @@ def section_results(chosen: Chosen) -> list[Flowable]:
     table = grid(["task", "run: model", "test metric", "value", "holdout", "best epoch / run",
                   "source (file: keys)"], rows, [0.55, 2.7, 1.2, 3.0, 1.3, 0.85, 3.4])
     note = para("Tiny ImageNet's labelled val split is our test split, evaluated once with the "
-                "weights of the best holdout epoch. T4 test: classes 99-196, never seen in "
-                "training. Accuracies and recalls are the JSON values rounded to 4 decimals.",
-                SMALL)
+                f"weights of the best holdout epoch. T4 test: {t4_test_classes(chosen.runs['t4'])}, "
+                "never seen in training. Accuracies and recalls are the JSON values rounded to 4 "
+                "decimals.", SMALL)
     return [heading("2  Results"), table, Spacer(1, 2), note]
+
+
+def t4_test_classes(t4: Run | None) -> str:
+    """'classes 99-196' of Cars196, from T4's results.json (the split by class id puts the
+    first train_classes in training, the rest in test): a smoke run's generated set has fewer."""
+    r = t4.results if t4 is not None else {}
+    train, test = r.get("train_classes"), r.get("test_classes")
+    if isinstance(train, int) and isinstance(test, int):
+        return f"classes {train + 1}-{train + test}"
+    return "classes 99-196"
 
 
 # ---------------------------------------------------------------- 3 placements
@@ -360,9 +371,13 @@ def section_curves(runs: RunsFolder, chosen: Chosen, figures: Path,
         classifiers.append(chosen.runs["t3"])
     height = 2.1 * scale
     path = figures / "pdf_classifier_curves.png"
+    # The loss note goes in the caption: at print size it took the loss panel's title to
+    # three lines, and the panels are short already.
     note = runs_loss_note(r.loss_recipe for r in classifiers)
-    if draw(lambda p, **kw: plot_classifier_curves(curve_names(classifiers), p, loss_note=note, **kw), path, height):
-        out.append(captioned(figure(path, WIDTH), CAPTIONS["classifier_curves"]))
+    if draw(lambda p, **kw: plot_classifier_curves(curve_names(classifiers), p, **kw), path, height):
+        caption = CAPTIONS["classifier_curves"] + (
+            " " + note.replace("train:", "Train loss:").replace("holdout:", "holdout loss:") + "." if note else "")
+        out.append(captioned(figure(path, WIDTH), caption))
     else:
         out.append(para(f"T1 / T2 / T3: **{NOT_RUN}**."))
     t4 = chosen.runs["t4"]
@@ -384,8 +399,8 @@ def curve_names(runs: Sequence[Run]) -> dict[str, list[dict]]:
 
 # Each figure's caption (the retrieval one continues with the mining it shows).
 CAPTIONS = {
-    "classifier_curves": "T1 / T2 / T3: holdout top-1 (left) and loss (right, log scale: train "
-                         "solid, holdout dashed) per epoch.",
+    "classifier_curves": "T1 / T2 / T3: holdout top-1 (left) and loss (right: train solid, "
+                         "holdout dashed) per epoch.",
     "t4_curves": "T4: Phase A holdout top-1 (left) and Phase B holdout Recall@1 per mining "
                  "strategy (right) per epoch.",
     "retrieval": "Test queries (left column) and their 8 nearest neighbours with the main "
@@ -536,7 +551,7 @@ def header(runs: RunsFolder, chosen: Chosen) -> list[Flowable]:
                 f"{_dt.date.today().isoformat()}. One run per task (real before smoke); "
                 + (f"REPORT.md also lists {', '.join(others)}." if others
                    else "REPORT.md has the full tables."), SMALL)]
-    smoke = [r.name for r in shown if r.smoke]
+    smoke = sorted(r.name for r in shown if r.smoke)
     if smoke:
         out.append(Paragraph(html.escape(f"SMOKE: {SMOKE_BANNER} ({', '.join(smoke)})."), WARN))
     left_out = _not_reported(runs)

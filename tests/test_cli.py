@@ -336,3 +336,20 @@ def test_a_full_disk_quota_is_reported_as_a_full_disk(tmp_path):
         with pytest.raises(SystemExit) as stop:
             cli.run(full)
         assert str(stop.value.code).startswith(f"error: no space left on the device writing runs/t2/last.pt ({reason})")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_says_which_defaults_smoke_replaces(script, capsys):
+    # --help shows the recipe's defaults (60 epochs for T3): a smoke run trains with others.
+    import importlib
+    module = importlib.import_module(script.removesuffix(".py"))
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    sets = text[text.index("in place of the recipe's defaults it sets "):].split(" (a flag you type wins)")[0]
+    smoke = getattr(module, "SMOKE", cli.SMOKE)
+    expected = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in smoke.items())
+    assert sets.endswith(f"it sets {expected}")
+    assert ("--compare-mining" in sets) == (script == "t4_retrieval.py")
+    assert "--epochs 8 --batch-size 32 --lr 0.05" in sets or script == "t4_retrieval.py"

@@ -280,7 +280,8 @@ def test_loss_panels_say_the_train_loss_is_label_smoothed_and_its_floor(figures:
     history = [{"epoch": 1, "train_loss": 1.2, "holdout_loss": 0.9, "holdout_acc": 0.5}]
     plots.curves_png(tmp_path, {"task": "t2", "model": "resnet18", "label_smoothing": 0.1,
                                 "num_classes": 200})(history, True)
-    assert figures[-1].axes[0].get_title() == "loss\ntrain: label smoothing 0.1, never below 0.85; holdout: plain"
+    head, note = figures[-1].axes[0].get_title().split("\n", 1)  # the note wrapped to the panel's width
+    assert head == "loss" and " ".join(note.split()) == "train: label smoothing 0.1, never below 0.85; holdout: plain"
     plots.curves_png(tmp_path, {"task": "t4", "phase": "b", "label_smoothing": 0.1, "num_classes": 98})(
         [{"epoch": 1, "train_loss": 0.3, "holdout_r1": 0.5}], True)
     assert figures[-1].axes[0].get_title() == "loss"  # Phase B's loss is the MS loss
@@ -364,3 +365,63 @@ def test_retrieval_grid_marks_each_neighbour_by_its_class(monkeypatch, tmp_path:
     for row, pick in zip(matches, picks):
         assert list(row) == ([True, False, False, False] if pick < 4 else [False] * 4), (pick, row)
     assert "their 4 nearest test images" in drawn["title"]
+
+
+def title_and_key_apart(fig) -> None:
+    """The loss panel's title lies inside the figure, left of the figure's key if it has one,
+    and no wider than its panel plus a margin (a long note ran into the key)."""
+    fig.canvas.draw()
+    ax_loss = [ax for ax in fig.axes if ax.get_title().startswith("loss")][0]
+    title, panel = ax_loss.title.get_window_extent(), ax_loss.get_window_extent()
+    assert 0 <= title.x0 and title.x1 <= fig.bbox.x1 and title.y1 <= fig.bbox.y1
+    assert title.width <= 1.1 * panel.width, (title.width, panel.width)
+    if fig.legends:
+        assert title.x1 <= fig.legends[0].get_window_extent().x0
+
+
+@pytest.mark.parametrize("style, figsize, size", [({}, (11, 4), 10), ({}, (9, 3.5), 10),  # 12 pt titles: 10
+                                                  ({"axes.titlesize": 8, "legend.fontsize": 7}, (7.24, 2.1), 8)])
+def test_a_loss_note_wraps_inside_its_panel_and_clear_of_the_key(style, figsize, size, figures, tmp_path) -> None:
+    names = ["t1 (SMOKE)", "t2 (SMOKE)"] + [f"t3/{p}_{v} (SMOKE)" for p in ("serial", "reverse", "parallel")
+                                            for v in ("plain", "plus")]
+    history = [{"epoch": e, "holdout_acc": 0.1 * e, "train_loss": 2.0 / e, "holdout_loss": 40.0 / e ** 3}
+               for e in (1, 2, 3)]
+    note = plots.smoothed_loss_note(0.1, 200)
+    with plots.plt.rc_context(style):
+        plots.plot_classifier_curves({n: history for n in names}, tmp_path / "c.png", figsize=figsize,
+                                     loss_note=note)
+        plots.plot_curves(history, tmp_path / "one.png", "T2: ResNet-18", note)
+        for fig in figures:
+            title_and_key_apart(fig)
+            title = [ax.title for ax in fig.axes if ax.get_title().startswith("loss")][0]
+            assert " ".join(title.get_text().split("\n", 1)[1].split()) == note  # every word kept
+            assert title.get_fontsize() == size  # the panels' title size, up to 10 pt
+
+
+@pytest.mark.parametrize("losses, scale, label", [((0.72, 0.68, 0.70, 0.65), "linear", "loss"),
+                                                  ((2.3, 1.2, 0.9, 0.7), "log", "loss (log scale)"),
+                                                  ((44.0, 2.0, 1.5, 1.3), "log", "loss (log scale)"),
+                                                  ((0.5, 0.0, 0.2, 0.1), "linear", "loss")])
+def test_loss_panels_are_log_scale_only_where_the_losses_span_a_wide_range(losses, scale, label, figures,
+                                                                          tmp_path) -> None:
+    history = [{"epoch": e, "train_loss": v, "holdout_r1": 0.5} for e, v in enumerate(losses, 1)]
+    plots.plot_curves(history, tmp_path / "c.png")
+    ax_loss = figures[-1].axes[0]
+    assert (ax_loss.get_yscale(), ax_loss.get_ylabel()) == (scale, label)
+    assert plots.LOG_LOSS_SPAN == 3.0  # 0.72 / 0.65 is narrow, 2.3 / 0.7 wide; 0 cannot be on a log axis
+
+
+def test_run_curves_draw_holdout_dashed_and_train_solid_in_one_colour_per_quantity(figures, tmp_path) -> None:
+    history = [{"epoch": e, "train_loss": 2.0 / e, "holdout_loss": 2.2 / e, "train_acc": 0.1 * e,
+                "holdout_acc": 0.09 * e, "holdout_top5": 0.3 * e, "lr": 0.1} for e in (1, 2)]
+    plots.plot_curves(history, tmp_path / "c.png", "T2: ResNet-18")
+    ax_loss, ax_acc = figures[-1].axes
+    lines = {line.get_label(): line for ax in (ax_loss, ax_acc) for line in ax.lines}
+    assert sorted(lines) == ["holdout accuracy", "holdout loss", "holdout top-5 accuracy", "train accuracy",
+                             "train loss"]
+    assert {k: lines[k].get_linestyle() for k in lines} == {
+        "holdout accuracy": "--", "holdout loss": "--", "holdout top-5 accuracy": "--",
+        "train accuracy": "-", "train loss": "-"}
+    assert lines["train loss"].get_color() == lines["holdout loss"].get_color()
+    assert lines["train accuracy"].get_color() == lines["holdout accuracy"].get_color() \
+        != lines["holdout top-5 accuracy"].get_color()

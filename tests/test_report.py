@@ -539,11 +539,19 @@ def test_pdf_of_the_four_smoke_runs_fits_two_pages_and_quotes_the_json(smoke_run
                                           "Hard mining (T4 Phase B): Multi-Similarity",
                                           "Our variant (CUBS plus)")]
     assert -1 not in where and where == sorted(where)
-    assert "serial B2(B1(x)), reverse B1(B2(x)), parallel B1(x)+B2(x) (plus: -x)" in text  # cubs.py's
+    # The loss note is the curves' caption: in the figure it took the panel's title to 3 lines.
+    assert re.search(r"holdout dashed\) per epoch\. Train loss: label smoothing 0\.1, never below "
+                     r"\d\.\d\d; holdout loss: plain\.", text)
+    assert "serial B2(B1(x)), reverse B1(B2(x)), parallel B1(x)+B2(x);" in text  # cubs.py's
+    assert "the plus variant's parallel: B1(x)+B2(x)-x (the identity at init)" in text
     assert "gates y = x (1 + tanh(gamma) (2 sigmoid(.) - 1)) with gamma = 0 at init" in text  # cubs.py's
     banner = re.search(re.escape(f"SMOKE: {runs_folder.SMOKE_BANNER} (") + r"([^)]*)\)\.", text)
     shown = {"t1", "t2", "t4"} | {f"t3/{r['placement']}_{r['variant']}" for r in placements["runs"]}
-    assert banner and set(banner.group(1).split(", ")) == shown  # every smoke run the PDF shows
+    assert banner and banner.group(1).split(", ") == sorted(shown)  # every smoke run the PDF shows
+    t4 = load("t4/results.json")  # the split by class id of the generated set, not Cars196's 99-196
+    first, last = t4["train_classes"] + 1, t4["train_classes"] + t4["test_classes"]
+    assert last < 99 and f"T4 test: classes {first}-{last}, never seen in training." in text
+    assert report_pdf.t4_test_classes(None) == "classes 99-196"
     assert "not run yet" not in text and "could not be read" not in text  # every task ran
     assert "NOT REPORTED" not in text
     assert sum(len(p.images) for p in PdfReader(pdf).pages) == 3  # 2 curve figures + retrieval
