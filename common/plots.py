@@ -173,8 +173,8 @@ def finish_epoch_axes(fig: Figure, axes: Sequence[Axes], path: str | Path, dpi: 
         _wrap_title_notes(fig, axes)  # and lays them out again when saved
     else:
         fig.tight_layout()
-        _wrap_title_notes(fig, axes)
-        fig.tight_layout()  # room for the wrapped lines
+        if _wrap_title_notes(fig, axes):
+            fig.tight_layout()  # room for the wrapped lines
     save_png(fig, path, dpi=dpi)
 
 
@@ -206,9 +206,11 @@ def title_with_note(ax: Axes, title: str, note: str) -> None:
     ax.set_title(f"{title}\n{note}", fontsize=min(font.get_size_in_points(), 10.0))
 
 
-def _wrap_title_notes(fig: Figure, axes: Sequence[Axes]) -> None:
+def _wrap_title_notes(fig: Figure, axes: Sequence[Axes]) -> bool:
     """Each panel title's note (the text after its first line) refilled to the panel's
-    width as laid out: measured in the title's font, less 10 % for lines of wider letters."""
+    width as laid out: measured in the title's font, less 10 % for lines of wider letters.
+    Whether any panel had a note."""
+    noted = False
     for ax in axes:
         head, _, note = ax.get_title().partition("\n")
         if note:
@@ -217,6 +219,8 @@ def _wrap_title_notes(fig: Figure, axes: Sequence[Axes]) -> None:
             note_width = TextToPath().get_text_width_height_descent(
                 note, ax.title.get_fontproperties(), ismath=False)[0]
             ax.title.set_text(f"{head}\n{textwrap.fill(note, max(20, int(0.9 * len(note) * width / note_width)))}")
+            noted = True
+    return noted
 
 
 # A loss panel whose losses span more than this factor gets a log axis (loss_axis).
