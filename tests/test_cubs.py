@@ -366,7 +366,8 @@ def test_fused_attention_on_cuda_matches_naive():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_similarity_attention_on_cuda_keeps_fp32_accuracy_with_tf32_matmuls_allowed(monkeypatch):
-    # runtime.setup_runtime allows TF32 matmuls on CUDA; the series must not run in them.
+    # A user's code may allow TF32 matmuls (runtime.setup_runtime turns them off); the
+    # series must not run in them.
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     generator = torch.Generator().manual_seed(6)
     q, k, v, upstream = (t.cuda() for t in _plain_inputs(3, 1001, 1.0, 0.6, generator))

@@ -286,7 +286,7 @@ def test_a_compiled_step_beyond_the_taylor_range_is_redone_exactly(tmp_path, mon
     # take the series without a branch and
     # one check per step redoes out-of-range steps in eager mode (the fused kernel). Here
     # every Block 2 starts with logits around 36 (bias 6 on q and k, residual branches not
-    # zero-initialised so that they vary), far beyond 7.5, where the 32-term series is badly
+    # zero-initialised so that they vary), far beyond 7.5, where the 33-term series is badly
     # wrong: the redone run must equal the eager run, and the same
     # compiled run without the redo must not.
     compile_ = torch.compile
