@@ -352,4 +352,5 @@ def test_help_says_which_defaults_smoke_replaces(script, capsys):
     expected = " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in smoke.items())
     assert sets.endswith(f"it sets {expected}")
     assert ("--compare-mining" in sets) == (script == "t4_retrieval.py")
-    assert "--epochs 8 --batch-size 32 --lr 0.05" in sets or script == "t4_retrieval.py"
+    assert "--epochs 8 --batch-size 32 --lr " + ("0.1" if script == "t1_custom_cnn.py" else "0.05") in sets \
+        or script == "t4_retrieval.py"
