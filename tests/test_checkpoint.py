@@ -3,6 +3,7 @@ and where a run resumes from (RunCheckpoints)."""
 import os
 import pickle
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -106,6 +107,41 @@ def test_only_an_empty_file_is_called_empty(tmp_path):
         load_checkpoint(path)
 
 
+def _damage_middle(path: Path, count: int = 200) -> None:
+    """Overwrite `count` bytes in the middle of the file with zeros: inside the weights,
+    where the zip's directory and the pickle stay intact (a bad copy, a disk or sync error)."""
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + count] = bytes(count)
+    path.write_bytes(bytes(data))
+
+
+def test_weights_damaged_in_the_middle_are_refused_not_loaded(tmp_path):
+    path = tmp_path / "best.pt"
+    save_checkpoint({"model": {"w": torch.randn(100_000)}, "epoch": 3}, path)
+    assert load_checkpoint(path)["epoch"] == 3
+    _damage_middle(path)
+    # torch.load alone returns the damaged weights without a word: what this check is for
+    assert not torch.equal(torch.load(path, weights_only=True)["model"]["w"].abs().gt(0),
+                           torch.ones(100_000, dtype=torch.bool))
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    assert str(error.value).startswith(f"{path} is not a readable PyTorch checkpoint (")
+    assert str(error.value).endswith("fails its CRC-32 check (bytes changed after it was written)")
+    assert "/data/0 fails" in str(error.value)  # the tensor's storage
+
+
+@pytest.mark.parametrize("text", ["hello\n", "a,b\n1,2\n", "epochs: 3\n"])
+def test_a_text_file_is_named_as_no_checkpoint(tmp_path, text):
+    path = tmp_path / "notes.pt"
+    path.write_text(text)
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    assert str(error.value) == (f"{path} is not a readable PyTorch checkpoint ({len(text)} bytes; "
+                                "truncated, damaged or not a checkpoint at all): neither a zip archive "
+                                "(torch.save's format) nor a pickle")
+
+
 class _RawPickler:
     """A torch.save pickle module whose dump writes a fixed pickle: a dict BUILD, which
     weights_only refuses with a message naming no GLOBAL."""
@@ -178,14 +214,20 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 
 
 # ---------------------------------------------------------------- resuming a run
-def test_a_damaged_last_checkpoint_resumes_from_its_predecessor(tiny_splits, tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["empty", "middle"])
+def test_a_damaged_last_checkpoint_resumes_from_its_predecessor(tiny_splits, tmp_path, capsys, damage):
     _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=3)
     assert load_checkpoint(tmp_path / "last.prev.pt")["epoch"] == 2
-    (tmp_path / "last.pt").write_bytes(b"")  # e.g. a cloud-drive sync gone wrong
+    if damage == "empty":  # e.g. a cloud-drive sync gone wrong
+        (tmp_path / "last.pt").write_bytes(b"")
+        why = "(0 bytes; truncated, damaged or not a checkpoint at all): the file is empty"
+    else:  # a bad copy: the file is whole but some of its weights are not
+        _damage_middle(tmp_path / "last.pt", 4000)
+        why = "fails its CRC-32 check"
     straight, _ = _run_fit(tiny_splits, tmp_path / "straight", "torch", epochs=4)
     resumed, result = _run_fit(tiny_splits, tmp_path, "torch", epochs=4)
     printed = capsys.readouterr().out
-    assert "last.pt is not a readable PyTorch checkpoint (0 bytes; truncated, damaged or not a checkpoint at all): the file is empty" in printed
+    assert "last.pt is not a readable PyTorch checkpoint" in printed and why in printed
     assert "resuming from" in printed and "last.prev.pt" in printed
     assert result["finished"] and result["epochs_run"] == 4
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
