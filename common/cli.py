@@ -267,19 +267,18 @@ def run(main: Callable[[], object]) -> None:
     SIGINT / SIGTERM (after last.pt is saved) with 128 + the signal's number. Ctrl-C outside
     training (data check, a test or embedding pass, writing results) also exits 130 without
     a traceback: every file is written atomically, so the rerun goes on from what was saved.
-    A finished or signalled run under torchrun leaves its process group before it exits."""
+    So do a full disk, a file this user may not read or write, and memory that ran out
+    (_machine_problem). A finished or signalled run under torchrun leaves its process group
+    before it exits."""
     try:
         main()
     except UserError as err:
         sys.exit(f"{_error_label()}: {err}")
-    except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
-        full = _no_space(err)
-        if full is None:
+    except (OSError, RuntimeError, MemoryError) as err:  # torch.save reports a full disk as a RuntimeError
+        problem = _machine_problem(err)
+        if problem is None:
             raise
-        sys.exit(f"{_error_label()}: no space left on the device{f' writing {full.filename}' if full.filename else ''} "
-                 f"({full.strerror}). Every file is written whole or not at all, so the last checkpoint "
-                 f"is intact: free space (old runs, another run's last.prev.pt), then rerun the same "
-                 f"command to resume")
+        sys.exit(f"{_error_label()}: {problem}")
     except Interrupted as stop:
         with contextlib.suppress(KeyboardInterrupt):  # a second Ctrl-C: exit now
             leave_process_group()  # every rank stops at the same agreed step
@@ -303,10 +302,33 @@ def _error_label() -> str:
     return f"error (rank {os.environ.get('RANK', '0')} of {world_size})" if world_size > 1 else "error"
 
 
-def _no_space(err: BaseException | None) -> OSError | None:
-    """The out-of-space (or out-of-quota) OSError behind `err`, following its causes, or None."""
+def _machine_problem(err: BaseException) -> str | None:
+    """The message for a full disk, a denied permission or memory that ran out behind `err`
+    (following its causes), or None for any other error, whose traceback is shown."""
+    full = _behind(err, lambda e: isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+    if full:
+        return (f"no space left on the device{f' writing {full.filename}' if full.filename else ''} "
+                f"({full.strerror}). Every file is written whole or not at all, so the last checkpoint "
+                f"is intact: free space (old runs, another run's last.prev.pt), then rerun the same "
+                f"command to resume")
+    denied = _behind(err, lambda e: isinstance(e, PermissionError))
+    if denied:
+        return (f"permission denied{f': {denied.filename}' if denied.filename else ''} ({denied.strerror}). "
+                f"The user running this needs read access to the dataset's files and folders and "
+                f"write access to --out; then rerun the same command (what was saved is kept)")
+    memory = _behind(err, lambda e: isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and any(
+        text in str(e) for text in ("out of memory", "can't allocate memory", "std::bad_alloc"))))
+    if memory:
+        first_line = (str(memory).strip().splitlines() or [type(memory).__name__])[0]
+        return (f"out of memory ({first_line[:400]}). A smaller --batch-size, --image-size or "
+                f"--width needs less; each changes the run, so use another --out or --fresh")
+    return None
+
+
+def _behind(err: BaseException | None, match: Callable[[BaseException], bool]) -> BaseException | None:
+    """The first of `err` and its causes / contexts that `match` accepts, or None."""
     while err is not None:
-        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        if match(err):
             return err
         err = err.__cause__ or err.__context__
     return None

@@ -78,7 +78,7 @@ def load_tiny_imagenet(root: str | Path, holdout_per_class: int = 10, seed: int 
     wnids_path = root / "wnids.txt"
     if not wnids_path.is_file():
         raise DatasetNotFoundError(f"missing {wnids_path}\n{TINY_IMAGENET_LAYOUT}")
-    wnids = [line.strip() for line in wnids_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    wnids = [line.strip() for line in _text_lines(wnids_path) if line.strip()]
     if not wnids:
         raise DatasetError(f"{wnids_path} lists no wnids\n{TINY_IMAGENET_LAYOUT}")
     duplicates = sorted(w for w, n in Counter(wnids).items() if n > 1)
@@ -295,7 +295,7 @@ def _read_val_annotations(root: Path, label_of: dict[str, int]) -> tuple[list[st
         raise DatasetNotFoundError(f"missing {images_dir}\n{TINY_IMAGENET_LAYOUT}")
     present = set(os.listdir(images_dir))
     label_of_file: dict[str, int] = {}
-    for line_number, line in enumerate(annotations_path.read_text(encoding="utf-8").splitlines(), start=1):
+    for line_number, line in enumerate(_text_lines(annotations_path), start=1):
         if not line.strip():
             continue
         fields = line.split("\t")
@@ -324,6 +324,18 @@ def _read_val_annotations(root: Path, label_of: dict[str, int]) -> tuple[list[st
                            f"wnids, first: {wnid_of[without[0]]}; the test split needs every class")
     names = sorted(label_of_file)
     return [str(images_dir / n) for n in names], [label_of_file[n] for n in names]
+
+
+def _text_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 (or ASCII, as Tiny ImageNet's) text file; other bytes are an
+    error that names the file and line, not a bare UnicodeDecodeError."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DatasetError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); "
+                           f"is it the file Tiny ImageNet's zip holds?\n{TINY_IMAGENET_LAYOUT}") from None
 
 
 def _image_names(folder: Path) -> list[str]:

@@ -173,12 +173,17 @@ def _map_threaded(fn: Callable[[str], T], files: Sequence[str]) -> list[T]:
 def _report(problems: list[tuple[str, str]], total: int, mode: str, advice: str) -> str:
     what = ("checked the start and end of each (size, JPEG/PNG signature, end marker)"
             if mode == "quick" else "decoded each with PIL")
-    lines = [f"{len(problems):,} of {total:,} image files are not whole JPEG/PNG images ({what}); "
+    unreadable = sum(problem.startswith("cannot be read") for _, problem in problems)
+    kind = ("are not whole JPEG/PNG images", "cannot be read or are not whole JPEG/PNG images",
+            "cannot be read")[(unreadable > 0) + (unreadable == len(problems))]
+    lines = [f"{len(problems):,} of {total:,} image files {kind} ({what}); "
              f"fix, replace or remove them before training:"]
     lines += [f"  {path}: {problem}" for path, problem in problems[:_SHOWN]]
     if len(problems) > _SHOWN:
         lines.append(f"  ... and {len(problems) - _SHOWN:,} more")
-    return "\n".join(lines + ([advice] if advice else []))
+    if unreadable:  # the file may be fine: another check mode would not help
+        lines.append("A file that cannot be read needs to exist and be readable by the user running this.")
+    return "\n".join(lines + ([advice] if advice and unreadable < len(problems) else []))
 
 
 def _cached(cache: Sequence[Path], key: str, mode: str) -> bool:

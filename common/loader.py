@@ -93,7 +93,13 @@ def pil_rgb(im: Image.Image) -> Image.Image:
 
 
 def decode_error(path: str) -> ImageDecodeError:
-    """The error every backend raises for a file it cannot decode."""
+    """The error every backend raises for a file it cannot decode; one it cannot even open
+    (removed since the dataset was listed, no read permission) is named as unreadable."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as err:
+        return ImageDecodeError(f"cannot read image {path} ({err.strerror})")
     return ImageDecodeError(f"cannot decode image {path}: corrupt or not a JPEG/PNG")
 
 
@@ -188,7 +194,7 @@ class ImageLoader:
                 out = next(it)
             except StopIteration:
                 break
-            except RuntimeError as err:
+            except Exception as err:  # noqa: BLE001 - reader processes raise a bare Exception
                 self._dali_iter = None
                 upcoming = [self.files[i] for b in self.batches(epoch)[position:position + 4] for i in b]
                 bad = _first_bad_image(upcoming)
@@ -362,7 +368,16 @@ class _EncodedBatches:
         if i >= len(batches):
             raise StopIteration
         idx = batches[i]
-        return [np.fromfile(self.files[j], dtype=np.uint8) for j in idx], self.labels[idx]
+        return [_file_bytes(self.files[j]) for j in idx], self.labels[idx]
+
+
+def _file_bytes(path: str) -> np.ndarray:
+    """A file's bytes (uint8) for DALI's decoder; one that cannot be read raises
+    decode_error, not a bare OSError from inside DALI's prefetch."""
+    try:
+        return np.fromfile(path, dtype=np.uint8)
+    except OSError as err:
+        raise decode_error(path) from err
 
 
 if HAVE_DALI:

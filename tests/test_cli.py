@@ -2,6 +2,7 @@
 
 import argparse
 import re
+from collections.abc import Callable
 
 import pytest
 from test_colab import script_parser
@@ -208,6 +209,50 @@ def test_the_typed_data_flags_reach_the_checkpoint_meta_and_the_loaders():
     s = cli.loader_settings(args, eval_resize=46)
     assert (s.batch_size, s.image_size, s.workers, s.backend, s.seed, s.color_jitter, s.eval_resize) == (
         48, 40, 1, "torch", 11, 0.3, 46)
+
+
+def _exit_message(failing: Callable[[], object]) -> str:
+    with pytest.raises(SystemExit) as stop:
+        cli.run(failing)
+    return str(stop.value.code)
+
+
+def test_a_file_this_user_may_not_read_is_one_line_that_names_it(tmp_path):
+    # A dataset folder or image without read permission (or an --out without write
+    # permission) ended in a PermissionError traceback from wherever it was first opened.
+    image = tmp_path / "n01443537_0.JPEG"
+
+    def unreadable():
+        try:  # as DALI's reader raises it, wrapped by the code around it
+            raise PermissionError(13, "Permission denied", str(image))
+        except PermissionError as err:
+            raise RuntimeError("Critical error in pipeline") from err
+    assert _exit_message(unreadable) == (
+        f"error: permission denied: {image} (Permission denied). The user running this needs read "
+        "access to the dataset's files and folders and write access to --out; then rerun the same "
+        "command (what was saved is kept)")
+
+
+@pytest.mark.parametrize("raised", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: "
+                 "you tried to allocate 180000000000 bytes. Error code 12 (Cannot allocate memory)"),
+    RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.11 GiB"),
+    RuntimeError("Critical error in pipeline:\nError in CPU operator `nvidia.dali.fn.resize`,\nstd::bad_alloc"),
+    MemoryError()])
+def test_memory_that_ran_out_is_one_line_with_the_flags_that_need_less(raised):
+    def out_of_memory():
+        raise raised
+    message = _exit_message(out_of_memory)
+    first_line = str(raised).splitlines()[0] if str(raised) else "MemoryError"
+    assert message == (f"error: out of memory ({first_line}). A smaller --batch-size, --image-size or "
+                       "--width needs less; each changes the run, so use another --out or --fresh")
+
+
+def test_any_other_runtime_error_keeps_its_traceback():
+    def bug():
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)")
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        cli.run(bug)
 
 
 def test_a_full_disk_while_saving_is_one_line_that_says_so_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):

@@ -179,6 +179,19 @@ def test_tiny_bad_val_annotations(tiny: Path, tmp_path: Path) -> None:
         load_tiny_imagenet(root)
 
 
+@pytest.mark.parametrize("name", ["wnids.txt", "val/val_annotations.txt"])
+def test_tiny_text_files_that_are_not_utf8_name_the_file_and_line(tiny: Path, tmp_path: Path, name: str) -> None:
+    # Both ended in a bare UnicodeDecodeError traceback, with neither file nor line.
+    root = copy_of(tiny, tmp_path)
+    path = root / name
+    lines = path.read_text().splitlines()
+    path.write_bytes("\n".join(lines[:2]).encode() + b"\ncaf\xe9\n")
+    with pytest.raises(DatasetError) as err:
+        load_tiny_imagenet(root)
+    assert str(err.value).startswith(f"{path}, line 3: not UTF-8 text (byte 0xe9); is it the file "
+                                     "Tiny ImageNet's zip holds?\n")
+
+
 def test_tiny_space_separated_val_annotations_get_the_layout_error(tiny: Path, tmp_path: Path) -> None:
     # A copy edited by hand (or by a tool that turned tabs into spaces): one field per line.
     root = copy_of(tiny, tmp_path)

@@ -169,8 +169,27 @@ def test_a_missing_file_does_not_hide_the_damaged_ones(good: list[str], tmp_path
     with pytest.raises(ImageDecodeError) as err:
         check_images([str(notes), good[0], missing, good[1]], mode)
     lines = str(err.value).splitlines()
-    assert lines[0].startswith("2 of 4 image files are not whole JPEG/PNG images")
+    assert lines[0].startswith("2 of 4 image files cannot be read or are not whole JPEG/PNG images")
     assert [line.split(": ")[0].strip() for line in lines[1:3]] == [str(notes), missing]  # in the files' order
+    assert lines[3] == "A file that cannot be read needs to exist and be readable by the user running this."
+
+
+def test_files_that_cannot_be_read_are_not_called_damaged(good: list[str], tmp_path: Path) -> None:
+    # A file without read permission was headed "not whole JPEG/PNG images", with advice to
+    # try another --check-images mode, which cannot help a file that is fine but unreadable.
+    missing = str(tmp_path / "gone.JPEG")
+    with pytest.raises(ImageDecodeError) as err:
+        check_images([good[0], missing], "quick", advice="--check-images full decodes every file")
+    assert str(err.value) == (
+        "1 of 2 image files cannot be read (checked the start and end of each (size, JPEG/PNG "
+        f"signature, end marker)); fix, replace or remove them before training:\n  {missing}: cannot "
+        "be read (No such file or directory)\nA file that cannot be read needs to exist and be "
+        "readable by the user running this.")
+    notes = tmp_path / "notes.JPEG"
+    notes.write_text("not an image\n")
+    with pytest.raises(ImageDecodeError) as err:  # a damaged one too: the advice is back
+        check_images([str(notes), missing], "quick", advice="--check-images full decodes every file")
+    assert str(err.value).endswith("readable by the user running this.\n--check-images full decodes every file")
 
 
 def test_a_cache_file_that_is_not_ours_means_check_again(good: list[str], tmp_path: Path) -> None:

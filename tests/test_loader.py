@@ -566,6 +566,22 @@ def test_corrupt_jpeg_raises_value_error_naming_file(corrupt_files, backend, tra
             pass
 
 
+@pytest.mark.parametrize("backend, readers", [("torch", None), pytest.param("dali", None, marks=needs_dali),
+                                             pytest.param("dali", 2, marks=needs_dali)])
+def test_a_file_gone_since_the_check_is_named_as_unreadable_not_corrupt(tiny, tmp_path, backend, readers):
+    # The torch backend called a file it could not open (removed, or no read permission)
+    # "corrupt or not a JPEG/PNG"; DALI gave a FileNotFoundError traceback from inside its
+    # prefetch, and with reader processes (the GPU's training default) a bare Exception.
+    gone = str(tmp_path / "n00000000_99.JPEG")
+    files = list(tiny.train.files[:7]) + [gone]
+    loader = make(files, np.arange(len(files)), backend, batch_size=4, train=True, image_size=32,
+                  reader_processes=readers)
+    with pytest.raises(ImageDecodeError) as err:
+        for _ in loader.epoch(0):
+            pass
+    assert str(err.value) == f"cannot read image {gone} (No such file or directory)"
+
+
 def test_corrupt_jpeg_torch_workers_still_value_error(corrupt_files):
     files, bad = corrupt_files
     loader = ImageLoader(files, np.arange(len(files)),
