@@ -333,8 +333,9 @@ class RunCheckpoints:
                 f"--fresh to start over, or use another --out.")
         set_rng_state(ck["rng"][self.rt.rank % saved_ranks])
         if self.rt.is_main:
-            where = "finished run" if progress.finished else \
-                f"epoch {progress.epoch + 1}, batch {progress.step}"
+            epochs = self.config.get("epochs")  # all done: a stop before the run was marked finished
+            where = ("finished run" if progress.finished else f"all {epochs} epochs done"
+                     if progress.epoch == epochs else f"epoch {progress.epoch + 1}, batch {progress.step}")
             print(f"resuming from {source} ({where}); --fresh starts over")
         return progress
 
@@ -357,7 +358,8 @@ def resume_point(out: Path, is_main: bool) -> tuple[Path, dict[str, Any]] | None
     cloud drive lost its newest upload) is resumed only if one of the three files was saved
     at that best epoch's end: best.pt is then rewritten from it (rank 0; every rank picks
     the same state before and after). Every file passed over is named, and a state passed
-    over for its best epoch is renamed NAME.passed-over.pt, so it cannot win a later resume."""
+    over for its best epoch is renamed NAME.passed-over.pt, so it cannot win a later resume;
+    an unusable last.pt, last.unusable.pt (_set_aside_unusable_last)."""
     last, best = out / "last.pt", out / "best.pt"
     paths = [p for p in (last, previous_path(last), best) if p.exists()]
     if not paths:
@@ -411,6 +413,25 @@ def resume_point(out: Path, is_main: bool) -> tuple[Path, dict[str, Any]] | None
         for path in passed_over:
             os.replace(path, path.with_name(f"{path.stem}.passed-over{path.suffix}"))
         problems.append(f"renamed {', '.join(p.name for p in passed_over)} to *.passed-over.pt")
-    if is_main and (problems or source != last):
-        print("; ".join(problems + [f"resuming from {source} (epoch {ck['epoch']} done)"]))
+    if is_main:
+        _set_aside_unusable_last(last, source, [path for path, _ in readable], problems)
+        if problems:  # RunCheckpoints.resume then says where the run goes on from
+            print("; ".join(problems))
     return source, ck
+
+
+def _set_aside_unusable_last(last: Path, source: Path, usable: list[Path], problems: list[str]) -> None:
+    """When a run resumes from another file than last.pt, say why; a last.pt that cannot be
+    resumed (damaged, weights only) is renamed last.unusable.pt: the next save would rotate
+    it into last.prev.pt, over the readable predecessor the run resumed from."""
+    if source == last:
+        return
+    if last in usable:  # older than source, or passed over (renamed already, and said so)
+        if last.exists():
+            problems.append(f"{source.name} holds a newer state than {last.name} (a stop between their writes)")
+    elif not last.exists():  # a stop between last.pt's rotation and the new file's rename
+        problems.append(f"no {last.name} in {last.parent}")
+    else:
+        os.replace(last, last.with_name("last.unusable.pt"))
+        problems.append(f"renamed {last.name} to last.unusable.pt, so that the next save does not "
+                        f"move it over {previous_path(last).name}")

@@ -225,10 +225,16 @@ def test_a_damaged_last_checkpoint_resumes_from_its_predecessor(tiny_splits, tmp
         _damage_middle(tmp_path / "last.pt", 4000)
         why = "fails its CRC-32 check"
     straight, _ = _run_fit(tiny_splits, tmp_path / "straight", "torch", epochs=4)
-    resumed, result = _run_fit(tiny_splits, tmp_path, "torch", epochs=4)
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=1)  # resumes, saves epoch 3
     printed = capsys.readouterr().out
     assert "last.pt is not a readable PyTorch checkpoint" in printed and why in printed
-    assert "resuming from" in printed and "last.prev.pt" in printed
+    assert f"resuming from {tmp_path / 'last.prev.pt'} (epoch 3, batch 0)" in printed
+    # The damaged file is set aside: epoch 3's save no longer moved it over the good
+    # last.prev.pt, which left the run without a readable predecessor for an epoch.
+    assert "renamed last.pt to last.unusable.pt, so that the next save does not move it over last.prev.pt" in printed
+    assert (tmp_path / "last.unusable.pt").exists()
+    assert load_checkpoint(tmp_path / "last.prev.pt")["epoch"] == 2
+    resumed, result = _run_fit(tiny_splits, tmp_path, "torch", epochs=4)
     assert result["finished"] and result["epochs_run"] == 4
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
@@ -321,6 +327,32 @@ def test_a_best_checkpoint_older_than_the_best_epoch_is_rewritten_from_the_state
         assert torch.equal(a, b), k
 
 
+def test_a_newer_best_pt_is_resumed_with_one_line_that_says_why(tiny_splits, tmp_path, capsys):
+    # Edited states, as a stop between the writes of best.pt and last.pt leaves them: best.pt
+    # holds epoch 3's end (its best), last.pt still epoch 2's. Two "resuming from" lines,
+    # with different wording, said neither why best.pt won.
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=3)
+    third, second = load_checkpoint(tmp_path / "last.pt"), load_checkpoint(tmp_path / "last.prev.pt")
+    save_checkpoint({**third, "early_stopping": {**third["early_stopping"], "best_epoch": 2}}, tmp_path / "best.pt")
+    save_checkpoint({**second, "early_stopping": {**second["early_stopping"], "best_epoch": 1}}, tmp_path / "last.pt")
+    capsys.readouterr()
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=4, stop_after=0)
+    assert capsys.readouterr().out.splitlines()[:2] == [
+        "best.pt holds a newer state than last.pt (a stop between their writes)",
+        f"resuming from {tmp_path / 'best.pt'} (epoch 4, batch 0); --fresh starts over"]
+    assert (tmp_path / "last.pt").exists() and not (tmp_path / "last.unusable.pt").exists()
+
+
+def test_a_run_stopped_after_its_last_epoch_says_all_epochs_are_done(tiny_splits, tmp_path, capsys):
+    # It said "epoch 3, batch 0" of a 2-epoch run: as if another epoch would train.
+    _run_fit(tiny_splits, tmp_path, "torch", epochs=2)
+    save_checkpoint({**load_checkpoint(tmp_path / "last.pt"), "finished": False}, tmp_path / "last.pt")
+    capsys.readouterr()
+    _, result = _run_fit(tiny_splits, tmp_path, "torch", epochs=2)
+    assert f"resuming from {tmp_path / 'last.pt'} (all 2 epochs done); --fresh starts over" in capsys.readouterr().out
+    assert result["finished"] and result["epochs_run"] == 2
+
+
 def test_a_state_whose_best_epoch_no_file_holds_is_passed_over_or_refused(tiny_splits, tmp_path, capsys,
                                                                          monkeypatch):
     # Edited states: last.pt saved mid-epoch 4 records best epoch 3, best.pt holds epoch 2
@@ -344,7 +376,7 @@ def test_a_state_whose_best_epoch_no_file_holds_is_passed_over_or_refused(tiny_s
     printed = capsys.readouterr().out
     assert f"{tmp_path / 'last.pt'} (epoch 3 done) records best epoch 3, which {tmp_path / 'best.pt'} " \
         f"does not hold" in printed, printed
-    assert f"resuming from {tmp_path / 'best.pt'} (epoch 2 done)" in printed
+    assert f"resuming from {tmp_path / 'best.pt'} (epoch 3, batch 0)" in printed
     # last.pt is kept aside, so that it cannot win the next resume once best.pt moves on
     assert "renamed last.pt to *.passed-over.pt" in printed
     assert (tmp_path / "last.passed-over.pt").exists()
