@@ -41,7 +41,7 @@ SMOKE = {**cli.SMOKE, "lr": 0.1}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = cli.training_parser(__doc__, out="runs/t1", recipe=RECIPE)
+    parser = cli.training_parser(__doc__, task="t1", recipe=RECIPE)
     parser.add_argument("--dropout", type=float, help="dropout before the classifier")
     args = cli.parse(parser, argv, smoke=SMOKE)  # --smoke: generated data, small model, CPU
     if not 0 <= args.dropout < 1:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
     num_classes = len(splits.train.classes)
     model = CustomCNN(num_classes, width=args.width, dropout=args.dropout)
     meta = dict(task="t1", model="custom_cnn", num_classes=num_classes, width=args.width,
-                image_size=args.image_size, dropout=args.dropout, **cli.data_recipe(args))
+                image_size=args.image_size, dropout=args.dropout, **cli.data_recipe(args, splits))
     if args.evaluate:  # --evaluate PATH: only test that checkpoint
         return evaluate.classifier_checkpoint(model, args.evaluate, meta, loaders.test, rt)
 

@@ -36,7 +36,7 @@ RECIPE = dict(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = cli.parse(cli.training_parser(__doc__, out="runs/t2", recipe=RECIPE), argv,
+    args = cli.parse(cli.training_parser(__doc__, task="t2", recipe=RECIPE), argv,
                      smoke=cli.SMOKE)  # --smoke: generated data, small model, CPU (cli.SMOKE)
     rt = runtime.setup_runtime(args.device, args.seed)
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     # gammas start at 0, so every block starts as the identity.
     model = ResNet18(len(splits.train.classes), stem="cifar", width=args.width)
     meta = dict(task="t2", model="resnet18", num_classes=len(splits.train.classes),
-                width=args.width, image_size=args.image_size, **cli.data_recipe(args))
+                width=args.width, image_size=args.image_size, **cli.data_recipe(args, splits))
     if args.evaluate:  # --evaluate PATH: test that checkpoint, no training
         return evaluate.classifier_checkpoint(model, args.evaluate, meta, loaders.test, rt)
 

@@ -53,7 +53,7 @@ RECIPE = dict(
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = cli.training_parser(__doc__, out="runs/t3", recipe=RECIPE)
+    parser = cli.training_parser(__doc__, task="t3", recipe=RECIPE)
     parser.add_argument("--placement", choices=[*PLACEMENTS, "all"], default="serial",
                         help="where the two CUBS blocks sit in each BasicBlock; all = train the "
                              "three and select by holdout")
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     # -- one training run per (placement, variant), same seed and recipe
     for placement in placements:
         for variant in variants:
-            result = train_and_test(args, rt, loaders, len(splits.train.classes), placement, variant)
+            result = train_and_test(args, rt, splits, loaders, placement, variant)
             if args.evaluate or not result["finished"]:
                 return result
 
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     return comparison
 
 
-def train_and_test(args, rt: runtime.Runtime, loaders: task_data.Loaders, num_classes: int,
+def train_and_test(args, rt: runtime.Runtime, splits: task_data.DatasetSplits, loaders: task_data.Loaders,
                    placement: str, variant: str) -> dict:
     """Train one (placement, variant) into --out/<placement>_<variant>/, test its best.pt once
     and return its results.json; with --evaluate PATH, test that checkpoint instead."""
@@ -127,13 +127,14 @@ def train_and_test(args, rt: runtime.Runtime, loaders: task_data.Loaders, num_cl
     #   serial  y = B2(B1(x)),  reverse  y = B1(B2(x)),  parallel  y = B1(x) + B2(x)
     # (plus: B1(x) + B2(x) - x, so that it starts as the identity)
     runtime.seed_everything(args.seed + rt.rank)  # identical init draws for every run
+    num_classes = len(splits.train.classes)
     model = cubs_resnet18(num_classes, stem="cifar", placement=placement, variant=variant,
                           width=args.width, d=args.d, gate_logit=args.gate_init)
     meta = dict(task="t3", model=f"cubs_resnet18_{placement}_{variant}", placement=placement,
                 variant=variant, num_classes=num_classes, width=args.width,
                 image_size=args.image_size, d=args.d,
                 **({"gate_init": args.gate_init} if variant == "plain" else {}),
-                **cli.data_recipe(args))
+                **cli.data_recipe(args, splits))
     if args.evaluate:  # one placement and variant (checked by main)
         return evaluate.classifier_checkpoint(model, args.evaluate, meta, loaders.test, rt)
     out = Path(args.out) / f"{placement}_{variant}"

@@ -80,7 +80,7 @@ SMOKE = {**cli.SMOKE, "image_size": 64, "epochs": 10, "batch_size": 16, "holdout
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = cli.training_parser(__doc__, out="runs/t4", recipe=RECIPE, downloads=False)  # Cars196: by hand
+    p = cli.training_parser(__doc__, task="t4", recipe=RECIPE, downloads=False)  # Cars196: by hand
     add = p.add_argument  # T4's own flags; their defaults come from RECIPE
     add("--t3-results", default="runs/t3/placements.json", help="where T3 wrote its selection")
     add("--placement", choices=PLACEMENTS, default=None, help="CUBS placement (default: T3's selection, else serial)")
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
         discard_runs([out / phase for phase in ["phase_a", *(f"phase_b_{m}" for m in MINING_CHOICES)]])
         remove_files(out, ("results.json", "retrieval.png"))
     # The file's digest too: a rerun after T3 trained again must not resume from other weights.
-    meta = {**meta, **{k: init[k] for k in ("init", "init_sha256") if k in init}, **cli.data_recipe(args)}
+    meta = {**meta, **{k: init[k] for k in ("init", "init_sha256") if k in init}, **cli.data_recipe(args, data.splits)}
     if rt.is_main:
         print(f"CUBS-ResNet-18 ({placement}, {variant}), {count_parameters(model) / 1e6:.2f}M params, "
               f"init {init['init']}; {len(data.splits.train.files)} train images of {num_classes} "
@@ -192,7 +192,7 @@ def load_data(args: argparse.Namespace, rt: runtime.Runtime, out: Path) -> Simpl
     if args.classes_per_batch > len(splits.train.classes):  # found now, not after Phase A
         raise ConfigError(f"--classes-per-batch {args.classes_per_batch} exceeds the "
                           f"{len(splits.train.classes)} training classes of {splits.root}")
-    return SimpleNamespace(
+    data = SimpleNamespace(
         splits=splits, settings=settings,
         loaders=task_data.classifier_loaders(splits, settings, rt),  # Phase A: train and holdout
         holdout_all=task_data.whole_split_loader(splits.holdout, settings, rt),
@@ -200,6 +200,8 @@ def load_data(args: argparse.Namespace, rt: runtime.Runtime, out: Path) -> Simpl
         pk_train=task_data.pk_loader(splits.train, settings, rt,  # Phase B: P x K batches
                                      classes_per_batch=args.classes_per_batch,
                                      images_per_class=args.images_per_class))
+    data.pk_train.batches(0)  # a P x K batch larger than the training set: found now, not after Phase A
+    return data
 
 
 def fit_phase(model: torch.nn.Module, loader, loss_fn, score, cfg: FitConfig, run_dir: Path,

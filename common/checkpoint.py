@@ -126,11 +126,17 @@ def _names_code(detail: str) -> bool:
     return "GLOBAL" in detail or "allowlisted" in detail
 
 
+# Meta keys that checkpoints written before they were recorded lack: those still resume.
+_RECORDED_LATER = ("data",)
+
+
 def check_compatible(saved_meta: CheckpointMeta, meta: CheckpointMeta, path: str | Path) -> None:
     """Raise if a checkpoint was written for another model (architecture, classes, ...) or
-    data setup: every key of `meta` must be in the checkpoint's meta, with the same value."""
+    data setup: every key of `meta` must be in the checkpoint's meta, with the same value
+    (one of _RECORDED_LATER may be missing)."""
     diffs = [f"{k}: checkpoint has {repr(saved_meta[k]) if k in saved_meta else 'no ' + k}, this run has {v!r}"
-             for k, v in meta.items() if k not in saved_meta or saved_meta[k] != v]
+             for k, v in meta.items() if (k not in saved_meta and k not in _RECORDED_LATER)
+             or saved_meta.get(k, v) != v]
     if diffs:
         raise CheckpointError(f"{path} belongs to a different model or setup: " + "; ".join(diffs)
                               + ". Use another --out, or --fresh to start over.")

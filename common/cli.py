@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import json
 import math
 import os
 import signal
@@ -19,6 +20,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from common.datasets import DatasetSplits
 from common.errors import ConfigError, Interrupted, UserError
 from common.image_check import CHECK_MODES
 from common.schema import RECIPE_FLAGS, DataRecipe, FitConfig
@@ -91,10 +93,12 @@ SMOKE = dict(epochs=8, batch_size=32, lr=0.05, warmup_epochs=1.0, patience=4, ho
              image_size=32, width=16, workers=0, device="cpu")
 
 
-def training_parser(description: str, *, out: str, recipe: Mapping[str, Any],
+def training_parser(description: str, *, task: str, recipe: Mapping[str, Any],
                     downloads: bool = True) -> argparse.ArgumentParser:
     """The flags every task script has, with the defaults of its `recipe` (keys RECIPE_FLAGS;
-    other keys are defaults of the script's own flags, which it adds afterwards).
+    other keys are defaults of the script's own flags, which it adds afterwards). task: "t1"
+    ... "t4"; --out defaults to runs/<task>, and parse refuses one holding another task's
+    results (check_out_owner).
 
     downloads: whether the script can download its dataset (Tiny ImageNet). T4's Cars196 is
     placed by hand, so T4 passes False and gets no --no-download flag."""
@@ -106,7 +110,7 @@ def training_parser(description: str, *, out: str, recipe: Mapping[str, Any],
     a("--data-dir", default="./data",
       help="folder holding (or receiving: downloaded there if missing) the dataset" if downloads
       else "folder holding the dataset (never downloaded: place it there by hand)")
-    a("--out", default=out, help="output folder; rerunning with the same --out resumes")
+    a("--out", default=f"runs/{task}", help="output folder; rerunning with the same --out resumes")
     a("--epochs", type=positive_int, default=None, help="maximum epochs (early stopping may end sooner)")
     a("--batch-size", type=positive_int, default=None, help="per process (per GPU under torchrun)")
     a("--lr", type=positive_float, default=None, help="peak learning rate after warmup")
@@ -161,7 +165,7 @@ def training_parser(description: str, *, out: str, recipe: Mapping[str, Any],
     a("--stop-after-epoch", type=nonnegative_int, default=None, help=argparse.SUPPRESS)  # 0: set up only
     # Over the placeholders above (so that --help shows them), and the defaults of the
     # script's own flags, which argparse takes from here when they are added.
-    p.set_defaults(**recipe)
+    p.set_defaults(**recipe, _task=task)  # "_": not a flag, so not in results.json "args"
     return p
 
 
@@ -230,10 +234,28 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None, *,
                   f"{getattr(args, epochs)}: the LR only warms up, reaching its peak at the last step, "
                   f"and never decays; a short run wants a smaller {flag}", file=sys.stderr)
     check_out_dir(args.out)
+    if not args.evaluate:  # --evaluate writes beside the checkpoint, not in --out
+        check_out_owner(args.out, parser.get_default("_task"))
     if args.evaluate is not None and not Path(args.evaluate).exists():  # found now, not after a download
         raise ConfigError(f"--evaluate {args.evaluate}: no such file or folder (a best.pt or last.pt, "
                           f"or a run folder holding best.pt)")
     return args
+
+
+def check_out_owner(out: str | Path, task: str) -> None:
+    """Raise ConfigError if `out` holds another task's results: a results.json of another
+    "task", or T3's placements.json. Their files share names (results.json, last.pt), so a
+    second task there would overwrite or mix with the first's."""
+    folder = Path(out).expanduser()
+    for name in ("results.json", "placements.json"):
+        try:
+            owner = "t3" if name == "placements.json" else json.loads((folder / name).read_text()).get("task")
+        except (OSError, ValueError, AttributeError):  # none there, or not a results.json of ours
+            continue
+        if isinstance(owner, str) and owner != task and (folder / name).is_file():
+            raise ConfigError(f"--out {out} holds the results of {owner.upper()} ({folder / name}); this "
+                              f"is {task.upper()}, whose files would overwrite or mix with them. Use another "
+                              f"--out (the default is runs/{task})")
 
 
 def check_out_dir(out: str | Path) -> None:
@@ -362,12 +384,13 @@ class _Unset:
 
 
 # ---------------------------------------------------------------- flags -> typed settings
-def data_recipe(args: argparse.Namespace) -> DataRecipe:
-    """The flags outside FitConfig that change what a run computes; stored in checkpoint meta
-    so that a resume with other values is refused."""
+def data_recipe(args: argparse.Namespace, splits: DatasetSplits) -> DataRecipe:
+    """The flags outside FitConfig that change what a run computes, and the data it trains
+    on (splits.fingerprint()); stored in checkpoint meta so that a resume with other values
+    is refused."""
     return DataRecipe(batch_size=args.batch_size, label_smoothing=args.label_smoothing,
                       holdout_per_class=args.holdout_per_class, color_jitter=args.color_jitter,
-                      seed=args.seed)
+                      seed=args.seed, data=splits.fingerprint())
 
 
 def fit_config(args: argparse.Namespace, cuda: bool, compile_on_cuda: bool = True) -> FitConfig:

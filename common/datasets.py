@@ -406,11 +406,15 @@ def _annotation_fields(annotations: object, path_field: str, mat_path: Path) -> 
     """(path_field as str, 1-based class id) of each annotation struct, or a DatasetError
     naming the file when the variable is not a struct array with those fields."""
     try:
-        # int() first: the .mat stores the class as uint8
-        return [(str(getattr(r, path_field)), int(getattr(r, "class"))) for r in _records(annotations)]
+        # float() first: the .mat stores the class as uint8, an edited one perhaps as double
+        fields = [(str(getattr(r, path_field)), float(getattr(r, "class"))) for r in _records(annotations)]
     except (AttributeError, TypeError, ValueError) as error:
         raise DatasetError(f"{mat_path}: 'annotations' is not a struct array with fields "
                            f"{path_field!r} and 'class' ({error})\n{CARS196_LAYOUTS}") from None
+    for path, class_id in fields:  # int() would make 2.5 class 2, and move the image between splits
+        if not class_id.is_integer():
+            raise DatasetError(f"{mat_path}: {path} has class {class_id:g}, not a whole number")
+    return [(path, int(class_id)) for path, class_id in fields]
 
 
 def _load_mat(path: Path, keys: tuple[str, ...]) -> dict:
@@ -496,3 +500,14 @@ class DatasetSplits:
     test: ImageList
     root: Path
     layout: str  # "tiny-imagenet-200", "cars_annos" or "torchvision"
+
+    def fingerprint(self) -> str:
+        """What a resumed run must find again (checkpoint meta "data"): the image counts and a
+        digest of every split's file names, relative to root, and labels. A moved or
+        re-extracted copy of the dataset matches; other files, labels or splits do not."""
+        digest, prefix = hashlib.sha256(), f"{self.root}{os.sep}"
+        for split in (self.train, self.holdout, self.test):
+            digest.update("".join(f"{f.removeprefix(prefix)}\t{y}\n" for f, y in zip(split.files, split.labels))
+                          .encode() + b"\0")
+        return (f"{len(self.train)} train, {len(self.holdout)} holdout and {len(self.test)} test images of "
+                f"{len(self.train.classes)} classes (names and labels sha256 {digest.hexdigest()[:12]})")

@@ -64,7 +64,10 @@ def class_balanced_batches(labels: np.ndarray, classes_per_batch: int, per_class
     batch = classes_per_batch * per_class
     n_batches = len(labels) // (batch * num_shards)
     if n_batches == 0:
-        raise ConfigError(f"{len(labels)} images do not fill one P x K batch of {batch} per shard")
+        raise ConfigError(f"{len(labels)} training images do not fill one P x K batch of "
+                          f"{classes_per_batch} x {per_class} = {batch} images"
+                          f"{f' in each of {num_shards} processes' if num_shards > 1 else ''}; "
+                          f"lower --classes-per-batch or --images-per-class")
     out = []
     for _ in range(n_batches * num_shards):
         chosen = rng.choice(classes, size=classes_per_batch, replace=False)

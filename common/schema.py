@@ -53,6 +53,7 @@ class DataRecipe(TypedDict):
     holdout_per_class: int
     color_jitter: float
     seed: int
+    data: str  # DatasetSplits.fingerprint(): image counts and a digest of names and labels
 
 
 class ModelMeta(TypedDict, total=False):

@@ -535,3 +535,22 @@ def test_the_gpus_rng_state_is_saved_and_restored_where_there_is_one(monkeypatch
     assert torch.equal(state["cuda"], gpu_state)
     set_rng_state(state)
     assert len(restored) == 1 and torch.equal(restored[0], gpu_state)
+
+
+def test_a_resume_on_other_data_is_refused_and_an_older_checkpoint_without_it_resumes(tiny_splits, tmp_path):
+    # The data's fingerprint (checkpoint meta "data"): a T1 run stopped on one dataset
+    # resumed on another of the same class count and finished, one run spliced from two.
+    meta = {"task": "test", "model": "small", "data": "400 train, 50 holdout and 100 test images of 10 classes"}
+    _run_fit(tiny_splits, tmp_path / "a", "torch", epochs=3, stop_after=1, meta=meta)
+    other = {**meta, "data": "550 train, 50 holdout and 100 test images of 10 classes"}
+    with pytest.raises(CheckpointError) as err:
+        _run_fit(tiny_splits, tmp_path / "a", "torch", epochs=3, meta=other)
+    assert str(err.value) == (f"{tmp_path / 'a' / 'last.pt'} belongs to a different model or setup: data: "
+                              f"checkpoint has {meta['data']!r}, this run has {other['data']!r}. Use "
+                              "another --out, or --fresh to start over.")
+    # written before "data" was recorded: it resumes, where another missing key is refused
+    _run_fit(tiny_splits, tmp_path / "b", "torch", epochs=3, stop_after=1, meta={"task": "test", "model": "small"})
+    _, result = _run_fit(tiny_splits, tmp_path / "b", "torch", epochs=3, meta=meta)
+    assert result["finished"] and result["epochs_run"] == 3
+    with pytest.raises(CheckpointError, match="width: checkpoint has no width, this run has 8"):
+        _run_fit(tiny_splits, tmp_path / "b", "torch", epochs=3, meta={**meta, "width": 8})

@@ -3,6 +3,7 @@
 import argparse
 import re
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 from test_colab import script_parser
@@ -17,7 +18,7 @@ RECIPE = dict(epochs=60, batch_size=256, lr=0.2, optimizer="sgd", weight_decay=5
 
 
 def _parser():
-    p = cli.training_parser("test", out="runs/t3", recipe=RECIPE)
+    p = cli.training_parser("test", task="t3", recipe=RECIPE)
     p.add_argument("--vanilla-results", default="runs/t2/results.json")
     p.add_argument("--name")  # its default comes from the recipe
     return p
@@ -25,7 +26,7 @@ def _parser():
 
 def test_a_recipe_must_give_every_training_default():
     with pytest.raises(ValueError, match=r"the recipe lacks \['patience'\]"):
-        cli.training_parser("test", out="runs/x", recipe={k: v for k, v in RECIPE.items() if k != "patience"})
+        cli.training_parser("test", task="tx", recipe={k: v for k, v in RECIPE.items() if k != "patience"})
 
 
 def test_smoke_moves_default_runs_paths_under_runs_smoke_and_keeps_typed_ones():
@@ -204,8 +205,9 @@ def test_the_typed_data_flags_reach_the_checkpoint_meta_and_the_loaders():
     args = cli.parse(_parser(), ["--batch-size", "48", "--label-smoothing", "0.2", "--holdout-per-class", "7",
                                  "--color-jitter", "0.3", "--seed", "11", "--image-size", "40",
                                  "--workers", "1", "--backend", "torch"], smoke=cli.SMOKE)
-    assert cli.data_recipe(args) == dict(batch_size=48, label_smoothing=0.2, holdout_per_class=7,
-                                         color_jitter=0.3, seed=11)
+    splits = SimpleNamespace(fingerprint=lambda: "40 train, 10 holdout and 20 test images of 2 classes")
+    assert cli.data_recipe(args, splits) == dict(batch_size=48, label_smoothing=0.2, holdout_per_class=7,
+                                                 color_jitter=0.3, seed=11, data=splits.fingerprint())
     s = cli.loader_settings(args, eval_resize=46)
     assert (s.batch_size, s.image_size, s.workers, s.backend, s.seed, s.color_jitter, s.eval_resize) == (
         48, 40, 1, "torch", 11, 0.3, 46)
@@ -399,3 +401,29 @@ def test_help_says_which_defaults_smoke_replaces(script, capsys):
     assert ("--compare-mining" in sets) == (script == "t4_retrieval.py")
     assert "--epochs 8 --batch-size 32 --lr " + ("0.1" if script == "t1_custom_cnn.py" else "0.05") in sets \
         or script == "t4_retrieval.py"
+
+
+def test_an_out_holding_another_tasks_results_is_refused(tmp_path):
+    # T4 into a finished T1 run's folder overwrote T1's results.json without a word.
+    import t4_retrieval
+    t1 = tmp_path / "t1"
+    t1.mkdir()
+    (t1 / "results.json").write_text('{"task": "t1", "test_acc": 0.61}')
+    with pytest.raises(ConfigError) as err:
+        t4_retrieval.main(["--out", str(t1)])
+    assert str(err.value) == (f"--out {t1} holds the results of T1 ({t1 / 'results.json'}); this is T4, "
+                              "whose files would overwrite or mix with them. Use another --out (the "
+                              "default is runs/t4)")
+    assert (t1 / "results.json").read_text() == '{"task": "t1", "test_acc": 0.61}'
+    t3 = tmp_path / "t3"  # T3 writes placements.json at the top, results.json per run below it
+    t3.mkdir()
+    (t3 / "placements.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"holds the results of T3 \(.*placements.json\); this is T3X"):
+        cli.parse(cli.training_parser("test", task="t3x", recipe=RECIPE), ["--out", str(t3)], smoke=cli.SMOKE)
+    # its own results, a file that is not ours, --evaluate (writes beside the checkpoint): accepted
+    assert cli.parse(_parser(), ["--out", str(t3)], smoke=cli.SMOKE).out == str(t3)
+    (t1 / "results.json").write_text("[1, 2]")
+    assert cli.parse(_parser(), ["--out", str(t1)], smoke=cli.SMOKE).out == str(t1)
+    (t1 / "results.json").write_text('{"task": "t1"}')
+    (t1 / "best.pt").write_bytes(b"")
+    assert cli.parse(_parser(), ["--out", str(t1), "--evaluate", str(t1 / "best.pt")], smoke=cli.SMOKE).out == str(t1)

@@ -97,6 +97,24 @@ def test_tiny_test_split_comes_from_val_annotations(tiny: Path) -> None:
     assert splits.test.classes == splits.train.classes
 
 
+def test_the_fingerprint_follows_the_files_and_labels_not_the_folder(tiny: Path, tmp_path: Path) -> None:
+    # What a resume compares (checkpoint meta "data"): the same dataset moved matches.
+    original = load_tiny_imagenet(tiny, holdout_per_class=1).fingerprint()
+    n_train = TINY_CLASSES * (TINY_TRAIN - 1)
+    assert original.startswith(f"{n_train} train, {TINY_CLASSES} holdout and ")
+    assert original.endswith(f" test images of {TINY_CLASSES} classes (names and labels sha256 "
+                             f"{original[-13:-1]})")
+    root = copy_of(tiny, tmp_path / "moved")
+    assert load_tiny_imagenet(root, holdout_per_class=1).fingerprint() == original
+    assert load_tiny_imagenet(root, holdout_per_class=1, seed=1).fingerprint() != original  # another holdout
+    wnids = (root / "wnids.txt").read_text().split()  # the same files and counts, other labels
+    (root / "wnids.txt").write_text("\n".join(wnids[::-1]) + "\n")
+    relabelled = load_tiny_imagenet(root, holdout_per_class=1).fingerprint()
+    assert relabelled != original and relabelled[:-14] == original[:-14]
+    next((root / "train" / wnids[0] / "images").iterdir()).unlink()
+    assert load_tiny_imagenet(root, holdout_per_class=1).fingerprint().startswith(f"{n_train - 1} train, ")
+
+
 def test_tiny_label_order_is_wnids_txt_line_order(tiny: Path, tmp_path: Path) -> None:
     root = copy_of(tiny, tmp_path)
     wnids = (root / "wnids.txt").read_text().split()
@@ -464,6 +482,21 @@ def test_a_class_id_outside_1_to_n_is_named(cars_annos: Path, tmp_path: Path) ->
     with pytest.raises(DatasetError, match=rf"class id 0 is outside 1\.\.{CARS_CLASSES} "
                                            rf"\(there are {CARS_CLASSES} class names\)"):
         load_cars196(root)
+
+
+def test_a_class_id_that_is_not_whole_is_named(cars_annos: Path, tmp_path: Path) -> None:
+    # int() made class 2.5 class 2: an image moved between classes, or from test to train.
+    root = copy_of(cars_annos, tmp_path)
+
+    def class_two_and_a_half(annotations):
+        annotations = annotations.copy()
+        annotations[0, 0]["class"] = np.array([[2.5]])
+        return annotations
+    _rewrite_annotations(root / "cars_annos.mat", class_two_and_a_half)
+    first = str(scipy.io.loadmat(root / "cars_annos.mat")["annotations"][0, 0]["relative_im_path"].item())
+    with pytest.raises(DatasetError) as error:
+        load_cars196(root)
+    assert str(error.value) == f"{root / 'cars_annos.mat'}: {first} has class 2.5, not a whole number"
 
 
 def test_a_class_id_without_images_is_named(cars_annos: Path, tmp_path: Path) -> None:

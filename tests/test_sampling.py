@@ -165,5 +165,9 @@ def test_class_balanced_draws_reach_every_image_of_a_large_class():
 
 
 def test_class_balanced_too_few_images_for_one_batch_raises():
-    with pytest.raises(ValueError, match="6 images do not fill one P x K batch of 8 per shard"):
+    with pytest.raises(ValueError, match=r"^6 training images do not fill one P x K batch of 2 x 4 = 8 "
+                                         r"images; lower --classes-per-batch or --images-per-class$"):
         class_balanced_batches(np.array([0, 0, 0, 1, 1, 1]), 2, 4, epoch=0, seed=0)
+    with pytest.raises(ValueError, match="12 training images do not fill one P x K batch of 2 x 4 = 8 "
+                                         "images in each of 2 processes"):
+        class_balanced_batches(np.repeat([0, 1], 6), 2, 4, epoch=0, seed=0, num_shards=2)

@@ -348,6 +348,13 @@ def test_t4_refuses_more_classes_per_batch_than_training_classes_before_training
     args = t4_retrieval.parse_args(["--smoke", "--out", str(tmp_path), "--classes-per-batch", "9"])
     with pytest.raises(ConfigError, match=r"--classes-per-batch 9 exceeds the 8 training classes of "):
         t4_retrieval.load_data(args, rt, tmp_path)
+    # P x K beyond the training images: refused here too, where it was found only when
+    # Phase B began, after all of Phase A
+    args = t4_retrieval.parse_args(["--smoke", "--out", str(tmp_path), "--images-per-class", "100"])
+    with pytest.raises(ConfigError) as err:
+        t4_retrieval.load_data(args, rt, tmp_path)
+    assert str(err.value) == ("160 training images do not fill one P x K batch of 4 x 100 = 400 images; "
+                              "lower --classes-per-batch or --images-per-class")
 
 
 def test_a_mistyped_evaluate_path_is_refused_before_the_dataset_is_looked_for(tmp_path):
