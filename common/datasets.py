@@ -178,11 +178,13 @@ def find_tiny_imagenet(data_dir: str | Path, download: bool = True, url: str = T
     if inside is not None:  # e.g. --data-dir .../tiny-imagenet-200/val: never download into a dataset
         raise DatasetNotFoundError(f"--data-dir {data_dir} is inside the Tiny ImageNet at {inside}: "
                                    f"pass --data-dir {inside}")
+    zip_path = data_dir / "tiny-imagenet-200.zip"
     if not download:
-        raise DatasetNotFoundError(f"Tiny ImageNet not found in {data_dir}.\n{how_to_get_it}")
+        unzipped = (f" {zip_path} is there, not unzipped: without --no-download the script checks its "
+                    f"MD5 and unzips it." if zip_path.is_file() else "")
+        raise DatasetNotFoundError(f"Tiny ImageNet not found in {data_dir}.{unzipped}\n{how_to_get_it}")
 
     created = _first_missing_folder(data_dir)
-    zip_path = data_dir / "tiny-imagenet-200.zip"
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -236,8 +238,11 @@ def download_file(url: str, dest: Path, md5: str) -> Path:
     first; on an MD5 mismatch that file is deleted and ValueError is raised.
     """
     dest = Path(dest)
-    if dest.is_file() and _md5_of_file(dest) == md5.lower():
-        return dest
+    if dest.is_file():
+        found = _md5_of_file(dest)
+        if found == md5.lower():
+            return dest
+        print(f"{dest} has MD5 {found}, not {md5.lower()} (a partial or other file): downloading it again")
     partial = dest.with_name(dest.name + ".part")
     digest = hashlib.md5(usedforsecurity=False)
     try:

@@ -780,3 +780,41 @@ def test_the_image_check_covers_every_split_and_ends_with_the_modes_advice(cars_
         assert lines[0].startswith(f"2 of {CARS_CLASSES * CARS_PER_CLASS} image files")
         assert {line.split(": ")[0].strip() for line in lines[1:3]} == {splits.holdout.files[0], splits.test.files[-1]}
         assert advice in lines[-1]
+
+
+def _damage_huffman_table(path: Path) -> None:
+    """Overwrite the code counts of a JPEG's first Huffman table: both ends stay whole, so
+    the quick check passes it; decoding fails."""
+    data = bytearray(Path(path).read_bytes())
+    table = data.find(b"\xff\xc4")
+    data[table + 5:table + 21] = b"\xff" * 16
+    Path(path).write_bytes(bytes(data))
+
+
+def test_tiny_imagenets_test_split_is_decoded_up_front_under_the_quick_check(tiny: Path, tmp_path: Path,
+                                                                           capsys) -> None:
+    # T1-T3 read the test split only after training: a test JPEG damaged inside, with whole
+    # ends, ended a run after all its epochs ("cannot decode image .../val_5.JPEG").
+    import torch
+
+    from common import task_data
+    from common.errors import ImageDecodeError
+    from common.runtime import Runtime
+    rt = Runtime(torch.device("cpu"))
+    root = copy_of(tiny, tmp_path)
+    splits = load_tiny_imagenet(root, holdout_per_class=1)
+    task_data.check_split_images(splits, "quick", tmp_path / "out", rt, decode_test=True)
+    n_files = len(splits.train) + len(splits.holdout) + len(splits.test)
+    assert capsys.readouterr().out == (f"checked {n_files} image files (quick): all readable\n"
+                                       f"decoded the {len(splits.test)} test images: all whole\n")
+    bad = splits.test.files[1]
+    _damage_huffman_table(Path(bad))
+    task_data.check_split_images(splits, "quick", tmp_path / "out", rt)  # ends only: passes
+    with pytest.raises(ImageDecodeError) as error:
+        task_data.check_split_images(splits, "quick", tmp_path / "out", rt, decode_test=True)
+    lines = str(error.value).splitlines()
+    assert lines[0] == (f"1 of {len(splits.test)} image files are not whole JPEG/PNG images (decoded each "
+                        "with PIL); fix, replace or remove them before training:")
+    assert lines[1].startswith(f"  {bad}: does not decode: ")
+    assert lines[2] == ("The test split is read only after training, so it is decoded in full up front: "
+                        "--check-images off skips every check.")

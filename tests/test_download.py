@@ -58,7 +58,7 @@ def test_wrong_md5_is_rejected_and_leaves_nothing(tiny_zip: tuple[Path, str], tm
     assert not data_dir.exists()  # the download created it, so the failure removes it
 
 
-def test_download_file_deletes_a_bad_file(tiny_zip: tuple[Path, str], tmp_path: Path) -> None:
+def test_download_file_deletes_a_bad_file(tiny_zip: tuple[Path, str], tmp_path: Path, capsys) -> None:
     archive, md5 = tiny_zip
     dest = tmp_path / "copy.zip"
     with pytest.raises(ValueError, match=f"expected {'f' * 32}, got {md5}"):
@@ -67,8 +67,12 @@ def test_download_file_deletes_a_bad_file(tiny_zip: tuple[Path, str], tmp_path: 
     assert download_file(archive.as_uri(), dest, md5) == dest
     assert dest.read_bytes() == archive.read_bytes()
     dest.write_bytes(b"a stale or damaged earlier download")  # is fetched again, not kept
+    capsys.readouterr()
     assert download_file(archive.as_uri(), dest, md5) == dest
     assert dest.read_bytes() == archive.read_bytes()
+    stale_md5 = hashlib.md5(b"a stale or damaged earlier download").hexdigest()  # said, not silent
+    assert capsys.readouterr().out == (f"{dest} has MD5 {stale_md5}, not {md5} (a partial or other "
+                                       "file): downloading it again\n")
 
 
 def test_download_failure_says_what_where_and_smoke(tmp_path: Path) -> None:
@@ -110,6 +114,13 @@ def test_missing_dataset_without_download(tmp_path: Path) -> None:
     message = str(error.value)
     assert "http://cs231n.stanford.edu/tiny-imagenet-200.zip" in message
     assert str(tmp_path / "tiny-imagenet-200") in message and "--smoke" in message
+    assert "not unzipped" not in message
+    (tmp_path / "tiny-imagenet-200.zip").write_bytes(b"PK")  # downloaded by hand, not unzipped
+    with pytest.raises(FileNotFoundError) as error:
+        find_tiny_imagenet(tmp_path, download=False)
+    assert str(error.value).startswith(
+        f"Tiny ImageNet not found in {tmp_path}. {tmp_path / 'tiny-imagenet-200.zip'} is there, not "
+        "unzipped: without --no-download the script checks its MD5 and unzips it.\n")
 
 
 def test_zip_without_the_dataset_leaves_nothing_that_looks_like_one(tmp_path: Path) -> None:

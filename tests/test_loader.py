@@ -8,7 +8,11 @@ from, it passes `labels = arange(n)` so the labels are the file indices.
 
 import logging
 import math
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +26,7 @@ from common.loader import MEAN, STD, ImageLoader, LoaderSettings
 from common.synthetic import make_cars196, make_tiny_imagenet, render_class_image
 
 BACKENDS = ["dali", "torch"]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 _MEAN = np.array(MEAN)[:, None, None]
 _STD = np.array(STD)[:, None, None]
 
@@ -566,20 +571,40 @@ def test_corrupt_jpeg_raises_value_error_naming_file(corrupt_files, backend, tra
             pass
 
 
-@pytest.mark.parametrize("backend, readers", [("torch", None), pytest.param("dali", None, marks=needs_dali),
-                                             pytest.param("dali", 2, marks=needs_dali)])
-def test_a_file_gone_since_the_check_is_named_as_unreadable_not_corrupt(tiny, tmp_path, backend, readers):
+@pytest.mark.parametrize("backend", _backend_params())
+def test_a_file_gone_since_the_check_is_named_as_unreadable_not_corrupt(tiny, tmp_path, backend):
     # The torch backend called a file it could not open (removed, or no read permission)
-    # "corrupt or not a JPEG/PNG"; DALI gave a FileNotFoundError traceback from inside its
-    # prefetch, and with reader processes (the GPU's training default) a bare Exception.
+    # "corrupt or not a JPEG/PNG"; DALI gave a FileNotFoundError traceback from inside its prefetch.
     gone = str(tmp_path / "n00000000_99.JPEG")
     files = list(tiny.train.files[:7]) + [gone]
-    loader = make(files, np.arange(len(files)), backend, batch_size=4, train=True, image_size=32,
-                  reader_processes=readers)
+    loader = make(files, np.arange(len(files)), backend, batch_size=4, train=True, image_size=32)
     with pytest.raises(ImageDecodeError) as err:
         for _ in loader.epoch(0):
             pass
     assert str(err.value) == f"cannot read image {gone} (No such file or directory)"
+
+
+@needs_dali
+def test_a_file_gone_is_one_error_line_with_dali_reader_processes_too(tiny, tmp_path):
+    # The GPU's training default reads files in spawned reader processes, which raised a
+    # bare Exception carrying the worker's traceback. In a process of its own: a pipeline
+    # whose readers failed leaves them stuck, and a later fork or pool start in the same
+    # process can hang (seen after one such failure in a pytest worker).
+    gone = str(tmp_path / "n00000000_99.JPEG")
+    files = list(tiny.train.files[:7]) + [gone]
+    code = (f"import numpy as np\nfrom common import cli\nfrom common.loader import ImageLoader, LoaderSettings\n"
+            f"files = {files!r}\n"
+            f"loader = ImageLoader(files, np.arange(len(files)), LoaderSettings(backend='dali', batch_size=4, "
+            f"train=True, image_size=32, workers=2, reader_processes=2))\n"
+            f"def main():\n    for _ in loader.epoch(0):\n        pass\n"
+            f"if __name__ == '__main__':\n    cli.run(main)\n")
+    script = tmp_path / "read_gone.py"
+    script.write_text(code)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-1] == f"error: cannot read image {gone} (No such file or directory)"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_corrupt_jpeg_torch_workers_still_value_error(corrupt_files):
