@@ -44,8 +44,8 @@ def test_recipe_flags_are_every_flag_that_changes_what_a_run_computes():
     from common.checkpoint import _PROCESS_ONLY
     from common.schema import DataRecipe, FitConfig
     training = {f.name for f in fields(FitConfig)} - _PROCESS_ONLY
-    assert set(placements.COMPARED_FLAGS) == training | set(DataRecipe.__annotations__) | {
-        "image_size", "width", "smoke"}
+    data = set(DataRecipe.__annotations__) - {"data"}  # the dataset's fingerprint, not a flag
+    assert set(placements.COMPARED_FLAGS) == training | data | {"image_size", "width", "smoke"}
 
 
 def test_runs_of_another_recipe_are_left_out_and_named(tmp_path):

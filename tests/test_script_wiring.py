@@ -119,7 +119,7 @@ def test_t4_every_mining_starts_from_phase_as_weights_and_mining_is_the_one_repo
     from common.loss import MINING_CHOICES
     assert list(MINING_CHOICES) == ["none", "ms", "hard", "semihard"]
     splits = SimpleNamespace(train=SimpleNamespace(classes=list(range(4)), files=[]),
-                             test=SimpleNamespace(files=[], classes=[]))
+                             test=SimpleNamespace(files=[], classes=[]), fingerprint=lambda: "4 classes")
     test_all, embedded = object(), []
     monkeypatch.setattr(t4_retrieval, "load_data", lambda args, rt, out: SimpleNamespace(splits=splits,
                                                                                      test_all=test_all))
@@ -172,7 +172,8 @@ def test_t3_every_placement_and_variant_starts_from_the_same_draws(tmp_path, mon
     for placement, variant in (("serial", "plain"), ("reverse", "plus")):
         torch.rand(100)
         with pytest.raises(Stop):
-            t3_cubs.train_and_test(args, rt, None, 10, placement, variant)
+            t3_cubs.train_and_test(args, rt, SimpleNamespace(train=SimpleNamespace(classes=list(range(10)))),
+                                   None, placement, variant)
     torch.manual_seed(5)
     vanilla = t3_cubs_build(10, width=8, d=64, placement="serial", variant="plain", gate_logit=3.0).state_dict()
     assert all(torch.equal(built[0][k], vanilla[k]) for k in vanilla)
@@ -323,7 +324,7 @@ def test_t3_fresh_discards_every_run_of_this_command_and_the_comparison_only(tmp
 def test_t4_fresh_discards_both_phases_of_every_mining_and_the_summaries(tmp_path, monkeypatch):
     import t4_retrieval
     splits = SimpleNamespace(train=SimpleNamespace(classes=list(range(4)), files=[]),
-                             test=SimpleNamespace(files=[], classes=[]))
+                             test=SimpleNamespace(files=[], classes=[]), fingerprint=lambda: "4 classes")
     monkeypatch.setattr(t4_retrieval, "load_data", lambda args, rt, out: SimpleNamespace(splits=splits, test_all=None))
     monkeypatch.setattr(t4_retrieval.evaluate, "embed", lambda *a, **k: (None, None))
     monkeypatch.setattr(t4_retrieval, "recall_at_k", lambda *a, **k: {1: 0.5})
