@@ -255,7 +255,7 @@ def check_out_owner(out: str | Path, task: str) -> None:
         if isinstance(owner, str) and owner != task and (folder / name).is_file():
             raise ConfigError(f"--out {out} holds the results of {owner.upper()} ({folder / name}); this "
                               f"is {task.upper()}, whose files would overwrite or mix with them. Use another "
-                              f"--out (the default is runs/{task})")
+                              f"--out (without --out, {task.upper()} writes to a folder of its own)")
 
 
 def check_out_dir(out: str | Path) -> None:

@@ -412,8 +412,8 @@ def test_an_out_holding_another_tasks_results_is_refused(tmp_path):
     with pytest.raises(ConfigError) as err:
         t4_retrieval.main(["--out", str(t1)])
     assert str(err.value) == (f"--out {t1} holds the results of T1 ({t1 / 'results.json'}); this is T4, "
-                              "whose files would overwrite or mix with them. Use another --out (the "
-                              "default is runs/t4)")
+                              "whose files would overwrite or mix with them. Use another --out (without "
+                              "--out, T4 writes to a folder of its own)")
     assert (t1 / "results.json").read_text() == '{"task": "t1", "test_acc": 0.61}'
     t3 = tmp_path / "t3"  # T3 writes placements.json at the top, results.json per run below it
     t3.mkdir()
