@@ -62,8 +62,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     a readable checkpoint. Neither repeats PyTorch's suggestion to retry with
     weights_only=False: for a damaged file it is wrong, for a crafted one dangerous.
     torch.load checks none of the CRC-32s of torch.save's zip format, so bytes damaged in
-    the middle of the weights would load silently: they are checked first (about 1 ms per
-    10 MB)."""
+    the middle of the weights would load silently: they are checked first (a 48 MB file:
+    25 ms from the page cache on the 2-core VM, where torch.load took 37 ms)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
