@@ -200,7 +200,8 @@ def load_data(args: argparse.Namespace, rt: runtime.Runtime, out: Path) -> Simpl
         pk_train=task_data.pk_loader(splits.train, settings, rt,  # Phase B: P x K batches
                                      classes_per_batch=args.classes_per_batch,
                                      images_per_class=args.images_per_class))
-    data.pk_train.batches(0)  # a P x K batch larger than the training set: found now, not after Phase A
+    if not args.evaluate:  # a P x K batch larger than the training set: found now, not after Phase A
+        data.pk_train.batches(0)
     return data
 
 

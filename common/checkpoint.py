@@ -61,16 +61,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     else that fails (random bytes, a truncated copy, another kind of file) is named as not
     a readable checkpoint. Neither repeats PyTorch's suggestion to retry with
     weights_only=False: for a damaged file it is wrong, for a crafted one dangerous.
-    torch.load checks none of the CRC-32s of torch.save's zip format, so bytes damaged in
-    the middle of the weights would load silently: they are checked first (a 48 MB file:
-    25 ms from the page cache on the 2-core VM, where torch.load took 37 ms)."""
+    The file's bytes are checked first (_file_problem)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
+    problem = _file_problem(path)
+    if problem:
+        raise _unreadable(path, problem)
     try:
-        damaged = _damaged_zip_member(path)
-        if damaged:
-            raise _unreadable(path, damaged)
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         detail = _unpickler_detail(str(err))
@@ -79,21 +77,32 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                 f"{path} is not a plain-tensor checkpoint (weights_only load refused it; it may "
                 f"contain code). Not loading it. Details: {detail}") from err
         raise _unreadable(path, f"PyTorch's unpickler: {detail}") from err
-    except (KeyError, IndexError) as err:  # a text file: its bytes read as unknown pickle opcodes
-        raise _unreadable(path, "neither a zip archive (torch.save's format) nor a pickle") from err
+    except (KeyError, IndexError) as err:  # bytes read as unknown pickle opcodes
+        raise _unreadable(path, f"its pickle is damaged ({type(err).__name__}: {err})") from err
     except (RuntimeError, EOFError, ValueError, OSError) as err:
         # A 0-byte file raises an EOFError with no text.
         raise _unreadable(path, str(err).strip().split(". ")[0] or type(err).__name__) from err
 
 
-def _damaged_zip_member(path: Path) -> str | None:
-    """What is wrong with a zip-format file's members (a CRC-32 that does not match, a bad
-    header), or None when they are whole or the file is no zip archive."""
-    if not zipfile.is_zipfile(path):
-        return None
+def _file_problem(path: Path) -> str | None:
+    """What a file's bytes show is wrong before torch.load reads them, or None:
+    - neither torch.save's zip format nor a (legacy) pickle: e.g. a text file, whose bytes
+      torch.load would run as pickle opcodes and name as anything from a KeyError to code;
+    - a zip whose directory cannot be read, or whose members fail their CRC-32s: torch.load
+      checks none, so bytes changed in the middle of the weights would load silently (a
+      48 MB file: 25 ms from the page cache on the 2-core VM, where torch.load took 37 ms).
+    An empty file gets None: torch.load's EOFError is named as empty (_unreadable)."""
     try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head and not head.startswith((b"PK", b"\x80")):
+            return "neither a zip archive (torch.save's format) nor a pickle"
+        if head != b"PK":
+            return None
         with zipfile.ZipFile(path) as archive:
             bad = archive.testzip()
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
     except (zipfile.BadZipFile, EOFError, ValueError) as err:
         return f"its zip archive is damaged ({err})"
     return f"the data of {bad} fails its CRC-32 check (bytes changed after it was written)" if bad else None
@@ -228,7 +237,7 @@ _PROCESS_ONLY = {"compile", "compile_mode", "fresh", "stop_after_epoch"}
 # What a run leaves in its folder: --fresh removes it all, so that neither a resume (which
 # takes the newest state on disk) nor the report can mix the old run with the new one.
 RUN_FILES = ("last.pt", "last.prev.pt", "best.pt", "metrics.jsonl", "results.json", "eval.json",
-             "curves.png")
+             "curves.png", "last.unusable.pt")
 
 
 @contextlib.contextmanager

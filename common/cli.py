@@ -255,7 +255,7 @@ def check_out_owner(out: str | Path, task: str) -> None:
         if isinstance(owner, str) and owner != task and (folder / name).is_file():
             raise ConfigError(f"--out {out} holds the results of {owner.upper()} ({folder / name}); this "
                               f"is {task.upper()}, whose files would overwrite or mix with them. Use another "
-                              f"--out (without --out, {task.upper()} writes to a folder of its own)")
+                              f"--out, or move that {name} and its run's files elsewhere")
 
 
 def check_out_dir(out: str | Path) -> None:
@@ -342,8 +342,9 @@ def _machine_problem(err: BaseException) -> str | None:
         text in str(e) for text in ("out of memory", "can't allocate memory", "std::bad_alloc"))))
     if memory:
         first_line = (str(memory).strip().splitlines() or [type(memory).__name__])[0]
-        return (f"out of memory ({first_line[:400]}). A smaller --batch-size, --image-size or "
-                f"--width needs less; each changes the run, so use another --out or --fresh")
+        return (f"out of memory ({first_line[:400]}). A smaller batch needs less (--batch-size; T4's "
+                f"Phase B: --classes-per-batch x --images-per-class), as do a smaller --image-size "
+                f"or --width; in training each changes the run, so use another --out or --fresh")
     return None
 
 
@@ -352,7 +353,7 @@ def _behind(err: BaseException | None, match: Callable[[BaseException], bool]) -
     while err is not None:
         if match(err):
             return err
-        err = err.__cause__ or err.__context__
+        err = err.__cause__ or (None if err.__suppress_context__ else err.__context__)
     return None
 
 

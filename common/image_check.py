@@ -189,7 +189,7 @@ def _report(problems: list[tuple[str, str]], total: int, mode: str, advice: str)
 def _cached(cache: Sequence[Path], key: str, mode: str) -> bool:
     """Whether a cache file says these files passed `mode` (or "full", which implies quick)."""
     accepted = ("quick", "full") if mode == "quick" else ("full",)
-    return any(_passed(Path(path)).get(m) == key for path in cache for m in accepted)
+    return any(key in _keys(_passed(Path(path)).get(m)) for path in cache for m in accepted)
 
 
 def _remember(cache: Sequence[Path], key: str, mode: str) -> None:
@@ -197,12 +197,25 @@ def _remember(cache: Sequence[Path], key: str, mode: str) -> None:
     read-only, and a missed cache only costs a re-check next time, so errors are skipped."""
     for path in map(Path, cache):
         passed = _passed(path)
-        passed[mode] = key
+        # A few keys per mode: T1-T3's quick runs also decode the test split in full, and
+        # must not push out a --check-images full pass of every file (or the other way round).
+        earlier = [k for k in _keys(passed.get(mode)) if k != key]
+        passed[mode] = (earlier + [key])[-_KEYS_KEPT:]
         try:
             write_text(path, json.dumps({"passed": passed}) + "\n")
             return
         except OSError:
             continue
+
+
+_KEYS_KEPT = 4
+
+
+def _keys(recorded: object) -> list[str]:
+    """The keys a cache file records for one mode: a list, or one string (older files)."""
+    if isinstance(recorded, str):
+        return [recorded]
+    return [k for k in recorded if isinstance(k, str)] if isinstance(recorded, list) else []
 
 
 def _passed(path: Path) -> dict:

@@ -246,8 +246,9 @@ def test_memory_that_ran_out_is_one_line_with_the_flags_that_need_less(raised):
         raise raised
     message = _exit_message(out_of_memory)
     first_line = str(raised).splitlines()[0] if str(raised) else "MemoryError"
-    assert message == (f"error: out of memory ({first_line}). A smaller --batch-size, --image-size or "
-                       "--width needs less; each changes the run, so use another --out or --fresh")
+    assert message == (f"error: out of memory ({first_line}). A smaller batch needs less (--batch-size; "
+                       "T4's Phase B: --classes-per-batch x --images-per-class), as do a smaller --image-size "
+                       "or --width; in training each changes the run, so use another --out or --fresh")
 
 
 def test_any_other_runtime_error_keeps_its_traceback():
@@ -255,6 +256,14 @@ def test_any_other_runtime_error_keeps_its_traceback():
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)")
     with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
         cli.run(bug)
+
+    def bug_while_handling_a_permission_error():  # "from None": not caused by it
+        try:
+            raise PermissionError(13, "Permission denied", "/data/x.JPEG")
+        except PermissionError:
+            raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)") from None
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        cli.run(bug_while_handling_a_permission_error)
 
 
 def test_a_full_disk_while_saving_is_one_line_that_says_so_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -412,8 +421,8 @@ def test_an_out_holding_another_tasks_results_is_refused(tmp_path):
     with pytest.raises(ConfigError) as err:
         t4_retrieval.main(["--out", str(t1)])
     assert str(err.value) == (f"--out {t1} holds the results of T1 ({t1 / 'results.json'}); this is T4, "
-                              "whose files would overwrite or mix with them. Use another --out (without "
-                              "--out, T4 writes to a folder of its own)")
+                              "whose files would overwrite or mix with them. Use another --out, or "
+                              "move that results.json and its run's files elsewhere")
     assert (t1 / "results.json").read_text() == '{"task": "t1", "test_acc": 0.61}'
     t3 = tmp_path / "t3"  # T3 writes placements.json at the top, results.json per run below it
     t3.mkdir()

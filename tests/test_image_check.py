@@ -138,6 +138,22 @@ def test_full_mode_finds_damage_that_leaves_both_ends_intact(tmp_path: Path) -> 
     assert decode_problem(str(gif)) == "a GIF image, not a JPEG or PNG"
 
 
+def test_passes_of_two_file_sets_in_one_mode_are_both_kept(good: list[str], tmp_path: Path) -> None:
+    # T1-T3's quick runs decode the test split in full; each such pass replaced a
+    # --check-images full pass of every file, so alternating runs re-decoded everything.
+    cache = [tmp_path / "cache" / CACHE_NAME]
+    cache[0].parent.mkdir()
+    cache[0].write_text(json.dumps({"passed": {"full": "an older file's one key"}}) + "\n")
+    assert check_images(good, "full", cache) == len(good)
+    assert check_images(good[:1], "full", cache) == 1
+    assert check_images(good, "full", cache) == 0 and check_images(good[:1], "full", cache) == 0
+    assert check_images(good, "quick", cache) == 0  # a full pass of these files vouches for quick
+    assert len(json.loads(cache[0].read_text())["passed"]["full"]) == 3  # the older key kept too
+    for n in range(1, len(good)):  # at most a few per mode: the oldest go
+        check_images(good[n:], "full", cache)
+    assert check_images(good, "full", cache) == len(good)
+
+
 def test_a_pass_is_cached_by_path_size_and_mtime(good: list[str], tmp_path: Path) -> None:
     cache = [tmp_path / "cache" / CACHE_NAME]
     assert check_images(good, "quick", cache) == len(good)
