@@ -81,6 +81,25 @@ def seed(text: str) -> int:
     return value
 
 
+def image_size(text: str) -> int:
+    """Crop size in pixels, at least 8: the CIFAR-stem networks halve it three times, so the last
+    stage of a smaller crop would see nothing but padding (a typo such as 6 for 64 would train)."""
+    value = int(text)
+    if value < 8:
+        raise argparse.ArgumentTypeError(f"must be at least 8 (pixels a side), got {value}")
+    return value
+
+
+def workers(text: str) -> int:
+    """Loader workers / DALI threads: at most 4 per CPU core, which no loader needs; a typo
+    such as 400 would start hundreds of processes (the torch DataLoader) or threads."""
+    value = nonnegative_int(text)
+    limit = 4 * (os.cpu_count() or 1)
+    if value > limit:
+        raise argparse.ArgumentTypeError(f"must be at most {limit} (4 per CPU core of this machine), got {value}")
+    return value
+
+
 def default_workers() -> int:
     """4 loader workers, but no more than the machine's cores: the torch DataLoader warns
     (twice) when asked for more workers than there are CPUs."""
@@ -125,12 +144,12 @@ def training_parser(description: str, *, task: str, recipe: Mapping[str, Any],
     a("--grad-clip", type=nonnegative_float, default=None, help="max gradient norm; 0 = off")
     a("--holdout-per-class", type=positive_int, default=None,
       help="training images per class held out for early stopping and model selection")
-    a("--image-size", type=positive_int, default=None, help="training and eval crop, pixels")
+    a("--image-size", type=image_size, default=None, help="training and eval crop, pixels")
     a("--color-jitter", type=fraction, default=None,
       help="brightness/contrast/saturation range, e.g. 0.2; 0 = off")
     a("--width", type=positive_int, default=None,
       help="channels of the model's first stage (each later stage doubles them)")
-    a("--workers", type=nonnegative_int, default=default_workers(),
+    a("--workers", type=workers, default=default_workers(),
       help="decoding threads (DALI) / DataLoader workers (default: min(4, CPU count), here "
            f"{default_workers()})")
     a("--backend", choices=["auto", "dali", "torch", "cache"], default="auto",
@@ -220,6 +239,8 @@ def parse(parser: argparse.ArgumentParser, argv: list[str] | None, *,
             setattr(args, flag, os.path.expanduser(getattr(args, flag)))
     if args.evaluate == "":  # e.g. --evaluate "$CKPT" with CKPT unset: not "train instead"
         parser.error("--evaluate needs a checkpoint path (got an empty one)")
+    if args.evaluate and args.fresh:  # --fresh deletes checkpoints; --evaluate reads one
+        parser.error("--fresh starts a training run over and --evaluate trains nothing: drop one of them")
     if args.batch_size == 1 and not args.evaluate:  # an evaluation takes any batch
         parser.error("--batch-size 1 cannot train: BatchNorm needs more than one value per channel, "
                      "and the last stage's maps can be 1 x 1; use --batch-size 2 or more")

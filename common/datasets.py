@@ -338,7 +338,9 @@ def _text_lines(path: Path) -> list[str]:
     try:
         return data.decode("utf-8").splitlines()
     except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
+        # Counted as splitlines counts (\n, \r\n, a bare \r, ...), so that it matches the line
+        # numbers the readers give; the "x" stands for the line the bad byte is on.
+        line = len((data[:err.start].decode("utf-8") + "x").splitlines())
         raise DatasetError(f"{path}, line {line}: not UTF-8 text (byte 0x{data[err.start]:02x}); "
                            f"is it the file Tiny ImageNet's zip holds?\n{TINY_IMAGENET_LAYOUT}") from None
 

@@ -67,6 +67,16 @@ def test_lr_inf_is_a_usage_error_before_anything_runs(capsys):
     assert "error: argument --lr: must be a finite number, got 'inf'" in capsys.readouterr().err
 
 
+def test_workers_are_capped_at_four_per_core_and_image_size_at_eight_pixels_below(monkeypatch):
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    assert [cli.workers(n) for n in ("0", "8")] == [0, 8]
+    with pytest.raises(argparse.ArgumentTypeError, match="must be at most 8 .4 per CPU core of this machine., got 9"):
+        cli.workers("9")
+    assert cli.image_size("8") == 8
+    with pytest.raises(argparse.ArgumentTypeError, match="must be at least 8 .pixels a side., got 7"):
+        cli.image_size("7")
+
+
 def test_batch_size_1_cannot_train_but_can_evaluate(capsys, tmp_path):
     # It ended in BatchNorm's "Expected more than 1 value per channel when training" traceback
     # (--image-size 8: the last stage's maps are 1 x 1).

@@ -197,13 +197,16 @@ def test_tiny_bad_val_annotations(tiny: Path, tmp_path: Path) -> None:
         load_tiny_imagenet(root)
 
 
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
 @pytest.mark.parametrize("name", ["wnids.txt", "val/val_annotations.txt"])
-def test_tiny_text_files_that_are_not_utf8_name_the_file_and_line(tiny: Path, tmp_path: Path, name: str) -> None:
-    # Both ended in a bare UnicodeDecodeError traceback, with neither file nor line.
+def test_tiny_text_files_that_are_not_utf8_name_the_file_and_line(tiny: Path, tmp_path: Path, name: str,
+                                                                  newline: str) -> None:
+    # Both ended in a bare UnicodeDecodeError traceback, with neither file nor line. The line
+    # is counted as the readers count lines: an old Mac file's bare \r ends a line too.
     root = copy_of(tiny, tmp_path)
     path = root / name
     lines = path.read_text().splitlines()
-    path.write_bytes("\n".join(lines[:2]).encode() + b"\ncaf\xe9\n")
+    path.write_bytes(newline.join(lines[:2] + ["caf"]).encode() + b"\xe9" + newline.encode())
     with pytest.raises(DatasetError) as err:
         load_tiny_imagenet(root)
     assert str(err.value).startswith(f"{path}, line 3: not UTF-8 text (byte 0xe9); is it the file "

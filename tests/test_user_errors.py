@@ -143,6 +143,10 @@ def test_non_finite_lr_is_refused_by_argparse(tmp_path: Path) -> None:
     ("t1_custom_cnn", ["--seed", str(2**32)], "argument --seed: must be below 2^32, got 4294967296"),
     ("t3_cubs", ["--gate-init", "1e308"], "argument --gate-init: must be within [-100, 100] (a gate logit)"),
     ("t2_resnet18", ["--evaluate", ""], "error: --evaluate needs a checkpoint path (got an empty one)"),
+    ("t2_resnet18", ["--evaluate", "README.md", "--fresh"],  # it evaluated, leaving the folder as it was
+     "error: --fresh starts a training run over and --evaluate trains nothing: drop one of them"),
+    ("t1_custom_cnn", ["--image-size", "6"], "argument --image-size: must be at least 8 (pixels a side), got 6"),
+    ("t4_retrieval", ["--workers", "100000"], "argument --workers: must be at most "),
 ])
 def test_flags_that_cannot_work_are_refused_before_anything_runs(script, flags, message, tmp_path, capsys):
     # In-process: argparse's refusal comes before any import of data or model work.
