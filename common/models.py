@@ -278,7 +278,8 @@ class CustomCNN(nn.Module):
                 # Every gate starts open, at sigmoid(3) = 0.95 for every channel. With fan-out
                 # Kaiming weights the gate logits start at several units and switch random
                 # channels off before training has seen an image; gates at 0.5 halve every
-                # block. Both learned slower in the smoke runs (README, "T1", figures).
+                # block. Both learned slower in our smoke runs (2-core VM; too noisy to
+                # quote, README "T1" says why).
                 nn.init.zeros_(m.expand.weight)
                 nn.init.constant_(m.expand.bias, 3.0)
 

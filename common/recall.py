@@ -4,7 +4,8 @@ Shapes
 ------
 embeddings : (N, D) float, any scale (L2-normalised here)
 labels     : (N,)   integer class ids
-per chunk  : (C, N) similarities of C queries against the whole gallery, C = chunk_size
+per chunk  : (C, N - s) similarities of C queries (rows s..s+C-1) against samples s..N-1,
+             C = chunk_size: the upper block triangle; the rest is its transpose
 neighbours : (N, k) long gallery indices, self excluded, most similar first
 
 Every sample is a query; its gallery is the N - 1 other samples. A query scores 1 at K
