@@ -31,7 +31,9 @@ import os
 import re
 import subprocess
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -116,10 +118,13 @@ def report_files(report_md: Path) -> list[tuple[str, Path]]:
     return files
 
 
-def model_files(chosen: Chosen) -> tuple[list[tuple[str, Path, int | None]], list[str]]:
-    """Each task's best checkpoint with its results.json, as (name in zip, file, the best
-    epoch results.json reports for a checkpoint, else None), and one line per task saying
-    what was taken (or that the task was not run)."""
+ModelFile = tuple[str, Path, int | None, dict | None]
+
+
+def model_files(chosen: Chosen) -> tuple[list[ModelFile], list[str]]:
+    """Each task's best checkpoint with its results.json, as (name in zip, file, and for a
+    checkpoint the best epoch and the results.json it must agree with, else None, None),
+    and one line per task saying what was taken (or that the task was not run)."""
     files, notes = [], []
     for task, run in chosen.runs.items():
         if run is None:
@@ -130,7 +135,7 @@ def model_files(chosen: Chosen) -> tuple[list[tuple[str, Path, int | None]], lis
         if task == "t3" and chosen.placements is not None:
             name = chosen.placements[0]
             placements = run.path.parent / "placements.json"
-            files.append((_in_runs(f"{name}/placements.json"), placements, None))
+            files.append((_in_runs(f"{name}/placements.json"), placements, None, None))
             picked += f" (selected in {name}/placements.json)"
         best_epoch = run.results.get("best_epoch")
         if task == "t4":
@@ -141,18 +146,27 @@ def model_files(chosen: Chosen) -> tuple[list[tuple[str, Path, int | None]], lis
         if not best.is_file():
             raise ArchiveError(f"{task.upper()}'s best model {best} not found: rerun the task "
                                "(it resumes), or remove the run folder")
-        files += [(_in_runs(f"{run.name}/results.json"), run.path / "results.json", None),
-                  (_in_runs(f"{run.name}/{best.relative_to(run.path).as_posix()}"), best, best_epoch)]
+        files += [(_in_runs(f"{run.name}/results.json"), run.path / "results.json", None, None),
+                  (_in_runs(f"{run.name}/{best.relative_to(run.path).as_posix()}"), best, best_epoch,
+                   run.results)]
         notes.append(f"{task.upper()}: {picked}")
     return files, notes
 
 
-def inference_bytes(checkpoint: Path, best_epoch: int | None = None) -> bytes:
+def inference_bytes(checkpoint: Path, best_epoch: int | None = None,
+                    results: Mapping[str, Any] | None = None) -> bytes:
     """The archive's copy of a training checkpoint: its inference state, serialised as
     torch.save writes it (so it loads with weights_only=True like any other). best_epoch:
-    the epoch the run's results.json reports for it; another epoch is refused, as the zip
-    would pair those results with other weights."""
+    the epoch the run's results.json reports for it; results: that results.json, whose
+    task, model, placement and variant the checkpoint's meta must share. Either mismatch
+    is refused, as the zip would pair those results with other weights."""
     state = inference_state(load_checkpoint(checkpoint))
+    meta, results = state.get("meta") or {}, results or {}
+    differ = [f"{k} {meta[k]!r} in the checkpoint, {results[k]!r} in results.json" for k in
+              ("task", "model", "placement", "variant") if k in meta and k in results and meta[k] != results[k]]
+    if differ:  # e.g. another task's results.json copied into this run's folder
+        raise ArchiveError(f"{checkpoint} is not the model of the results.json beside it ({'; '.join(differ)}): "
+                           f"put each run's files back in its own folder, or rerun the task")
     if best_epoch is not None and state.get("epoch") != best_epoch:
         raise ArchiveError(f"{checkpoint} holds epoch {state.get('epoch')}, but results.json beside "
                            f"it reports the best epoch {best_epoch}: the run was changed after it "
@@ -222,7 +236,8 @@ def build_archive(runs_dir: str | Path, report_md: str | Path, dest: str | Path,
     notes += [f"warning: {problem}" for problem in runs.problems]
     # The hand-in needs the model that gave the reported numbers, not the optimizer state
     # that resuming needs (half or more of a training checkpoint).
-    models = [(n, inference_bytes(p, epoch) if p.suffix == ".pt" else p) for n, p, epoch in models]
+    models = [(n, inference_bytes(p, epoch, results) if p.suffix == ".pt" else p)
+              for n, p, epoch, results in models]
     notes.append("each best.pt in the archive: weights, meta and epoch only (--evaluate reads "
                  "them); the training checkpoints in the runs folder keep what resuming needs")
     top = dest.stem  # one folder inside the zip

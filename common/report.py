@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import sys
 from collections.abc import Sequence
@@ -53,7 +54,7 @@ from common.networks import model_name
 from common.placements import comparison_lines
 from common.plots import plot_classifier_curves, plot_retrieval_curves, runs_loss_note
 from common.recipes import classifier_recipe, embedding_recipe, random_area
-from common.report_pdf import write_pdf
+from common.report_pdf import PDF_FIGURES, write_pdf
 from common.runs_folder import NOT_RUN, SMOKE_BANNER, TASKS, Run, RunsFolder, collect
 
 FIGURES = "report_figures"
@@ -95,6 +96,7 @@ class Figures:
         rel = Path(os.path.relpath(path, self.base)).as_posix()
         if path.parent == self.folder:
             self.linked.add(path.name)
+        alt = alt.replace("[", "(").replace("]", ")")  # a run folder's name is in it
         return [f"![{alt}]({rel})", ""]
 
     def remove_unlinked(self) -> list[str]:
@@ -123,8 +125,10 @@ class Figures:
 
 def figure_name(run_name: str, file: str) -> str:
     # A run at the folder's root is "." (its phases "./phase_a"): "root", not a hidden file.
-    stem = "__".join("root" if part == "." else part for part in run_name.split("/"))
-    return f"{stem}__{file}"
+    # Only letters, digits, "." "_" "-": a space or ")" in a folder's name would end the
+    # Markdown link (a space is no link at all in CommonMark, a ")" ends its path).
+    parts = ("root" if part == "." else re.sub(r"[^A-Za-z0-9._-]", "_", part) for part in run_name.split("/"))
+    return f"{'__'.join(parts)}__{file}"
 
 
 # ---------------------------------------------------------------- sections
@@ -390,6 +394,8 @@ def build_report(runs_dir: str | Path, out: str | Path | None = None) -> Path:
     summaries = architectures(runs)  # rebuilds every model: once, for both reports
     figs = Figures(out)
     write_text(out, render(runs, summaries, figs))
+    for name in PDF_FIGURES:  # drawn again below if their run is still there
+        (figs.folder / name).unlink(missing_ok=True)
     write_pdf(runs, summaries, out.with_suffix(".pdf"), figs.folder)
     stale = figs.remove_unlinked()  # after both are written: a failed report removes nothing
     if stale:
@@ -420,6 +426,13 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
     if not Path(args.runs).is_dir():
         parser.error(f"runs folder not found: {args.runs}")
+    if args.out and Path(args.out).suffix.lower() != ".md":  # REPORT.pdf is written beside it, as .pdf
+        parser.error(f"--out {args.out}: expected the Markdown report's path, ending in .md "
+                     f"(REPORT.pdf and report_figures/ go next to it)")
+    for flag, path in (("--out", args.out), ("--archive", args.archive)):
+        if path and Path(path).is_dir():
+            parser.error(f"{flag} {path} is a folder: give a file name in it, e.g. "
+                         f"{Path(path) / ('REPORT.md' if flag == '--out' else 'Assignment2.zip')}")
     try:
         if args.archive:  # refuse before spending time on the report
             archive.check_runs(collect(args.runs), args.allow_smoke)
@@ -429,6 +442,11 @@ def main(argv: list[str] | None = None) -> Path:
             archive.build_archive(args.runs, out, args.archive, args.allow_smoke)
     except UserError as err:
         sys.exit(f"error: {err}")
+    except OSError as err:  # e.g. a read-only runs folder; the report's files are written atomically
+        if err.filename is None:
+            raise
+        sys.exit(f"error: {err.strerror.lower()}: {err.filename} (--out and --archive choose where "
+                 f"the report and the archive are written)")
     return out
 
 

@@ -60,6 +60,8 @@ MARGIN = 1.3 * cm
 WIDTH = A4[0] - 2 * MARGIN  # usable width, 18.4 cm
 # Shrink factors for the figures, tried in turn until the report fits on MAX_PAGES pages.
 FIGURE_SCALES = (1.0, 0.9, 0.8, 0.7, 0.62, 0.55)
+# The figures drawn for REPORT.pdf, into report_figures/ (embedded in the PDF, kept to look at)
+PDF_FIGURES = ("pdf_classifier_curves.png", "pdf_t4_curves.png", "pdf_retrieval.jpg")
 
 BODY = ParagraphStyle("body", fontName="Helvetica", fontSize=8.5, leading=10.4)
 SMALL = ParagraphStyle("small", parent=BODY, fontSize=7.5, leading=9.0)
@@ -272,10 +274,10 @@ def section_results(chosen: Chosen) -> list[Flowable]:
     rows += retrieval_rows(chosen.runs["t4"])
     table = grid(["task", "run: model", "test metric", "value", "holdout", "best epoch / run",
                   "source (file: keys)"], rows, [0.55, 2.7, 1.2, 3.0, 1.3, 0.85, 3.4])
+    t4_test = f" T4 test: {t4_test_classes(chosen.runs['t4'])}, never seen in training." if chosen.runs["t4"] else ""
     note = para("Tiny ImageNet's labelled val split is our test split, evaluated once with the "
-                f"weights of the best holdout epoch. T4 test: {t4_test_classes(chosen.runs['t4'])}, "
-                "never seen in training. Accuracies and recalls are the JSON values rounded to 4 "
-                "decimals.", SMALL)
+                f"weights of the best holdout epoch.{t4_test} Accuracies and recalls are the JSON "
+                "values rounded to 4 decimals.", SMALL)
     return [heading("2  Results"), table, Spacer(1, 2), note]
 
 
@@ -370,7 +372,7 @@ def section_curves(runs: RunsFolder, chosen: Chosen, figures: Path,
     elif chosen.runs["t3"]:
         classifiers.append(chosen.runs["t3"])
     height = 2.1 * scale
-    path = figures / "pdf_classifier_curves.png"
+    path = figures / PDF_FIGURES[0]
     # The loss note goes in the caption: at print size it took the loss panel's title to
     # three lines, and the panels are short already.
     note = runs_loss_note(r.loss_recipe for r in classifiers)
@@ -381,7 +383,7 @@ def section_curves(runs: RunsFolder, chosen: Chosen, figures: Path,
     else:
         out.append(para(f"T1 / T2 / T3: **{NOT_RUN}**."))
     t4 = chosen.runs["t4"]
-    path = figures / "pdf_t4_curves.png"
+    path = figures / PDF_FIGURES[1]
     if t4 and draw(lambda p, **kw: plot_retrieval_curves(t4.phases, p, **kw), path, height):
         out.append(captioned(figure(path, WIDTH), CAPTIONS["t4_curves"]))
     else:
@@ -439,7 +441,7 @@ def section_retrieval(chosen: Chosen, figures: Path, scale: float) -> list[Flowa
     if len(r.get("mining_comparison") or []) < 2:
         out.append(para("Mining comparison: not run (use `--compare-mining`)."))
     width = retrieval_width(run.path / "retrieval.png", scale)
-    picture = figure(photo(run.path / "retrieval.png", figures / "pdf_retrieval.jpg", width), width)
+    picture = figure(photo(run.path / "retrieval.png", figures / PDF_FIGURES[2], width), width)
     out += [Spacer(1, 3), captioned(picture, f"{CAPTIONS['retrieval']} ({main} mining); green "
                                              "border: same class, red: another class.")]
     return out

@@ -86,21 +86,37 @@ class RunsFolder:
 
 
 def read_json(path: Path, problems: list[str]) -> Any:
+    """The JSON in `path`, or None with a line in `problems` (unreadable, not UTF-8, not JSON)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: JSONDecodeError and UnicodeDecodeError
         problems.append(f"could not read {path}: {err}")
         return None
 
 
 def read_jsonl(path: Path, problems: list[str]) -> list[dict]:
-    records = []
+    """The records (JSON objects, one a line) of `path`. A line that is not one, such as the
+    half-written last line of a killed run, is left out and named in `problems`."""
     try:
-        for line in path.read_text().splitlines():
-            if line.strip():
-                records.append(json.loads(line))
-    except (OSError, json.JSONDecodeError) as err:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, ValueError) as err:
         problems.append(f"could not read {path}: {err}")
+        return []
+    records, bad = [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as err:
+            bad.append(f"line {number} ({err.msg if isinstance(err, json.JSONDecodeError) else err})")
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+        else:
+            bad.append(f"line {number} (a JSON {type(record).__name__}, not an object)")
+    if bad:
+        problems.append(f"left out of {path}: {', '.join(bad)}")
     return records
 
 
@@ -109,9 +125,19 @@ def rel_name(path: Path, root: Path) -> str:
     return "." if name in ("", ".") else name
 
 
-def walk(root: Path) -> Iterable[tuple[Path, set[str]]]:
-    """(folder, file names) for every folder under root, skipping generated data."""
-    for folder, dirs, files in os.walk(root):
+def walk(root: Path, problems: list[str]) -> Iterable[tuple[Path, set[str]]]:
+    """(folder, file names) for every folder under root, skipping generated data. Linked
+    folders are followed (a run kept on another drive), each real folder once; a folder
+    that cannot be listed is named in `problems`, not passed over."""
+    seen = set()
+    for folder, dirs, files in os.walk(root, followlinks=True,
+                                       onerror=lambda err: problems.append(f"could not read {err.filename}: "
+                                                                           f"{err.strerror}")):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree, or a second link to one folder
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
         yield Path(folder), set(files)
 
@@ -122,7 +148,7 @@ def collect(root: str | Path) -> RunsFolder:
     found = RunsFolder(root)
     if not root.is_dir():
         return found
-    folders = list(walk(root))
+    folders = list(walk(root, found.problems))
     t4_dirs = set()
     for folder, files in folders:
         name = rel_name(folder, root)
@@ -133,7 +159,11 @@ def collect(root: str | Path) -> RunsFolder:
         if "results.json" not in files:
             continue
         results = read_json(folder / "results.json", found.problems)
-        if not isinstance(results, dict):
+        if results is None:
+            continue
+        if not isinstance(results, dict) or results.get("task") not in TASKS:
+            found.problems.append(f"{folder / 'results.json'} is not the results of a task script "
+                                  f"(a JSON object whose \"task\" is one of {', '.join(TASKS)}): not reported")
             continue
         run = Run(folder, name, results)
         if "metrics.jsonl" in files:
@@ -160,9 +190,28 @@ def collect(root: str | Path) -> RunsFolder:
             found.problems.append(f"{root / name / 'placements.json'} selects {selected}, which has "
                                   f"no readable results.json: rerun t3_cubs.py (finished runs "
                                   f"are not retrained) to redo the comparison")
+        missing = not_compared(found, name, data)
+        if missing:  # e.g. --placement all killed after a --placement serial comparison
+            found.problems.append(f"{root / name / 'placements.json'} does not compare the finished "
+                                  f"run(s) {', '.join(missing)} beside it, so its selection may be out of "
+                                  f"date: rerun t3_cubs.py (finished runs are not retrained) to redo the "
+                                  f"comparison")
     found.classifiers.sort(key=lambda r: (r.task, r.name))
     found.retrievals.sort(key=lambda r: r.name)
     return found
+
+
+def not_compared(found: RunsFolder, name: str, placements: dict) -> list[str]:
+    """The finished T3 runs beside the placements.json in folder `name` that it neither
+    compares ("runs") nor lists as of another recipe ("other_recipe")."""
+    listed = {f"{r.get('placement')}_{r.get('variant')}" for r in placements.get("runs") or []
+              if isinstance(r, dict)}
+    listed |= {r.get("run") for r in placements.get("other_recipe") or [] if isinstance(r, dict)}
+    return [r.path.name for r in found.placement_runs(name)
+            if r.path.name in RUN_FOLDERS and r.path.name not in listed]
+
+
+RUN_FOLDERS = {f"{p}_{v}" for p in PLACEMENTS for v in VARIANTS}  # the folders compare_runs reads
 
 
 def reported_phases(results: dict) -> set[str]:
@@ -215,6 +264,9 @@ def choose_runs(runs: RunsFolder) -> Chosen:
         chosen[task] = min(found, key=lambda r: _preference(r.smoke, r.name, task), default=None)
     placements = min(runs.placements, default=None, key=lambda p: _preference(
         any(r.smoke for r in runs.placement_runs(p[0])), p[0], "t3"))
+    if placements is not None and any(r.smoke for r in runs.placement_runs(placements[0])) \
+            and any(not r.smoke for r in runs.of_task("t3")):
+        placements = None  # a smoke comparison does not outrank real T3 runs not yet compared
     chosen["t3"] = None
     if placements is not None:
         selected = selected_folder(*placements)

@@ -715,7 +715,8 @@ def test_collect_reads_a_comparison_in_the_runs_root_and_skips_hidden_folders(tm
     t3 = classifier("t3", "cubs_resnet18_serial_plain", 0.4, 0.4, placement="serial", variant="plain")
     write(tmp_path / "serial_plain" / "results.json", t3)  # t3_cubs.py --out runs: the root
     write(tmp_path / "serial_plain" / "metrics.jsonl", '{"epoch": 1}\n\n{"epoch": 2}\n')  # a blank line
-    write(tmp_path / "placements.json", {"selected": {"placement": "serial", "variant": "plain"}})
+    pick = {"placement": "serial", "variant": "plain"}
+    write(tmp_path / "placements.json", {"runs": [pick], "selected": pick})
     write(tmp_path / "a" / "results.json", classifier("t2", "resnet18", 0.3, 0.3))
     write(tmp_path / "b" / "results.json", classifier("t1", "custom_cnn", 0.2, 0.2))
     write(tmp_path / ".trash" / "results.json", classifier("t2", "resnet18", 0.9, 0.9))  # hidden: not a run
@@ -955,7 +956,7 @@ def test_archive_takes_t4s_phase_b_best_epoch_and_refuses_a_report_missing_a_fig
     for run in ("t2", f"t3/{selected['placement']}_{selected['variant']}", "t4/phase_b_ms"):
         write(tmp_path / run / "best.pt", b"checkpoint")
     files, _ = archive.model_files(runs_folder.choose_runs(runs_folder.collect(tmp_path)))
-    epochs = {name: epoch for name, _, epoch in files if name.endswith("best.pt")}
+    epochs = {name: epoch for name, _, epoch, _ in files if name.endswith("best.pt")}
     # T4's results.json has no top-level best_epoch: its Phase B's is what best.pt must hold
     assert epochs == {"runs/t2/best.pt": 2, f"runs/t3/{selected['placement']}_{selected['variant']}/best.pt": 2,
                       "runs/t4/phase_b_ms/best.pt": data["t4"]["phase_b"]["best_epoch"]}
@@ -1439,3 +1440,143 @@ def test_a_comparison_in_the_runs_root_holds_t3s_runs_not_t1_and_t2_beside_them(
     assert [r.name for r in runs.placement_runs(".")] == ["serial_plain"]
     comparison = json.loads((tmp_path / "placements.json").read_text())
     assert "SMOKE" not in "\n".join(report.placement_block(runs, ".", comparison, report.Figures(tmp_path / "R.md")))
+
+
+# ---------------------------------------------------------------- damaged or odd runs folders
+def test_bad_json_files_are_named_problems_and_good_lines_are_kept(tmp_path):
+    # Each crashed the report with a traceback (UnicodeDecodeError, AttributeError on None),
+    # or was left out without a word, or was reported as a "real" run of task "?".
+    make_runs(tmp_path)
+    write(tmp_path / "t2" / "metrics.jsonl", history(3) + "null\n" + '{"epoch": 4, "train_lo')  # killed mid-line
+    write(tmp_path / "utf16" / "results.json", '{"task": "t2"}'.encode("utf-16"))
+    write(tmp_path / "list" / "results.json", [])
+    write(tmp_path / "empty" / "results.json", {})
+    runs = runs_folder.collect(tmp_path)
+    assert [r["epoch"] for r in runs.run_at("t2").history] == [1, 2, 3]
+    problems = "\n".join(runs.problems)
+    assert f"left out of {tmp_path / 't2' / 'metrics.jsonl'}: line 4 (a JSON NoneType, not an object), " \
+           f"line 5 (Unterminated string starting at)" in problems
+    assert f"could not read {tmp_path / 'utf16' / 'results.json'}: 'utf-8' codec can't decode" in problems
+    for name in ("list", "empty"):
+        assert f"{tmp_path / name / 'results.json'} is not the results of a task script (a JSON object " \
+               f"whose \"task\" is one of t1, t2, t3, t4): not reported" in problems
+    assert {r.name for r in runs.classifiers} == {"t2", "t3/serial_plain", "t3/reverse_plain", "t3/serial_plus"}
+    text = report.build_report(tmp_path).read_text()  # and the report is written, naming them
+    assert "## Problems while reading" in text and "utf16" in text
+
+
+def test_linked_run_folders_are_read_and_unreadable_ones_named(tmp_path, monkeypatch):
+    elsewhere = tmp_path / "drive"
+    make_runs(elsewhere)
+    root = tmp_path / "runs"
+    root.mkdir()
+    (root / "t2").symlink_to(elsewhere / "t2", target_is_directory=True)  # a run kept on another drive
+    (root / "loop").symlink_to(root, target_is_directory=True)  # must not be walked forever
+    runs = runs_folder.collect(root)
+    assert [r.name for r in runs.classifiers] == ["t2"] and runs.problems == []
+    real_scandir = os.scandir
+    def scandir(path="."):  # as a folder without read permission (root ignores chmod)
+        if os.path.realpath(path) == str(elsewhere / "t3"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    (root / "t3").symlink_to(elsewhere / "t3", target_is_directory=True)
+    assert runs_folder.collect(root).problems == [f"could not read {root / 't3'}: Permission denied"]
+
+
+def test_a_placements_json_older_than_finished_runs_beside_it_is_a_named_problem(tmp_path):
+    # A --placement all run killed after parallel_plain finished leaves the comparison of an
+    # earlier command: its selection said nothing of the better run beside it.
+    make_runs(tmp_path)
+    write(tmp_path / "t3" / "parallel_plain" / "results.json",
+          classifier("t3", "cubs_resnet18_parallel_plain", 0.9, 0.9, placement="parallel", variant="plain"))
+    runs = runs_folder.collect(tmp_path)
+    assert runs.problems == [f"{tmp_path / 't3' / 'placements.json'} does not compare the finished run(s) "
+                             f"parallel_plain beside it, so its selection may be out of date: rerun "
+                             f"t3_cubs.py (finished runs are not retrained) to redo the comparison"]
+    c = json.loads((tmp_path / "t3" / "placements.json").read_text())  # listed as another recipe: known
+    write(tmp_path / "t3" / "placements.json", {**c, "other_recipe": [{"run": "parallel_plain", "differences": []}]})
+    assert runs_folder.collect(tmp_path).problems == []
+
+
+def test_real_t3_runs_outrank_a_smoke_comparison(tmp_path):
+    make_runs(tmp_path / "smoke")
+    for path in (tmp_path / "smoke" / "t3").glob("*/results.json"):
+        write(path, {**json.loads(path.read_text()), "args": {**ARGS, "smoke": True}})
+    real = classifier("t3", "cubs_resnet18_serial_plain", 0.5, 0.5, placement="serial", variant="plain")
+    write(tmp_path / "t3" / "serial_plain" / "results.json", real)  # killed before its comparison
+    chosen = runs_folder.choose_runs(runs_folder.collect(tmp_path))
+    assert chosen.runs["t3"].name == "t3/serial_plain" and chosen.placements is None
+    (tmp_path / "t3" / "serial_plain" / "results.json").unlink()  # only smoke: its comparison
+    chosen = runs_folder.choose_runs(runs_folder.collect(tmp_path))
+    assert chosen.placements[0] == "smoke/t3" and chosen.runs["t3"].name == "smoke/t3/reverse_plain"
+
+
+def test_archive_refuses_a_checkpoint_of_another_model_than_its_results_json(tmp_path):
+    # T2's results.json copied into T1's folder: the zip paired T1's weights with T2's numbers.
+    runs = tmp_path / "runs"
+    write(runs / "t1" / "results.json", classifier("t2", "resnet18", 0.88, 0.8))
+    torch.save({"model": {"w": torch.zeros(1)}, "epoch": 2, "meta": {"task": "t1", "model": "custom_cnn"}},
+               runs / "t1" / "best.pt")
+    with pytest.raises(archive.ArchiveError, match=re.escape(
+            f"{runs / 't1' / 'best.pt'} is not the model of the results.json beside it (task 't1' in the "
+            f"checkpoint, 't2' in results.json; model 'custom_cnn' in the checkpoint, 'resnet18' in results.json)")):
+        archive.build_archive(runs, tmp_path / "REPORT.md", tmp_path / "A.zip")
+    meta = {"task": "t2", "model": "resnet18", "num_classes": 5}
+    torch.save({"model": {"w": torch.zeros(1)}, "epoch": 2, "meta": meta}, runs / "t1" / "best.pt")
+    assert torch.load(io.BytesIO(archive.inference_bytes(runs / "t1" / "best.pt", 2, json.loads(
+        (runs / "t1" / "results.json").read_text()))), weights_only=True)["meta"] == meta
+
+
+def test_run_folders_with_spaces_and_parentheses_get_working_figure_links(tmp_path):
+    # A ")" ended the link early and the archive called the report incomplete; a space made
+    # no CommonMark link at all.
+    make_runs(tmp_path)
+    shutil.copytree(tmp_path / "t2", tmp_path / "t2 (lr 0.1)")
+    out = report.build_report(tmp_path)
+    links = check_figures(out.read_text(), out)
+    assert "report_figures/t2__lr_0.1___curves.png" in links
+    assert all(re.fullmatch(r"[A-Za-z0-9._/-]+", link) for link in links), links
+    assert "t2__lr_0.1___curves.png" in [n for n, _ in archive.report_files(out)[2:] for n in [Path(n).name]]
+
+
+def test_the_pdfs_figures_of_a_deleted_run_are_removed_and_its_note_names_no_t4_then(tmp_path, monkeypatch):
+    monkeypatch.setattr(architecture, "forward_flops", lambda model, size: 1e9)  # layout only: fast
+    make_runs(tmp_path)
+    Image.new("RGB", (80, 40)).save(tmp_path / "t4" / "retrieval.png")  # the PDF copies it as a JPEG
+    report.build_report(tmp_path)
+    figures = tmp_path / "report_figures"
+    assert {"pdf_t4_curves.png", "pdf_retrieval.jpg"} <= set(os.listdir(figures))
+    shutil.rmtree(tmp_path / "t4")
+    _, text = pdf_text(report.build_report(tmp_path).with_suffix(".pdf"))
+    assert not {"pdf_t4_curves.png", "pdf_retrieval.jpg"} & set(os.listdir(figures))
+    assert "pdf_classifier_curves.png" in os.listdir(figures)
+    assert "T4 test" not in text and "of the best holdout epoch. Accuracies" in " ".join(text.split())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--out", "{tmp}/R.pdf"], "error: --out {tmp}/R.pdf: expected the Markdown report's path, ending in .md"),
+    (["--out", "{tmp}"], "error: --out {tmp}: expected the Markdown report's path, ending in .md"),
+    (["--out", "{tmp}/d.md"], "error: --out {tmp}/d.md is a folder: give a file name in it, e.g. {tmp}/d.md/REPORT.md"),
+    (["--archive", "{tmp}"], "error: --archive {tmp} is a folder: give a file name in it, e.g. {tmp}/Assignment2.zip"),
+])
+def test_report_paths_that_cannot_work_are_refused_before_anything_is_written(tmp_path, capsys, flags, message):
+    # --out R.pdf wrote the Markdown and then the PDF to one file; a folder ended in IsADirectoryError.
+    make_runs(tmp_path / "runs")
+    (tmp_path / "d.md").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        report.main([str(tmp_path / "runs"), *[f.format(tmp=tmp_path) for f in flags]])
+    assert exit_.value.code == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "REPORT.md").exists()
+
+
+def test_a_report_that_cannot_be_written_is_one_error_line(tmp_path, monkeypatch):
+    make_runs(tmp_path)
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "report_figures"))
+    monkeypatch.setattr(report.Figures, "__init__", denied)  # as a read-only runs folder (root ignores chmod)
+    with pytest.raises(SystemExit) as exit_:
+        report.main([str(tmp_path)])
+    assert exit_.value.code == (f"error: permission denied: {tmp_path / 'report_figures'} (--out and "
+                                f"--archive choose where the report and the archive are written)")
