@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from common.errors import ConfigError, UserError
 from common.files import atomic_file, folder_lock, previous_path, remove_files, remove_stale_temps
-from common.runtime import Runtime
+from common.runtime import Runtime, main_first
 from common.schema import CheckpointMeta
 
 
@@ -290,11 +290,14 @@ class RunCheckpoints:
         self.last, self.best = out / "last.pt", out / "best.pt"
         out.mkdir(parents=True, exist_ok=True)
 
-    def held(self) -> contextlib.AbstractContextManager[None]:
-        """This run's folder for this process alone (exclusive_folder): a second copy of the
-        command on the same --out would resume from an older last.pt and overwrite the newer
-        checkpoints of the first."""
-        return exclusive_folder(self.out, self.rt.is_main)
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """This run's folder for this process alone (exclusive_folder, taken by rank 0 for
+        all, main_first): a second copy of the command on the same --out would resume from an
+        older last.pt and overwrite the newer checkpoints of the first."""
+        with contextlib.ExitStack() as stack:
+            main_first(self.rt, lambda: stack.enter_context(exclusive_folder(self.out)))
+            yield
 
     def save(self, progress: RunProgress, *paths: Path) -> None:
         """Write the full state to each path in turn (last.pt keeps its predecessor)."""

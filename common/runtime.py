@@ -4,6 +4,7 @@
     with autocast(rt): ...               # bf16 / fp16 on CUDA, a no-op on CPU
     all_reduce_sums([correct, n], rt)    # totals over every rank
     broadcast_from_main(model, rt)       # rank 0's weights and buffers on every rank
+    main_first(rt, work)                 # work() on rank 0 while the others wait
     to_device(images, rt)                # B x 3 x H x W on the run's device (channels_last on CUDA)
     leave_process_group()                # at the end of a run (cli.run calls it)
 
@@ -16,13 +17,14 @@ import datetime
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from common.errors import ConfigError
+from common.errors import ConfigError, UserError
 
 
 @dataclass
@@ -139,6 +141,28 @@ def all_reduce_sums(values: list[float], rt: Runtime) -> list[float]:
                      device=rt.device if rt.cuda else "cpu")
     dist.all_reduce(t)
     return t.tolist()
+
+
+def main_first(rt: Runtime, work: Callable[[], object]) -> None:
+    """work() on rank 0 (a download, a data check, a folder lock) while the other ranks wait;
+    then all go on. If it raises, rank 0 raises it and every other rank a UserError that
+    points to it: a plain barrier left them a backend traceback ("Connection closed by
+    peer") under rank 0's one-line error."""
+    if rt.world_size == 1:
+        work()
+        return
+    error = None
+    if rt.is_main:
+        try:
+            work()
+        except Exception as err:  # raised below, once the others know
+            error = err
+    failed = torch.tensor([float(error is not None)], device=rt.device if rt.cuda else "cpu")
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # also the barrier
+    if error is not None:
+        raise error
+    if failed.item():
+        raise UserError(f"rank 0 stopped with the error above, so rank {rt.rank} stops too")
 
 
 def broadcast_from_main(module: torch.nn.Module, rt: Runtime) -> None:

@@ -20,7 +20,7 @@ import torch
 from common.datasets import DatasetSplits, ImageList, find_tiny_imagenet, load_cars196, load_tiny_imagenet
 from common.image_check import CACHE_NAME, check_images
 from common.loader import ImageLoader, LoaderSettings
-from common.runtime import Runtime
+from common.runtime import Runtime, main_first
 
 # The --smoke datasets: small enough for a CPU, learnable in a few epochs (tests/test_scripts.py).
 SMOKE_TINY_IMAGENET = dict(num_classes=10, train_per_class=45, val_per_class=10, seed=1234)
@@ -46,14 +46,12 @@ def tiny_imagenet(data_dir: str | Path, out: str | Path, rt: Runtime, *, holdout
     if smoke:
         # One folder per size: a rerun at another --image-size must not train on upscaled images.
         root = Path(out) / "smoke_data" / f"{smoke_image_size}px" / "tiny-imagenet-200"
-        if rt.is_main and not (root / "wnids.txt").exists():
-            from common.synthetic import make_tiny_imagenet  # --smoke only
-            make_tiny_imagenet(root.parent, image_size=smoke_image_size, **SMOKE_TINY_IMAGENET)
-        _barrier(rt)
+        from common.synthetic import make_tiny_imagenet  # --smoke only
+        # Every rank calls main_first (a collective), whatever it sees on disk meanwhile.
+        main_first(rt, lambda: (root / "wnids.txt").exists() or make_tiny_imagenet(
+            root.parent, image_size=smoke_image_size, **SMOKE_TINY_IMAGENET))
     else:
-        if rt.is_main:
-            find_tiny_imagenet(data_dir, download=download)
-        _barrier(rt)
+        main_first(rt, lambda: find_tiny_imagenet(data_dir, download=download))
         root = find_tiny_imagenet(data_dir, download=False)
     splits = load_tiny_imagenet(root, holdout_per_class=holdout_per_class, seed=seed)
     check_split_images(splits, check, out, rt, decode_test=True)
@@ -68,10 +66,8 @@ def cars196(data_dir: str | Path, out: str | Path, rt: Runtime, *, holdout_per_c
     root = Path(data_dir)
     if smoke:
         root = Path(out) / "smoke_data" / "cars196"
-        if rt.is_main and not (root / "cars_annos.mat").exists():
-            from common.synthetic import make_cars196  # --smoke only
-            make_cars196(root, **SMOKE_CARS196)
-        _barrier(rt)
+        from common.synthetic import make_cars196  # --smoke only
+        main_first(rt, lambda: (root / "cars_annos.mat").exists() or make_cars196(root, **SMOKE_CARS196))
     elif (root / "cars196").is_dir():
         root = root / "cars196"
     splits = load_cars196(root, holdout_per_class=holdout_per_class, seed=seed)
@@ -85,9 +81,9 @@ def check_split_images(splits: DatasetSplits, check: str, out: str | Path, rt: R
     cannot end a run after all its training. decode_test: with `check` quick, also decode
     the test split in full, for a task that reads it only after training (T1-T3: a JPEG
     damaged inside, with whole ends, passes the quick check; Tiny ImageNet's 10,000 test
-    images take seconds). Rank 0 checks, the others wait; if it fails, torchrun stops them.
-    Each pass is cached in the dataset folder, or in `out` where that folder is read-only."""
-    if rt.is_main:
+    images take seconds). Rank 0 checks, the others wait (runtime.main_first). Each pass is
+    cached in the dataset folder, or in `out` where that folder is read-only."""
+    def check_all() -> None:
         cache = [splits.root / CACHE_NAME, Path(out) / CACHE_NAME]
         files = [f for s in (splits.train, splits.holdout, splits.test) for f in s.files]
         read = check_images(files, check, cache=cache, advice=_CHECK_ADVICE.get(check, ""))
@@ -97,7 +93,7 @@ def check_split_images(splits: DatasetSplits, check: str, out: str | Path, rt: R
             read = check_images(splits.test.files, "full", cache=cache, advice=_TEST_DECODE_ADVICE)
             if read:
                 print(f"decoded the {read:,} test images: all whole")
-    _barrier(rt)
+    main_first(rt, check_all)
 
 
 _TEST_DECODE_ADVICE = ("The test split is read only after training, so it is decoded in full up front: "
@@ -153,9 +149,3 @@ def _backend(s: LoaderSettings, images: int, rt: Runtime) -> str:
     cache_bytes = images * s.image_size ** 2 * 3
     fits = cache_bytes <= torch.cuda.get_device_properties(rt.device).total_memory / 4
     return "cache" if fits else s.backend
-
-
-def _barrier(rt: Runtime) -> None:
-    if rt.world_size > 1:
-        import torch.distributed as dist
-        dist.barrier()

@@ -212,3 +212,25 @@ def test_the_report_cell_runs_after_a_disconnect_without_the_optional_cells(tmp_
     monkeypatch.chdir(tmp_path)
     exec(cell, {"os": os, "subprocess": subprocess})  # what the setup cell defines
     assert shown == ["# Report\n"]
+
+
+def test_the_data_cells_end_in_a_message_not_a_traceback_when_a_dataset_is_missing(tmp_path, monkeypatch):
+    # The Cars196 cell raised DatasetNotFoundError without an upload, which stops Colab's
+    # "Run all" before T1-T3; the Tiny ImageNet cell printed a Python traceback.
+    import sys
+    cells = [source(c) for c in load_notebook()["cells"] if c["cell_type"] == "code"]
+    tiny = next(shlex.split(c.strip()[len("!python "):]) for c in cells if "find_tiny_imagenet" in c)
+    (tmp_path / "data").write_text("not a folder")  # refused before any download
+    proc = subprocess.run([sys.executable, *tiny], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"error: --data-dir {tmp_path / 'data'} is a file")
+    (tmp_path / "data").unlink()
+    (tmp_path / "data").mkdir()
+    cars = next(c for c in cells if "CARS_ZIP =" in c)
+    monkeypatch.chdir(tmp_path)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(cars.replace("/content/drive/MyDrive/cars196.zip", str(tmp_path / "none.zip")), {"os": os})
+    assert printed.getvalue() == (f"no Cars196 yet: T4 needs it in data/cars196 (upload it as "
+                                  f"{tmp_path / 'none.zip'} and rerun this cell)\n")

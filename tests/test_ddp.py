@@ -485,3 +485,56 @@ def test_under_two_processes_a_signal_in_an_epoch_of_fewer_than_25_steps_stops_a
     assert outcomes == [{"signal": "SIGINT", "epoch": 1, "step": 0}] * 2  # after epoch 1 of 2
     saved = load_checkpoint(tmp_path / "out" / "last.pt")
     assert (saved["epoch"], saved["step"], saved["finished"]) == (1, 0, False)
+
+
+def _main_first_worker(rank: int, store: str, out: str, fails: bool) -> None:
+    """One of two gloo ranks: cli.run of a main() whose rank-0-only work (runtime.main_first,
+    as the data check and the folder lock) raises a UserError on rank 0, or succeeds; then
+    one more collective. Writes cli.run's exit and what each rank saw to out.<rank>."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from common import cli
+    from common.errors import ImageDecodeError
+    from common.runtime import Runtime, main_first
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2")  # as torchrun sets them: cli.run's label
+    seen = []
+
+    def work() -> None:
+        seen.append(f"work on rank {rank}")
+        if fails:
+            raise ImageDecodeError("a.jpg: truncated JPEG")
+
+    def main() -> None:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
+                                timeout=datetime.timedelta(seconds=60))
+        main_first(Runtime(torch.device("cpu"), rank, 2), work)
+        total = torch.ones(1)
+        dist.all_reduce(total)
+        seen.append(f"all_reduce {int(total)}")
+
+    try:
+        cli.run(main)
+        exit_ = "returned"
+    except SystemExit as stop:
+        exit_ = str(stop.code)
+    Path(f"{out}.{rank}").write_text(json.dumps({"exit": exit_, "seen": seen}))
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_an_error_of_rank_0s_own_work_is_one_line_on_every_rank(tmp_path, fails):
+    """Rank 0 alone checks the data and locks --out while the others wait. When that failed,
+    rank 1 raised gloo's "Connection closed by peer" from its barrier, a traceback under rank
+    0's one-line error (found by running torchrun with a truncated JPEG)."""
+    torch.multiprocessing.spawn(_main_first_worker, args=(str(tmp_path / "store"), str(tmp_path / "out"), fails),
+                                nprocs=2)
+    outcomes = [json.loads((tmp_path / f"out.{rank}").read_text()) for rank in (0, 1)]
+    if not fails:
+        assert outcomes == [{"exit": "returned", "seen": ["work on rank 0", "all_reduce 2"]},
+                            {"exit": "returned", "seen": ["all_reduce 2"]}]
+    else:
+        assert outcomes == [
+            {"exit": "error (rank 0 of 2): a.jpg: truncated JPEG", "seen": ["work on rank 0"]},
+            {"exit": "error (rank 1 of 2): rank 0 stopped with the error above, so rank 1 stops too", "seen": []}]
