@@ -131,7 +131,7 @@ def model_files(chosen: Chosen) -> tuple[list[ModelFile], list[str]]:
             notes.append(f"warning: {task.upper()} not run: no model of it in the archive")
             continue
         best = run.path / "best.pt"
-        picked = run.name
+        picked = run.label  # "(SMOKE)" after a smoke run's name
         if task == "t3" and chosen.placements is not None:
             name = chosen.placements[0]
             placements = run.path.parent / "placements.json"

@@ -218,8 +218,8 @@ def section_placements(runs: RunsFolder, figs: Figures) -> list[str]:
     lines = ["## T3: placement comparison", ""]
     if not runs.placements:
         t3 = runs.of_task("t3")
-        note = ("T3 runs exist but no placements.json was written yet (t3_cubs.py writes it "
-                "after its last run)" if t3 else NOT_RUN)
+        note = ("T3 runs exist but no readable placements.json compares them yet (t3_cubs.py "
+                "writes it after its last run)" if t3 else NOT_RUN)
         return lines + [f"**{note}**.", ""]
     for name, c in runs.placements:
         lines += placement_block(runs, name, c, figs)

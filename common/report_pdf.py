@@ -296,7 +296,7 @@ def section_placements(chosen: Chosen) -> list[Flowable]:
     out: list[Flowable] = [heading("3  T3: placement comparison (selection by holdout accuracy)")]
     if chosen.placements is None:
         if chosen.runs["t3"] is not None:  # runs of an unfinished comparison: said as REPORT.md says it
-            return out + [para("**T3 runs exist but no placements.json was written yet** (t3_cubs.py "
+            return out + [para("**T3 runs exist but no placements.json compares them yet** (t3_cubs.py "
                                "writes it after its last run; rerun it to finish the comparison).")]
         return out + [para(f"**{NOT_RUN}** (no placements.json: run `t3_cubs.py "
                            f"--placement all`).")]

@@ -802,7 +802,7 @@ def test_pdf_t3_section_without_placements_json_says_the_comparison_is_unfinishe
     (tmp_path / "t3" / "placements.json").unlink()
     _, text = pdf_text(report.build_report(tmp_path).with_suffix(".pdf"))
     assert ("3 T3: placement comparison (selection by holdout accuracy) T3 runs exist but no placements.json "
-            "was written yet (t3_cubs.py writes it after its last run; rerun it to finish the comparison).") in text
+            "compares them yet (t3_cubs.py writes it after its last run; rerun it to finish the comparison).") in text
     for folder in ("t3", "t2"):
         shutil.rmtree(tmp_path / folder)
     _, text = pdf_text(report.build_report(tmp_path).with_suffix(".pdf"))
@@ -907,8 +907,8 @@ def test_archive_of_the_smoke_runs_holds_code_report_and_best_models(smoke_runs,
     for name, info in infos.items():  # the table of contents: every file with its size
         assert f"{archive.fmt_size(info.file_size):>10}  {name}" in toc
     assert toc[-1].startswith(f"{dest}: {len(infos)} files, ")
-    assert f"T3: {selected} (selected in t3/placements.json)" in toc
-    assert f"T4: t4, Phase B ({mining} mining)" in toc
+    assert f"T3: {selected} (SMOKE) (selected in t3/placements.json)" in toc  # --allow-smoke: marked
+    assert f"T4: t4 (SMOKE), Phase B ({mining} mining)" in toc
     assert ("each best.pt in the archive: weights, meta and epoch only (--evaluate reads them); the "
             "training checkpoints in the runs folder keep what resuming needs") in toc
 
@@ -1301,7 +1301,7 @@ def test_the_t3_section_tells_an_unfinished_comparison_from_no_t3_run(tmp_path):
     write(tmp_path / "runs" / "t3" / "serial_plain" / "results.json",
           classifier("t3", "cubs_resnet18_serial_plain", 0.4, 0.5, placement="serial", variant="plain"))
     assert report.section_placements(runs_folder.collect(tmp_path / "runs"), figs)[2].startswith(
-        "**T3 runs exist but no placements.json was written yet")
+        "**T3 runs exist but no readable placements.json compares them yet")
 
 
 def test_a_comparison_with_only_vanilla_links_its_figure(tmp_path):
