@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
         check=args.check_images, download=not args.no_download, smoke=args.smoke,
         smoke_image_size=args.image_size)
     loaders = task_data.classifier_loaders(splits, cli.loader_settings(args), rt)
-    if args.fresh and not args.evaluate and rt.is_main:
+    if args.fresh and rt.is_main:  # (cli.parse refuses --fresh with --evaluate)
         # Every run of this command now (the data is there), not each as it starts: a rerun
         # after a kill must not resume a later placement's old run. The comparison is
         # redone at the end.
@@ -147,7 +147,7 @@ def train_and_test(args, rt: runtime.Runtime, splits: task_data.DatasetSplits, l
     # CUDA graphs a step whose logits left the Taylor range is redone in eager mode.
     cfg = cli.fit_config(args, cuda=rt.cuda)
     net = engine.for_training(model, rt, cfg.compile, cfg.compile_mode, redo_check=range_check(
-        model) if cfg.compile_mode == "reduce-overhead" else None)
+        model) if cfg.compile and cfg.compile_mode == "reduce-overhead" else None)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
     optimizer, scheduler = engine.optimizer_and_schedule(model, cfg, len(loaders.train))
     scaler = engine.grad_scaler(rt)

@@ -49,7 +49,7 @@ RECIPE = dict(
     weight_decay=5e-4,  # on conv / linear weights only
     warmup_epochs=1,  # linear warmup, then cosine decay to 0
     label_smoothing=0.1,  # as T2
-    patience=8,  # early stopping: epochs without a better holdout accuracy
+    patience=8,  # early stopping: epochs without a better holdout accuracy (Phase B: Recall@1)
     min_delta=0.0,
     grad_clip=0.0,  # off
     holdout_per_class=5,  # 490 train images select Phase A's epoch; Cars196 has ~82 per class
@@ -81,7 +81,7 @@ SMOKE = {**cli.SMOKE, "image_size": 64, "epochs": 10, "batch_size": 16, "holdout
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = cli.training_parser(__doc__, task="t4", recipe=RECIPE, downloads=False)  # Cars196: by hand
-    add = p.add_argument  # T4's own flags; their defaults come from RECIPE
+    add = p.add_argument  # T4's own flags; those without a default here take RECIPE's
     add("--t3-results", default="runs/t3/placements.json", help="where T3 wrote its selection")
     add("--placement", choices=PLACEMENTS, default=None, help="CUBS placement (default: T3's selection, else serial)")
     add("--variant", choices=VARIANTS, default=None, help="CUBS variant (default: T3's selection, else plain)")
@@ -184,12 +184,12 @@ def main(argv: list[str] | None = None) -> dict:
 def load_data(args: argparse.Namespace, rt: runtime.Runtime, out: Path) -> SimpleNamespace:
     """Classes 1-98 train (minus a stratified holdout), 99-196 test, never seen in training.
     Training: random-resized crop + flip; evaluation: resize 256, centre crop 224.
-    Retrieval compares every image with every other: each process embeds the whole split
-    (holdout_all, test_all)."""
+    Retrieval compares every image with every other: holdout_all and test_all list the whole
+    split in every process (evaluate.embed shards them over the ranks and gathers the result)."""
     splits = task_data.cars196(args.data_dir, out, rt, holdout_per_class=args.holdout_per_class,
                                seed=args.seed, check=args.check_images, smoke=args.smoke)
     settings = cli.loader_settings(args, eval_resize=round(args.image_size * 256 / 224))
-    if args.classes_per_batch > len(splits.train.classes):  # found now, not after Phase A
+    if args.classes_per_batch > len(splits.train.classes) and not args.evaluate:  # now, not after Phase A
         raise ConfigError(f"--classes-per-batch {args.classes_per_batch} exceeds the "
                           f"{len(splits.train.classes)} training classes of {splits.root}")
     data = SimpleNamespace(

@@ -241,12 +241,9 @@ RUN_FILES = ("last.pt", "last.prev.pt", "best.pt", "metrics.jsonl", "results.jso
 
 
 @contextlib.contextmanager
-def exclusive_folder(folder: Path, is_main: bool = True) -> Iterator[None]:
-    """Hold `folder` (a run's) for this process alone, rank 0 for all ranks (others: no-op);
-    ConfigError at once if another process holds it."""
-    if not is_main:
-        yield
-        return
+def exclusive_folder(folder: Path) -> Iterator[None]:
+    """Hold `folder` (a run's) for this process alone; ConfigError at once if another process
+    holds it. Under DDP rank 0 holds it for all (RunCheckpoints.held)."""
     locked = False
     try:
         with folder_lock(folder, wait=False):
@@ -315,10 +312,7 @@ class RunCheckpoints:
 
     def discard(self) -> None:
         """--fresh: discard_run(out) on rank 0."""
-        if self.rt.is_main:
-            discard_run(self.out)
-        if self.rt.world_size > 1:
-            dist.barrier()
+        main_first(self.rt, lambda: discard_run(self.out))
 
     def resume(self) -> RunProgress:
         """Load the newest readable state (see resume_point) into the owners and return its

@@ -219,7 +219,8 @@ def _keys(recorded: object) -> list[str]:
 
 
 def _passed(path: Path) -> dict:
-    """{mode: key} recorded in a cache file; empty if it is missing, unreadable or not ours."""
+    """{mode: keys of the passes kept (_keys)} recorded in a cache file; empty if it is
+    missing, unreadable or not ours."""
     try:
         passed = json.loads(path.read_text()).get("passed")
     except (OSError, ValueError, AttributeError):

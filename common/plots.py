@@ -61,7 +61,7 @@ def plot_curves(history: Sequence[dict], path: str | Path, title: str = "", loss
 def plot_classifier_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
                            figsize: tuple[float, float] = (11, 4), dpi: int = 100,
                            loss_note: str = "") -> bool:
-    """Holdout top-1 (left) and loss (right: train solid, holdout dashed, log scale) per epoch
+    """Holdout top-1 (left) and loss (right: train solid, holdout dashed; loss_axis) per epoch
     of several classifier runs on one figure, one colour per name of `histories` (name -> its
     metrics.jsonl records; past 10 names the colours repeat with another marker), with one
     key right of both panels. loss_note: a line under the loss panel's title.

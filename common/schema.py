@@ -40,7 +40,7 @@ class FitConfig:
     compile: bool = False
     # "reduce-overhead" replays each compiled step as CUDA graphs: one launch instead of one
     # per kernel, for networks whose steps are many small kernels.
-    compile_mode: str = "default"  # scripts: --compile-mode (reduce-overhead; T3's: default)
+    compile_mode: str = "default"  # scripts: --compile-mode (reduce-overhead; T3's and T4's: default)
     grad_clip: float = 0.0
     fresh: bool = False
     stop_after_epoch: int | None = None  # end this process after that many epochs (tests, time-boxed sessions)
@@ -66,7 +66,7 @@ class ModelMeta(TypedDict, total=False):
     dropout: float  # T1
     placement: str  # T3, T4: serial, reverse or parallel
     variant: str  # T3, T4: plain or plus
-    d: int  # T3: Block 1 similarity size
+    d: int  # T3 and T4: Block 1 similarity size
     gate_init: float | None  # T3 plain: initial gate logit (None = PyTorch's init)
     phase: str  # T4 Phase B: "b", the network with its embedding head
     embedding_dim: int  # T4 Phase B

@@ -312,13 +312,13 @@ def test_t3_fresh_discards_every_run_of_this_command_and_the_comparison_only(tmp
                       "--placement", "all", "--variant", "plain"])
     assert [p for p in _left(tmp_path) if not p.startswith("smoke_data")] == [
         "serial_plus/best.pt", "serial_plus/last.pt", "serial_plus/metrics.jsonl"]  # not this command's
-    # --fresh beside --evaluate trains nothing, so it deletes nothing either
+    # --fresh beside --evaluate is refused before anything is deleted (it used to be ignored)
     _earlier_runs(tmp_path, ["reverse_plain"], summaries)
     before = _left(tmp_path)
-    monkeypatch.setattr(t3_cubs.evaluate, "classifier_checkpoint", lambda *a: {"evaluated": a[1]})
-    got = t3_cubs.main(["--smoke", "--backend", "torch", "--out", str(tmp_path), "--width", "8", "--fresh",
-                        "--placement", "reverse", "--evaluate", str(tmp_path / "reverse_plain" / "best.pt")])
-    assert got == {"evaluated": str(tmp_path / "reverse_plain" / "best.pt")} and _left(tmp_path) == before
+    with pytest.raises(SystemExit) as exit_:
+        t3_cubs.main(["--smoke", "--backend", "torch", "--out", str(tmp_path), "--width", "8", "--fresh",
+                      "--placement", "reverse", "--evaluate", str(tmp_path / "reverse_plain" / "best.pt")])
+    assert exit_.value.code == 2 and _left(tmp_path) == before
 
 
 def test_t4_fresh_discards_both_phases_of_every_mining_and_the_summaries(tmp_path, monkeypatch):

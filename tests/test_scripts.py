@@ -344,11 +344,14 @@ def test_fresh_clears_the_earlier_run_and_the_summaries_that_describe_it(runs, t
     assert [p.name for p in t3.glob("placements.*")] == []  # redone when the runs finish
     assert [p.name for p in stale_t3 if p.exists()] == []
     assert (t3 / "reverse_plain" / "best.pt").is_file()  # runs this command does not train stay
-    # --fresh beside --evaluate trains nothing, so it deletes nothing either
-    run("t3_cubs.py", "--smoke", "--placement", "reverse", "--out", str(t3), "--fresh",
-        "--evaluate", str(t3 / "reverse_plain"))
-    assert {p.name for p in (t3 / "reverse_plain").iterdir()} >= {"best.pt", "last.pt", "results.json",
-                                                                  "metrics.jsonl", "eval.json"}
+    # --fresh beside --evaluate is refused (it was ignored): nothing is deleted or evaluated
+    before = {p.name for p in (t3 / "reverse_plain").iterdir()}
+    proc = run("t3_cubs.py", "--smoke", "--placement", "reverse", "--out", str(t3), "--fresh",
+               "--evaluate", str(t3 / "reverse_plain"), check=False)
+    assert proc.returncode == 2 and "error: --fresh starts a training run over and --evaluate trains " \
+        "nothing: drop one of them" in proc.stderr
+    assert {p.name for p in (t3 / "reverse_plain").iterdir()} == before >= {"best.pt", "last.pt", "results.json",
+                                                                           "metrics.jsonl"}
 
     shutil.copytree(runs / "t2", tmp_path / "t2")  # T1 and T2: engine.fit's --fresh
     run("t2_resnet18.py", "--smoke", "--out", str(tmp_path / "t2"), "--fresh", "--stop-after-epoch", "0")

@@ -360,9 +360,10 @@ def test_t4_refuses_more_classes_per_batch_than_training_classes_before_training
     assert str(err.value) == ("160 training images do not fill one P x K batch of 4 x 100 = 400 images; "
                               "lower --classes-per-batch or --images-per-class")
     (tmp_path / "best.pt").write_bytes(b"")  # --evaluate never draws a P x K batch: not refused there
-    args = t4_retrieval.parse_args(["--smoke", "--out", str(tmp_path), "--images-per-class", "100",
-                                    "--evaluate", str(tmp_path / "best.pt")])
-    assert len(t4_retrieval.load_data(args, rt, tmp_path).splits.train.classes) == 8
+    for flags in (["--images-per-class", "100"], ["--classes-per-batch", "9"]):
+        args = t4_retrieval.parse_args(["--smoke", "--out", str(tmp_path), *flags,
+                                        "--evaluate", str(tmp_path / "best.pt")])
+        assert len(t4_retrieval.load_data(args, rt, tmp_path).splits.train.classes) == 8
 
 
 def test_a_mistyped_evaluate_path_is_refused_before_the_dataset_is_looked_for(tmp_path):
