@@ -103,11 +103,16 @@ def classifier_checkpoint(model: torch.nn.Module, path: str | Path, meta: schema
                           test_loader, rt: runtime.Runtime) -> dict[str, Any]:
     """T1-T3: test top-1 / top-5 (and loss) of a classifier checkpoint, under the names
     results.json uses."""
-    def score(m: torch.nn.Module) -> dict[str, Any]:
-        test = evaluate_classifier(m, test_loader, rt)
-        return {"test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"],
-                "test_images": test["n"]}
-    return evaluate_checkpoint(model, load(path), meta, rt, score, test_loader.backend)
+    return evaluate_checkpoint(model, load(path), meta, rt,
+                               lambda m: classifier_test_scores(m, test_loader, rt), test_loader.backend)
+
+
+def classifier_test_scores(model: torch.nn.Module, test_loader, rt: runtime.Runtime) -> dict[str, Any]:
+    """evaluate_classifier on the test split, under results.json's names: test_acc,
+    test_top5, test_loss, test_images."""
+    test = evaluate_classifier(model, test_loader, rt)
+    return {"test_acc": test["acc"], "test_top5": test["top5"], "test_loss": test["loss"],
+            "test_images": test["n"]}
 
 
 def retrieval_checkpoint(model: torch.nn.Module, saved: tuple[Path, dict[str, Any]],
@@ -277,18 +282,16 @@ def test_best(model: torch.nn.Module, loaders, fitted: dict[str, Any], meta: sch
         return {"finished": False}
     out = Path(out)
     best_record = load_best(model, out, fitted["best_epoch"])
-    test = evaluate_classifier(model, loaders.test, rt)
+    test = classifier_test_scores(model, loaders.test, rt)
     results = schema.ClassifierResults(
-        **meta, params=count_parameters(model),
-        test_acc=test["acc"], test_top5=test["top5"], test_loss=test["loss"], test_images=test["n"],
-        holdout_acc=best_record["holdout_acc"], holdout_top5=best_record["holdout_top5"],
+        **meta, params=count_parameters(model), **test, holdout_acc=best_record["holdout_acc"], holdout_top5=best_record["holdout_top5"],
         best_epoch=fitted["best_epoch"], epochs_run=fitted["epochs_run"],
         stopped_early=fitted["stopped_early"], train_time_s=fitted["train_time_s"],
         images_per_s=fitted["images_per_s"], device=fitted.get("device") or describe_device(rt),
         loader=loaders.train.backend, finished=True, args=flags)
     if rt.is_main:
         write_json(results, out / "results.json")
-        print(f"test accuracy {test['acc']:.4f} (top-5 {test['top5']:.4f}) with best.pt from epoch "
+        print(f"test accuracy {test['test_acc']:.4f} (top-5 {test['test_top5']:.4f}) with best.pt from epoch "
               f"{fitted['best_epoch']} (holdout {best_record['holdout_acc']:.4f}); "
               f"wrote {out / 'results.json'}")
     return results

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +58,8 @@ def compare_runs(out: Path, vanilla_path: Path, recipe: Mapping[str, Any] | None
                                "image_size")} | {"processes": processes(r)} for r in runs]
     # max() keeps the first of equal scores: list in the spec's order, so ties go to serial,
     # then reverse, then parallel (and plain before plus).
-    rows.sort(key=lambda r: (PLACEMENTS.index(r["placement"]), VARIANTS.index(r["variant"])))
-    plain = [r for r in rows if r["variant"] == "plain"]
-    selected = max(plain, key=lambda r: r["holdout_acc"]) if plain else None
-    best_overall = max(rows, key=lambda r: r["holdout_acc"]) if rows else None
+    rows.sort(key=spec_order)
+    selected, best_overall = select(rows)
     comparison = {"selected_by": "holdout_acc", "tie_break": " > ".join(PLACEMENTS),
                   "runs": rows, "selected": selected,
                   "best_overall": best_overall, "vanilla": None, "at_par": None,
@@ -116,6 +114,27 @@ def compare_runs(out: Path, vanilla_path: Path, recipe: Mapping[str, Any] | None
     return comparison
 
 
+# The folders t3_cubs.py trains into, in the specification's order
+RUN_FOLDERS = tuple(f"{p}_{v}" for p in PLACEMENTS for v in VARIANTS)
+
+
+def spec_order(run: Mapping[str, Any]) -> tuple[int, int]:
+    """Sort key of a run (its placement and variant): the specification's order, serial,
+    reverse, parallel, and plain before plus; anything else last."""
+    placement, variant = run.get("placement"), run.get("variant")
+    return (PLACEMENTS.index(placement) if placement in PLACEMENTS else len(PLACEMENTS),
+            VARIANTS.index(variant) if variant in VARIANTS else len(VARIANTS))
+
+
+def select(runs: Sequence[Mapping[str, Any]]) -> tuple[Mapping[str, Any] | None, Mapping[str, Any] | None]:
+    """(selected, best_overall) of finished runs (results.json or its rows: placement,
+    variant, holdout_acc): the plain run of the highest holdout accuracy, and the run of the
+    highest over both variants; equal scores go to the earlier run in spec_order."""
+    ordered = sorted(runs, key=spec_order)
+    best = lambda rs: max(rs, key=lambda r: r.get("holdout_acc", -1.0)) if rs else None  # noqa: E731 (first of equals)
+    return best([r for r in ordered if r.get("variant") == "plain"]), best(ordered)
+
+
 def _comparable_runs(out: Path, recipe: Mapping[str, Any] | None, processes_now: int | None
                      ) -> tuple[list[dict], list[dict]]:
     """(results.json of the runs in `out` trained with `recipe` and `processes_now` processes,
@@ -123,7 +142,7 @@ def _comparable_runs(out: Path, recipe: Mapping[str, Any] | None, processes_now:
     found = []
     # The folders t3_cubs.py trains into, by name: a copy such as serial_plain_old/ is no run
     # of this comparison (it would add a second serial plain row).
-    for path in [out / f"{p}_{v}" / "results.json" for p in PLACEMENTS for v in VARIANTS]:
+    for path in [out / folder / "results.json" for folder in RUN_FOLDERS]:
         if path.is_file():
             run = json.loads(path.read_text())
             found.append((path.parent.name, run, recipe_differences(run.get("args", {}), recipe or {})))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.cubs import PLACEMENTS, VARIANTS
+from common.placements import RUN_FOLDERS, select
 from common.schema import ClassifierResults, RetrievalResults
 
 SMOKE_BANNER = "smoke run on generated data, not a real result"
@@ -211,9 +211,6 @@ def not_compared(found: RunsFolder, name: str, placements: dict) -> list[str]:
             if r.path.name in RUN_FOLDERS and r.path.name not in listed]
 
 
-RUN_FOLDERS = {f"{p}_{v}" for p in PLACEMENTS for v in VARIANTS}  # the folders compare_runs reads
-
-
 def reported_phases(results: dict) -> set[str]:
     """The phase folders a T4 results.json reports: phase_a and phase_b_<mining> of each
     Phase B run in it (the mining comparison, else the one Phase B)."""
@@ -250,12 +247,6 @@ def _preference(smoke: bool, name: str, task: str) -> tuple:
     return smoke, name != task, name.count("/"), name
 
 
-def _spec_order(run: Run) -> tuple[int, int]:
-    placement, variant = run.results.get("placement"), run.results.get("variant")
-    return (PLACEMENTS.index(placement) if placement in PLACEMENTS else len(PLACEMENTS),
-            VARIANTS.index(variant) if variant in VARIANTS else len(VARIANTS))
-
-
 def choose_runs(runs: RunsFolder) -> Chosen:
     """Pick the run per task that the two-page report and the archive present."""
     chosen: dict[str, Run | None] = {}
@@ -272,11 +263,11 @@ def choose_runs(runs: RunsFolder) -> Chosen:
         selected = selected_folder(*placements)
         chosen["t3"] = runs.run_at(selected) if selected is not None else None
     elif runs.of_task("t3"):  # t3_cubs.py writes placements.json after its last run
-        # As the comparison will select: by holdout accuracy among the plain runs of the
-        # preferred folder (ties to the earlier placement), else among all its runs.
+        # As the comparison will select (placements.select) among the runs of the preferred
+        # folder; with no plain run, its best overall (as selected_folder falls back to).
         folder = lambda r: r.name.rpartition("/")[0] or "."  # noqa: E731 (the placements' folder)
         first = min(runs.of_task("t3"), key=lambda r: _preference(r.smoke, folder(r), "t3"))
         same_folder = [r for r in runs.of_task("t3") if folder(r) == folder(first)]
-        candidates = [r for r in same_folder if r.results.get("variant") == "plain"] or same_folder
-        chosen["t3"] = max(sorted(candidates, key=_spec_order), key=lambda r: r.results.get("holdout_acc", -1.0))
+        selected, best_overall = select([r.results for r in same_folder])
+        chosen["t3"] = next(r for r in same_folder if r.results is (selected or best_overall))
     return Chosen({t: chosen[t] for t in TASKS}, placements)
