@@ -5,7 +5,8 @@
 
 Inputs, found anywhere under the runs folder (generated `smoke_data/` folders are skipped):
     results.json     T1/T2/T3 classifier runs ("task": t1/t2/t3) and T4 ("task": t4)
-    metrics.jsonl    one record per epoch (a folder with it but no results.json is unfinished)
+    metrics.jsonl    one record per epoch (a folder with it, or with a last.pt, but no
+                     results.json is unfinished)
     placements.json  T3's comparison of placements (selection by holdout, at-par check)
     curves.png, placements.png, retrieval.png   copied into report_figures/
 Output: REPORT.md with relative links to report_figures/ (copied figures plus combined

@@ -569,7 +569,7 @@ def _not_reported(runs: RunsFolder) -> str:
     parts = []
     if runs.unfinished:
         names = [name for name, _ in runs.unfinished]
-        parts.append("unfinished (metrics.jsonl, no results.json yet; rerun the command to "
+        parts.append("unfinished (no results.json yet; rerun the command to "
                      f"finish): {', '.join(names[:6])}" + (f" and {len(names) - 6} more" if len(names) > 6 else ""))
     if runs.problems:
         n = len(runs.problems)

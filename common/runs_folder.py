@@ -1,6 +1,6 @@
 """The runs folder as the task scripts left it, read once for REPORT.md, REPORT.pdf and the
 submission archive: every finished run (a results.json with its metrics.jsonl), every
-unfinished one (metrics.jsonl only), every placements.json, and the one run per task that
+unfinished one (metrics.jsonl or last.pt, no results.json), every placements.json, and the one run per task that
 REPORT.pdf shows and the archive ships (choose_runs).
 
     runs = collect("runs")       # RunsFolder: classifiers, retrievals, placements, unfinished
@@ -180,10 +180,10 @@ def collect(root: str | Path) -> RunsFolder:
             found.retrievals.append(run)
         else:
             found.classifiers.append(run)
-    for folder, files in folders:
-        if "metrics.jsonl" in files and "results.json" not in files and folder.parent not in t4_dirs:
-            found.unfinished.append((rel_name(folder, root),
-                                     read_jsonl(folder / "metrics.jsonl", found.problems)))
+    for folder, files in folders:  # a run stopped in its first epoch has a last.pt, no metrics yet
+        if {"metrics.jsonl", "last.pt"} & files and "results.json" not in files and folder.parent not in t4_dirs:
+            found.unfinished.append((rel_name(folder, root), read_jsonl(folder / "metrics.jsonl", found.problems)
+                                     if "metrics.jsonl" in files else []))
     for name, data in found.placements:  # written after its runs: the one it selects must be there
         selected = selected_folder(name, data)
         if selected is not None and found.run_at(selected) is None:

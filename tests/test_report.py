@@ -1443,6 +1443,17 @@ def test_a_comparison_in_the_runs_root_holds_t3s_runs_not_t1_and_t2_beside_them(
 
 
 # ---------------------------------------------------------------- damaged or odd runs folders
+def test_a_run_stopped_in_its_first_epoch_is_unfinished_not_missing(tmp_path):
+    # Ctrl-C in epoch 1 leaves last.pt and no metrics.jsonl line: the report said "not run yet".
+    make_runs(tmp_path)
+    (tmp_path / "t1" / "metrics.jsonl").unlink()
+    write(tmp_path / "t1" / "last.pt", b"checkpoint")
+    runs = runs_folder.collect(tmp_path)
+    assert runs.unfinished == [("t1", [])]
+    table = find_tables(report.build_report(tmp_path).read_text(), "folder", "epochs logged")[0]
+    assert table == [{"folder": "`t1`", "epochs logged": "0", "last holdout score": "n/a"}]
+
+
 def test_bad_json_files_are_named_problems_and_good_lines_are_kept(tmp_path):
     # Each crashed the report with a traceback (UnicodeDecodeError, AttributeError on None),
     # or was left out without a word, or was reported as a "real" run of task "?".
