@@ -694,7 +694,7 @@ def test_pdf_marks_missing_tasks_not_run(tmp_path):
     (tmp_path / "t3" / "serial_plain").mkdir(parents=True)
     (tmp_path / "t3" / "serial_plain" / "results.json").write_text("{ cut sho")
     pages, text = pdf_text(report.build_report(tmp_path).with_suffix(".pdf"))
-    assert pages <= 2 and " ".join(text.split()).count("NOT REPORTED: unfinished (metrics.jsonl, no results.json "
+    assert pages <= 2 and " ".join(text.split()).count("NOT REPORTED: unfinished (no results.json "
                                                        "yet; rerun the command to finish): t1; 1 problem "
                                                        "reading the runs folder (REPORT.md lists it).") == 1
 
