@@ -93,12 +93,14 @@ def main(argv: list[str] | None = None) -> dict:
         check=args.check_images, download=not args.no_download, smoke=args.smoke,
         smoke_image_size=args.image_size)
     loaders = task_data.classifier_loaders(splits, cli.loader_settings(args), rt)
-    if args.fresh and rt.is_main:  # (cli.parse refuses --fresh with --evaluate)
+    if args.fresh:  # (cli.parse refuses --fresh with --evaluate)
         # Every run of this command now (the data is there), not each as it starts: a rerun
         # after a kill must not resume a later placement's old run. The comparison is
         # redone at the end.
-        discard_runs([Path(args.out) / f"{placement}_{variant}" for placement in placements for variant in variants])
-        remove_files(args.out, ("placements.json", "placements.md", "placements.png"))
+        def discard() -> None:
+            discard_runs([Path(args.out) / f"{p}_{v}" for p in placements for v in variants])
+            remove_files(args.out, ("placements.json", "placements.md", "placements.png"))
+        runtime.main_first(rt, discard)  # rank 0 deletes; the others wait (and stop if it fails)
 
     # -- one training run per (placement, variant), same seed and recipe
     for placement in placements:

@@ -149,9 +149,11 @@ def main(argv: list[str] | None = None) -> dict:
         return evaluate.retrieval_checkpoint(model, saved, meta, data.test_all, rt, args.embedding_dim)
     init = load_initial_weights(model, args.init, t3_best=t3_best, t3_results=args.t3_results,
                                 init_weights=args.init_weights, verbose=rt.is_main)
-    if args.fresh and rt.is_main:  # every phase, once nothing can fail before training starts
-        discard_runs([out / phase for phase in ["phase_a", *(f"phase_b_{m}" for m in MINING_CHOICES)]])
-        remove_files(out, ("results.json", "retrieval.png"))
+    if args.fresh:  # every phase, once nothing can fail before training starts
+        def discard() -> None:
+            discard_runs([out / phase for phase in ["phase_a", *(f"phase_b_{m}" for m in MINING_CHOICES)]])
+            remove_files(out, ("results.json", "retrieval.png"))
+        runtime.main_first(rt, discard)  # rank 0 deletes; the others wait (and stop if it fails)
     # The file's digest too: a rerun after T3 trained again must not resume from other weights.
     meta = {**meta, **{k: init[k] for k in ("init", "init_sha256") if k in init}, **cli.data_recipe(args, data.splits)}
     if rt.is_main:

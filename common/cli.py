@@ -91,12 +91,14 @@ def image_size(text: str) -> int:
 
 
 def workers(text: str) -> int:
-    """Loader workers / DALI threads: at most 4 per CPU core, which no loader needs; a typo
-    such as 400 would start hundreds of processes (the torch DataLoader) or threads."""
+    """Loader workers / DALI threads: at most 16, or 4 per CPU core where that is more, which
+    no loader needs; a typo such as 400 would start hundreds of processes (the torch
+    DataLoader) or threads."""
     value = nonnegative_int(text)
-    limit = 4 * (os.cpu_count() or 1)
+    limit = max(16, 4 * (os.cpu_count() or 1))
     if value > limit:
-        raise argparse.ArgumentTypeError(f"must be at most {limit} (4 per CPU core of this machine), got {value}")
+        raise argparse.ArgumentTypeError(f"must be at most {limit} (16, or 4 per CPU core of this "
+                                         f"machine), got {value}")
     return value
 
 

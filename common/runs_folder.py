@@ -85,13 +85,18 @@ class RunsFolder:
         return [r for r in self.classifiers if r.path.parent == self.root / name and r.task == "t3"]
 
 
-def read_json(path: Path, problems: list[str]) -> Any:
-    """The JSON in `path`, or None with a line in `problems` (unreadable, not UTF-8, not JSON)."""
+def read_json_object(path: Path, problems: list[str], what: str) -> dict | None:
+    """The JSON object in `path`, or None with a line in `problems`: unreadable, not UTF-8,
+    not JSON, or JSON but not an object (`what` says what it should be)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:  # ValueError: JSONDecodeError and UnicodeDecodeError
         problems.append(f"could not read {path}: {err}")
         return None
+    if not isinstance(data, dict):
+        problems.append(f"{path} is not {what} (a JSON object): not reported")
+        return None
+    return data
 
 
 def read_jsonl(path: Path, problems: list[str]) -> list[dict]:
@@ -126,20 +131,33 @@ def rel_name(path: Path, root: Path) -> str:
 
 
 def walk(root: Path, problems: list[str]) -> Iterable[tuple[Path, set[str]]]:
-    """(folder, file names) for every folder under root, skipping generated data. Linked
-    folders are followed (a run kept on another drive), each real folder once; a folder
-    that cannot be listed is named in `problems`, not passed over."""
+    """(folder, file names) for every folder under root, skipping generated data. A link to
+    a folder outside root is followed (a run kept on another drive), each real folder once;
+    a link within root is not (its folder is read under its own name, not as "latest" or
+    "best"). A folder that cannot be listed is named in `problems`, not passed over."""
     seen = set()
     for folder, dirs, files in os.walk(root, followlinks=True,
                                        onerror=lambda err: problems.append(f"could not read {err.filename}: "
                                                                            f"{err.strerror}")):
         real = os.path.realpath(folder)
-        if real in seen:  # a link back up the tree, or a second link to one folder
+        if real in seen:  # two links to one folder outside root
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith(".")
+                         and not _link_within(os.path.join(folder, d), root))
         yield Path(folder), set(files)
+
+
+def _link_within(path: str, root: Path) -> bool:
+    """Whether `path` is a link to a folder in `root` (or to root): its next step, or where
+    it ends, lies there (runs/latest -> t2, or -> /content/drive/.../runs/t2 when runs/ is
+    itself a link to that Drive folder)."""
+    if not os.path.islink(path):
+        return False
+    step = os.path.abspath(os.path.join(os.path.dirname(path), os.readlink(path)))
+    return any((target + os.sep).startswith(base + os.sep) for target, base in (
+        (step, os.path.abspath(root)), (os.path.realpath(path), os.path.realpath(root))))
 
 
 def collect(root: str | Path) -> RunsFolder:
@@ -153,15 +171,15 @@ def collect(root: str | Path) -> RunsFolder:
     for folder, files in folders:
         name = rel_name(folder, root)
         if "placements.json" in files:
-            data = read_json(folder / "placements.json", found.problems)
-            if isinstance(data, dict):
+            data = read_json_object(folder / "placements.json", found.problems, "T3's comparison")
+            if data is not None:
                 found.placements.append((name, data))
         if "results.json" not in files:
             continue
-        results = read_json(folder / "results.json", found.problems)
+        results = read_json_object(folder / "results.json", found.problems, "the results of a task script")
         if results is None:
             continue
-        if not isinstance(results, dict) or results.get("task") not in TASKS:
+        if results.get("task") not in TASKS:
             found.problems.append(f"{folder / 'results.json'} is not the results of a task script "
                                   f"(a JSON object whose \"task\" is one of {', '.join(TASKS)}): not reported")
             continue

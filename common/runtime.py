@@ -159,9 +159,10 @@ def main_first(rt: Runtime, work: Callable[[], object]) -> None:
             error = err
     failed = torch.tensor([float(error is not None)], device=rt.device if rt.cuda else "cpu")
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # also the barrier
+    any_failed = failed.item()  # on every rank: NCCL's all_reduce only queues the work
     if error is not None:
         raise error
-    if failed.item():
+    if any_failed:
         raise UserError(f"rank 0 stopped with the error above, so rank {rt.rank} stops too")
 
 

@@ -720,9 +720,10 @@ def test_collect_reads_a_comparison_in_the_runs_root_and_skips_hidden_folders(tm
     write(tmp_path / "a" / "results.json", classifier("t2", "resnet18", 0.3, 0.3))
     write(tmp_path / "b" / "results.json", classifier("t1", "custom_cnn", 0.2, 0.2))
     write(tmp_path / ".trash" / "results.json", classifier("t2", "resnet18", 0.9, 0.9))  # hidden: not a run
-    write(tmp_path / "other" / "placements.json", [1, 2])  # not a comparison: skipped, no crash
+    write(tmp_path / "other" / "placements.json", [1, 2])  # not a comparison: named, no crash
     runs = runs_folder.collect(tmp_path)
-    assert runs.problems == []
+    assert runs.problems == [f"{tmp_path / 'other' / 'placements.json'} is not T3's comparison (a JSON "
+                             f"object): not reported"]
     assert [r.name for r in runs.classifiers] == ["b", "a", "serial_plain"]  # by task, then name
     assert runs.classifiers[2].history == [{"epoch": 1}, {"epoch": 2}]
     assert [name for name, _ in runs.placements] == ["."]
@@ -1461,6 +1462,8 @@ def test_bad_json_files_are_named_problems_and_good_lines_are_kept(tmp_path):
     write(tmp_path / "t2" / "metrics.jsonl", history(3) + "null\n" + '{"epoch": 4, "train_lo')  # killed mid-line
     write(tmp_path / "utf16" / "results.json", '{"task": "t2"}'.encode("utf-16"))
     write(tmp_path / "list" / "results.json", [])
+    write(tmp_path / "null" / "results.json", "null")
+    write(tmp_path / "null" / "placements.json", "null")
     write(tmp_path / "empty" / "results.json", {})
     runs = runs_folder.collect(tmp_path)
     assert [r["epoch"] for r in runs.run_at("t2").history] == [1, 2, 3]
@@ -1468,9 +1471,13 @@ def test_bad_json_files_are_named_problems_and_good_lines_are_kept(tmp_path):
     assert f"left out of {tmp_path / 't2' / 'metrics.jsonl'}: line 4 (a JSON NoneType, not an object), " \
            f"line 5 (Unterminated string starting at)" in problems
     assert f"could not read {tmp_path / 'utf16' / 'results.json'}: 'utf-8' codec can't decode" in problems
-    for name in ("list", "empty"):
-        assert f"{tmp_path / name / 'results.json'} is not the results of a task script (a JSON object " \
-               f"whose \"task\" is one of t1, t2, t3, t4): not reported" in problems
+    for name in ("list", "null"):
+        assert f"{tmp_path / name / 'results.json'} is not the results of a task script (a JSON " \
+               f"object): not reported" in problems
+    assert f"{tmp_path / 'null' / 'placements.json'} is not T3's comparison (a JSON object): not reported" in problems
+    assert f"{tmp_path / 'empty' / 'results.json'} is not the results of a task script (a JSON object " \
+           f"whose \"task\" is one of t1, t2, t3, t4): not reported" in problems
+    assert len(runs.problems) == 6 and [name for name, _ in runs.placements] == ["t3"]
     assert {r.name for r in runs.classifiers} == {"t2", "t3/serial_plain", "t3/reverse_plain", "t3/serial_plus"}
     text = report.build_report(tmp_path).read_text()  # and the report is written, naming them
     assert "## Problems while reading" in text and "utf16" in text
@@ -1483,8 +1490,17 @@ def test_linked_run_folders_are_read_and_unreadable_ones_named(tmp_path, monkeyp
     root.mkdir()
     (root / "t2").symlink_to(elsewhere / "t2", target_is_directory=True)  # a run kept on another drive
     (root / "loop").symlink_to(root, target_is_directory=True)  # must not be walked forever
+    (root / "a_latest").symlink_to(root / "t2", target_is_directory=True)  # within root: not a second run
     runs = runs_folder.collect(root)
     assert [r.name for r in runs.classifiers] == ["t2"] and runs.problems == []
+    # a link that sorts before its folder hid the folder: T3's selected run went missing
+    shutil.copytree(elsewhere / "t3", root / "t3_real")
+    (root / "t3_best").symlink_to(root / "t3_real" / "reverse_plain", target_is_directory=True)
+    (root / "t3_real" / "best").symlink_to(root / "t3_real" / "reverse_plain", target_is_directory=True)
+    runs = runs_folder.collect(root)
+    assert runs.problems == [] and runs_folder.choose_runs(runs).runs["t3"].name == "t3_real/reverse_plain"
+    shutil.rmtree(root / "t3_real")
+    (root / "t3_best").unlink()
     real_scandir = os.scandir
     def scandir(path="."):  # as a folder without read permission (root ignores chmod)
         if os.path.realpath(path) == str(elsewhere / "t3"):
@@ -1579,6 +1595,7 @@ def test_report_paths_that_cannot_work_are_refused_before_anything_is_written(tm
         report.main([str(tmp_path / "runs"), *[f.format(tmp=tmp_path) for f in flags]])
     assert exit_.value.code == 2
     assert message.format(tmp=tmp_path) in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["d.md", "runs"] and os.listdir(tmp_path / "d.md") == []
     assert not (tmp_path / "runs" / "REPORT.md").exists()
 
 
