@@ -220,6 +220,8 @@ def as_flags(values: Mapping[str, Any], parser: argparse.ArgumentParser) -> str:
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None, *,
           smoke: Mapping[str, Any]) -> argparse.Namespace:
     """parse_args, then with --smoke apply `smoke` to every flag the user did not type."""
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every rank parses: rank 0 alone says what is wrong
+        parser.error = lambda message: parser.exit(2)  # type: ignore[method-assign]
     smoke_flag = next(a for a in parser._actions if "--smoke" in a.option_strings)
     if "in place of" not in smoke_flag.help:  # --help lists the recipe's defaults; say what --smoke changes
         smoke_flag.help += f"; in place of the recipe's defaults it sets {as_flags(smoke, parser)} (a flag you type wins)"

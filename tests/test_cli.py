@@ -67,6 +67,16 @@ def test_lr_inf_is_a_usage_error_before_anything_runs(capsys):
     assert "error: argument --lr: must be a finite number, got 'inf'" in capsys.readouterr().err
 
 
+def test_under_torchrun_rank_0_alone_prints_a_usage_error(capsys, monkeypatch):
+    # Each rank printed the whole usage and the error, interleaved.
+    for rank, printed in (("1", ""), ("0", "error: argument --lr: must be a finite number, got 'inf'")):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as exit_info:
+            cli.parse(_parser(), ["--lr", "inf"], smoke=cli.SMOKE)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and (printed in err if printed else err == "")
+
+
 def test_workers_are_capped_at_four_per_core_and_image_size_at_eight_pixels_below(monkeypatch):
     monkeypatch.setattr(cli.os, "cpu_count", lambda: 1)  # bench/gpu_check.sh passes --workers 8
     assert [cli.workers(n) for n in ("0", "8", "16")] == [0, 8, 16]
