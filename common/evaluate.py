@@ -258,14 +258,14 @@ def _shard_of(loader, rt: Runtime):
 
 
 # ---------------------------------------------------------------- a finished classifier run
-def load_best(model: torch.nn.Module, out: str | Path, best_epoch: int | None = None) -> dict[str, Any]:
+def load_best(model: torch.nn.Module, out: str | Path, best_epoch: int) -> dict[str, Any]:
     """Load out/best.pt's weights into `model` and return that epoch's metrics record.
 
     best_epoch (1-based) is the epoch fit() selected; best.pt must hold it, or the scores
     reported would belong to other weights."""
     path = Path(out) / "best.pt"
     ck = load_checkpoint(path)
-    if best_epoch is not None and ck["epoch"] != best_epoch:
+    if ck["epoch"] != best_epoch:
         raise CheckpointError(f"{path} holds epoch {ck['epoch']}, but the best holdout epoch is "
                               f"{best_epoch}. --fresh starts over.")
     load_model_state(model, ck["model"], path)

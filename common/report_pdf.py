@@ -117,10 +117,10 @@ def source(text: str) -> Paragraph:
     return para(f"Source: {text}", SMALL)
 
 
-def json_path(run: Run, file: str = "results.json") -> str:
+def json_path(run: Run) -> str:
     """<run folder>/results.json, relative to the runs folder, as the tables cite it. Plain
     text, not Courier: a path wider than its table cell would be split inside a word."""
-    return file if run.name == "." else f"{run.name}/{file}"
+    return "results.json" if run.name == "." else f"{run.name}/results.json"
 
 
 def recalls(values: dict | None) -> list[str]:
