@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import torch
 
 from common import cli, engine, evaluate, plots, runtime, task_data
-from common.checkpoint import discard_runs
+from common.checkpoint import discard_runs, weights_sha256
 from common.cubs import BLOCK1_D, PLACEMENTS, VARIANTS, cubs_resnet18, range_check
 from common.diagnostics import diagnostics
 from common.errors import ConfigError
@@ -169,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     result_a = phase_a(model, data, args, rt, meta, out)
     if not result_a["finished"]:
         return {"finished": False}
+    data.loaders.train.close()  # Phase A's loaders are done: free their DALI readers (and GPU batches)
+    data.loaders.holdout.close()
     phase_a_weights = {k: v.clone() for k, v in model.state_dict().items()}
     minings = [args.mining] + ([m for m in MINING_CHOICES if m != args.mining]
                                if args.compare_mining else [])
@@ -251,6 +253,9 @@ def phase_b(model: torch.nn.Module, mining: str, data: SimpleNamespace, args: ar
                               epochs=args.embed_epochs, lr=args.embed_lr,
                               optimizer=args.embed_optimizer, weight_decay=args.embed_weight_decay,
                               warmup_epochs=args.embed_warmup_epochs)
+    # What a refused resume names: the flags that set those fields here
+    embed_flags = {"epochs": "--embed-epochs", "lr": "--embed-lr", "optimizer": "--embed-optimizer",
+                   "weight_decay": "--embed-weight-decay", "warmup_epochs": "--embed-warmup-epochs"}
     runtime.seed_everything(args.seed + rt.rank)
     embedder = EmbeddingNet(model, dim=args.embedding_dim)
     model.fc.requires_grad_(False)  # unused by the embedding: DDP must not wait for its gradients
@@ -259,14 +264,15 @@ def phase_b(model: torch.nn.Module, mining: str, data: SimpleNamespace, args: ar
     holdout_r1 = lambda m: {"holdout_r1": recall_at_k(  # noqa: E731
         *evaluate.embed(m, data.holdout_all, rt), ks=(1,))[1]}
     run_dir = out / f"phase_b_{mining}"
-    meta_b = {**meta, "phase": "b", "mining": mining,
+    # The Phase A weights it starts from: a Phase A trained again must not be resumed into.
+    meta_b = {**meta, "phase": "b", "mining": mining, "phase_a_sha256": weights_sha256(model),
               **{k: getattr(args, k) for k in ("embedding_dim", "classes_per_batch",
                                                "images_per_class", "alpha", "beta", "lam", "epsilon")}}
     if rt.is_main:
         print(f"Phase B ({mining} mining): the {args.embedding_dim}-d embedding (Multi-Similarity loss) "
               f"in {run_dir}")
     fitted = fit_phase(embedder, data.pk_train, loss_fn, holdout_r1, cfg, run_dir, rt, meta_b,
-                       score_key="holdout_r1", top1=False)
+                       score_key="holdout_r1", top1=False, flag_names=embed_flags)
     if not fitted["finished"]:
         return fitted
     evaluate.load_best(embedder, run_dir, fitted["best_epoch"])

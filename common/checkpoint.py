@@ -11,6 +11,7 @@ folder, is fsync'ed, then renamed over the target. A crash mid-save leaves the o
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pickle
 import random
@@ -136,7 +137,7 @@ def _names_code(detail: str) -> bool:
 
 
 # Meta keys that checkpoints written before they were recorded lack: those still resume.
-_RECORDED_LATER = ("data",)
+_RECORDED_LATER = ("data", "phase_a_sha256")
 
 
 def check_compatible(saved_meta: CheckpointMeta, meta: CheckpointMeta, path: str | Path) -> None:
@@ -149,6 +150,17 @@ def check_compatible(saved_meta: CheckpointMeta, meta: CheckpointMeta, path: str
     if diffs:
         raise CheckpointError(f"{path} belongs to a different model or setup: " + "; ".join(diffs)
                               + ". Use another --out, or --fresh to start over.")
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 of a model's state dict (each tensor's name, dtype, shape and bytes, in order):
+    which weights a run started from, whichever file or device held them."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def load_model_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
@@ -282,8 +294,11 @@ class RunCheckpoints:
     rank's RNG state, the meta, the config and the RunProgress."""
 
     def __init__(self, out: Path, rt: Runtime, meta: CheckpointMeta, config: dict[str, Any],
-                 **owners: Any) -> None:
+                 flag_names: dict[str, str] | None = None, **owners: Any) -> None:
+        """flag_names: config key -> the flag that sets it, where it is not --key (T4's
+        Phase B: epochs -> --embed-epochs), for the error that refuses another recipe."""
         self.out, self.rt, self.meta, self.config, self.owners = out, rt, meta, config, owners
+        self.flag_names = flag_names or {}
         self.last, self.best = out / "last.pt", out / "best.pt"
         out.mkdir(parents=True, exist_ok=True)
 
@@ -324,7 +339,7 @@ class RunCheckpoints:
             return RunProgress()
         source, ck = found
         check_compatible(ck["meta"], self.meta, source)
-        _check_same_recipe(ck["config"], self.config, source)
+        _check_same_recipe(ck["config"], self.config, source, self.flag_names)
         for name, owner in self.owners.items():
             if name == "model":
                 load_model_state(owner, ck["model"], source)
@@ -352,10 +367,11 @@ class RunCheckpoints:
         return progress
 
 
-def _check_same_recipe(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
+def _check_same_recipe(saved: dict[str, Any], current: dict[str, Any], path: Path,
+                       flag_names: dict[str, str]) -> None:
     """Resuming with another LR, epoch count, ... would silently splice two recipes."""
-    diffs = [f"{k} {saved.get(k)} (now {v})" for k, v in current.items()
-             if k not in _PROCESS_ONLY and saved.get(k) != v]
+    diffs = [f"{flag_names.get(k, '--' + k.replace('_', '-'))} {saved.get(k)} (now {v})"
+             for k, v in current.items() if k not in _PROCESS_ONLY and saved.get(k) != v]
     if diffs:
         raise CheckpointError(f"{path} was trained with " + ", ".join(diffs) + ". Rerun with "
                               "the flags that set those to resume, --fresh to start over, or "

@@ -335,16 +335,16 @@ def _stop_requested(step: int, meter: _Meter, signals: list[int], rt: Runtime, e
 def fit(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.optim.Optimizer, scheduler,
         scaler: torch.amp.GradScaler, evaluate: Callable[[torch.nn.Module], dict[str, Any]],
         cfg: FitConfig, out: str | Path, rt: Runtime, meta: CheckpointMeta, *,
-        score_key: str = "holdout_acc", top1: bool = True,
+        score_key: str = "holdout_acc", top1: bool = True, flag_names: dict[str, str] | None = None,
         on_epoch: Callable[[list[dict], bool], None] | None = None) -> dict[str, Any]:
     """Train `net` epoch by epoch, resuming from `out` (see the module docstring); returns
     {best_epoch, best_score, epochs_run, train_time_s, images_per_s, history, stopped_early,
     finished}. evaluate(model) -> {score_key: ..., ...} after each epoch; on_epoch(history,
     final): rank 0, e.g. to draw curves.png; after each epoch's metrics.jsonl (final False),
     and once with final True when this call stops training: the run finished (before
-    last.pt records it) or stopped early (a signal, an error, --stop-after-epoch)."""
+    last.pt records it) or stopped early (a signal, an error, --stop-after-epoch). flag_names: see RunCheckpoints."""
     stopper = EarlyStopping(cfg.patience, cfg.min_delta)
-    run = RunCheckpoints(Path(out), rt, meta, asdict(cfg), model=net.module, optimizer=optimizer,
+    run = RunCheckpoints(Path(out), rt, meta, asdict(cfg), flag_names, model=net.module, optimizer=optimizer,
                          scheduler=scheduler, scaler=scaler, early_stopping=stopper)
     with run.held(), _recorded_signals() as signals:
         if cfg.fresh:

@@ -24,7 +24,8 @@ a few batches per call (CACHE_CHUNK_BYTES of output): random-resized crop + flip
 `grid_sample` (bilinear; the crop, at most S x S, is enlarged to S x S), normalise. No
 process or thread feeds the GPU, so steps never wait for data. Crop boxes and flips come
 from (seed, epoch, shard), drawn for every image at once. It takes images as S x S
-(resized once when they are not) and does no colour jitter or eval_resize.
+(resized once when they are not, so a crop then has fewer source pixels than DALI's:
+task_data's "auto" uses it only on S x S files) and does no colour jitter or eval_resize.
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import math
 import shutil
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -161,6 +163,13 @@ class ImageLoader:
         # Seconds of each DALI pipeline build or cache fill, in order (engine.fit logs them).
         self.build_times: list[float] = []
 
+    def close(self) -> None:
+        """Let go of the DALI pipeline (its reader processes, the next epoch's batches it
+        prefetched) and of the device cache. A loader a run is done with holds them until
+        the process ends otherwise; a later epoch() builds them again."""
+        self._dali_iter = self._dali_next = None
+        self._cache = None
+
     def batches(self, epoch: int) -> list[np.ndarray]:
         """Index arrays of this shard's batches in `epoch`."""
         return self._plan(epoch)
@@ -288,9 +297,10 @@ class ImageLoader:
         batches = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=self.workers,
                                               generator=torch.Generator())  # global RNG untouched
         position = 0
-        for images in batches:
-            cache[position:position + len(images)] = images.to(self.device)
-            position += len(images)
+        with self._worker_errors():
+            for images in batches:
+                cache[position:position + len(images)] = images.to(self.device)
+                position += len(images)
         return cache
 
     # ---- torch fallback ----
@@ -307,10 +317,17 @@ class ImageLoader:
         loader = torch.utils.data.DataLoader(
             dataset, batch_sampler=plan[start:], generator=torch.Generator().manual_seed(self.seed),
             num_workers=self.workers, pin_memory=self.device.type == "cuda")
-        try:
+        with self._worker_errors():
             for images, labels in loader:
                 yield (images.to(self.device, non_blocking=True),
                        labels.to(self.device, non_blocking=True))
+
+    @contextmanager
+    def _worker_errors(self) -> Iterator[None]:
+        """Around a DataLoader's batches (the fallback's epochs, the cache's PIL fill): a bad
+        image or a dead worker process becomes one error line, not a worker's traceback."""
+        try:
+            yield
         except ImageDecodeError as err:
             # From a worker process the message carries the worker's whole traceback; its
             # last line is ours: "...ImageDecodeError: cannot decode image PATH: ...".

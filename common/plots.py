@@ -40,8 +40,11 @@ def plot_curves(history: Sequence[dict], path: str | Path, title: str = "", loss
     for k in keys:
         values = [h.get(k, np.nan) for h in history]
         split, _, metric = k.rpartition("_")
-        # As the report's figures: one colour per quantity, holdout dashed, train solid.
-        style = dict(marker=".", label=metric_label(k), linestyle="--" if split == "holdout" else "-",
+        # As the report's figures: one colour per quantity, holdout dashed, train solid; and
+        # holdout's open circles, so that one epoch's two points (no line yet) differ too.
+        holdout = split == "holdout"
+        style = dict(marker="o" if holdout else ".", fillstyle="none" if holdout else "full",
+                     label=metric_label(k), linestyle="--" if holdout else "-",
                      color=f"C{([*_SCORES].index(metric) if metric in _SCORES else 0) % 10}")
         if metric == "loss":
             ax_loss.plot(epochs, values, **style)
@@ -161,7 +164,9 @@ def finish_epoch_axes(fig: Figure, axes: Sequence[Axes], path: str | Path, dpi: 
     the constrained layout. Without it, each axis that has lines gets its own legend
     (plot_curves)."""
     for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
+        # Epochs are whole numbers; min_n_ticks=1: after one epoch the axis spans 0.95-1.05,
+        # where the default (2) falls back to fractional ticks.
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
         if key is None and ax.lines:
             ax.legend(fontsize=8)
@@ -260,7 +265,8 @@ def log_axis(ax: Axes, most: int = 7) -> None:
 
 def log_ticks(lo: float, hi: float, most: int = 7) -> list[float]:
     """Between 3 and `most` round values in [lo, hi] (0 < lo < hi) for a log axis: 1-2-5 style
-    steps per decade, as fine as fit; across a very narrow range, evenly spaced (in log)
+    steps per decade, as fine as fit (over more than `most` decades, every k-th power of
+    ten); across a very narrow range, evenly spaced (in log)
     values at the fewest significant digits that keep them distinct."""
     decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
     ticks: list[float] = []
@@ -269,6 +275,8 @@ def log_ticks(lo: float, hi: float, most: int = 7) -> list[float]:
                  if lo <= m * 10.0 ** e <= hi]
         if len(ticks) <= most:
             break
+    else:  # more than `most` decades (a diverged loss of 1e15): every k-th power of ten
+        ticks = ticks[::math.ceil(len(ticks) / most)]
     if len(ticks) >= 3:
         return ticks
     # Too narrow: three values at a quarter, half and three quarters of the (log) range, at

@@ -76,6 +76,7 @@ class RetrievalMeta(TypedDict, total=False):
     """T4 adds where its weights came from and, in Phase B, the loss settings."""
     init: str  # scratch, t3 or imagenet
     init_sha256: str  # of the weights file T4 started from (not with scratch)
+    phase_a_sha256: str  # Phase B: of the Phase A weights it started from (checkpoint.weights_sha256)
     mining: str
     classes_per_batch: int
     images_per_class: int

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from common.datasets import DatasetSplits, ImageList, find_tiny_imagenet, load_cars196, load_tiny_imagenet
 from common.image_check import CACHE_NAME, check_images
@@ -136,16 +137,32 @@ def _loader(split: ImageList, s: LoaderSettings, rt: Runtime, *, train: bool, sh
     augment = dict(eval_resize=None) if train else dict(seed=0, color_jitter=0.0)
     return ImageLoader(split.files, split.labels, replace(
         s, batch_size=batch_size or s.batch_size, train=train, device=rt.device,
-        backend=_backend(s, len(split.files), rt), classes_per_batch=classes_per_batch,
+        backend=_backend(s, split.files, rt), classes_per_batch=classes_per_batch,
         **shards, **augment))
 
 
-def _backend(s: LoaderSettings, images: int, rt: Runtime) -> str:
+def _backend(s: LoaderSettings, files: list[str], rt: Runtime) -> str:
     """"auto" on a GPU: the device cache (decode once, augment on the GPU; common/loader.py)
     where it does what the run asks (no colour jitter, no eval resize: T1-T3 on Tiny
-    ImageNet, 1.2 GB) and takes at most a quarter of the GPU's memory; else DALI or torch."""
+    ImageNet, 1.2 GB), the files are S x S already, and it takes at most a quarter of the
+    GPU's memory; else DALI or torch. The cache stores S x S images and crops from them, so
+    at another --image-size its training crops would be enlarged from fewer pixels (a 25 %
+    crop at S = 32: 16 x 16 stored pixels) than DALI's and the fallback's, which crop the
+    file first: blurrier training images than the evaluation's."""
     if s.backend != "auto" or not rt.cuda or s.color_jitter or s.eval_resize:
         return s.backend
-    cache_bytes = images * s.image_size ** 2 * 3
+    if _stored_size(files[0]) != (s.image_size, s.image_size):  # the first file stands for all
+        return s.backend
+    cache_bytes = len(files) * s.image_size ** 2 * 3
     fits = cache_bytes <= torch.cuda.get_device_properties(rt.device).total_memory / 4
     return "cache" if fits else s.backend
+
+
+def _stored_size(path: str) -> tuple[int, int] | None:
+    """(width, height) from an image file's header; None when it cannot be read (the loader
+    names the file then)."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except OSError:
+        return None

@@ -9,6 +9,7 @@ if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
 
 import contextlib  # noqa: E402
+import gc  # noqa: E402
 import os  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
@@ -22,6 +23,17 @@ ROOT = Path(_REPO_ROOT)
 # thread, so that the two never fight over the cores (two threads each made the suite slower).
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The garbage collector off across a fork, and so in the forked child (a DataLoader worker):
+# a test process holds DALI pipelines that earlier tests dropped in reference cycles, and
+# the child's first collection (in threading's after-fork hook) ran one's __del__, whose
+# shutdown waits forever for threads that do not exist in the child: the worker hung and
+# the test with it (seen on 2026-12-07 in test_corrupt_jpeg_torch_workers_still_value_error,
+# on a loaded machine). The scripts never fork with DALI pipelines about (a run's loaders
+# share one backend), so this is the tests' own mix.
+_gc_was_enabled = []
+os.register_at_fork(before=lambda: _gc_was_enabled.append(gc.isenabled()) or gc.disable(),
+                    after_in_parent=lambda: gc.enable() if _gc_was_enabled.pop() else None)
 
 
 def run_script(script: str, *args: str, timeout: int = 900, check: bool = True,

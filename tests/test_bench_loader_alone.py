@@ -25,6 +25,20 @@ def test_images_per_second_counts_every_timed_image_but_the_clock_starting_batch
     assert n == 7 * 8 and rate > 0
 
 
+def test_a_cache_on_cuda_starts_the_clock_after_its_first_call(tmp_path, monkeypatch):
+    # The device cache on CUDA augments 10 batches of 256 in one call: the 9 that come with the
+    # clock-starting batch were computed before the clock and must not be counted.
+    root = make_tiny_imagenet(tmp_path, num_classes=3, train_per_class=12, val_per_class=1, image_size=16)
+    split = load_tiny_imagenet(root, holdout_per_class=0).train  # 36 images
+    loader = ImageLoader(split.files, split.labels, LoaderSettings(batch_size=4, train=True, image_size=16,
+                         backend="cache", workers=0))
+    assert len(loader) == 9
+    monkeypatch.setattr(loader_alone, "cache_batches_per_call", lambda device, batch, size: 3)
+    rate, n = loader_alone.images_per_second(loader, min_batches=7, device=torch.device("cpu"))
+    # 10 batches needed (7 + the first call's 3) -> 2 epochs of 9 -> 18 - 3 = 15 timed batches
+    assert n == 15 * 4 and rate > 0
+
+
 def test_command_line_prints_one_line_per_stream(tmp_path):
     make_tiny_imagenet(tmp_path, num_classes=3, train_per_class=14, val_per_class=1, image_size=16)
     make_cars196(tmp_path / "cars196", num_classes=4, per_class=3, image_size=(40, 30))

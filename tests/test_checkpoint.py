@@ -417,15 +417,36 @@ def test_every_recipe_field_but_the_process_only_ones_must_match_to_resume(tmp_p
         changed = (not value if isinstance(value, bool) else value + "x" if isinstance(value, str)
                    else 1 if value is None else value + 1)
         current = {**saved, field.name: changed}
+        flag = "--" + field.name.replace("_", "-")  # the error names the flag: --warmup-epochs
         if field.name in process_only:
-            _check_same_recipe(saved, current, tmp_path / "last.pt")
+            _check_same_recipe(saved, current, tmp_path / "last.pt", {})
         else:
-            with pytest.raises(CheckpointError, match=f"trained with {field.name} "):
-                _check_same_recipe(saved, current, tmp_path / "last.pt")
+            with pytest.raises(CheckpointError, match=f"trained with {flag} "):
+                _check_same_recipe(saved, current, tmp_path / "last.pt", {})
             # a checkpoint that does not record the field (an older one) cannot vouch for it
             missing = {k: v for k, v in saved.items() if k != field.name}
-            with pytest.raises(CheckpointError, match=rf"trained with {field.name} None \(now "):
-                _check_same_recipe(missing, current, tmp_path / "last.pt")
+            with pytest.raises(CheckpointError, match=rf"trained with {flag} None \(now "):
+                _check_same_recipe(missing, current, tmp_path / "last.pt", {})
+    # T4's Phase B sets epochs by --embed-epochs: the error says so, not --epochs (Phase A's)
+    with pytest.raises(CheckpointError, match=r"trained with --embed-epochs 30 \(now 31\)\. Rerun"):
+        _check_same_recipe(saved, {**saved, "epochs": 31}, tmp_path / "last.pt", {"epochs": "--embed-epochs"})
+
+
+def test_weights_sha256_tells_weights_apart_not_devices_or_copies():
+    from common.checkpoint import weights_sha256
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    b.load_state_dict(a.state_dict())
+    assert weights_sha256(a) == weights_sha256(b) and len(weights_sha256(a)) == 64
+    with torch.no_grad():
+        b.bias[1] += 1e-7  # one float's last bits
+    assert weights_sha256(a) != weights_sha256(b)
+    # names and shapes count too: the same bytes under another name or shape are other weights
+    c = torch.nn.Module()
+    c.other = a
+    assert weights_sha256(c) != weights_sha256(a)
+    bn = torch.nn.BatchNorm1d(2)  # with its 0-dim int64 num_batches_tracked
+    assert weights_sha256(bn) == weights_sha256(torch.nn.BatchNorm1d(2))
 
 
 def test_atomic_file_is_synced_before_the_rename_and_readable_as_the_umask_allows(tmp_path, monkeypatch):

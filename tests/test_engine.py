@@ -406,7 +406,7 @@ def test_finished_run_is_not_retrained(tiny_splits, tmp_path):
 
 def test_resume_with_another_recipe_is_refused_with_the_differences_named(tiny_splits, tmp_path):
     _run_fit(tiny_splits, tmp_path, "torch", epochs=3, stop_after=1)
-    with pytest.raises(CheckpointError, match=r"epochs 3 \(now 4\), lr 0.05 \(now 0.01\)"):
+    with pytest.raises(CheckpointError, match=r"trained with --epochs 3 \(now 4\), --lr 0.05 \(now 0.01\)"):
         _run_fit(tiny_splits, tmp_path, "torch", epochs=4, lr_override=0.01)
     # flags that only steer the process (compile, --fresh, --stop-after-epoch) may change
     _, result = _run_fit(tiny_splits, tmp_path, "torch", epochs=3, stop_after=5)

@@ -607,11 +607,56 @@ def test_a_file_gone_is_one_error_line_with_dali_reader_processes_too(tiny, tmp_
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
-def test_corrupt_jpeg_torch_workers_still_value_error(corrupt_files):
+@needs_dali
+def test_close_ends_the_dali_reader_processes(tiny, tmp_path):
+    # T4 closes Phase A's loaders before Phase B: on a GPU each training pipeline keeps its
+    # reader processes (about 0.5 GB each) and a prefetched epoch otherwise. In a process of
+    # its own, as the test above, and counting that process's children.
+    code = f"""import os, gc, time
+import numpy as np
+from common.loader import ImageLoader, LoaderSettings
+def children():
+    me = str(os.getpid())
+    return sum(1 for p in os.listdir('/proc') if p.isdigit() and _parent(p) == me)
+def _parent(p):
+    try:
+        return open(f'/proc/{{p}}/stat').read().rsplit(')', 1)[1].split()[1]
+    except OSError:
+        return None
+if __name__ == '__main__':
+    files = {list(tiny.train.files[:16])!r}
+    loader = ImageLoader(files, np.arange(16), LoaderSettings(backend='dali', batch_size=4,
+                         train=True, image_size=32, workers=2, reader_processes=2))
+    before = children()
+    batches = sum(1 for _ in loader.epoch(0))
+    during = children()
+    loader.close()
+    gc.collect()
+    for _ in range(100):
+        if children() <= before + 1:
+            break
+        time.sleep(0.1)
+    print(batches, before, during, children(), sum(1 for _ in loader.epoch(1)))
+"""
+    script = tmp_path / "close.py"
+    script.write_text(code)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                          cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    batches, before, during, after, batches_after = map(int, proc.stdout.split()[-5:])
+    assert batches == batches_after == 4
+    assert during >= before + 2  # the two readers
+    assert after == during - 2  # the readers gone (multiprocessing's resource tracker stays)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cache"])
+def test_corrupt_jpeg_torch_workers_still_value_error(corrupt_files, backend, monkeypatch):
+    # cache: its fill by PIL (no DALI, e.g. a fresh Colab GPU runtime) in a worker process
+    monkeypatch.setattr(loader_module, "HAVE_DALI", False)
     files, bad = corrupt_files
     loader = ImageLoader(files, np.arange(len(files)),
                          LoaderSettings(batch_size=4, train=False, image_size=32,
-                                        backend="torch", workers=1))
+                                        backend=backend, workers=1))
     with pytest.raises(ImageDecodeError) as err:
         for _ in loader.epoch(0):
             pass
@@ -787,9 +832,10 @@ def test_cache_refuses_what_it_does_not_do(tiny):
             make(tiny.test.files, tiny.test.labels, "cache", batch_size=4, image_size=64, **kw)
 
 
-def test_auto_takes_the_device_cache_on_a_gpu_only_where_it_applies(monkeypatch):
+def test_auto_takes_the_device_cache_on_a_gpu_only_where_it_applies(monkeypatch, tmp_path):
     # task_data's rule for --backend auto: the cache for T1-T3 on a GPU (no colour jitter, no
-    # eval resize) while it takes at most a quarter of the GPU's memory; else DALI / torch.
+    # eval resize, files of the training size) while it takes at most a quarter of the GPU's
+    # memory; else DALI / torch.
     from types import SimpleNamespace
 
     from common import runtime, task_data
@@ -799,13 +845,20 @@ def test_auto_takes_the_device_cache_on_a_gpu_only_where_it_applies(monkeypatch)
     gpu = runtime.Runtime(torch.device("cuda", 0))
     cpu = runtime.Runtime(torch.device("cpu"))
     tiny = task_data.LoaderSettings(batch_size=256, image_size=64, workers=4, backend="auto", seed=0)
-    n = 100_000  # 1.2 GB of 64 x 64 x 3 bytes
+    Image.new("RGB", (64, 64)).save(tmp_path / "a.JPEG")
+    Image.new("RGB", (500, 375)).save(tmp_path / "car.jpg")
+    n = [str(tmp_path / "a.JPEG")] * 100_000  # 1.2 GB of 64 x 64 x 3 bytes
     assert task_data._backend(tiny, n, gpu) == "cache"
     assert task_data._backend(tiny, n, cpu) == "auto"
     assert task_data._backend(task_data.LoaderSettings(**{**vars(tiny), "color_jitter": 0.2}), n, gpu) == "auto"
     cars = task_data.LoaderSettings(**{**vars(tiny), "image_size": 224, "eval_resize": 256})
-    assert task_data._backend(cars, 8000, gpu) == "auto"  # T4: DALI
+    assert task_data._backend(cars, [str(tmp_path / "car.jpg")] * 8000, gpu) == "auto"  # T4: DALI
     assert task_data._backend(task_data.LoaderSettings(**{**vars(tiny), "backend": "dali"}), n, gpu) == "dali"
+    # --image-size 32 on 64 px files: the cache would crop from 32 x 32 copies (blurrier
+    # training crops than DALI's), so auto keeps DALI; an unreadable first file too.
+    assert task_data._backend(task_data.LoaderSettings(**{**vars(tiny), "image_size": 32}), n, gpu) == "auto"
+    (tmp_path / "bad.JPEG").write_bytes(b"not an image")
+    assert task_data._backend(tiny, [str(tmp_path / "bad.JPEG")] + n[1:], gpu) == "auto"
     memory["total"] = 4 * 2**30  # 1.2 GB > a quarter of 4 GiB
     assert task_data._backend(tiny, n, gpu) == "auto"
 

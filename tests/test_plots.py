@@ -215,7 +215,7 @@ def test_a_key_of_long_run_names_stays_inside_the_figure(figures: list, tmp_path
 
 
 @pytest.mark.parametrize("lo, hi", [(0.8, 2.3), (0.5, 60.0), (0.95, 1.05), (1.6, 1.7), (0.01, 10.0),
-                                    (2.0, 2.3)])
+                                    (2.0, 2.3), (3.0, 2.9e15), (1e-3, 1e9)])
 def test_log_axes_get_three_to_seven_plain_labels(lo: float, hi: float, figures: list) -> None:
     ticks = plots.log_ticks(lo, hi)
     assert 3 <= len(ticks) <= 7 and ticks == sorted(set(ticks))
@@ -425,3 +425,19 @@ def test_run_curves_draw_holdout_dashed_and_train_solid_in_one_colour_per_quanti
     assert lines["train loss"].get_color() == lines["holdout loss"].get_color()
     assert lines["train accuracy"].get_color() == lines["holdout accuracy"].get_color() \
         != lines["holdout top-5 accuracy"].get_color()
+
+
+def test_one_epoch_curves_have_a_whole_epoch_tick_and_holdout_points_apart_from_train(figures, tmp_path) -> None:
+    # After a run's first epoch the x axis spans 0.945-1.055: MaxNLocator's default fell back
+    # to fractional ticks (0.96, 0.98, ...), and with no line yet only the markers tell the
+    # holdout point from the train point of the same colour.
+    history = [{"epoch": 1, "train_loss": 2.0, "holdout_loss": 2.2, "train_acc": 0.1, "holdout_acc": 0.09}]
+    plots.plot_curves(history, tmp_path / "c.png", "T2: ResNet-18")
+    fig = figures[-1]
+    fig.canvas.draw()
+    for ax in fig.axes:
+        low, high = ax.get_xlim()
+        assert [t for t in ax.get_xticks() if low <= t <= high] == [1.0]
+        lines = {line.get_label().split()[0]: line for line in ax.lines}
+        assert (lines["holdout"].get_marker(), lines["holdout"].get_fillstyle()) != \
+            (lines["train"].get_marker(), lines["train"].get_fillstyle())

@@ -45,6 +45,7 @@ def _embedded_split(monkeypatch):
 def test_t4_phase_b_trains_with_the_embed_flags_the_loss_constants_and_holdout_recall(tmp_path, monkeypatch):
     import t4_retrieval
     from common import runtime
+    from common.checkpoint import weights_sha256
     from common.cubs import cubs_resnet18
     from common.loss import multi_similarity_loss
     args = _t4_args(tmp_path, "--epochs", "3", "--lr", "0.3", "--weight-decay", "0.01", "--warmup-epochs", "2",
@@ -67,11 +68,15 @@ def test_t4_phase_b_trains_with_the_embed_flags_the_loss_constants_and_holdout_r
     assert (cfg.epochs, cfg.lr, cfg.optimizer, cfg.weight_decay, cfg.warmup_epochs) == (5, 0.002, "sgd", 0.003, 0.5)
     assert hard["loader"] is data.pk_train and hard["run_dir"] == tmp_path / "phase_b_hard"
     assert semihard["run_dir"] == tmp_path / "phase_b_semihard"
-    assert hard["kw"] == {"score_key": "holdout_r1", "top1": False}
-    # the meta a resume compares: every Phase B setting, and the mining
+    # a refused resume names the --embed-* flags (given above) that set those fields
+    assert hard["kw"] == {"score_key": "holdout_r1", "top1": False, "flag_names": {
+        "epochs": "--embed-epochs", "lr": "--embed-lr", "optimizer": "--embed-optimizer",
+        "weight_decay": "--embed-weight-decay", "warmup_epochs": "--embed-warmup-epochs"}}
+    # the meta a resume compares: every Phase B setting, the mining, and the Phase A weights
+    # it started from (a Phase A trained again must not be resumed into)
     assert hard["meta"] == {"task": "t4", "width": 8, "phase": "b", "mining": "hard", "embedding_dim": 16,
                             "classes_per_batch": 3, "images_per_class": 5, "alpha": 1.5, "beta": 40.0,
-                            "lam": 0.25, "epsilon": 0.05}
+                            "lam": 0.25, "epsilon": 0.05, "phase_a_sha256": weights_sha256(model)}
     assert semihard["meta"]["mining"] == "semihard" and meta == {"task": "t4", "width": 8}
     # the loss: --alpha, --beta, --lam, --epsilon and this phase's mining, each in its place
     torch.manual_seed(0)
@@ -120,9 +125,11 @@ def test_t4_every_mining_starts_from_phase_as_weights_and_mining_is_the_one_repo
     assert list(MINING_CHOICES) == ["none", "ms", "hard", "semihard"]
     splits = SimpleNamespace(train=SimpleNamespace(classes=list(range(4)), files=[]),
                              test=SimpleNamespace(files=[], classes=[]), fingerprint=lambda: "4 classes")
-    test_all, embedded = object(), []
-    monkeypatch.setattr(t4_retrieval, "load_data", lambda args, rt, out: SimpleNamespace(splits=splits,
-                                                                                     test_all=test_all))
+    test_all, embedded, events = object(), [], []
+    loaders = SimpleNamespace(**{name: SimpleNamespace(close=lambda name=name: events.append(f"close {name}"))
+                                 for name in ("train", "holdout")})
+    monkeypatch.setattr(t4_retrieval, "load_data", lambda args, rt, out: SimpleNamespace(
+        splits=splits, test_all=test_all, loaders=loaders))
     monkeypatch.setattr(t4_retrieval.evaluate, "embed", lambda model, loader, rt, features=False:
                         embedded.append((loader, features)) or (None, None))
     monkeypatch.setattr(t4_retrieval, "recall_at_k", lambda *a, **k: {1: 0.5})
@@ -136,6 +143,7 @@ def test_t4_every_mining_starts_from_phase_as_weights_and_mining_is_the_one_repo
         return {"finished": True}
 
     def phase_b(model, mining, data, args, rt, meta, out):
+        events.append(mining)
         trained[mining] = {k: v.clone() for k, v in model.state_dict().items()}
         with torch.no_grad():  # what this mining's Phase B changed
             for p in model.parameters():
@@ -148,6 +156,8 @@ def test_t4_every_mining_starts_from_phase_as_weights_and_mining_is_the_one_repo
     got = t4_retrieval.main(["--smoke", "--out", str(tmp_path), "--width", "8", "--init", "scratch",
                              "--t3-results", str(tmp_path / "none.json"), *flags])
     assert list(got["results_b"]) == minings and got["args"].mining == minings[0]
+    # Phase A's loaders let go of their DALI readers before Phase B starts
+    assert events == ["close train", "close holdout", *minings]
     assert {m: r["mining"] for m, r in got["results_b"].items()} == {m: m for m in minings}
     for mining in minings:
         assert all(torch.equal(trained[mining][k], trained["a"][k]) for k in trained["a"]), mining
