@@ -41,6 +41,7 @@ from torch import Tensor, nn
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # allow `python bench/bench_cubs.py`
 
+from bench.machine import load_note  # noqa: E402
 from common import cubs  # noqa: E402
 from common.cubs import CUBSBlock2, CUBSBlock2Plus, cubs_resnet18  # noqa: E402
 from common.models import ResNet18  # noqa: E402
@@ -177,7 +178,7 @@ def main() -> None:
     block_batch, block_runs = (2, 2) if args.quick else (8, 3)
     step_batch = 256 if cuda else (4 if args.quick else 8)
     step_runs = 7 if args.quick else 9  # medians of 3 spread by 0.1x from run to run on 2 cores
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads"
+    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {load_note()}"
           + (f", {torch.cuda.get_device_name(device)}" if cuda else ""))
 
     print(f"\nCUBS Block 2 forward+backward, C=64, 64x64 (N=4096), batch {block_batch}, "

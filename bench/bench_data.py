@@ -17,7 +17,6 @@ No assertions. Run: python -m bench.bench_data [--workers 2] [--batch-size N] [-
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # allow `python bench/...py`
 
+from bench.machine import load_note  # noqa: E402
 from common.loader import HAVE_DALI, MEAN, STD, ImageLoader, LoaderSettings  # noqa: E402
 from common.schema import RANDOM_AREA, RANDOM_ASPECT  # noqa: E402
 from common.synthetic import render_class_image  # noqa: E402
@@ -131,10 +131,7 @@ def main() -> None:
     n_tiny, n_cars = (1024, 128) if args.quick else (4096, 384)
     backends = (["dali"] if HAVE_DALI else []) + (["torch"] if args.fallback or not HAVE_DALI else [])
 
-    load = os.getloadavg()
-    print(f"torch {torch.__version__}, DALI {'yes' if HAVE_DALI else 'NOT importable'}, "
-          f"{os.cpu_count()} CPUs, load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
-          + ("  (machine is loaded: figures are noisy)" if load[0] > 0.5 * (os.cpu_count() or 1) else ""))
+    print(f"torch {torch.__version__}, DALI {'yes' if HAVE_DALI else 'NOT importable'}, {load_note()}")
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         t0 = time.perf_counter()
         tiny = write_jpegs(Path(tmp) / "tiny", n_tiny, (64, 64), num_classes=50, seed=0)
@@ -146,8 +143,7 @@ def main() -> None:
         bench_case("(b) 500x375 Cars-like -> 224", *cars, size=224,
                    batch_size=args.batch_size or 32, workers=args.workers, epochs=epochs,
                    goal=1.3, backends=backends)
-    load = os.getloadavg()
-    print(f"\nload average at the end {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print("\n" + load_note("at the end"))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # allow `python bench/...py`
 
+from bench.machine import load_note  # noqa: E402
 from common.image_check import CACHE_NAME, check_images  # noqa: E402
 
 GOAL_S = 10.0
@@ -57,6 +58,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--files", type=int, default=GOAL_FILES, help="how many JPEGs to generate")
     args = parser.parse_args()
+    print(load_note())
     with tempfile.TemporaryDirectory(prefix="bench-image-check-") as tmp:
         root = Path(tmp)
         seconds, files = timed(lambda: write_jpegs(root, args.files))

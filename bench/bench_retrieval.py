@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # allow `python bench/...py`
 
+from bench.machine import load_note  # noqa: E402
 from common.loss import multi_similarity_loss  # noqa: E402
 from common.recall import recall_at_k  # noqa: E402
 
@@ -54,6 +55,6 @@ def bench_loss() -> None:
 
 
 if __name__ == "__main__":
-    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, {load_note()}")
     bench_recall()
     bench_loss()

@@ -102,9 +102,16 @@ if [ -n "$DALI_SITE" ]; then
 fi
 
 log "machine: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo 'no nvidia-smi')"
-python3 - <<'PY' || { echo "needs torch with CUDA, torchvision, scipy, matplotlib (pip install -r requirements.txt)"; exit 1; }
-import torch, torchvision, scipy, matplotlib  # noqa: F401  (the scripts need all four)
-assert torch.cuda.is_available(), "torch sees no GPU"
+python3 - <<'PY' || exit 1
+import sys
+try:
+    import torch, torchvision, scipy, matplotlib  # noqa: F401  (the scripts need all four)
+except ImportError as err:
+    sys.exit(f"gpu_check: needs torch with CUDA, torchvision, scipy, matplotlib "
+             f"(pip install -r requirements.txt): {err}")
+if not torch.cuda.is_available():
+    sys.exit("gpu_check: torch sees no GPU on this machine; this script measures the GPU path "
+             "(CPU figures: python -m bench.bench_cubs, python -m bench.bench_data)")
 print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, capability {torch.cuda.get_device_capability()}")
 try:
     import nvidia.dali as dali
@@ -165,6 +172,7 @@ log "only the reserved figure holds the graphs' activations)"
 python3 - "$OUT" "$(( $(date +%s) - START ))" <<'PY' | tee "$OUT/summary.txt"
 import json, sys, time
 from pathlib import Path
+from bench.gpu_diagnose import without_nan
 out, wall = Path(sys.argv[1]), int(sys.argv[2])
 try:
     import torch
@@ -228,6 +236,7 @@ for name, run in (("T3 cubs serial plain", out / "t3" / "serial_plain"), ("T2 re
               f"re-recording(s) of {events['graph_recordings']} recording(s) (summary.json: the first reasons)")
 for line in summary["loaders_alone"]:
     print(line)
-(out / "summary.json").write_text(json.dumps(summary, indent=1))
+# NaN (a figure a run did not log) as null: summary.json stays strict JSON
+(out / "summary.json").write_text(json.dumps(without_nan(summary), indent=1, allow_nan=False))
 PY
 log "done in $(( $(date +%s) - START )) s; figures in $OUT (summary.json)"

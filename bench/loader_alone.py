@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import cli  # noqa: E402
 from common.datasets import load_cars196, load_tiny_imagenet  # noqa: E402
 from common.loader import ImageLoader, LoaderSettings, cache_batches_per_call  # noqa: E402
 
@@ -89,4 +90,4 @@ def describe(loader: ImageLoader) -> str:
 
 
 if __name__ == "__main__":  # DALI reader processes are spawned: they re-import this file
-    main()
+    cli.run(main)  # a missing dataset or a bad image: one error line, as in the task scripts

@@ -85,6 +85,8 @@ def main() -> None:
     ap.add_argument("--time-batch", type=int, default=None, help="batch of the timing (default --batch)")
     ap.add_argument("--no-errors", action="store_true", help="timing only (the error table runs on the CPU)")
     args = ap.parse_args()
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: torch sees no GPU here")
     g = torch.Generator().manual_seed(0)
     print(f"B = {args.batch}, N = {args.n}, p = {TAYLOR_TERMS}, Taylor while max logit <= {TAYLOR_MAX_LOGIT}")
     print(f"{'max q*k':>8s} {'method':>10s} {'a':>8s} {'dq':>8s} {'dk':>8s} {'dv':>8s}")

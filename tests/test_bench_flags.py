@@ -54,3 +54,13 @@ def test_a_negative_gate_logit_passes_the_check_and_builds(monkeypatch):
     assert at_par_ablation._is_gate("-2")
     model = at_par_ablation.build("serial--2")
     assert isinstance(model, torch.nn.Module)
+
+
+def test_the_load_note_warns_above_half_the_cpus(monkeypatch):
+    from bench import machine
+    monkeypatch.setattr(machine.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(machine.os, "getloadavg", lambda: (1.0, 2.5, 0.25))
+    assert machine.load_note() == "2 CPUs, load average 1.00 2.50 0.25"
+    monkeypatch.setattr(machine.os, "getloadavg", lambda: (1.01, 0.0, 0.0))
+    assert machine.load_note("at the end") == ("2 CPUs, load average at the end 1.01 0.00 0.00"
+                                               "  (machine is loaded: figures are noisy)")

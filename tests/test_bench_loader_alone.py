@@ -52,3 +52,10 @@ def test_command_line_prints_one_line_per_stream(tmp_path):
     assert "device cache" in lines[0]
     for line in lines:
         assert float(line.split("images/s")[0].split()[-1]) > 0
+
+
+def test_a_missing_dataset_is_one_error_line(tmp_path):
+    done = subprocess.run([sys.executable, "bench/loader_alone.py", str(tmp_path / "none"), "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.startswith(f"error: Tiny ImageNet folder not found: {tmp_path / 'none' / 'tiny-imagenet-200'}")

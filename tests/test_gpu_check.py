@@ -7,6 +7,7 @@ guard, offline pip install into a temporary target, that target first on PYTHONP
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -214,3 +215,25 @@ def test_full_size_tiny_imagenet_is_marked_complete_only_after_its_last_image(tm
     mfs.main(["--tiny", str(tmp_path)])
     assert (tmp_path / "tiny-imagenet-200" / mfs.FULL_SIZE_MARKER).read_text() == "100000 train images\n"
     assert f'$DATA/tiny-imagenet-200/{mfs.FULL_SIZE_MARKER}' in (ROOT / "bench" / "gpu_check.sh").read_text()
+
+
+def test_the_summary_step_writes_strict_json_with_null_for_a_figure_no_run_logged(tmp_path):
+    # The summary heredoc of gpu_check.sh, run as the script runs it (python3 - from the
+    # repository root) on one run folder whose second epoch lacks the holdout score: the
+    # printed table shows nan, summary.json null (json.dumps wrote a bare NaN, not JSON).
+    script = (ROOT / "bench" / "gpu_check.sh").read_text()
+    start = script.index('python3 - "$OUT"')
+    body = script[script.index("\n", start) + 1:]
+    body = body[:body.index("\nPY\n")]
+    (tmp_path / "t2").mkdir()
+    (tmp_path / "t2" / "metrics.jsonl").write_text(
+        '{"epoch": 1, "epoch_time_s": 3.0, "images_per_s": 10.0, "data_wait_share": 0.1}\n'
+        '{"epoch": 2, "epoch_time_s": 2.0, "images_per_s": 12.0, "data_wait_share": 0.05}\n')
+    done = subprocess.run([sys.executable, "-", str(tmp_path), "12"], input=body, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "T2 resnet18" in done.stdout and " nan" in done.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    run = summary["runs"]["T2 resnet18"]
+    assert (run["images_per_s"], run["data_wait_share"], run["holdout"], run["first_epoch_s"]) == (12.0, 0.05, None, 3.0)
+    assert summary["runs"]["T1 custom cnn"]["log_tail"] == "no t1.log"
