@@ -342,7 +342,8 @@ def fit(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.optim.Optimiz
     finished}. evaluate(model) -> {score_key: ..., ...} after each epoch; on_epoch(history,
     final): rank 0, e.g. to draw curves.png; after each epoch's metrics.jsonl (final False),
     and once with final True when this call stops training: the run finished (before
-    last.pt records it) or stopped early (a signal, an error, --stop-after-epoch). flag_names: see RunCheckpoints."""
+    last.pt records it) or stopped early (a signal, an error, --stop-after-epoch); flag_names:
+    RunCheckpoints'."""
     stopper = EarlyStopping(cfg.patience, cfg.min_delta)
     run = RunCheckpoints(Path(out), rt, meta, asdict(cfg), flag_names, model=net.module, optimizer=optimizer,
                          scheduler=scheduler, scaler=scaler, early_stopping=stopper)
@@ -357,9 +358,8 @@ def fit(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.optim.Optimiz
             while not progress.finished:
                 if progress.epoch >= cfg.epochs or stopper.should_stop:
                     progress.finished = True
-                    # Again (a kill after an epoch's last.pt may have missed its metrics),
-                    # and before last.pt records the finish, so that a rerun after a kill
-                    # between the two comes back here.
+                    # Again (a kill after an epoch's last.pt may have missed its metrics), and
+                    # before last.pt records the finish: a rerun after a kill between comes back here.
                     _write_metrics(progress.history, run, rt, on_epoch, True)
                     run.save(progress, run.last)
                     break

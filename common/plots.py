@@ -266,8 +266,8 @@ def log_axis(ax: Axes, most: int = 7) -> None:
 def log_ticks(lo: float, hi: float, most: int = 7) -> list[float]:
     """Between 3 and `most` round values in [lo, hi] (0 < lo < hi) for a log axis: 1-2-5 style
     steps per decade, as fine as fit (over more than `most` decades, every k-th power of
-    ten); across a very narrow range, evenly spaced (in log)
-    values at the fewest significant digits that keep them distinct."""
+    ten); across a very narrow range, evenly spaced (in log) values at the fewest
+    significant digits that keep them distinct."""
     decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
     ticks: list[float] = []
     for mantissas in ((1, 1.5, 2, 3, 4, 5, 6, 7, 8, 9), (1, 2, 3, 5, 7), (1, 2, 5), (1, 3), (1,)):
