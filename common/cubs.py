@@ -133,7 +133,8 @@ def similarity_attention(q: Tensor, k: Tensor, v: Tensor,
                          out_of_range: Tensor | None = None) -> Tensor:
     """a_i = sum_j softmax_j(q_i k_j) v_j for B x L scalars q, k, v -> B x L.
 
-    Computed in fp32 (float64 for float64 inputs) whatever the autocast. When every logit
+    Computed in fp32 (float64 for float64 inputs, the series still truncated at fp32's
+    2^-24) whatever the autocast. When every logit
     q_i k_j lies in [0, TAYLOR_MAX_LOGIT] (q, k >= 0, as the plain blocks' ReLUs make them),
     by the truncated Taylor series of exp in O(L p) (taylor_similarity_attention, error
     below fp32 rounding); otherwise by fused_attention, exact for any logit. The branch
@@ -184,9 +185,13 @@ def taylor_similarity_attention(q: Tensor, k: Tensor, v: Tensor,
     n = torch.arange(terms, device=q.device, dtype=q.dtype)                         # p
     coeff = torch.exp(n * math.log(scale) - torch.lgamma(n + 1))                    # p: X^n / n!
     # q_i k_j = (q_i / s) (k_j s / X) X with s = max_i q_i: both factors in [0, 1], so no
-    # power over- or underflows before the coefficient; s > 0 keeps an all-zero q exact.
-    # a does not depend on s, so s is a constant to autograd (its exact derivative is 0).
-    s = q.detach().amax(dim=1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)  # B x 1
+    # power over- or underflows before the coefficient. a does not depend on s, so s is a
+    # constant to autograd (its exact derivative is 0), and a sample whose q is all zero
+    # takes s = X / max k, so that its keys k / max k stay normal floats: with s near 0 they
+    # were subnormal, and its q gradient lost digits (or became 0 where denormals flush).
+    q_max, k_max = q.detach().amax(dim=1, keepdim=True), k.detach().amax(dim=1, keepdim=True)  # B x 1
+    finfo = torch.finfo(q.dtype)
+    s = torch.where(q_max > 0, q_max, (scale / k_max.clamp_min(finfo.tiny)).clamp_max(finfo.max))
     # a_i = c + sum_j w_ij (v_j - c) / sum_j w_ij for any c. With c = mean(v) the sums are
     # of small signed terms and a_i - c is what is rounded, so a and its q gradient lose far
     # less to rounding than with c = 0 (docs/cubs.md, "Numerics"). c is a constant to

@@ -113,7 +113,7 @@ def test_taylor_path_is_as_accurate_as_the_fused_kernel():
     assert all(t < bound for t, bound in zip(taylor, FUSED_LEVEL)), taylor
 
 
-def test_similarity_attention_in_float64_is_exact_to_float64_rounding():
+def test_similarity_attention_in_float64_is_exact_to_the_series_fp32_truncation():
     generator = torch.Generator().manual_seed(6)
     q, k, v, upstream = _plain_inputs(2, 37, 5.0, 0.3, generator, dtype=f64)
     errors = _relative_errors(similarity_attention, q, k, v, upstream)
@@ -142,6 +142,28 @@ def test_similarity_attention_edge_cases(case):
         assert _paths_taken(q, k, v) == "fused"
     errors = _relative_errors(similarity_attention, q, k, v, upstream)
     assert errors[0] < 1e-6 and max(errors[1:]) < 1e-4, errors
+
+
+@pytest.mark.parametrize("largest_logit, flush_denormal", [(1.0, False), (1e-7, False), (1.0, True)])
+def test_an_all_zero_q_beside_another_sample_keeps_an_exact_q_gradient(largest_logit, flush_denormal):
+    # Sample 0's q is all zero, sample 1 sets the batch's largest logit X. Scaling k by
+    # s = max q (clamped to the smallest normal) made sample 0's keys subnormal: its q
+    # gradient was off by 2e-2 at X = 1e-7, and 0 where denormals are flushed.
+    generator = torch.Generator().manual_seed(12)
+    q, k, v, upstream = _plain_inputs(2, 40, largest_logit, 0.3, generator)
+    q[0] = 0.0
+    if flush_denormal and not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals (x86 with SSE3 can)")
+    try:
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        d_q = torch.autograd.grad(similarity_attention(*inputs), inputs[0], upstream)[0]
+    finally:
+        torch.set_flush_denormal(False)
+    reference_inputs = [t.double().requires_grad_() for t in (q, k, v)]
+    exact = torch.autograd.grad(naive_similarity_attention(*reference_inputs), reference_inputs[0],
+                                upstream.double())[0]
+    assert exact[0].norm() > 1e-6  # a gradient to get right
+    assert ((d_q[0].double() - exact[0]).norm() / exact[0].norm()).item() < 1e-6
 
 
 def test_similarity_attention_runs_in_fp32_under_autocast():
