@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> dict:
             check_plus_d(args.d)
         except ValueError as err:
             parser.error(str(err))
+    if args.variant == "plus" and args.gate_init != GATE_LOGIT_INIT:  # it would only name the runs' recipe
+        parser.error("--gate-init sets the plain blocks' gates; --variant plus trains none "
+                     "(plus blocks start as the identity, docs/cubs.md)")
     if args.evaluate and (args.placement == "all" or args.variant == "both"):
         parser.error("--evaluate takes the checkpoint's one --placement and one --variant, not all/both")
     rt = runtime.setup_runtime(args.device, args.seed)

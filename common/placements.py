@@ -28,7 +28,8 @@ AT_PAR_POINTS = 2.0  # the assignment: at most 2 points below vanilla ResNet-18
 # The flags (results.json "args") that set what a T2 or T3 run computes; the others steer the
 # process or name the run. Runs that differ in one are different experiments: never compared.
 COMPARED_FLAGS = RECIPE_FLAGS + ("seed", "smoke")
-CUBS_FLAGS = ("d", "gate_init")  # T3 only: not compared with T2
+CUBS_FLAGS = ("d", "gate_init")  # T3 only: not compared with T2; gate_init (the plain
+                                 # blocks' gates) not between plus runs, which have none
 TABLE_HEADER = ["placement", "variant", "holdout top-1", "test top-1", "test top-5", "params",
                 "best epoch / epochs run", "selection"]
 
@@ -145,7 +146,8 @@ def _comparable_runs(out: Path, recipe: Mapping[str, Any] | None, processes_now:
     for path in [out / folder / "results.json" for folder in RUN_FOLDERS]:
         if path.is_file():
             run = json.loads(path.read_text())
-            found.append((path.parent.name, run, recipe_differences(run.get("args", {}), recipe or {})))
+            flags = COMPARED_FLAGS + (CUBS_FLAGS if run.get("variant") == "plain" else ("d",))
+            found.append((path.parent.name, run, recipe_differences(run.get("args", {}), recipe or {}, flags)))
     # One process count: the one most runs of this recipe share (a finished run re-reported
     # by another count keeps its own), ties to this command's.
     counts = Counter(processes(run) for _, run, differences in found if not differences)

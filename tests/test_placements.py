@@ -48,6 +48,20 @@ def test_recipe_flags_are_every_flag_that_changes_what_a_run_computes():
     assert set(placements.COMPARED_FLAGS) == training | data | {"image_size", "width", "smoke"}
 
 
+def test_gate_init_is_compared_between_plain_runs_only(tmp_path):
+    # Plus blocks have no gate logit: a plus run's --gate-init (or the plain runs' beside it)
+    # must not split the comparison, or one variant's runs vanish from it.
+    _results(tmp_path, "serial", "plain", 0.60, 0.6)
+    _results(tmp_path, "serial", "plus", 0.70, 0.7, gate_init=None)
+    c = compare_runs(tmp_path, tmp_path / "no_t2.json", RECIPE)
+    assert [r["variant"] for r in c["runs"]] == ["plain", "plus"] and not c["other_recipe"]
+    assert c["best_overall"]["variant"] == "plus" and c["plus_vs_plain"]
+    # the --gate-init pytorch ablation's command: the plain run at 3.0 is another experiment
+    c = compare_runs(tmp_path, tmp_path / "no_t2.json", {**RECIPE, "gate_init": None})
+    assert [r["variant"] for r in c["runs"]] == ["plus"] and c["selected"] is None
+    assert c["other_recipe"] == [{"run": "serial_plain", "differences": ["gate_init 3.0 instead of None"]}]
+
+
 def test_runs_of_another_recipe_are_left_out_and_named(tmp_path):
     # An earlier short trial of reverse (5 epochs) beside today's 60-epoch runs: its better
     # holdout score must not win the selection, and it must not vanish silently either.

@@ -132,6 +132,8 @@ def test_non_finite_lr_is_refused_by_argparse(tmp_path: Path) -> None:
     ("t4_retrieval", ["--images-per-class", "1"],
      "error: --images-per-class must be >= 2 (each image needs a positive), got 1"),
     ("t3_cubs", ["--variant", "both", "--d", "32"], "error: --d 32 does not fit the plus variant"),
+    ("t3_cubs", ["--variant", "plus", "--gate-init", "pytorch"],
+     "error: --gate-init sets the plain blocks' gates; --variant plus trains none"),
     ("t3_cubs", ["--variant", "both", "--evaluate", "README.md"],  # any file: refused before it is read
      "error: --evaluate takes the checkpoint's one --placement and one --variant, not all/both"),
     ("t3_cubs", ["--placement", "all", "--evaluate", "README.md"],
