@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 
 from common import cli, engine, evaluate, runtime, task_data
-from common.checkpoint import discard_runs
+from common.checkpoint import discard_files, discard_runs
 from common.cubs import BLOCK1_D, GATE_LOGIT_INIT, PLACEMENTS, VARIANTS, check_plus_d, cubs_resnet18, range_check
 from common.diagnostics import diagnostics
-from common.files import remove_files
 
 # The recipe: the defaults of `python t3_cubs.py`. Each is a flag (--lr 0.1, ...). The
 # training settings are T2's (tests/test_schema.py checks it), so that the at-par rule
@@ -102,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         # redone at the end.
         def discard() -> None:
             discard_runs([Path(args.out) / f"{p}_{v}" for p in placements for v in variants])
-            remove_files(args.out, ("placements.json", "placements.md", "placements.png"))
+            discard_files(args.out, ("placements.json", "placements.md", "placements.png"), "the earlier comparison's")
         runtime.main_first(rt, discard)  # rank 0 deletes; the others wait (and stop if it fails)
 
     # -- one training run per (placement, variant), same seed and recipe

@@ -25,11 +25,11 @@ from types import SimpleNamespace
 import torch
 
 from common import cli, engine, evaluate, plots, runtime, task_data
-from common.checkpoint import discard_runs, weights_sha256
+from common.checkpoint import discard_files, discard_runs, weights_sha256
 from common.cubs import BLOCK1_D, PLACEMENTS, VARIANTS, cubs_resnet18, range_check
 from common.diagnostics import diagnostics
 from common.errors import ConfigError
-from common.files import STALE_TEMP_S, remove_files, remove_stale_temps, write_json
+from common.files import STALE_TEMP_S, remove_stale_temps, write_json
 from common.init_weights import INIT_CHOICES, load_initial_weights, t3_block1_size, t3_selection
 from common.loss import MINING_CHOICES, multi_similarity_loss
 from common.models import EmbeddingNet, count_parameters
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.fresh:  # every phase, once nothing can fail before training starts
         def discard() -> None:
             discard_runs([out / phase for phase in ["phase_a", *(f"phase_b_{m}" for m in MINING_CHOICES)]])
-            remove_files(out, ("results.json", "retrieval.png"))
+            discard_files(out, ("results.json", "retrieval.png"), "the earlier summary's")
         runtime.main_first(rt, discard)  # rank 0 deletes; the others wait (and stop if it fails)
     # The file's digest too: a rerun after T3 trained again must not resume from other weights.
     meta = {**meta, **{k: init[k] for k in ("init", "init_sha256") if k in init}, **cli.data_recipe(args, data.splits)}

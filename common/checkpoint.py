@@ -283,9 +283,15 @@ def discard_runs(folders: Sequence[Path]) -> None:
 def discard_run(folder: Path) -> None:
     """--fresh: delete the RUN_FILES of an earlier run in `folder`, saying so. A new run
     killed before its first save would otherwise resume, or report, the old one."""
-    removed = remove_files(folder, RUN_FILES)
+    discard_files(folder, RUN_FILES, "the earlier run's")
+
+
+def discard_files(folder: str | Path, names: Sequence[str], whose: str) -> None:
+    """--fresh: delete the files `names` in `folder` (those that exist), saying so, e.g.
+    "--fresh: removed the earlier comparison's placements.json from runs/t3"."""
+    removed = remove_files(folder, names)
     if removed:
-        print(f"--fresh: removed the earlier run's {', '.join(removed)} from {folder}")
+        print(f"--fresh: removed {whose} {', '.join(removed)} from {folder}")
 
 
 class RunCheckpoints:

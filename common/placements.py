@@ -30,6 +30,9 @@ AT_PAR_POINTS = 2.0  # the assignment: at most 2 points below vanilla ResNet-18
 COMPARED_FLAGS = RECIPE_FLAGS + ("seed", "smoke")
 CUBS_FLAGS = ("d", "gate_init")  # T3 only: not compared with T2; gate_init (the plain
                                  # blocks' gates) not between plus runs, which have none
+# What the comparison reads of each run's results.json: one without them is left out, named.
+ROW_KEYS = ("placement", "variant", "holdout_acc", "test_acc", "test_top5", "params", "best_epoch",
+            "epochs_run", "num_classes", "width", "image_size")
 TABLE_HEADER = ["placement", "variant", "holdout top-1", "test top-1", "test top-5", "params",
                 "best epoch / epochs run", "selection"]
 
@@ -54,9 +57,7 @@ def compare_runs(out: Path, vanilla_path: Path, recipe: Mapping[str, Any] | None
     number of processes than most of the others (--batch-size is per process: another global
     batch and step count)."""
     runs, other_recipe = _comparable_runs(out, recipe, processes_now)
-    rows = [{k: r[k] for k in ("placement", "variant", "holdout_acc", "test_acc", "test_top5",
-                               "params", "best_epoch", "epochs_run", "num_classes", "width",
-                               "image_size")} | {"processes": processes(r)} for r in runs]
+    rows = [{k: r[k] for k in ROW_KEYS} | {"processes": processes(r)} for r in runs]
     # max() keeps the first of equal scores: list in the spec's order, so ties go to serial,
     # then reverse, then parallel (and plain before plus).
     rows.sort(key=spec_order)
@@ -140,12 +141,19 @@ def _comparable_runs(out: Path, recipe: Mapping[str, Any] | None, processes_now:
                      ) -> tuple[list[dict], list[dict]]:
     """(results.json of the runs in `out` trained with `recipe` and `processes_now` processes,
     [{"run": folder, "differences": [...]}] of the others)."""
-    found = []
+    found, unreadable = [], []
     # The folders t3_cubs.py trains into, by name: a copy such as serial_plain_old/ is no run
     # of this comparison (it would add a second serial plain row).
     for path in [out / folder / "results.json" for folder in RUN_FOLDERS]:
+        if not path.is_file() and (path.parent / "last.pt").is_file():  # stopped, or still training
+            unreadable.append({"run": path.parent.name, "differences": [
+                "not finished (last.pt, no results.json yet): rerun its command to go on"]})
         if path.is_file():
-            run = json.loads(path.read_text())
+            run = _read_json(path)
+            if not isinstance(run, dict) or not all(k in run for k in ROW_KEYS):  # a copy cut short, say
+                unreadable.append({"run": path.parent.name, "differences": [
+                    "its results.json is cut short or no T3 result (rerun that run's command to rewrite it)"]})
+                continue
             flags = COMPARED_FLAGS + (CUBS_FLAGS if run.get("variant") == "plain" else ("d",))
             found.append((path.parent.name, run, recipe_differences(run.get("args", {}), recipe or {}, flags)))
     # One process count: the one most runs of this recipe share (a finished run re-reported
@@ -153,7 +161,7 @@ def _comparable_runs(out: Path, recipe: Mapping[str, Any] | None, processes_now:
     counts = Counter(processes(run) for _, run, differences in found if not differences)
     tied = [n for n, k in counts.items() if k == max(counts.values(), default=0)]
     reference = processes_now if processes_now in tied or not tied else min(tied)
-    runs, other_recipe = [], []
+    runs, other_recipe = [], unreadable
     for name, run, differences in found:
         if processes_now is not None and processes(run) != reference:
             differences = differences + [f"trained by {processes(run)} process(es) instead of {reference}"]
@@ -289,5 +297,6 @@ def other_recipe_lines(c: Mapping[str, Any]) -> list[str]:
     left_out = c.get("other_recipe") or []
     if not left_out:
         return []
-    return ["Left out of this comparison, trained with another recipe than the runs above:", ""] + [
+    return ["Left out of this comparison (trained with another recipe than the runs above, unfinished, "
+            "or unreadable):", ""] + [
         f"- {r.get('run')}: {', '.join(r.get('differences', []))}" for r in left_out] + [""]

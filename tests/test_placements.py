@@ -48,6 +48,32 @@ def test_recipe_flags_are_every_flag_that_changes_what_a_run_computes():
     assert set(placements.COMPARED_FLAGS) == training | data | {"image_size", "width", "smoke"}
 
 
+@pytest.mark.parametrize("damage", ["cut", "list", "no_holdout"])
+def test_an_unreadable_results_json_is_left_out_and_named(tmp_path, damage):
+    # A copy cut short on a cloud drive ended t3_cubs.py with a JSONDecodeError (or a
+    # KeyError) after its own runs had finished.
+    _results(tmp_path, "serial", "plain", 0.60, 0.6)
+    _results(tmp_path, "reverse", "plain", 0.90, 0.9)
+    path = tmp_path / "reverse_plain" / "results.json"
+    text = path.read_text()
+    path.write_text({"cut": text[:100], "list": "[1, 2]",
+                     "no_holdout": json.dumps({k: v for k, v in json.loads(text).items() if k != "holdout_acc"})}[damage])
+    c = compare_runs(tmp_path, tmp_path / "no_t2.json", RECIPE)
+    assert [r["placement"] for r in c["runs"]] == ["serial"] and c["selected"]["placement"] == "serial"
+    assert [r["run"] for r in c["other_recipe"]] == ["reverse_plain"]
+    assert "- reverse_plain: its results.json is cut short or no T3 result" in "\n".join(comparison_lines(c))
+
+
+def test_an_unfinished_run_is_named_not_silently_absent(tmp_path):
+    _results(tmp_path, "serial", "plain", 0.60, 0.6)
+    (tmp_path / "parallel_plain").mkdir()
+    (tmp_path / "parallel_plain" / "last.pt").write_bytes(b"a run stopped in its second epoch")
+    c = compare_runs(tmp_path, tmp_path / "no_t2.json", RECIPE)
+    assert c["selected"]["placement"] == "serial"
+    assert c["other_recipe"] == [{"run": "parallel_plain", "differences": [
+        "not finished (last.pt, no results.json yet): rerun its command to go on"]}]
+
+
 def test_gate_init_is_compared_between_plain_runs_only(tmp_path):
     # Plus blocks have no gate logit: a plus run's --gate-init (or the plain runs' beside it)
     # must not split the comparison, or one variant's runs vanish from it.

@@ -308,7 +308,7 @@ def _left(out: Path) -> list[str]:
     return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
 
 
-def test_t3_fresh_discards_every_run_of_this_command_and_the_comparison_only(tmp_path, monkeypatch):
+def test_t3_fresh_discards_every_run_of_this_command_and_the_comparison_only(tmp_path, monkeypatch, capsys):
     import t3_cubs
     from common import engine
     summaries = ("placements.json", "placements.md", "placements.png")
@@ -322,6 +322,9 @@ def test_t3_fresh_discards_every_run_of_this_command_and_the_comparison_only(tmp
                       "--placement", "all", "--variant", "plain"])
     assert [p for p in _left(tmp_path) if not p.startswith("smoke_data")] == [
         "serial_plus/best.pt", "serial_plus/last.pt", "serial_plus/metrics.jsonl"]  # not this command's
+    # and says so, the comparison included
+    assert (f"--fresh: removed the earlier comparison's placements.json, placements.md, placements.png "
+            f"from {tmp_path}") in capsys.readouterr().out
     # --fresh beside --evaluate is refused before anything is deleted (it used to be ignored)
     _earlier_runs(tmp_path, ["reverse_plain"], summaries)
     before = _left(tmp_path)
@@ -331,7 +334,7 @@ def test_t3_fresh_discards_every_run_of_this_command_and_the_comparison_only(tmp
     assert exit_.value.code == 2 and _left(tmp_path) == before
 
 
-def test_t4_fresh_discards_both_phases_of_every_mining_and_the_summaries(tmp_path, monkeypatch):
+def test_t4_fresh_discards_both_phases_of_every_mining_and_the_summaries(tmp_path, monkeypatch, capsys):
     import t4_retrieval
     splits = SimpleNamespace(train=SimpleNamespace(classes=list(range(4)), files=[]),
                              test=SimpleNamespace(files=[], classes=[]), fingerprint=lambda: "4 classes")
@@ -348,6 +351,7 @@ def test_t4_fresh_discards_both_phases_of_every_mining_and_the_summaries(tmp_pat
         t4_retrieval.main(["--smoke", "--out", str(tmp_path), "--width", "8", "--init", "scratch", "--fresh",
                            "--no-compare-mining", "--t3-results", str(tmp_path / "none.json")])
     assert _left(tmp_path) == ["other/best.pt", "other/last.pt", "other/metrics.jsonl"]
+    assert f"--fresh: removed the earlier summary's results.json, retrieval.png from {tmp_path}" in capsys.readouterr().out
 
 
 def test_t4_evaluates_resized_centre_crops_and_batches_p_classes_of_k(tmp_path):
