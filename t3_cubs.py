@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "the gate layers as built (Block 1: PyTorch's default out_proj; "
                              "Block 2: v's bias at 1, as q's and k's)")
     parser.add_argument("--vanilla-results", default="runs/t2/results.json",
-                        help="T2 results to compare with (skipped if missing or mismatched)")
+                        help="T2 results (or its run folder) to compare with (skipped if missing or mismatched)")
     # Each plain block checks that its logits suit the Taylor series (docs/cubs.md) with a
     # torch.cond in the compiled graph. CUDA graphs (--compile-mode reduce-overhead) cannot
     # hold that host-side branch: there every step takes the series, one check per step

@@ -75,6 +75,8 @@ def compare_runs(out: Path, vanilla_path: Path, recipe: Mapping[str, Any] | None
                 "plus_test_acc": b["test_acc"],
                 "gain_points": 100 * (b["test_acc"] - a["test_acc"])})
 
+    if vanilla_path.is_dir():  # T2's run folder stands for its results.json, as for --evaluate
+        vanilla_path = vanilla_path / "results.json"
     vanilla = _read_json(vanilla_path) if vanilla_path.is_file() else None
     if vanilla_path.is_file() and not isinstance(vanilla, dict):  # not JSON, or a list, say
         vanilla = {"task": "not a results.json", "model": None}

@@ -74,6 +74,14 @@ def test_an_unfinished_run_is_named_not_silently_absent(tmp_path):
         "not finished (last.pt, no results.json yet): rerun its command to go on"]}]
 
 
+def test_a_t2_run_folder_stands_for_its_results_json(tmp_path):
+    _results(tmp_path, "serial", "plain", 0.60, 0.6)
+    (tmp_path / "t2").mkdir()
+    _vanilla(tmp_path / "t2" / "results.json", 0.61)
+    c = compare_runs(tmp_path, tmp_path / "t2", RECIPE)
+    assert c["vanilla"]["source"] == str(tmp_path / "t2" / "results.json") and c["at_par"] is not None
+
+
 def test_gate_init_is_compared_between_plain_runs_only(tmp_path):
     # Plus blocks have no gate logit: a plus run's --gate-init (or the plain runs' beside it)
     # must not split the comparison, or one variant's runs vanish from it.
