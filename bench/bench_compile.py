@@ -8,7 +8,7 @@ this project's 2-core VM, fresh cache), so they are here.
 
 Prints per network: first compiled forward+backward (compilation included), the median of
 STEPS later compiled steps, the median of STEPS eager steps after an untimed one (the first
-eager call pays one-off costs: 0.25 s against 0.008 s later, resnet18_cifar, 2026-12-07),
+eager call pays one-off costs: 0.25 s against 0.008 s later, resnet18_cifar, 2-core VM, 2026-12-07),
 and the relative L2 distance of output and input gradient.
 """
 from __future__ import annotations

@@ -7,11 +7,11 @@ Four streams: Tiny ImageNet 64 px train augmentation from the device cache (what
 on a GPU) and from DALI (or the torch fallback), Cars 224 px train augmentation and Cars
 224 px eval (resize 256 + centre crop). Each stream runs one warm-up epoch (pipeline
 build, nvJPEG state, the cache fill), then at least `--min-batches` batches over as many epochs as that
-takes. The clock starts when the batches computed ahead of it have arrived: DALI pre-reads
-a few batches (and queues the next epoch on reset), and the device cache on CUDA augments
-CACHE_CHUNK_BYTES of batches (10 of 256 at 64 px) in one call, so batches ready before the
-clock would otherwise be counted for free. Those (one batch; a cache's whole first call)
-are not timed.
+takes. The clock starts when the first batch (a cache's whole first call: on CUDA it
+augments CACHE_CHUNK_BYTES of batches, 10 of 256 at 64 px, at once) has arrived, and those
+batches are not timed, so that batches computed before the clock are not counted for free.
+DALI's prefetch queue (a few batches) is still ahead of the clock: over the 60 or more timed
+batches that counts a few percent in DALI's favour.
 """
 import argparse
 import sys

@@ -1,5 +1,6 @@
 """The machine's load, printed by the CPU benchmarks: other jobs on a 2-core machine skew
-their figures (bench_cubs' ratios spread from 1.02x to 3.50x under a load average of 5)."""
+their figures (bench_cubs' per-round ratios spread from 1.02x to 3.50x under a load average
+of about 5: the 2-core development VM, 2026-12-07)."""
 from __future__ import annotations
 
 import os

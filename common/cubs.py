@@ -187,11 +187,12 @@ def taylor_similarity_attention(q: Tensor, k: Tensor, v: Tensor,
     # q_i k_j = (q_i / s) (k_j s / X) X with s = max_i q_i: both factors in [0, 1], so no
     # power over- or underflows before the coefficient. a does not depend on s, so s is a
     # constant to autograd (its exact derivative is 0), and a sample whose q is all zero
-    # takes s = X / max k, so that its keys k / max k stay normal floats: with s near 0 they
-    # were subnormal, and its q gradient lost digits (or became 0 where denormals flush).
+    # takes s = X / max k, so that its keys k / max k stay normal floats where they can: with
+    # s near 0 they were subnormal, and its q gradient lost digits (0 where denormals flush).
+    # s within [tiny, max]: an all-zero batch (X = 1e-30) with a huge k must not give s = 0.
     q_max, k_max = q.detach().amax(dim=1, keepdim=True), k.detach().amax(dim=1, keepdim=True)  # B x 1
     finfo = torch.finfo(q.dtype)
-    s = torch.where(q_max > 0, q_max, (scale / k_max.clamp_min(finfo.tiny)).clamp_max(finfo.max))
+    s = torch.where(q_max > 0, q_max, scale / k_max.clamp_min(finfo.tiny)).clamp(finfo.tiny, finfo.max)
     # a_i = c + sum_j w_ij (v_j - c) / sum_j w_ij for any c. With c = mean(v) the sums are
     # of small signed terms and a_i - c is what is rounded, so a and its q gradient lose far
     # less to rounding than with c = 0 (docs/cubs.md, "Numerics"). c is a constant to

@@ -28,8 +28,8 @@ AT_PAR_POINTS = 2.0  # the assignment: at most 2 points below vanilla ResNet-18
 # The flags (results.json "args") that set what a T2 or T3 run computes; the others steer the
 # process or name the run. Runs that differ in one are different experiments: never compared.
 COMPARED_FLAGS = RECIPE_FLAGS + ("seed", "smoke")
-CUBS_FLAGS = ("d", "gate_init")  # T3 only: not compared with T2; gate_init (the plain
-                                 # blocks' gates) not between plus runs, which have none
+CUBS_FLAGS = ("d", "gate_init")  # T3 only: not compared with T2
+PLAIN_ONLY = ("gate_init",)  # the plain blocks' gates: not compared for plus runs, which have none
 # What the comparison reads of each run's results.json: one without them is left out, named.
 ROW_KEYS = ("placement", "variant", "holdout_acc", "test_acc", "test_top5", "params", "best_epoch",
             "epochs_run", "num_classes", "width", "image_size")
@@ -156,14 +156,15 @@ def _comparable_runs(out: Path, recipe: Mapping[str, Any] | None, processes_now:
                 unreadable.append({"run": path.parent.name, "differences": [
                     "its results.json is cut short or no T3 result (rerun that run's command to rewrite it)"]})
                 continue
-            flags = COMPARED_FLAGS + (CUBS_FLAGS if run.get("variant") == "plain" else ("d",))
+            flags = tuple(k for k in COMPARED_FLAGS + CUBS_FLAGS
+                          if run.get("variant") == "plain" or k not in PLAIN_ONLY)
             found.append((path.parent.name, run, recipe_differences(run.get("args", {}), recipe or {}, flags)))
     # One process count: the one most runs of this recipe share (a finished run re-reported
     # by another count keeps its own), ties to this command's.
     counts = Counter(processes(run) for _, run, differences in found if not differences)
     tied = [n for n, k in counts.items() if k == max(counts.values(), default=0)]
     reference = processes_now if processes_now in tied or not tied else min(tied)
-    runs, other_recipe = [], unreadable
+    runs, other_recipe = [], list(unreadable)  # "other_recipe": every run left out, with why
     for name, run, differences in found:
         if processes_now is not None and processes(run) != reference:
             differences = differences + [f"trained by {processes(run)} process(es) instead of {reference}"]

@@ -151,7 +151,7 @@ def _backend(s: LoaderSettings, files: list[str], rt: Runtime) -> str:
     file first: blurrier training images than the evaluation's."""
     if s.backend != "auto" or not rt.cuda or s.color_jitter or s.eval_resize:
         return s.backend
-    if _stored_size(files[0]) != (s.image_size, s.image_size):  # the first file stands for all
+    if not files or _stored_size(files[0]) != (s.image_size, s.image_size):  # the first file stands for all
         return s.backend
     cache_bytes = len(files) * s.image_size ** 2 * 3
     fits = cache_bytes <= torch.cuda.get_device_properties(rt.device).total_memory / 4
@@ -164,5 +164,5 @@ def _stored_size(path: str) -> tuple[int, int] | None:
     try:
         with Image.open(path) as image:
             return image.size
-    except OSError:
+    except (OSError, Image.DecompressionBombError):
         return None

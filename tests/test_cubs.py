@@ -148,7 +148,7 @@ def test_similarity_attention_edge_cases(case):
 def test_an_all_zero_q_beside_another_sample_keeps_an_exact_q_gradient(largest_logit, flush_denormal):
     # Sample 0's q is all zero, sample 1 sets the batch's largest logit X. Scaling k by
     # s = max q (clamped to the smallest normal) made sample 0's keys subnormal: its q
-    # gradient was off by 2e-2 at X = 1e-7, and 0 where denormals are flushed.
+    # gradient was off by 1.2e-3 at X = 1e-7, and 0 where denormals are flushed.
     generator = torch.Generator().manual_seed(12)
     q, k, v, upstream = _plain_inputs(2, 40, largest_logit, 0.3, generator)
     q[0] = 0.0
@@ -164,6 +164,20 @@ def test_an_all_zero_q_beside_another_sample_keeps_an_exact_q_gradient(largest_l
                                 upstream.double())[0]
     assert exact[0].norm() > 1e-6  # a gradient to get right
     assert ((d_q[0].double() - exact[0]).norm() / exact[0].norm()).item() < 1e-6
+
+
+@pytest.mark.parametrize("dtype, k_max", [(torch.float32, 3e38), (torch.float32, 1e9), (f64, 1e300)])
+def test_an_all_zero_q_batch_with_huge_keys_stays_finite(dtype, k_max):
+    # Every q zero (the batch's largest logit 0, so X = 1e-30) and k up to k_max: the keys'
+    # scale X / max k underflowed to 0 and gave 0 / 0 (found by a review of the fix above).
+    q = torch.zeros(2, 7, dtype=dtype)
+    k = torch.linspace(0, 1, 7, dtype=dtype).repeat(2, 1) * k_max
+    v = torch.arange(14, dtype=dtype).view(2, 7)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = similarity_attention(*inputs)
+    grads = torch.autograd.grad(out, inputs, torch.ones_like(out))
+    torch.testing.assert_close(out, v.mean(1, keepdim=True).expand(2, 7))  # uniform weights
+    assert all(torch.isfinite(g).all() for g in grads)
 
 
 def test_similarity_attention_runs_in_fp32_under_autocast():
