@@ -297,7 +297,7 @@ class ImageLoader:
         batches = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=self.workers,
                                               generator=torch.Generator())  # global RNG untouched
         position = 0
-        with self._worker_errors():
+        with self._worker_errors(batch_bytes=256 * 3 * size ** 2):  # uint8 batches of 256
             for images in batches:
                 cache[position:position + len(images)] = images.to(self.device)
                 position += len(images)
@@ -323,9 +323,10 @@ class ImageLoader:
                        labels.to(self.device, non_blocking=True))
 
     @contextmanager
-    def _worker_errors(self) -> Iterator[None]:
+    def _worker_errors(self, batch_bytes: int | None = None) -> Iterator[None]:
         """Around a DataLoader's batches (the fallback's epochs, the cache's PIL fill): a bad
-        image or a dead worker process becomes one error line, not a worker's traceback."""
+        image or a dead worker process becomes one error line, not a worker's traceback.
+        batch_bytes: of one batch in shared memory (default: a float32 training batch)."""
         try:
             yield
         except ImageDecodeError as err:
@@ -335,7 +336,7 @@ class ImageLoader:
         except RuntimeError as err:
             if "exited unexpectedly" not in str(err):
                 raise
-            batch_mb = self.batch_size * 3 * self.image_size ** 2 * 4 / 2**20
+            batch_mb = (batch_bytes or self.batch_size * 3 * self.image_size ** 2 * 4) / 2**20
             raise ConfigError(
                 f"a loader worker process died ({err}). Workers hand each batch over through "
                 f"shared memory (/dev/shm, {_shm_size()} here; {self.workers} workers x 2 batches "

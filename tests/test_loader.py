@@ -21,7 +21,7 @@ from PIL import Image
 
 from common import loader as loader_module
 from common.datasets import load_cars196, load_tiny_imagenet
-from common.errors import ImageDecodeError
+from common.errors import ConfigError, ImageDecodeError
 from common.loader import MEAN, STD, ImageLoader, LoaderSettings
 from common.synthetic import make_cars196, make_tiny_imagenet, render_class_image
 
@@ -682,6 +682,18 @@ def test_a_dead_torch_worker_names_shared_memory_and_the_remedies(tiny, monkeypa
     if expected == "ConfigError":
         assert "/dev/shm" in str(err.value) and "--workers 0" in str(err.value)
         assert "0 workers x 2 batches of 0.4 MB" in str(err.value)  # 8 x 3 x 64 x 64 x 4 B
+
+
+def test_a_dead_worker_of_the_cache_fill_names_its_own_batches(tiny, monkeypatch):
+    # The PIL fill hands uint8 batches of 256 through shared memory, not training batches.
+    def die(self, index):
+        raise RuntimeError("DataLoader worker (pid(s) 4242) exited unexpectedly")
+    monkeypatch.setattr(loader_module, "HAVE_DALI", False)
+    monkeypatch.setattr(loader_module._RawFiles, "__getitem__", die)
+    loader = make(tiny.train.files, np.arange(len(tiny.train.files)), "cache", batch_size=8,
+                  train=True, image_size=64, workers=0)
+    with pytest.raises(ConfigError, match="0 workers x 2 batches of 3.0 MB"):  # 256 x 64 x 64 x 3 B
+        next(loader.epoch(0))
 
 
 # ---- backend choice ----
