@@ -48,6 +48,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not 0 <= args.dropout < 1:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     rt = runtime.setup_runtime(args.device, args.seed)
+    network = dict(task="t1", model="custom_cnn", width=args.width, image_size=args.image_size,
+                   dropout=args.dropout)  # --evaluate PATH: a checkpoint of another is refused now
+    saved = evaluate.load(args.evaluate, network) if args.evaluate else None
 
     # -- data, as T2: the train split less a stratified holdout; the labelled val split as
     # test; train batches random-resized-cropped (area 25-100 %) and flipped, test images
@@ -63,10 +66,9 @@ def main(argv: list[str] | None = None) -> dict:
     # squeeze-excitation gate; resolution 64 -> 32 -> 16 -> 8, most depth at 16 x 16.
     num_classes = len(splits.train.classes)
     model = CustomCNN(num_classes, width=args.width, dropout=args.dropout)
-    meta = dict(task="t1", model="custom_cnn", num_classes=num_classes, width=args.width,
-                image_size=args.image_size, dropout=args.dropout, **cli.data_recipe(args, splits))
-    if args.evaluate:  # --evaluate PATH: only test that checkpoint
-        return evaluate.classifier_checkpoint(model, args.evaluate, meta, loaders.test, rt)
+    meta = dict(network, num_classes=num_classes, **cli.data_recipe(args, splits))
+    if saved:  # --evaluate PATH: only test that checkpoint
+        return evaluate.classifier_checkpoint(model, saved, meta, loaders.test, rt)
 
     # -- the step, as T2's: the network on the device (channels_last, torch.compile and
     # DDP where they apply); label-smoothed cross-entropy (fp32 logits); SGD Nesterov or

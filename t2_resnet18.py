@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = cli.parse(cli.training_parser(__doc__, task="t2", recipe=RECIPE), argv,
                      smoke=cli.SMOKE)  # --smoke: generated data, small model, CPU (cli.SMOKE)
     rt = runtime.setup_runtime(args.device, args.seed)
+    network = dict(task="t2", model="resnet18", width=args.width, image_size=args.image_size)
+    saved = evaluate.load(args.evaluate, network) if args.evaluate else None  # another's: refused now
 
     # -- data: Tiny ImageNet's train split minus a stratified holdout; its labelled val split
     # is the test split. Training batches: random-resized crop (area 25-100 %, aspect
@@ -54,10 +56,9 @@ def main(argv: list[str] | None = None) -> dict:
     # no max-pool, so stage 1 keeps 64 x 64 maps (small objects need them). Residual BN
     # gammas start at 0, so every block starts as the identity.
     model = ResNet18(len(splits.train.classes), stem="cifar", width=args.width)
-    meta = dict(task="t2", model="resnet18", num_classes=len(splits.train.classes),
-                width=args.width, image_size=args.image_size, **cli.data_recipe(args, splits))
-    if args.evaluate:  # --evaluate PATH: test that checkpoint, no training
-        return evaluate.classifier_checkpoint(model, args.evaluate, meta, loaders.test, rt)
+    meta = dict(network, num_classes=len(splits.train.classes), **cli.data_recipe(args, splits))
+    if saved:  # --evaluate PATH: test that checkpoint, no training
+        return evaluate.classifier_checkpoint(model, saved, meta, loaders.test, rt)
 
     # -- on CUDA: channels_last, torch.compile (CUDA graphs with --compile-mode
     # reduce-overhead), DDP under torchrun. Loss: label-smoothed cross-entropy on the fp32

@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.evaluate and (args.placement == "all" or args.variant == "both"):
         parser.error("--evaluate takes the checkpoint's one --placement and one --variant, not all/both")
     rt = runtime.setup_runtime(args.device, args.seed)
+    # --evaluate PATH: a checkpoint of another network is refused now, before the data
+    saved = evaluate.load(args.evaluate, network_meta(args, args.placement, args.variant)) if args.evaluate else None
     placements = PLACEMENTS if args.placement == "all" else [args.placement]
     variants = VARIANTS if args.variant == "both" else [args.variant]
 
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     # -- one training run per (placement, variant), same seed and recipe
     for placement in placements:
         for variant in variants:
-            result = train_and_test(args, rt, splits, loaders, placement, variant)
+            result = train_and_test(args, rt, splits, loaders, placement, variant, saved)
             if args.evaluate or not result["finished"]:
                 return result
 
@@ -122,10 +124,18 @@ def main(argv: list[str] | None = None) -> dict:
     return comparison
 
 
+def network_meta(args, placement: str, variant: str) -> dict:
+    """The checkpoint meta's network keys that the flags give (num_classes comes with the data)."""
+    return dict(task="t3", model=f"cubs_resnet18_{placement}_{variant}", placement=placement,
+                variant=variant, width=args.width, image_size=args.image_size, d=args.d,
+                **({"gate_init": args.gate_init} if variant == "plain" else {}))
+
+
 def train_and_test(args, rt: runtime.Runtime, splits: task_data.DatasetSplits, loaders: task_data.Loaders,
-                   placement: str, variant: str) -> dict:
+                   placement: str, variant: str, saved: tuple | None = None) -> dict:
     """Train one (placement, variant) into --out/<placement>_<variant>/, test its best.pt once
-    and return its results.json; with --evaluate PATH, test that checkpoint instead."""
+    and return its results.json; with `saved` (--evaluate PATH, evaluate.load), test that
+    checkpoint instead."""
     # -- model: T2's ResNet-18 (CIFAR stem) with Block 1 and Block 2 (common/cubs.py) on
     # every BasicBlock's residual branch, before the addition:
     #   serial  y = B2(B1(x)),  reverse  y = B1(B2(x)),  parallel  y = B1(x) + B2(x)
@@ -134,13 +144,9 @@ def train_and_test(args, rt: runtime.Runtime, splits: task_data.DatasetSplits, l
     num_classes = len(splits.train.classes)
     model = cubs_resnet18(num_classes, stem="cifar", placement=placement, variant=variant,
                           width=args.width, d=args.d, gate_logit=args.gate_init)
-    meta = dict(task="t3", model=f"cubs_resnet18_{placement}_{variant}", placement=placement,
-                variant=variant, num_classes=num_classes, width=args.width,
-                image_size=args.image_size, d=args.d,
-                **({"gate_init": args.gate_init} if variant == "plain" else {}),
-                **cli.data_recipe(args, splits))
-    if args.evaluate:  # one placement and variant (checked by main)
-        return evaluate.classifier_checkpoint(model, args.evaluate, meta, loaders.test, rt)
+    meta = dict(network_meta(args, placement, variant), num_classes=num_classes, **cli.data_recipe(args, splits))
+    if saved:  # one placement and variant (checked by main)
+        return evaluate.classifier_checkpoint(model, saved, meta, loaders.test, rt)
     out = Path(args.out) / f"{placement}_{variant}"
     if rt.is_main:
         print(f"== placement {placement}, variant {variant}")

@@ -129,12 +129,14 @@ def main(argv: list[str] | None = None) -> dict:
     rt = runtime.setup_runtime(args.device, args.seed)
     out = Path(args.out)
     placement, variant, t3_best = t3_selection(args.t3_results, args.placement, args.variant)
+    network = dict(task="t4", model=f"cubs_resnet18_{placement}_{variant}", placement=placement,
+                   variant=variant, width=args.width, image_size=args.image_size)
+    saved = evaluate.load(args.evaluate, network) if args.evaluate else None  # another's: refused now
     data = load_data(args, rt, out)
 
     # -- model: CUBS-ResNet-18 (T3's network) with the ImageNet stem (7x7 stride 2 + max-pool)
     # for 224 px, initialised as --init says
     num_classes = len(data.splits.train.classes)
-    saved = evaluate.load(args.evaluate) if args.evaluate else None
     if saved:  # the network the checkpoint was trained as, whatever T3 holds now
         d = saved[1]["meta"].get("d", BLOCK1_D)
     else:
@@ -142,9 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = cubs_resnet18(num_classes, stem="imagenet", placement=placement, variant=variant,
                           width=args.width, d=d)
     # d only when not the default: checkpoints written before T4 followed T3's d still resume.
-    meta = dict(task="t4", model=f"cubs_resnet18_{placement}_{variant}", placement=placement,
-                variant=variant, num_classes=num_classes, width=args.width,
-                image_size=args.image_size, **({"d": d} if d != BLOCK1_D else {}))
+    meta = dict(network, num_classes=num_classes, **({"d": d} if d != BLOCK1_D else {}))
     if saved:  # --evaluate PATH: Recall@K of a saved Phase A or Phase B checkpoint
         return evaluate.retrieval_checkpoint(model, saved, meta, data.test_all, rt, args.embedding_dim)
     init = load_initial_weights(model, args.init, t3_best=t3_best, t3_results=args.t3_results,

@@ -8,12 +8,13 @@ test of best.pt (results.json), and `--evaluate PATH`.
     classifier_checkpoint / retrieval_checkpoint   --evaluate PATH of T1-T3 / T4
 
 `--evaluate PATH` scores a saved checkpoint on the test split, without training: one entry
-for the four scripts. A script builds its data, model and checkpoint "meta"
-exactly as for training (the same flags, so `--smoke --out <run>` finds the same generated
-data and settings), then hands them here instead of to the training loop:
+for the four scripts. A script loads the checkpoint, then builds its data, model and
+checkpoint "meta" exactly as for training (the same flags, so `--smoke --out <run>` finds
+the same generated data and settings), then hands them here instead of to the training loop:
 
-    load PATH (weights_only) -> refuse another task / model / placement (its meta)
-    -> load the weights -> score(model) on the test split -> print, write eval.json
+    load PATH (weights_only) -> refuse another task / model / placement (its meta), before
+    the data is read -> build the data -> refuse other classes -> load the weights
+    -> score(model) on the test split -> print, write eval.json
 
 Nothing else is written: last.pt, best.pt and results.json stay as they are. The model is
 evaluated the way training's final test pass evaluated it (eval mode, the same device,
@@ -44,10 +45,14 @@ from common.runtime import Runtime, all_reduce_sums, autocast, broadcast_from_ma
 Score = Callable[[torch.nn.Module], dict[str, Any]]
 
 
-def load(path: str | Path) -> tuple[Path, dict[str, Any]]:
+def load(path: str | Path, network: schema.ModelMeta | None = None) -> tuple[Path, dict[str, Any]]:
     """(checkpoint path, its contents). A run folder stands for its best.pt. Takes a training
     checkpoint or the archive's inference one (checkpoint.INFERENCE_KEYS); refuses a file
-    that is neither (e.g. a bare state dict)."""
+    that is neither (e.g. a bare state dict).
+
+    network: the ModelMeta keys a script knows from its flags alone (task, model, width, ...);
+    a checkpoint that disagrees is refused now, before the dataset is read or downloaded.
+    evaluate_checkpoint checks the rest (num_classes) once the data is there."""
     path = Path(path)
     if path.is_dir():
         if not (path / "best.pt").is_file():  # say what the folder does hold
@@ -61,7 +66,21 @@ def load(path: str | Path) -> tuple[Path, dict[str, Any]]:
     if not isinstance(ck, dict) or not set(INFERENCE_KEYS) <= ck.keys():
         raise CheckpointError(f"{path} is not a checkpoint written by these scripts (it lacks the "
                               f"'model', 'meta' and 'epoch' entries); pass a best.pt or last.pt")
+    if network:
+        _check_network(ck["meta"], network, path)
     return path, ck
+
+
+def _check_network(saved_meta: schema.CheckpointMeta, meta: schema.CheckpointMeta, path: Path) -> None:
+    """check_compatible on the ModelMeta keys of `meta`: the network must match; the training
+    recipe (batch size, seed, ...) need not."""
+    network = {k: v for k, v in meta.items() if k in schema.keys(schema.ModelMeta)}
+    try:
+        check_compatible(saved_meta, network, path)
+    except CheckpointError as err:  # its advice (--fresh, another --out) is for training
+        raise CheckpointError(str(err).removesuffix(" Use another --out, or --fresh to start over.")
+                              + " --evaluate needs the flags the checkpoint was trained with "
+                              "(the same script, --smoke, --width, --placement, ...).") from None
 
 
 def evaluate_checkpoint(model: torch.nn.Module, saved: tuple[Path, dict[str, Any]],
@@ -75,13 +94,7 @@ def evaluate_checkpoint(model: torch.nn.Module, saved: tuple[Path, dict[str, Any
     value (checkpoint.check_compatible). loader: the backend used
     ("dali" / "torch" / "cache"), recorded because the figures are exact only for the same one."""
     path, ck = saved
-    network = {k: v for k, v in meta.items() if k in schema.keys(schema.ModelMeta)}
-    try:  # the network must match; the training recipe (batch size, seed, ...) need not
-        check_compatible(ck["meta"], network, path)
-    except CheckpointError as err:  # its advice (--fresh, another --out) is for training
-        raise CheckpointError(str(err).removesuffix(" Use another --out, or --fresh to start over.")
-                              + " --evaluate needs the flags the checkpoint was trained with "
-                              "(the same script, --smoke, --width, --placement, ...).") from None
+    _check_network(ck["meta"], meta, path)
     load_model_state(model, ck["model"], path)
     model.to(rt.device)
     if rt.cuda:  # as engine.for_training left the model that training's test pass scored
@@ -99,11 +112,11 @@ def evaluate_checkpoint(model: torch.nn.Module, saved: tuple[Path, dict[str, Any
     return report
 
 
-def classifier_checkpoint(model: torch.nn.Module, path: str | Path, meta: schema.CheckpointMeta,
-                          test_loader, rt: runtime.Runtime) -> dict[str, Any]:
-    """T1-T3: test top-1 / top-5 (and loss) of a classifier checkpoint, under the names
+def classifier_checkpoint(model: torch.nn.Module, saved: tuple[Path, dict[str, Any]],
+                          meta: schema.CheckpointMeta, test_loader, rt: runtime.Runtime) -> dict[str, Any]:
+    """T1-T3: test top-1 / top-5 (and loss) of `saved` (from `load`), under the names
     results.json uses."""
-    return evaluate_checkpoint(model, load(path), meta, rt,
+    return evaluate_checkpoint(model, saved, meta, rt,
                                lambda m: classifier_test_scores(m, test_loader, rt), test_loader.backend)
 
 

@@ -125,3 +125,31 @@ def test_t4_evaluate_builds_the_checkpoints_block1_size_not_t3s(runs, tmp_path):
     save_checkpoint({"model": model.state_dict(), "meta": meta, "epoch": 1}, tmp_path / "no_d.pt")
     with pytest.raises(CheckpointError, match=r"k_proj.bias \(64,\) vs \(512,\)"):
         t4_retrieval.main([*args, "--evaluate", str(tmp_path / "no_d.pt")])
+
+
+# Each script's --evaluate, given another network's checkpoint, and the flags that tell what
+# the check is: no dataset at --data-dir and no download.
+OTHER_NETWORK = {
+    "t1_custom_cnn": ({"task": "t2", "model": "resnet18"}, "task: checkpoint has 't2', this run has 't1'"),
+    "t2_resnet18": ({"task": "t1", "model": "custom_cnn"}, "model: checkpoint has 'custom_cnn', this run has 'resnet18'"),
+    "t3_cubs": ({"task": "t3", "model": "cubs_resnet18_parallel_plain", "placement": "parallel"},
+                "placement: checkpoint has 'parallel', this run has 'serial'"),
+    "t4_retrieval": ({"task": "t3", "model": "cubs_resnet18_serial_plain"}, "task: checkpoint has 't3', this run has 't4'"),
+}
+
+
+@pytest.mark.parametrize("script", OTHER_NETWORK)
+def test_another_networks_checkpoint_is_refused_before_the_dataset_is_read(script, tmp_path):
+    import importlib
+    saved_meta, named = OTHER_NETWORK[script]
+    torch.save({"model": {}, "meta": saved_meta, "epoch": 1}, tmp_path / "best.pt")
+    flags = ["--data-dir", str(tmp_path / "no_dataset"), "--out", str(tmp_path / "out"),
+             "--evaluate", str(tmp_path / "best.pt")]
+    if script == "t4_retrieval":  # the placement by name: no T3 run to read it from (Cars196: no download)
+        flags += ["--placement", "serial", "--variant", "plain", "--init", "scratch"]
+    else:
+        flags += ["--no-download"] + (["--placement", "serial", "--variant", "plain"] if script == "t3_cubs" else [])
+    with pytest.raises(CheckpointError) as err:  # not the missing dataset's error
+        importlib.import_module(script).main(flags)
+    assert named in str(err.value) and "--evaluate needs the flags" in str(err.value)
+    assert not (tmp_path / "no_dataset").exists()
