@@ -248,3 +248,70 @@ def test_the_install_cell_installs_everything_but_dali_when_dali_cannot_be_insta
     wanted = (ROOT / "requirements.txt").read_text().splitlines()
     assert kept == [l for l in wanted if not l.startswith("nvidia-dali")] and len(kept) == len(wanted) - 1
     assert fallback.endswith("pip install -q -r /tmp/requirements-no-dali.txt")
+
+
+def _cell(marker: str) -> str:
+    return next(source(c) for c in load_notebook()["cells"] if c["cell_type"] == "code" and marker in source(c))
+
+
+def test_the_cars_cell_names_a_zip_in_another_layout_and_unzips_the_corrected_one(tmp_path, monkeypatch):
+    # A zip of images without annotations stopped "Run all" with a traceback, and the folder
+    # it left made every rerun skip the unzip, so a corrected zip was never read.
+    import zipfile
+
+    from common.synthetic import make_cars196
+    cell = _cell("CARS_ZIP =")
+    data = make_cars196(tmp_path / "gen", num_classes=4, per_class=8, image_size=(48, 40), seed=0)
+    upload = tmp_path / "cars196.zip"
+    with zipfile.ZipFile(upload, "w") as zf:  # the images only
+        for path in sorted((Path(data) / "car_ims").iterdir()):
+            zf.write(path, f"car_ims/{path.name}")
+    (tmp_path / "content" / "data").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "content")
+
+    def run_cell() -> str:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(cell.replace("/content/drive/MyDrive/cars196.zip", str(upload)), {"os": os})
+        return printed.getvalue()
+
+    first = run_cell()
+    assert first.startswith("Cars196 is not usable yet: ") and "cars_annos.mat" in first
+    assert "(removed data/cars196, unzipped from" in first
+    assert not Path("data/cars196").exists() and not Path("data/cars196.partial").exists()
+    with zipfile.ZipFile(upload, "w") as zf:  # the corrected upload
+        for path in sorted(Path(data).rglob("*")):
+            if path.is_file():
+                zf.write(path, str(path.relative_to(data)))
+    assert "Cars196 (cars_annos layout): 6 train images, 16 test images" in run_cell()
+
+
+def test_the_drive_cell_links_runs_and_refuses_a_runs_folder_on_the_vm_disk(tmp_path, monkeypatch):
+    import sys
+    import types
+    cell = _cell("DRIVE_RUNS =").replace("/content/drive/MyDrive/cv-project/runs", str(tmp_path / "drive" / "runs"))
+    colab = types.ModuleType("google.colab")
+    colab.drive = types.SimpleNamespace(mount=lambda path: None)
+    monkeypatch.setitem(sys.modules, "google", types.ModuleType("google"))
+    monkeypatch.setitem(sys.modules, "google.colab", colab)
+    monkeypatch.chdir(tmp_path)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(cell, {"os": os})
+    assert os.readlink("runs") == str(tmp_path / "drive" / "runs")
+    assert printed.getvalue().startswith("Drive: ") and " GB free" in printed.getvalue()
+    os.remove("runs")
+    Path("runs").mkdir()  # a run started before the Drive cell: its checkpoints are on the VM
+    with pytest.raises(SystemExit, match="runs/ already exists as a folder on the VM disk"):
+        exec(cell, {"os": os})
+
+
+def test_the_install_cell_stops_a_runtime_without_a_gpu(monkeypatch):
+    import torch
+    python_lines = "\n".join(l for l in _cell("pip install -q -r requirements.txt").splitlines()
+                             if not l.startswith("!"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no GPU in this runtime: Runtime > Change runtime type > GPU"):
+        exec(python_lines, {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    exec(python_lines, {})
