@@ -1,7 +1,7 @@
 """T1: our own CNN (chained-conv concatenation blocks, no ResNet/VGG) on Tiny ImageNet.
 
     python t1_custom_cnn.py                   # full run; downloads Tiny ImageNet to ./data
-    python t1_custom_cnn.py --smoke           # whole pipeline on a generated dataset, CPU, ~1 min (2-core VM)
+    python t1_custom_cnn.py --smoke           # whole pipeline on a generated dataset, CPU, under a minute (2-core VM)
     python t1_custom_cnn.py --evaluate runs/t1/best.pt   # test top-1/top-5 of a checkpoint, no training
 
 Writes last.pt, best.pt, metrics.jsonl, curves.png and results.json into --out; the same
@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = cli.parse(parser, argv, smoke=SMOKE)  # --smoke: generated data, small model, CPU
     if not 0 <= args.dropout < 1:
         parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.width < 2:  # stage 1's chains are width // 2 channels wide
+        parser.error(f"--width must be at least 2 for the custom CNN, got {args.width}")
     rt = runtime.setup_runtime(args.device, args.seed)
     network = dict(task="t1", model="custom_cnn", width=args.width, image_size=args.image_size,
                    dropout=args.dropout)  # --evaluate PATH: a checkpoint of another is refused now

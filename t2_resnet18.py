@@ -1,7 +1,7 @@
 """T2: ResNet-18 from random initialisation on Tiny ImageNet (200 classes, 64 x 64).
 
     python t2_resnet18.py                     # full run; downloads Tiny ImageNet to ./data
-    python t2_resnet18.py --smoke             # whole pipeline on a generated dataset, CPU, ~1 min (2-core VM)
+    python t2_resnet18.py --smoke             # whole pipeline on a generated dataset, CPU, under a minute (2-core VM)
     python t2_resnet18.py --evaluate runs/t2/best.pt   # test top-1/top-5 of a checkpoint, no training
     torchrun --nproc_per_node=4 t2_resnet18.py   # several GPUs
 

@@ -180,8 +180,8 @@ def training_parser(description: str, *, task: str, recipe: Mapping[str, Any],
       help="no training: evaluate this checkpoint (e.g. runs/t2/best.pt, or a run folder for its "
            "best.pt) on the test split, print the figures and write eval.json beside it")
     a("--smoke", action="store_true",
-      help="generate a tiny learnable dataset in --out and run the whole script on it (CPU, a few "
-           "minutes); default paths under runs/ become runs/smoke/...; --data-dir is refused "
+      help="generate a tiny learnable dataset in --out and run the whole script on it (CPU; 10-40 s "
+           "a script on a 2-core VM); default paths under runs/ become runs/smoke/...; --data-dir is refused "
            "with it (the smoke data is generated, never read from a folder)")
     a("--stop-after-epoch", type=nonnegative_int, default=None, help=argparse.SUPPRESS)  # 0: set up only
     # Over the placeholders above (so that --help shows them), and the defaults of the

@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -117,8 +118,14 @@ def decode_problem(path: str) -> str | None:
                 return f"a {image.format} image, not a JPEG or PNG"
             image.load()  # raises on truncated or corrupt data (LOAD_TRUNCATED_IMAGES is off)
     except Exception as err:  # noqa: BLE001 - PIL raises many types; every one means "bad file"
-        return f"does not decode: {err}"
+        reason = _BUFFER_REPR.sub("", str(err))  # PIL names the in-memory buffer it read
+        if reason == "cannot identify image file":
+            reason = "PIL recognises no image format in its bytes"
+        return f"does not decode: {reason}"
     return None
+
+
+_BUFFER_REPR = re.compile(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>")
 
 
 def _first_scan(data: bytes) -> int:
@@ -177,7 +184,8 @@ def _report(problems: list[tuple[str, str]], total: int, mode: str, advice: str)
     kind = ("are not whole JPEG/PNG images", "cannot be read or are not whole JPEG/PNG images",
             "cannot be read")[(unreadable > 0) + (unreadable == len(problems))]
     lines = [f"{len(problems):,} of {total:,} image files {kind} ({what}); "
-             f"fix, replace or remove them before training:"]
+             f"fix or replace them before training (one that an annotation file lists, as "
+             f"val_annotations.txt and Cars196's .mat files do, cannot just be removed):"]
     lines += [f"  {path}: {problem}" for path, problem in problems[:_SHOWN]]
     if len(problems) > _SHOWN:
         lines.append(f"  ... and {len(problems) - _SHOWN:,} more")

@@ -817,7 +817,8 @@ def test_tiny_imagenets_test_split_is_decoded_up_front_under_the_quick_check(tin
         task_data.check_split_images(splits, "quick", tmp_path / "out", rt, decode_test=True)
     lines = str(error.value).splitlines()
     assert lines[0] == (f"1 of {len(splits.test)} image files are not whole JPEG/PNG images (decoded each "
-                        "with PIL); fix, replace or remove them before training:")
+                        "with PIL); fix or replace them before training (one that an annotation file lists, as "
+                        "val_annotations.txt and Cars196's .mat files do, cannot just be removed):")
     assert lines[1].startswith(f"  {bad}: does not decode: ")
     assert lines[2] == ("The test split is read only after training, so it is decoded in full up front: "
                         "--check-images off skips every check.")

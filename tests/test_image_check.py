@@ -198,7 +198,8 @@ def test_files_that_cannot_be_read_are_not_called_damaged(good: list[str], tmp_p
         check_images([good[0], missing], "quick", advice="--check-images full decodes every file")
     assert str(err.value) == (
         "1 of 2 image files cannot be read (checked the start and end of each (size, JPEG/PNG "
-        f"signature, end marker)); fix, replace or remove them before training:\n  {missing}: cannot "
+        f"signature, end marker)); fix or replace them before training (one that an annotation file lists, "
+        f"as val_annotations.txt and Cars196's .mat files do, cannot just be removed):\n  {missing}: cannot "
         "be read (No such file or directory)\nA file that cannot be read needs to exist and be "
         "readable by the user running this.")
     notes = tmp_path / "notes.JPEG"
@@ -253,3 +254,13 @@ def test_the_pass_is_written_to_the_first_writable_cache_only(good: list[str], t
     cache = [tmp_path / "dataset" / CACHE_NAME, tmp_path / "out" / CACHE_NAME]
     assert check_images(good, "quick", cache) == len(good)
     assert cache[0].is_file() and not cache[1].exists()
+
+
+def test_a_file_pil_cannot_identify_is_named_without_pils_buffer_repr(tmp_path: Path) -> None:
+    # PIL's message named the in-memory buffer: "cannot identify image file <_io.BytesIO
+    # object at 0x7f...>", which says nothing about the file.
+    fake = tmp_path / "val_3.JPEG"
+    fake.write_bytes(b"\xff\xd8\xff" + bytes(100) + b"\xff\xd9")  # JPEG's ends, no image between
+    with pytest.raises(ImageDecodeError) as err:
+        check_images([str(fake)], "full")
+    assert str(err.value).splitlines()[1] == f"  {fake}: does not decode: PIL recognises no image format in its bytes"

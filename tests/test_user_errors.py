@@ -140,6 +140,7 @@ def test_non_finite_lr_is_refused_by_argparse(tmp_path: Path) -> None:
      "error: --evaluate takes the checkpoint's one --placement and one --variant, not all/both"),
     ("t1_custom_cnn", ["--dropout", "1"], "error: --dropout must be in [0, 1), got 1.0"),
     ("t1_custom_cnn", ["--dropout", "-0.1"], "error: --dropout must be in [0, 1), got -0.1"),
+    ("t1_custom_cnn", ["--width", "1"], "error: --width must be at least 2 for the custom CNN, got 1"),  # was a traceback
     ("t2_resnet18", ["--label-smoothing", "1.5"], "argument --label-smoothing: must be in [0, 1), got 1.5"),
     ("t2_resnet18", ["--color-jitter", "1.5"], "argument --color-jitter: must be in [0, 1), got 1.5"),
     ("t1_custom_cnn", ["--seed", str(2**32)], "argument --seed: must be below 2^32, got 4294967296"),
