@@ -21,8 +21,12 @@ a temporary file next to the target and renamed into place, so an interrupted ru
 leaves a half-written archive under the final name.
 
 Refused (one `error:` line, exit status 1): smoke runs anywhere in the runs folder unless
---allow-smoke (they would be in the report too), a chosen run without its best.pt, no
-finished run at all. A task that was not run is left out with a warning.
+--allow-smoke (they would be in the report too), a chosen run without its best.pt, a task
+whose only results.json cannot be read (cut short, say), a T3 comparison whose selected run
+has no readable results.json, no finished run at all, a zip name that gives no folder to
+hold everything (`..zip`), and a file name in the zip that an extractor could put outside
+that folder (a run folder named `..\\x`). A task that was not run, or whose runs are
+unfinished, is left out with a warning that says which.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ import torch
 from common.checkpoint import inference_state, load_checkpoint
 from common.errors import UserError
 from common.files import STALE_TEMP_S, atomic_file, remove_stale_temps
-from common.runs_folder import Chosen, RunsFolder, choose_runs, collect
+from common.runs_folder import Chosen, RunsFolder, choose_runs, collect, selected_folder
 
 REPO = Path(__file__).resolve().parents[1]
 # Where there is no git: files with these endings, outside these folders, are "the code".
@@ -56,8 +60,9 @@ class ArchiveError(UserError, ValueError):
 
 # ---------------------------------------------------------------- what goes in
 def check_runs(runs: RunsFolder, allow_smoke: bool) -> None:
-    """Refuse smoke runs (unless allowed), a runs folder without any finished run, and a
-    chosen run without its best.pt: before the report is built, which takes a while."""
+    """Refuse smoke runs (unless allowed), a runs folder without any finished run, a task
+    whose model cannot be known (its_model_is_known) and a chosen run without its best.pt:
+    before the report is built, which takes a while."""
     found = runs.classifiers + runs.retrievals
     if not found:
         raise ArchiveError(f"no finished run in {runs.root} (no results.json): nothing to hand in")
@@ -67,7 +72,32 @@ def check_runs(runs: RunsFolder, allow_smoke: bool) -> None:
             f"{runs.root} holds smoke runs (generated data, not results): {', '.join(smoke)}. "
             "Remove them (smoke runs live in runs/smoke), point at a folder without them, "
             "or pass --allow-smoke to include them anyway")
-    model_files(choose_runs(runs))  # raises if a best.pt is missing
+    chosen = choose_runs(runs)
+    its_model_is_known(runs, chosen)
+    files, _ = model_files(chosen)  # raises if a best.pt is missing
+    outside = outside_names([name for name, *_ in files])
+    if outside:  # a run folder's name is in them: say so before the report is built
+        raise ArchiveError(f"archive names outside its folder: {', '.join(outside)}: rename the run "
+                           f"folder (expected no '\\', no '..' part and no drive letter such as 'C:')")
+
+
+def its_model_is_known(runs: RunsFolder, chosen: Chosen) -> None:
+    """Refuse a task that ran but whose model cannot be shipped: without a finished run, its
+    results.json cannot be read (cut short by a cloud drive, say; the archive would leave the
+    task out as if it had not run), or T3's comparison selects a run without a readable one."""
+    for task, run in chosen.runs.items():
+        unreadable = runs.unreadable_of(task)
+        if run is None and unreadable:
+            files = ", ".join(str(runs.root / name / "results.json") for name in unreadable)
+            raise ArchiveError(f"{task.upper()}'s results {files} cannot be read, so its model is not "
+                               f"known (see the report's problems): rerun the task's command (a finished "
+                               f"run is not retrained: it is tested again and results.json rewritten), or "
+                               f"restore the file")
+    selected = selected_folder(*chosen.placements) if chosen.placements else None
+    if selected is not None and chosen.runs.get("t3") is None:
+        raise ArchiveError(f"T3's comparison {runs.root / chosen.placements[0] / 'placements.json'} "
+                           f"selects {selected}, which has no readable results.json: rerun t3_cubs.py "
+                           f"(finished runs are not retrained) to redo the comparison")
 
 
 def code_files(repo: Path = REPO, exclude: tuple[Path, ...] = ()) -> list[str]:
@@ -127,8 +157,9 @@ def model_files(chosen: Chosen) -> tuple[list[ModelFile], list[str]]:
     and one line per task saying what was taken (or that the task was not run)."""
     files, notes = [], []
     for task, run in chosen.runs.items():
-        if run is None:
-            notes.append(f"warning: {task.upper()} not run: no model of it in the archive")
+        if run is None:  # unfinished, or not run at all (check_runs refused the other cases)
+            notes.append(f"warning: {task.upper()} {chosen.missing.get(task, 'not run')}: no model of it "
+                         f"in the archive")
             continue
         best = run.path / "best.pt"
         picked = run.label  # "(SMOKE)" after a smoke run's name
@@ -186,13 +217,32 @@ def _in_runs(name: str) -> str:
 Source = Path | bytes
 
 
+def outside_names(names: list[str]) -> list[str]:
+    """The names an extractor could put outside the zip's one folder: absolute ones, a '..'
+    part, a backslash (Windows extractors split on it too: '..\\x' is '..' then 'x') and a
+    drive letter ('C:', absolute on Windows)."""
+    return [n for n in names if n.startswith("/") or "\\" in n or ".." in n.split("/")
+            or any(re.match(r"[A-Za-z]:", part) for part in n.split("/"))]
+
+
+def top_folder(dest: Path) -> str:
+    """The one folder inside the zip: the zip's name without .zip (Assignment2.zip ->
+    Assignment2). Refused where that is no folder of its own: '..zip' gives '.', which
+    unzips into the current folder; '...zip' gives '..'; '.zip' a hidden one."""
+    top = dest.stem
+    if not top.strip() or top.startswith(".") or outside_names([top]):
+        raise ArchiveError(f"expected a zip name that starts with the name of the folder to put "
+                           f"everything in, e.g. Assignment2.zip, not {dest.name!r}")
+    return top
+
+
 def write_zip(entries: list[tuple[str, Source]], dest: Path) -> None:
     """Write `entries` to dest atomically: a temporary file next to it, then os.replace."""
     names = [name for name, _ in entries]
-    # Every entry inside the zip's one folder: no absolute name, no '..' (unzip would put it elsewhere).
-    outside = [n for n in names if n.startswith("/") or ".." in Path(n).parts]
+    # Every entry inside the zip's one folder (unzip would put it elsewhere).
+    outside = outside_names(names)
     if outside:
-        raise ValueError(f"archive names outside its folder: {outside}")
+        raise ArchiveError(f"archive names outside its folder: {', '.join(outside)}")
     if len(set(names)) != len(names):
         raise ValueError(f"duplicate names in the archive: {sorted({n for n in names if names.count(n) > 1})}")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -228,6 +278,7 @@ def build_archive(runs_dir: str | Path, report_md: str | Path, dest: str | Path,
     """Write the submission zip from the runs folder and the report written from it;
     prints what each task contributes and the table of contents."""
     runs_dir, report_md, dest = Path(runs_dir), Path(report_md), Path(dest)
+    top = top_folder(dest)  # one folder inside the zip
     runs = collect(runs_dir)
     check_runs(runs, allow_smoke)
     models, notes = model_files(choose_runs(runs))
@@ -240,7 +291,6 @@ def build_archive(runs_dir: str | Path, report_md: str | Path, dest: str | Path,
               for n, p, epoch, results in models]
     notes.append("each best.pt in the archive: weights, meta and epoch only (--evaluate reads "
                  "them); the training checkpoints in the runs folder keep what resuming needs")
-    top = dest.stem  # one folder inside the zip
     entries: dict[str, Source] = {f"{top}/{n}": REPO / n
                                   for n in code_files(REPO, exclude=(runs_dir,))}
     # The report and the models win over a code file of the same name (e.g. a REPORT.md

@@ -66,8 +66,11 @@ def plot_classifier_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]],
                            loss_note: str = "") -> bool:
     """Holdout top-1 (left) and loss (right: train solid, holdout dashed; loss_axis) per epoch
     of several classifier runs on one figure, one colour per name of `histories` (name -> its
-    metrics.jsonl records; past 10 names the colours repeat with another marker), with one
-    key right of both panels. loss_note: a line under the loss panel's title.
+    metrics.jsonl records; past 10 names the colours repeat), with one key right of both
+    panels. loss_note: a line under the loss panel's title. Runs can have equal curves (the
+    smoke runs of T3's six placements): each run has its own open marker (run_style), and
+    each later run's markers and lines are drawn a little smaller over the earlier ones', so
+    that every run stays visible.
 
     Returns False, and draws nothing, if no run has a record. figsize is in inches: REPORT.pdf
     draws its figures at the size they print, so that their text is readable at 100 %."""
@@ -77,14 +80,13 @@ def plot_classifier_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]],
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=figsize, layout="constrained")
     runs = []
     for index, (name, history) in enumerate(histories.items()):
-        colour, marker = f"C{index % 10}", RUN_MARKERS[index // 10 % len(RUN_MARKERS)]
+        style = run_style(index)
         epochs = [h.get("epoch") for h in history]
         series = lambda key: [h.get(key, math.nan) for h in history]  # noqa: E731
-        ax_acc.plot(epochs, series("holdout_acc"), marker=marker, color=colour, label=name)
-        ax_loss.plot(epochs, series("train_loss"), marker=marker, color=colour, label=f"{name} train loss")
-        ax_loss.plot(epochs, series("holdout_loss"), marker=marker, color=colour, linestyle="--",
-                     label=f"{name} holdout loss")
-        runs.append(Line2D([], [], color=colour, marker=marker, label=name))
+        ax_acc.plot(epochs, series("holdout_acc"), label=name, **style)
+        ax_loss.plot(epochs, series("train_loss"), label=f"{name} train loss", **style)
+        ax_loss.plot(epochs, series("holdout_loss"), label=f"{name} holdout loss", **{**style, "linestyle": "--"})
+        runs.append(Line2D([], [], label=name, **style))
     ax_acc.set(xlabel="epoch", ylabel="holdout top-1", title="holdout accuracy")
     # The title, not the key, says which line style is which: the key holds one entry per run.
     ax_loss.set(xlabel="epoch")
@@ -94,7 +96,19 @@ def plot_classifier_curves(histories: Mapping[str, Sequence[Mapping[str, Any]]],
     return True
 
 
-RUN_MARKERS = (".", "x", "^", "s")  # one per 10 runs: matplotlib's colour cycle has 10 colours
+# One per run, in turn. 7 markers and matplotlib's 10 colours: no two of 70 runs share both.
+RUN_MARKERS = ("o", "s", "^", "D", "v", "x", "+")
+
+
+def run_style(index: int) -> dict[str, Any]:
+    """The line style of the index-th run of a combined curves figure: its colour, its open
+    marker, and a marker size and line width that shrink with the index (to 55 %), so that a
+    later run drawn over an earlier one with the same values leaves the earlier one's larger
+    marker and wider line around its own, as plot_retrieval_curves does for tied mining runs."""
+    shrink = max(0.55, 1.25 - 0.1 * index)
+    return dict(color=f"C{index % 10}", marker=RUN_MARKERS[index % len(RUN_MARKERS)], fillstyle="none",
+                markersize=plt.rcParams["lines.markersize"] * shrink,
+                linewidth=plt.rcParams["lines.linewidth"] * shrink)
 
 
 def smoothed_loss_note(label_smoothing: float, num_classes: int | None) -> str:

@@ -23,7 +23,9 @@ CUBS attention blocks and squeeze-excitation gates, parameters, forward GFLOPs f
 at the run's input size), the T1/T2/T3 results table, T3's placement comparison quoted from
 placements.json, T4's Recall@K before/after metric learning with the chance level and the
 mining comparison, training curves, and the training recipe taken from each run's args.
-Tasks without results say "not run yet"; runs made with --smoke are labelled as such.
+A task without a finished run says what it has instead: a results.json that cannot be read
+(named, with the file), unfinished runs (with the epochs logged), else "not run yet"; runs
+made with --smoke are labelled as such.
 
 Number formats: common/formats.py (accuracies to 4 decimals, point differences to 2 with a
 sign, parameter counts exact); every result is copied from the JSON files and only rounded.
@@ -56,7 +58,7 @@ from common.placements import comparison_lines
 from common.plots import plot_classifier_curves, plot_retrieval_curves, runs_loss_note
 from common.recipes import classifier_recipe, embedding_recipe, random_area
 from common.report_pdf import PDF_FIGURES, write_pdf
-from common.runs_folder import NOT_RUN, SMOKE_BANNER, TASKS, Run, RunsFolder, collect
+from common.runs_folder import NOT_RUN, SMOKE_BANNER, TASKS, Run, RunsFolder, collect, task_note
 
 FIGURES = "report_figures"
 
@@ -136,14 +138,16 @@ def figure_name(run_name: str, file: str) -> str:
 def section_status(runs: RunsFolder) -> list[str]:
     rows = []
     for task, title in TASKS.items():
-        found = runs.of_task(task)
-        if not found:
-            status, where = NOT_RUN, "-"
-        else:
+        found, note = runs.of_task(task), task_note(runs, task)
+        # Its finished runs, then the folders the note names (an unreadable results.json, an
+        # unfinished run): "not run yet" only where the task left nothing at all.
+        folders = [r.name for r in found] + runs.unreadable_of(task) + [n for n, _ in runs.unfinished_of(task)]
+        status = note or NOT_RUN
+        if found:
             kinds = sorted({"SMOKE" if r.smoke else "real" for r in found})
-            status = f"finished ({len(found)} run{'s' * (len(found) > 1)}: {', '.join(kinds)})"
-            where = ", ".join(f"`{r.name}`" for r in found)
-        rows.append([task.upper(), title, status, where])
+            status = f"finished ({len(found)} run{'s' * (len(found) > 1)}: {', '.join(kinds)})" + (
+                f"; {note}" if note else "")
+        rows.append([task.upper(), title, status, ", ".join(f"`{n}`" for n in folders) or "-"])
     lines = ["## Status", ""] + table(["task", "what", "status", "results in"], rows)
     if runs.unfinished:
         lines += ["Unfinished runs (metrics.jsonl but no results.json yet; rerun the same "
@@ -193,7 +197,7 @@ def section_classifiers(runs: RunsFolder) -> list[str]:
     lines = ["## T1 / T2 / T3: Tiny ImageNet classification", ""]
     for task in ("t1", "t2", "t3"):
         if not runs.of_task(task):
-            lines.append(f"- {TASKS[task]}: **{NOT_RUN}**")
+            lines.append(f"- {TASKS[task]}: **{task_note(runs, task) or NOT_RUN}**")
     if lines[-1].startswith("- "):
         lines.append("")
     if not runs.classifiers:
@@ -220,7 +224,7 @@ def section_placements(runs: RunsFolder, figs: Figures) -> list[str]:
     if not runs.placements:
         t3 = runs.of_task("t3")
         note = ("T3 runs exist but no readable placements.json compares them yet (t3_cubs.py "
-                "writes it after its last run)" if t3 else NOT_RUN)
+                "writes it after its last run)" if t3 else task_note(runs, "t3") or NOT_RUN)
         return lines + [f"**{note}**.", ""]
     for name, c in runs.placements:
         lines += placement_block(runs, name, c, figs)
@@ -241,9 +245,7 @@ def placement_block(runs: RunsFolder, name: str, c: dict, figs: Figures) -> list
 def section_retrieval(runs: RunsFolder, figs: Figures) -> list[str]:
     lines = ["## T4: Cars196 retrieval, Recall@K before and after metric learning", ""]
     if not runs.retrievals:
-        t4_unfinished = [n for n, _ in runs.unfinished if n.split("/")[0] == "t4"]
-        extra = f" (unfinished: {', '.join(t4_unfinished)})" if t4_unfinished else ""
-        return lines + [f"**{NOT_RUN}**{extra}.", ""]
+        return lines + [f"**{task_note(runs, 't4') or NOT_RUN}**.", ""]
     for run in runs.retrievals:
         lines += retrieval_block(run, figs)
     return lines
@@ -434,6 +436,11 @@ def main(argv: list[str] | None = None) -> Path:
         if path and Path(path).is_dir():
             parser.error(f"{flag} {path} is a folder: give a file name in it, e.g. "
                          f"{Path(path) / ('REPORT.md' if flag == '--out' else 'Assignment2.zip')}")
+    if args.archive:
+        try:  # '..zip' would unzip into the current folder
+            archive.top_folder(Path(args.archive))
+        except archive.ArchiveError as err:
+            parser.error(f"--archive {args.archive}: {err}")
     try:
         if args.archive:  # refuse before spending time on the report
             archive.check_runs(collect(args.runs), args.allow_smoke)

@@ -13,7 +13,8 @@ runs, the script's default folder first; REPORT.md lists every run):
     1 networks       a line per network (layer counts, parameters and GFLOPs of the rebuilt
                      model) and a drawing of the three CUBS placements
     2 results        the headline figure of every task; a task without a finished run says
-                     "not run yet"
+                     what it has instead (an unreadable results.json, an unfinished run), else
+                     "not run yet" (Chosen.words)
     3 T3 placements  the comparison from placements.json, the at-par check, plus vs plain
     4 curves         holdout score and training loss per epoch (metrics.jsonl)
     5 T4 retrieval   Recall@K before / after metric learning, every mining strategy, the
@@ -147,11 +148,12 @@ NETWORK_TEXT = {
 }
 
 
-def network_line(task: str, run: Run | None, arch: Architecture | None) -> Paragraph:
-    """One line per network: what it is, then the rebuilt model's counts."""
+def network_line(task: str, run: Run | None, arch: Architecture | None, missing: str = NOT_RUN) -> Paragraph:
+    """One line per network: what it is, then the rebuilt model's counts; without a run,
+    `missing` (Chosen.words: not run yet, unfinished, unreadable results)."""
     title = TASKS[task].split(" (")[0]
     if run is None:
-        return para(f"**{title}**: **{NOT_RUN}**.")
+        return para(f"**{title}**: **{missing}**.")
     r = run.results
     what = NETWORK_TEXT[task]
     if task in ("t3", "t4"):
@@ -225,7 +227,7 @@ def section_networks(summaries: Summaries, chosen: Chosen) -> list[Flowable]:
     for task, run in chosen.runs.items():
         phase = "b" if task == "t4" else ""
         arch = found.get((run.name, phase)) if run else None
-        lines += [network_line(task, run, arch), Spacer(1, 2)]
+        lines += [network_line(task, run, arch, chosen.words(task)), Spacer(1, 2)]
     lines.append(para("Counts are computed from the model rebuilt with the run's settings "
                       "(GFLOPs: one forward pass, multiply-add = 2 FLOPs).", SMALL))
     layout = Table([[lines, placements_drawing()]], colWidths=[WIDTH - 7.3 * cm, 7.3 * cm])
@@ -236,9 +238,9 @@ def section_networks(summaries: Summaries, chosen: Chosen) -> list[Flowable]:
 
 
 # ---------------------------------------------------------------- 2 results
-def classifier_row(task: str, run: Run | None, selected: bool = False) -> list[str]:
+def classifier_row(task: str, run: Run | None, selected: bool = False, missing: str = NOT_RUN) -> list[str]:
     if run is None:
-        return [task.upper(), f"**{NOT_RUN}**", "", "", "", "", ""]
+        return [task.upper(), f"**{missing}**", "", "", "", "", ""]
     r = run.results
     name = run_label(run) + (" (selected)" if selected else "")
     # T3's model name repeats the placement and variant that its folder name already gives.
@@ -249,9 +251,9 @@ def classifier_row(task: str, run: Run | None, selected: bool = False) -> list[s
             f"{json_path(run)}: test_acc, test_top5, holdout_acc"]
 
 
-def retrieval_rows(run: Run | None) -> list[list[str]]:
+def retrieval_rows(run: Run | None, missing: str = NOT_RUN) -> list[list[str]]:
     if run is None:
-        return [["T4", f"**{NOT_RUN}**", "", "", "", "", ""]]
+        return [["T4", f"**{missing}**", "", "", "", "", ""]]
     r = run.results
     a, b = r.get("phase_a") or {}, r.get("phase_b") or {}
     return [["T4", f"{run_label(run)}: before (Phase A classifier features)", "R@1/2/4/8",
@@ -264,14 +266,15 @@ def retrieval_rows(run: Run | None) -> list[list[str]]:
 
 
 def section_results(chosen: Chosen) -> list[Flowable]:
-    rows = [classifier_row("t1", chosen.runs["t1"]), classifier_row("t2", chosen.runs["t2"]),
+    rows = [classifier_row("t1", chosen.runs["t1"], missing=chosen.words("t1")),
+            classifier_row("t2", chosen.runs["t2"], missing=chosen.words("t2")),
             classifier_row("t3", chosen.runs["t3"], selected=chosen.placements is not None
-                           and chosen.placements[1].get("selected") is not None)]
+                           and chosen.placements[1].get("selected") is not None, missing=chosen.words("t3"))]
     if chosen.placements is not None and chosen.runs["t3"] is None:  # T3's comparison was made
         selected = selected_folder(*chosen.placements)
         rows[2][1] = (f"**selected run missing**: {selected} (see NOT REPORTED above)" if selected
                       else "**no run selected** (see 3)")
-    rows += retrieval_rows(chosen.runs["t4"])
+    rows += retrieval_rows(chosen.runs["t4"], chosen.words("t4"))
     table = grid(["task", "run: model", "test metric", "value", "holdout", "best epoch / run",
                   "source (file: keys)"], rows, [0.55, 2.7, 1.2, 3.0, 1.3, 0.85, 3.4])
     t4_test = f" T4 test: {t4_test_classes(chosen.runs['t4'])}, never seen in training." if chosen.runs["t4"] else ""
@@ -298,7 +301,7 @@ def section_placements(chosen: Chosen) -> list[Flowable]:
         if chosen.runs["t3"] is not None:  # runs of an unfinished comparison: said as REPORT.md says it
             return out + [para("**T3 runs exist but no placements.json compares them yet** (t3_cubs.py "
                                "writes it after its last run; rerun it to finish the comparison).")]
-        return out + [para(f"**{NOT_RUN}** (no placements.json: run `t3_cubs.py "
+        return out + [para(f"**{chosen.words('t3')}** (no placements.json: run `t3_cubs.py "
                            f"--placement all`).")]
     name, c = chosen.placements
     rows = table_rows(c)  # the rows of placements.md and REPORT.md
@@ -381,14 +384,21 @@ def section_curves(runs: RunsFolder, chosen: Chosen, figures: Path,
             " " + note.replace("train:", "Train loss:").replace("holdout:", "holdout loss:") + "." if note else "")
         out.append(captioned(figure(path, WIDTH), caption))
     else:
-        out.append(para(f"T1 / T2 / T3: **{NOT_RUN}**."))
+        out.append(no_curves(chosen, ("t1", "t2", "t3")))
     t4 = chosen.runs["t4"]
     path = figures / PDF_FIGURES[1]
     if t4 and draw(lambda p, **kw: plot_retrieval_curves(t4.phases, p, **kw), path, height):
         out.append(captioned(figure(path, WIDTH), CAPTIONS["t4_curves"]))
     else:
-        out.append(para(f"T4: **{NOT_RUN}**."))
+        out.append(no_curves(chosen, ("t4",)))
     return out
+
+
+def no_curves(chosen: Chosen, tasks: Sequence[str]) -> Paragraph:
+    """The line in place of a curve figure that drew nothing: for each task, why (Chosen.words:
+    not run yet, unfinished, unreadable results), or that its run logged no epoch."""
+    why = {t: chosen.words(t) if chosen.runs.get(t) is None else "no epochs in metrics.jsonl" for t in tasks}
+    return para("; ".join(f"{t.upper()}: **{words}**" for t, words in why.items()) + ".")
 
 
 def curve_names(runs: Sequence[Run]) -> dict[str, list[dict]]:
@@ -415,7 +425,7 @@ def section_retrieval(chosen: Chosen, figures: Path, scale: float) -> list[Flowa
     out: list[Flowable] = [heading("5  T4: Cars196 retrieval on unseen classes, mining comparison")]
     run = chosen.runs["t4"]
     if run is None:
-        return out + [para(f"**{NOT_RUN}**.")]
+        return out + [para(f"**{chosen.words('t4')}**.")]
     r = run.results
     a, main = r.get("phase_a") or {}, (r.get("phase_b") or {}).get("mining")
     out.append(para(
@@ -504,7 +514,7 @@ def classifier_strategies(chosen: Chosen) -> list[str]:
 def mining_strategy(chosen: Chosen) -> str:
     run = chosen.runs["t4"]
     if run is None:
-        return f"**Hard mining** (T4): **{NOT_RUN}**."
+        return f"**Hard mining** (T4): **{chosen.words('t4')}**."
     recipe = embedding_recipe(run.results)
     entries = run.results.get("mining_comparison") or []
     scores = [e.get("holdout_r1") or 0.0 for e in entries]
@@ -565,7 +575,7 @@ def header(runs: RunsFolder, chosen: Chosen) -> list[Flowable]:
 def _not_reported(runs: RunsFolder) -> str:
     """Runs in the folder that no table shows: unfinished ones, and the problems collect()
     met (unreadable files, a placements.json whose selected run is gone); a task that has
-    only those reads "not run yet" below. "" if there are none."""
+    only those says so below (Chosen.words). "" if there are none."""
     parts = []
     if runs.unfinished:
         names = [name for name, _ in runs.unfinished]

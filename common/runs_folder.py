@@ -1,18 +1,22 @@
 """The runs folder as the task scripts left it, read once for REPORT.md, REPORT.pdf and the
 submission archive: every finished run (a results.json with its metrics.jsonl), every
-unfinished one (metrics.jsonl or last.pt, no results.json), every placements.json, and the one run per task that
-REPORT.pdf shows and the archive ships (choose_runs).
+unfinished one (metrics.jsonl or last.pt, no results.json), every results.json that cannot
+be used (cut short, not UTF-8 JSON, lacking the keys the report reads), every
+placements.json, and the one run per task that REPORT.pdf shows and the archive ships
+(choose_runs).
 
-    runs = collect("runs")       # RunsFolder: classifiers, retrievals, placements, unfinished
+    runs = collect("runs")       # RunsFolder: classifiers, retrievals, placements, unfinished, unreadable
     chosen = choose_runs(runs)   # Chosen: runs["t1"] ... runs["t4"], T3's placements.json
 
-Also the words both reports use for a task (TASKS), a task without a run (NOT_RUN) and a
-smoke run (SMOKE_BANNER), so REPORT.md and REPORT.pdf say the same.
+Also the words both reports use for a task (TASKS), a task without a finished run (NOT_RUN,
+or task_note: its unreadable results and unfinished runs) and a smoke run (SMOKE_BANNER), so
+REPORT.md and REPORT.pdf say the same.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +31,13 @@ SKIP_DIRS = {"smoke_data", "report_figures", "__pycache__"}
 TASKS = {"t1": "T1 custom CNN (Tiny ImageNet)", "t2": "T2 ResNet-18 (Tiny ImageNet)",
          "t3": "T3 CUBS-ResNet-18 placements (Tiny ImageNet)",
          "t4": "T4 Cars196 retrieval (Multi-Similarity loss)"}
+# What both reports read of a task's results.json, and its type: without them every figure
+# of the run would read n/a, so such a file (cut short, or of other code) is no finished run.
+_NUMBER, _TEXT, _OBJECT = ((int, float), "a number"), (str, "a string"), (dict, "an object")
+NEEDED_KEYS: dict[str, dict[str, tuple[type | tuple[type, ...], str]]] = {
+    "t1": {"test_acc": _NUMBER}, "t2": {"test_acc": _NUMBER},
+    "t3": {"test_acc": _NUMBER, "placement": _TEXT, "variant": _TEXT},
+    "t4": {"phase_a": _OBJECT, "phase_b": _OBJECT}}
 
 
 # ---------------------------------------------------------------- reading
@@ -70,10 +81,20 @@ class RunsFolder:
     retrievals: list[Run] = field(default_factory=list)
     placements: list[tuple[str, dict]] = field(default_factory=list)  # (folder name, json)
     unfinished: list[tuple[str, list[dict]]] = field(default_factory=list)
+    # (folder name, its task or None): a results.json that could not be used (named in problems)
+    unreadable: list[tuple[str, str | None]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     def of_task(self, task: str) -> list[Run]:
         return [r for r in self.classifiers + self.retrievals if r.task == task]
+
+    def unreadable_of(self, task: str) -> list[str]:
+        """The folders whose results.json of `task` could not be used."""
+        return [name for name, of in self.unreadable if of == task]
+
+    def unfinished_of(self, task: str) -> list[tuple[str, list[dict]]]:
+        """The unfinished runs whose folder names them runs of `task` (folder_task)."""
+        return [(name, history) for name, history in self.unfinished if folder_task(name) == task]
 
     def run_at(self, name: str) -> Run | None:
         """The run whose folder is `name` (relative to the runs folder), if any."""
@@ -176,25 +197,16 @@ def collect(root: str | Path) -> RunsFolder:
                 found.placements.append((name, data))
         if "results.json" not in files:
             continue
-        results = read_json_object(folder / "results.json", found.problems, "the results of a task script")
-        if results is None:
+        run = read_run(folder, name, found)
+        if run is None:  # named in found.unreadable
+            if found.unreadable[-1][1] == "t4":
+                t4_dirs.add(folder)  # its phase folders are parts of that run, not runs of their own
             continue
-        if results.get("task") not in TASKS:
-            found.problems.append(f"{folder / 'results.json'} is not the results of a task script "
-                                  f"(a JSON object whose \"task\" is one of {', '.join(TASKS)}): not reported")
-            continue
-        run = Run(folder, name, results)
         if "metrics.jsonl" in files:
             run.history = read_jsonl(folder / "metrics.jsonl", found.problems)
         if run.task == "t4":
             t4_dirs.add(folder)
-            for sub in sorted(folder.glob("phase_*/metrics.jsonl")):
-                if sub.parent.name in reported_phases(results):
-                    run.phases[sub.parent.name] = read_jsonl(sub, found.problems)
-                else:  # an older --compare-mining, or one cut short: its curve is no result
-                    found.problems.append(f"{rel_name(sub.parent, root)} is not in {name}/results.json: "
-                                          f"not reported (rerun t4_retrieval.py with that --mining or "
-                                          f"--compare-mining to report it)")
+            read_phases(run, found)
             found.retrievals.append(run)
         else:
             found.classifiers.append(run)
@@ -202,21 +214,103 @@ def collect(root: str | Path) -> RunsFolder:
         if {"metrics.jsonl", "last.pt"} & files and "results.json" not in files and folder.parent not in t4_dirs:
             found.unfinished.append((rel_name(folder, root), read_jsonl(folder / "metrics.jsonl", found.problems)
                                      if "metrics.jsonl" in files else []))
-    for name, data in found.placements:  # written after its runs: the one it selects must be there
-        selected = selected_folder(name, data)
-        if selected is not None and found.run_at(selected) is None:
-            found.problems.append(f"{root / name / 'placements.json'} selects {selected}, which has "
-                                  f"no readable results.json: rerun t3_cubs.py (finished runs "
-                                  f"are not retrained) to redo the comparison")
-        missing = not_compared(found, name, data)
-        if missing:  # e.g. --placement all killed after a --placement serial comparison
-            found.problems.append(f"{root / name / 'placements.json'} does not compare the finished "
-                                  f"run(s) {', '.join(missing)} beside it, so its selection may be out of "
-                                  f"date: rerun t3_cubs.py (finished runs are not retrained) to redo the "
-                                  f"comparison")
+    for name, data in found.placements:
+        check_comparison(found, name, data)
     found.classifiers.sort(key=lambda r: (r.task, r.name))
     found.retrievals.sort(key=lambda r: r.name)
     return found
+
+
+def read_run(folder: Path, name: str, found: RunsFolder) -> Run | None:
+    """The run in `folder` (named `name`), or None with a line in found.problems and the folder
+    in found.unreadable: a results.json that is not a task script's, or lacks what the report
+    reads (NEEDED_KEYS), is no finished run, but no "not run yet" either."""
+    path = folder / "results.json"
+    results = read_json_object(path, found.problems, "the results of a task script")
+    if results is None:  # cut short (a copy from a cloud drive, say): its first key may have survived
+        found.unreadable.append((name, task_in_text(path) or folder_task(name)))
+        return None
+    task = results.get("task")
+    if task not in TASKS:
+        found.problems.append(f"{path} is not the results of a task script (a JSON object whose "
+                              f"\"task\" is one of {', '.join(TASKS)}): not reported")
+        found.unreadable.append((name, folder_task(name)))
+        return None
+    lacking = [f"{key} ({words})" for key, (kind, words) in NEEDED_KEYS[task].items()
+               if not isinstance(results.get(key), kind)]
+    if lacking:
+        found.problems.append(f"{path} lacks {', '.join(lacking)}, which the report reads of a "
+                              f"{task.upper()} run: not reported (a results.json cut short or of other "
+                              f"code; rerun the task to rewrite it)")
+        found.unreadable.append((name, task))
+        return None
+    return Run(folder, name, results)
+
+
+def read_phases(run: Run, found: RunsFolder) -> None:
+    """A T4 run's phase curves (phase_*/metrics.jsonl) that its results.json reports."""
+    for sub in sorted(run.path.glob("phase_*/metrics.jsonl")):
+        if sub.parent.name in reported_phases(run.results):
+            run.phases[sub.parent.name] = read_jsonl(sub, found.problems)
+        else:  # an older --compare-mining, or one cut short: its curve is no result
+            found.problems.append(f"{rel_name(sub.parent, found.root)} is not in {run.name}/results.json: "
+                                  f"not reported (rerun t4_retrieval.py with that --mining or "
+                                  f"--compare-mining to report it)")
+
+
+def task_in_text(path: Path) -> str | None:
+    """The task a results.json names in its text, read even where it is cut short: the task
+    scripts write "task" first."""
+    try:
+        head = path.read_bytes()[:4096].decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    match = re.search(r'"task"\s*:\s*"(t[1-4])"', head)
+    return match.group(1) if match else None
+
+
+def folder_task(name: str) -> str | None:
+    """The task of a run folder by its name, as the scripts name their folders: t1 ... t4
+    (runs/t1, runs/smoke/t1, T4's t4/phase_a), T3's <placement>_<variant>, T4's phase_a and
+    phase_b_<mining>; the innermost such part decides. None for another name (t2_old)."""
+    for part in reversed(name.split("/")):
+        if part in TASKS:
+            return part
+        if part in RUN_FOLDERS:
+            return "t3"
+        if part == "phase_a" or part.startswith("phase_b_"):
+            return "t4"
+    return None
+
+
+def check_comparison(found: RunsFolder, name: str, data: dict) -> None:
+    """Name in found.problems what makes the placements.json in folder `name` out of date:
+    the run it selects, or one it compares, has no readable results.json (deleted, cut short,
+    unfinished again), or a finished run beside it is not compared. The comparison was
+    written after its runs, from their results.json."""
+    file = found.root / name / "placements.json"
+    redo = "rerun t3_cubs.py (finished runs are not retrained) to redo the comparison"
+    selected = selected_folder(name, data)
+    if selected is not None and found.run_at(selected) is None:
+        found.problems.append(f"{file} selects {selected}, which has no readable results.json: {redo}")
+    gone = [folder for folder in compared(name, data)
+            if folder != selected and found.run_at(folder) is None]
+    if gone:  # shown in its table as if finished
+        found.problems.append(f"{file} compares {', '.join(gone)}, which no longer ha"
+                              f"{'s' if len(gone) == 1 else 've'} a readable results.json, so its "
+                              f"table and selection may be out of date: {redo}")
+    missing = not_compared(found, name, data)
+    if missing:  # e.g. --placement all killed after a --placement serial comparison
+        found.problems.append(f"{file} does not compare the finished run(s) {', '.join(missing)} "
+                              f"beside it, so its selection may be out of date: {redo}")
+
+
+def compared(name: str, placements: dict) -> list[str]:
+    """The runs the placements.json in folder `name` compares ("runs"), as run names of the
+    runs folder (as selected_folder gives them)."""
+    folders = [f"{r.get('placement')}_{r.get('variant')}" for r in placements.get("runs") or []
+               if isinstance(r, dict)]
+    return [folder if name == "." else f"{name}/{folder}" for folder in folders]
 
 
 def not_compared(found: RunsFolder, name: str, placements: dict) -> list[str]:
@@ -246,6 +340,23 @@ def selected_folder(name: str, placements: dict) -> str | None:
     return folder if name == "." else f"{name}/{folder}"
 
 
+# ---------------------------------------------------------------- a task without a finished run
+def task_note(runs: RunsFolder, task: str) -> str:
+    """What both reports say of `task` beside its finished runs, or instead of them: its
+    results.json that could not be used and its unfinished runs; "" if it has neither (a
+    task with no finished run and no note reads NOT_RUN)."""
+    parts = []
+    unreadable = runs.unreadable_of(task)
+    if unreadable:
+        parts.append("unreadable results: " + ", ".join(
+            "results.json" if name == "." else f"{name}/results.json" for name in unreadable))
+    unfinished = runs.unfinished_of(task)
+    if unfinished:
+        parts.append("unfinished (" + ", ".join(
+            f"{len(h)} epoch{'s' * (len(h) != 1)} logged in {name}" for name, h in unfinished) + ")")
+    return "; ".join(parts)
+
+
 # ---------------------------------------------------------------- choosing one run per task
 @dataclass
 class Chosen:
@@ -253,10 +364,16 @@ class Chosen:
 
     runs["t3"] is the run of the placement that T3 selected (placements.json "selected",
     by holdout accuracy); `placements` is that comparison as (folder name, placements.json).
-    A task that has no finished run maps to None.
+    A task that has no finished run maps to None, and `missing` says why (task_note).
     """
     runs: dict[str, Run | None]
     placements: tuple[str, dict] | None
+    missing: dict[str, str] = field(default_factory=dict)  # task -> task_note, where it has one
+
+    def words(self, task: str) -> str:
+        """What to say of a task without a chosen run: its unreadable results or unfinished
+        runs, else NOT_RUN."""
+        return self.missing.get(task) or NOT_RUN
 
 
 def _preference(smoke: bool, name: str, task: str) -> tuple:
@@ -288,4 +405,5 @@ def choose_runs(runs: RunsFolder) -> Chosen:
         same_folder = [r for r in runs.of_task("t3") if folder(r) == folder(first)]
         selected, best_overall = select([r.results for r in same_folder])
         chosen["t3"] = next(r for r in same_folder if r.results is (selected or best_overall))
-    return Chosen({t: chosen[t] for t in TASKS}, placements)
+    return Chosen({t: chosen[t] for t in TASKS}, placements,
+                  {t: task_note(runs, t) for t in TASKS if chosen[t] is None and task_note(runs, t)})

@@ -300,6 +300,25 @@ def test_more_than_ten_runs_never_share_a_colour_and_marker(figures: list, tmp_p
     assert len({(line.get_color(), line.get_marker()) for line in lines}) == len(lines) == 23
 
 
+def test_runs_with_equal_curves_stay_visible_beside_each_other(figures: list, tmp_path: Path) -> None:
+    # The six T3 smoke runs can log the same curves: drawn with one marker and one width,
+    # the last one drawn hid the others.
+    same = [{"epoch": e, "holdout_acc": 0.5, "train_loss": 1.0, "holdout_loss": 1.2} for e in (1, 2)]
+    names = [f"t3/{p}_{v}" for p in ("serial", "reverse", "parallel") for v in ("plain", "plus")]
+    assert plots.plot_classifier_curves({n: same for n in names}, tmp_path / "c.png")
+    ax_acc, ax_loss = figures[-1].axes
+    for lines in (ax_acc.lines, ax_loss.lines[0::2], ax_loss.lines[1::2]):  # holdout acc, train and holdout loss
+        assert len({line.get_marker() for line in lines}) == 6
+        sizes, widths = [line.get_markersize() for line in lines], [line.get_linewidth() for line in lines]
+        assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 6  # each later one inside the last
+        assert widths == sorted(widths, reverse=True) and len(set(widths)) == 6
+        assert {line.get_fillstyle() for line in lines} == {"none"}  # open: the ones below show through
+    assert [line.get_linestyle() for line in ax_loss.lines[:2]] == ["-", "--"]  # train solid, holdout dashed
+    key = figures[-1].legends[0].legend_handles
+    assert [(h.get_marker(), h.get_markersize()) for h in key] == \
+        [(line.get_marker(), line.get_markersize()) for line in ax_acc.lines]  # the key shows each run's
+
+
 def test_bar_labels_have_the_tables_four_decimals(figures: list, tmp_path: Path) -> None:
     # One holdout image of 2,000 is 0.0005: three decimals showed two runs as a tie.
     plots.plot_bars(["serial", "reverse"], {"holdout": [1161 / 2000, 1162 / 2000]}, tmp_path / "b.png",

@@ -304,10 +304,11 @@ def test_classifier_table_numbers_equal_the_json(handmade):
 def test_missing_and_unfinished_runs_are_not_invented(handmade):
     _, _, _, text = handmade
     status = {r["task"]: r for r in find_tables(text, "task", "status")[0]}
-    assert status["T1"]["status"] == "not run yet"
+    # T1 was killed after 2 epochs: unfinished, as the table below says, not "not run yet"
+    assert (status["T1"]["status"], status["T1"]["results in"]) == ("unfinished (2 epochs logged in t1)", "`t1`")
     assert status["T2"]["status"] == "finished (1 run: real)"
     assert status["T4"]["status"] == "finished (1 run: SMOKE)"
-    assert "- T1 custom CNN (Tiny ImageNet): **not run yet**" in text
+    assert "- T1 custom CNN (Tiny ImageNet): **unfinished (2 epochs logged in t1)**" in text
     unfinished = find_tables(text, "folder", "epochs logged")[0]
     assert unfinished == [{"folder": "`t1`", "epochs logged": "2",
                            "last holdout score": "holdout_acc 0.2000 (epoch 2)"}]
@@ -408,7 +409,9 @@ def test_cli_imports_without_dali_and_honours_out(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (tmp_path / "doc" / "REPORT.md").read_text()
     check_figures(text, tmp_path / "doc" / "REPORT.md")
-    assert "## T4" in text and "**not run yet**" in text
+    # T4's phases are left without its results.json: unfinished runs, not "not run yet"
+    assert ("## T4: Cars196 retrieval, Recall@K before and after metric learning\n\n**unfinished (3 epochs "
+            "logged in t4/phase_a, 3 epochs logged in t4/phase_b_ms, 3 epochs logged in t4/phase_b_none)**.") in text
     assert not (tmp_path / "runs" / "REPORT.md").exists()
     assert pdf_text(tmp_path / "doc" / "REPORT.pdf")[0] <= 2
 
@@ -697,6 +700,13 @@ def test_pdf_marks_missing_tasks_not_run(tmp_path):
     assert pages <= 2 and " ".join(text.split()).count("NOT REPORTED: unfinished (no results.json "
                                                        "yet; rerun the command to finish): t1; 1 problem "
                                                        "reading the runs folder (REPORT.md lists it).") == 1
+    # ... and below, in the networks lines and the results rows: it said "not run yet" there
+    text = " ".join(text.split())
+    assert "T1 custom CNN: unfinished (2 epochs logged in t1)." in text
+    assert "T1 unfinished (2 epochs logged in t1) T2" in text  # the results row
+    assert "T3 CUBS-ResNet-18 placements: unreadable results: t3/serial_plain/results.json." in text
+    assert "T3 unreadable results: t3/serial_plain/results.json T4" in text
+    assert "T1 not run yet" not in text and "T3 not run yet" not in text
 
 
 def test_the_report_takes_real_runs_before_smoke_ones_then_the_scripts_own_folder(tmp_path):
@@ -926,7 +936,8 @@ def test_archive_command_writes_report_and_zip_and_refuses_a_missing_model(tmp_p
     assert f"warning: could not read {runs / 't2_old' / 'results.json'}: " in out
     assert ("warning: unfinished run t1 (no results.json) is not in the archive: rerun its "
             "command to finish it") in out
-    for task in ("T1", "T3", "T4"):
+    assert "warning: T1 unfinished (2 epochs logged in t1): no model of it in the archive" in out
+    for task in ("T3", "T4"):
         assert f"warning: {task} not run: no model of it in the archive" in out
     with zipfile.ZipFile(dest) as zf:
         names = set(zf.namelist())
@@ -1109,9 +1120,11 @@ def test_untracked_warning_names_forgotten_code_but_not_the_report_written_into_
     assert "Assignment2/forgotten.py" not in names
 
 
-@pytest.mark.parametrize("name", ["../secret.png", "A2/../../x", "/etc/passwd"])
+@pytest.mark.parametrize("name", ["../secret.png", "A2/../../x", "/etc/passwd", "A2/runs/..\\x/best.pt",
+                                  "A2\\..\\..\\x", "C:/x", "A2/C:x", "c:x"])
 def test_zip_refuses_a_name_outside_its_folder(tmp_path, name):
-    with pytest.raises(ValueError, match="archive names outside its folder"):
+    # Windows extractors split names on '\\' too, and a drive letter makes a name absolute there.
+    with pytest.raises(archive.ArchiveError, match="archive names outside its folder"):
         archive.write_zip([("A2/REPORT.md", b"r"), (name, b"x")], tmp_path / "a.zip")
     assert not (tmp_path / "a.zip").exists()
 
@@ -1170,7 +1183,7 @@ def test_the_t4_section_names_only_t4s_unfinished_runs(tmp_path):
         (tmp_path / name).mkdir(parents=True)
         (tmp_path / name / "metrics.jsonl").write_text('{"epoch": 1}\n')
     lines = report.section_retrieval(runs_folder.collect(tmp_path), report.Figures(tmp_path / "REPORT.md"))
-    assert lines[2] == "**not run yet** (unfinished: t4/phase_a)."
+    assert lines[2] == "**unfinished (1 epoch logged in t4/phase_a)**."
 
 
 def test_figure_names_of_a_run_at_the_runs_root_are_visible_and_alike():
@@ -1608,3 +1621,169 @@ def test_a_report_that_cannot_be_written_is_one_error_line(tmp_path, monkeypatch
         report.main([str(tmp_path)])
     assert exit_.value.code == (f"error: permission denied: {tmp_path / 'report_figures'} (--out and "
                                 f"--archive choose where the report and the archive are written)")
+
+
+# ---------------------------------------------------------------- a task that ran but cannot be shown
+def cut_short(path: Path, size: int) -> None:
+    """The file's first `size` characters, as a copy from a cloud drive cut short leaves it
+    (the scripts write results.json indented, "task" first)."""
+    path.write_text(json.dumps(json.loads(path.read_text()), indent=2)[:size])
+
+
+def test_an_unreadable_results_json_is_named_in_both_reports_and_refused_by_the_archive(tmp_path, capsys):
+    # It read "not run yet", and --archive wrote a zip without T1 ("T1 not run"), exit 0.
+    runs = tmp_path / "runs"
+    write(runs / "t2" / "results.json", classifier("t2", "resnet18", 0.456789, 0.51234))
+    torch.save({"model": {"w": torch.arange(3.0)}, "epoch": 2}, runs / "t2" / "best.pt")
+    write(runs / "t1" / "results.json", classifier("t1", "custom_cnn", 0.5, 0.5))
+    write(runs / "t1" / "metrics.jsonl", history(3))
+    torch.save({"model": {"w": torch.arange(3.0)}, "epoch": 2}, runs / "t1" / "best.pt")
+    cut_short(runs / "t1" / "results.json", 300)
+    dest = tmp_path / "A.zip"
+    with pytest.raises(SystemExit) as exit_:
+        report.main([str(runs), "--archive", str(dest)])
+    assert exit_.value.code == (f"error: T1's results {runs / 't1' / 'results.json'} cannot be read, so "
+                                f"its model is not known (see the report's problems): rerun the task's "
+                                f"command (a finished run is not retrained: it is tested again and "
+                                f"results.json rewritten), or restore the file")
+    assert not dest.exists() and not (runs / "REPORT.md").exists()  # refused before the report
+    text = report.build_report(runs).read_text()
+    status = {r["task"]: r for r in find_tables(text, "task", "status")[0]}
+    assert (status["T1"]["status"], status["T1"]["results in"]) == ("unreadable results: t1/results.json", "`t1`")
+    assert "- T1 custom CNN (Tiny ImageNet): **unreadable results: t1/results.json**" in text
+    assert f"- could not read {runs / 't1' / 'results.json'}: " in text
+    _, pdf = pdf_text(runs / "REPORT.pdf")
+    pdf = " ".join(pdf.split())
+    assert "T1 custom CNN: unreadable results: t1/results.json." in pdf  # the networks
+    assert "T1 unreadable results: t1/results.json T2" in pdf  # the results table
+    assert "T1: unreadable results: t1/results.json" in pdf  # under the curves
+    assert "T1 not run yet" not in pdf and "T1 custom CNN: not run yet" not in pdf
+    collected = runs_folder.collect(runs)
+    assert collected.unreadable == [("t1", "t1")] and collected.unfinished == []
+    assert runs_folder.choose_runs(collected).words("t1") == "unreadable results: t1/results.json"
+    # A finished run of the same task beside it: shown, and the damaged one named beside it
+    write(runs / "t1_b" / "results.json", classifier("t1", "custom_cnn", 0.25, 0.25))
+    status = {r["task"]: r for r in find_tables(report.build_report(runs).read_text(), "task", "status")[0]}
+    assert status["T1"]["status"] == "finished (1 run: real); unreadable results: t1/results.json"
+    assert status["T1"]["results in"] == "`t1_b`, `t1`"
+
+
+def test_an_unreadable_t3_run_the_comparison_selected_is_refused_by_the_archive(tmp_path):
+    data = make_runs(tmp_path / "runs")
+    runs = tmp_path / "runs"
+    for folder in ("t2", "t3/serial_plain", "t3/reverse_plain", "t3/serial_plus", "t4/phase_b_ms"):
+        write(runs / folder / "best.pt", b"checkpoint")
+    selected = f"t3/{data['placements']['selected']['placement']}_{data['placements']['selected']['variant']}"
+    cut_short(runs / selected / "results.json", 200)
+    collected = runs_folder.collect(runs)
+    with pytest.raises(archive.ArchiveError, match=re.escape(
+            f"T3's results {runs / selected / 'results.json'} cannot be read, so its model is not known")):
+        archive.check_runs(collected, allow_smoke=True)  # it warned "T3 not run" and wrote the zip
+    assert collected.unreadable == [(selected, "t3")]
+    assert runs_folder.task_note(collected, "t3") == f"unreadable results: {selected}/results.json"
+    # deleted instead (no last.pt: no run at all there now): still no T3 model, still refused
+    (runs / selected / "results.json").unlink()
+    with pytest.raises(archive.ArchiveError, match=re.escape(
+            f"T3's comparison {runs / 't3' / 'placements.json'} selects {selected}, which has no readable "
+            f"results.json: rerun t3_cubs.py")):
+        archive.check_runs(runs_folder.collect(runs), allow_smoke=True)
+
+
+def test_a_comparison_of_a_run_that_is_no_longer_finished_is_a_named_problem(tmp_path):
+    # serial_plain's results.json deleted, its last.pt kept: placements.json still showed it,
+    # with no word.
+    data = make_runs(tmp_path)
+    assert data["placements"]["selected"]["placement"] != "serial"
+    (tmp_path / "t3" / "serial_plain" / "results.json").unlink()
+    write(tmp_path / "t3" / "serial_plain" / "last.pt", b"checkpoint")
+    runs = runs_folder.collect(tmp_path)
+    assert runs.problems == [f"{tmp_path / 't3' / 'placements.json'} compares t3/serial_plain, which no "
+                             f"longer has a readable results.json, so its table and selection may be out "
+                             f"of date: rerun t3_cubs.py (finished runs are not retrained) to redo the "
+                             f"comparison"]
+    assert runs_folder.task_note(runs, "t3") == "unfinished (3 epochs logged in t3/serial_plain)"
+    # two such runs, one of them cut short
+    cut_short(tmp_path / "t3" / "serial_plus" / "results.json", 100)
+    assert f"{tmp_path / 't3' / 'placements.json'} compares t3/serial_plain, t3/serial_plus, which no " \
+           f"longer have a readable results.json" in "\n".join(runs_folder.collect(tmp_path).problems)
+
+
+@pytest.mark.parametrize("results, lacking", [
+    ({"task": "t1"}, "test_acc (a number)"),
+    ({"task": "t3", "test_acc": 0.5, "placement": "serial"}, "variant (a string)"),
+    ({"task": "t4", "phase_a": {}, "phase_b": None}, "phase_b (an object)"),
+    ({"task": "t2", "test_acc": "0.5"}, "test_acc (a number)"),
+    ({"task": "t3"}, "test_acc (a number), placement (a string), variant (a string)"),
+])
+def test_a_results_json_without_the_keys_the_report_reads_is_a_named_problem(tmp_path, results, lacking):
+    # {"task": "t1"} read as "finished (1 run: real)" with every figure n/a.
+    task = results["task"]
+    write(tmp_path / task / "results.json", results)
+    runs = runs_folder.collect(tmp_path)
+    assert runs.of_task(task) == [] and runs.unreadable == [(task, task)]
+    assert runs.problems == [f"{tmp_path / task / 'results.json'} lacks {lacking}, which the report reads "
+                             f"of a {task.upper()} run: not reported (a results.json cut short or of other "
+                             f"code; rerun the task to rewrite it)"]
+    status = {r["task"]: r["status"] for r in find_tables(report.build_report(tmp_path).read_text(), "task", "status")[0]}
+    assert status[task.upper()] == f"unreadable results: {task}/results.json"
+
+
+def test_the_task_of_a_run_folder_is_read_from_its_name_or_its_cut_short_text(tmp_path):
+    assert [runs_folder.folder_task(n) for n in ("t1", "smoke/t2", "t3_full/reverse_plus", "serial_plain",
+                                                 "t4/phase_a", "mine/phase_b_ms", "t2_old", ".")] == \
+        ["t1", "t2", "t3", "t3", "t4", "t4", None, None]
+    write(tmp_path / "a" / "results.json", '{\n  "task": "t4",\n  "placem')
+    write(tmp_path / "t4" / "phase_a" / "last.pt", b"checkpoint")  # a part of that T4 run
+    write(tmp_path / "b" / "results.json", '{"model": "resnet18", "te')
+    runs = runs_folder.collect(tmp_path)
+    assert runs.unreadable == [("a", "t4"), ("b", None)]
+    assert runs.unfinished == [("t4/phase_a", [])]  # t4's own results.json is not there to claim it
+    chosen = runs_folder.choose_runs(runs)
+    assert chosen.words("t4") == "unreadable results: a/results.json; unfinished (0 epochs logged in t4/phase_a)"
+    assert chosen.words("t1") == "not run yet"
+
+
+def test_the_archive_warns_of_an_unfinished_task_by_what_it_has(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    write(runs / "t2" / "results.json", classifier("t2", "resnet18", 0.456789, 0.51234))
+    torch.save({"model": {"w": torch.arange(3.0)}, "epoch": 2}, runs / "t2" / "best.pt")
+    write(runs / "t1" / "metrics.jsonl", history(3))
+    write(runs / "t1" / "last.pt", b"checkpoint")
+    archive.build_archive(runs, report.build_report(runs), tmp_path / "A.zip")
+    out = capsys.readouterr().out
+    assert "warning: T1 unfinished (3 epochs logged in t1): no model of it in the archive" in out
+    assert "warning: T3 not run: no model of it in the archive" in out
+
+
+@pytest.mark.parametrize("name", ["..zip", "...zip", ".zip", " .zip"])
+def test_an_archive_name_that_gives_no_folder_to_unzip_into_is_a_usage_error(tmp_path, capsys, name):
+    # '..zip' gave a zip whose entries ('./README.md') unzip into the current folder;
+    # '...zip' a traceback from write_zip.
+    runs = tmp_path / "runs"
+    write(runs / "t2" / "results.json", classifier("t2", "resnet18", 0.456789, 0.51234))
+    torch.save({"model": {"w": torch.arange(3.0)}, "epoch": 2}, runs / "t2" / "best.pt")
+    dest = tmp_path / name
+    with pytest.raises(SystemExit) as exit_:
+        report.main([str(runs), "--archive", str(dest)])
+    assert exit_.value.code == 2
+    assert (f"error: --archive {dest}: expected a zip name that starts with the name of the folder to "
+            f"put everything in, e.g. Assignment2.zip, not {name!r}") in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["runs"] and not (tmp_path / "runs" / "REPORT.md").exists()
+    with pytest.raises(archive.ArchiveError, match="expected a zip name that starts with the name of the folder"):
+        archive.build_archive(runs, runs / "REPORT.md", dest)
+    assert archive.top_folder(tmp_path / "Assignment2.zip") == "Assignment2"
+    assert archive.top_folder(tmp_path / "A2.v1.zip") == "A2.v1"
+
+
+def test_a_run_folder_named_with_a_backslash_is_refused_before_the_report(tmp_path):
+    # 'a\..\..\x' passed the '..' check (a Linux name of one part), and Windows extractors
+    # split it: A/runs/a, .., .., x is outside A/. (A folder '..\x' is hidden: not read.)
+    runs, folder = tmp_path / "runs", "a\\..\\..\\x"
+    write(runs / folder / "results.json", classifier("t2", "resnet18", 0.456789, 0.51234))
+    torch.save({"model": {"w": torch.arange(3.0)}, "epoch": 2}, runs / folder / "best.pt")
+    with pytest.raises(SystemExit) as exit_:
+        report.main([str(runs), "--archive", str(tmp_path / "A.zip")])
+    assert exit_.value.code == (f"error: archive names outside its folder: runs/{folder}/results.json, "
+                                f"runs/{folder}/best.pt: rename the run folder (expected no '\\', no '..' "
+                                f"part and no drive letter such as 'C:')")
+    assert not (tmp_path / "A.zip").exists() and not (runs / "REPORT.md").exists()
