@@ -128,10 +128,16 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     rt = runtime.setup_runtime(args.device, args.seed)
     out = Path(args.out)
-    placement, variant, t3_best = t3_selection(args.t3_results, args.placement, args.variant)
+    saved = evaluate.load(args.evaluate) if args.evaluate else None
+    if saved:  # the checkpoint's network, whatever T3 holds now (--placement / --variant typed must agree)
+        placement, variant, t3_best = (args.placement or saved[1]["meta"].get("placement", "serial"),
+                                       args.variant or saved[1]["meta"].get("variant", "plain"), None)
+    else:
+        placement, variant, t3_best = t3_selection(args.t3_results, args.placement, args.variant)
     network = dict(task="t4", model=f"cubs_resnet18_{placement}_{variant}", placement=placement,
                    variant=variant, width=args.width, image_size=args.image_size)
-    saved = evaluate.load(args.evaluate, network) if args.evaluate else None  # another's: refused now
+    if saved:  # another network's checkpoint is refused now, before the data
+        evaluate.check_network(saved, network)
     data = load_data(args, rt, out)
 
     # -- model: CUBS-ResNet-18 (T3's network) with the ImageNet stem (7x7 stride 2 + max-pool)

@@ -67,16 +67,18 @@ def load(path: str | Path, network: schema.ModelMeta | None = None) -> tuple[Pat
         raise CheckpointError(f"{path} is not a checkpoint written by these scripts (it lacks the "
                               f"'model', 'meta' and 'epoch' entries); pass a best.pt or last.pt")
     if network:
-        _check_network(ck["meta"], network, path)
+        check_network((path, ck), network)
     return path, ck
 
 
-def _check_network(saved_meta: schema.CheckpointMeta, meta: schema.CheckpointMeta, path: Path) -> None:
-    """check_compatible on the ModelMeta keys of `meta`: the network must match; the training
-    recipe (batch size, seed, ...) need not."""
+def check_network(saved: tuple[Path, dict[str, Any]], meta: schema.CheckpointMeta) -> None:
+    """Refuse `saved` (from `load`) unless its meta has every ModelMeta key of `meta` with the
+    same value (checkpoint.check_compatible): the network must match; the training recipe
+    (batch size, seed, ...) need not."""
+    path, ck = saved
     network = {k: v for k, v in meta.items() if k in schema.keys(schema.ModelMeta)}
     try:
-        check_compatible(saved_meta, network, path)
+        check_compatible(ck["meta"], network, path)
     except CheckpointError as err:  # its advice (--fresh, another --out) is for training
         raise CheckpointError(str(err).removesuffix(" Use another --out, or --fresh to start over.")
                               + " --evaluate needs the flags the checkpoint was trained with "
@@ -94,7 +96,7 @@ def evaluate_checkpoint(model: torch.nn.Module, saved: tuple[Path, dict[str, Any
     value (checkpoint.check_compatible). loader: the backend used
     ("dali" / "torch" / "cache"), recorded because the figures are exact only for the same one."""
     path, ck = saved
-    _check_network(ck["meta"], meta, path)
+    check_network(saved, meta)
     load_model_state(model, ck["model"], path)
     model.to(rt.device)
     if rt.cuda:  # as engine.for_training left the model that training's test pass scored

@@ -83,6 +83,7 @@ class RunsFolder:
     unfinished: list[tuple[str, list[dict]]] = field(default_factory=list)
     # (folder name, its task or None): a results.json that could not be used (named in problems)
     unreadable: list[tuple[str, str | None]] = field(default_factory=list)
+    unfinished_tasks: dict[str, str | None] = field(default_factory=dict)  # folder name -> run_task
     problems: list[str] = field(default_factory=list)
 
     def of_task(self, task: str) -> list[Run]:
@@ -93,8 +94,8 @@ class RunsFolder:
         return [name for name, of in self.unreadable if of == task]
 
     def unfinished_of(self, task: str) -> list[tuple[str, list[dict]]]:
-        """The unfinished runs whose folder names them runs of `task` (folder_task)."""
-        return [(name, history) for name, history in self.unfinished if folder_task(name) == task]
+        """The unfinished runs of `task` (by run_task: the folder's name, else its last.pt)."""
+        return [(name, history) for name, history in self.unfinished if self.unfinished_tasks.get(name) == task]
 
     def run_at(self, name: str) -> Run | None:
         """The run whose folder is `name` (relative to the runs folder), if any."""
@@ -212,8 +213,10 @@ def collect(root: str | Path) -> RunsFolder:
             found.classifiers.append(run)
     for folder, files in folders:  # a run stopped in its first epoch has a last.pt, no metrics yet
         if {"metrics.jsonl", "last.pt"} & files and "results.json" not in files and folder.parent not in t4_dirs:
-            found.unfinished.append((rel_name(folder, root), read_jsonl(folder / "metrics.jsonl", found.problems)
+            name = rel_name(folder, root)
+            found.unfinished.append((name, read_jsonl(folder / "metrics.jsonl", found.problems)
                                      if "metrics.jsonl" in files else []))
+            found.unfinished_tasks[name] = run_task(folder, name)
     for name, data in found.placements:
         check_comparison(found, name, data)
     found.classifiers.sort(key=lambda r: (r.task, r.name))
@@ -228,13 +231,13 @@ def read_run(folder: Path, name: str, found: RunsFolder) -> Run | None:
     path = folder / "results.json"
     results = read_json_object(path, found.problems, "the results of a task script")
     if results is None:  # cut short (a copy from a cloud drive, say): its first key may have survived
-        found.unreadable.append((name, task_in_text(path) or folder_task(name)))
+        found.unreadable.append((name, task_in_text(path) or run_task(folder, name)))
         return None
     task = results.get("task")
     if task not in TASKS:
         found.problems.append(f"{path} is not the results of a task script (a JSON object whose "
                               f"\"task\" is one of {', '.join(TASKS)}): not reported")
-        found.unreadable.append((name, folder_task(name)))
+        found.unreadable.append((name, run_task(folder, name)))
         return None
     lacking = [f"{key} ({words})" for key, (kind, words) in NEEDED_KEYS[task].items()
                if not isinstance(results.get(key), kind)]
@@ -267,6 +270,31 @@ def task_in_text(path: Path) -> str | None:
         return None
     match = re.search(r'"task"\s*:\s*"(t[1-4])"', head)
     return match.group(1) if match else None
+
+
+def run_task(folder: Path, name: str) -> str | None:
+    """The task of the run in `folder` (named `name`) whose results.json is missing or cannot
+    be used: by the folder's name (folder_task), else by its phase folders (T4's), else by the
+    meta of its last.pt (a run in a folder of the user's naming)."""
+    if folder_task(name):
+        return folder_task(name)
+    if any(folder.glob("phase_*")):
+        return "t4"
+    return checkpoint_task(folder / "last.pt")
+
+
+def checkpoint_task(path: Path) -> str | None:
+    """The task a checkpoint's meta names, or None (no file, not a checkpoint). The tensors
+    are memory-mapped, not read: a report reads the meta alone."""
+    import torch  # here only: nothing else of the runs folder needs torch
+    if not path.is_file():
+        return None
+    try:
+        meta = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("meta")
+    except Exception:  # noqa: BLE001 - a damaged file has no task to tell; resume names the damage
+        return None
+    task = meta.get("task") if isinstance(meta, dict) else None
+    return task if task in TASKS else None
 
 
 def folder_task(name: str) -> str | None:
@@ -405,5 +433,8 @@ def choose_runs(runs: RunsFolder) -> Chosen:
         same_folder = [r for r in runs.of_task("t3") if folder(r) == folder(first)]
         selected, best_overall = select([r.results for r in same_folder])
         chosen["t3"] = next(r for r in same_folder if r.results is (selected or best_overall))
-    return Chosen({t: chosen[t] for t in TASKS}, placements,
-                  {t: task_note(runs, t) for t in TASKS if chosen[t] is None and task_note(runs, t)})
+    missing = {t: task_note(runs, t) for t in TASKS if chosen[t] is None and task_note(runs, t)}
+    selected = selected_folder(*placements) if placements is not None else None
+    if chosen["t3"] is None and selected is not None:  # T3 finished runs; the one it chose is gone
+        missing["t3"] = "; ".join(filter(None, (f"selected run missing: {selected}", missing.get("t3"))))
+    return Chosen({t: chosen[t] for t in TASKS}, placements, missing)

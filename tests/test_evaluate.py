@@ -153,3 +153,25 @@ def test_another_networks_checkpoint_is_refused_before_the_dataset_is_read(scrip
         importlib.import_module(script).main(flags)
     assert named in str(err.value) and "--evaluate needs the flags" in str(err.value)
     assert not (tmp_path / "no_dataset").exists()
+
+
+def test_t4_evaluate_takes_the_checkpoints_placement_whatever_t3_selects_now(runs, tmp_path):
+    # T4 read its network from T3's placements.json: after T3 was trained again (another
+    # selection, or a comparison cut short), a T4 checkpoint was refused or not evaluated.
+    import t4_retrieval
+    copy = tmp_path / "best.pt"
+    shutil.copy(runs / "t4" / "phase_b_ms" / "best.pt", copy)
+    trained = torch.load(copy, weights_only=True)["meta"]
+    other = next(p for p in ("serial", "reverse", "parallel") if p != trained["placement"])
+    selection = tmp_path / "placements.json"
+    selection.write_text(json.dumps({"best_overall": {"placement": other, "variant": "plus"}}))
+    expected = json.loads((runs / "t4" / "results.json").read_text())["phase_b"]["test_recall"]
+    for t3_results in (selection, tmp_path / "cut_short.json"):
+        t3_results.write_text(t3_results.read_text() if t3_results.exists() else '{"best_ov')
+        got = t4_retrieval.main(["--smoke", "--out", str(runs / "t4"), "--t3-results", str(t3_results),
+                                 "--evaluate", str(copy)])
+        assert (got["placement"], got["variant"]) == (trained["placement"], trained["variant"])
+        assert {str(k): v for k, v in got["test_recall"].items()} == expected
+    with pytest.raises(CheckpointError, match=f"placement: checkpoint has '{trained['placement']}', "
+                                              f"this run has '{other}'"):  # a typed flag must agree
+        t4_retrieval.main(["--smoke", "--out", str(runs / "t4"), "--placement", other, "--evaluate", str(copy)])

@@ -762,6 +762,10 @@ def test_a_placements_json_whose_selected_run_is_gone_is_a_named_problem(tmp_pat
     _, text = pdf_text(report.build_report(tmp_path).with_suffix(".pdf"))
     assert "1 problem reading the runs folder (REPORT.md lists it)" in " ".join(text.split())
     assert f"T3 selected run missing: {folder} (see NOT REPORTED above)" in text  # not "not run yet"
+    # the Networks line too (it said "not run yet" beside the finished T3 runs)
+    assert runs_folder.choose_runs(runs).words("t3") == (f"selected run missing: {folder}; unfinished "
+                                                        f"(3 epochs logged in {folder})")  # its last.pt stayed
+    assert "not run yet" not in " ".join(text.split())
 
 
 def test_without_a_placements_json_the_t3_run_shown_is_the_one_the_comparison_would_select(tmp_path):
@@ -1787,3 +1791,21 @@ def test_a_run_folder_named_with_a_backslash_is_refused_before_the_report(tmp_pa
                                 f"runs/{folder}/best.pt: rename the run folder (expected no '\\', no '..' "
                                 f"part and no drive letter such as 'C:')")
     assert not (tmp_path / "A.zip").exists() and not (runs / "REPORT.md").exists()
+
+
+def test_runs_in_folders_of_the_users_naming_are_named_by_what_they_wrote(tmp_path, capsys):
+    # A killed T1 run in runs/t1_old read "not run yet", and a T4 run in runs/cars whose
+    # results.json was emptied was taken for unfinished phases and left out of the archive.
+    runs = tmp_path / "runs"
+    write(runs / "t2" / "results.json", classifier("t2", "resnet18", 0.456789, 0.51234))
+    torch.save({"model": {"w": torch.arange(3.0)}, "epoch": 2}, runs / "t2" / "best.pt")
+    write(runs / "t1_old" / "metrics.jsonl", history(2))
+    torch.save({"model": {"w": torch.arange(3.0)}, "meta": {"task": "t1"}, "epoch": 2}, runs / "t1_old" / "last.pt")
+    write(runs / "cars" / "results.json", "")
+    write(runs / "cars" / "phase_a" / "metrics.jsonl", history(3))
+    found = runs_folder.collect(runs)
+    assert found.unreadable == [("cars", "t4")]
+    assert runs_folder.task_note(found, "t1") == "unfinished (2 epochs logged in t1_old)"
+    assert runs_folder.task_note(found, "t4") == "unreadable results: cars/results.json"
+    with pytest.raises(archive.ArchiveError, match="T4's results .*cars/results.json cannot be read"):
+        archive.build_archive(runs, report.build_report(runs), tmp_path / "A.zip")
