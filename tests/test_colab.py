@@ -308,6 +308,8 @@ def test_the_drive_cell_links_runs_and_refuses_a_runs_folder_on_the_vm_disk(tmp_
 
 def test_the_install_cell_stops_a_runtime_without_a_gpu(monkeypatch):
     import torch
+    cell = _cell("pip install -q -r requirements.txt")
+    assert cell.index("torch.cuda.is_available()") < cell.index("!pip install")  # before installing anything
     python_lines = "\n".join(l for l in _cell("pip install -q -r requirements.txt").splitlines()
                              if not l.startswith("!"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
