@@ -10,13 +10,17 @@ epoch with `loader.epoch(e, start=k)`.
 DALI graph (one definition for both devices; with CUDA the decoder is `mixed` = nvJPEG and
 every later op runs on the GPU; without CUDA `device_id=None` and it all runs on the CPU):
     encoded bytes (external_source, read from the file list)
-    train: decoders.image_random_crop (ROI decode of a random area) -> resize S x S
+    train: decoders.image_slice (ROI decode of the crop box) -> resize S x S
            -> [colour twist] -> flip + normalise
     eval:  decoders.image -> resize S x S, or resize shorter side to `eval_resize` + centre crop S
 The fallback (`backend="torch"`, chosen automatically when `nvidia.dali` cannot be imported)
-does the same with PIL + torchvision.transforms.v2 in a DataLoader; its random numbers come
-from (seed, epoch, position in the epoch, shard), so its output does not depend on the
-worker count, and an image a P x K batch repeats gets another crop each time.
+does the same with PIL + torchvision.transforms.v2 in a DataLoader.
+Both draw every training image's crop box, jitter factors and flip with
+training_draws(seed, epoch, position in the epoch, shard, image height and width), DALI in
+its external source (the box needs the image's size: read from the file's header), so the
+DALI graph has no random op of its own. So an image's augmentation depends on neither
+backend, worker count nor pipeline rebuild: a run resumed mid-epoch repeats it exactly,
+and an image a P x K batch repeats gets another crop each time.
 
 `backend="cache"` decodes every file once (DALI, `mixed` on CUDA, else PIL) into one
 N x S x S x 3 uint8 tensor on `device` (Tiny ImageNet: 1.2 GB) and augments there, on CUDA
@@ -29,6 +33,7 @@ task_data's "auto" uses it only on S x S files) and does no colour jitter or eva
 """
 from __future__ import annotations
 
+import io
 import logging
 import math
 import shutil
@@ -221,7 +226,8 @@ class ImageLoader:
         if raw:  # the cache's fill: every image once, in file order, whatever the shard
             plan = _BatchPlan(self.labels, self.batch_size, train=False, classes_per_batch=None,
                               seed=0, shard_id=0, num_shards=1)
-        source = _EncodedBatches(self.files, self.labels, plan, epoch, start)
+        augment = (self.seed, self.shard_id, self.color_jitter) if self.train and not raw else None
+        source = _EncodedBatches(self.files, self.labels, plan, epoch, start, augment)
         readers = self.reader_processes
         if readers is None:
             # Spawned readers (about 8 s to start) pay for themselves in a long training
@@ -229,13 +235,11 @@ class ImageLoader:
             readers = min(4, self.workers) if cuda and self.train and not raw else 0
         pipe = _dali_pipeline(
             source=source, train=self.train and not raw, size=self.image_size,
-            eval_resize=self.eval_resize, random_area=list(RANDOM_AREA),
+            eval_resize=self.eval_resize,
             color_jitter=self.color_jitter, raw=raw,
             decode_device="mixed" if cuda else "cpu", parallel=readers > 0, readers=readers,
             batch_size=self.batch_size, num_threads=max(1, self.workers),
             device_id=(self.device.index or 0) if cuda else None,
-            # distinct primes: (seed, epoch, shard) give distinct seeds; DALI takes 31 bits
-            seed=(self.seed * 7919 + epoch * 104729 + self.shard_id) % 2**31,
             py_num_workers=max(1, readers), py_start_method="spawn")
         pipe.build()
         if not raw:  # the cache fill records its whole time itself
@@ -366,27 +370,53 @@ class _BatchPlan:
 
 
 class _EncodedBatches:
-    """DALI external_source callback: batch_info -> (encoded JPEG bytes, labels).
+    """DALI external_source callback: batch_info -> (encoded JPEG bytes, labels), and for
+    training (`augment` = (seed, shard_id, color_jitter)) each image's draws as well: crop
+    start (top, left) and shape (h, w) in pixels (B x 2 int32 each), the brightness,
+    contrast and saturation factors (B float32 each, only when color_jitter > 0) and the
+    flip (B int32), from training_draws.
 
     Picklable, so DALI can run it in reader processes. Epoch numbering starts at
     `first_epoch`; the first epoch starts at batch `first_start` (mid-epoch resume).
     """
 
-    def __init__(self, files, labels, batches_fn, first_epoch: int, first_start: int):
+    def __init__(self, files, labels, batches_fn, first_epoch: int, first_start: int,
+                 augment: tuple[int, int, float] | None = None):
         self.files, self.labels, self.batches_fn = files, labels, batches_fn
-        self.first_epoch, self.first_start = first_epoch, first_start
-        self._cache = (None, None)
+        self.first_epoch, self.first_start, self.augment = first_epoch, first_start, augment
+        self._cache = (None, None, None)
 
     def __call__(self, info):
         epoch = self.first_epoch + info.epoch_idx
         if self._cache[0] != epoch:
-            self._cache = (epoch, self.batches_fn(epoch))
-        batches = self._cache[1]
+            batches = self.batches_fn(epoch)
+            self._cache = (epoch, batches, np.cumsum([0] + [len(b) for b in batches]))
+        _, batches, offsets = self._cache
         i = info.iteration + (self.first_start if info.epoch_idx == 0 else 0)
         if i >= len(batches):
             raise StopIteration
         idx = batches[i]
-        return [_file_bytes(self.files[j]) for j in idx], self.labels[idx]
+        encoded = [_file_bytes(self.files[j]) for j in idx]
+        if self.augment is None:
+            return encoded, self.labels[idx]
+        seed, shard_id, color_jitter = self.augment
+        draws = [training_draws(seed, epoch, int(offsets[i]) + n, shard_id, *_stored_size(data, self.files[j]),
+                                color_jitter) for n, (j, data) in enumerate(zip(idx, encoded))]
+        boxes = np.array([d.box for d in draws], dtype=np.int32)                    # B x 4: top, left, h, w
+        factors = np.array([d.jitter for d in draws], dtype=np.float32).reshape(len(draws), -1)  # B x 3 or B x 0
+        # DALI takes only densely packed arrays: copies, not strided views
+        return (encoded, self.labels[idx], boxes[:, :2].copy(), boxes[:, 2:].copy(), *factors.T.copy(),
+                np.array([d.flip for d in draws], dtype=np.int32))
+
+
+def _stored_size(data: np.ndarray, path: str) -> tuple[int, int]:
+    """(height, width) of an encoded image, from its header, as stored (EXIF orientation
+    ignored, as the decoders here ignore it)."""
+    try:
+        with Image.open(io.BytesIO(data.tobytes())) as im:
+            return im.height, im.width
+    except Exception as err:  # noqa: BLE001 - PIL raises several types for a bad header
+        raise decode_error(path) from err
 
 
 def _file_bytes(path: str) -> np.ndarray:
@@ -400,28 +430,30 @@ def _file_bytes(path: str) -> np.ndarray:
 
 if HAVE_DALI:
     @pipeline_def
-    def _dali_pipeline(source, train, size, eval_resize, random_area, color_jitter, raw,
+    def _dali_pipeline(source, train, size, eval_resize, color_jitter, raw,
                        decode_device, parallel, readers):
         # In parallel mode each prefetched batch goes to one reader process: prefetch as many.
         prefetch = {"prefetch_queue_depth": max(2, readers)} if parallel else {}
-        jpegs, labels = fn.external_source(source=source, num_outputs=2, batch=True,
-                                           batch_info=True, parallel=parallel,
-                                           dtype=[types.UINT8, types.INT64], **prefetch)
+        # Training: the source's draws (_EncodedBatches) after the bytes and labels: crop
+        # start, crop shape, [brightness, contrast, saturation], flip.
+        draw_types = [types.INT32] * 2 + [types.FLOAT] * 3 * (color_jitter > 0) + [types.INT32] if train else []
+        jpegs, labels, *draws = fn.external_source(source=source, num_outputs=2 + len(draw_types), batch=True,
+                                                   batch_info=True, parallel=parallel,
+                                                   dtype=[types.UINT8, types.INT64, *draw_types], **prefetch)
         mean, std = [255 * m for m in MEAN], [255 * s for s in STD]
         # adjust_orientation=False: pixels as stored, EXIF Orientation ignored, as PIL's
         # decode (the torch fallback, torchvision's loaders) leaves them; rotating on one
         # backend only would make the figures depend on whether DALI is installed.
         if train:
-            images = fn.decoders.image_random_crop(
-                jpegs, device=decode_device, output_type=types.RGB, adjust_orientation=False,
-                random_area=random_area,
-                random_aspect_ratio=list(RANDOM_ASPECT), num_attempts=10)
+            start, shape, *factors, flip = draws
+            images = fn.decoders.image_slice(jpegs, device=decode_device, output_type=types.RGB,
+                                             adjust_orientation=False, start=start, shape=shape,
+                                             axis_names="HW")
             images = fn.resize(images, resize_x=size, resize_y=size)
-            if color_jitter > 0:
-                jitter = [1 - color_jitter, 1 + color_jitter]
-                images = dali_color_jitter(images, *(fn.random.uniform(range=jitter) for _ in range(3)))
+            if factors:
+                images = dali_color_jitter(images, *factors)
             images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout="CHW",
-                                              mean=mean, std=std, mirror=fn.random.coin_flip())
+                                              mean=mean, std=std, mirror=flip)
         elif raw:  # the cache fill: S x S x 3 uint8, augmented later on the device
             images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB,
                                         adjust_orientation=False)
@@ -478,6 +510,25 @@ def cache_batches_per_call(device: torch.device, batch_size: int, image_size: in
     if device.type != "cuda":
         return 1
     return max(1, CACHE_CHUNK_BYTES // (batch_size * 3 * image_size ** 2 * 4))
+
+
+@dataclass(frozen=True)
+class TrainingDraws:
+    """One training image's augmentation: crop box (top, left, h, w) in pixels of the stored
+    image, brightness / contrast / saturation factors (empty without colour jitter), flip."""
+    box: tuple[int, int, int, int]
+    jitter: tuple[float, ...]
+    flip: bool
+
+
+def training_draws(seed: int, epoch: int, position: int, shard_id: int, height: int, width: int,
+                   color_jitter: float) -> TrainingDraws:
+    """The augmentation of the image at `position` in this shard's `epoch`, a pure function
+    of its arguments (the DALI and torch backends both take it from here)."""
+    rng = np.random.default_rng([seed, epoch, position, shard_id])
+    box = random_resized_crop_box(rng, height, width, RANDOM_AREA)
+    jitter = tuple(rng.uniform(1 - color_jitter, 1 + color_jitter) for _ in range(3)) if color_jitter > 0 else ()
+    return TrainingDraws(box, jitter, bool(rng.random() < 0.5))
 
 
 def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
@@ -578,15 +629,15 @@ class _AugmentedFiles(torch.utils.data.Dataset):
             raise decode_error(path) from err
         size = [s.image_size, s.image_size]
         if s.train:
-            rng = np.random.default_rng([s.seed, self.epoch, position, s.shard_id])
-            top, left, h, w = random_resized_crop_box(rng, image.shape[1], image.shape[2], RANDOM_AREA)
-            image = F.resized_crop(image, top, left, h, w, size, antialias=True)
-            if s.color_jitter > 0:
-                lo, hi = 1 - s.color_jitter, 1 + s.color_jitter
-                image = F.adjust_brightness(image, rng.uniform(lo, hi))
-                image = F.adjust_contrast(image, rng.uniform(lo, hi))
-                image = F.adjust_saturation(image, rng.uniform(lo, hi))
-            if rng.random() < 0.5:
+            draws = training_draws(s.seed, self.epoch, position, s.shard_id, image.shape[1], image.shape[2],
+                                   s.color_jitter)
+            image = F.resized_crop(image, *draws.box, size, antialias=True)
+            if draws.jitter:
+                brightness, contrast, saturation = draws.jitter
+                image = F.adjust_brightness(image, brightness)
+                image = F.adjust_contrast(image, contrast)
+                image = F.adjust_saturation(image, saturation)
+            if draws.flip:
                 image = F.horizontal_flip(image)
         elif s.eval_resize:
             # DALI's geometry: resize_shorter rounds the longer side (torchvision truncates it),

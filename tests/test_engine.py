@@ -17,10 +17,12 @@ from common import engine, evaluate, runtime
 from common.checkpoint import RUN_FILES, CheckpointError, load_checkpoint, save_checkpoint
 from common.errors import ConfigError, Interrupted
 from common.datasets import load_tiny_imagenet
-from common.loader import ImageLoader, LoaderSettings
+from common.loader import HAVE_DALI, ImageLoader, LoaderSettings
 from common.synthetic import make_tiny_imagenet
 from common import plots
 from tests.conftest import fit
+
+needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="nvidia.dali not importable")
 
 
 def test_warmup_cosine_values_at_known_steps():
@@ -298,12 +300,15 @@ def _run_fit(splits, out, backend, epochs=4, stop_after=None, step_log=None, amp
     return model, result
 
 
-def test_resume_gives_identical_weights_with_the_torch_loader(tiny_splits, tmp_path):
-    straight, r1 = _run_fit(tiny_splits, tmp_path / "a", "torch")
-    _, half = _run_fit(tiny_splits, tmp_path / "b", "torch", stop_after=2)
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
+def test_resume_gives_identical_weights_with_either_loader(tiny_splits, tmp_path, backend):
+    # DALI too: its crops, jitter and flips come from (seed, epoch, position), not from a
+    # random state inside the pipeline, which the resumed run builds anew.
+    straight, r1 = _run_fit(tiny_splits, tmp_path / "a", backend)
+    _, half = _run_fit(tiny_splits, tmp_path / "b", backend, stop_after=2)
     assert half["epochs_run"] == 2 and not half["finished"]
     assert (tmp_path / "b" / "curves.png").stat().st_size > 0  # drawn when fit stops, < every_s
-    resumed, r2 = _run_fit(tiny_splits, tmp_path / "b", "torch")
+    resumed, r2 = _run_fit(tiny_splits, tmp_path / "b", backend)
     assert r2["finished"] and r2["epochs_run"] == 4
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
@@ -461,11 +466,12 @@ def test_a_signal_during_the_last_holdout_pass_stops_the_finished_run(tiny_split
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # restored
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("dali", marks=needs_dali)])
 def test_a_run_interrupted_mid_epoch_resumes_to_the_uninterrupted_weights_dropout_included(
-        tiny_splits, tmp_path):
+        tiny_splits, tmp_path, backend):
     # _SmallNet has dropout, which draws from the global RNG that last.pt saves: nothing
     # else (the torch loader's own seed) may draw from it between the resume and the steps.
-    straight, straight_result = _run_fit(tiny_splits, tmp_path / "straight", "torch", epochs=2)
+    straight, straight_result = _run_fit(tiny_splits, tmp_path / "straight", backend, epochs=2)
 
     class CtrlCAtStep(list):
         def append(self, labels):
@@ -473,10 +479,10 @@ def test_a_run_interrupted_mid_epoch_resumes_to_the_uninterrupted_weights_dropou
             if len(self) == 8:  # in epoch 2 (5 steps an epoch)
                 os.kill(os.getpid(), signal.SIGINT)
     with pytest.raises(Interrupted):
-        _run_fit(tiny_splits, tmp_path / "cut", "torch", epochs=2, step_log=CtrlCAtStep())
+        _run_fit(tiny_splits, tmp_path / "cut", backend, epochs=2, step_log=CtrlCAtStep())
     saved = load_checkpoint(tmp_path / "cut" / "last.pt")
     assert (saved["epoch"], saved["step"]) == (1, 3)
-    resumed, result = _run_fit(tiny_splits, tmp_path / "cut", "torch", epochs=2)
+    resumed, result = _run_fit(tiny_splits, tmp_path / "cut", backend, epochs=2)
     assert result["finished"]
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
