@@ -15,19 +15,19 @@ every later op runs on the GPU; without CUDA `device_id=None` and it all runs on
     eval:  decoders.image -> resize S x S, or resize shorter side to `eval_resize` + centre crop S
 The fallback (`backend="torch"`, chosen automatically when `nvidia.dali` cannot be imported)
 does the same with PIL + torchvision.transforms.v2 in a DataLoader.
-Both draw every training image's crop box, jitter factors and flip with
-training_draws(seed, epoch, position in the epoch, shard, image height and width), DALI in
-its external source (the box needs the image's size: read from the file's header), so the
-DALI graph has no random op of its own. So an image's augmentation depends on neither
-backend, worker count nor pipeline rebuild: a run resumed mid-epoch repeats it exactly,
-and an image a P x K batch repeats gets another crop each time.
+Every backend draws each training image's crop box, jitter factors and flip with
+training_draws((seed, epoch, shard), position in the epoch, image height and width), DALI
+in its external source (the box needs the image's size: read from the file's header once),
+so the DALI graph has no random op of its own. So an image's augmentation depends on
+neither backend, worker count nor pipeline rebuild: a run resumed mid-epoch repeats it
+exactly, and an image a P x K batch repeats gets another crop each time.
 
 `backend="cache"` decodes every file once (DALI, `mixed` on CUDA, else PIL) into one
 N x S x S x 3 uint8 tensor on `device` (Tiny ImageNet: 1.2 GB) and augments there, on CUDA
 a few batches per call (CACHE_CHUNK_BYTES of output): random-resized crop + flip by one
 `grid_sample` (bilinear; the crop, at most S x S, is enlarged to S x S), normalise. No
 process or thread feeds the GPU, so steps never wait for data. Crop boxes and flips come
-from (seed, epoch, shard), drawn for every image at once. It takes images as S x S
+from training_draws, drawn for the whole epoch at once. It takes images as S x S
 (resized once when they are not, so a crop then has fewer source pixels than DALI's:
 task_data's "auto" uses it only on S x S files) and does no colour jitter or eval_resize.
 """
@@ -257,22 +257,26 @@ class ImageLoader:
         labels = torch.as_tensor(self.labels, device=self.device)
         mean = torch.tensor(MEAN, device=self.device).view(1, 3, 1, 1) * 255
         std = torch.tensor(STD, device=self.device).view(1, 3, 1, 1) * 255
-        if self.train:
-            boxes, flips = random_crops(len(self.files), self.image_size, RANDOM_AREA,
-                                        seed=(self.seed, epoch, self.shard_id))
-            boxes, flips = boxes.to(self.device), flips.to(self.device)
-        # The epoch's indices go to the device once: a host-to-device copy per batch would
-        # wait for the GPU's queue (pageable memory) and stall the loop every step.
-        batches = self.batches(epoch)[start:]
+        # The epoch's indices (and draws) go to the device once: a host-to-device copy per
+        # batch would wait for the GPU's queue (pageable memory) and stall the loop every step.
+        batches = self.batches(epoch)
+        skipped = sum(len(b) for b in batches[:start])                          # positions before `start`
+        batches = batches[start:]
         order = torch.from_numpy(np.concatenate(batches)).to(self.device) if batches else None
         offsets = np.cumsum([0] + [len(b) for b in batches])
+        if self.train and batches:
+            sizes = np.full(offsets[-1], self.image_size)
+            draws = training_draws((self.seed, epoch, self.shard_id), skipped + np.arange(offsets[-1]), sizes, sizes)
+            boxes = torch.from_numpy(draws.boxes).float().to(self.device)      # positions x 4
+            flips = torch.from_numpy(draws.flips).to(self.device)
         chunk = cache_batches_per_call(self.device, self.batch_size, self.image_size)
         for first in range(0, len(batches), chunk):
             last = min(first + chunk, len(batches))
             index = order[offsets[first]:offsets[last]]                        # n images
             images = self._cache[index].permute(0, 3, 1, 2).float()           # n x 3 x S x S
             if self.train:
-                images = resized_crop_flip(images, boxes[index], flips[index])
+                at = slice(offsets[first], offsets[last])                       # these positions
+                images = resized_crop_flip(images, boxes[at], flips[at])
             images, chunk_labels = (images - mean) / std, labels[index]
             for i in range(first, last):
                 rows = slice(offsets[i] - offsets[first], offsets[i + 1] - offsets[first])
@@ -374,7 +378,7 @@ class _EncodedBatches:
     training (`augment` = (seed, shard_id, color_jitter)) each image's draws as well: crop
     start (top, left) and shape (h, w) in pixels (B x 2 int32 each), the brightness,
     contrast and saturation factors (B float32 each, only when color_jitter > 0) and the
-    flip (B int32), from training_draws.
+    flip (B int32), from training_draws; each file's size is read from its header once.
 
     Picklable, so DALI can run it in reader processes. Epoch numbering starts at
     `first_epoch`; the first epoch starts at batch `first_start` (mid-epoch resume).
@@ -385,6 +389,7 @@ class _EncodedBatches:
         self.files, self.labels, self.batches_fn = files, labels, batches_fn
         self.first_epoch, self.first_start, self.augment = first_epoch, first_start, augment
         self._cache = (None, None, None)
+        self._sizes: dict[int, tuple[int, int]] = {}  # file index -> (height, width), read once a process
 
     def __call__(self, info):
         epoch = self.first_epoch + info.epoch_idx
@@ -400,13 +405,16 @@ class _EncodedBatches:
         if self.augment is None:
             return encoded, self.labels[idx]
         seed, shard_id, color_jitter = self.augment
-        draws = [training_draws(seed, epoch, int(offsets[i]) + n, shard_id, *_stored_size(data, self.files[j]),
-                                color_jitter) for n, (j, data) in enumerate(zip(idx, encoded))]
-        boxes = np.array([d.box for d in draws], dtype=np.int32)                    # B x 4: top, left, h, w
-        factors = np.array([d.jitter for d in draws], dtype=np.float32).reshape(len(draws), -1)  # B x 3 or B x 0
+        for j, data in zip(idx, encoded):
+            if j not in self._sizes:
+                self._sizes[j] = _stored_size(data, self.files[j])
+        heights, widths = np.array([self._sizes[j] for j in idx]).T                # B each
+        draws = training_draws((seed, epoch, shard_id), offsets[i] + np.arange(len(idx)), heights, widths,
+                               color_jitter)
+        boxes = draws.boxes.astype(np.int32)                                        # B x 4: top, left, h, w
         # DALI takes only densely packed arrays: copies, not strided views
-        return (encoded, self.labels[idx], boxes[:, :2].copy(), boxes[:, 2:].copy(), *factors.T.copy(),
-                np.array([d.flip for d in draws], dtype=np.int32))
+        return (encoded, self.labels[idx], boxes[:, :2].copy(), boxes[:, 2:].copy(),
+                *np.ascontiguousarray(draws.jitter.T, dtype=np.float32), draws.flips.astype(np.int32))
 
 
 def _stored_size(data: np.ndarray, path: str) -> tuple[int, int]:
@@ -514,56 +522,66 @@ def cache_batches_per_call(device: torch.device, batch_size: int, image_size: in
 
 @dataclass(frozen=True)
 class TrainingDraws:
-    """One training image's augmentation: crop box (top, left, h, w) in pixels of the stored
-    image, brightness / contrast / saturation factors (empty without colour jitter), flip."""
-    box: tuple[int, int, int, int]
-    jitter: tuple[float, ...]
-    flip: bool
+    """The augmentation of n training images: boxes n x 4 int64 (top, left, h, w) in pixels of
+    each stored image, jitter n x 3 float64 (brightness, contrast, saturation factors; n x 0
+    without colour jitter), flips n bool."""
+    boxes: np.ndarray
+    jitter: np.ndarray
+    flips: np.ndarray
 
 
-def training_draws(seed: int, epoch: int, position: int, shard_id: int, height: int, width: int,
-                   color_jitter: float) -> TrainingDraws:
-    """The augmentation of the image at `position` in this shard's `epoch`, a pure function
-    of its arguments (the DALI and torch backends both take it from here)."""
-    rng = np.random.default_rng([seed, epoch, position, shard_id])
-    box = random_resized_crop_box(rng, height, width, RANDOM_AREA)
-    jitter = tuple(rng.uniform(1 - color_jitter, 1 + color_jitter) for _ in range(3)) if color_jitter > 0 else ()
-    return TrainingDraws(box, jitter, bool(rng.random() < 0.5))
+_DRAWS_PER_IMAGE = 26  # 10 x (area, aspect) tries, top, left, flip, 3 jitter factors
 
 
-def random_resized_crop_box(rng: np.random.Generator, height: int, width: int,
-                            area: tuple[float, float]) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of a random crop covering `area` of the image, aspect in 3/4..4/3."""
-    for _ in range(10):
-        target = rng.uniform(*area) * height * width
-        aspect = math.exp(rng.uniform(math.log(RANDOM_ASPECT[0]), math.log(RANDOM_ASPECT[1])))
-        w = round(math.sqrt(target * aspect))
-        h = round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
-    return 0, 0, height, width  # like DALI and torchvision: fall back to the whole image
+def training_draws(key: tuple[int, int, int], positions: np.ndarray, heights: np.ndarray,
+                   widths: np.ndarray, color_jitter: float = 0.0) -> TrainingDraws:
+    """Random-resized-crop boxes, jitter factors and flips of the images at `positions` (n) of
+    one epoch, each image heights[i] x widths[i]; key = (seed, epoch, shard). A pure function:
+    image i's draws depend only on key and positions[i], so a batch, one image or a whole
+    epoch drawn at once agree, in any process. The box rule is torchvision's
+    RandomResizedCrop: up to 10 tries of an area fraction in RANDOM_AREA and an aspect
+    ratio in RANDOM_ASPECT (log-uniform), the first that fits, else the whole image."""
+    u = _uniforms(key, np.asarray(positions), _DRAWS_PER_IMAGE)                   # n x 26 in [0, 1)
+    heights, widths = np.asarray(heights, dtype=np.int64), np.asarray(widths, dtype=np.int64)
+    area = heights * widths                                                      # n
+    target = (RANDOM_AREA[0] + (RANDOM_AREA[1] - RANDOM_AREA[0]) * u[:, 0:20:2]) * area[:, None]  # n x 10
+    low, high = math.log(RANDOM_ASPECT[0]), math.log(RANDOM_ASPECT[1])
+    aspect = np.exp(low + (high - low) * u[:, 1:20:2])                           # n x 10
+    w = np.round(np.sqrt(target * aspect)).astype(np.int64)
+    h = np.round(np.sqrt(target / aspect)).astype(np.int64)
+    fits = (w > 0) & (w <= widths[:, None]) & (h > 0) & (h <= heights[:, None])
+    first = fits.argmax(axis=1)                                                  # n: the first try that fits
+    rows, found = np.arange(len(u)), fits.any(axis=1)
+    h, w = np.where(found, h[rows, first], heights), np.where(found, w[rows, first], widths)
+    top = np.floor(u[:, 20] * (heights - h + 1)).astype(np.int64)
+    left = np.floor(u[:, 21] * (widths - w + 1)).astype(np.int64)
+    jitter = 1 + color_jitter * (2 * u[:, 23:26] - 1) if color_jitter > 0 else np.empty((len(u), 0))
+    return TrainingDraws(np.stack((top, left, h, w), axis=1), jitter, u[:, 22] < 0.5)
 
 
-def random_crops(n: int, size: int, area: tuple[float, float],
-                 seed: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random-resized-crop boxes and flips for n images of size x size, one per image index:
-    (n x 4 float32 (top, left, h, w) in pixels, n bool). As random_resized_crop_box: up to
-    10 draws of area fraction and aspect (3/4..4/3), the first that fits, else the whole
-    image. `seed` = (seed, epoch, shard): the same triple gives the same boxes."""
-    generator = torch.Generator().manual_seed(hash(seed) % 2**63)
-    u = torch.rand(n, 10, 4, generator=generator, dtype=torch.float64)
-    target = (area[0] + (area[1] - area[0]) * u[..., 0]) * size * size
-    aspect = torch.exp(math.log(RANDOM_ASPECT[0]) + math.log(RANDOM_ASPECT[1] / RANDOM_ASPECT[0]) * u[..., 1])
-    w = torch.round(torch.sqrt(target * aspect))
-    h = torch.round(torch.sqrt(target / aspect))
-    fits = (w > 0) & (w <= size) & (h > 0) & (h <= size)
-    first = fits.int().argmax(dim=1)                                       # n: first draw that fits
-    pick = lambda t: t.gather(1, first[:, None])[:, 0]                     # noqa: E731
-    h, w = torch.where(fits.any(1), pick(h), size), torch.where(fits.any(1), pick(w), size)
-    top = torch.floor(pick(u[..., 2]) * (size - h + 1))
-    left = torch.floor(pick(u[..., 3]) * (size - w + 1))
-    flips = torch.rand(n, generator=generator) < 0.5
-    return torch.stack((top, left, h, w), dim=1).float(), flips
+def _uniforms(key: tuple[int, ...], positions: np.ndarray, count: int) -> np.ndarray:
+    """n x count floats in [0, 1), a pure function of (key, position, column): SplitMix64's
+    output function of a counter, vectorised, with 53 random bits each, like numpy's."""
+    state = 0
+    for part in key:  # fold the key in, one SplitMix64 step a part
+        state = _splitmix64(state ^ (part % 2**64))
+    counter = positions.astype(np.uint64)[:, None] * np.uint64(count) + np.arange(count, dtype=np.uint64)
+    with np.errstate(over="ignore"):  # the 64-bit sums and products wrap, as SplitMix64 wants
+        bits = _splitmix64(counter + np.uint64(state))
+    return (bits >> np.uint64(11)) * 2.0 ** -53
+
+
+def _splitmix64(x):
+    """SplitMix64's step on a Python int or a uint64 array (Steele, Lea and Flood, 2014)."""
+    if isinstance(x, int):
+        x = (x + 0x9E3779B97F4A7C15) % 2**64
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+        return x ^ (x >> 31)
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def resized_crop_flip(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
@@ -629,15 +647,15 @@ class _AugmentedFiles(torch.utils.data.Dataset):
             raise decode_error(path) from err
         size = [s.image_size, s.image_size]
         if s.train:
-            draws = training_draws(s.seed, self.epoch, position, s.shard_id, image.shape[1], image.shape[2],
-                                   s.color_jitter)
-            image = F.resized_crop(image, *draws.box, size, antialias=True)
-            if draws.jitter:
-                brightness, contrast, saturation = draws.jitter
+            draws = training_draws((s.seed, self.epoch, s.shard_id), np.array([position]), [image.shape[1]],
+                                   [image.shape[2]], s.color_jitter)
+            image = F.resized_crop(image, *draws.boxes[0].tolist(), size, antialias=True)
+            if s.color_jitter > 0:
+                brightness, contrast, saturation = draws.jitter[0].tolist()
                 image = F.adjust_brightness(image, brightness)
                 image = F.adjust_contrast(image, contrast)
                 image = F.adjust_saturation(image, saturation)
-            if draws.flip:
+            if draws.flips[0]:
                 image = F.horizontal_flip(image)
         elif s.eval_resize:
             # DALI's geometry: resize_shorter rounds the longer side (torchvision truncates it),
