@@ -17,7 +17,7 @@ The fallback (`backend="torch"`, chosen automatically when `nvidia.dali` cannot 
 does the same with PIL + torchvision.transforms.v2 in a DataLoader.
 Every backend draws each training image's crop box, jitter factors and flip with
 training_draws((seed, epoch, shard), position in the epoch, image height and width), DALI
-in its external source (the box needs the image's size: read from the file's header once),
+in its external source (the box needs the image's size: read from the file's header),
 so the DALI graph has no random op of its own. So an image's augmentation depends on
 neither backend, worker count nor pipeline rebuild: a run resumed mid-epoch repeats it
 exactly, and an image a P x K batch repeats gets another crop each time.
@@ -158,6 +158,9 @@ class ImageLoader:
         self._plan = _BatchPlan(self.labels, s.batch_size, s.train, s.classes_per_batch, s.seed,
                                 s.shard_id, s.num_shards)
         self.backend = _pick_backend(s.backend)
+        if not 0 <= s.color_jitter < 1:
+            raise ValueError(f"color_jitter must be in [0, 1) (factors drawn from 1 +- it must stay "
+                             f"positive); got {s.color_jitter}")
         if self.backend == "cache" and (s.color_jitter > 0 or s.eval_resize):
             raise ConfigError("--backend cache does no colour jitter (--color-jitter) and no "
                               "resize-then-centre-crop evaluation (T4's Cars images); use "
@@ -378,7 +381,8 @@ class _EncodedBatches:
     training (`augment` = (seed, shard_id, color_jitter)) each image's draws as well: crop
     start (top, left) and shape (h, w) in pixels (B x 2 int32 each), the brightness,
     contrast and saturation factors (B float32 each, only when color_jitter > 0) and the
-    flip (B int32), from training_draws; each file's size is read from its header once.
+    flip (B int32), from training_draws; each file's size is read from its header once per
+    pipeline build and process.
 
     Picklable, so DALI can run it in reader processes. Epoch numbering starts at
     `first_epoch`; the first epoch starts at batch `first_start` (mid-epoch resume).
@@ -540,7 +544,8 @@ def training_draws(key: tuple[int, int, int], positions: np.ndarray, heights: np
     image i's draws depend only on key and positions[i], so a batch, one image or a whole
     epoch drawn at once agree, in any process. The box rule is torchvision's
     RandomResizedCrop: up to 10 tries of an area fraction in RANDOM_AREA and an aspect
-    ratio in RANDOM_ASPECT (log-uniform), the first that fits, else the whole image."""
+    ratio in RANDOM_ASPECT (log-uniform), the first that fits; else a centre crop, the whole
+    image cut down to the nearest aspect ratio in RANDOM_ASPECT."""
     u = _uniforms(key, np.asarray(positions), _DRAWS_PER_IMAGE)                   # n x 26 in [0, 1)
     heights, widths = np.asarray(heights, dtype=np.int64), np.asarray(widths, dtype=np.int64)
     area = heights * widths                                                      # n
@@ -552,9 +557,13 @@ def training_draws(key: tuple[int, int, int], positions: np.ndarray, heights: np
     fits = (w > 0) & (w <= widths[:, None]) & (h > 0) & (h <= heights[:, None])
     first = fits.argmax(axis=1)                                                  # n: the first try that fits
     rows, found = np.arange(len(u)), fits.any(axis=1)
-    h, w = np.where(found, h[rows, first], heights), np.where(found, w[rows, first], widths)
-    top = np.floor(u[:, 20] * (heights - h + 1)).astype(np.int64)
-    left = np.floor(u[:, 21] * (widths - w + 1)).astype(np.int64)
+    # no try fits (rare, but most images of an aspect far outside RANDOM_ASPECT): centre crop
+    wide, tall = widths > heights * RANDOM_ASPECT[1], widths < heights * RANDOM_ASPECT[0]
+    whole_h = np.where(tall, np.round(widths / RANDOM_ASPECT[0]), heights).astype(np.int64)
+    whole_w = np.where(wide, np.round(heights * RANDOM_ASPECT[1]), widths).astype(np.int64)
+    h, w = np.where(found, h[rows, first], whole_h), np.where(found, w[rows, first], whole_w)
+    top = np.where(found, np.floor(u[:, 20] * (heights - h + 1)), (heights - h) // 2).astype(np.int64)
+    left = np.where(found, np.floor(u[:, 21] * (widths - w + 1)), (widths - w) // 2).astype(np.int64)
     jitter = 1 + color_jitter * (2 * u[:, 23:26] - 1) if color_jitter > 0 else np.empty((len(u), 0))
     return TrainingDraws(np.stack((top, left, h, w), axis=1), jitter, u[:, 22] < 0.5)
 
@@ -564,7 +573,7 @@ def _uniforms(key: tuple[int, ...], positions: np.ndarray, count: int) -> np.nda
     output function of a counter, vectorised, with 53 random bits each, like numpy's."""
     state = 0
     for part in key:  # fold the key in, one SplitMix64 step a part
-        state = _splitmix64(state ^ (part % 2**64))
+        state = _splitmix64(state ^ (int(part) % 2**64))
     counter = positions.astype(np.uint64)[:, None] * np.uint64(count) + np.arange(count, dtype=np.uint64)
     with np.errstate(over="ignore"):  # the 64-bit sums and products wrap, as SplitMix64 wants
         bits = _splitmix64(counter + np.uint64(state))

@@ -760,6 +760,10 @@ def test_bad_arguments_raise_value_error(tiny):
     with pytest.raises(ValueError, match="multiple of P"):
         ImageLoader(test.files, test.labels, LoaderSettings(batch_size=10, train=True, image_size=64,
                     classes_per_batch=3))
+    for jitter in (1.0, -0.1):  # a factor 1 - 1.0 = 0 or below would blacken or invert colours
+        with pytest.raises(ValueError, match=r"color_jitter must be in \[0, 1\)"):
+            ImageLoader(test.files, test.labels, LoaderSettings(batch_size=8, train=True, image_size=64,
+                        color_jitter=jitter))
 
 
 # ---------------------------------------------------------------- backend "cache"
@@ -868,6 +872,20 @@ def test_training_draws_follow_the_random_resized_crop_rule(height, width):
         assert (other.boxes != draws.boxes).any(axis=1).mean() > 0.99
     plain = loader_module.training_draws((0, 0, 0), np.arange(n), np.full(n, height), np.full(n, width))
     assert plain.jitter.shape == (n, 0) and (plain.boxes == draws.boxes).all()  # jitter takes its own draws
+
+
+@pytest.mark.parametrize("height, width", [(64, 64), (375, 500), (100, 400), (400, 100), (7, 3)])
+def test_training_draws_fall_back_to_torchvisions_centre_crop(monkeypatch, height, width):
+    # An area fraction of 1.5 never fits, so every image takes the fallback: torchvision's
+    # own get_params (which draws nothing once its 10 tries fail) is the reference.
+    from torchvision.transforms import RandomResizedCrop
+    monkeypatch.setattr(loader_module, "RANDOM_AREA", (1.5, 1.5))
+    draws = loader_module.training_draws((0, 0, 0), np.arange(50), np.full(50, height), np.full(50, width))
+    reference = RandomResizedCrop.get_params(torch.zeros(3, height, width), scale=[1.5, 1.5],
+                                             ratio=list(loader_module.RANDOM_ASPECT))
+    assert (draws.boxes == np.array(reference)).all(), (draws.boxes[0], reference)
+    cut = not 3 / 4 <= width / height <= 4 / 3
+    assert (reference != (0, 0, height, width)) == cut  # the wide and tall cases are cut
 
 
 def test_training_draws_are_uniform_and_independent():
