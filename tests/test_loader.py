@@ -1009,8 +1009,9 @@ def test_the_gpu_pipeline_graph_is_valid_up_to_cuda_itself(train, color_jitter, 
 
 @needs_dali
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: GPU (mixed) decoding and jitter")
-def test_gpu_colour_jitter_runs_and_matches_the_cpu_pipelines_distribution(tiny):
-    # The GPU path of dali_color_jitter (arithmetic on GPU values) runs only here.
+def test_gpu_training_pipeline_applies_the_same_draws_as_the_cpu_pipeline(tiny):
+    # The GPU path (mixed decoding of the crop boxes, dali_color_jitter's arithmetic on GPU
+    # values, the flips) runs only here.
     files, labels = tiny.train.files[:32], tiny.train.labels[:32]
     per_device = {}
     for device in ("cpu", "cuda"):
@@ -1018,6 +1019,10 @@ def test_gpu_colour_jitter_runs_and_matches_the_cpu_pipelines_distribution(tiny)
                                                            workers=2, color_jitter=0.4, device=device, seed=0))
         images = torch.cat([x.float().cpu() for x, _ in loader.epoch(0)])
         assert images.shape == (32, 3, 32, 32) and torch.isfinite(images).all()
-        per_device[device] = images.mean().item()
-    # normalised units; the draws are the same on both devices, the decoders (nvJPEG, libjpeg-turbo) not
-    assert abs(per_device["cpu"] - per_device["cuda"]) < 0.2
+        per_device[device] = images
+    # Same boxes, factors and flips on both devices; only the decoders (nvJPEG, libjpeg-turbo)
+    # and the resizers round differently. On the CPU, DALI against the torch fallback differ
+    # by at most 0.033 an image with this jitter (test_dali_and_torch_draw_the_same_training_
+    # augmentation), images drawn for another position by about 0.5: not measured on a GPU.
+    per_image = (per_device["cpu"] - per_device["cuda"]).abs().mean(dim=(1, 2, 3))
+    assert per_image.max() < 0.1, per_image
