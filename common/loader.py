@@ -393,7 +393,7 @@ class _EncodedBatches:
         self.files, self.labels, self.batches_fn = files, labels, batches_fn
         self.first_epoch, self.first_start, self.augment = first_epoch, first_start, augment
         self._cache = (None, None, None)
-        self._sizes: dict[int, tuple[int, int]] = {}  # file index -> (height, width), read once a process
+        self._sizes: dict[int, tuple[int, int]] = {}  # file index -> (height, width) in this process
 
     def __call__(self, info):
         epoch = self.first_epoch + info.epoch_idx
