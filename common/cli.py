@@ -350,8 +350,9 @@ def _error_label() -> str:
 
 
 def _machine_problem(err: BaseException) -> str | None:
-    """The message for a full disk, a denied permission or memory that ran out behind `err`
-    (following its causes), or None for any other error, whose traceback is shown."""
+    """The message for a full disk, a denied permission, memory that ran out or (under
+    torchrun) another rank that died behind `err` (following its causes), or None for any
+    other error, whose traceback is shown."""
     full = _behind(err, lambda e: isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
     if full:
         return (f"no space left on the device{f' writing {full.filename}' if full.filename else ''} "
@@ -370,6 +371,13 @@ def _machine_problem(err: BaseException) -> str | None:
         return (f"out of memory ({first_line[:400]}). A smaller batch needs less (--batch-size; T4's "
                 f"Phase B: --classes-per-batch x --images-per-class), as do a smaller --image-size "
                 f"or --width; in training each changes the run, so use another --out or --fresh")
+    # gloo's words when another rank's process is gone, mid-collective
+    peer_gone = ("Connection reset by peer", "Connection closed by peer")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and _behind(
+            err, lambda e: isinstance(e, RuntimeError) and any(text in str(e) for text in peer_gone)):
+        return ("another process of this torchrun run stopped (its output or torchrun's summary says "
+                "why), so this one cannot go on. What was saved is kept: rerun the same command to "
+                "resume from last.pt")
     return None
 
 

@@ -276,6 +276,22 @@ def test_memory_that_ran_out_is_one_line_with_the_flags_that_need_less(raised):
                        "or --width; in training each changes the run, so use another --out or --fresh")
 
 
+def test_another_rank_gone_is_one_line_under_torchrun_only(monkeypatch):
+    # What gloo raised on the surviving rank when the other one was killed (2 CPU processes).
+    def peer_gone():
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error "
+                           "[127.0.0.1]:40123: Connection reset by peer")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert _exit_message(peer_gone) == (
+        "error (rank 1 of 2): another process of this torchrun run stopped (its output or torchrun's "
+        "summary says why), so this one cannot go on. What was saved is kept: rerun the same command "
+        "to resume from last.pt")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: no other rank, so not that; the traceback stays
+    with pytest.raises(RuntimeError, match="Connection reset by peer"):
+        cli.run(peer_gone)
+
+
 def test_any_other_runtime_error_keeps_its_traceback():
     def bug():
         raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x3 and 5x6)")
