@@ -11,7 +11,7 @@ DALI graph (one definition for both devices; with CUDA the decoder is `mixed` = 
 every later op runs on the GPU; without CUDA `device_id=None` and it all runs on the CPU):
     encoded bytes (external_source, read from the file list)
     train: decoders.image_slice (ROI decode of the crop box) -> resize S x S
-           -> [colour twist] -> flip + normalise
+           -> [colour jitter] -> flip + normalise
     eval:  decoders.image -> resize S x S, or resize shorter side to `eval_resize` + centre crop S
 The fallback (`backend="torch"`, chosen automatically when `nvidia.dali` cannot be imported)
 does the same with PIL + torchvision.transforms.v2 in a DataLoader.
@@ -492,19 +492,28 @@ if HAVE_DALI:
 def dali_color_jitter(images, brightness, contrast, saturation):
     """torchvision's adjust_brightness, adjust_contrast and adjust_saturation, in that order
     (as the torch fallback applies them), on DALI's H x W x 3 uint8 images; each factor a
-    float or a DataNode. Contrast scales around each image's mean grey, as torchvision's
-    does: DALI's color_twist would scale it around mid-grey (128), which darkened a dark
-    image's pixels to 0 where torchvision keeps them (up to 68 levels apart)."""
-    images = fn.color_twist(images, brightness=brightness)
-    grey = fn.color_space_conversion(images, image_type=types.RGB, output_type=types.GRAY)
-    mean_grey = fn.reductions.mean(fn.cast(grey, dtype=types.FLOAT))               # per image
-    # As arithmetic, not brightness_contrast's contrast_center: a named argument must be on
-    # the CPU, and after GPU (mixed) decoding the mean is on the GPU, as the factor must be.
-    if images.device == "gpu" and hasattr(contrast, "gpu"):
-        contrast = contrast.gpu()
-    blended = fn.cast(images, dtype=types.FLOAT) * contrast + mean_grey * (1 - contrast)
-    images = fn.cast(dmath.clamp(blended, 0, 255), dtype=types.UINT8)
-    return fn.color_twist(images, saturation=saturation)
+    float or a DataNode. Step by step as torchvision computes them on uint8 images, so the
+    two backends give the same pixels (up to float rounding at a level's edge):
+      brightness  x * b, clamped to [0, 255], truncated to an integer level
+      contrast    x * c + m * (1 - c), m the image's mean grey (the grey levels truncated)
+      saturation  x * s + grey * (1 - s), grey = 0.2989 R + 0.587 G + 0.114 B truncated
+    DALI's own ops differ: color_twist scales contrast around mid-grey (128), which took a
+    dark image's pixels to 0 (up to 68 levels from torchvision), and it rounds each step
+    where torchvision truncates (about 1.4 levels brighter over the three steps)."""
+    def factor(value):  # arithmetic with GPU images takes GPU operands (after mixed decoding)
+        return value.gpu() if images.device == "gpu" and hasattr(value, "gpu") else value
+
+    def level(x):  # torchvision's uint8 result: clamp, then .to(uint8) truncates
+        return dmath.floor(dmath.clamp(x, 0, 255))
+
+    def grey(x):  # H x W x 1, torchvision's _rgb_to_grayscale_image weights, floored
+        return dmath.floor(fn.coord_transform(x, M=[0.2989, 0.587, 0.114], dtype=types.FLOAT))
+
+    x = level(fn.cast(images, dtype=types.FLOAT) * factor(brightness))
+    c, s = factor(contrast), factor(saturation)
+    x = level(x * c + fn.reductions.mean(grey(x)) * (1 - c))
+    x = level(x * s + grey(x) * (1 - s))
+    return fn.cast(x, dtype=types.UINT8)  # whole levels in [0, 255]: exact
 
 
 def _shm_size() -> str:

@@ -400,12 +400,12 @@ def test_dali_reader_processes_give_the_planned_batches_and_eval_set(tiny, tiny_
 
 
 @needs_dali
-@pytest.mark.parametrize("color_jitter, tolerance", [(0.0, 0.01), (0.4, 0.06)])
+@pytest.mark.parametrize("color_jitter, tolerance", [(0.0, 0.01), (0.4, 0.01)])
 def test_dali_and_torch_draw_the_same_training_augmentation(tiny, monkeypatch, color_jitter, tolerance):
     """Both backends take each image's crop box, jitter factors and flip from
     training_draws, so their training batches differ only by the decoders' and resizers'
     rounding (measured, 2026-12-08: at most 0.004 a pixel on an image's average without jitter,
-    0.033 with it, whose uint8 steps round differently). Drawn for the next position
+    0.005 with it; 0.033 when DALI's jitter rounded where torchvision truncates). Drawn for the next position
     instead, the torch images are 0.18-0.6 away (median 0.53): the tolerance tells the two apart."""
     train = tiny.train
 
@@ -951,12 +951,14 @@ def test_auto_takes_the_device_cache_on_a_gpu_only_where_it_applies(monkeypatch,
 @needs_dali
 def test_dali_colour_jitter_is_torchvisions_brightness_contrast_saturation():
     # DALI's color_twist scaled contrast around mid-grey: 68 levels from torchvision (and the
-    # torch fallback) on a half-dark image, where dark pixels went to 0.
+    # torch fallback) on a half-dark image, where dark pixels went to 0. It also rounded each
+    # step where torchvision truncates: 1.4 levels brighter on average over the three.
     from nvidia.dali import fn, pipeline_def
     from torchvision.transforms.v2 import functional as F
-    image = np.random.default_rng(0).integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
     image[:10] //= 4
-    factors = [(1.3, 1.4, 0.7), (0.7, 0.6, 1.3), (1.0, 1.0, 1.0)]
+    factors = [(1.3, 1.4, 0.7), (0.7, 0.6, 1.3), (1.0, 1.0, 1.0), *(1 + 0.4 * (2 * rng.random((6, 3)) - 1))]
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=None)
     def jittered(b, c, s):
@@ -964,12 +966,15 @@ def test_dali_colour_jitter_is_torchvisions_brightness_contrast_saturation():
         return loader_module.dali_color_jitter(x, b, c, s)
 
     for b, c, s in factors:
-        pipe = jittered(b, c, s)
+        pipe = jittered(float(b), float(c), float(s))
         pipe.build()
         ours = np.array(pipe.run()[0][0]).astype(int)
         reference = F.adjust_saturation(F.adjust_contrast(F.adjust_brightness(
             torch.from_numpy(image).permute(2, 0, 1), b), c), s).permute(1, 2, 0).numpy().astype(int)
-        assert np.abs(ours - reference).max() <= 3, (b, c, s)
+        # Float rounding at a level's edge may move a pixel by one level, rarely (1.2 % of them at most, measured).
+        assert np.abs(ours - reference).max() <= 1, (b, c, s)
+        assert np.mean(ours != reference) < 0.03, (b, c, s)  # measured: at most 0.012
+        assert abs(np.mean(ours - reference)) < 0.05, (b, c, s)  # rounding each step: about +1.4
 
 
 @needs_dali
@@ -1022,7 +1027,7 @@ def test_gpu_training_pipeline_applies_the_same_draws_as_the_cpu_pipeline(tiny):
         per_device[device] = images
     # Same boxes, factors and flips on both devices; only the decoders (nvJPEG, libjpeg-turbo)
     # and the resizers round differently. On the CPU, DALI against the torch fallback differ
-    # by at most 0.033 an image with this jitter (test_dali_and_torch_draw_the_same_training_
+    # by at most 0.005 an image with this jitter (test_dali_and_torch_draw_the_same_training_
     # augmentation), images drawn for another position by about 0.5: not measured on a GPU.
     per_image = (per_device["cpu"] - per_device["cuda"]).abs().mean(dim=(1, 2, 3))
     assert per_image.max() < 0.1, per_image
