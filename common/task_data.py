@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from common.datasets import DatasetSplits, ImageList, find_tiny_imagenet, load_cars196, load_tiny_imagenet
+from common.errors import DatasetNotFoundError
 from common.image_check import CACHE_NAME, check_images
 from common.loader import ImageLoader, LoaderSettings
 from common.runtime import Runtime, main_first
@@ -71,7 +72,14 @@ def cars196(data_dir: str | Path, out: str | Path, rt: Runtime, *, holdout_per_c
         main_first(rt, lambda: (root / "cars_annos.mat").exists() or make_cars196(root, **SMOKE_CARS196))
     elif (root / "cars196").is_dir():
         root = root / "cars196"
-    splits = load_cars196(root, holdout_per_class=holdout_per_class, seed=seed)
+    try:
+        splits = load_cars196(root, holdout_per_class=holdout_per_class, seed=seed)
+    except DatasetNotFoundError as err:
+        if smoke or root.name == "cars196":
+            raise
+        # README's Data section puts it in data/cars196/: say that this subfolder counts too.
+        raise DatasetNotFoundError(f"{err}\n(read from --data-dir, or from its cars196/ subfolder when "
+                                   f"that exists, as README's Data section places it: data/cars196/)") from None
     check_split_images(splits, check, out, rt)
     return splits
 

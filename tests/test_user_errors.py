@@ -470,3 +470,27 @@ def test_evaluate_prints_its_figures_even_where_eval_json_cannot_be_written(tmp_
     assert capsys.readouterr().out == (f"{tmp_path / 'best.pt'} (epoch 3): test_acc 0.5000\n"
                                        f"eval.json not written beside the checkpoint (Read-only file system: "
                                        f"{tmp_path})\n")
+
+
+def test_t4_without_cars196_names_the_cars196_subfolder_it_also_reads(tmp_path):
+    # README's Data section places Cars196 in data/cars196/; the error listed only data/'s
+    # layouts, which led a user to put cars_annos.mat straight into data/ (it works there too).
+    import torch
+
+    from common import runtime, task_data
+    from common.errors import DatasetNotFoundError
+    rt = runtime.Runtime(torch.device("cpu"))
+    data = tmp_path / "data"
+    data.mkdir()
+    with pytest.raises(DatasetNotFoundError) as err:
+        task_data.cars196(data, tmp_path / "out", rt, holdout_per_class=1, seed=0, check="off")
+    assert f"no known Cars196 layout in {data}" in str(err.value)
+    assert str(err.value).endswith("or from its cars196/ subfolder when that exists, as README's Data "
+                                   "section places it: data/cars196/)")
+    make_cars196(data / "cars196", "cars_annos", num_classes=4, per_class=3, image_size=(24, 16))
+    splits = task_data.cars196(data, tmp_path / "out", rt, holdout_per_class=1, seed=0, check="off")
+    assert splits.root == data / "cars196" and len(splits.test.files) == 6
+    (data / "cars196" / "cars_annos.mat").unlink()  # pointed at directly: no word about a subfolder
+    with pytest.raises(DatasetNotFoundError) as err:
+        task_data.cars196(data / "cars196", tmp_path / "out", rt, holdout_per_class=1, seed=0, check="off")
+    assert "subfolder" not in str(err.value)
