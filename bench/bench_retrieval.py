@@ -7,6 +7,7 @@ loss forward + backward on a (256, 512) batch, mining "ms". Run: python -m bench
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
@@ -54,7 +55,13 @@ def bench_loss() -> None:
     print(f"MS loss fwd+bwd B=256 D=512 mining=ms   : {t * 1e3:8.2f} ms  goal < 20 ms")
 
 
-if __name__ == "__main__":
+def main() -> None:
+    argparse.ArgumentParser(prog="python -m bench.bench_retrieval", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()  # --help; no flags
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, {load_note()}")
     bench_recall()
     bench_loss()
+
+
+if __name__ == "__main__":
+    main()

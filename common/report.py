@@ -412,8 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Write REPORT.md and REPORT.pdf from the runs folder, "
                                             "and optionally the submission archive.")
     p.add_argument("runs", nargs="?", default="runs", help="the runs folder to read (default: runs)")
-    p.add_argument("--out", default=None, help="report path (default: <runs>/REPORT.md); "
-                                               "REPORT.pdf and report_figures/ go next to it")
+    p.add_argument("--out", default=None, help="report path (default: <runs>/REPORT.md); the PDF "
+                                               "(same name, .pdf) and report_figures/ go next to it")
     p.add_argument("--archive", default=None, metavar="ZIP",
                    help="also write the submission archive (code, report, best models), "
                         "e.g. Assignment2.zip")
@@ -427,15 +427,22 @@ def main(argv: list[str] | None = None) -> Path:
     line and exit status 1, without a traceback."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if Path(args.runs).exists() and not Path(args.runs).is_dir():
+        parser.error(f"{args.runs} is a file: expected the runs folder the task scripts wrote into")
     if not Path(args.runs).is_dir():
         parser.error(f"runs folder not found: {args.runs}")
-    if args.out and Path(args.out).suffix.lower() != ".md":  # REPORT.pdf is written beside it, as .pdf
+    if args.out and Path(args.out).suffix.lower() != ".md":  # the PDF is written beside it, as .pdf
         parser.error(f"--out {args.out}: expected the Markdown report's path, ending in .md "
-                     f"(REPORT.pdf and report_figures/ go next to it)")
+                     f"(the PDF, of the same name, and report_figures/ go next to it)")
+    if args.archive and Path(args.archive).suffix.lower() != ".zip":  # it is a zip, whatever its name
+        parser.error(f"--archive {args.archive}: expected the zip's path, ending in .zip")
     for flag, path in (("--out", args.out), ("--archive", args.archive)):
         if path and Path(path).is_dir():
             parser.error(f"{flag} {path} is a folder: give a file name in it, e.g. "
                          f"{Path(path) / ('REPORT.md' if flag == '--out' else 'Assignment2.zip')}")
+        blocking = next((parent for parent in Path(path or ".").parents if parent.is_file()), None)
+        if path and blocking:  # found now, not after the report is written
+            parser.error(f"{flag} {path}: {blocking} is a file, so nothing can be written inside it")
     if args.archive:
         try:  # '..zip' would unzip into the current folder
             archive.top_folder(Path(args.archive))

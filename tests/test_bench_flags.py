@@ -11,7 +11,7 @@ import pytest
 
 import torch
 
-from bench import at_par_ablation, bench_compile, bench_cubs, gpu_diagnose
+from bench import at_par_ablation, bench_compile, bench_cubs, bench_retrieval, gpu_diagnose
 
 
 @pytest.mark.parametrize("module, argv, message", [
@@ -24,6 +24,7 @@ from bench import at_par_ablation, bench_compile, bench_cubs, gpu_diagnose
     (bench_compile, ["--only", "cubs_serial_plian"], "--only: no network named cubs_serial_plian"),
     (bench_cubs, ["--device", "gpu"], "argument --device: invalid choice: 'gpu'"),
     (bench_cubs, ["--device", "cuda"], "--device cuda: torch sees no GPU here"),
+    (bench_retrieval, ["--help-me"], "unrecognized arguments: --help-me"),  # it took no flags: ran anyway
 ])
 def test_a_bad_name_or_flag_is_a_usage_error_before_any_work(module, argv, message, monkeypatch, capsys, tmp_path):
     # Before: gpu_diagnose ran nothing and exited 0 (or failed after every part's compile),

@@ -1602,18 +1602,34 @@ def test_the_pdfs_figures_of_a_deleted_run_are_removed_and_its_note_names_no_t4_
     (["--out", "{tmp}/R.pdf"], "error: --out {tmp}/R.pdf: expected the Markdown report's path, ending in .md"),
     (["--out", "{tmp}"], "error: --out {tmp}: expected the Markdown report's path, ending in .md"),
     (["--out", "{tmp}/d.md"], "error: --out {tmp}/d.md is a folder: give a file name in it, e.g. {tmp}/d.md/REPORT.md"),
-    (["--archive", "{tmp}"], "error: --archive {tmp} is a folder: give a file name in it, e.g. {tmp}/Assignment2.zip"),
+    (["--archive", "{tmp}/A.tar"], "error: --archive {tmp}/A.tar: expected the zip's path, ending in .zip"),
+    (["--archive", "{tmp}/d.zip"], "error: --archive {tmp}/d.zip is a folder: give a file name in it, e.g. {tmp}/d.zip/Assignment2.zip"),
+    (["--archive", "{tmp}/runs/REPORT.md/x/A.zip", "--out", "{tmp}/runs/R.md"],
+     "error: --archive {tmp}/runs/REPORT.md/x/A.zip: {tmp}/runs/REPORT.md is a file, so nothing can be written inside it"),
+    (["--out", "{tmp}/runs/REPORT.md/R.md"],
+     "error: --out {tmp}/runs/REPORT.md/R.md: {tmp}/runs/REPORT.md is a file, so nothing can be written inside it"),
 ])
 def test_report_paths_that_cannot_work_are_refused_before_anything_is_written(tmp_path, capsys, flags, message):
     # --out R.pdf wrote the Markdown and then the PDF to one file; a folder ended in IsADirectoryError.
     make_runs(tmp_path / "runs")
     (tmp_path / "d.md").mkdir()
+    (tmp_path / "d.zip").mkdir()
+    (tmp_path / "runs" / "REPORT.md").write_text("an earlier report")  # a file where a folder would go
     with pytest.raises(SystemExit) as exit_:
         report.main([str(tmp_path / "runs"), *[f.format(tmp=tmp_path) for f in flags]])
     assert exit_.value.code == 2
     assert message.format(tmp=tmp_path) in capsys.readouterr().err
-    assert sorted(os.listdir(tmp_path)) == ["d.md", "runs"] and os.listdir(tmp_path / "d.md") == []
-    assert not (tmp_path / "runs" / "REPORT.md").exists()
+    assert sorted(os.listdir(tmp_path)) == ["d.md", "d.zip", "runs"] and os.listdir(tmp_path / "d.md") == []
+    assert (tmp_path / "runs" / "REPORT.md").read_text() == "an earlier report"
+    assert not (tmp_path / "runs" / "REPORT.pdf").exists() and not (tmp_path / "runs" / "R.md").exists()
+
+
+def test_a_runs_path_that_is_a_file_is_named_as_such(tmp_path, capsys):
+    (tmp_path / "runs").write_text("not a folder")
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "runs")])
+    assert (f"error: {tmp_path / 'runs'} is a file: expected the runs folder the task scripts wrote into"
+            in capsys.readouterr().err)
 
 
 def test_a_report_that_cannot_be_written_is_one_error_line(tmp_path, monkeypatch):
