@@ -434,8 +434,6 @@ def main(argv: list[str] | None = None) -> Path:
     if args.out and Path(args.out).suffix.lower() != ".md":  # the PDF is written beside it, as .pdf
         parser.error(f"--out {args.out}: expected the Markdown report's path, ending in .md "
                      f"(the PDF, of the same name, and report_figures/ go next to it)")
-    if args.archive and Path(args.archive).suffix.lower() != ".zip":  # it is a zip, whatever its name
-        parser.error(f"--archive {args.archive}: expected the zip's path, ending in .zip")
     for flag, path in (("--out", args.out), ("--archive", args.archive)):
         if path and Path(path).is_dir():
             parser.error(f"{flag} {path} is a folder: give a file name in it, e.g. "
@@ -448,6 +446,8 @@ def main(argv: list[str] | None = None) -> Path:
             archive.top_folder(Path(args.archive))
         except archive.ArchiveError as err:
             parser.error(f"--archive {args.archive}: {err}")
+        if Path(args.archive).suffix.lower() != ".zip":  # it is a zip, whatever its name
+            parser.error(f"--archive {args.archive}: expected the zip's path, ending in .zip")
     try:
         if args.archive:  # refuse before spending time on the report
             archive.check_runs(collect(args.runs), args.allow_smoke)
