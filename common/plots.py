@@ -227,7 +227,8 @@ def title_with_note(ax: Axes, title: str, note: str) -> None:
 
 def _wrap_title_notes(fig: Figure, axes: Sequence[Axes]) -> bool:
     """Each panel title's note (the text after its first line) refilled to the panel's
-    width as laid out: measured in the title's font, less 10 % for lines of wider letters.
+    width as laid out: measured in the title's font, less 10 % for lines of wider letters;
+    a note too wide breaks after each "; " first, so no clause is split across lines needlessly.
     Whether any panel had a note."""
     noted = False
     for ax in axes:
@@ -237,7 +238,10 @@ def _wrap_title_notes(fig: Figure, axes: Sequence[Axes]) -> bool:
             width = ax.get_window_extent().width * 72 / fig.dpi  # points
             note_width = TextToPath().get_text_width_height_descent(
                 note, ax.title.get_fontproperties(), ismath=False)[0]
-            ax.title.set_text(f"{head}\n{textwrap.fill(note, max(20, int(0.9 * len(note) * width / note_width)))}")
+            chars = max(20, int(0.9 * len(note) * width / note_width))
+            if len(note) > chars:  # a line per clause first ("train: ...;" / "holdout: plain"), each filled
+                note = ";\n".join(textwrap.fill(clause, chars) for clause in note.split("; "))
+            ax.title.set_text(f"{head}\n{note}")
             noted = True
     return noted
 

@@ -282,6 +282,7 @@ def test_loss_panels_say_the_train_loss_is_label_smoothed_and_its_floor(figures:
                                 "num_classes": 200})(history, True)
     head, note = figures[-1].axes[0].get_title().split("\n", 1)  # the note wrapped to the panel's width
     assert head == "loss" and " ".join(note.split()) == "train: label smoothing 0.1, never below 0.85; holdout: plain"
+    assert note.splitlines()[-1] == "holdout: plain", note  # not "...; holdout:" / "plain"
     plots.curves_png(tmp_path, {"task": "t4", "phase": "b", "label_smoothing": 0.1, "num_classes": 98})(
         [{"epoch": 1, "train_loss": 0.3, "holdout_r1": 0.5}], True)
     assert figures[-1].axes[0].get_title() == "loss"  # Phase B's loss is the MS loss
