@@ -195,7 +195,8 @@ def apply_smoke(args: argparse.Namespace, smoke: Mapping[str, Any]) -> None:
 
     Default paths under runs/ (--out, T3's --vanilla-results, T4's --t3-results) move to
     runs/smoke/, so a smoke run never leaves a checkpoint or result that a real run would
-    resume from, compare with or initialise from.
+    resume from, compare with or initialise from. --data-dir becomes <out>/smoke_data, where
+    the generated dataset is (parse refuses a typed --data-dir with --smoke).
     """
     explicit = getattr(args, "_explicit", set())
     for k, v in vars(args).items():
@@ -204,6 +205,8 @@ def apply_smoke(args: argparse.Namespace, smoke: Mapping[str, Any]) -> None:
     for k, v in smoke.items():
         if k not in explicit:
             setattr(args, k, v)
+    # What it trains on (task_data makes it there), so that results.json's args say so, not ./data.
+    args.data_dir = os.path.join(args.out, "smoke_data")
 
 
 PATH_FLAGS = ("out", "data_dir", "evaluate", "vanilla_results", "t3_results", "init_weights")

@@ -35,8 +35,11 @@ def test_smoke_moves_default_runs_paths_under_runs_smoke_and_keeps_typed_ones():
     assert args.name == "runs-but-not-a-path" and args.epochs == 8 and args.device == "cpu"
     typed = cli.parse(_parser(), ["--smoke", "--out", "runs/mine", "--epochs", "3"], smoke=cli.SMOKE)
     assert (typed.out, typed.vanilla_results, typed.epochs) == ("runs/mine", "runs/smoke/t2/results.json", 3)
+    # results.json's args name the generated data (task_data makes it in <out>/smoke_data), not ./data
+    assert (args.data_dir, typed.data_dir) == ("runs/smoke/t3/smoke_data", "runs/mine/smoke_data")
     real = cli.parse(_parser(), [], smoke=cli.SMOKE)
     assert (real.out, real.vanilla_results, real.epochs) == ("runs/t3", "runs/t2/results.json", 60)
+    assert real.data_dir == "./data"
     assert vars(real).items() >= RECIPE.items()  # every default is the recipe's
 
 
