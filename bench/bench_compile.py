@@ -32,8 +32,10 @@ def networks(width: int) -> dict[str, torch.nn.Module]:
     nets: dict[str, torch.nn.Module] = {
         "custom_cnn": CustomCNN(10, width=width),
         "resnet18_cifar": ResNet18(10, stem="cifar", width=width),
-        "resnet18_imagenet": ResNet18(10, stem="imagenet", width=width),
-        "embedding_net": EmbeddingNet(ResNet18(10, stem="imagenet", width=width), dim=16),
+        # T4's: CUBS-ResNet-18 with the ImageNet stem (serial plain, its default without T3),
+        # as Phase A's classifier and inside Phase B's embedding
+        "t4_cubs_imagenet": cubs_resnet18(10, stem="imagenet", width=width, d=64),
+        "t4_embedding_net": EmbeddingNet(cubs_resnet18(10, stem="imagenet", width=width, d=64), dim=16),
     }
     for placement in PLACEMENTS:
         for variant in VARIANTS:

@@ -23,10 +23,11 @@ leaves a half-written archive under the final name.
 Refused (one `error:` line, exit status 1): smoke runs anywhere in the runs folder unless
 --allow-smoke (they would be in the report too), a chosen run without its best.pt, a task
 whose only results.json cannot be read (cut short, say), a T3 comparison whose selected run
-has no readable results.json, no finished run at all, a zip name that gives no folder to
-hold everything (`..zip`), and a file name in the zip that an extractor could put outside
-that folder (a run folder named `..\\x`). A task that was not run, or whose runs are
-unfinished, is left out with a warning that says which.
+has no readable results.json, no finished run at all, and a file name in the zip that an
+extractor could put outside that folder (a run folder named `..\\x`). A zip name that gives
+no folder to hold everything (`..zip`) raises ArchiveError too; the report command checks it,
+with its other flags, as a usage error (exit status 2) before it writes anything. A task that
+was not run, or whose runs are unfinished, is left out with a warning that says which.
 """
 from __future__ import annotations
 

@@ -39,8 +39,10 @@ def _networks() -> dict[str, nn.Module]:
     nets: dict[str, nn.Module] = {
         "custom_cnn": CustomCNN(10, width=WIDTH),
         "resnet18_cifar": ResNet18(10, stem="cifar", width=WIDTH),
-        "resnet18_imagenet": ResNet18(10, stem="imagenet", width=WIDTH),
-        "embedding_net": EmbeddingNet(ResNet18(10, stem="imagenet", width=WIDTH), dim=16),
+        # T4's: CUBS-ResNet-18 with the ImageNet stem (serial plain, its default without T3),
+        # as Phase A's classifier and inside Phase B's embedding
+        "t4_cubs_imagenet": cubs_resnet18(10, stem="imagenet", width=WIDTH, d=D),
+        "t4_embedding_net": EmbeddingNet(cubs_resnet18(10, stem="imagenet", width=WIDTH, d=D), dim=16),
     }
     for placement, variant in BLOCK_CONFIGS:
         nets[f"cubs_{placement}_{variant}"] = cubs_resnet18(10, placement=placement, variant=variant,
