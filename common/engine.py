@@ -400,7 +400,7 @@ def fit(net: TrainModel, loader, loss_fn: LossFn, optimizer: torch.optim.Optimiz
                 _write_metrics(progress.history, run, rt, on_epoch, False)
                 if rt.is_main:
                     print(_epoch_line(record, cfg.epochs, improved), flush=True)
-                    if stopper.should_stop:
+                    if stopper.should_stop and progress.epoch < cfg.epochs:  # not at the planned end
                         print(f"early stopping: {score_key} has not improved for {cfg.patience} epochs "
                               f"(best {stopper.best_score:.4f} at epoch {stopper.best_epoch + 1})")
             # A signal during the last holdout pass or save is seen by no training step: stop

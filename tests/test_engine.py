@@ -84,7 +84,7 @@ def test_weight_decay_goes_to_every_weight_matrix_and_kernel_and_nothing_else():
     assert all(model.get_parameter(n).ndim <= 1 for n in undecayed)
 
 
-def test_early_stopping_inside_fit_stops_reports_and_keeps_the_best_epoch(tiny_splits, tmp_path):
+def test_early_stopping_inside_fit_stops_reports_and_keeps_the_best_epoch(tiny_splits, tmp_path, capsys):
     torch.manual_seed(0)
     rt = runtime.Runtime(torch.device("cpu"), amp_dtype=None)
     train = ImageLoader(tiny_splits.train.files, tiny_splits.train.labels, LoaderSettings(
@@ -97,12 +97,13 @@ def test_early_stopping_inside_fit_stops_reports_and_keeps_the_best_epoch(tiny_s
                  on_epoch=lambda history, finished: calls.append((len(history), finished)))
     assert (result["epochs_run"], result["best_epoch"], result["best_score"]) == (4, 2, 0.7)
     assert result["stopped_early"] and result["finished"]
+    assert "early stopping: holdout_acc has not improved for 2 epochs (best 0.7000 at epoch 2)" in capsys.readouterr().out
     assert calls == [(1, False), (2, False), (3, False), (4, False), (4, True)]
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 2
     assert load_checkpoint(tmp_path / "last.pt")["finished"]
 
 
-def test_patience_running_out_at_the_last_epoch_is_not_an_early_stop(tiny_splits, tmp_path):
+def test_patience_running_out_at_the_last_epoch_is_not_an_early_stop(tiny_splits, tmp_path, capsys):
     rt = runtime.Runtime(torch.device("cpu"), amp_dtype=None)
     train = ImageLoader(tiny_splits.train.files, tiny_splits.train.labels, LoaderSettings(
         batch_size=8, train=True, image_size=16, backend="torch", workers=0, seed=5))
@@ -112,6 +113,7 @@ def test_patience_running_out_at_the_last_epoch_is_not_an_early_stop(tiny_splits
                  {"task": "test", "model": "small"})
     assert (result["epochs_run"], result["best_epoch"], result["finished"]) == (3, 1, True)
     assert not result["stopped_early"]
+    assert "early stopping" not in capsys.readouterr().out  # it printed one, for a run that ran every epoch
 
 
 def test_train_loss_is_the_mean_over_images_of_the_batch_losses(tiny_splits, tmp_path):
