@@ -138,6 +138,13 @@ def _names_code(detail: str) -> bool:
 
 # Meta keys that checkpoints written before they were recorded lack: those still resume.
 _RECORDED_LATER = ("data", "phase_a_sha256")
+# What a differing digest means, said after it: a hash alone names no file and no cause.
+_DIGEST_MEANING = {
+    "init_sha256": "the weights file this run started from (--init; T4's default: T3's best.pt, "
+                   "whose SHA-256 changes whenever T3 trains again) is not the one it holds now",
+    "phase_a_sha256": "Phase A's weights, which Phase B starts from, changed: Phase A trained again",
+    "data": "the dataset's files or its split changed",
+}
 
 
 def check_compatible(saved_meta: CheckpointMeta, meta: CheckpointMeta, path: str | Path) -> None:
@@ -145,6 +152,7 @@ def check_compatible(saved_meta: CheckpointMeta, meta: CheckpointMeta, path: str
     data setup: every key of `meta` must be in the checkpoint's meta, with the same value
     (one of _RECORDED_LATER may be missing)."""
     diffs = [f"{k}: checkpoint has {repr(saved_meta[k]) if k in saved_meta else 'no ' + k}, this run has {v!r}"
+             + (f" ({_DIGEST_MEANING[k]})" if k in _DIGEST_MEANING and k in saved_meta else "")
              for k, v in meta.items() if (k not in saved_meta and k not in _RECORDED_LATER)
              or saved_meta.get(k, v) != v]
     if diffs:

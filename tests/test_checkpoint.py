@@ -583,8 +583,8 @@ def test_a_resume_on_other_data_is_refused_and_an_older_checkpoint_without_it_re
     with pytest.raises(CheckpointError) as err:
         _run_fit(tiny_splits, tmp_path / "a", "torch", epochs=3, meta=other)
     assert str(err.value) == (f"{tmp_path / 'a' / 'last.pt'} belongs to a different model or setup: data: "
-                              f"checkpoint has {meta['data']!r}, this run has {other['data']!r}. Use "
-                              "another --out, or --fresh to start over.")
+                              f"checkpoint has {meta['data']!r}, this run has {other['data']!r} (the "
+                              "dataset's files or its split changed). Use another --out, or --fresh to start over.")
     # written before "data" was recorded: it resumes, where another missing key is refused
     _run_fit(tiny_splits, tmp_path / "b", "torch", epochs=3, stop_after=1, meta={"task": "test", "model": "small"})
     _, result = _run_fit(tiny_splits, tmp_path / "b", "torch", epochs=3, meta=meta)

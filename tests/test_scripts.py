@@ -275,7 +275,11 @@ def test_t4_resumes_only_from_the_t3_weights_it_started_from(tmp_path):
     assert t4_retrieval.main(flags) == {"finished": False}  # the same file: resumed (Phase A epoch 2, Phase B 1)
     train_t3(2)
     with pytest.raises(CheckpointError, match=r"phase_a/last.pt belongs to a different model or setup: "
-                                              r"init_sha256: checkpoint has '[0-9a-f]{64}', this run has"):
+                                              r"init_sha256: checkpoint has '[0-9a-f]{64}', this run has "
+                                              r"'[0-9a-f]{64}' \(the weights file this run started from "
+                                              r"\(--init; T4's default: T3's best.pt, whose SHA-256 changes "
+                                              r"whenever T3 trains again\) is not the one it holds now\)\. Use "
+                                              r"another --out, or --fresh to start over\."):
         t4_retrieval.main(flags)
 
 
