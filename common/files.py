@@ -7,12 +7,14 @@ half of one. Every file a run or the report writes goes through `atomic_file`.
     remove_files(folder, names)          # a run's old outputs and their temps, for --fresh
     remove_stale_temps(folder, names)    # what a kill mid-write left of atomic_file's temps
     with folder_lock(folder): ...        # one process at a time in a folder
+    file_sha256(path)                    # which file a run started from (T4's --init)
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import glob
+import hashlib
 import json
 import os
 import sys
@@ -22,6 +24,15 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+
+def file_sha256(path: str | Path) -> str:
+    """The file's SHA-256, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def previous_path(path: str | Path) -> Path:

@@ -3,7 +3,6 @@ ResNet-18, loaded tensor by tensor where names and shapes match (the CUBS and em
 parameters of a ResNet-18 state dict are skipped, and said so)."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import torch
 
 from common.checkpoint import CheckpointError, load_checkpoint, load_matching_tensors
 from common.errors import ConfigError, DownloadError
+from common.files import file_sha256
 
 INIT_CHOICES = ("auto", "scratch", "t3", "imagenet")
 
@@ -82,7 +82,7 @@ def load_initial_weights(model: torch.nn.Module, init: str, *, t3_best: Path | N
             print(f"  {reason}")
         if len(skipped) > 12:
             print(f"  ... and {len(skipped) - 12} more (listed in results.json)")
-    return {"init": init, "init_source": source, "init_sha256": _sha256(path), "init_loaded": len(loaded),
+    return {"init": init, "init_source": source, "init_sha256": file_sha256(path), "init_loaded": len(loaded),
             "init_skipped": skipped}
 
 
@@ -97,16 +97,6 @@ def _without_stem_batchnorm(model: torch.nn.Module, state: dict[str, torch.Tenso
         return state, {}
     stem = {k: f"{k}: the stem BatchNorm of the skipped conv1 (fresh init)" for k in state if k.startswith("bn1.")}
     return {k: v for k, v in state.items() if k not in stem}, stem
-
-
-def _sha256(path: Path) -> str:
-    """The file's SHA-256: which weights a run started from, so that a resume can tell when
-    the file was replaced since (T3 trained again, say)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def t3_selection(t3_results: str | Path, placement: str | None = None,

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.files import file_sha256
 from common.placements import RUN_FOLDERS, select
 from common.schema import ClassifierResults, RetrievalResults
 
@@ -208,6 +209,7 @@ def collect(root: str | Path) -> RunsFolder:
         if run.task == "t4":
             t4_dirs.add(folder)
             read_phases(run, found)
+            check_t4_start(run, found)
             found.retrievals.append(run)
         else:
             found.classifiers.append(run)
@@ -259,6 +261,20 @@ def read_phases(run: Run, found: RunsFolder) -> None:
             found.problems.append(f"{rel_name(sub.parent, found.root)} is not in {run.name}/results.json: "
                                   f"not reported (rerun t4_retrieval.py with that --mining or "
                                   f"--compare-mining to report it)")
+
+
+def check_t4_start(run: Run, found: RunsFolder) -> None:
+    """Name in found.problems a T4 run whose starting weights (--init t3: T3's best.pt, by
+    its path as T4 read it, relative to where T4 ran) are no longer in that file: T3 trained
+    again, so the report and the archive would pair T4 with a T3 run it did not start from.
+    A file no longer there (or T4 run elsewhere) is not checked."""
+    source, digest = run.results.get("init_source"), run.results.get("init_sha256")
+    if run.results.get("init") != "t3" or not source or not digest or not Path(source).is_file():
+        return
+    if file_sha256(source) != digest:
+        found.problems.append(f"{run.name}/results.json: T4 started from {source}, which holds other "
+                              f"weights now (T3 trained again since): rerun t4_retrieval.py with --fresh "
+                              f"to train T4 from them, else T4's figures are of a T3 run no longer there")
 
 
 def task_in_text(path: Path) -> str | None:

@@ -1418,6 +1418,28 @@ def test_collect_counts_t4_phase_folders_as_parts_of_t4_not_as_unfinished_runs(t
     assert list(runs.retrievals[0].phases) == ["phase_a", "phase_b_ms", "phase_b_none"]
 
 
+def test_a_t4_run_whose_t3_weights_file_changed_since_is_a_problem_of_the_report_and_archive(tmp_path):
+    # T3 trained again after T4 started from its best.pt: the report said "init t3 from
+    # .../best.pt" and the archive shipped the new T3 beside a T4 grown from the old one.
+    import json as json_module
+
+    from common.files import file_sha256
+    make_runs(tmp_path / "runs")
+    t3_best = tmp_path / "runs" / "t3" / "serial_plain" / "best.pt"
+    write(t3_best, b"the weights T4 started from")
+    results_path = tmp_path / "runs" / "t4" / "results.json"
+    t4 = json_module.loads(results_path.read_text())
+    write(results_path, {**t4, "init": "t3", "init_source": str(t3_best), "init_sha256": file_sha256(t3_best)})
+    assert runs_folder.collect(tmp_path / "runs").problems == []  # the same file: nothing to say
+    write(t3_best, b"T3 trained again")
+    assert runs_folder.collect(tmp_path / "runs").problems == [
+        f"t4/results.json: T4 started from {t3_best}, which holds other weights now (T3 trained again "
+        f"since): rerun t4_retrieval.py with --fresh to train T4 from them, else T4's figures are of a "
+        f"T3 run no longer there"]
+    t3_best.unlink()  # gone (or T4 trained on another machine): nothing to compare with
+    assert runs_folder.collect(tmp_path / "runs").problems == []
+
+
 def test_a_placements_json_without_selected_falls_back_to_best_overall(tmp_path):
     data = make_runs(tmp_path)
     placements = {k: v for k, v in data["placements"].items() if k != "selected"}  # an older t3_cubs.py
