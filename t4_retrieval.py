@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import torch
 
 from common import cli, engine, evaluate, plots, runtime, task_data
-from common.checkpoint import discard_files, discard_runs, weights_sha256
+from common.checkpoint import check_resumable, discard_files, discard_runs, weights_sha256
 from common.cubs import BLOCK1_D, PLACEMENTS, VARIANTS, cubs_resnet18, range_check
 from common.diagnostics import diagnostics
 from common.errors import ConfigError
@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{len(data.splits.test.classes)} unseen classes")
 
     # -- before training: Recall@K of the initial network, the baseline Phase A must beat
+    check_resumable(out / "phase_a", meta)  # a Phase A of other weights or data: refused before this pass
     recall_init = recall_at_k(*evaluate.embed(model.to(rt.device), data.test_all, rt, features=True), ks=KS)
     if rt.is_main:
         print(f"Before Phase A (--init {init['init']}) test " + evaluate.fmt_recall(recall_init))

@@ -160,6 +160,18 @@ def check_compatible(saved_meta: CheckpointMeta, meta: CheckpointMeta, path: str
                               + ". Use another --out, or --fresh to start over.")
 
 
+def check_resumable(out: Path, meta: CheckpointMeta) -> None:
+    """check_compatible against the meta of out/last.pt, where a readable one is: for a
+    script with work before engine.fit (T4's test pass before Phase A), so that a resume fit
+    would refuse is refused before that work. fit checks again, whichever state it resumes."""
+    try:
+        ck = load_checkpoint(out / "last.pt")
+    except CheckpointError:  # none, or unreadable: fit's resume_point decides what to do
+        return
+    if isinstance(ck, dict) and isinstance(ck.get("meta"), dict):
+        check_compatible(ck["meta"], meta, out / "last.pt")
+
+
 def weights_sha256(model: torch.nn.Module) -> str:
     """SHA-256 of a model's state dict (each tensor's name, dtype, shape and bytes, in order):
     which weights a run started from, whichever file or device held them."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from common.checkpoint import (CheckpointError, check_compatible, inference_state, load_checkpoint,
+from common.checkpoint import (CheckpointError, check_compatible, check_resumable, inference_state, load_checkpoint,
                                load_matching_tensors, load_model_state, rng_state, save_checkpoint,
                                set_rng_state)
 from tests.test_engine import _run_fit, tiny_splits  # noqa: F401 (a fixture)
@@ -198,6 +198,17 @@ def test_resuming_a_run_of_another_model_is_refused(tiny_splits, tmp_path):
     _run_fit(tiny_splits, tmp_path, "torch", epochs=2, stop_after=1)
     with pytest.raises(CheckpointError, match="model: checkpoint has 'small', this run has 'other'"):
         _run_fit(tiny_splits, tmp_path, "torch", epochs=2, meta={"task": "test", "model": "other"})
+
+
+def test_check_resumable_refuses_only_a_readable_last_pt_of_another_setup(tmp_path):
+    meta = {"task": "t4", "init_sha256": "a" * 64}
+    check_resumable(tmp_path, meta)  # no last.pt: a new run
+    (tmp_path / "last.pt").write_bytes(b"not a checkpoint")  # unreadable: engine.fit's resume decides
+    check_resumable(tmp_path, meta)
+    save_checkpoint({"meta": meta, "config": {}, "finished": False}, tmp_path / "last.pt")
+    check_resumable(tmp_path, meta)
+    with pytest.raises(CheckpointError, match="init_sha256: checkpoint has 'a{64}', this run has 'b{64}'"):
+        check_resumable(tmp_path, {**meta, "init_sha256": "b" * 64})
 
 
 def test_incompatible_checkpoint_names_the_mismatch(tmp_path):

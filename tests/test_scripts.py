@@ -252,7 +252,7 @@ def test_t4_builds_t3s_block1_size_so_that_every_t3_tensor_loads(tmp_path):
         t3_block1_size("t3", best, width=64)
 
 
-def test_t4_resumes_only_from_the_t3_weights_it_started_from(tmp_path):
+def test_t4_resumes_only_from_the_t3_weights_it_started_from(tmp_path, capsys):
     """Phase A's checkpoints record the SHA-256 of the file T4 started from: after T3 trained
     again (a new best.pt), a rerun is refused instead of resuming weights grown from the old
     one while results.json reports the new one."""
@@ -274,6 +274,7 @@ def test_t4_resumes_only_from_the_t3_weights_it_started_from(tmp_path):
     assert t4_retrieval.main(flags) == {"finished": False}  # Phase A stopped after epoch 1
     assert t4_retrieval.main(flags) == {"finished": False}  # the same file: resumed (Phase A epoch 2, Phase B 1)
     train_t3(2)
+    capsys.readouterr()
     with pytest.raises(CheckpointError, match=r"phase_a/last.pt belongs to a different model or setup: "
                                               r"init_sha256: checkpoint has '[0-9a-f]{64}', this run has "
                                               r"'[0-9a-f]{64}' \(the weights file this run started from "
@@ -281,6 +282,7 @@ def test_t4_resumes_only_from_the_t3_weights_it_started_from(tmp_path):
                                               r"whenever T3 trains again\) is not the one it holds now\)\. Use "
                                               r"another --out, or --fresh to start over\."):
         t4_retrieval.main(flags)
+    assert "Before Phase A" not in capsys.readouterr().out  # refused before the test set's pass
 
 
 def test_t4_results_record_t3s_block1_size_so_the_report_rebuilds_its_network(tmp_path):
