@@ -65,7 +65,15 @@ def main() -> int:
         return 1
     with tempfile.TemporaryDirectory() as tmp:
         _write_jpegs(Path(tmp))
-        shapes = decoded_shapes(Path(tmp), args.device)
+        try:
+            shapes = decoded_shapes(Path(tmp), args.device)
+        except RuntimeError as err:  # mixed without a usable GPU: DALI's assert, as a traceback
+            if args.device != "mixed":
+                raise
+            first = (str(err).strip().splitlines() or ["?"])[0][:300]
+            print(f"error: --device mixed needs a CUDA GPU that DALI can use; building the pipeline "
+                  f"failed: {first}")
+            return 1
     expected = [(h, w, 3) for h, w, _ in _IMAGES]
     if shapes != expected:
         print(f"error: decoded shapes {shapes}, expected {expected}")

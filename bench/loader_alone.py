@@ -56,12 +56,14 @@ def images_per_second(loader: ImageLoader, min_batches: int, device: torch.devic
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("data", type=Path)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--min-batches", type=int, default=60)
     p.add_argument("--tiny-batch", type=int, default=256)
     p.add_argument("--cars-batch", type=int, default=128)
     args = p.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no GPU here")
     device = torch.device(args.device)
     tiny = load_tiny_imagenet(args.data / "tiny-imagenet-200")
     cars = load_cars196(args.data / "cars196", holdout_per_class=0)  # all of classes 1-98 in train
@@ -76,8 +78,6 @@ def main() -> None:
         rate, n = images_per_second(loader, args.min_batches, device)
         print(f"loader {name:18s} {describe(loader):16s} {rate:10.0f} images/s ({n} images timed, "
               f"{len(split.files)} files, batch {batch}, builds {sum(loader.build_times):.1f} s)", flush=True)
-    # gpu_check.sh quotes this line: which loader the figures above are for.
-    print(f"measured: {describe(loader)}")
 
 
 def describe(loader: ImageLoader) -> str:

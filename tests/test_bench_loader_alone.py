@@ -59,3 +59,13 @@ def test_a_missing_dataset_is_one_error_line(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert done.stderr.startswith(f"error: Tiny ImageNet folder not found: {tmp_path / 'none' / 'tiny-imagenet-200'}")
+
+
+def test_device_cuda_without_a_gpu_is_a_usage_error(tmp_path):
+    # It failed with "Found no NVIDIA driver" from the cache fill, as a traceback.
+    if torch.cuda.is_available():
+        import pytest
+        pytest.skip("this machine has a GPU: --device cuda is valid here")
+    done = subprocess.run([sys.executable, "bench/loader_alone.py", str(tmp_path), "--device", "cuda"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--device cuda: torch sees no GPU here" in done.stderr, done.stderr[-2000:]

@@ -106,6 +106,19 @@ def test_dali_check_decodes_on_the_cpu_and_refuses_a_dali_from_elsewhere(tmp_pat
     assert elsewhere.returncode == 1 and f"expected DALI under {tmp_path}" in elsewhere.stdout
 
 
+def test_dali_check_mixed_without_a_gpu_is_one_error_line():
+    # It ended in DALI's "Assert on ... cuInitChecked()" traceback.
+    pytest.importorskip("nvidia.dali")
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: --device mixed decodes here")
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "dali_check.py"), "--device", "mixed"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stdout.splitlines()[-1].startswith(
+        "error: --device mixed needs a CUDA GPU that DALI can use; building the pipeline failed: ")
+
+
 def _fake_parts(folder: Path, tmp_path: Path) -> Path:
     """dali312.tar.zst.part00/01 + SHA256 as pack_dali_site.sh writes them, of a site folder
     holding the stand-in DALI."""
