@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import textwrap
 import time
 import types
@@ -216,7 +217,15 @@ def plot(out: Path, path: Path) -> None:
         if (run / "metrics.jsonl").exists():
             history = [json.loads(line) for line in (run / "metrics.jsonl").open()]
             curves.setdefault(run.name.split("_s")[0], []).append([h["holdout_acc"] for h in history])
-    plot_mean_curves({k: v for k, v in curves.items() if len(v) > 1}, path, "holdout accuracy",
+    single = sorted(k for k, v in curves.items() if len(v) == 1)
+    curves = {k: v for k, v in curves.items() if len(v) > 1}
+    if not curves:  # it wrote axes and a title with no line in them
+        sys.exit(f"error: --plot draws each name's mean over 2 or more seeds (runs NAME_sSEED_w1 in "
+                 f"{out}), and none has them{': ' + ', '.join(single) + ' ran one seed' if single else ''}; "
+                 f"train another with --seed")
+    if single:
+        print(f"not plotted, one seed each: {', '.join(single)}")
+    plot_mean_curves(curves, path, "holdout accuracy",
                      "CUBS-ResNet-18 vs vanilla ResNet-18 (t2), generated data; gate init "
                      "none = PyTorch default (before), 3 = open gates (now)", reference="t2")
     print(f"wrote {path}")
@@ -235,7 +244,8 @@ def main() -> None:
     parser.add_argument("--test-per-class", type=int, default=10,
                         help="test images per class (default 10); another value uses the data "
                              "folder data_test<N>: the same train images, a larger test split")
-    parser.add_argument("--plot", type=Path, help="write the per-epoch holdout curves of every run here")
+    parser.add_argument("--plot", type=Path, help="write the per-epoch holdout curves here: for each name "
+                                                  "trained with 2 or more seeds (warmup 1), their mean and range")
     args = parser.parse_args()
     for name in args.names:  # all of them before the first run trains
         placement, _, gate = name.partition("-")

@@ -65,3 +65,23 @@ def test_the_load_note_warns_above_half_the_cpus(monkeypatch):
     monkeypatch.setattr(machine.os, "getloadavg", lambda: (1.01, 0.0, 0.0))
     assert machine.load_note("at the end") == ("2 CPUs, load average at the end 1.01 0.00 0.00"
                                                "  (machine is loaded: figures are noisy)")
+
+
+def test_at_par_plot_refuses_a_folder_with_no_name_of_two_seeds(tmp_path, capsys):
+    # It wrote a figure with axes, a title and no line: plot keeps names of 2+ seeds only.
+    def run(name: str, accuracies: list[float]) -> None:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text(
+            "".join(json.dumps({"epoch": e + 1, "holdout_acc": a}) + "\n" for e, a in enumerate(accuracies)))
+    run("serial-plus_s0_w1", [0.2, 0.3])
+    with pytest.raises(SystemExit) as exit_:
+        at_par_ablation.plot(tmp_path, tmp_path / "curves.png")
+    assert str(exit_.value) == (f"error: --plot draws each name's mean over 2 or more seeds (runs NAME_sSEED_w1 "
+                                f"in {tmp_path}), and none has them: serial-plus ran one seed; train another "
+                                f"with --seed")
+    assert not (tmp_path / "curves.png").exists()
+    run("t2_s0_w1", [0.2, 0.4])
+    run("t2_s1_w1", [0.3, 0.5])
+    at_par_ablation.plot(tmp_path, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert "not plotted, one seed each: serial-plus" in capsys.readouterr().out
