@@ -6,6 +6,8 @@
 Runs common.engine.fit (the loop every script runs: autocast, channels_last, compile,
 checkpoints, a holdout pass with the scripts' diagnostics) on an in-memory loader of random 64 px images already on the
 GPU, so no step waits for data and the figures are the model's and the loop's alone:
+  range_check   cubs.range_check under CUDA graphs: the flag follows in- and out-of-range
+                inputs, and in range the compiled block equals eager (first: it is cheap)
   t3_compiled   T3 serial plain (common/cubs.py), torch.compile, as t3_cubs.py trains it:
                 each plain block checks the Taylor range with a torch.cond
   t3_graphs     the same with mode="reduce-overhead": each step replayed as CUDA graphs, the
@@ -15,10 +17,9 @@ GPU, so no step waits for data and the figures are the model's and the loop's al
   t2_graphs     the same as CUDA graphs
   t1_compiled   T1's CustomCNN, compiled (its first step includes the compile)
   t1_graphs     the same as CUDA graphs
-  range_check   cubs.range_check under CUDA graphs: the flag follows in- and out-of-range
-                inputs, and in range the compiled block equals eager
   profile       torch.profiler over 5 steps of the compiled T3 model (default mode): GPU busy
-                time and kernel launches per step, and the top 15 kernels
+                time and kernel launches per step, and the top 15 kernels (--device cpu: CPU op
+                self times and op calls)
 Per-step times come from CUDA events recorded at each step's start (no extra syncs).
 TORCH_LOGS=recompiles,graph_breaks is set before torch loads: any recompile or graph break
 is printed. Parts run in the order above until --seconds is spent (each part's expected
@@ -319,9 +320,10 @@ def main() -> None:
               + "; ".join(f"{r['scale']} {r['flagged']} {r['max_abs_vs_eager']:.2e}" for r in parts["range_check"]))
     if isinstance(parts.get("profile"), dict):
         prof = parts["profile"]
-        print(f"compiled T3 profile: {prof['wall_ms_per_step']} ms per step, GPU busy "
-              f"{prof['busy_ms_per_step']} ms, {prof['kernels_per_step']} kernels per step; top kernels "
-              "(share of GPU time, ms per step, calls per step):")
+        unit, calls = ("GPU", "kernels") if rt.cuda else ("CPU op self", "ops")  # the CPU dry run profiles ops
+        print(f"compiled T3 profile: {prof['wall_ms_per_step']} ms per step, {unit} time "
+              f"{prof['busy_ms_per_step']} ms, {prof['kernels_per_step']} {calls} per step; top {calls} "
+              f"(share of {unit} time, ms per step, calls per step):")
         for row in prof["top"]:
             print(f"  {row['share']:6.1%} {row['ms_per_step']:8.3f} {row['calls_per_step']:5d}  {row['kernel']}")
     print(f"wrote {args.out / 'summary.json'} in {summary['wall_s']} s")
