@@ -62,7 +62,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--width", type=int, default=8)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--batch", type=int, default=2)

@@ -73,7 +73,7 @@ def main() -> None:
           f"   goal < {goal:.1f} s ({GOAL_S:.0f} s per {GOAL_FILES:,})")
     print(f"quick check, rerun     : {rerun:6.2f} s ({reread} files read: cached)")
     print(f"full check (PIL decode): {full:6.2f} s for {len(subset):,} files "
-          f"-> about {full * len(files) / len(subset):.0f} s for {len(files):,}")
+          f"-> about {full * len(files) / len(subset):.1f} s for {len(files):,}")
 
 
 if __name__ == "__main__":

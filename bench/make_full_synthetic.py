@@ -41,6 +41,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cars-per-class", type=int, default=10)
     p.add_argument("--procs", type=int, default=8)
     args = p.parse_args(argv)
+    if not (args.tiny or args.cars):
+        p.error("nothing to make: name --tiny DIR, --cars DIR or both")
+    if args.cars_per_class < 2:  # the holdout and the P x K batches need two images of a class
+        p.error(f"--cars-per-class must be >= 2, got {args.cars_per_class}")
+    if args.procs < 1:
+        p.error(f"--procs must be >= 1, got {args.procs}")
     if args.tiny:
         root = make_tiny_imagenet(args.tiny, num_classes=200, train_per_class=20,
                                   val_per_class=50, image_size=64, seed=0)

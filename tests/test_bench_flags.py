@@ -85,3 +85,18 @@ def test_at_par_plot_refuses_a_folder_with_no_name_of_two_seeds(tmp_path, capsys
     at_par_ablation.plot(tmp_path, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 0
     assert "not plotted, one seed each: serial-plus" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "nothing to make: name --tiny DIR, --cars DIR or both"),  # exited 0, having made nothing
+    (["--cars", "x", "--cars-per-class", "1"], "--cars-per-class must be >= 2, got 1"),  # a traceback
+    (["--tiny", "x", "--procs", "0"], "--procs must be >= 1, got 0"),
+])
+def test_make_full_synthetic_refuses_flags_that_make_nothing_or_fail_later(argv, message, capsys, tmp_path,
+                                                                           monkeypatch):
+    from bench import make_full_synthetic
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        make_full_synthetic.main(argv)
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
