@@ -874,6 +874,40 @@ def test_training_draws_follow_the_random_resized_crop_rule(height, width):
     assert plain.jitter.shape == (n, 0) and (plain.boxes == draws.boxes).all()  # jitter takes its own draws
 
 
+@pytest.mark.parametrize("height, width", [(64, 64), (375, 500)])
+def test_training_draws_are_distributed_as_torchvisions_and_independent(height, width):
+    # The test above checks each draw's range and mean; a top and left taken from one uniform
+    # (crops on the diagonal), a flip tied to the crop's position, a uniform (not log-uniform)
+    # aspect or three equal jitter factors passed it. Reference: torchvision's get_params,
+    # sampled as often, with the same area and aspect ranges.
+    from torchvision.transforms import RandomResizedCrop
+    n = 20000
+    draws = loader_module.training_draws((0, 0, 0), np.arange(n), np.full(n, height), np.full(n, width), 0.4)
+    torch.manual_seed(0)
+    reference = np.array([RandomResizedCrop.get_params(torch.zeros(1, height, width), scale=list(
+        loader_module.RANDOM_AREA), ratio=list(loader_module.RANDOM_ASPECT)) for _ in range(n)])
+
+    def described(boxes):  # quantiles of log aspect and of area, and where the box sits
+        top, left, h, w = boxes.T.astype(float)
+        q = [0.1, 0.25, 0.5, 0.75, 0.9]
+        return np.log(w / h), h * w / (height * width), top / np.maximum(height - h, 1), left / np.maximum(width - w, 1), q
+    ours, theirs = described(draws.boxes), described(reference)
+    q = ours[-1]
+    for a, b in zip(ours[:4], theirs[:4]):  # sampling error of these quantiles: about 0.005-0.01
+        assert np.abs(np.quantile(a, q) - np.quantile(b, q)).max() < 0.03, (np.quantile(a, q), np.quantile(b, q))
+    log_aspect, area, top_at, left_at = ours[:4]
+    moved = (top_at > 0) | (left_at > 0)
+    columns = np.stack([top_at[moved], left_at[moved], draws.flips[moved], log_aspect[moved], area[moved],
+                        *draws.jitter[moved].T])
+    correlation = np.corrcoef(columns)
+    # Area and aspect depend on each other through the "does it fit" rule (torchvision's too);
+    # every other pair is drawn from its own uniform: |r| about 0.01 at n = 20000.
+    independent = np.ones_like(correlation, dtype=bool)
+    np.fill_diagonal(independent, False)
+    independent[3, 4] = independent[4, 3] = False
+    assert np.abs(correlation[independent]).max() < 0.05, correlation.round(3)
+
+
 @pytest.mark.parametrize("height, width", [(64, 64), (375, 500), (100, 400), (400, 100), (7, 3)])
 def test_training_draws_fall_back_to_torchvisions_centre_crop(monkeypatch, height, width):
     # An area fraction of 1.5 never fits, so every image takes the fallback: torchvision's
