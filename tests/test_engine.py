@@ -593,6 +593,48 @@ def test_evaluate_classifier_counts_top1_top5_and_mean_loss_over_uneven_batches(
     assert got == {"loss": pytest.approx(float(loss), rel=1e-6), "acc": 1 / 5, "top5": 4 / 5, "n": 5}
 
 
+class _LogitsAsImages(nn.Module):
+    """Its outputs are its inputs (the loader's "images" are the logits); one parameter, at
+    zero and times zero, for the optimizer to step."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return x + 0 * self.unused
+
+
+class _FixedEpoch(_FixedBatches):
+    build_times: list = []
+
+    def __len__(self):
+        return len(self.batches)
+
+    def epoch(self, epoch, start=0):
+        yield from self.batches[start:]
+
+
+def test_train_one_epoch_counts_train_accuracy_and_loss_over_uneven_batches():
+    # train_acc was only compared between two runs, so a count of the wrong thing (argmin,
+    # say) passed. Same logits as above: top-1 right for 1 image of 5.
+    base = torch.tensor([7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0])
+    labels = torch.tensor([0, 4, 5, 1, 3])
+    logits = base.repeat(5, 1)
+    logits[3] = base.flip(0)  # label 1 at rank 6 now; no row predicts a class other than 0 or 6
+    loader = _FixedEpoch([(logits[:3], labels[:3]), (logits[3:], labels[3:])])
+    rt = runtime.Runtime(torch.device("cpu"), amp_dtype=None)
+    model = _LogitsAsImages()
+    net = engine.for_training(model, rt)
+    cfg = engine.FitConfig(epochs=1, lr=0.1, warmup_epochs=0)
+    optimizer, scheduler = engine.optimizer_and_schedule(model, cfg, len(loader))
+    stats = engine.train_one_epoch(net, loader, nn.CrossEntropyLoss(), optimizer, scheduler,
+                                   engine.grad_scaler(rt), rt=rt, epoch=0, epochs=1)
+    loss = sum(float(nn.functional.cross_entropy(row[None].double(), c[None])) for row, c in zip(logits, labels)) / 5
+    assert stats["train_acc"] == 1 / 5 and stats["train_images"] == 5
+    assert stats["train_loss"] == pytest.approx(loss, rel=1e-6)
+
+
 def test_evaluate_classifier_scores_in_eval_mode():
     """A network left in train() (as the loop leaves it) is scored with BatchNorm's running
     statistics and no dropout: two scores agree, and the statistics are not updated."""
