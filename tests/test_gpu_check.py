@@ -7,6 +7,7 @@ guard, offline pip install into a temporary target, that target first on PYTHONP
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import shutil
 import subprocess
@@ -15,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from tests.conftest import ROOT
 
@@ -41,9 +43,9 @@ def _fake_wheel(folder: Path) -> Path:
     return folder / name
 
 
-def _gpu_check(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
+def _gpu_check(*args: str, tmp_path: Path, path: str | None = None) -> subprocess.CompletedProcess:
     # This interpreter first on PATH: the script calls python3.
-    env = {"PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin", "TMPDIR": str(tmp_path),
+    env = {"PATH": path or str(Path(sys.executable).parent) + ":/usr/bin:/bin", "TMPDIR": str(tmp_path),
            "OUT": str(tmp_path / "out"), "DATA": str(tmp_path / "data"), "HOME": str(tmp_path)}
     return subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -126,7 +128,9 @@ def _fake_parts(folder: Path, tmp_path: Path) -> Path:
     with zipfile.ZipFile(_fake_wheel(tmp_path / "wheel")) as z:
         z.extractall(site)
     folder.mkdir(parents=True, exist_ok=True)
-    packed = subprocess.run(f"tar -cf - -C {site} . | zstd -q -c", shell=True, capture_output=True, check=True).stdout
+    # zstd's frame format, from the zstandard module: the test needs no zstd command
+    packed = zstandard.ZstdCompressor().compress(
+        subprocess.run(["tar", "-cf", "-", "-C", str(site), "."], capture_output=True, check=True).stdout)
     half = len(packed) // 2
     (folder / "dali312.tar.zst.part00").write_bytes(packed[:half])
     (folder / "dali312.tar.zst.part01").write_bytes(packed[half:])
@@ -134,7 +138,44 @@ def _fake_parts(folder: Path, tmp_path: Path) -> Path:
     return folder
 
 
-@pytest.mark.skipif(subprocess.run(["which", "zstd"], capture_output=True).returncode != 0, reason="needs zstd")
+def _bin_without_zstd(tmp_path: Path) -> str:
+    """A PATH of one folder: links to every command of this interpreter's folder, /usr/bin
+    and /bin but zstd, as on the GPU machine, which has no zstd command."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    for source in (Path(sys.executable).parent, Path("/usr/bin"), Path("/bin")):
+        for command in source.iterdir():
+            if not command.name.startswith("zstd") and not (folder / command.name).exists():
+                (folder / command.name).symlink_to(command)
+    return str(folder)
+
+
+def _zstandard_wheel(folder: Path) -> Path:
+    """The installed zstandard, zipped back into its wheel (files, dist-info and tag as pip
+    installed them): what pack_dali_site.sh downloads beside the parts."""
+    dist = importlib.metadata.distribution("zstandard")
+    tag = next(line.split(": ", 1)[1] for line in dist.read_text("WHEEL").splitlines() if line.startswith("Tag: "))
+    wheel = folder / f"zstandard-{dist.version}-{tag}.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for file in dist.files:
+            if "__pycache__" not in file.parts and Path(dist.locate_file(file)).is_file():
+                z.write(dist.locate_file(file), str(file))
+    return wheel
+
+
+def test_dali_parts_without_a_zstd_command_are_unpacked_with_the_zstandard_wheel_beside_them(tmp_path):
+    # The GPU machine's case: no zstd command (untested before: the test below used the command).
+    parts = _fake_parts(tmp_path / "parts", tmp_path)
+    path = _bin_without_zstd(tmp_path)
+    done = _gpu_check("--dali-parts", str(parts), "--install-only", tmp_path=tmp_path, path=path)
+    assert done.returncode == 1 and "error: no zstd command and no zstandard wheel in" in done.stdout, done.stdout
+    _zstandard_wheel(parts)
+    done = _gpu_check("--dali-parts", str(parts), "--install-only", tmp_path=tmp_path, path=path)
+    output = done.stdout + done.stderr
+    assert done.returncode == 1 and "unpacking 2 parts" in output, output
+    assert "DALI not importable: stand-in DALI from tests/test_gpu_check.py" in output, output
+
+
 def test_dali_parts_are_checked_joined_and_unpacked_into_a_folder_python_imports_first(tmp_path):
     parts = _fake_parts(tmp_path / "parts", tmp_path)
     done = _gpu_check("--dali-parts", str(parts), "--install-only", tmp_path=tmp_path)
