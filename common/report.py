@@ -58,7 +58,7 @@ from common.placements import comparison_lines
 from common.plots import plot_classifier_curves, plot_retrieval_curves, runs_loss_note
 from common.recipes import classifier_recipe, embedding_recipe, random_area
 from common.report_pdf import PDF_FIGURES, write_pdf
-from common.runs_folder import NOT_RUN, SMOKE_BANNER, TASKS, Run, RunsFolder, collect, task_note
+from common.runs_folder import NOT_RUN, SMOKE_BANNER, TASKS, Run, RunsFolder, collect, folder_task, task_note
 
 FIGURES = "report_figures"
 
@@ -150,8 +150,12 @@ def section_status(runs: RunsFolder) -> list[str]:
         rows.append([task.upper(), title, status, ", ".join(f"`{n}`" for n in folders) or "-"])
     lines = ["## Status", ""] + table(["task", "what", "status", "results in"], rows)
     if runs.unfinished:
-        lines += ["Unfinished runs (metrics.jsonl but no results.json yet; rerun the same "
-                  "command to resume from last.pt):", ""]
+        phases = any(folder_task(n) == "t4" and n.rsplit("/", 1)[-1].startswith("phase_")
+                     for n, _ in runs.unfinished)
+        lines += ["Unfinished runs (metrics.jsonl but no results.json yet; rerun the same command to "
+                  "resume from last.pt)" + (". T4 writes its results.json in the folder above its phase "
+                                            "folders once its last phase is done, so a phase listed here "
+                                            "may have run all its epochs" if phases else "") + ":", ""]
         lines += table(["folder", "epochs logged", "last holdout score"],
                        [[f"`{n}`", len(h), _last_score(h)] for n, h in runs.unfinished])
     return lines

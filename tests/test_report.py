@@ -1188,6 +1188,14 @@ def test_the_t4_section_names_only_t4s_unfinished_runs(tmp_path):
         (tmp_path / name / "metrics.jsonl").write_text('{"epoch": 1}\n')
     lines = report.section_retrieval(runs_folder.collect(tmp_path), report.Figures(tmp_path / "REPORT.md"))
     assert lines[2] == "**unfinished (1 epoch logged in t4/phase_a)**."
+    # The status table's note says why a phase folder is listed (T4's results.json is above it)
+    status = "\n".join(report.section_status(runs_folder.collect(tmp_path)))
+    assert ("resume from last.pt). T4 writes its results.json in the folder above its phase folders once "
+            "its last phase is done, so a phase listed here may have run all its epochs:") in status
+    (tmp_path / "t4" / "phase_a" / "metrics.jsonl").unlink()
+    (tmp_path / "t4" / "phase_a").rmdir()
+    assert "Unfinished runs (metrics.jsonl but no results.json yet; rerun the same command to resume from " \
+           "last.pt):" in report.section_status(runs_folder.collect(tmp_path))  # only t1: no word of T4
 
 
 def test_figure_names_of_a_run_at_the_runs_root_are_visible_and_alike():
